@@ -1,0 +1,1 @@
+"""Losses and objectives: vocab-parallel divergences, activation losses, teacher plumbing."""

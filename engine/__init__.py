@@ -1,0 +1,1 @@
+"""Parallel runtime and training machinery. Knows nothing of model architecture."""

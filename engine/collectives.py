@@ -1,0 +1,172 @@
+"""The one collective module: every byte that crosses processes goes through here.
+
+Works on both backends. gloo has all_reduce, all_gather, broadcast and send/recv but no
+reduce_scatter (calling it aborts the process), so reduce_scatter falls back to all_reduce + slice
+there and uses the native op on NCCL. A `group` of `None` or of size 1 means "no communication":
+every function then returns its input unchanged (or a view of it).
+
+`count_collectives()` records calls and bytes per kind while it is active; bytes are the payload
+this rank contributes (the input tensor's size), whatever the backend does underneath.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+# torch renamed the flat-buffer collectives; use whichever this release has.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+@dataclass
+class CollectiveCounts:
+    """Calls and bytes per collective kind, recorded while a `count_collectives()` block runs."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+# Active counters (instrumentation only, never parallel state); nested blocks all record.
+_active_counters: list[CollectiveCounts] = []
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveCounts]:
+    counts = CollectiveCounts()
+    _active_counters.append(counts)
+    try:
+        yield counts
+    finally:
+        _active_counters[:] = [c for c in _active_counters if c is not counts]
+
+
+def _record(kind: str, tensor: torch.Tensor) -> None:
+    nbytes = tensor.numel() * tensor.element_size()
+    for counts in _active_counters:
+        counts.calls[kind] += 1
+        counts.bytes[kind] += nbytes
+
+
+def group_size(group: Group) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    if group is None or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def is_nccl(group: Group) -> bool:
+    return dist.get_backend(group) == "nccl"
+
+
+def all_reduce(tensor: torch.Tensor, group: Group, *, op: str = "sum") -> torch.Tensor:
+    """Reduce `tensor` in place over `group` (`op` in sum|max|min) and return it."""
+    if group_size(group) == 1:
+        return tensor
+    _record("all_reduce", tensor)
+    dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group: Group, *, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's `tensor` (all the same shape) along `dim`, in rank order."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    _record("all_gather", tensor)
+    tensor = tensor.contiguous()
+    out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    _all_gather_single(out, tensor, group=group)
+    if dim == 0:
+        return out
+    return torch.cat(out.chunk(world, dim=0), dim=dim)
+
+
+def split_along(tensor: torch.Tensor, group: Group, *, dim: int) -> torch.Tensor:
+    """This rank's equal slice of `tensor` along `dim` (no communication)."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    size = tensor.shape[dim]
+    if size % world:
+        raise ValueError(f"dimension {dim} of size {size} does not split over {world} ranks")
+    return tensor.narrow(dim, group_rank(group) * (size // world), size // world)
+
+
+def reduce_scatter(tensor: torch.Tensor, group: Group, *, dim: int = 0) -> torch.Tensor:
+    """Sum `tensor` over `group` and keep this rank's equal slice along `dim`."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    if tensor.shape[dim] % world:
+        raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} does not split over {world} ranks")
+    _record("reduce_scatter", tensor)
+    if not is_nccl(group):
+        # gloo has no reduce_scatter: reduce everything, keep our slice.
+        summed = tensor.clone()
+        dist.all_reduce(summed, group=group)
+        return split_along(summed, group, dim=dim).contiguous()
+    moved = tensor.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // world, *moved.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    _reduce_scatter_single(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def broadcast(tensor: torch.Tensor, group: Group, *, src: int) -> torch.Tensor:
+    """Overwrite `tensor` in place with global rank `src`'s copy and return it."""
+    if group_size(group) == 1:
+        return tensor
+    _record("broadcast", tensor)
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def send(tensor: torch.Tensor, *, dst: int, group: Group = None) -> None:
+    _record("send", tensor)
+    dist.send(tensor.contiguous(), dst=dst, group=group)
+
+
+def recv(tensor: torch.Tensor, *, src: int, group: Group = None) -> torch.Tensor:
+    _record("recv", tensor)
+    dist.recv(tensor, src=src, group=group)
+    return tensor
+
+
+def isend(tensor: torch.Tensor, *, dst: int, group: Group = None) -> dist.Work:
+    """Asynchronous send; keep `tensor` alive until the returned work is waited on."""
+    _record("send", tensor)
+    return dist.isend(tensor, dst=dst, group=group)
+
+
+def irecv(tensor: torch.Tensor, *, src: int, group: Group = None) -> dist.Work:
+    _record("recv", tensor)
+    return dist.irecv(tensor, src=src, group=group)
+
+
+def barrier(group: Group = None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)

@@ -1,0 +1,181 @@
+"""The parallel layout: tensor-, sequence- and data-parallel coordinates and their process groups.
+
+One `ParallelLayout` is built per process (by `init_parallel` from torchrun's environment, or by
+`make_layout` once the default process group exists) and passed explicitly to every layer, loss and
+trainer. There is no module-level parallel state.
+
+Rank numbering follows Megatron: within a role, TP groups are contiguous ranks and DP groups are
+strided by TP. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the world run only the
+teacher, with the same TP degree and their own TP/DP groups; the first ranks are the students.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+STUDENT = "student"
+TEACHER = "teacher"
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work (raised before any process group is created)."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits: its role, its TP/DP coordinates and the groups that connect them."""
+
+    world_size: int
+    rank: int
+    tp: int
+    dp: int
+    sp: bool
+    tp_rank: int
+    dp_rank: int
+    role: str = STUDENT
+    teacher_ranks: int = 0
+    tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    role_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> ParallelLayout:
+        """The layout of one process with no communication at all."""
+        return cls(world_size=1, rank=0, tp=1, dp=1, sp=False, tp_rank=0, dp_rank=0,
+                   device=torch.device(device))
+
+    @property
+    def student_world(self) -> int:
+        return self.world_size - self.teacher_ranks
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.role == TEACHER
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def global_rank(self, *, role: str, dp_rank: int, tp_rank: int) -> int:
+        """Global rank of the process with these coordinates (students first, then teachers)."""
+        offset = 0 if role == STUDENT else self.student_world
+        return offset + dp_rank * self.tp + tp_rank
+
+
+def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 0) -> None:
+    """Raise `LayoutError` for a layout that cannot be built; cheap, touches no process group."""
+    if tp < 1:
+        raise LayoutError(f"parallel.tp must be >= 1 (got {tp})")
+    if teacher_ranks < 0:
+        raise LayoutError(f"parallel.teacher_ranks must be >= 0 (got {teacher_ranks})")
+    students = world_size - teacher_ranks
+    if students < 1:
+        raise LayoutError(
+            f"parallel.teacher_ranks={teacher_ranks} leaves no student rank in a world of {world_size}")
+    if tp > students:
+        raise LayoutError(f"parallel.tp={tp} is larger than the {students} student ranks")
+    if students % tp:
+        raise LayoutError(f"parallel.tp={tp} does not divide the {students} student ranks")
+    if teacher_ranks and teacher_ranks % tp:
+        raise LayoutError(f"parallel.tp={tp} does not divide parallel.teacher_ranks={teacher_ranks}")
+    if sp and tp == 1:
+        raise LayoutError("parallel.sp=true needs parallel.tp > 1")
+
+
+def _new_groups(ranks_lists: list[list[int]], my_rank: int) -> dist.ProcessGroup | None:
+    """Create every group (all ranks must take part) and return the one containing `my_rank`."""
+    mine = None
+    for ranks in ranks_lists:
+        group = dist.new_group(ranks)
+        if my_rank in ranks:
+            mine = group
+    return mine
+
+
+def _role_rank_lists(offset: int, size: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
+    dp = size // tp
+    tp_lists = [[offset + d * tp + t for t in range(tp)] for d in range(dp)]
+    dp_lists = [[offset + d * tp + t for d in range(dp)] for t in range(tp)]
+    return tp_lists, dp_lists
+
+
+def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
+                device: torch.device | str | None = None) -> ParallelLayout:
+    """Build the layout over the already-initialized default process group (or a single process)."""
+    if not dist.is_available() or not dist.is_initialized():
+        validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+        return ParallelLayout.single(device or "cpu")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+    students = world - teacher_ranks
+    groups: dict[str, tuple] = {}
+    for role, offset, size in ((STUDENT, 0, students), (TEACHER, students, teacher_ranks)):
+        if size == 0:
+            continue
+        tp_lists, dp_lists = _role_rank_lists(offset, size, tp)
+        role_group = _new_groups([list(range(offset, offset + size))], rank)
+        groups[role] = (_new_groups(tp_lists, rank), _new_groups(dp_lists, rank), role_group)
+    role = STUDENT if rank < students else TEACHER
+    local = rank - (0 if role == STUDENT else students)
+    tp_group, dp_group, role_group = groups[role]
+    size = students if role == STUDENT else teacher_ranks
+    return ParallelLayout(
+        world_size=world, rank=rank, tp=tp, dp=size // tp, sp=sp, tp_rank=local % tp,
+        dp_rank=local // tp, role=role, teacher_ranks=teacher_ranks, tp_group=tp_group,
+        dp_group=dp_group, role_group=role_group, device=torch.device(device or "cpu"))
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What torchrun (or SLURM through torchrun) tells this process about the world."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LaunchEnv:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        # LOCAL_RANK only picks the device on this node; the global RANK decides everything else.
+        local_rank = int(env.get("LOCAL_RANK", str(rank)))
+        if not 0 <= rank < world:
+            raise LayoutError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return cls(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
+                  timeout_s: float = 600.0, backend: str | None = None,
+                  env: Mapping[str, str] = os.environ) -> ParallelLayout:
+    """Validate the layout, initialize torch.distributed from the environment, build the layout.
+
+    NCCL when CUDA is present, gloo otherwise. With WORLD_SIZE unset or 1 and no explicit backend,
+    no process group is created and the layout is local.
+    """
+    launch = LaunchEnv.from_env(env)
+    validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+    use_cuda = torch.cuda.is_available() if backend in (None, "nccl") else False
+    device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}") if use_cuda \
+        else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if launch.world_size == 1 and backend is None:
+        return ParallelLayout.single(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend or ("nccl" if use_cuda else "gloo"), rank=launch.rank,
+            world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None)
+    return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, device=device)
+
+
+def destroy_parallel() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""The model: tensor/sequence-parallel transformer layers with named activation buffers."""

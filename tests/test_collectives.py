@@ -1,0 +1,92 @@
+"""The collective module on gloo (including its reduce_scatter fallback) and the counters."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine import collectives as C
+from engine.testing import run_ranks
+
+
+def _full(world, shape=(4, 8, 6)):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(world)]
+
+
+def _check_collectives():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    per_rank = _full(world)  # every rank knows every rank's input, so it can build references
+    mine = per_rank[rank]
+    total = sum(per_rank)
+
+    torch.testing.assert_close(C.all_reduce(mine.clone(), group), total, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(C.all_reduce(mine.clone(), group, op="max"),
+                               torch.stack(per_rank).amax(0))
+    for dim in (0, 1, -1):
+        torch.testing.assert_close(C.all_gather(mine, group, dim=dim), torch.cat(per_rank, dim=dim))
+    for dim in (0, 1):
+        chunk = 8 // world if dim == 1 else 4 // world
+        expected = total.narrow(dim, rank * chunk, chunk)
+        torch.testing.assert_close(C.reduce_scatter(mine, group, dim=dim), expected,
+                                   rtol=1e-12, atol=1e-12)
+    b = mine.clone()
+    torch.testing.assert_close(C.broadcast(b, group, src=world - 1), per_rank[-1])
+
+    with C.count_collectives() as counts:
+        C.all_reduce(mine.clone(), group)
+        C.all_gather(mine, group, dim=0)
+        C.all_gather(mine, group, dim=1)
+    if world > 1:
+        assert counts.calls == {"all_reduce": 1, "all_gather": 2}
+        assert counts.bytes["all_gather"] == 2 * mine.numel() * 8
+        assert counts.total_calls == 3
+    else:
+        assert counts.total_calls == 0  # size-1 groups never communicate
+
+    if world > 1:  # ring of point-to-point messages
+        out = torch.empty_like(mine)
+        if rank % 2 == 0:
+            C.send(mine, dst=(rank + 1) % world)
+            C.recv(out, src=(rank - 1) % world)
+        else:
+            C.recv(out, src=(rank - 1) % world)
+            C.send(mine, dst=(rank + 1) % world)
+        torch.testing.assert_close(out, per_rank[(rank - 1) % world])
+        works = [C.isend(mine, dst=(rank + 1) % world), C.irecv(out, src=(rank - 1) % world)]
+        for w in works:
+            w.wait()
+        torch.testing.assert_close(out, per_rank[(rank - 1) % world])
+    return rank
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_collectives_match_definitions(world):
+    assert run_ranks(_check_collectives, world) == list(range(world))
+
+
+def test_local_group_is_identity():
+    x = torch.randn(3, 4)
+    assert C.all_reduce(x, None) is x
+    assert C.all_gather(x, None, dim=1) is x
+    assert C.reduce_scatter(x, None, dim=0) is x
+    assert C.group_size(None) == 1 and C.group_rank(None) == 0
+
+
+def test_counters_nest():
+    with C.count_collectives() as outer:
+        with C.count_collectives() as inner:
+            C._record("all_reduce", torch.zeros(10))
+        C._record("all_gather", torch.zeros(2, dtype=torch.float64))
+    assert inner.calls == {"all_reduce": 1} and inner.bytes["all_reduce"] == 40
+    assert outer.calls == {"all_reduce": 1, "all_gather": 1} and outer.total_bytes == 56
+
+
+def _uneven_reduce_scatter():
+    C.reduce_scatter(torch.zeros(3, 2), dist.group.WORLD, dim=0)
+
+
+def test_reduce_scatter_rejects_uneven_split():
+    from engine.testing import RankFailure
+    with pytest.raises(RankFailure, match="does not split over 2 ranks"):
+        run_ranks(_uneven_reduce_scatter, 2)

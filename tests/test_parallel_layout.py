@@ -1,0 +1,91 @@
+"""Layout construction: Megatron rank order for TP/DP groups, teacher ranks, and layout errors."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine import collectives as C
+from engine.parallel import LayoutError, ParallelLayout, init_parallel, make_layout, validate_layout
+from engine.testing import RankFailure, run_ranks
+
+
+def _members(group):
+    me = torch.tensor([dist.get_rank()], dtype=torch.int64)
+    return C.all_gather(me, group).tolist()
+
+
+def _describe(tp, teacher_ranks=0, sp=False):
+    layout = make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+    return dict(role=layout.role, tp_rank=layout.tp_rank, dp_rank=layout.dp_rank, dp=layout.dp,
+                tp_members=_members(layout.tp_group), dp_members=_members(layout.dp_group),
+                role_members=_members(layout.role_group),
+                self_rank=layout.global_rank(role=layout.role, dp_rank=layout.dp_rank,
+                                             tp_rank=layout.tp_rank))
+
+
+def test_tp_groups_contiguous_dp_groups_strided():
+    info = run_ranks(_describe, 4, 2, sp=True)
+    assert [i["tp_members"] for i in info] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [i["dp_members"] for i in info] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [(i["tp_rank"], i["dp_rank"]) for i in info] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert all(i["dp"] == 2 and i["role"] == "student" for i in info)
+    assert [i["self_rank"] for i in info] == [0, 1, 2, 3]
+
+
+def test_teacher_ranks_get_their_own_groups():
+    info = run_ranks(_describe, 4, 1, teacher_ranks=1)
+    assert [i["role"] for i in info] == ["student"] * 3 + ["teacher"]
+    assert info[0]["dp_members"] == [0, 1, 2] and info[3]["dp_members"] == [3]
+    assert info[0]["role_members"] == [0, 1, 2] and info[3]["role_members"] == [3]
+    assert [i["self_rank"] for i in info] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("world,tp,sp,teacher,message", [
+    (3, 2, False, 0, "does not divide the 3 student ranks"),
+    (2, 4, False, 0, "larger than the 2 student ranks"),
+    (2, 1, True, 0, "sp=true needs parallel.tp > 1"),
+    (2, 1, False, 2, "leaves no student rank"),
+    (4, 2, False, 1, "does not divide the 3 student ranks"),
+    (7, 2, False, 3, "does not divide parallel.teacher_ranks=3"),
+    (2, 0, False, 0, "must be >= 1"),
+])
+def test_layout_errors(world, tp, sp, teacher, message):
+    with pytest.raises(LayoutError, match=message):
+        validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher)
+
+
+def test_init_parallel_rejects_before_creating_groups():
+    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    with pytest.raises(LayoutError, match="parallel.tp=2 does not divide"):
+        init_parallel(tp=2, env=env)
+    assert not dist.is_initialized()
+    with pytest.raises(LayoutError, match="RANK=5 is outside WORLD_SIZE=2"):
+        init_parallel(env={"WORLD_SIZE": "2", "RANK": "5"})
+
+
+def test_single_process_layout_has_no_groups():
+    layout = init_parallel(env={})
+    assert layout == ParallelLayout.single()
+    assert layout.tp_group is None and layout.dp_group is None and not dist.is_initialized()
+
+
+def _boom():
+    if dist.get_rank() == 1:
+        raise ValueError("rank one exploded")
+    dist.barrier()
+
+
+def _hang():
+    if dist.get_rank() == 0:
+        import time
+        time.sleep(600)
+
+
+def test_harness_reports_failing_rank():
+    with pytest.raises(RankFailure, match="rank 1 failed(.|\n)*rank one exploded"):
+        run_ranks(_boom, 2, timeout_s=30)
+
+
+def test_harness_times_out_hung_ranks():
+    with pytest.raises(TimeoutError, match=r"ranks \[0(, 1)?\] did not finish"):
+        run_ranks(_hang, 2, timeout_s=10)
