@@ -19,8 +19,25 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from engine.config import check
+
 STUDENT = "student"
 TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel degree (contiguous ranks)
+    sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
+    teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
+    timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
+
+    def __post_init__(self):
+        check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
+        check(not self.sp or self.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
+        check(self.teacher_ranks >= 0, "parallel.teacher_ranks",
+              f"must be >= 0 (got {self.teacher_ranks})")
+        check(self.timeout_s > 0, "parallel.timeout_s", f"must be > 0 (got {self.timeout_s})")
 
 
 class LayoutError(ValueError):

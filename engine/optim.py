@@ -1,0 +1,86 @@
+"""Optimizer, learning-rate schedule and a gradient norm that is correct under TP and SP.
+
+Parameters carry `tp_split_dim` (None when replicated over TP). The global norm sums squares of every
+shard once: split parameters contribute their local shard and the partial sums are all-reduced over
+TP; replicated parameters (identical on every TP rank once their gradients are finalized) are counted
+once, on every rank, outside that reduction. Data-parallel replicas hold equal gradients after DDP, so
+no DP reduction is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from engine import collectives as C
+from engine.parallel import ParallelLayout
+
+
+def build_adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float,
+                betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on 1-D parameters (norms, biases), as is usual for LMs."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False keeps the update order, and so the bits, identical across runs and resumes.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup to `lr`, then cosine or linear decay to `min_lr` at `total_steps`."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    decay: str = "cosine"  # cosine | linear | constant
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return self.lr
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.decay == "linear":
+            return self.min_lr + (self.lr - self.min_lr) * (1.0 - progress)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> torch.Tensor:
+    """Global L2 norm of the gradients of the full (unsharded) model, in fp32, same on all ranks."""
+    device = layout.device
+    split_sq = torch.zeros((), dtype=torch.float32, device=device)
+    replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().pow(2).sum()
+        if getattr(p, "tp_split_dim", None) is None:
+            replicated_sq += sq
+        else:
+            split_sq += sq
+    C.all_reduce(split_sq, layout.tp_group)
+    return (split_sq + replicated_sq).sqrt()
+
+
+def clip_grads(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients in place so that their global norm is at most `max_norm` (0 = no clipping)."""
+    if max_norm <= 0 or not torch.isfinite(norm):
+        return
+    scale = max_norm / (norm.item() + 1e-6)
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
