@@ -1,0 +1,68 @@
+"""Plot the loss curves of one or more runs.
+
+    python tools/plot_metrics.py RUN_DIR... --out FILE.png [--keys loss,lm_loss,val_loss]
+
+Each RUN_DIR holds a `metrics.jsonl`; one panel per key, one line per run (labelled by the run
+directory's name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot(run_dirs: list[Path], keys: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {d.name: read_metrics(d) for d in run_dirs}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, records in runs.items():
+            steps, values = series(records, key)
+            if values:
+                ax.plot(steps, values, label=name, marker="o" if len(values) < 12 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / token")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories with metrics.jsonl")
+    parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    parser.add_argument("--keys", default="lm_loss,val_loss", help="comma-separated metric keys")
+    args = parser.parse_args(argv)
+    try:
+        plot(args.runs, [k for k in args.keys.split(",") if k], args.out)
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
