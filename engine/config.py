@@ -46,6 +46,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        structs = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(structs) == 1:
+            # Only one member takes a mapping: its error names the exact sub-key.
+            return _coerce(value, structs[0], key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

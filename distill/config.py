@@ -1,0 +1,237 @@
+"""The `distill:` section, the student->teacher layer mapping and the start-up compatibility checks.
+
+The objective is
+
+    loss = lm_weight * (CE_0 + sum_j mtp_weights[j] * CE_j)              labels, every head
+         + logit.weight * T^2 * D(teacher || student)                    next-token head only
+         + activation_coef * (1/P) * sum_p weight_p * loss_p(S_p, T_p)   P resolved pairs
+
+each term a mean over the valid tokens of the global batch (see `distill.objective`). A weight of 0
+turns a term off; so does a missing input at run time (no labels, no teacher).
+
+Activation pairs name buffers the model publishes (`decoder.{i}.mixer_output`,
+`decoder.{i}.mlp_output`, `decoder.{i}.output`, `final_hidden`), or use a shortcut that pairs every
+student layer with a teacher layer: `all_mixers`, `all_mlps`, `all_outputs`. Student layer i maps
+to teacher layer floor((i + 1) * Lt / Ls) - 1, which is the identity when the depths match and
+spreads the student uniformly over a deeper teacher, always ending on the last layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from engine.config import ConfigError, check
+
+if TYPE_CHECKING:
+    from layers.config import ModelConfig
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+# Kinds the offline (top-k) teacher supports: the leftover mass is one bucket.
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl")
+SHORTCUTS = {"all_mixers": "mixer_output", "all_mlps": "mlp_output", "all_outputs": "output"}
+BLOCK_BUFFERS = ("mixer_output", "mlp_output", "output")
+_BLOCK_NAME = re.compile(r"decoder\.(\d+)\.(\w+)")
+
+
+@dataclass(frozen=True)
+class LogitKDConfig:
+    """Distillation of the next-token distribution."""
+
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl",
+                  "skew_reverse_kl"] = "forward_kl"  # divergence between teacher and student
+    temperature: float = 1.0  # softmax temperature of both distributions
+    weight: float = 1.0  # weight of the term; 0 turns logit distillation off
+    temperature_squared: bool = True  # scale by temperature**2 so gradients keep their size (Hinton)
+    beta: float = 0.5  # jsd: weight of the teacher in the mixture
+    skew: float = 0.1  # skew kinds: weight of the first distribution in the mixture
+
+    def __post_init__(self) -> None:
+        check(self.kind in DIVERGENCES, "kind",
+              f"must be one of {', '.join(DIVERGENCES)} (got {self.kind!r})")
+        check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
+        check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1] (got {self.beta})")
+        check(0.0 <= self.skew < 1.0, "skew", f"must be in [0, 1) (got {self.skew})")
+
+    @property
+    def scale(self) -> float:
+        """The factor in front of the mean divergence."""
+        return self.weight * (self.temperature ** 2 if self.temperature_squared else 1.0)
+
+
+@dataclass(frozen=True)
+class ActivationPairConfig:
+    """One activation term: a student buffer against a teacher buffer (or a shortcut's pairs)."""
+
+    student: str = ""  # student buffer name, or a shortcut: all_mixers | all_mlps | all_outputs
+    teacher: str | None = None  # teacher buffer name; leave out with a shortcut
+    loss: Literal["mse", "l2", "cosine"] = "mse"  # mse per element | L2 norm per token | 1 - cos per token
+    weight: float = 1.0  # weight of this pair (of each pair of a shortcut)
+
+    def __post_init__(self) -> None:
+        check(bool(self.student), "student", "is required (a buffer name or a shortcut)")
+        check(self.loss in ("mse", "l2", "cosine"), "loss",
+              f"must be one of 'mse', 'l2', 'cosine' (got {self.loss!r})")
+        check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
+        if self.student in SHORTCUTS:
+            check(self.teacher in (None, self.student), "teacher",
+                  f"must be left out with the shortcut {self.student!r} (got {self.teacher!r})")
+        else:
+            check(bool(self.teacher), "teacher", f"is required for student buffer {self.student!r}")
+            check(self.teacher not in SHORTCUTS, "teacher",
+                  f"shortcut {self.teacher!r} must be given as the student name")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Loss terms, their weights, and where the teacher comes from."""
+
+    schedule: Literal["colocated", "teacher_ranks", "offline"] = "colocated"  # where the teacher runs
+    prefetch: int = 2  # teacher_ranks: micro-batches the teacher may run ahead of the students
+    teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
+    teacher_bf16: bool = False  # run the frozen teacher in bfloat16
+    offline_dir: str | None = None  # offline: directory of exported teacher top-k logits
+    lm_weight: float = 1.0  # weight of the LM (cross-entropy on labels) term
+    mtp_weights: tuple[float, ...] = ()  # LM weight of each MTP head relative to the first; () = 1 each
+    logit: LogitKDConfig = field(default_factory=LogitKDConfig)  # logit distillation
+    activations: tuple[ActivationPairConfig | str, ...] = ()  # activation pairs or shortcut names
+    activation_coef: float = 1.0  # lambda: scales the mean of the activation terms
+    projection: Literal["none", "per_pair", "shared"] = "none"  # learned student->teacher width map
+    fused_lm_head: bool = False  # LM head and losses fused: never materialize [tokens, vocab]
+
+    def __post_init__(self) -> None:
+        check(self.prefetch >= 1, "prefetch", f"must be >= 1 (got {self.prefetch})")
+        check(self.lm_weight >= 0, "lm_weight", f"must be >= 0 (got {self.lm_weight})")
+        check(self.activation_coef >= 0, "activation_coef",
+              f"must be >= 0 (got {self.activation_coef})")
+        for i, w in enumerate(self.mtp_weights):
+            check(w >= 0, f"mtp_weights[{i}]", f"must be >= 0 (got {w})")
+        for i, entry in enumerate(self.activations):
+            check(not isinstance(entry, str) or entry in SHORTCUTS, f"activations[{i}]",
+                  f"unknown shortcut {entry!r} (use {', '.join(SHORTCUTS)} or a "
+                  "{student, teacher} mapping)")
+        check(self.lm_weight > 0 or self.logit.weight > 0 or bool(self.activations), "lm_weight",
+              "every loss term is off (lm_weight, logit.weight and activations)")
+        if self.schedule == "offline":
+            self._check_offline()
+
+    def _check_offline(self) -> None:
+        check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")
+        check(not self.activations, "activations",
+              "the offline schedule stores teacher logits only; activation terms need a live teacher")
+        check(self.logit.weight == 0 or self.logit.kind in TOPK_DIVERGENCES, "logit.kind",
+              f"must be one of {', '.join(TOPK_DIVERGENCES)} with schedule offline "
+              f"(got {self.logit.kind!r})")
+        check(not self.fused_lm_head, "fused_lm_head",
+              "is not supported with schedule offline (top-k distillation needs student logits)")
+
+    @property
+    def pair_configs(self) -> tuple[ActivationPairConfig, ...]:
+        """`activations` with bare shortcut names spelled out as pairs (loss mse, weight 1)."""
+        return tuple(ActivationPairConfig(student=e) if isinstance(e, str) else e
+                     for e in self.activations)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a teacher *model* must run (logit or activation terms, not offline)."""
+        return self.schedule != "offline" and (self.logit.weight > 0 or bool(self.activations))
+
+
+@dataclass(frozen=True)
+class ResolvedPair:
+    """One activation term after shortcuts are expanded: concrete buffer names."""
+
+    student: str  # student buffer name
+    teacher: str  # teacher buffer name
+    loss: str  # mse | l2 | cosine
+    weight: float  # weight of this pair inside the activation mean
+
+
+def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
+    """The teacher layer paired with student layer `i`: floor((i + 1) * Lt / Ls) - 1."""
+    return (i + 1) * teacher_layers // student_layers - 1
+
+
+def buffer_names(layers: int) -> set[str]:
+    """Every activation buffer name a model of `layers` decoder blocks publishes."""
+    return {f"decoder.{i}.{kind}" for i in range(layers) for kind in BLOCK_BUFFERS} | {"final_hidden"}
+
+
+def _check_buffer(name: str, layers: int, key: str, side: str) -> None:
+    if name in buffer_names(layers):
+        return
+    match = _BLOCK_NAME.fullmatch(name)
+    if match and match.group(2) in BLOCK_BUFFERS:
+        raise ConfigError(key, f"{side} buffer {name!r} names layer {match.group(1)}, but the "
+                               f"{side} has {layers} layers (0..{layers - 1})")
+    raise ConfigError(key, f"unknown {side} buffer {name!r} (buffers are decoder.{{i}}."
+                           f"{{{'|'.join(BLOCK_BUFFERS)}}} and final_hidden)")
+
+
+def _expand_shortcut(entry: ActivationPairConfig, student_layers: int, teacher_layers: int,
+                     key: str) -> list[ResolvedPair]:
+    check(teacher_layers >= student_layers, key,
+          f"shortcut {entry.student!r} needs a teacher at least as deep as the student "
+          f"(student {student_layers} layers, teacher {teacher_layers})")
+    kind = SHORTCUTS[entry.student]
+    return [ResolvedPair(f"decoder.{i}.{kind}",
+                         f"decoder.{teacher_layer(i, student_layers, teacher_layers)}.{kind}",
+                         entry.loss, entry.weight) for i in range(student_layers)]
+
+
+def resolve_pairs(cfg: DistillConfig, student_layers: int, teacher_layers: int) -> list[ResolvedPair]:
+    """The concrete (student buffer, teacher buffer) pairs, in config order; names are checked."""
+    pairs: list[ResolvedPair] = []
+    for i, entry in enumerate(cfg.pair_configs):
+        key = f"distill.activations[{i}]"
+        if entry.student in SHORTCUTS:
+            pairs += _expand_shortcut(entry, student_layers, teacher_layers, key)
+            continue
+        _check_buffer(entry.student, student_layers, f"{key}.student", "student")
+        _check_buffer(entry.teacher, teacher_layers, f"{key}.teacher", "teacher")
+        pairs.append(ResolvedPair(entry.student, entry.teacher, entry.loss, entry.weight))
+    return pairs
+
+
+def aligned_teacher_config(student: ModelConfig, teacher: ModelConfig) -> ModelConfig:
+    """The teacher's config padded like the student, so both logits shards cover the same columns.
+
+    Padding is a layout choice, not part of a checkpoint (full state dicts are unpadded), so a
+    teacher built from this config loads the same weights and computes the same function.
+    """
+    if teacher.vocab_pad_multiple == student.vocab_pad_multiple:
+        return teacher
+    return dataclasses.replace(teacher, vocab_pad_multiple=student.vocab_pad_multiple)
+
+
+def check_compatibility(cfg: DistillConfig, student: ModelConfig, teacher: ModelConfig | None,
+                        tp: int) -> list[ResolvedPair]:
+    """Every start-up check between the distill section and the two models; returns the pairs.
+
+    Raises `ConfigError` for: MTP weights that do not match the student's heads, a missing teacher,
+    a teacher that does not split over `tp`, a different real vocabulary, unknown buffer names,
+    and different widths without a projection.
+    """
+    check(not cfg.mtp_weights or len(cfg.mtp_weights) == student.mtp_heads, "distill.mtp_weights",
+          f"has {len(cfg.mtp_weights)} entries for model.mtp_heads={student.mtp_heads}")
+    if teacher is None:
+        check(not cfg.needs_teacher, "distill.teacher",
+              "logit or activation distillation needs a teacher model")
+        return []
+    from layers.config import check_model_layout
+
+    try:
+        check_model_layout(teacher, tp)
+    except ConfigError as err:
+        raise ConfigError(f"distill.teacher({err.key})", err.message) from None
+    check(teacher.vocab_size == student.vocab_size, "distill.teacher",
+          f"the teacher's vocabulary has {teacher.vocab_size} tokens and the student's "
+          f"{student.vocab_size}: distillation needs the same tokenizer (only padding may differ)")
+    pairs = resolve_pairs(cfg, student.layers, teacher.layers)
+    check(not pairs or cfg.projection != "none" or student.hidden == teacher.hidden,
+          "distill.projection", f"the student is {student.hidden} wide and the teacher "
+                                f"{teacher.hidden}: activation pairs need projection per_pair or shared")
+    return pairs
