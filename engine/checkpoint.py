@@ -1,0 +1,388 @@
+"""Sharded, atomic, verified checkpoints that resume exactly and load at another TP degree.
+
+A checkpoint is a directory `root/step_{step:08d}/`:
+
+    metadata.json              format, step, resolved config, parallel layout, vocab_size, every
+                               file's size and sha256, every tensor's shard shape, dtype and split
+    model_tp{t:03d}.safetensors    model shard of TP rank t (written by its DP rank 0)
+    optim_tp{t:03d}.safetensors    optimizer state of TP rank t, keyed by parameter name
+    rank_{r:05d}.safetensors       per rank: RNG states (torch CPU/CUDA as tensors; Python and
+                                   NumPy as JSON in the header), the caller's `state` (JSON) and
+                                   `rank_tensors` (e.g. the states of private dropout generators)
+
+Model replicas over DP are identical (DDP), so model and optimizer are written once per TP rank;
+RNG and `state` (data position, counters) are per rank. Nothing is pickled.
+
+Saving is atomic: every rank writes into `step_X.tmp/`, the ranks agree (one all_reduce) that all
+files are there, rank 0 writes `metadata.json` last, renames the directory into place, then moves
+the `latest` pointer (a text file naming the directory) and prunes to `keep`. A crash at any point
+leaves the previous checkpoint complete and still `latest`; `*.tmp` leftovers are ignored by
+`latest_checkpoint` and removed by the next save. A rank that fails to write makes every rank
+raise `CheckpointError` instead of hanging. Multi-node runs need a filesystem shared by all nodes
+(rank 0 renames what the other ranks wrote).
+
+Loading verifies the size and digest of every file before reading it, refuses a model whose
+parameters do not match (naming the first), and reshards on the fly when the saved TP degree
+differs (see engine/checkpoint_state.py); RNG states are restored only when the layout matches.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import collectives
+from engine.checkpoint_files import (CheckpointError, TensorFile, fsync_dir, read_json,
+                                     safe_child, safe_torch_load, to_json_text, verify_file,
+                                     write_json, write_tensors)
+from engine.checkpoint_state import (ShardReader, load_model_state, load_optimizer_state,
+                                     model_state, optimizer_state, parse_header, rng_state,
+                                     set_rng_state)
+from engine.log import get_logger
+from engine.parallel import ParallelLayout
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "safe_torch_load"]
+
+log = get_logger(__name__)
+
+FORMAT = "megadistill-checkpoint"
+VERSION = 1
+METADATA = "metadata.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+_LAYOUT_KEYS = ("world_size", "tp", "dp", "sp", "teacher_ranks")
+_EXTRA = "extra."  # prefix of the caller's `rank_tensors` inside a rank file
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _model_file(tp_rank: int) -> str:
+    return f"model_tp{tp_rank:03d}.safetensors"
+
+
+def _optim_file(tp_rank: int) -> str:
+    return f"optim_tp{tp_rank:03d}.safetensors"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+def _manifest_file(rank: int) -> str:
+    return f"manifest_{rank:05d}.json"
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every finished checkpoint under `root`, oldest first."""
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.fullmatch(child.name)
+        if match and child.is_dir() and (child / METADATA).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _pointer_target(root: Path) -> Path | None:
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not _STEP_DIR.fullmatch(name) or not (root / name / METADATA).is_file():
+        return None
+    return root / name
+
+
+def latest_checkpoint(root: Path | str) -> Path | None:
+    """The checkpoint `root/latest` names; if that pointer is missing or broken, the newest complete
+    `step_*` directory; `None` when there is none. `*.tmp` directories never count."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    target = _pointer_target(root)
+    if target is not None:
+        return target
+    complete = _complete_steps(root)
+    if (root / LATEST).exists():
+        log.warning("%s/%s is unusable; falling back to the newest complete checkpoint", root, LATEST)
+    return complete[-1][1] if complete else None
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory so that an interruption never leaves it looking complete."""
+    doomed = path if path.name.endswith(".tmp") else path.rename(path.with_name(path.name + ".old.tmp"))
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _prepare(root: Path, tmp: Path) -> None:
+    """Rank 0, before anyone writes: create `root`, drop leftovers of interrupted saves."""
+    root.mkdir(parents=True, exist_ok=True)
+    for child in root.iterdir():
+        if child.name.endswith(".tmp") and child.is_dir() and _STEP_DIR.match(child.name):
+            log.info("removing %s left by an interrupted save", child)
+            _discard(child)
+    tmp.mkdir()
+
+
+def _agree(layout: ParallelLayout, ok: bool) -> bool:
+    """True when every student rank reports success (one all_reduce(min); also a barrier)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=layout.device)
+    group = layout.role_group if layout.world_size > 1 else None
+    return bool(collectives.all_reduce(flag, group, op="min").item())
+
+
+def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
+                      optimizer: torch.optim.Optimizer | None, state: dict,
+                      rank_tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write this rank's files and its manifest; return the tensor metadata rank 0 publishes."""
+    records, meta = {}, {}
+    if layout.dp_rank == 0:
+        flat = model_state(model)
+        records[_model_file(layout.tp_rank)] = write_tensors(tmp / _model_file(layout.tp_rank), flat.tensors)
+        meta["model"] = flat.meta
+        if optimizer is not None:
+            flat = optimizer_state(optimizer, model)
+            records[_optim_file(layout.tp_rank)] = write_tensors(tmp / _optim_file(layout.tp_rank),
+                                                                 flat.tensors)
+            meta["optimizer"] = flat.meta
+    rng = rng_state()
+    header = {"state": to_json_text(state, "checkpoint state"), "rng": to_json_text(rng.meta, "rng")}
+    tensors = {**rng.tensors, **{_EXTRA + name: t for name, t in rank_tensors.items()}}
+    records[_rank_file(layout.rank)] = write_tensors(tmp / _rank_file(layout.rank), tensors, header)
+    write_json(tmp / _manifest_file(layout.rank), records)
+    return meta
+
+
+def _layout_json(layout: ParallelLayout) -> dict[str, Any]:
+    return {key: getattr(layout, key) for key in _LAYOUT_KEYS}
+
+
+def _metadata(tmp: Path, step: int, *, layout: ParallelLayout, tensor_meta: dict[str, Any],
+              config: dict, vocab_size: int | None) -> dict[str, Any]:
+    """Rank 0: merge every rank's manifest into the metadata document (manifests are removed)."""
+    files: dict[str, Any] = {}
+    for rank in range(layout.tp * layout.dp):
+        manifest = tmp / _manifest_file(rank)
+        files.update(read_json(manifest))
+        manifest.unlink()
+    meta = {"format": FORMAT, "version": VERSION, "step": step, "layout": _layout_json(layout),
+            "vocab_size": vocab_size, "config": config, "files": files,
+            "ranks": [_rank_file(r) for r in range(layout.tp * layout.dp)],
+            "model": dict(tensor_meta["model"], files=[_model_file(t) for t in range(layout.tp)]),
+            "optimizer": None}
+    if "optimizer" in tensor_meta:
+        meta["optimizer"] = dict(tensor_meta["optimizer"],
+                                 files=[_optim_file(t) for t in range(layout.tp)])
+    return meta
+
+
+def _publish(root: Path, tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: metadata, rename, `latest`, prune."""
+    write_json(tmp / METADATA, meta)
+    fsync_dir(tmp)
+    if final.exists():
+        log.warning("replacing the existing checkpoint %s", final)
+        _discard(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    _point_latest(root, final.name)
+    _prune(root, keep, meta["step"])
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Move `root/latest` to `name` atomically (write aside, then rename over)."""
+    partial = root / f"{LATEST}.partial"
+    partial.write_text(name + "\n")
+    partial.replace(root / LATEST)
+    fsync_dir(root)
+
+
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Keep the `keep` newest checkpoints up to `step` (0 keeps all); never touch newer ones."""
+    if keep <= 0:
+        return
+    older = [path for s, path in _complete_steps(root) if s < step]
+    for path in older[:max(0, len(older) - (keep - 1))]:
+        log.info("pruning %s", path)
+        _discard(path)
+
+
+def save_checkpoint(root: Path | str, step: int, *, layout: ParallelLayout, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, state: dict, config: dict, keep: int,
+                    vocab_size: int | None = None,
+                    rank_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `root/step_{step:08d}/` from every student rank (all must call it at the same step).
+
+    `state` is this rank's JSON-serializable plain data (scheduler state, data position, ...);
+    `config` the resolved config as plain data; `keep` how many checkpoints stay (0: all);
+    `vocab_size` the real vocabulary of vocab-parallel parameters (needed to reshard them);
+    `rank_tensors` this rank's extra tensors (generator states the global RNGs do not cover).
+    Raises `CheckpointError` on every rank when any rank failed; the previous checkpoint stays.
+    """
+    if layout.is_teacher:
+        raise CheckpointError("save_checkpoint is called by student ranks only")
+    if keep < 0:
+        raise CheckpointError(f"keep must be >= 0 (got {keep})")
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    tensor_meta: dict[str, Any] = {}
+
+    def prepare() -> None:
+        if layout.is_rank0:
+            to_json_text(config, "checkpoint config")
+            _prepare(root, tmp)
+
+    def write() -> None:
+        tensor_meta.update(_write_rank_files(tmp, layout=layout, model=model, optimizer=optimizer,
+                                             state=state, rank_tensors=rank_tensors or {}))
+
+    def publish() -> None:
+        if layout.is_rank0:
+            meta = _metadata(tmp, step, layout=layout, tensor_meta=tensor_meta, config=config,
+                             vocab_size=vocab_size)
+            _publish(root, tmp, final, meta, keep)
+
+    for stage in (prepare, write, publish):
+        _run_stage(stage, layout, final)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def _run_stage(stage, layout: ParallelLayout, final: Path) -> None:
+    """Run one save stage on this rank, then fail on every rank if it failed on any."""
+    error: BaseException | None = None
+    try:
+        stage()
+    except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+        error = err
+        log.error("saving %s failed in %s: %s", final, stage.__name__, err, extra={"all_ranks": True})
+    if not _agree(layout, error is None):
+        if error is not None:
+            raise CheckpointError(f"saving {final} failed ({stage.__name__}: {error})") from error
+        raise CheckpointError(f"saving {final} failed on another rank ({stage.__name__}); "
+                              "the previous checkpoint is kept")
+
+
+# ----------------------------------------------------------------------------- loading
+
+class _VerifiedFiles:
+    """Opens files of one checkpoint by metadata name, verifying each once before first use."""
+
+    def __init__(self, path: Path, records: dict[str, Any]):
+        self.path, self._records, self._open = path, records, {}
+        for name in records:
+            safe_child(path, name)
+
+    def __call__(self, name: str) -> TensorFile:
+        if name not in self._open:
+            if name not in self._records:
+                raise CheckpointError(f"{self.path}: metadata lists no size/digest for {name!r}")
+            file_path = safe_child(self.path, name)
+            verify_file(file_path, self._records[name])
+            self._open[name] = TensorFile(file_path)
+        return self._open[name]
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    if not (path / METADATA).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {METADATA})")
+    meta = read_json(path / METADATA)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path / METADATA} is not a {FORMAT} version {VERSION} file")
+    try:
+        _check_metadata(meta)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / METADATA} is malformed ({type(err).__name__}: {err})") from None
+    for name in [*meta["files"], *meta["ranks"], *meta["model"]["files"],
+                 *(meta["optimizer"] or {}).get("files", [])]:
+        safe_child(path, name)
+    return meta
+
+
+def _check_metadata(meta: dict[str, Any]) -> None:
+    """Raise KeyError/TypeError/ValueError when a required entry is missing or of the wrong type."""
+    int(meta["step"])
+    layout = {key: meta["layout"][key] for key in _LAYOUT_KEYS}
+    sections = [meta["model"]] + ([meta["optimizer"]] if meta["optimizer"] is not None else [])
+    if not all(isinstance(s["tensors"], dict) and len(s["files"]) == layout["tp"] for s in sections):
+        raise ValueError("tensor sections must list one file per TP rank")
+    if not isinstance(meta["files"], dict) or len(meta["ranks"]) != layout["tp"] * layout["dp"]:
+        raise ValueError("files must map names to records and ranks list one file per rank")
+    if meta["vocab_size"] is not None:
+        int(meta["vocab_size"])
+
+
+def _resolve_vocab(meta: dict[str, Any], vocab_size: int | None) -> int | None:
+    saved = meta["vocab_size"]
+    if vocab_size is not None and saved is not None and vocab_size != saved:
+        raise CheckpointError(f"vocab_size={vocab_size} but the checkpoint was saved with "
+                              f"vocab_size={saved}")
+    return vocab_size if vocab_size is not None else saved
+
+
+def _same_layout(saved: dict[str, Any], layout: ParallelLayout) -> bool:
+    return all(saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
+
+
+def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:
+    """Whose rank file this rank reads: its own when the layout matches, else the saved rank with
+    the same DP coordinate (TP rank 0), else rank 0."""
+    if _same_layout(saved, layout):
+        return layout.rank
+    return layout.dp_rank * saved["tp"] if layout.dp_rank < saved["dp"] else 0
+
+
+def load_checkpoint(path: Path | str, *, layout: ParallelLayout, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, vocab_size: int | None = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Load the checkpoint at `path` into this rank's model (and optimizer), resharding over TP.
+
+    Returns {"step", "config", "layout" (the saved one), "same_layout" (tp, dp and teacher_ranks
+    equal this run's), "state" and "rank_tensors" (this rank's saved ones when `same_layout`, else
+    those of the saved rank with the same DP coordinate, see `_state_rank`)}.
+    RNG states are restored only when `restore_rng` and `same_layout`.
+    """
+    path = Path(path)
+    meta = _read_metadata(path)
+    files = _VerifiedFiles(path, meta["files"])
+    vocab = _resolve_vocab(meta, vocab_size)
+    tp_args = {"tp": layout.tp, "tp_rank": layout.tp_rank, "vocab": vocab}
+    load_model_state(model, meta["model"], ShardReader(files, meta["model"]["files"], **tp_args))
+    if optimizer is not None:
+        if meta["optimizer"] is None:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        load_optimizer_state(optimizer, model, meta["optimizer"],
+                             ShardReader(files, meta["optimizer"]["files"], **tp_args))
+    rank_file = files(meta["ranks"][_state_rank(meta["layout"], layout)])
+    _restore_rng(rank_file, meta["layout"], layout, restore_rng)
+    log.info("loaded checkpoint %s (step %d)", path, meta["step"])
+    extra = {name.removeprefix(_EXTRA): rank_file.get(name) for name in rank_file.keys()
+             if name.startswith(_EXTRA)}
+    return {"step": int(meta["step"]), "config": meta["config"], "layout": meta["layout"],
+            "same_layout": _same_layout(meta["layout"], layout),
+            "state": parse_header(rank_file, "state"), "rank_tensors": extra}
+
+
+def _restore_rng(rank_file: TensorFile, saved: dict[str, Any], layout: ParallelLayout,
+                 restore: bool) -> None:
+    if not restore:
+        return
+    if not _same_layout(saved, layout):
+        log.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
+                    {k: saved[k] for k in ("tp", "dp", "teacher_ranks")})
+        return
+    skipped = set_rng_state(rank_file, parse_header(rank_file, "rng"))
+    if skipped:
+        log.warning("could not restore RNG state of %s (device count differs)", ", ".join(skipped))
