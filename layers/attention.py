@@ -1,0 +1,77 @@
+"""Causal self-attention with grouped-query heads split over TP.
+
+Reads the residual stream, enters the TP region once for q, k and v (separate column-parallel
+projections, so checkpoints reshard by plain concatenation), attends over this rank's
+`heads/tp` query heads and `kv_heads/tp` key/value heads with `scaled_dot_product_attention`, and
+leaves through the row-parallel output projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import ParallelLayout
+from layers.config import ModelConfig
+from layers.rng import SHARDED, DropoutRNG
+from layers.rope import apply_rope
+from layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG):
+        super().__init__()
+        self.layout, self.rng = layout, rng
+        self.heads = config.heads // layout.tp  # query heads on this rank
+        self.kv_heads = config.num_kv_heads // layout.tp
+        self.head_dim = config.dim_per_head
+        self.dropout = config.dropout
+        self.sliding_window = config.sliding_window
+        qkv_bias = config.qkv_bias or config.bias
+        out_std = config.init_std / math.sqrt(2 * config.layers)
+
+        def column(heads: int) -> ColumnParallelLinear:
+            return ColumnParallelLinear(config.hidden, heads * self.head_dim, layout=layout,
+                                        bias=qkv_bias, init_std=config.init_std)
+
+        self.q_proj = column(config.heads)
+        self.k_proj = column(config.num_kv_heads)
+        self.v_proj = column(config.num_kv_heads)
+        self.o_proj = RowParallelLinear(config.heads * self.head_dim, config.hidden, layout=layout,
+                                        bias=config.bias, init_std=out_std)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Residual stream `[batch, seq(/tp), hidden]` -> attention output, same layout."""
+        x_full = enter_tp_region(x, self.layout)  # [batch, seq, hidden]
+        batch, seq, _ = x_full.shape
+        q = self.q_proj(x_full).view(batch, seq, self.heads, self.head_dim)
+        k = self.k_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
+        v = self.v_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        context = self._attend(q, k, v)  # [batch, seq, heads/tp * head_dim]
+        return self.o_proj(context)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch, seq = q.shape[:2]
+        mask = self._window_mask(seq, q.device)
+        dropout = self.dropout if self.training else 0.0
+        with self.rng.fork(SHARDED) if dropout else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                dropout_p=dropout, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads)
+        return out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+
+    def _window_mask(self, seq: int, device: torch.device) -> torch.Tensor | None:
+        """Causal sliding-window mask `[seq, seq]` (True = attend), or None for plain causal."""
+        if self.sliding_window is None or seq <= self.sliding_window:
+            return None
+        query = torch.arange(seq, device=device)[:, None]
+        key = torch.arange(seq, device=device)[None, :]
+        return (key <= query) & (query - key < self.sliding_window)

@@ -1,0 +1,57 @@
+"""Named activation buffers: a caller asks for names for one forward and gets those tensors back.
+
+Names a model publishes (see `TransformerLM.buffer_names()`):
+
+- `embedding`: the residual stream entering the first block (after positions and dropout);
+- `decoder.{i}.mixer_output`: block i's attention output, after its output projection and before
+  dropout and the residual add;
+- `decoder.{i}.mlp_output`: block i's MLP output, likewise;
+- `decoder.{i}.output`: the residual stream leaving block i;
+- `final_hidden`: the trunk's residual stream after the final norm (what the output layer reads);
+- `mtp.{j}.mixer_output`, `mtp.{j}.mlp_output`, `mtp.{j}.output`: the same for MTP head j's block.
+
+Each comes back in its sharded layout: `[batch, seq/tp, hidden]` split along the sequence over the
+TP group under SP (`seq_sharded=True`), `[batch, seq, hidden]` replicated on every TP rank
+otherwise. The tensor is the live activation, still in the autograd graph (an activation loss on it
+trains the model); detach it to only read it. Nothing is kept when nothing is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+
+from layers.tensor_parallel import SEQ_DIM
+
+
+@dataclass
+class ActivationBuffer:
+    """One published activation and how it is sharded over TP."""
+
+    tensor: torch.Tensor  # [batch, seq/tp, hidden] if seq_sharded else [batch, seq, hidden]
+    seq_sharded: bool  # True: split along seq_dim over the TP group; False: replicated over TP
+    seq_dim: int = SEQ_DIM  # the sequence dimension of `tensor`
+
+
+class BufferRecorder:
+    """Keeps the activations whose names were asked for during one forward."""
+
+    def __init__(self, wanted: Collection[str], available: Collection[str], *, seq_sharded: bool):
+        unknown = sorted(set(wanted) - set(available))
+        if unknown:
+            raise ValueError(f"unknown activation buffer {unknown[0]!r}; this model publishes "
+                             f"{_summary(available)}")
+        self.wanted = frozenset(wanted)
+        self.seq_sharded = seq_sharded
+        self.buffers: dict[str, ActivationBuffer] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.wanted:
+            self.buffers[name] = ActivationBuffer(tensor, self.seq_sharded)
+
+
+def _summary(names: Collection[str]) -> str:
+    names = list(names)
+    return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ..., {names[-1]}"

@@ -1,0 +1,163 @@
+"""`TransformerLM`: a decoder-only LM (Llama or GPT-2 family), tensor- and sequence-parallel.
+
+Layout. Activations are batch-first. The residual stream is `[batch, seq, hidden]` replicated over
+the TP group, or `[batch, seq/tp, hidden]` split along the sequence (dim 1) under SP. Input ids are
+the full `[batch, seq]` on every TP rank; logits are this rank's vocabulary shard
+`[batch, seq, padded_vocab/tp]` (rank r holds columns r*V/tp .. (r+1)*V/tp-1) and are never
+gathered. Columns past `config.vocab_size` hold the dtype's lowest value (zero probability).
+
+Gradients. After `loss.backward()` every gradient is complete: split parameters hold their shard's
+gradient, replicated ones the full gradient, identical on all TP ranks (under SP the replicated
+parameters used on sequence shards are summed over TP inside autograd; see
+layers/tensor_parallel.py). The trainer only all-reduces over data parallelism. Parameters carry
+`tp_split_dim` (None = replicated over TP) and `vocab_parallel`, see layers/params.py.
+
+Multi-token prediction. With `mtp_heads = k`, head j (1..k) is its own decoder block applied to the
+trunk's last residual stream (the heads are independent, not chained), followed by the shared final
+norm and the shared output layer; its logits at position t predict token t+1+j (`shifted_labels`).
+
+Initialization depends on (seed, parameter name) only, not on TP (layers/params.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine import collectives as C
+from engine.parallel import ParallelLayout
+from layers.block import DecoderBlock
+from layers.buffers import ActivationBuffer, BufferRecorder
+from layers.config import ModelConfig, check_model_layout
+from layers.norm import make_norm
+from layers.params import full_init, new_param
+from layers.rng import DropoutRNG
+from layers.rope import Rotary
+from layers.sharding import full_shape, shard_of
+from layers.tensor_parallel import VocabParallelEmbedding, VocabParallelLMHead, sp_shared
+
+
+@dataclass
+class ModelOutput:
+    """What one forward returns; shapes are per rank (see the module docstring)."""
+
+    logits: torch.Tensor | None  # [batch, seq, padded_vocab/tp] next-token head; None if not computed
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # head j=1..k, same layout; [] if not computed
+    head_hidden: torch.Tensor | None = None  # [batch, seq, hidden]: logits = head_hidden @ output_weight.T
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP head
+    buffers: dict[str, ActivationBuffer] = field(default_factory=dict)  # the names asked for
+
+
+def shifted_labels(input_ids: torch.Tensor, *, head: int = 0,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Targets of output head `head` (0 = next token, j = MTP head j): position t gets token t+1+head.
+
+    The last 1+head positions have no target in the sequence and get `ignore_index`.
+    """
+    shift = 1 + head
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-shift] = input_ids[:, shift:]
+    return labels
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout, *, seed: int = 0):
+        super().__init__()
+        check_model_layout(config, layout.tp)
+        self.config, self.layout, self.seed = config, layout, seed
+        self.rng = DropoutRNG(seed, layout)
+        padded_vocab = config.padded_vocab(layout.tp)
+        self.embedding = VocabParallelEmbedding(padded_vocab, config.hidden, layout=layout,
+                                                init_std=config.init_std)
+        self.position_embedding = LearnedPositions(config, layout) \
+            if config.family == "gpt2" else None
+        self.rotary = Rotary(config, layout.device) if config.family == "llama" else None
+        self.decoder = nn.ModuleList(DecoderBlock(config, layout, self.rng, name=f"decoder.{i}")
+                                     for i in range(config.layers))
+        self.mtp = nn.ModuleDict({str(j): DecoderBlock(config, layout, self.rng, name=f"mtp.{j}")
+                                  for j in range(1, config.mtp_heads + 1)})
+        self.final_norm = make_norm(config, layout)
+        self.lm_head = VocabParallelLMHead(
+            vocab_size=config.vocab_size, padded_vocab=padded_vocab, hidden=config.hidden,
+            layout=layout, tied=self.embedding if config.tie_embeddings else None,
+            init_std=config.init_std)
+        self.reset_parameters()
+
+    @property
+    def output_weight(self) -> nn.Parameter:
+        """This rank's `[padded_vocab/tp, hidden]` output weight (the embedding's when tied)."""
+        return self.lm_head.weight_shard()
+
+    def buffer_names(self) -> list[str]:
+        """Every activation name `forward(buffers=...)` accepts (see layers/buffers.py)."""
+        trunk = [name for block in self.decoder for name in block.buffer_names()]
+        heads = [name for block in self.mtp.values() for name in block.buffer_names()]
+        return ["embedding", *trunk, "final_hidden", *heads]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill every parameter with this rank's slice of its seeded full value."""
+        tp, padded_vocab = self.layout.tp, self.config.padded_vocab(self.layout.tp)
+        for name, param in self.named_parameters():
+            shape = full_shape(param, tp=tp, vocab_size=self.config.vocab_size)
+            full = full_init(param.init, shape, seed=self.seed, name=name)
+            param.copy_(shard_of(param, full, layout=self.layout, padded_vocab=padded_vocab))
+
+    def forward(self, input_ids: torch.Tensor, *, buffers: Collection[str] = (),
+                compute_logits: bool = True) -> ModelOutput:
+        """Token ids `[batch, seq]` (full on every TP rank) -> logits shards and requested buffers."""
+        self._check_input(input_ids)
+        record = BufferRecorder(buffers, self.buffer_names(), seq_sharded=self.layout.sp)
+        hidden = self._embed(input_ids)  # [batch, seq(/tp), hidden]
+        record("embedding", hidden)
+        rope = self.rotary(input_ids.shape[1], hidden.dtype) if self.rotary is not None else None
+        for block in self.decoder:
+            hidden = block(hidden, rope, record)
+        final_hidden = self.final_norm(hidden)
+        record("final_hidden", final_hidden)
+        head_hidden = self.lm_head.head_input(final_hidden)  # [batch, seq, hidden]
+        mtp_hidden = [self.lm_head.head_input(self.final_norm(block(hidden, rope, record)))
+                      for block in self.mtp.values()]
+        return ModelOutput(
+            logits=self.lm_head(head_hidden) if compute_logits else None,
+            mtp_logits=[self.lm_head(h) for h in mtp_hidden] if compute_logits else [],
+            head_hidden=head_hidden, mtp_hidden=mtp_hidden, buffers=record.buffers)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(input_ids)
+        if self.position_embedding is not None:
+            hidden = hidden + self.position_embedding(input_ids.shape[1])
+        return self.rng.dropout(hidden, self.config.dropout, sharded=self.layout.sp,
+                                training=self.training)
+
+    def _check_input(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer [batch, seq] (got {input_ids.dtype} "
+                             f"of shape {tuple(input_ids.shape)})")
+        seq = input_ids.shape[1]
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len="
+                             f"{self.config.max_seq_len}")
+        if self.layout.sp and seq % self.layout.tp:
+            raise ValueError(f"sequence length {seq} does not split over parallel.tp="
+                             f"{self.layout.tp} ranks (parallel.sp=true needs seq % tp == 0)")
+
+
+class LearnedPositions(nn.Module):
+    """GPT-2's absolute position table `[max_seq_len, hidden]`, replicated over TP."""
+
+    def __init__(self, config: ModelConfig, layout: ParallelLayout):
+        super().__init__()
+        self.layout = layout
+        self.weight = new_param(config.max_seq_len, config.hidden, tp_split_dim=None,
+                                init=config.init_std, device=layout.device)
+
+    def forward(self, seq: int) -> torch.Tensor:
+        """Rows for positions 0..seq-1, this rank's sequence shard of them under SP."""
+        rows = sp_shared(self.weight[:seq], self.layout)  # [seq, hidden]
+        if self.layout.sp:
+            rows = C.split_along(rows, self.layout.tp_group, dim=0)  # [seq/tp, hidden]
+        return rows

@@ -1,0 +1,52 @@
+"""Rotary position embeddings in the Hugging Face ("rotate half") layout, with Llama-3 scaling.
+
+Each head's width d is two halves [x1, x2]; position p rotates the pair (x1[i], x2[i]) by angle
+p * inv_freq[i]. This is the layout of Hugging Face Llama/Qwen2/Mistral checkpoints, so their q/k
+projections load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from layers.config import ModelConfig, RopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float,
+                        scaling: RopeScaling | None = None) -> torch.Tensor:
+    """`[head_dim/2]` float64 rotation speeds, Llama-3-scaled when `scaling` is given."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return inv_freq if scaling is None else _llama3_scaled(inv_freq, scaling)
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Long wavelengths (beyond the pretraining context / low_freq_factor) are slowed by `factor`,
+    # short ones (below context / high_freq_factor) kept, and the band between interpolated.
+    wavelength = 2 * math.pi / inv_freq
+    ratio = s.original_max_position / wavelength  # how many wavelengths fit in the old context
+    blend = ((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+    return (1 - blend) * inv_freq / s.factor + blend * inv_freq
+
+
+class Rotary(nn.Module):
+    """cos/sin tables `[seq, head_dim/2]` for positions 0..seq-1, computed per forward (cheap)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device):
+        super().__init__()
+        inv_freq = inverse_frequencies(config.dim_per_head, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.float())  # [seq, head_dim/2]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[batch, seq, heads, head_dim]` by the per-position angles in cos/sin `[seq, head_dim/2]`."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
