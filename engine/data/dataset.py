@@ -1,0 +1,168 @@
+"""Training samples: fixed-length windows over blended indexed datasets, sharded over DP ranks.
+
+Per dataset and split, an epoch shuffles the split's documents (seeded), packs them into one token
+stream and cuts it into windows of seq_len + 1 tokens that start every seq_len tokens; the windows
+are shuffled too. Inputs are a window's first seq_len tokens and labels its last seq_len (the next
+tokens), so documents run across sample boundaries. With `mask_across_documents`, a label that is
+the first token of another document than its input's becomes -100. A stream's tail shorter than a
+window is dropped each epoch; the next epoch reshuffles.
+
+Datasets are blended as Megatron does it: global sample g goes to the dataset furthest below its
+weight's share of g + 1 samples, so after any number of samples every dataset is within one sample
+of its share. Everything is a function of (seed, config, position): no state but counters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.config import ConfigError
+from engine.data.config import (SPLITS, DataConfig, check_batch_layout, resolve_data_path,
+                                split_fractions)
+from engine.data.indexed import IndexedTokens
+
+IGNORE_INDEX = -100  # label of positions the loss skips
+
+
+def split_documents(num_documents: int, split: str) -> dict[str, range]:
+    """Contiguous document ranges per split; a split with weight > 0 gets at least one document."""
+    fractions = split_fractions(split)
+    n_train = max(1, round(num_documents * fractions["train"]))
+    if fractions["valid"] > 0 and num_documents > 1:
+        n_train = min(n_train, num_documents - 1)
+    n_train = min(n_train, num_documents)
+    return {"train": range(n_train), "valid": range(n_train, num_documents)}
+
+
+class PackedSamples:
+    """Samples of one split of one dataset; sample k lies in epoch k // samples_per_epoch."""
+
+    def __init__(self, dataset: IndexedTokens, documents: range, *, seq_len: int,
+                 seed: tuple[int, ...], split: str):
+        self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
+        self.documents = np.arange(documents.start, documents.stop, dtype=np.int64)
+        if len(self.documents) == 0:
+            raise ConfigError("data.split", f"the {split} split of {dataset.prefix} has no "
+                              f"documents ({len(dataset)} in all)")
+        tokens = int(dataset.lengths[self.documents].sum(dtype=np.int64))
+        self.samples_per_epoch = (tokens - 1) // seq_len
+        if self.samples_per_epoch < 1:
+            raise ConfigError("data.seq_len", f"the {split} split of {dataset.prefix} has {tokens} "
+                              f"tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
+        self._epoch = -1
+
+    def _enter_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([*self.seed, epoch])
+        self._order = rng.permutation(self.documents)  # [documents] in stream order
+        self._ends = np.cumsum(self.dataset.lengths[self._order], dtype=np.int64)  # stream ends
+        self._windows = rng.permutation(self.samples_per_epoch)  # sample -> window
+        self._epoch = epoch
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [seq_len + 1] int64, starts_document [seq_len + 1] bool) of sample k."""
+        epoch, j = divmod(k, self.samples_per_epoch)
+        if epoch != self._epoch:
+            self._enter_epoch(epoch)
+        return self._window(int(self._windows[j]) * self.seq_len)
+
+    def _window(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        size = self.seq_len + 1
+        tokens = np.empty(size, dtype=np.int64)
+        starts_document = np.zeros(size, dtype=bool)
+        i = int(np.searchsorted(self._ends, start, side="right"))  # stream document holding start
+        offset = start - (int(self._ends[i]) - int(self.dataset.lengths[self._order[i]]))
+        filled = 0
+        while filled < size:
+            doc = self._order[i]
+            take = min(int(self.dataset.lengths[doc]) - offset, size - filled)
+            first = int(self.dataset.starts[doc]) + offset
+            tokens[filled:filled + take] = self.dataset.tokens[first:first + take]
+            starts_document[filled] |= offset == 0
+            filled, offset, i = filled + take, 0, i + 1
+        return tokens, starts_document
+
+
+class Blend:
+    """Deterministic blending: each next sample goes to the dataset furthest below its share."""
+
+    def __init__(self, weights: list[float]):
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.counts = [0] * len(weights)  # samples drawn from each dataset so far
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next n samples as (dataset, sample index within that dataset)."""
+        drawn = []
+        for _ in range(n):
+            total = sum(self.counts) + 1
+            d = int(np.argmax(self.weights * total - np.asarray(self.counts)))
+            drawn.append((d, self.counts[d]))
+            self.counts[d] += 1
+        return drawn
+
+
+class TokenBatches:
+    """One DP rank's micro-batches of the train or valid stream, a global step at a time.
+
+    Step s covers global samples [s * global_batch, (s + 1) * global_batch). Within a step,
+    micro-batch m of DP rank r holds the global_batch-relative samples m*mb*dp + r*mb + [0, mb)
+    (Megatron's order): ranks get disjoint samples and DP=1 sees exactly their union. The
+    position is global, the same on every rank; `state_dict()` saves it and `load_state_dict`
+    resumes exactly. For evaluation, a fresh `TokenBatches(..., split="valid")` replays the same
+    batches every time.
+    """
+
+    def __init__(self, cfg: DataConfig, *, seed: int, dp_rank: int = 0, dp: int = 1,
+                 split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
+        if not 0 <= dp_rank < dp:
+            raise ValueError(f"dp_rank must be in [0, {dp}) (got {dp_rank})")
+        if seed < 0:
+            raise ConfigError("train.seed", f"must be >= 0 for the data order (got {seed})")
+        check_batch_layout(cfg, dp)
+        self.cfg, self.dp_rank, self.dp = cfg, dp_rank, dp
+        pairs = resolve_data_path(cfg)
+        self.sources = []
+        for index, (_, prefix) in enumerate(pairs):
+            dataset = IndexedTokens(prefix)
+            documents = split_documents(len(dataset), cfg.split)[split]
+            self.sources.append(PackedSamples(dataset, documents, seq_len=cfg.seq_len,
+                                              seed=(seed, index, SPLITS.index(split)), split=split))
+        self.blend = Blend([weight for weight, _ in pairs])
+        self.consumed_samples = 0
+        self.micro_batches_per_step = cfg.global_batch // (cfg.micro_batch * dp)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next global step: {"input_ids", "labels"}, [mb, seq]."""
+        drawn = self.blend.take(self.cfg.global_batch)
+        self.consumed_samples += self.cfg.global_batch
+        mb = self.cfg.micro_batch
+        firsts = range(self.dp_rank * mb, self.cfg.global_batch, mb * self.dp)
+        return [self._micro_batch(drawn[first:first + mb]) for first in firsts]
+
+    def _micro_batch(self, drawn: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        windows = [self.sources[d].sample(k) for d, k in drawn]
+        tokens = np.stack([w for w, _ in windows])  # [mb, seq + 1]
+        labels = tokens[:, 1:].copy()
+        if self.cfg.mask_across_documents:
+            labels[np.stack([s for _, s in windows])[:, 1:]] = IGNORE_INDEX
+        return {"input_ids": torch.from_numpy(tokens[:, :-1].copy()),
+                "labels": torch.from_numpy(labels)}
+
+    def state_dict(self) -> dict[str, int]:
+        state = {"consumed_samples": self.consumed_samples}
+        state.update({f"dataset{d}_samples": n for d, n in enumerate(self.blend.counts)})
+        return state
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"data position has keys {sorted(state)} but this blend of "
+                             f"{len(self.sources)} dataset(s) expects {sorted(expected)}")
+        counts = [int(state[f"dataset{d}_samples"]) for d in range(len(self.sources))]
+        if sum(counts) != int(state["consumed_samples"]):
+            raise ValueError(f"data position is inconsistent: {counts} samples per dataset "
+                             f"do not add up to consumed_samples={state['consumed_samples']}")
+        self.blend.counts = counts
+        self.consumed_samples = int(state["consumed_samples"])
