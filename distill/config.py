@@ -44,7 +44,7 @@ class LogitKDConfig:
                   "skew_reverse_kl"] = "forward_kl"  # divergence between teacher and student
     temperature: float = 1.0  # softmax temperature of both distributions
     weight: float = 1.0  # weight of the term; 0 turns logit distillation off
-    temperature_squared: bool = True  # scale by temperature**2 so gradients keep their size (Hinton)
+    temperature_squared: bool = True  # times temperature**2, so gradients keep their size (Hinton)
     beta: float = 0.5  # jsd: weight of the teacher in the mixture
     skew: float = 0.1  # skew kinds: weight of the first distribution in the mixture
 
@@ -68,7 +68,7 @@ class ActivationPairConfig:
 
     student: str = ""  # student buffer name, or a shortcut: all_mixers | all_mlps | all_outputs
     teacher: str | None = None  # teacher buffer name; leave out with a shortcut
-    loss: Literal["mse", "l2", "cosine"] = "mse"  # mse per element | L2 norm per token | 1 - cos per token
+    loss: Literal["mse", "l2", "cosine"] = "mse"  # per element | L2 per token | 1 - cos per token
     weight: float = 1.0  # weight of this pair (of each pair of a shortcut)
 
     def __post_init__(self) -> None:
@@ -89,13 +89,14 @@ class ActivationPairConfig:
 class DistillConfig:
     """Loss terms, their weights, and where the teacher comes from."""
 
-    schedule: Literal["colocated", "teacher_ranks", "offline"] = "colocated"  # where the teacher runs
+    # Where the teacher runs: on the student ranks, on its own ranks, or exported beforehand.
+    schedule: Literal["colocated", "teacher_ranks", "offline"] = "colocated"
     prefetch: int = 2  # teacher_ranks: micro-batches the teacher may run ahead of the students
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
     teacher_bf16: bool = False  # run the frozen teacher in bfloat16
     offline_dir: str | None = None  # offline: directory of exported teacher top-k logits
     lm_weight: float = 1.0  # weight of the LM (cross-entropy on labels) term
-    mtp_weights: tuple[float, ...] = ()  # LM weight of each MTP head relative to the first; () = 1 each
+    mtp_weights: tuple[float, ...] = ()  # LM weight of each MTP head (times lm_weight); () = 1 each
     logit: LogitKDConfig = field(default_factory=LogitKDConfig)  # logit distillation
     activations: tuple[ActivationPairConfig | str, ...] = ()  # activation pairs or shortcut names
     activation_coef: float = 1.0  # lambda: scales the mean of the activation terms
@@ -121,7 +122,8 @@ class DistillConfig:
     def _check_offline(self) -> None:
         check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")
         check(not self.activations, "activations",
-              "the offline schedule stores teacher logits only; activation terms need a live teacher")
+              "the offline schedule stores teacher logits only; activation terms need a live "
+              "teacher")
         check(self.logit.weight == 0 or self.logit.kind in TOPK_DIVERGENCES, "logit.kind",
               f"must be one of {', '.join(TOPK_DIVERGENCES)} with schedule offline "
               f"(got {self.logit.kind!r})")
@@ -157,7 +159,8 @@ def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
 
 def buffer_names(layers: int) -> set[str]:
     """Every activation buffer name a model of `layers` decoder blocks publishes."""
-    return {f"decoder.{i}.{kind}" for i in range(layers) for kind in BLOCK_BUFFERS} | {"final_hidden"}
+    blocks = {f"decoder.{i}.{kind}" for i in range(layers) for kind in BLOCK_BUFFERS}
+    return blocks | {"final_hidden"}
 
 
 def _check_buffer(name: str, layers: int, key: str, side: str) -> None:
@@ -182,7 +185,8 @@ def _expand_shortcut(entry: ActivationPairConfig, student_layers: int, teacher_l
                          entry.loss, entry.weight) for i in range(student_layers)]
 
 
-def resolve_pairs(cfg: DistillConfig, student_layers: int, teacher_layers: int) -> list[ResolvedPair]:
+def resolve_pairs(cfg: DistillConfig, student_layers: int,
+                  teacher_layers: int) -> list[ResolvedPair]:
     """The concrete (student buffer, teacher buffer) pairs, in config order; names are checked."""
     pairs: list[ResolvedPair] = []
     for i, entry in enumerate(cfg.pair_configs):
@@ -233,5 +237,5 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig, teacher: Model
     pairs = resolve_pairs(cfg, student.layers, teacher.layers)
     check(not pairs or cfg.projection != "none" or student.hidden == teacher.hidden,
           "distill.projection", f"the student is {student.hidden} wide and the teacher "
-                                f"{teacher.hidden}: activation pairs need projection per_pair or shared")
+                                f"{teacher.hidden}: activation pairs need per_pair or shared")
     return pairs
