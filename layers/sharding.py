@@ -36,9 +36,11 @@ def shard_of(param: nn.Parameter, full: torch.Tensor, *, layout: ParallelLayout,
     return C.split_along(full, layout.tp_group, dim=param.tp_split_dim)
 
 
-def gather_full(param: nn.Parameter, *, layout: ParallelLayout, vocab_size: int) -> torch.Tensor:
-    """`param`'s full tensor, gathered over TP (a collective: every TP rank must call it)."""
-    full = param.detach()
+def gather_full(param: nn.Parameter, *, layout: ParallelLayout, vocab_size: int,
+                tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor of `param` (or of `tensor`, sharded like it: its gradient, an optimizer
+    state), gathered over TP. A collective: every TP rank must call it."""
+    full = (param if tensor is None else tensor).detach()
     if param.tp_split_dim is not None:
         full = C.all_gather(full, layout.tp_group, dim=param.tp_split_dim)
     if param.vocab_parallel:
