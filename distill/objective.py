@@ -1,0 +1,323 @@
+"""The distillation objective: LM loss, logit distillation and activation distillation, weighted.
+
+    total = lm_weight * (CE_0 + sum_j mtp_weights[j] * CE_j)           every head, on labels
+          + logit.weight * T^2 * D(teacher || student)                  next-token head only
+          + activation_coef * (1/P) * sum_p weight_p * loss_p           P activation pairs
+
+Global-token averaging. Every term is a mean over the valid tokens of the whole optimizer step (all
+micro-batches, all DP ranks), not a mean of per-micro-batch means: `count_tokens` counts them once
+per step with one all-reduce over DP, and each micro-batch contributes its token *sum* divided by
+those global counts. Summing `ObjectiveOutput.total` (or any term) over the step's micro-batches
+and then over DP ranks gives the step's means exactly.
+
+Gradients. `ObjectiveOutput.loss` is this micro-batch's share times the DP size, because the
+trainer's DistributedDataParallel *averages* gradients over DP: after the last micro-batch's
+backward and DDP's average, every gradient is that of the global-token mean. The values are
+replicated over TP (vocab-parallel losses return per-token values on every rank; sharded activation
+sums are combined with one all-reduce), and each rank's backward produces gradients of its own
+shards only, so no TP correction is needed afterwards.
+
+Which tokens count: LM head j counts positions whose target (`head_labels(labels, j)`) is not
+`IGNORE_INDEX`; the logit and activation terms count the positions with a valid next-token label,
+or every position when the micro-batch has no labels (pure distillation).
+
+Any term may be absent at run time: no labels (pure KD) drops the LM term, no teacher outputs (pure
+LM) drop the distillation terms. MTP heads are only trained on labels: the logit term reads the
+next-token head alone, so the MTP blocks get no distillation gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from distill.activation import activation_pair_means
+from distill.config import DistillConfig, check_compatibility
+from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
+from distill.fused import fused_lm_and_divergence
+from distill.projection import ActivationProjection
+from engine import collectives as C
+from engine.data import IGNORE_INDEX
+from engine.parallel import ParallelLayout
+from layers.buffers import ActivationBuffer
+from layers.config import ModelConfig
+from layers.model import ModelOutput
+
+BUFFER_PREFIX = "buffer:"  # key prefix of activation buffers in a flat teacher-tensor dict
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """The step's global token counts (all micro-batches, all DP ranks): the denominators."""
+
+    tokens: int  # every input position (for throughput)
+    heads: tuple[int, ...]  # valid targets of each output head: 0 next token, j MTP head j
+    distill: int  # positions the logit and activation terms average over
+
+
+def head_labels(labels: torch.Tensor, head: int) -> torch.Tensor:
+    """Targets of output head `head` from next-token labels [batch, seq]: position t gets
+    labels[t + head] (token t+1+head); the last `head` positions get IGNORE_INDEX."""
+    if head == 0:
+        return labels
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-head] = labels[:, head:]
+    return out
+
+
+def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
+    tokens = micro_batch["input_ids"].numel()
+    labels = micro_batch.get("labels")
+    if labels is None:
+        return [tokens, *[0] * (1 + mtp_heads), tokens]
+    heads = [int((head_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
+    return [tokens, *heads, heads[0]]
+
+
+def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: ParallelLayout, *,
+                 mtp_heads: int = 0) -> TokenCounts:
+    """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
+    one all-reduce over the DP group. `mtp_heads` is the student's `config.mtp_heads`."""
+    per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
+    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 3 + mtp_heads).sum(dim=0)
+    C.all_reduce(totals, layout.dp_group)
+    values = totals.tolist()
+    return TokenCounts(tokens=values[0], heads=tuple(values[1:-1]), distill=values[-1])
+
+
+@dataclass
+class TeacherOutputs:
+    """What the objective reads from the teacher for one micro-batch; every field is optional.
+
+    The logit term takes `logits`, or the fused path's `head_hidden` + `output_weight`, or an
+    offline teacher's top-k. Activation buffers are keyed by teacher buffer name; a bare tensor
+    is taken to be in the student buffer's layout.
+    """
+
+    logits: torch.Tensor | None = None  # [batch, seq, padded_vocab/tp] next-token logits shard
+    head_hidden: torch.Tensor | None = None  # fused: [batch, seq, hidden_t] output layer input
+    output_weight: torch.Tensor | None = None  # fused: [padded_vocab/tp, hidden_t] shard
+    topk_values: torch.Tensor | None = None  # offline: [batch, seq, k] raw teacher logits
+    topk_indices: torch.Tensor | None = None  # offline: [batch, seq, k] global vocabulary ids
+    logsumexp: torch.Tensor | None = None  # offline: [batch, seq] logsumexp(logits / T), run's T
+    buffers: dict[str, ActivationBuffer | torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> TeacherOutputs:
+        """From a flat dict (what teacher sources stream): field names, and `buffer:{name}`."""
+        names = {f.name for f in fields(cls)} - {"buffers"}
+        out = cls()
+        for key, value in tensors.items():
+            if key.startswith(BUFFER_PREFIX):
+                out.buffers[key[len(BUFFER_PREFIX):]] = value
+            elif key in names:
+                setattr(out, key, value)
+            else:
+                raise ValueError(f"unknown teacher tensor {key!r} (expected one of "
+                                 f"{', '.join(sorted(names))} or {BUFFER_PREFIX}NAME)")
+        return out
+
+    @property
+    def has_logits(self) -> bool:
+        return any(x is not None for x in (self.logits, self.head_hidden, self.topk_values))
+
+
+@dataclass
+class ObjectiveOutput:
+    """One micro-batch's objective. `loss` is the one to backward; the rest are detached shares
+    of the step's global means (sum them over micro-batches, then all-reduce over DP, to log)."""
+
+    loss: torch.Tensor  # total * DP size (DDP averages gradients over DP), with graph
+    total: torch.Tensor  # lm_loss + kd_loss + act_loss
+    lm_loss: torch.Tensor  # LM term of every head, weights included
+    kd_loss: torch.Tensor  # logit term, weight and temperature**2 included
+    act_loss: torch.Tensor  # activation term, activation_coef included
+
+
+def _share(per_token: torch.Tensor, count: int) -> torch.Tensor:
+    return per_token.sum() / max(count, 1)
+
+
+def _detached(term: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros(()) if term is None else term.detach()
+
+
+class DistillObjective(nn.Module):
+    """The objective of one run; holds the trainable activation projection, if any.
+
+    Call once per micro-batch with the student's `ModelOutput` (asked for
+    `student_buffer_names()`, logits unless `fused`), the teacher's outputs (asked for
+    `teacher_buffer_names()`) or None, the next-token labels [batch, seq] or None, and the step's
+    `count_tokens(...)`. The fused path also needs the student's `output_weight` shard.
+    """
+
+    def __init__(self, cfg: DistillConfig, student_config: ModelConfig,
+                 teacher_config: ModelConfig | None, layout: ParallelLayout, *, seed: int = 0):
+        super().__init__()
+        self.cfg, self.layout = cfg, layout
+        self.pairs = check_compatibility(cfg, student_config, teacher_config, layout.tp)
+        self.vocab_size = student_config.vocab_size
+        self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
+        self.projection = None
+        if self.pairs and cfg.projection != "none":
+            self.projection = ActivationProjection(
+                pairs=len(self.pairs), shared=cfg.projection == "shared",
+                student_width=student_config.hidden, teacher_width=teacher_config.hidden,
+                layout=layout, seed=seed)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the LM head and its losses run fused (forwards need no logits)."""
+        return self.cfg.fused_lm_head
+
+    def student_buffer_names(self) -> set[str]:
+        return {p.student for p in self.pairs}
+
+    def teacher_buffer_names(self) -> set[str]:
+        return {p.teacher for p in self.pairs}
+
+    def forward(self, student: ModelOutput,
+                teacher: TeacherOutputs | Mapping[str, torch.Tensor] | None,
+                labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
+                output_weight: torch.Tensor | None = None) -> ObjectiveOutput:
+        if teacher is not None and not isinstance(teacher, TeacherOutputs):
+            teacher = TeacherOutputs.from_tensors(teacher)
+        lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight)
+        act = self._activation_term(student, teacher, labels, tokens_norm)
+        terms = [t for t in (lm, kd, act) if t is not None]
+        if not terms:
+            raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
+                             "labels (LM) or teacher outputs (distillation), and neither was given")
+        total = torch.stack(terms).sum()
+        return ObjectiveOutput(loss=total * self.layout.dp, total=_detached(total),
+                               lm_loss=_detached(lm), kd_loss=_detached(kd),
+                               act_loss=_detached(act))
+
+    # ---------------------------------------------------------------------------- logit terms
+    def _logit_terms(self, student: ModelOutput, teacher: TeacherOutputs | None,
+                     labels: torch.Tensor | None, counts: TokenCounts,
+                     output_weight: torch.Tensor | None):
+        want_lm = labels is not None and self.cfg.lm_weight > 0
+        want_kd = teacher is not None and teacher.has_logits and self.cfg.logit.weight > 0
+        if not (want_lm or want_kd):
+            return None, None
+        if want_lm and len(counts.heads) < 1 + len(self.mtp_weights):
+            raise ValueError(f"tokens_norm counts {len(counts.heads)} heads, the student has "
+                             f"{1 + len(self.mtp_weights)}: pass mtp_heads= to count_tokens")
+        if self.fused and output_weight is None:
+            raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
+        ce, div = self._next_token(student, teacher if want_kd else None,
+                                   labels if want_lm else None, output_weight)
+        lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
+        kd = self._kd_term(div, labels, counts) if want_kd else None
+        return lm, kd
+
+    def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
+                 counts: TokenCounts, output_weight: torch.Tensor | None) -> torch.Tensor:
+        heads = [_share(ce, counts.heads[0])]
+        for j, weight in enumerate(self.mtp_weights, start=1):
+            ce_j = self._mtp_cross_entropy(student, j, head_labels(labels, j), output_weight)
+            heads.append(weight * _share(ce_j, counts.heads[j]))
+        return self.cfg.lm_weight * torch.stack(heads).sum()
+
+    def _kd_term(self, div: torch.Tensor, labels: torch.Tensor | None,
+                 counts: TokenCounts) -> torch.Tensor:
+        if labels is not None:
+            div = torch.where(labels != IGNORE_INDEX, div, torch.zeros_like(div))
+        return self.cfg.logit.scale * _share(div, counts.distill)
+
+    def _loss_kwargs(self) -> dict:
+        return dict(vocab_size=self.vocab_size, group=self.layout.tp_group)
+
+    def _kd_kwargs(self) -> dict:
+        logit = self.cfg.logit
+        return dict(kind=logit.kind, temperature=logit.temperature, beta=logit.beta,
+                    skew=logit.skew, **self._loss_kwargs())
+
+    def _next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
+                    labels: torch.Tensor | None, output_weight: torch.Tensor | None):
+        """Per-token (cross-entropy or None, divergence or None) of the next-token head."""
+        if self.fused:
+            return self._fused_next_token(student, teacher, labels, output_weight)
+        logits = student.logits  # [batch, seq, padded_vocab/tp]
+        if teacher is not None and teacher.topk_values is not None:
+            ce = None if labels is None else cross_entropy(logits, labels, **self._loss_kwargs())
+            div = topk_divergence(logits, teacher.topk_values, teacher.topk_indices,
+                                  teacher.logsumexp, **self._kd_kwargs())
+            return ce, div
+        if teacher is not None:
+            _check_teacher_logits(logits, teacher.logits)
+        if teacher is None:
+            return cross_entropy(logits, labels, **self._loss_kwargs()), None
+        if labels is None:
+            return None, divergence(logits, teacher.logits, **self._kd_kwargs())
+        return lm_and_divergence(logits, teacher.logits, labels, **self._kd_kwargs())
+
+    def _fused_next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
+                          labels: torch.Tensor | None, output_weight: torch.Tensor):
+        hidden = student.head_hidden  # [batch, seq, hidden]
+        lead = hidden.shape[:-1]
+        kwargs = self._kd_kwargs() if teacher is not None else self._loss_kwargs()
+        if teacher is not None:
+            kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
+                teacher.head_hidden), teacher_weight_shard=teacher.output_weight)
+        ce, div = fused_lm_and_divergence(
+            _flat(hidden), output_weight, labels=None if labels is None else labels.reshape(-1),
+            **kwargs)
+        return tuple(None if x is None else x.reshape(lead) for x in (ce, div))
+
+    def _mtp_cross_entropy(self, student: ModelOutput, head: int, labels: torch.Tensor,
+                           output_weight: torch.Tensor | None) -> torch.Tensor:
+        if self.fused:
+            hidden = student.mtp_hidden[head - 1]  # [batch, seq, hidden]
+            ce, _ = fused_lm_and_divergence(_flat(hidden), output_weight, labels=labels.reshape(-1),
+                                            **self._loss_kwargs())
+            return ce
+        return cross_entropy(student.mtp_logits[head - 1], labels, **self._loss_kwargs())
+
+    # ----------------------------------------------------------------------- activation term
+    def _activation_term(self, student: ModelOutput, teacher: TeacherOutputs | None,
+                         labels: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
+        if not self.pairs or teacher is None or self.cfg.activation_coef == 0:
+            return None
+        missing = sorted(self.teacher_buffer_names() - set(teacher.buffers))
+        if missing:
+            raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
+                             "teacher forward for objective.teacher_buffer_names()")
+        mask = None if labels is None else labels != IGNORE_INDEX
+        means = activation_pair_means(self.pairs, student.buffers, teacher.buffers,
+                                      token_mask=mask, num_tokens=counts.distill,
+                                      projection=self.projection, group=self.layout.tp_group)
+        weights = torch.tensor([p.weight for p in self.pairs], dtype=means.dtype,
+                               device=means.device)
+        return self.cfg.activation_coef * (means * weights).sum() / len(self.pairs)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def lm_loss_per_token(self, model: nn.Module, micro_batch: Mapping[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next-token cross-entropy [batch, seq], valid-target mask) of `model` on a batch."""
+        labels = micro_batch["labels"]
+        out = model(micro_batch["input_ids"], compute_logits=not self.fused)
+        weight = model.output_weight if self.fused else None
+        ce, _ = self._next_token(out, None, labels, weight)
+        return ce, labels != IGNORE_INDEX
+
+
+def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[batch, seq, width] -> [tokens, width]."""
+    return None if x is None else x.reshape(-1, x.shape[-1])
+
+
+def _check_teacher_logits(student_logits: torch.Tensor,
+                          teacher_logits: torch.Tensor | None) -> None:
+    if teacher_logits is None:
+        raise ValueError("teacher outputs have no logits (with distill.fused_lm_head off the "
+                         "teacher forward must compute them)")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"teacher logits shard has {teacher_logits.shape[-1]} columns, the student's "
+            f"{student_logits.shape[-1]}: build the teacher from "
+            "distill.config.aligned_teacher_config(student, teacher) so both pad alike")
