@@ -88,6 +88,10 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, tokenizer_path,
     missing_key.write_text('{"text": "a"}\n{"body": "b"}\n')
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\u00e9\n".encode("latin-1"))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "a"}\n{"text": \n')
     broken_tokenizer = tmp_path / "broken.json"
     broken_tokenizer.write_text('{"model": ')
     out = tmp_path / "out"
@@ -97,6 +101,8 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, tokenizer_path,
         ([empty], tokenizer_path, f"input file {empty} is empty"),
         ([tmp_path / "absent.txt"], tokenizer_path, "input file not found"),
         ([good, missing_key], tokenizer_path, f"{missing_key}:2: no key 'text'"),
+        ([bad_json], tokenizer_path, f"{bad_json}:2: invalid JSON"),
+        ([not_utf8], tokenizer_path, f"{not_utf8}: not valid UTF-8"),
     ]
     for inputs, tokenizer, message in cases:
         code = preprocess_data.main(["--input", *map(str, inputs), "--tokenizer", str(tokenizer),

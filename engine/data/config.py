@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ def split_fractions(split: str) -> dict[str, float]:
         weights = [float(part) for part in parts]
     except ValueError:
         weights = []
-    check(len(weights) == len(SPLITS) and all(w >= 0 for w in weights) and weights[0] > 0,
+    check(len(weights) == len(SPLITS) and all(0 <= w < math.inf for w in weights)
+          and weights[0] > 0,
           "data.split", f"must be two non-negative weights 'train,valid' with train > 0 "
           f"(got {split!r})")
     return {name: w / sum(weights) for name, w in zip(SPLITS, weights)}

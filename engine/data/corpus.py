@@ -47,8 +47,11 @@ _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 def stdlib_sources() -> tuple[Path, list[str]]:
     """The stdlib root and its `.py` files (relative POSIX paths), in the corpus's fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    names = [path.relative_to(root).as_posix() for path in root.rglob("*.py")
-             if _EXCLUDED_DIRS.isdisjoint(path.relative_to(root).parts)]
+    names = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]  # prune, don't descend
+        relative = Path(directory).relative_to(root)
+        names += [(relative / f).as_posix() for f in files if f.endswith(".py")]
     return root, sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
 
 

@@ -21,6 +21,9 @@ from engine.config import ConfigError
 from engine.data.config import (SPLITS, DataConfig, check_batch_layout, resolve_data_path,
                                 split_fractions)
 from engine.data.indexed import IndexedTokens
+from engine.log import get_logger
+
+log = get_logger(__name__)
 
 IGNORE_INDEX = -100  # label of positions the loss skips
 
@@ -132,6 +135,10 @@ class TokenBatches:
         self.blend = Blend([weight for weight, _ in pairs])
         self.consumed_samples = 0
         self.micro_batches_per_step = cfg.global_batch // (cfg.micro_batch * dp)
+        for (weight, prefix), source in zip(pairs, self.sources):
+            log.info("%s data: %s (weight %g): %d documents, %d samples of %d tokens per epoch",
+                     split, prefix, weight, len(source.documents), source.samples_per_epoch,
+                     cfg.seq_len)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global step: {"input_ids", "labels"}, [mb, seq]."""
