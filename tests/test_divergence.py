@@ -1,0 +1,417 @@
+"""Vocab-parallel divergences and cross-entropy against single-process float64 references.
+
+Every check compares this rank's output and this rank's gradient shard with the same function on
+the gathered full vocabulary in float64 (`reference`), at TP 1, 2 and 4, for every kind,
+temperatures 0.5/1/4, fp32 and bf16 inputs, extreme logits (+-1e4, -inf columns), and a padded
+vocabulary whose padding holds NaN (so a read of a padding column cannot go unnoticed).
+Tolerances: outputs rtol=atol=1e-5 (fp32 round-off at the logits' scale); gradients 1e-5 in fp32
+and bf16 round-off (rtol 8e-3) for bf16 inputs, whose gradients come back in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distill import KINDS, cross_entropy, divergence, lm_and_divergence, topk_divergence
+from engine import collectives as C
+from engine.mappings import scatter_to_tp
+from engine.testing import run_ranks
+
+ROWS, FULL_V, VOCAB = 8, 48, 45  # 48 columns split over 1, 2 or 4 ranks; the last 3 are padding
+TEMPERATURES = (0.5, 1.0, 4.0)
+NEG = -1e30  # what the reference puts for -inf, so that its autograd never meets inf - inf
+
+
+# ---- reference: the definitions, on the full vocabulary, in float64, through autograd --------
+
+def _log_probs(logits: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+    x = logits[..., :vocab_size].double().nan_to_num(neginf=NEG)
+    return torch.log_softmax(x / temperature, -1)
+
+
+def _kl(logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
+    return (logx.exp() * (logx - logy)).sum(-1)
+
+
+def _log_mix(logx, logy, wx):  # log(wx x + (1 - wx) y)
+    return torch.logaddexp(logx + math.log(wx), logy + math.log(1 - wx))
+
+
+def reference(kind: str, student: torch.Tensor, teacher: torch.Tensor, *, temperature=1.0,
+              beta=0.5, skew=0.1, vocab_size=VOCAB) -> torch.Tensor:
+    logp = _log_probs(student, temperature, vocab_size)
+    logq = _log_probs(teacher, temperature, vocab_size)
+    if kind == "forward_kl":
+        return _kl(logq, logp)
+    if kind == "reverse_kl":
+        return _kl(logp, logq)
+    if kind == "jsd":
+        logm = _log_mix(logq, logp, beta)
+        return beta * _kl(logq, logm) + (1 - beta) * _kl(logp, logm)
+    if kind == "tvd":
+        return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    if kind == "skew_forward_kl":
+        return _kl(logq, _log_mix(logq, logp, skew))
+    if kind == "skew_reverse_kl":
+        return _kl(logp, _log_mix(logp, logq, skew))
+    raise AssertionError(kind)
+
+
+def reference_ce(logits: torch.Tensor, labels: torch.Tensor, vocab_size=VOCAB) -> torch.Tensor:
+    x = logits[..., :vocab_size].double().nan_to_num(neginf=NEG)
+    return F.cross_entropy(x, labels, ignore_index=-100, reduction="none")
+
+
+def reference_grad(fn, full: torch.Tensor, weights: torch.Tensor):
+    """(fn(full) in float64, d(sum weights * fn)/d full)."""
+    x = full.double().requires_grad_()
+    out = fn(x)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    return out.detach(), grad
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+def make_logits(kind: str, *, extreme: bool, dtype=torch.float32, seed=0):
+    """Full [ROWS, FULL_V] student and teacher logits; NaN in the padding columns.
+
+    `extreme` adds +-1e4 peaks (on one rank and across ranks), -inf columns shared by both models,
+    a row whose whole TP-4 shard is -inf, and one-sided -inf columns wherever `kind` stays finite
+    (forward KL allows them in the teacher, reverse KL in the student, the others anywhere).
+    """
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(ROWS, FULL_V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(ROWS, FULL_V, generator=g, dtype=torch.float64) * 2
+    if extreme:
+        neg = float("-inf")
+        s[0, 1] = t[0, 1] = neg
+        s[4, 12:24] = t[4, 12:24] = neg
+        s[2, 4], t[2, 4] = 1e4 - 3, 1e4
+        s[6, 40], t[6, 10] = 1e4, 1e4
+        s[7, ::5], t[7, 3::7] = -1e4, -1e4
+        if kind != "reverse_kl":
+            t[1, 2] = neg
+            t[3, 30:40] = neg
+        if kind != "forward_kl":
+            s[1, 7] = neg
+            s[5, 0:12] = neg
+    s[:, VOCAB:] = t[:, VOCAB:] = float("nan")
+    return s.to(dtype), t.to(dtype)
+
+
+def make_labels(student: torch.Tensor, seed=0) -> torch.Tensor:
+    """Labels on finite student columns of the real vocabulary, two of them ignored."""
+    g = torch.Generator().manual_seed(seed + 1)
+    scores = torch.rand(student.shape, generator=g, dtype=torch.float64)
+    scores[~torch.isfinite(student.double())] = -1
+    labels = scores[:, :VOCAB].argmax(-1)
+    labels[[2, 5]] = -100
+    return labels
+
+
+def _weights(seed=0) -> torch.Tensor:
+    return 0.5 + torch.rand(ROWS, generator=torch.Generator().manual_seed(seed + 2),
+                            dtype=torch.float64)
+
+
+def _shard(x: torch.Tensor, group) -> torch.Tensor:
+    return C.split_along(x, group, dim=-1).clone()
+
+
+def _group():
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _tols(dtype):
+    grad = dict(rtol=8e-3, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    return dict(rtol=1e-5, atol=1e-5), grad
+
+
+def _expected_calls(kind: str | None, world: int) -> dict:
+    if world == 1:
+        return {}
+    one_pass = kind in (None, "forward_kl", "reverse_kl")
+    return {"all_gather": 1} if one_pass else {"all_gather": 1, "all_reduce": 1}
+
+
+# ---- the exactness grid -----------------------------------------------------------------------
+
+def _check_divergence(kind, temperature, dtype, extreme, group, world):
+    s_full, t_full = make_logits(kind, extreme=extreme, dtype=dtype)
+    w = _weights()
+    s = _shard(s_full, group).requires_grad_()
+    with C.count_collectives() as fwd:
+        out = divergence(s, _shard(t_full, group), kind=kind, temperature=temperature,
+                         vocab_size=VOCAB, group=group, chunk_tokens=3, chunk_vocab=5)
+    with C.count_collectives() as bwd:
+        (out * w.to(out.dtype)).sum().backward()
+    assert dict(fwd.calls) == _expected_calls(kind, world), (kind, fwd.calls)
+    assert bwd.total_calls == 0
+    ref, ref_grad = reference_grad(
+        lambda x: reference(kind, x, t_full, temperature=temperature), s_full, w)
+    out_tol, grad_tol = _tols(dtype)
+    assert out.dtype == torch.float32 and s.grad.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(out.double(), ref, **out_tol)
+    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **grad_tol)
+
+
+def _check_lm_and_divergence(kind, temperature, group, world):
+    """Both outputs, and the gradient of each alone and of a weighted sum."""
+    s_full, t_full = make_logits(kind, extreme=True)
+    labels, w = make_labels(s_full), _weights()
+    ref_ce, ref_ce_grad = reference_grad(lambda x: reference_ce(x, labels), s_full, w)
+    ref_div, ref_div_grad = reference_grad(
+        lambda x: reference(kind, x, t_full, temperature=temperature), s_full, w)
+    for a, b in ((1.0, 0.0), (0.0, 1.0), (0.7, 0.3)):  # CE alone, divergence alone, both
+        s = _shard(s_full, group).requires_grad_()
+        with C.count_collectives() as fwd:
+            ce, div = lm_and_divergence(s, _shard(t_full, group), labels, kind=kind,
+                                        temperature=temperature, vocab_size=VOCAB, group=group,
+                                        chunk_tokens=5)
+        assert dict(fwd.calls) == _expected_calls(kind, world), (kind, fwd.calls)
+        terms = [x * (c * w) for x, c in ((ce, a), (div, b)) if c]  # an unused output gets no grad
+        sum(terms).sum().backward()
+        torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(div.double(), ref_div, rtol=1e-5, atol=1e-5)
+        expected = _shard(a * ref_ce_grad + b * ref_div_grad, group)
+        torch.testing.assert_close(s.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _check_cross_entropy(dtype, group, world):
+    s_full, _ = make_logits("forward_kl", extreme=True, dtype=dtype)
+    labels, w = make_labels(s_full), _weights()
+    s = _shard(s_full, group).requires_grad_()
+    with C.count_collectives() as fwd:
+        ce = cross_entropy(s, labels, vocab_size=VOCAB, group=group, chunk_vocab=7)
+    with C.count_collectives() as bwd:
+        (ce * w.to(ce.dtype)).sum().backward()
+    assert dict(fwd.calls) == _expected_calls(None, world) and bwd.total_calls == 0
+    ref, ref_grad = reference_grad(lambda x: reference_ce(x, labels), s_full, w)
+    out_tol, grad_tol = _tols(dtype)
+    assert (ce[labels == -100] == 0).all()
+    torch.testing.assert_close(ce.double(), ref, **out_tol)
+    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **grad_tol)
+
+
+def _exactness_grid() -> int:
+    group = _group()
+    world = C.group_size(group)
+    checks = 0
+    for kind in KINDS:
+        for temperature in TEMPERATURES:
+            for dtype in (torch.float32, torch.bfloat16):
+                for extreme in (False, True):
+                    _check_divergence(kind, temperature, dtype, extreme, group, world)
+                    checks += 1
+            _check_lm_and_divergence(kind, temperature, group, world)
+            checks += 1
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_cross_entropy(dtype, group, world)
+        checks += 1
+    _check_all_padding_shard(group)
+    return checks
+
+
+def _check_all_padding_shard(group):
+    """vocab_size=10 leaves the upper shards pure padding (at TP 4: ranks 1..3 own no column)."""
+    s_full, t_full = make_logits("jsd", extreme=False)
+    labels = make_labels(s_full) % 10
+    for kind in KINDS:
+        s = _shard(s_full, group).requires_grad_()
+        ce, div = lm_and_divergence(s, _shard(t_full, group), labels, kind=kind, vocab_size=10,
+                                    group=group, temperature=2.0)
+        (ce + div).sum().backward()
+        ref, grad = reference_grad(
+            lambda x: reference(kind, x, t_full, temperature=2.0, vocab_size=10)
+            + reference_ce(x, labels, vocab_size=10), s_full, torch.ones(ROWS, dtype=torch.float64))
+        torch.testing.assert_close((ce + div).double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.grad.double(), _shard(grad, group), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_tp1():
+    assert _exactness_grid() == 6 * 3 * 5 + 2
+
+
+# ---- gradcheck in float64 (the full input scattered over TP, so every rank perturbs alike) ----
+
+def _gradcheck_all() -> bool:
+    group = _group()
+    g = torch.Generator().manual_seed(3)
+    s_full = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t_full = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor([4, -100, 6])
+    t = _shard(t_full, group)
+
+    def shard(x):  # backward all-gathers the shard gradients, so gradcheck sees the full input
+        return scatter_to_tp(x, group)
+    for kind in KINDS:
+        assert torch.autograd.gradcheck(
+            lambda x, kind=kind: divergence(shard(x), t, kind=kind, temperature=1.5, beta=0.3,
+                                            skew=0.2, vocab_size=7, group=group, chunk_tokens=2),
+            (s_full,))
+        assert torch.autograd.gradcheck(
+            lambda x, kind=kind: lm_and_divergence(shard(x), t, labels, kind=kind, temperature=0.7,
+                                                   vocab_size=7, group=group), (s_full,))
+    assert torch.autograd.gradcheck(
+        lambda x: cross_entropy(shard(x), labels, vocab_size=7, group=group), (s_full,))
+    values, indices = t_full[:, :7].topk(3, -1)
+    lse = (t_full[:, :7] / 2.0).logsumexp(-1)
+    for kind in KINDS:
+        assert torch.autograd.gradcheck(
+            lambda x, kind=kind: topk_divergence(shard(x), values, indices, lse, kind=kind,
+                                                 temperature=2.0, vocab_size=7, group=group),
+            (s_full,))
+    return True
+
+
+def test_gradcheck_float64_tp1():
+    assert _gradcheck_all()
+
+
+# ---- against megatron-core and torch.nn.functional --------------------------------------------
+
+def _against_libraries() -> bool:
+    from megatron.core import parallel_state, tensor_parallel
+
+    group = _group()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+    try:
+        g = torch.Generator().manual_seed(5)
+        seq, batch, vocab = 6, 2, 64
+        logits = torch.randn(seq, batch, vocab, generator=g) * 3
+        teacher = torch.randn(seq, batch, vocab, generator=g) * 3
+        target = torch.randint(0, vocab, (seq, batch), generator=g)
+
+        mine = _shard(logits, group).requires_grad_()
+        ce = cross_entropy(mine, target, group=group)
+        ce.sum().backward()
+        theirs = _shard(logits, group).requires_grad_()
+        ref = tensor_parallel.vocab_parallel_cross_entropy(theirs.clone(), target)
+        ref.sum().backward()
+        torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+
+        full = logits.clone().requires_grad_()
+        F.cross_entropy(full.reshape(-1, vocab), target.reshape(-1), reduction="sum").backward()
+        torch.testing.assert_close(ce, F.cross_entropy(logits.permute(0, 2, 1), target,
+                                                       reduction="none"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.grad, _shard(full.grad, group), rtol=1e-5, atol=1e-6)
+
+        for temperature in TEMPERATURES:
+            mine = _shard(logits, group).requires_grad_()
+            kl = divergence(mine, _shard(teacher, group), temperature=temperature, group=group)
+            kl.sum().backward()
+            full = logits.clone().requires_grad_()
+            ref = F.kl_div(F.log_softmax(full / temperature, -1),
+                           F.log_softmax(teacher / temperature, -1), log_target=True,
+                           reduction="none").sum(-1)
+            ref.sum().backward()
+            torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.grad, _shard(full.grad, group), rtol=1e-5, atol=1e-6)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return True
+
+
+
+
+# ---- top-k teacher ------------------------------------------------------------------------------
+
+def _check_topk() -> bool:
+    group = _group()
+    world = C.group_size(group)
+    for kind in KINDS:
+        s_full, t_full = make_logits(kind, extreme=True)
+        s_mild, t_mild = make_logits(kind, extreme=False)
+        w = _weights()
+        for temperature in TEMPERATURES:
+            t_real = t_full[:, :VOCAB].double().nan_to_num(neginf=NEG)
+            lse = (t_real / temperature).logsumexp(-1)
+            # k = the whole vocabulary: exactly `divergence`.
+            values, indices = t_full[:, :VOCAB].sort(-1, descending=True)
+            s = _shard(s_full, group).requires_grad_()
+            with C.count_collectives() as fwd:
+                out = topk_divergence(s, values, indices, lse, kind=kind, temperature=temperature,
+                                      vocab_size=VOCAB, group=group, chunk_tokens=3, chunk_vocab=5)
+            (out * w).sum().backward()
+            assert fwd.total_calls == (world > 1)
+            ref, ref_grad = reference_grad(
+                lambda x: reference(kind, x, t_full, temperature=temperature), s_full, w)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), rtol=1e-5,
+                                       atol=1e-5)
+            # k = 6: k + 1 buckets, the teacher's leftover mass in the last. (Not on the extreme
+            # logits: a leftover of exp(-1e4) is below what 1 - sum(top-k) can resolve.)
+            values, indices = t_mild[:, :VOCAB].topk(6, -1)
+            lse = (t_mild[:, :VOCAB].double() / temperature).logsumexp(-1)
+            s = _shard(s_mild, group).requires_grad_()
+            out = topk_divergence(s, values, indices, lse, kind=kind, temperature=temperature,
+                                  vocab_size=VOCAB, group=group, chunk_vocab=7)
+            (out * w).sum().backward()
+            ref, ref_grad = reference_grad(
+                lambda x: _bucket_reference(kind, x, t_mild, indices, temperature), s_mild, w)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), rtol=1e-5,
+                                       atol=1e-5)
+    return True
+
+
+def _bucket_reference(kind, student, teacher, indices, temperature):
+    """The divergence between the (k + 1)-bucket distributions, built by summing probabilities."""
+    def buckets(logits):
+        p = _log_probs(logits, temperature, VOCAB).exp()
+        top = p.gather(-1, indices)
+        return torch.cat([top, (p.sum(-1) - top.sum(-1)).clamp_min(0)[:, None]], -1)
+
+    logp, logq = (torch.where(x > 0, x, 1e-300).log() for x in (buckets(student), buckets(teacher)))
+    return reference(kind, logp, logq, vocab_size=logp.shape[-1])
+
+
+def test_topk_tp1():
+    assert _check_topk()
+
+
+# ---- TP 2 and 4: one spawn per world size runs every distributed check ------------------------
+
+def _tp2_suite() -> list:
+    return [_exactness_grid(), _gradcheck_all(), _against_libraries(), _check_topk()]
+
+
+def _tp4_suite() -> list:
+    return [_exactness_grid(), _check_topk()]
+
+
+def test_tp2_exact_gradcheck_topk_and_megatron():
+    """The grid, float64 gradcheck, megatron-core / torch.nn.functional agreement, top-k."""
+    assert run_ranks(_tp2_suite, 2, timeout_s=240) == [[6 * 3 * 5 + 2, True, True, True]] * 2
+
+
+def test_tp4_exact_and_topk():
+    assert run_ranks(_tp4_suite, 4, timeout_s=240) == [[6 * 3 * 5 + 2, True]] * 4
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_bad_arguments_name_the_culprit():
+    s, t = torch.randn(2, 8), torch.randn(2, 8)
+    cases = [
+        (lambda: divergence(s, t, kind="kl"), "kind must be one of"),
+        (lambda: divergence(s, t, temperature=0.0), "temperature must be > 0"),
+        (lambda: divergence(s, t, kind="jsd", beta=1.0), "beta must be in"),
+        (lambda: divergence(s, t, kind="skew_reverse_kl", skew=0.0), "skew must be in"),
+        (lambda: divergence(s, t, vocab_size=9), "vocab_size must be in"),
+        (lambda: divergence(s, t[:, :4]), "teacher_logits shape"),
+        (lambda: cross_entropy(s, torch.tensor([1, 8])), "labels must be in"),
+        (lambda: cross_entropy(s, torch.tensor([1])), "labels shape"),
+        (lambda: topk_divergence(s, t[:, :2], torch.tensor([[0, 9], [1, 2]]), t[:, 0]),
+         "teacher_topk_indices"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
