@@ -1,0 +1,108 @@
+"""The whole run's configuration: YAML file + `section.key=value` overrides -> `RunConfig`.
+
+Sections: `model` (layers.config.ModelConfig), `parallel` (engine.parallel.ParallelConfig), `data`
+(engine.data.DataConfig), `distill` (distill.config.DistillConfig), `train`
+(engine.trainer.TrainConfig). `load_run_config` also runs every cross-section check that can be done
+before any process group exists (layout against the world size, heads against TP, batch sizes
+against DP, the teacher checkpoint and its compatibility with the student), so a bad config stops
+with one `ConfigError: <key>: <problem>` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.config import DistillConfig, check_compatibility
+from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from engine.data import DataConfig, check_batch_layout
+from engine.parallel import LayoutError, ParallelConfig, validate_layout
+from engine.trainer import TrainConfig
+from layers.config import ModelConfig, check_model_layout
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the student (or the model trained)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP/SP/teacher ranks
+    data: DataConfig = field(default_factory=DataConfig)  # corpus and batch sizes
+    distill: DistillConfig = field(default_factory=DistillConfig)  # loss terms and teacher
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, run dir
+
+
+def parse_run_config(data: dict) -> RunConfig:
+    return from_dict(RunConfig, data)
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> None:
+    """Every check that needs the world size but no process group."""
+    par = cfg.parallel
+    try:
+        validate_layout(world_size=world_size, tp=par.tp, sp=par.sp, teacher_ranks=par.teacher_ranks)
+    except LayoutError as err:
+        key = "parallel.teacher_ranks" if "teacher_ranks" in str(err) else "parallel.tp"
+        raise ConfigError(key, f"{err} (world size {world_size})") from None
+    check_model_layout(cfg.model, par.tp)
+    if par.sp and cfg.data.seq_len % par.tp:
+        raise ConfigError("data.seq_len", f"{cfg.data.seq_len} does not split over parallel.tp="
+                                          f"{par.tp} ranks (sequence parallelism)")
+    check_batch_layout(cfg.data, (world_size - par.teacher_ranks) // par.tp)
+    wants_ranks = cfg.distill.schedule == "teacher_ranks"
+    if wants_ranks != (par.teacher_ranks > 0):
+        raise ConfigError("parallel.teacher_ranks",
+                          "must be > 0 exactly when distill.schedule is teacher_ranks "
+                          f"(got {par.teacher_ranks} with schedule {cfg.distill.schedule})")
+
+
+def teacher_model_config(cfg: RunConfig) -> ModelConfig | None:
+    """The teacher's architecture, read from its checkpoint's metadata (None without a teacher)."""
+    if not cfg.distill.needs_teacher:
+        return None
+    if not cfg.distill.teacher:
+        raise ConfigError("distill.teacher", "a teacher checkpoint is needed for logit or "
+                                             "activation distillation")
+    saved = checkpoint_run_config(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                                  key="distill.teacher")
+    return from_dict(ModelConfig, saved["model"], prefix="distill.teacher(model)")
+
+
+def resolve_checkpoint(path: str, *, key: str) -> Path:
+    """A checkpoint directory, or a directory of checkpoints (its newest complete one)."""
+    from engine.checkpoint import METADATA, latest_checkpoint
+
+    given = Path(path).expanduser()
+    if (given / METADATA).is_file():
+        return given
+    found = latest_checkpoint(given) or latest_checkpoint(given / "checkpoints")
+    if found is None:
+        raise ConfigError(key, f"no complete checkpoint at {path}")
+    return found
+
+
+def checkpoint_run_config(path: Path, *, key: str) -> dict:
+    """The resolved run config stored in a checkpoint's metadata (no tensors are read)."""
+    from engine.checkpoint import METADATA
+    from engine.checkpoint_files import CheckpointError, read_json
+
+    try:
+        meta = read_json(path / METADATA)
+    except CheckpointError as err:
+        raise ConfigError(key, str(err)) from None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ConfigError(key, f"{path / METADATA} records no model config")
+    return config
+
+
+def load_run_config(path: str | Path, overrides: list[str], *,
+                    world_size: int) -> tuple[RunConfig, ModelConfig | None]:
+    """Load, override, validate; return the run config and the teacher's model config."""
+    cfg = parse_run_config(apply_overrides(load_yaml(path), overrides))
+    check_layout(cfg, world_size)
+    teacher = teacher_model_config(cfg)
+    check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    return cfg, teacher
+
+
+def resolved_dict(cfg: RunConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,198 @@
+"""The distillation training loop: one optimizer step reads top to bottom.
+
+    micro-batches -> teacher outputs -> student forward + objective -> backward   (per micro-batch)
+    finalize gradients -> clip / skip -> optimizer step -> log -> maybe validate / save
+
+Data parallelism is torch's DistributedDataParallel over the DP group, wrapped around the student
+*and* the objective (its projections train with the student); gradient sync happens only on the
+last micro-batch of a step. Tensor/sequence-parallel gradient fix-ups (replicated norm weights under
+SP) are the model's `finalize_grads()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distill.objective import DistillObjective, count_tokens
+from distill.teacher import ColocatedTeacher, RemoteTeacher, serve_teacher
+from engine import collectives as C
+from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.log import get_logger
+from engine.metrics import MetricsWriter
+from engine.parallel import ParallelLayout
+from engine.signals import PreemptionFlag
+from engine.trainer import OptimizerStep, StepStats, TrainConfig
+
+log = get_logger(__name__)
+
+TERMS = ("loss", "lm_loss", "kd_loss", "act_loss")
+
+
+class StudentWithObjective(nn.Module):
+    """Student forward and objective in one module, so DDP sees every trained parameter."""
+
+    def __init__(self, student: nn.Module, objective: DistillObjective):
+        super().__init__()
+        self.student, self.objective = student, objective
+
+    def forward(self, input_ids, labels, teacher, counts):
+        fused = self.objective.fused
+        out = self.student(input_ids, buffers=self.objective.student_buffer_names(),
+                           compute_logits=not fused)
+        return self.objective(out, teacher, labels, tokens_norm=counts,
+                              output_weight=self.student.output_weight if fused else None)
+
+
+@dataclass
+class RunState:
+    """Everything besides tensors that an exact resume needs."""
+
+    step: int = 0
+    data: dict = field(default_factory=dict)
+    optimizer_step: dict = field(default_factory=dict)
+
+
+class DistillTrainer:
+    """Trains `student` (optionally from `teacher`) with `objective` on `data`, under `layout`.
+
+    `teacher` maps a micro-batch to the teacher's tensors (a colocated forward, a stream from
+    teacher ranks, or offline top-k); `valid_data()` makes a fresh validation stream.
+    """
+
+    def __init__(self, *, cfg: TrainConfig, layout: ParallelLayout, student: nn.Module,
+                 objective: DistillObjective, data, valid_data, teacher=None,
+                 run_config: dict, vocab_size: int):
+        self.cfg, self.layout = cfg, layout
+        self.student, self.objective, self.teacher = student, objective, teacher
+        self.data, self.valid_data = data, valid_data
+        self.run_config, self.vocab_size = run_config, vocab_size
+        self.mtp_heads = student.config.mtp_heads
+        self.run_dir = Path(cfg.run_dir)
+        self.module = StudentWithObjective(student, objective)
+        self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group) \
+            if layout.dp > 1 else None
+        self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
+        self.state = RunState()
+
+    # ----------------------------------------------------------------------------- one step
+    def train_step(self, step: int) -> dict:
+        micro_batches = self.data.next_step()
+        counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
+        totals = dict.fromkeys(TERMS, 0.0)
+        for i, mb in enumerate(micro_batches):
+            teacher_out = self.teacher(mb) if self.teacher is not None else None
+            with self._sync(last=i == len(micro_batches) - 1):
+                out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"), teacher_out,
+                                                counts)
+                out.loss.backward()
+            for key in TERMS:
+                totals[key] += float(getattr(out, "total" if key == "loss" else key))
+            del teacher_out, out
+        totals = self._global_mean(totals)
+        stats = self.opt(step, loss=totals["loss"])
+        return self._record(step, totals, stats, counts)
+
+    def _sync(self, *, last: bool):
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _global_mean(self, totals: dict) -> dict:
+        """Each rank holds its share of the global-token means; summing over DP gives the means."""
+        values = torch.tensor([totals[k] for k in TERMS], dtype=torch.float64)
+        C.all_reduce(values, self.layout.dp_group)
+        return dict(zip(TERMS, values.tolist()))
+
+    def _record(self, step: int, totals: dict, stats: StepStats, counts) -> dict:
+        return {"step": step + 1, **totals, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                "skipped_steps": self.opt.skipped_total, "tokens": counts.tokens}
+
+    # ------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean next-token loss of the student over `eval_batches` validation micro-batches."""
+        self.student.eval()
+        stream = self.valid_data()
+        batches: list[dict] = []
+        while len(batches) < self.cfg.eval_batches:
+            batches += stream.next_step()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for mb in batches[: self.cfg.eval_batches]:
+            per_token, valid = self.objective.lm_loss_per_token(self.student, mb)
+            loss_sum += torch.tensor([per_token.sum().item(), valid.sum().item()])
+        self.student.train()
+        C.all_reduce(loss_sum, self.layout.dp_group)
+        return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save(self, step: int) -> Path:
+        self.state.step = step
+        self.state.data = self.data.state_dict()
+        self.state.optimizer_step = self.opt.state_dict()
+        return save_checkpoint(self.run_dir / "checkpoints", step, layout=self.layout,
+                               model=self.module, optimizer=self.opt.optimizer,
+                               state=self.state.__dict__, config=self.run_config,
+                               keep=self.cfg.keep, vocab_size=self.vocab_size)
+
+    def maybe_resume(self) -> int:
+        path = self._resume_path()
+        if path is None:
+            return 0
+        loaded = load_checkpoint(path, layout=self.layout, model=self.module,
+                                 optimizer=self.opt.optimizer, vocab_size=self.vocab_size)
+        state = loaded["state"]
+        self.data.load_state_dict(state["data"])
+        self.opt.load_state_dict(state["optimizer_step"])
+        log.info("resumed from %s at step %d", path, loaded["step"])
+        return int(loaded["step"])
+
+    def _resume_path(self) -> Path | None:
+        if self.cfg.resume == "none":
+            return None
+        if self.cfg.resume == "auto":
+            return latest_checkpoint(self.run_dir / "checkpoints")
+        return Path(self.cfg.resume)
+
+    # ------------------------------------------------------------------------------- the run
+    def run(self) -> int:
+        """Train until `train.steps` or preemption; returns the last completed step."""
+        start = self.maybe_resume()
+        metrics = MetricsWriter(self.run_dir, enabled=self.layout.is_rank0,
+                                total_steps=self.cfg.steps, start_step=start,
+                                progress=self.cfg.progress)
+        step = start
+        with PreemptionFlag() as preempted:
+            try:
+                step = self._loop(start, metrics, preempted)
+            finally:
+                metrics.close()
+        return step
+
+    def _loop(self, start: int, metrics: MetricsWriter, preempted) -> int:
+        for step in range(start, self.cfg.steps):
+            began = time.perf_counter()
+            record = self.train_step(step)
+            record["tokens_per_s"] = record.pop("tokens") / (time.perf_counter() - began)
+            if self._due(step, self.cfg.eval_interval) or step + 1 == self.cfg.steps:
+                record["val_loss"] = self.validate()
+            if (step + 1) % self.cfg.log_interval == 0 or "val_loss" in record:
+                metrics.log(record)
+            metrics.advance()
+            if preempted.should_stop(self.layout):
+                self.save(step + 1)
+                log.info("preempted: saved step %d", step + 1)
+                return step + 1
+            if self._due(step, self.cfg.save_interval) or step + 1 == self.cfg.steps:
+                self.save(step + 1)
+        return self.cfg.steps
+
+    @staticmethod
+    def _due(step: int, interval: int) -> bool:
+        return interval > 0 and (step + 1) % interval == 0
