@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from distill.config import aligned_teacher_config
 from distill.objective import DistillObjective
-from distill.runconfig import RunConfig, load_run_config, resolved_dict
+from distill.runconfig import RunConfig, load_run_config, resolve_checkpoint, resolved_dict
 from distill.teacher import ColocatedTeacher, RemoteTeacher, serve_teacher
 from distill.trainer import DistillTrainer
-from engine.checkpoint import load_checkpoint
+from distill.weights import load_weights
 from engine.config import ConfigError
 from engine.data import TokenBatches, resolve_data_path
 from engine.log import get_logger, setup_logging
@@ -98,8 +99,7 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
 def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
     model = TransformerLM(cfg.model, layout, seed=cfg.train.seed).to(layout.device)
     if cfg.train.init:
-        load_checkpoint(Path(cfg.train.init), layout=layout, model=model,
-                        vocab_size=cfg.model.vocab_size, restore_rng=False)
+        load_weights(resolve_checkpoint(cfg.train.init, key="train.init"), model, layout)
     return model
 
 
@@ -109,9 +109,9 @@ def _load_teacher(cfg: RunConfig, teacher_cfg: ModelConfig | None,
         return None
     if cfg.distill.schedule == "teacher_ranks" and not layout.is_teacher:
         return None
-    model = TransformerLM(teacher_cfg, layout, seed=cfg.train.seed).to(layout.device)
-    load_checkpoint(Path(cfg.distill.teacher), layout=layout, model=model,
-                    vocab_size=teacher_cfg.vocab_size, restore_rng=False)
+    aligned = aligned_teacher_config(cfg.model, teacher_cfg)  # padded like the student
+    model = TransformerLM(aligned, layout, seed=cfg.train.seed).to(layout.device)
+    load_weights(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"), model, layout)
     if cfg.distill.teacher_bf16:
         model.to(torch.bfloat16)
     return model
