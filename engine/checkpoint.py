@@ -346,20 +346,22 @@ def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:
 
 def load_checkpoint(path: Path | str, *, layout: ParallelLayout, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, vocab_size: int | None = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
+                    restore_rng: bool = True, only_prefix: str = "") -> dict[str, Any]:
     """Load the checkpoint at `path` into this rank's model (and optimizer), resharding over TP.
 
     Returns {"step", "config", "layout" (the saved one), "same_layout" (tp, dp and teacher_ranks
     equal this run's), "state" and "rank_tensors" (this rank's saved ones when `same_layout`, else
     those of the saved rank with the same DP coordinate, see `_state_rank`)}.
-    RNG states are restored only when `restore_rng` and `same_layout`.
+    RNG states are restored only when `restore_rng` and `same_layout`. `only_prefix` loads just
+    the model entries under that name prefix (see `load_model_state`).
     """
     path = Path(path)
     meta = _read_metadata(path)
     files = _VerifiedFiles(path, meta["files"])
     vocab = _resolve_vocab(meta, vocab_size)
     tp_args = {"tp": layout.tp, "tp_rank": layout.tp_rank, "vocab": vocab}
-    load_model_state(model, meta["model"], ShardReader(files, meta["model"]["files"], **tp_args))
+    load_model_state(model, meta["model"], ShardReader(files, meta["model"]["files"], **tp_args),
+                     only_prefix=only_prefix)
     if optimizer is not None:
         if meta["optimizer"] is None:
             raise CheckpointError(f"{path} holds no optimizer state")

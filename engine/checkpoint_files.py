@@ -151,5 +151,7 @@ def safe_torch_load(path: Path | str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused to unpickle ({reason})") from None
+        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's first line advises weights_only=False; the useful line names the blocked global
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])
+        raise CheckpointError(f"{path}: refused to unpickle ({reason.strip()})") from None

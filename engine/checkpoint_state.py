@@ -195,10 +195,15 @@ def _specs(meta: dict[str, Any]) -> dict[str, TensorSpec]:
     return {name: TensorSpec.from_json(name, data) for name, data in meta["tensors"].items()}
 
 
-def load_model_state(model: nn.Module, meta: dict[str, Any], reader: ShardReader) -> None:
-    """Check every parameter against the checkpoint first, then copy this rank's shards in."""
+def load_model_state(model: nn.Module, meta: dict[str, Any], reader: ShardReader, *,
+                     only_prefix: str = "") -> None:
+    """Check every parameter against the checkpoint first, then copy this rank's shards in.
+
+    With `only_prefix`, checkpoint entries outside that prefix are ignored (e.g. load the
+    `student.` weights of a training checkpoint without its objective's projections)."""
     live = unwrap(model).state_dict(keep_vars=True)
-    specs, aliases = _specs(meta), meta["aliases"]
+    specs = {k: v for k, v in _specs(meta).items() if k.startswith(only_prefix)}
+    aliases = {k: v for k, v in meta["aliases"].items() if k.startswith(only_prefix)}
     for name, tensor in live.items():
         source = aliases.get(name, name)
         if source not in specs:

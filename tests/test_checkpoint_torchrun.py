@@ -1,0 +1,85 @@
+"""Checkpoints under real torchrun processes: SIGKILL mid-save and mid-step, SIGTERM, resume.
+
+One chain of runs shares a checkpoint root; an uninterrupted reference run goes alongside. Every
+loss any run logs (including the steps recomputed after each resume) must equal the reference's
+bit for bit, and every faulty run must end (non-zero) within 60 s instead of hanging.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.checkpoint import latest_checkpoint
+
+WORKER = Path(__file__).with_name("ckpt_worker.py")
+RUN_LIMIT_S = 60
+
+
+def _launch(ckpt: Path, out: Path, *args: str) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), "--ckpt", str(ckpt), "--out", str(out), "--steps", "20", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """Exit code and output; a run still going after RUN_LIMIT_S is killed and fails the test."""
+    try:
+        output, _ = proc.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun did not exit within {RUN_LIMIT_S}s:\n{output[-3000:]}")
+    return proc.returncode, output
+
+
+def _run(ckpt: Path, out: Path, *args: str) -> tuple[int, str]:
+    return _finish(_launch(ckpt, out, *args))
+
+
+def _records(out: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_kills_sigterm_and_resumes_reproduce_the_uninterrupted_run(tmp_path):
+    reference = _launch(tmp_path / "ref_ckpt", tmp_path / "ref")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "run"
+    every4 = ("--save-interval", "4")
+
+    # 1. rank 1 is SIGKILLed after writing its first file of the step-8 save
+    rc, log = _run(ckpt, out, *every4, "--kill-in-save", "8")
+    assert rc != 0, log[-2000:]
+    assert latest_checkpoint(ckpt).name == "step_00000004"
+    assert (ckpt / "step_00000008.tmp").is_dir()
+
+    # 2. resumes from step 4; rank 1 is SIGKILLed in the middle of step 11
+    rc, log = _run(ckpt, out, *every4, "--resume", "--kill-at", "11")
+    assert rc != 0, log[-2000:]
+    assert latest_checkpoint(ckpt).name == "step_00000008"
+    assert not (ckpt / "step_00000008.tmp").exists()  # the next save cleaned the leftover
+
+    # 3. resumes from step 8; only rank 1 gets SIGTERM at step 14: both save step 14, exit 0
+    rc, log = _run(ckpt, out, *every4, "--resume", "--sigterm-at", "14")
+    assert rc == 0, log[-2000:]
+    assert latest_checkpoint(ckpt).name == "step_00000014"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000012", "step_00000014"]  # keep=2
+
+    # 4. resumes from step 14 and finishes
+    rc, log = _run(ckpt, out, *every4, "--resume")
+    assert rc == 0, log[-2000:]
+    rc, log = _finish(reference)
+    assert rc == 0, log[-2000:]
+
+    for rank in (0, 1):
+        expected = {r["step"]: r["loss"] for r in _records(tmp_path / "ref", rank)}
+        records = _records(out, rank)
+        assert [r["step"] for r in records if r.get("event") == "resume"] == [4, 8, 14]
+        assert [r["step"] for r in records if r.get("event") == "preempted"] == [14]
+        losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        assert {step for step, _ in losses} == set(range(1, 21)) == set(expected)
+        for step, loss in losses:
+            assert loss == expected[step], f"rank {rank} step {step}: {loss} != {expected[step]}"
