@@ -126,3 +126,19 @@ def test_init_depends_on_seed_and_name_only():
     # Residual output projections are scaled down by sqrt(2 * layers) (GPT-2 / Megatron).
     assert a.decoder[0].mlp.down_proj.weight.std().item() == pytest.approx(0.01, rel=0.1)
     assert a.embedding.weight[100:].abs().max() == 0  # padding rows
+
+
+def test_model_benchmark_runs_and_reports_the_ratio(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--layers", "1", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--ffn", "64",
+                "--vocab", "128", "--seq", "16", "--batch", "1", "--steps", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "| megadistill TransformerLM |" in printed and "ratio, tokens/s ours / transformers" in printed
+    diff = float(printed.split("max |logit diff| ")[1].split()[0])
+    assert diff < 1e-4  # both models really hold the same weights

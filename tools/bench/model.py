@@ -1,0 +1,113 @@
+"""Forward+backward throughput of the engine's model against transformers' LlamaForCausalLM.
+
+One student-sized Llama config, TP=1, CPU, fp32. Both models hold the same weights (ours are loaded
+from the Hugging Face model through layers/hf.py, and the logits are checked to agree), run the same
+loss (cross-entropy over the full vocabulary) and are timed alternately in the same process, so
+drift of the machine hits both. Prints a markdown table and the ratio ours / transformers.
+
+    python tools/bench/model.py [--layers 8 --hidden 512 --seq 256 --batch 2 --steps 5 --threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.parallel import ParallelLayout  # noqa: E402
+from layers.hf import hf_config_to_model_config, hf_to_engine_state_dict  # noqa: E402
+from layers.model import TransformerLM  # noqa: E402
+from layers.sharding import load_full_state_dict  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=1408, help="MLP inner width")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, TransformerLM]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 2048),
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_config).train()
+    cfg = hf_config_to_model_config(hf_config.to_dict())
+    ours = TransformerLM(cfg, ParallelLayout.single()).train()
+    load_full_state_dict(ours, hf_to_engine_state_dict(hf.state_dict(), cfg))
+    return hf, ours
+
+
+def train_step(logits_fn: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
+               ids: torch.Tensor, labels: torch.Tensor, vocab: int) -> tuple[float, float]:
+    """One forward+backward; returns its (wall, process CPU) time in seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    logits = logits_fn(ids)[..., :vocab]
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hf, ours = build_models(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, dims=1)
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids).logits[..., :args.vocab]).abs().max().item()
+    runners = {"megadistill TransformerLM": (lambda x: ours(x).logits, ours),
+               "transformers LlamaForCausalLM": (lambda x: hf(x).logits, hf)}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for step in range(args.warmup + args.steps):
+        for name, (fn, model) in runners.items():  # alternate, so machine drift hits both
+            elapsed = train_step(fn, model, ids, labels, args.vocab)
+            if step >= args.warmup:
+                times[name].append(elapsed)
+    report(args, times, diff, sum(p.numel() for p in ours.parameters()))
+
+
+def report(args: argparse.Namespace, times: dict[str, list[tuple[float, float]]], diff: float,
+           params: int) -> None:
+    tokens = args.batch * args.seq
+    wall = {name: statistics.median(w for w, _ in t) for name, t in times.items()}
+    cpu = {name: statistics.median(c for _, c in t) for name, t in times.items()}
+    print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} kv, "
+          f"ffn {args.ffn}, vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x "
+          f"seq {args.seq}; fp32, CPU, {args.threads} threads, TP=1; median of {args.steps} steps; "
+          f"max |logit diff| {diff:.1e}\n")
+    print("| model | fwd+bwd step, wall (ms) | tokens/s (wall) | process CPU per step (ms) |")
+    print("|---|---:|---:|---:|")
+    for name in times:
+        print(f"| {name} | {1000 * wall[name]:.0f} | {tokens / wall[name]:.0f} "
+              f"| {1000 * cpu[name]:.0f} |")
+    (ours, theirs), (ours_cpu, theirs_cpu) = wall.values(), cpu.values()
+    print(f"\nratio, tokens/s ours / transformers: {theirs / ours:.3f} "
+          f"(by process CPU time, robust to a busy machine: {theirs_cpu / ours_cpu:.3f})")
+
+
+if __name__ == "__main__":
+    main()
