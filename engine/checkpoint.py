@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,7 @@ def save_checkpoint(root: Path | str, step: int, *, layout: ParallelLayout, mode
     return final
 
 
-def _run_stage(stage, layout: ParallelLayout, final: Path) -> None:
+def _run_stage(stage: Callable[[], None], layout: ParallelLayout, final: Path) -> None:
     """Run one save stage on this rank, then fail on every rank if it failed on any."""
     error: BaseException | None = None
     try:
@@ -282,8 +283,6 @@ class _VerifiedFiles:
 
     def __init__(self, path: Path, records: dict[str, Any]):
         self.path, self._records, self._open = path, records, {}
-        for name in records:
-            safe_child(path, name)
 
     def __call__(self, name: str) -> TensorFile:
         if name not in self._open:
@@ -313,15 +312,14 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 def _check_metadata(meta: dict[str, Any]) -> None:
     """Raise KeyError/TypeError/ValueError when a required entry is missing or of the wrong type."""
-    int(meta["step"])
     layout = {key: meta["layout"][key] for key in _LAYOUT_KEYS}
+    if not isinstance(meta["step"], int) or not isinstance(meta["vocab_size"], (int, type(None))):
+        raise ValueError("step must be an integer and vocab_size an integer or null")
     sections = [meta["model"]] + ([meta["optimizer"]] if meta["optimizer"] is not None else [])
     if not all(isinstance(s["tensors"], dict) and len(s["files"]) == layout["tp"] for s in sections):
         raise ValueError("tensor sections must list one file per TP rank")
     if not isinstance(meta["files"], dict) or len(meta["ranks"]) != layout["tp"] * layout["dp"]:
         raise ValueError("files must map names to records and ranks list one file per rank")
-    if meta["vocab_size"] is not None:
-        int(meta["vocab_size"])
 
 
 def _resolve_vocab(meta: dict[str, Any], vocab_size: int | None) -> int | None:
@@ -333,7 +331,9 @@ def _resolve_vocab(meta: dict[str, Any], vocab_size: int | None) -> int | None:
 
 
 def _same_layout(saved: dict[str, Any], layout: ParallelLayout) -> bool:
-    return all(saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
+    """Whether this rank is the one that wrote its own rank file (students only save)."""
+    return not layout.is_teacher and all(
+        saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
 
 
 def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:

@@ -57,10 +57,17 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
+def _owning(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy when it is a view into a larger storage (safetensors refuses those)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
                   header: dict[str, str] | None = None) -> dict[str, Any]:
     """Write CPU copies of `tensors` as one safetensors file, fsync it, return its record."""
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    cpu = {name: _owning(t.detach().to("cpu").contiguous()) for name, t in tensors.items()}
     save_file(cpu, str(path), metadata=header)
     _fsync_file(path)
     return file_record(path)
@@ -70,7 +77,7 @@ def write_json(path: Path, data: Any) -> dict[str, Any]:
     """Write `data` as JSON through a temporary name and an atomic rename; return its record."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, allow_nan=True)
+        json.dump(data, f, indent=1)  # insertion order: tensors in model order
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)

@@ -276,6 +276,14 @@ def _check_groups(saved_groups: list[dict], names: list[str], optimizer: torch.o
                                   f"checkpoint has {len(group['params'])}")
 
 
+def _owner(flat: str, index_of: dict[str, int]) -> tuple[int, str]:
+    """(optimizer index, state key) of a `param_name/key` entry."""
+    name, _, key = flat.rpartition("/")
+    if name not in index_of:
+        raise CheckpointError(f"optimizer state {flat!r} belongs to no optimizer parameter")
+    return index_of[name], key
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
                          meta: dict[str, Any], reader: ShardReader) -> None:
     """Rebuild the optimizer's index-keyed state dict from name-keyed tensors, resharding moments."""
@@ -285,18 +293,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for flat, spec in _specs(meta).items():
-        name, _, key = flat.rpartition("/")
-        if name not in index_of:
-            raise CheckpointError(f"optimizer state {flat!r} belongs to no optimizer parameter")
-        param = params[index_of[name]]
-        target = Target.of(param) if spec.split_dim is not None else Target(spec.shape, None, False)
+        index, key = _owner(flat, index_of)
+        replicated = Target(spec.shape, None, False)
+        target = Target.of(params[index]) if spec.split_dim is not None else replicated
         check_fits(flat, spec, target, saved_tp=reader.saved_tp, tp=reader.tp, vocab=reader.vocab)
-        state.setdefault(index_of[name], {})[key] = reader.read(flat, spec, target)
+        state.setdefault(index, {})[key] = reader.read(flat, spec, target)
     for flat, value in meta["scalars"].items():
-        name, _, key = flat.rpartition("/")
-        if name not in index_of:
-            raise CheckpointError(f"optimizer state {flat!r} belongs to no optimizer parameter")
-        state.setdefault(index_of[name], {})[key] = value
+        index, key = _owner(flat, index_of)
+        state.setdefault(index, {})[key] = value
     groups = [dict(group, params=[index_of[n] for n in group["params"]])
               for group in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

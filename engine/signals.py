@@ -3,7 +3,7 @@
 SLURM signals a job before killing it (SIGTERM on cancel or preemption, SIGUSR1 with
 `--signal=USR1@secs`), but it may reach only some ranks, and at different points of a step. The
 handler therefore only sets a flag; the training loop asks `should_stop(layout)` once per step,
-which agrees over ALL ranks with one all_reduce(max) of a single integer, so every rank saves at
+which agrees over all ranks of the role with one all_reduce(max) of a single integer, so every rank saves at
 the same step and exits cleanly.
 """
 
@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from types import FrameType
 
 import torch
-import torch.distributed as dist
 
 from engine import collectives
 from engine.parallel import ParallelLayout
@@ -45,10 +44,12 @@ class PreemptionFlag:
         return self.received is not None
 
     def should_stop(self, layout: ParallelLayout) -> bool:
-        """True on every rank when any rank received a signal. Every rank of the world (students
-        and teachers) must call it at the same point; it costs one all_reduce of one int32."""
+        """True on every rank of this role when any of them received a signal. Every rank of the
+        role (all students, or all teachers) must call it at the same point; it costs one
+        all_reduce of one int32. Roles are asked separately: teacher ranks stream ahead of the
+        students and never meet them at a step boundary (SLURM signals every task anyway)."""
         flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=layout.device)
-        group = dist.group.WORLD if layout.world_size > 1 else None
+        group = layout.role_group if layout.world_size > 1 else None
         return bool(collectives.all_reduce(flag, group, op="max").item())
 
     def close(self) -> None:

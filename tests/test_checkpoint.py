@@ -238,7 +238,19 @@ def test_other_model_shapes_are_refused_naming_the_parameter(saved):
     assert "is not a complete checkpoint" in _one_line_error(path)
 
 
-def test_bad_state_is_refused_before_anything_is_written(tmp_path):
+def test_only_prefix_loads_part_of_a_larger_checkpoint(tmp_path):
+    whole = torch.nn.Module()
+    whole.student, whole.objective = TinyTP(SINGLE), torch.nn.Linear(2, 2)
+    path = _save(tmp_path, 1, whole, None)
+    part = torch.nn.Module()
+    part.student = TinyTP(SINGLE, seed=5)
+    _load(path, part, only_prefix="student.")
+    assert all(torch.equal(p, q) for p, q in zip(part.parameters(), whole.student.parameters()))
+    assert "checkpoint parameter 'objective.weight' does not exist in the model" in _one_line_error(
+        path, model=part)
+
+
+def test_bad_state_is_refused_and_nothing_is_published(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint state must be JSON-serializable"):
         save_checkpoint(tmp_path, 1, layout=SINGLE, model=TinyTP(SINGLE), optimizer=None,
                         state={"gen": torch.Generator()}, config={}, keep=1)
