@@ -36,7 +36,7 @@ STUDENT = ModelConfig(family="llama", vocab_size=VOCAB, hidden=32, layers=2, hea
                       ffn_hidden=64, max_seq_len=16, mtp_heads=1)
 # Deeper, wider, other head counts, padded differently.
 TEACHER = ModelConfig(family="llama", vocab_size=VOCAB, hidden=48, layers=3, heads=6, kv_heads=2,
-                      ffn_hidden=96, max_seq_len=16, vocab_pad_multiple=32)
+                      ffn_hidden=96, max_seq_len=16, vocab_pad_multiple=48)
 TEMPERATURE, KD_WEIGHT, LAMBDA = 2.0, 0.7, 0.3
 DISTILL = {
     "lm_weight": 1.0, "mtp_weights": [0.5],
@@ -261,6 +261,29 @@ def test_offline_topk_teacher_with_full_k_equals_full_logits():
     torch.testing.assert_close(results[1][0], results[0][0], **TOL)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, **TOL)
+
+
+def test_lm_loss_per_token_for_validation():
+    layout = ParallelLayout.single()
+    student, _, objective = _models(layout, _cfg())
+    mb = _micro_batches()[1]
+    per_token, valid = objective.lm_loss_per_token(student, mb)
+    logits = student(mb["input_ids"]).logits[..., :VOCAB]
+    want = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="none").view_as(per_token)
+    torch.testing.assert_close(per_token, want, **TOL)
+    assert torch.equal(valid, mb["labels"] != IGNORE_INDEX)
+
+
+def test_projection_is_state_of_the_objective_not_the_student():
+    student, _, objective = _models(ParallelLayout.single(), _cfg())
+    state = objective.state_dict()
+    assert sorted(state) == [f"projection.weights.{i}" for i in range(4)]
+    assert all(p.tp_split_dim is None for p in objective.parameters())
+    assert not any("projection" in name for name in student.state_dict())
+    other = DistillObjective(_cfg(), STUDENT, TEACHER, ParallelLayout.single(), seed=9).double()
+    other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), objective.parameters()))
 
 
 def test_count_tokens_per_head():
