@@ -1,1 +1,19 @@
-"""The model: tensor/sequence-parallel transformer layers with named activation buffers."""
+"""The model: tensor/sequence-parallel transformer layers with named activation buffers.
+
+- `config.py`: `ModelConfig` (+ `RopeScaling`), `check_model_layout(config, tp)`.
+- `model.py`: `TransformerLM(config, layout, seed=)`, `ModelOutput`, `shifted_labels` (MTP targets).
+- `tensor_parallel.py`: Column/RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead and
+  the TP/SP region boundaries; why there is no gradient-finalize step under SP.
+- `attention.py`, `mlp.py`, `norm.py`, `rope.py`, `block.py`: the pieces of a decoder block.
+- `buffers.py`: `ActivationBuffer` and the buffer names a model publishes.
+- `params.py`, `rng.py`: per-parameter sharding tags, TP-independent init, dropout RNG streams.
+- `sharding.py`: full (unsharded) state dicts, gathered and loaded at any TP degree.
+- `hf.py`: Hugging Face configs and state dicts of Llama, Qwen2, Mistral and GPT-2, both ways.
+"""
+
+from layers.buffers import ActivationBuffer
+from layers.config import ModelConfig, RopeScaling, check_model_layout
+from layers.model import ModelOutput, TransformerLM, shifted_labels
+
+__all__ = ["ActivationBuffer", "ModelConfig", "ModelOutput", "RopeScaling", "TransformerLM",
+           "check_model_layout", "shifted_labels"]

@@ -57,6 +57,16 @@ class DropoutRNG:
             self._states[stream] = generator.get_state()
             generator.set_state(outer)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Both streams' generator states (per rank), for an exactly resumable checkpoint."""
+        return {stream: state.clone() for stream, state in self._states.items()}
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
+        if set(states) != set(self._states):
+            raise ValueError(f"dropout RNG state needs streams {sorted(self._states)}, "
+                             f"got {sorted(states)}")
+        self._states = {stream: state.clone() for stream, state in states.items()}
+
     def dropout(self, x: torch.Tensor, p: float, *, sharded: bool, training: bool) -> torch.Tensor:
         if not training or p == 0.0:
             return x

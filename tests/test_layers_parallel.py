@@ -137,8 +137,12 @@ def _collectives_dropout_and_loading():
         out["replicated_draw"] = torch.rand(6)
     with model.rng.fork(SHARDED):
         out["sharded_draw"] = torch.rand(6)
+    saved = model.rng.state_dict()
     with model.rng.fork(REPLICATED):
         out["replicated_draw_2"] = torch.rand(6)
+    model.rng.load_state_dict(saved)
+    with model.rng.fork(REPLICATED):
+        out["replicated_draw_2_again"] = torch.rand(6)  # a restored state replays the stream
     out["global_after_forks"] = torch.rand(6)
     torch.manual_seed(123)
     out["global_expected"] = torch.rand(6)
@@ -177,6 +181,7 @@ def test_collectives_dropout_streams_and_state_dict_roundtrip():
     torch.testing.assert_close(r0["replicated_draw"], r1["replicated_draw"], rtol=0, atol=0)
     assert not torch.equal(r0["sharded_draw"], r1["sharded_draw"])
     assert not torch.equal(r0["replicated_draw"], r0["replicated_draw_2"])  # the stream advances
+    assert torch.equal(r0["replicated_draw_2"], r0["replicated_draw_2_again"])
     torch.testing.assert_close(r0["global_after_forks"], r0["global_expected"], rtol=0, atol=0)
     for name in ("embedding", "decoder.1.output"):
         torch.testing.assert_close(r0["dropout_buffers"][name], r1["dropout_buffers"][name],
