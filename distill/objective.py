@@ -201,9 +201,12 @@ class DistillObjective(nn.Module):
                      labels: torch.Tensor | None, counts: TokenCounts,
                      output_weight: torch.Tensor | None):
         want_lm = labels is not None and self.cfg.lm_weight > 0
-        want_kd = teacher is not None and teacher.has_logits and self.cfg.logit.weight > 0
+        want_kd = teacher is not None and self.cfg.logit.weight > 0
         if not (want_lm or want_kd):
             return None, None
+        if want_kd and not teacher.has_logits:
+            raise ValueError("distill.logit.weight > 0 but the teacher outputs carry no logits "
+                             "(logits, head_hidden + output_weight, or top-k)")
         if want_lm and len(counts.heads) < 1 + len(self.mtp_weights):
             raise ValueError(f"tokens_norm counts {len(counts.heads)} heads, the student has "
                              f"{1 + len(self.mtp_weights)}: pass mtp_heads= to count_tokens")
@@ -243,15 +246,14 @@ class DistillObjective(nn.Module):
         if self.fused:
             return self._fused_next_token(student, teacher, labels, output_weight)
         logits = student.logits  # [batch, seq, padded_vocab/tp]
-        if teacher is not None and teacher.topk_values is not None:
+        if teacher is None:
+            return cross_entropy(logits, labels, **self._loss_kwargs()), None
+        if teacher.topk_values is not None:
             ce = None if labels is None else cross_entropy(logits, labels, **self._loss_kwargs())
             div = topk_divergence(logits, teacher.topk_values, teacher.topk_indices,
                                   teacher.logsumexp, **self._kd_kwargs())
             return ce, div
-        if teacher is not None:
-            _check_teacher_logits(logits, teacher.logits)
-        if teacher is None:
-            return cross_entropy(logits, labels, **self._loss_kwargs()), None
+        _check_teacher_logits(logits, teacher.logits)
         if labels is None:
             return None, divergence(logits, teacher.logits, **self._kd_kwargs())
         return lm_and_divergence(logits, teacher.logits, labels, **self._kd_kwargs())

@@ -263,6 +263,26 @@ def test_offline_topk_teacher_with_full_k_equals_full_logits():
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_fused_teacher_as_logits_or_as_hidden_states():
+    layout = ParallelLayout.single()
+    student, teacher, objective = _models(layout, _cfg(activations=[], fused_lm_head=True))
+    mb = _micro_batches()[2]
+    counts = count_tokens([mb], layout, mtp_heads=1)
+    t_out = teacher(mb["input_ids"])
+    results = []
+    for teacher_out in (TeacherOutputs(logits=t_out.logits),
+                        TeacherOutputs(head_hidden=t_out.head_hidden,
+                                       output_weight=teacher.output_weight)):
+        student.zero_grad()
+        out = objective(student(mb["input_ids"], compute_logits=False), teacher_out, mb["labels"],
+                        tokens_norm=counts, output_weight=student.output_weight)
+        out.loss.backward()
+        results.append((out.total, [p.grad.clone() for p in student.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def test_lm_loss_per_token_for_validation():
     layout = ParallelLayout.single()
     student, _, objective = _models(layout, _cfg())
@@ -320,6 +340,7 @@ def _one_forward():
     ("mtp_counts", "pass mtp_heads= to count_tokens"),
     ("padding", "aligned_teacher_config"),
     ("no_logits", "teacher outputs have no logits"),
+    ("no_head", "the teacher outputs carry no logits"),
     ("missing_buffer", "lack activation buffer 'decoder.0.mixer_output'"),
     ("fused_weight", "needs the student's output_weight"),
 ])
@@ -334,6 +355,8 @@ def test_run_time_errors_are_clear(case, message):
         t_out = dataclasses.replace(t_out, logits=torch.zeros(2, 8, 96, dtype=torch.float64))
     elif case == "no_logits":
         t_out = dataclasses.replace(t_out, logits=None, head_hidden=torch.zeros(2, 8, 48))
+    elif case == "no_head":
+        t_out = dataclasses.replace(t_out, logits=None)
     elif case == "missing_buffer":
         t_out = dataclasses.replace(t_out, buffers={})
     elif case == "fused_weight":
