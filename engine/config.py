@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -78,6 +81,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
               f"must be an integer (got {value!r})")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
               f"must be a number (got {value!r})")
         return float(value)

@@ -46,6 +46,13 @@ def test_errors_name_the_key(data, message):
     assert str(err.value) == message
 
 
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 (PyYAML) reads 3e-2 as a string; a float field still takes it.
+    assert from_dict(Inner, apply_overrides({}, ["weight=3e-2"])).weight == 0.03
+    with pytest.raises(ConfigError, match="must be a number"):
+        from_dict(Inner, {"weight": "e-2"})
+
+
 def test_overrides_parse_yaml_values():
     data = apply_overrides({"inner": {"kind": "a"}}, ["inner.weight=0.5", "steps=7", "name=run"])
     assert from_dict(Outer, data) == Outer(steps=7, name="run", inner=Inner(weight=0.5))
