@@ -83,7 +83,7 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
     one all-reduce over the DP group. `mtp_heads` is the student's `config.mtp_heads`."""
     per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
     totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 3 + mtp_heads).sum(dim=0)
-    C.all_reduce(totals, layout.dp_group)
+    totals = C.all_reduce(totals.to(layout.device), layout.dp_group)  # NCCL needs device memory
     values = totals.tolist()
     return TokenCounts(tokens=values[0], heads=tuple(values[1:-1]), distill=values[-1])
 
