@@ -1,0 +1,187 @@
+"""`make demo`: teacher -> distilled student vs. the same student trained alone, on CPU.
+
+    python launch/demo.py [--out runs/demo] [--nproc 2] [--retrain-teacher]
+
+1. builds the bundled corpus (Python stdlib sources + a byte-level BPE) on first use;
+2. trains the teacher with `launch/pretrain.py` (reused when a finished teacher of the same config
+   is already in `--out`);
+3. distills the student at TP=2 with sequence parallelism (`launch/pretrain_distill.py`:
+   LM + forward-KL logit distillation + MLP-activation MSE through a learned projection);
+4. trains the same student without a teacher on the same tokens (`launch/pretrain.py`);
+5. evaluates all three on the same validation tokens, prints the table, writes `report.md` and
+   the loss curves `loss_curves.png`. Exits non-zero if the distilled student does not beat the
+   baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from distill import cross_entropy  # noqa: E402
+from distill.runconfig import parse_run_config, resolve_checkpoint  # noqa: E402
+from distill.weights import load_weights  # noqa: E402
+from engine.config import apply_overrides, load_yaml  # noqa: E402
+from engine.data import TokenBatches, resolve_data_path  # noqa: E402
+from engine.log import get_logger, setup_logging  # noqa: E402
+from engine.parallel import ParallelLayout  # noqa: E402
+from layers.model import TransformerLM  # noqa: E402
+
+log = get_logger("demo")
+CONFIGS = ROOT / "launch" / "configs"
+EVAL_BATCHES = 40  # validation micro-batches (of data.micro_batch samples) per model
+
+
+def torchrun(script: str, config: Path, overrides: list[str], nproc: int, log_file: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(ROOT / "launch" / script), "--config", str(config),
+           *overrides]
+    log.info("running: %s", " ".join(cmd[2:]))
+    began = time.perf_counter()
+    with log_file.open("w") as out:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log_file.read_text().splitlines()[-15:]
+        raise SystemExit(f"{script} failed (exit {done.returncode}); last lines of {log_file}:\n"
+                         + "\n".join(tail))
+    log.info("%s finished in %.0f s", script, time.perf_counter() - began)
+
+
+def config_digest(config: Path, overrides: list[str]) -> str:
+    resolved = apply_overrides(load_yaml(config), overrides)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_teacher(out: Path, nproc: int, retrain: bool) -> Path:
+    run_dir = out / "teacher"
+    overrides = [f"train.run_dir={run_dir}"]
+    digest = config_digest(CONFIGS / "demo_teacher.yaml", overrides)
+    stamp = run_dir / "demo-teacher.digest"
+    if not retrain and stamp.is_file() and stamp.read_text() == digest:
+        log.info("reusing the teacher in %s (same config)", run_dir)
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    torchrun("pretrain.py", CONFIGS / "demo_teacher.yaml", overrides, nproc,
+             run_dir / "train.log")
+    stamp.write_text(digest)
+    return run_dir
+
+
+def fresh_run(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+@torch.no_grad()
+def validation_loss(checkpoint_root: Path, config: Path, overrides: list[str]) -> float:
+    """Mean next-token loss (nats) of a checkpoint on the first EVAL_BATCHES validation batches,
+    evaluated in this process at TP=1 (the checkpoint is resharded on load)."""
+    cfg = parse_run_config(apply_overrides(load_yaml(config), overrides))
+    layout = ParallelLayout.single()
+    model = TransformerLM(cfg.model, layout).eval()
+    load_weights(resolve_checkpoint(str(checkpoint_root), key="checkpoint"), model, layout)
+    stream = TokenBatches(cfg.data, seed=cfg.train.seed, split="valid")
+    total, count = 0.0, 0
+    while count < EVAL_BATCHES:
+        for mb in stream.next_step():
+            logits = model(mb["input_ids"]).logits
+            per_token = cross_entropy(logits, mb["labels"], vocab_size=cfg.model.vocab_size)
+            valid = mb["labels"] != -100
+            total += per_token[valid].sum().item()
+            count += 1
+            if count == EVAL_BATCHES:
+                break
+    tokens = EVAL_BATCHES * cfg.data.micro_batch * cfg.data.seq_len
+    return total / tokens
+
+
+def report(out: Path, rows: list[tuple[str, str, float, float]], seconds: dict) -> str:
+    lines = ["| model | params | validation loss (nats/token) | perplexity |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {params} | {loss:.4f} | {ppl:.2f} |" for name, params, loss, ppl in rows]
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    return "\n".join(lines) + f"\n\nWall time: {timing}.\n"
+
+
+def count_params(config: Path) -> str:
+    cfg = parse_run_config(load_yaml(config))
+    model = TransformerLM(cfg.model, ParallelLayout.single())
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--retrain-teacher", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    began = time.perf_counter()
+    resolve_data_path(parse_run_config(load_yaml(CONFIGS / "demo_teacher.yaml")).data)
+    seconds["corpus"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    teacher = train_teacher(out, args.nproc, args.retrain_teacher)
+    seconds["teacher"] = time.perf_counter() - began
+
+    student_cfg = CONFIGS / "demo.yaml"
+    distilled = fresh_run(out / "distilled")
+    baseline = fresh_run(out / "baseline")
+    began = time.perf_counter()
+    torchrun("pretrain_distill.py", student_cfg,
+             [f"train.run_dir={distilled}", f"distill.teacher={teacher}"], args.nproc,
+             distilled / "train.log")
+    seconds["distill"] = time.perf_counter() - began
+    began = time.perf_counter()
+    torchrun("pretrain.py", student_cfg, [f"train.run_dir={baseline}"], args.nproc,
+             baseline / "train.log")
+    seconds["baseline"] = time.perf_counter() - began
+
+    results = {}
+    for name, run_dir, config in (("teacher", teacher, CONFIGS / "demo_teacher.yaml"),
+                                  ("distilled student", distilled, student_cfg),
+                                  ("baseline student", baseline, student_cfg)):
+        results[name] = validation_loss(run_dir, config, [f"train.run_dir={run_dir}"])
+    rows = [(name, count_params(CONFIGS / ("demo_teacher.yaml" if name == "teacher" else
+                                           "demo.yaml")), loss, math.exp(loss))
+            for name, loss in results.items()]
+    table = report(out, rows, seconds)
+
+    from tools.plot_metrics import plot  # noqa: E402 - matplotlib only when plotting
+    plot([distilled, baseline], ["lm_loss", "val_loss"], out / "loss_curves.png")
+    (out / "report.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table)
+    print(f"loss curves: {out / 'loss_curves.png'}\nreport: {out / 'report.md'}")
+    gain = results["baseline student"] - results["distilled student"]
+    if gain <= 0:
+        print(f"the distilled student did NOT beat the baseline (gain {gain:+.4f} nats)")
+        return 1
+    print(f"distillation gain: {gain:.4f} nats/token on validation "
+          f"({math.exp(gain) * 100 - 100:.1f}% lower perplexity)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
