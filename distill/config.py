@@ -21,12 +21,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from engine.config import ConfigError, check
-
-if TYPE_CHECKING:
-    from layers.config import ModelConfig
+from layers.config import ModelConfig, check_model_layout
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 SHORTCUTS = {"all_mixers": "mixer_output", "all_mlps": "mlp_output", "all_outputs": "output"}
@@ -220,8 +218,6 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig, teacher: Model
         check(not cfg.needs_teacher, "distill.teacher",
               "logit or activation distillation needs a teacher model")
         return []
-    from layers.config import check_model_layout
-
     try:
         check_model_layout(teacher, tp)
     except ConfigError as err:
