@@ -150,12 +150,13 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
     records, meta = {}, {}
     if layout.dp_rank == 0:
         flat = model_state(model)
-        records[_model_file(layout.tp_rank)] = write_tensors(tmp / _model_file(layout.tp_rank), flat.tensors)
+        name = _model_file(layout.tp_rank)
+        records[name] = write_tensors(tmp / name, flat.tensors)
         meta["model"] = flat.meta
         if optimizer is not None:
             flat = optimizer_state(optimizer, model)
-            records[_optim_file(layout.tp_rank)] = write_tensors(tmp / _optim_file(layout.tp_rank),
-                                                                 flat.tensors)
+            name = _optim_file(layout.tp_rank)
+            records[name] = write_tensors(tmp / name, flat.tensors)
             meta["optimizer"] = flat.meta
     rng = rng_state()
     header = {"state": to_json_text(state, "checkpoint state"), "rng": to_json_text(rng.meta, "rng")}
@@ -175,6 +176,9 @@ def _metadata(tmp: Path, step: int, *, layout: ParallelLayout, tensor_meta: dict
     files: dict[str, Any] = {}
     for rank in range(layout.tp * layout.dp):
         manifest = tmp / _manifest_file(rank)
+        if not manifest.is_file():
+            raise CheckpointError(f"rank {rank}'s files are not visible in {tmp}: is the checkpoint "
+                                  "directory on a filesystem shared by all nodes?")
         files.update(read_json(manifest))
         manifest.unlink()
     meta = {"format": FORMAT, "version": VERSION, "step": step, "layout": _layout_json(layout),

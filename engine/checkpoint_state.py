@@ -133,8 +133,9 @@ class ShardReader:
         file = self._open(self._files[saved_rank])
         tensor = file.get(name)
         if tuple(tensor.shape) != spec.shape or tensor.dtype != _DTYPES[spec.dtype]:
-            raise CheckpointError(f"{file.path}: tensor {name!r} does not match its metadata "
-                                  f"({list(tensor.shape)} {tensor.dtype} vs {list(spec.shape)} {spec.dtype})")
+            raise CheckpointError(
+                f"{file.path}: tensor {name!r} does not match its metadata ({list(tensor.shape)} "
+                f"{tensor.dtype} vs {list(spec.shape)} {spec.dtype})")
         return tensor
 
     def read(self, name: str, spec: TensorSpec, target: Target) -> torch.Tensor:

@@ -3,8 +3,8 @@
 SLURM signals a job before killing it (SIGTERM on cancel or preemption, SIGUSR1 with
 `--signal=USR1@secs`), but it may reach only some ranks, and at different points of a step. The
 handler therefore only sets a flag; the training loop asks `should_stop(layout)` once per step,
-which agrees over all ranks of the role with one all_reduce(max) of a single integer, so every rank saves at
-the same step and exits cleanly.
+which agrees over all ranks of the role with one all_reduce(max) of a single integer, so every
+rank saves at the same step and exits cleanly.
 """
 
 from __future__ import annotations

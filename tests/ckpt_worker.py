@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ class TinyTP(nn.Module):
             self.register_parameter("head", self.embed)
         self.register_buffer("version", torch.tensor(3))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [batch, seq] -> [batch, seq, hidden]
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [batch, seq] -> [batch, seq, hidden]
         group = self.layout.tp_group
         rows = self.embed.shape[0]  # this rank's vocabulary rows
         local = tokens.to(self.embed.device) - self.layout.tp_rank * rows
@@ -142,19 +143,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="start from the latest checkpoint")
     p.add_argument("--victim", type=int, default=1, help="the rank the fault options act on")
-    p.add_argument("--kill-at", type=int, default=0, help="SIGKILL the victim mid-way through this step")
+    p.add_argument("--kill-at", type=int, default=0,
+                   help="SIGKILL the victim mid-way through this step")
     p.add_argument("--kill-in-save", type=int, default=0,
                    help="SIGKILL the victim after its first file of the save at this step")
-    p.add_argument("--sigterm-at", type=int, default=0, help="the victim sends itself SIGTERM at this step")
+    p.add_argument("--sigterm-at", type=int, default=0,
+                   help="the victim sends itself SIGTERM at this step")
     p.add_argument("--timeout-s", type=float, default=20.0, help="collective timeout")
     return p.parse_args(argv)
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+class _Log:
+    """This rank's JSON-lines record of the run (line-buffered: what is written survives kill -9)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "a", buffering=1)
+
+    def __call__(self, **record) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def die(self) -> None:
+        """SIGKILL this process, noting when (the test bounds how long the other ranks take)."""
+        self(event="killed", time=time.time())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _kill_during_save(step: int) -> None:
+def _kill_during_save(step: int, die) -> None:
     """Wrap the checkpoint's file writer so that the save at `step` dies after one file."""
     write = checkpoint.write_tensors
     marker = f"{checkpoint.step_dir_name(step)}.tmp"
@@ -162,7 +176,7 @@ def _kill_during_save(step: int) -> None:
     def write_then_die(path, *args, **kwargs):
         record = write(path, *args, **kwargs)
         if Path(path).parent.name == marker:
-            _die()
+            die()
         return record
 
     checkpoint.write_tensors = write_then_die
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
     layout = make_layout(tp=args.tp)
     victim = layout.rank == args.victim
-    log_file = open(Path(args.out) / f"rank{layout.rank}.jsonl", "a", buffering=1)
+    log = _Log(Path(args.out) / f"rank{layout.rank}.jsonl")
     model = TinyTP(layout, dropout=0.2)
     optimizer = adamw(model)
     seed_all(17 + layout.dp_rank)  # TP ranks of one replica draw the same numbers
@@ -184,15 +198,15 @@ def main(argv: list[str] | None = None) -> None:
         loaded = checkpoint.load_checkpoint(found, layout=layout, model=model, optimizer=optimizer,
                                             vocab_size=VOCAB)
         start, data_pos = loaded["step"], loaded["state"]["data_pos"]
-        log_file.write(json.dumps({"event": "resume", "step": start}) + "\n")
+        log(event="resume", step=start)
     if victim and args.kill_in_save:
-        _kill_during_save(args.kill_in_save)
+        _kill_during_save(args.kill_in_save, log.die)
     with PreemptionFlag() as flag:
         for step in range(start + 1, args.steps + 1):
-            mid_step = _die if victim and step == args.kill_at else None
+            mid_step = log.die if victim and step == args.kill_at else None
             loss = train_step(model, optimizer, layout, data_pos, mid_step=mid_step)
             data_pos += 1
-            log_file.write(json.dumps({"step": step, "loss": loss.hex()}) + "\n")
+            log(step=step, loss=loss.hex())
             if victim and step == args.sigterm_at:
                 os.kill(os.getpid(), signal.SIGTERM)
             stop = flag.should_stop(layout)
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                                            optimizer=optimizer, state={"data_pos": data_pos},
                                            config=vars(args), keep=args.keep, vocab_size=VOCAB)
             if stop:
-                log_file.write(json.dumps({"event": "preempted", "step": step}) + "\n")
+                log(event="preempted", step=step)
                 break
     dist.destroy_process_group()
 

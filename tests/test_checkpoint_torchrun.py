@@ -2,7 +2,8 @@
 
 One chain of runs shares a checkpoint root; an uninterrupted reference run goes alongside. Every
 loss any run logs (including the steps recomputed after each resume) must equal the reference's
-bit for bit, and every faulty run must end (non-zero) within 60 s instead of hanging.
+bit for bit, and after a rank is SIGKILLed the whole run must end (non-zero) within 60 s instead
+of hanging. A generous overall limit guards every run against hangs on a loaded machine.
 """
 
 import json
@@ -10,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from engine.checkpoint import latest_checkpoint
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
-RUN_LIMIT_S = 60
+RUN_LIMIT_S = 300  # a hang guard for a whole run, start-up included
+KILL_TO_EXIT_S = 60  # the issue's bound: from one rank's SIGKILL to the end of every rank
 
 
 def _launch(ckpt: Path, out: Path, *args: str) -> subprocess.Popen:
@@ -45,20 +48,27 @@ def _records(out: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
 
 
+def _run_killed(ckpt: Path, out: Path, *args: str) -> None:
+    """A run whose rank 1 SIGKILLs itself: all of it must exit non-zero soon after the kill."""
+    rc, log = _run(ckpt, out, *args)
+    ended = time.time()
+    assert rc != 0, log[-2000:]
+    killed_at = [r["time"] for r in _records(out, 1) if r.get("event") == "killed"][-1]
+    assert ended - killed_at < KILL_TO_EXIT_S, log[-2000:]
+
+
 def test_kills_sigterm_and_resumes_reproduce_the_uninterrupted_run(tmp_path):
     reference = _launch(tmp_path / "ref_ckpt", tmp_path / "ref")
     ckpt, out = tmp_path / "ckpt", tmp_path / "run"
     every4 = ("--save-interval", "4")
 
     # 1. rank 1 is SIGKILLed after writing its first file of the step-8 save
-    rc, log = _run(ckpt, out, *every4, "--kill-in-save", "8")
-    assert rc != 0, log[-2000:]
+    _run_killed(ckpt, out, *every4, "--kill-in-save", "8")
     assert latest_checkpoint(ckpt).name == "step_00000004"
     assert (ckpt / "step_00000008.tmp").is_dir()
 
     # 2. resumes from step 4; rank 1 is SIGKILLed in the middle of step 11
-    rc, log = _run(ckpt, out, *every4, "--resume", "--kill-at", "11")
-    assert rc != 0, log[-2000:]
+    _run_killed(ckpt, out, *every4, "--resume", "--kill-at", "11")
     assert latest_checkpoint(ckpt).name == "step_00000008"
     assert not (ckpt / "step_00000008.tmp").exists()  # the next save cleaned the leftover
 
