@@ -39,6 +39,11 @@ def token_checksum(input_ids: torch.Tensor) -> torch.Tensor:
     return ((flat + 1) * (weights % 1_000_003)).sum().reshape(1) % 2_147_483_647
 
 
+def to_device(micro_batch: dict, device: torch.device) -> dict:
+    """The micro-batch's tensors on `device` (the data pipeline yields CPU tensors)."""
+    return {k: v.to(device, non_blocking=True) for k, v in micro_batch.items()}
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode, no gradients: the teacher is never trained."""
     model.eval()
@@ -137,11 +142,12 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *, names: l
             if batch is None:
                 del streams[peer]
                 continue
+            batch = to_device(batch, layout.device)
             out = teacher(batch)
-            tensors = [token_checksum(batch["input_ids"]).cpu()] + \
+            tensors = [token_checksum(batch["input_ids"]).to(layout.device)] + \
                 [out[n].detach().contiguous().to(layout.device) for n in names]
             if peer not in announced:
-                C.send(_encode_header(tensors[1:]), dst=peer)
+                C.send(_encode_header(tensors[1:]).to(layout.device), dst=peer)
                 announced.add(peer)
             pending.append([C.isend(t, dst=peer) for t in tensors] + [tensors])
             while len(pending) > prefetch * len(peers):
@@ -169,7 +175,7 @@ class RemoteTeacher:
         self.posted: collections.deque = collections.deque()
 
     def _post_one(self) -> None:
-        checksum = torch.zeros(1, dtype=torch.int64)
+        checksum = torch.zeros(1, dtype=torch.int64, device=self.layout.device)
         bufs = [torch.empty(shape, dtype=dtype, device=self.layout.device)
                 for dtype, shape in self.specs]
         works = [C.irecv(checksum, src=self.src)] + [C.irecv(b, src=self.src) for b in bufs]
@@ -177,9 +183,9 @@ class RemoteTeacher:
 
     def __call__(self, micro_batch: dict) -> dict[str, torch.Tensor]:
         if self.specs is None:
-            header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.layout.device)
             C.recv(header, src=self.src)
-            self.specs = _decode_header(header)
+            self.specs = _decode_header(header.cpu())
         while len(self.posted) < self.prefetch and self.unposted > 0:
             self._post_one()
             self.unposted -= 1
@@ -188,7 +194,7 @@ class RemoteTeacher:
         works, checksum, bufs = self.posted.popleft()
         for work in works:
             work.wait()
-        expected = token_checksum(micro_batch["input_ids"]).cpu()
+        expected = token_checksum(micro_batch["input_ids"]).to(checksum.device)
         if not torch.equal(checksum, expected):
             raise TeacherStreamError(
                 f"teacher rank {self.src} sent outputs for other tokens (checksum "

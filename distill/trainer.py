@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill.objective import DistillObjective, count_tokens
-from distill.teacher import ColocatedTeacher, RemoteTeacher, serve_teacher
+from distill.teacher import to_device
 from engine import collectives as C
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.log import get_logger
@@ -76,14 +76,17 @@ class DistillTrainer:
         self.mtp_heads = student.config.mtp_heads
         self.run_dir = Path(cfg.run_dir)
         self.module = StudentWithObjective(student, objective)
-        self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group) \
+        # MTP heads get no gradient when their only loss (LM) is off; DDP must then look for them.
+        unused = student.config.mtp_heads > 0 and objective.cfg.lm_weight == 0
+        self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
+                                           find_unused_parameters=unused) \
             if layout.dp > 1 else None
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
         self.state = RunState()
 
     # ----------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict:
-        micro_batches = self.data.next_step()
+        micro_batches = [to_device(mb, self.layout.device) for mb in self.data.next_step()]
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
         totals = dict.fromkeys(TERMS, 0.0)
         for i, mb in enumerate(micro_batches):
@@ -106,7 +109,8 @@ class DistillTrainer:
 
     def _global_mean(self, totals: dict) -> dict:
         """Each rank holds its share of the global-token means; summing over DP gives the means."""
-        values = torch.tensor([totals[k] for k in TERMS], dtype=torch.float64)
+        values = torch.tensor([totals[k] for k in TERMS], dtype=torch.float64,
+                              device=self.layout.device)
         C.all_reduce(values, self.layout.dp_group)
         return dict(zip(TERMS, values.tolist()))
 
@@ -123,10 +127,12 @@ class DistillTrainer:
         batches: list[dict] = []
         while len(batches) < self.cfg.eval_batches:
             batches += stream.next_step()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         for mb in batches[: self.cfg.eval_batches]:
+            mb = to_device(mb, self.layout.device)
             per_token, valid = self.objective.lm_loss_per_token(self.student, mb)
-            loss_sum += torch.tensor([per_token.sum().item(), valid.sum().item()])
+            loss_sum[0] += per_token.sum()
+            loss_sum[1] += valid.sum()
         self.student.train()
         C.all_reduce(loss_sum, self.layout.dp_group)
         return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
@@ -139,7 +145,8 @@ class DistillTrainer:
         return save_checkpoint(self.run_dir / "checkpoints", step, layout=self.layout,
                                model=self.module, optimizer=self.opt.optimizer,
                                state=self.state.__dict__, config=self.run_config,
-                               keep=self.cfg.keep, vocab_size=self.vocab_size)
+                               keep=self.cfg.keep, vocab_size=self.vocab_size,
+                               rank_tensors=self.student.rng.state_dict())
 
     def maybe_resume(self) -> int:
         path = self._resume_path()
@@ -148,6 +155,8 @@ class DistillTrainer:
         loaded = load_checkpoint(path, layout=self.layout, model=self.module,
                                  optimizer=self.opt.optimizer, vocab_size=self.vocab_size)
         state = loaded["state"]
+        if loaded["same_layout"]:  # dropout streams are per rank: only an identical layout resumes them
+            self.student.rng.load_state_dict(loaded["rank_tensors"])
         self.data.load_state_dict(state["data"])
         self.opt.load_state_dict(state["optimizer_step"])
         log.info("resumed from %s at step %d", path, loaded["step"])
