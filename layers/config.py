@@ -51,7 +51,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None  # Llama-3 RoPE scaling; None: plain RoPE
     qkv_bias: bool = False  # bias on the q/k/v projections only (Qwen2)
     bias: bool = False  # bias on every linear layer, q/k/v included (GPT-2)
-    activation: str | None = None  # MLP activation: silu|gelu|gelu_tanh; None: silu (llama), gelu_tanh (gpt2)
+    activation: str | None = None  # silu|gelu|gelu_tanh; None: silu (llama), gelu_tanh (gpt2)
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral); None: all
     tie_embeddings: bool = False  # the output layer reuses the input embedding's weight
     mtp_heads: int = 0  # extra multi-token-prediction heads; head j predicts token t+1+j
@@ -110,7 +110,7 @@ class ModelConfig:
         return self.family == "llama"
 
     def padded_vocab(self, tp: int) -> int:
-        """Rows of the full embedding/output weight: vocab_size rounded up to tp * vocab_pad_multiple."""
+        """Rows of the full embedding/output weight: vocab_size rounded up to tp * pad multiple."""
         multiple = tp * self.vocab_pad_multiple
         return -(-self.vocab_size // multiple) * multiple
 

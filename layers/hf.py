@@ -69,7 +69,8 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"unsupported Hugging Face rope_type {rope_type!r} (supported: default, llama3)")
+        raise ValueError(f"unsupported Hugging Face rope_type {rope_type!r} "
+                         "(supported: default, llama3)")
     return theta, RopeScaling(factor=float(rope["factor"]),
                               low_freq_factor=float(rope["low_freq_factor"]),
                               high_freq_factor=float(rope["high_freq_factor"]),
@@ -226,7 +227,8 @@ class _Keys:
 
 def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
     """(engine name, Hugging Face name) of every llama-layout parameter."""
-    pairs = [("embedding.weight", "model.embed_tokens.weight"), ("final_norm.weight", "model.norm.weight")]
+    pairs = [("embedding.weight", "model.embed_tokens.weight"),
+             ("final_norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight"))
     for i in range(cfg.layers):
@@ -236,7 +238,8 @@ def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
         for proj in ("q", "k", "v", "o"):
             biased = cfg.bias or (cfg.qkv_bias and proj != "o")
             for kind in ("weight", "bias") if biased else ("weight",):
-                pairs.append((f"{ours}attention.{proj}_proj.{kind}", f"{theirs}self_attn.{proj}_proj.{kind}"))
+                pairs.append((f"{ours}attention.{proj}_proj.{kind}",
+                              f"{theirs}self_attn.{proj}_proj.{kind}"))
         for proj in ("gate", "up", "down"):
             for kind in ("weight", "bias") if cfg.bias else ("weight",):
                 pairs.append((f"{ours}mlp.{proj}_proj.{kind}", f"{theirs}mlp.{proj}_proj.{kind}"))
@@ -270,7 +273,8 @@ def _gpt2_transposed(i: int) -> list[tuple[str, str]]:
             (ours + "mlp.down_proj.weight", theirs + "mlp.c_proj.weight")]
 
 
-def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor],
+                            cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The full engine state dict (no MTP heads) of a Hugging Face state dict for `cfg`."""
     gpt2 = cfg.family == "gpt2"
     keys = _Keys(hf_sd, trunk_prefix="transformer." if gpt2 else "model.")
@@ -280,7 +284,8 @@ def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig)
         for ours, theirs in _gpt2_transposed(i):
             full[ours] = keys.take(theirs).t().contiguous()
         attn = f"transformer.h.{i}.attn.c_attn."
-        for kind, tensor in (("weight", keys.take(attn + "weight").t()), ("bias", keys.take(attn + "bias"))):
+        fused = {"weight": keys.take(attn + "weight").t(), "bias": keys.take(attn + "bias")}
+        for kind, tensor in fused.items():  # [3 * hidden, ...]: q, k, v stacked
             for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
                 full[f"decoder.{i}.attention.{proj}_proj.{kind}"] = part.contiguous().clone()
     # A tied checkpoint may still list lm_head.weight (it is the embedding).
@@ -288,7 +293,8 @@ def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig)
     return full
 
 
-def engine_to_hf_state_dict(full_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def engine_to_hf_state_dict(full_sd: Mapping[str, torch.Tensor],
+                            cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The Hugging Face state dict of a full engine state dict (MTP heads are dropped)."""
     export_model_type(cfg)
     if cfg.mtp_heads:
@@ -299,6 +305,7 @@ def engine_to_hf_state_dict(full_sd: Mapping[str, torch.Tensor], cfg: ModelConfi
         for ours, theirs in _gpt2_transposed(i):
             hf[theirs] = full_sd[ours].t().contiguous()
         attn, ours = f"transformer.h.{i}.attn.c_attn.", f"decoder.{i}.attention."
-        hf[attn + "weight"] = torch.cat([full_sd[f"{ours}{p}_proj.weight"] for p in "qkv"]).t().contiguous()
+        qkv_weight = torch.cat([full_sd[f"{ours}{p}_proj.weight"] for p in "qkv"])
+        hf[attn + "weight"] = qkv_weight.t().contiguous()
         hf[attn + "bias"] = torch.cat([full_sd[f"{ours}{p}_proj.bias"] for p in "qkv"])
     return hf

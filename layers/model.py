@@ -44,9 +44,12 @@ from layers.tensor_parallel import VocabParallelEmbedding, VocabParallelLMHead, 
 class ModelOutput:
     """What one forward returns; shapes are per rank (see the module docstring)."""
 
-    logits: torch.Tensor | None  # [batch, seq, padded_vocab/tp] next-token head; None if not computed
-    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # head j=1..k, same layout; [] if not computed
-    head_hidden: torch.Tensor | None = None  # [batch, seq, hidden]: logits = head_hidden @ output_weight.T
+    # [batch, seq, padded_vocab/tp]: the next-token head; None when compute_logits=False
+    logits: torch.Tensor | None
+    # MTP heads 1..k, each like `logits`; empty when compute_logits=False
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    # [batch, seq, hidden], the output layer's input: logits = head_hidden @ output_weight.T
+    head_hidden: torch.Tensor | None = None
     mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP head
     buffers: dict[str, ActivationBuffer] = field(default_factory=dict)  # the names asked for
 

@@ -46,7 +46,7 @@ class Rotary(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[batch, seq, heads, head_dim]` by the per-position angles in cos/sin `[seq, head_dim/2]`."""
+    """Rotate `x` `[batch, seq, heads, head_dim]` by the angles in cos/sin `[seq, head_dim/2]`."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

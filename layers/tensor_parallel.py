@@ -36,7 +36,7 @@ def enter_tp_region(x: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
 
 
 def exit_tp_region(x: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
-    """Partial sums of TP compute -> residual stream (reduce-scattered into sequence shards under SP)."""
+    """Partial sums of TP compute -> residual stream (reduce-scattered into seq shards under SP)."""
     if layout.sp:
         return reduce_scatter_to_sp(x, layout.tp_group, seq_dim=SEQ_DIM)
     return reduce_from_tp(x, layout.tp_group)
@@ -95,7 +95,7 @@ class VocabParallelEmbedding(nn.Module):
 
     Rank r holds rows `r*V/tp .. (r+1)*V/tp - 1` of the padded table; ids outside the shard look up
     zeros and the ranks' results are summed (reduce-scattered along the sequence under SP). Ids are
-    trusted to be < vocab_size: an id in the padding reads a zero row instead of raising.
+    not range-checked (that would synchronize a GPU): validate them where the data is read.
     """
 
     def __init__(self, padded_vocab: int, hidden: int, *, layout: ParallelLayout,

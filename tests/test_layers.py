@@ -24,7 +24,8 @@ def _ids(batch=2, seq=10, seed=0):
 
 
 def test_layout_checks_name_model_and_parallel_keys():
-    with pytest.raises(ConfigError, match=r"^model.heads: 4 query heads do not split over parallel.tp=8"):
+    with pytest.raises(ConfigError, match=r"^model.heads: 4 query heads do not split over "
+                                          r"parallel.tp=8"):
         check_model_layout(CFG, 8)
     with pytest.raises(ConfigError, match=r"^model.kv_heads: 2 key/value heads .* parallel.tp=4"):
         check_model_layout(CFG, 4)
@@ -139,6 +140,7 @@ def test_model_benchmark_runs_and_reports_the_ratio(capsys):
     bench.main(["--layers", "1", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--ffn", "64",
                 "--vocab", "128", "--seq", "16", "--batch", "1", "--steps", "1", "--threads", "1"])
     printed = capsys.readouterr().out
-    assert "| megadistill TransformerLM |" in printed and "ratio, tokens/s ours / transformers" in printed
+    assert "| megadistill TransformerLM |" in printed
+    assert "ratio, tokens/s ours / transformers" in printed
     diff = float(printed.split("max |logit diff| ")[1].split()[0])
     assert diff < 1e-4  # both models really hold the same weights

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     hf, ours = build_models(args)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0))
     labels = ids.roll(-1, dims=1)
     with torch.no_grad():
         diff = (hf(ids).logits - ours(ids).logits[..., :args.vocab]).abs().max().item()
@@ -104,7 +105,7 @@ def report(args: argparse.Namespace, times: dict[str, list[tuple[float, float]]]
     for name in times:
         print(f"| {name} | {1000 * wall[name]:.0f} | {tokens / wall[name]:.0f} "
               f"| {1000 * cpu[name]:.0f} |")
-    (ours, theirs), (ours_cpu, theirs_cpu) = wall.values(), cpu.values()
+    (ours, theirs), (ours_cpu, theirs_cpu) = wall.values(), cpu.values()  # seconds per step
     print(f"\nratio, tokens/s ours / transformers: {theirs / ours:.3f} "
           f"(by process CPU time, robust to a busy machine: {theirs_cpu / ours_cpu:.3f})")
 
