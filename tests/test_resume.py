@@ -1,0 +1,112 @@
+"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on).
+
+An uninterrupted run is compared bit for bit with (a) a run SIGKILLed mid-training and resumed
+with `train.resume=auto`, and (b) a run whose ranks get SIGTERM (as SLURM preemption sends), which
+must checkpoint and stop, then resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    cfg = base_config(tmp, cache=tmp / "cache")
+    cfg["model"]["dropout"] = 0.1
+    cfg["parallel"].update(tp=2, sp=True)
+    cfg["train"].update(steps=STEPS, save_interval=2, keep=2)
+    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher_config(cfg))),
+                      "activations": ["all_mlps"], "projection": "shared"}
+    return write_config(tmp / "run.yaml", cfg)
+
+
+def _torchrun(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "launch" / "pretrain_distill.py"), "--config", str(config),
+           f"train.run_dir={run_dir}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
+    _, err = proc.communicate(timeout=timeout)
+    if proc.returncode not in (0, 1):  # 1: torchrun's code when a worker stopped early
+        raise AssertionError(err[-2000:])
+    return proc.returncode
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists():
+            steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()]
+            if steps and steps[-1] >= step:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _worker_pids(run_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"pretrain_distill.py.*train.run_dir={run_dir}"],
+                         capture_output=True, text=True).stdout.split()
+    launcher = subprocess.run(["pgrep", "-f", f"torch.distributed.run.*train.run_dir={run_dir}"],
+                              capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if p not in launcher]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    assert _finish(_torchrun(config, run_dir)) == 0
+    losses = _losses(run_dir)
+    assert [s for s, _, _ in losses] == list(range(1, STEPS + 1))
+    return losses
+
+
+def test_sigkill_then_resume_is_bitwise_identical(config, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = _torchrun(config, run_dir)
+    _wait_for_step(run_dir, 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
+    assert _losses(run_dir) == reference  # exact float equality, every step
+
+
+def test_sigterm_checkpoints_and_resumes(config, reference, tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc = _torchrun(config, run_dir)
+    _wait_for_step(run_dir, 3, proc)
+    for pid in _worker_pids(run_dir):
+        os.kill(pid, signal.SIGTERM)
+    _finish(proc)
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    stopped_at = int(saved[-1].removeprefix("step_"))
+    assert 3 <= stopped_at < STEPS, saved
+    assert len(read_metrics(run_dir)) == stopped_at
+    assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
+    assert _losses(run_dir) == reference
