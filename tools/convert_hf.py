@@ -1,0 +1,382 @@
+"""Hugging Face <-> engine checkpoints for Llama, Qwen2, Mistral and GPT-2, at any TP degree.
+
+    python tools/convert_hf.py import --hf HF_DIR --out CKPT_DIR --tp N [--verify] [--force]
+    python tools/convert_hf.py export --ckpt CKPT_DIR --out HF_DIR [--tokenizer PATH] [--dtype D] [--force]
+
+Import reads `config.json` and the safetensors weights (one file or a sharded index) and writes an
+ordinary training checkpoint: `CKPT_DIR/step_00000000/` and `CKPT_DIR/latest`, the model under
+`student.*`, the metadata config `{"model": <ModelConfig>, "hf_import": {...}}`. So
+`distill.teacher=CKPT_DIR`, `train.init=CKPT_DIR` and tools/score.py take it as it is, at any TP
+degree (loading reshards). For TP N the tool spawns N gloo ranks on this machine
+(engine/spawn.py); each reads the full Hugging Face weights, keeps its shard, and `save_checkpoint`
+writes the shards, so peak memory is about N times the model. Tensors keep their source dtype (a
+source mixing float dtypes is stored in fp32). The tokenizer files of HF_DIR are copied into
+`step_00000000/tokenizer/`: loading verifies only the files metadata.json lists, so they ride along
+untouched, and export copies them back.
+
+`--verify` then loads HF_DIR with transformers (fp32, eager attention) and the new checkpoint at
+TP 1 (fp32) in this process, runs both on sample tokens and fails when a logit differs by more
+than 1e-4.
+
+Export loads the checkpoint at TP 1 in this process (whatever TP it was saved at) and writes
+`model.safetensors` (in the imported dtype, fp32 for trained checkpoints, or `--dtype`),
+`config.json` and the tokenizer files (the checkpoint's, or `--tokenizer`). Import then export
+gives back the same tensors bit for bit.
+
+Both commands build their output in a temporary directory next to `--out` and rename it into
+place at the end, so a failure leaves nothing behind; an existing non-empty `--out` is refused
+unless `--force`. Exit codes: 0 done, 1 `--verify` found a larger difference, 2 bad input or a
+failed conversion (one `error: ...` line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # score.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from distill.weights import save_weights  # noqa: E402
+from engine.config import ConfigError, to_dict  # noqa: E402
+from engine.log import get_logger, setup_logging  # noqa: E402
+from engine.parallel import ParallelLayout, make_layout  # noqa: E402
+from engine.spawn import RankFailure, run_ranks  # noqa: E402
+from layers.config import ModelConfig, check_model_layout  # noqa: E402
+from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config,  # noqa: E402
+                       hf_to_engine_state_dict, model_config_to_hf_config)
+from layers.model import TransformerLM  # noqa: E402
+from layers.sharding import full_state_dict, load_full_state_dict  # noqa: E402
+from score import USER_ERRORS, checkpoint_model_config, ensure_new_output, load_model  # noqa: E402
+
+log = get_logger("convert_hf")
+
+EXIT_VERIFY, EXIT_ERROR = 1, 2
+VERIFY_TOL = 1e-4  # max |logit difference| to transformers, fp32
+TOKENIZER_DIR = "tokenizer"  # inside the checkpoint's step directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+                   "chat_template.jinja")
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                       "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class VerifyError(RuntimeError):
+    """`--verify` found the checkpoint's logits too far from transformers'."""
+
+
+class ConversionError(RuntimeError):
+    """A TP rank failed while writing the checkpoint."""
+
+
+# ------------------------------------------------------------------------------ Hugging Face side
+
+def read_hf_config(hf_dir: Path) -> dict:
+    """The `config.json` of a Hugging Face model directory."""
+    if not hf_dir.is_dir():
+        raise ConfigError("--hf", f"no such directory: {hf_dir}")
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError("--hf", f"{hf_dir} has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("--hf", f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError("--hf", f"{path} does not hold a JSON object")
+    return config
+
+
+def hf_model_config(hf_config: dict) -> ModelConfig:
+    """The engine architecture of a Hugging Face config (unsupported ones named)."""
+    try:
+        return hf_config_to_model_config(hf_config)
+    except KeyError as err:
+        raise ConfigError("--hf", f"config.json lacks {err}") from None
+    except ValueError as err:
+        raise ConfigError("--hf", str(err)) from None
+
+
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory: one file, or the shards an index names."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ConfigError("--hf", f"{index} has no valid weight_map") from None
+        missing = [name for name in names if not (hf_dir / name).is_file()]
+        if missing or not names:
+            raise ConfigError("--hf", f"{index} names {missing[0] if missing else 'no file'}, "
+                                      f"which is not in {hf_dir}")
+        return [hf_dir / name for name in names]
+    if (hf_dir / "model.safetensors").is_file():
+        return [hf_dir / "model.safetensors"]
+    raise ConfigError("--hf", f"{hf_dir} has no weights (model.safetensors or "
+                              "model.safetensors.index.json; .bin files are not read)")
+
+
+def read_hf_tensors(files: list[Path], *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`; with `meta`, empty tensors of the right shape and dtype (no I/O)."""
+    tensors = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    tensors[name] = _meta_tensor(handle, name) if meta else handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ConfigError("--hf", f"cannot read {path} ({err})") from None
+    return tensors
+
+
+def _meta_tensor(handle, name: str) -> torch.Tensor:
+    info = handle.get_slice(name)
+    dtype = _SAFETENSORS_DTYPES.get(info.get_dtype())
+    if dtype is None:
+        raise ConfigError("--hf", f"tensor {name!r} has unsupported dtype {info.get_dtype()}")
+    return torch.empty(info.get_shape(), dtype=dtype, device="meta")
+
+
+def storage_dtype(files: list[Path], cfg: ModelConfig) -> torch.dtype:
+    """Check the weights' names against `cfg` (no tensor is read) and return their float dtype."""
+    try:
+        full = hf_to_engine_state_dict(read_hf_tensors(files, meta=True), cfg)
+    except ValueError as err:
+        raise ConfigError("--hf", str(err)) from None
+    dtypes = {tensor.dtype for tensor in full.values()}
+    if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES.values():
+        return dtypes.pop()
+    log.warning("weights mix dtypes %s: storing float32", sorted(map(str, dtypes)))
+    return torch.float32
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def copy_files(files: list[Path], destination: Path) -> None:
+    if files:
+        destination.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, destination / path.name)
+
+
+# ------------------------------------------------------------------------------ output directories
+
+@contextlib.contextmanager
+def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
+    """A fresh directory next to `out` that replaces `out` when the block succeeds and is removed
+    when it fails, so nobody ever sees a half-written `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    stage.mkdir()
+    try:
+        yield stage
+        ensure_new_output(out, force=force)  # again: it may have appeared meanwhile
+        old = stage.with_name(stage.name + ".old")
+        if out.exists():
+            log.warning("replacing %s (--force)", out)
+            out.rename(old)
+        stage.rename(out)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------ import
+
+def _write_shard(files: list[str], cfg: ModelConfig, root: str, *, tp: int, dtype: torch.dtype,
+                 run_config: dict) -> str:
+    """One TP rank (or the only process at TP 1): load its shard of the weights and save it."""
+    layout = make_layout(tp=tp)
+    model = TransformerLM(cfg, layout).to(dtype)
+    full = hf_to_engine_state_dict(read_hf_tensors([Path(f) for f in files]), cfg)
+    try:
+        load_full_state_dict(model, full)
+    except ValueError as err:
+        raise ConfigError("--hf", f"weights do not fit config.json ({err})") from None
+    return str(save_weights(root, model, layout, config=run_config))
+
+
+def write_checkpoint(files: list[Path], cfg: ModelConfig, root: Path, *, tp: int,
+                     dtype: torch.dtype, run_config: dict, timeout_s: float) -> Path:
+    """Write the engine checkpoint `root/step_00000000` at TP `tp`; return its directory."""
+    args = ([str(f) for f in files], cfg, str(root))
+    kwargs = dict(tp=tp, dtype=dtype, run_config=run_config)
+    if tp == 1:
+        return Path(_write_shard(*args, **kwargs))
+    threads = max(1, (os.cpu_count() or 1) // tp)
+    try:
+        return Path(run_ranks(_write_shard, tp, *args, timeout_s=timeout_s, threads=threads,
+                              **kwargs)[0])
+    except (RankFailure, TimeoutError) as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        log.debug("%s", err)
+        raise ConversionError(f"{lines[0].rstrip(':')}: {lines[-1]}" if len(lines) > 1
+                              else str(err)) from None
+
+
+def sample_ids(cfg: ModelConfig) -> torch.Tensor:
+    """Fixed pseudo-random token ids `[2, min(32, max_seq_len)]` for `--verify`."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (2, min(32, cfg.max_seq_len)), generator=generator)
+
+
+def load_reference(hf_dir: Path) -> torch.nn.Module:
+    """The Hugging Face model as transformers runs it: fp32, eager attention, eval mode."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
+    return model.float().eval()
+
+
+@torch.no_grad()
+def verify_logits(hf_dir: Path, step_dir: Path, cfg: ModelConfig) -> float:
+    """Max |logit difference| between transformers on `hf_dir` and the checkpoint at TP 1."""
+    ids = sample_ids(cfg)
+    expected = load_reference(hf_dir)(ids).logits.float()  # [batch, seq, vocab]
+    ours = load_model(step_dir, cfg, ParallelLayout.single())
+    got = ours(ids).logits[..., :cfg.vocab_size]  # TP 1: the whole (padded) vocabulary
+    return (got - expected).abs().max().item()
+
+
+def import_hf(args: argparse.Namespace) -> None:
+    ensure_new_output(args.out, force=args.force)
+    hf_config = read_hf_config(args.hf)
+    cfg = hf_model_config(hf_config)
+    if args.tp < 1:
+        raise ConfigError("--tp", f"must be >= 1 (got {args.tp})")
+    try:
+        check_model_layout(cfg, args.tp)
+    except ConfigError as err:
+        raise ConfigError("--tp", str(err)) from None
+    files = hf_weight_files(args.hf)
+    dtype = storage_dtype(files, cfg)
+    run_config = {"model": to_dict(cfg), "hf_import": {
+        "source": str(args.hf.resolve()), "dtype": str(dtype).removeprefix("torch."),
+        **{key: hf_config[key] for key in SPECIAL_TOKEN_KEYS if hf_config.get(key) is not None}}}
+    with staged_output(args.out, force=args.force) as stage:
+        step_dir = write_checkpoint(files, cfg, stage, tp=args.tp, dtype=dtype,
+                                    run_config=run_config, timeout_s=args.timeout)
+        copy_files(tokenizer_files(args.hf), step_dir / TOKENIZER_DIR)
+        if args.verify:
+            _verify(args.hf, step_dir, cfg)
+    log.info("imported %s (%s, %s) into %s at TP %d", args.hf, hf_config.get("model_type"),
+             run_config["hf_import"]["dtype"], args.out, args.tp)
+
+
+def _verify(hf_dir: Path, step_dir: Path, cfg: ModelConfig) -> None:
+    diff = verify_logits(hf_dir, step_dir, cfg)
+    if not diff <= VERIFY_TOL:  # NaN fails too
+        raise VerifyError(f"--verify: logits differ from transformers by up to {diff:.3g} "
+                          f"(max abs diff > {VERIFY_TOL:g}); nothing was written")
+    log.info("verify: max abs logit difference to transformers %.3g (<= %g)", diff, VERIFY_TOL)
+
+
+# ------------------------------------------------------------------------------ export
+
+def export_config(cfg: ModelConfig, run_config: dict, dtype: torch.dtype) -> dict:
+    """The Hugging Face `config.json`, with the special token ids recorded at import."""
+    try:
+        config = model_config_to_hf_config(cfg)
+    except ValueError as err:
+        raise ConfigError("--ckpt", str(err)) from None
+    imported = run_config.get("hf_import") or {}
+    config.update({key: imported[key] for key in SPECIAL_TOKEN_KEYS if key in imported})
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return config
+
+
+def export_tokenizer_files(source: Path | None, step_dir: Path) -> list[Path]:
+    """Tokenizer files to ship: `--tokenizer` (a file or a directory), else the checkpoint's."""
+    if source is None:
+        found = tokenizer_files(step_dir / TOKENIZER_DIR)
+        if not found:
+            log.warning("%s records no tokenizer: exporting weights and config only "
+                        "(pass --tokenizer to add one)", step_dir)
+        return found
+    if source.is_file():
+        return [source]
+    found = tokenizer_files(source) if source.is_dir() else []
+    if not found:
+        raise ConfigError("--tokenizer", f"{source} is neither a file nor a directory holding "
+                                         f"any of {', '.join(TOKENIZER_FILES)}")
+    return found
+
+
+def export_hf(args: argparse.Namespace) -> None:
+    ensure_new_output(args.out, force=args.force)
+    step_dir, run_config, cfg = checkpoint_model_config(args.ckpt)
+    saved_dtype = DTYPES[(run_config.get("hf_import") or {}).get("dtype", "float32")]
+    dtype = DTYPES[args.dtype] if args.dtype else saved_dtype
+    config = export_config(cfg, run_config, dtype)
+    tokenizer = export_tokenizer_files(args.tokenizer, step_dir)
+    # Load in the stored dtype so that the exported tensors are exactly the stored ones.
+    model = load_model(step_dir, cfg, ParallelLayout.single(), dtype=saved_dtype)
+    weights = {name: tensor.to(dtype).contiguous() for name, tensor in
+               engine_to_hf_state_dict(full_state_dict(model), cfg).items()}
+    with staged_output(args.out, force=args.force) as stage:
+        save_file(weights, stage / "model.safetensors", metadata={"format": "pt"})
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_files(tokenizer, stage)
+    log.info("exported %s as Hugging Face %s (%s) to %s", step_dir, config["model_type"],
+             config["torch_dtype"], args.out)
+
+
+# ------------------------------------------------------------------------------ command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    imp = commands.add_parser("import", help="Hugging Face model directory -> engine checkpoint")
+    imp.add_argument("--hf", type=Path, required=True, help="directory with config.json + safetensors")
+    imp.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to save at")
+    imp.add_argument("--verify", action="store_true", help="compare logits with transformers")
+    imp.add_argument("--timeout", type=float, default=3600.0, help="seconds the TP ranks may take")
+    exp = commands.add_parser("export", help="engine checkpoint -> Hugging Face model directory")
+    exp.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
+    exp.add_argument("--out", type=Path, required=True, help="Hugging Face directory to create")
+    exp.add_argument("--tokenizer", type=Path, help="tokenizer file or directory to ship")
+    exp.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the exported weights "
+                                                             "(default: the imported one, else float32)")
+    for sub in (imp, exp):
+        sub.add_argument("--force", action="store_true", help="replace an existing --out")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        (import_hf if args.command == "import" else export_hf)(args)
+    except VerifyError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_VERIFY
+    except (*USER_ERRORS, ConversionError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

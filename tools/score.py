@@ -1,0 +1,245 @@
+"""Per-token log-probabilities of given token ids, or validation perplexity, under a checkpoint.
+
+    torchrun --nproc_per_node N tools/score.py --ckpt CKPT_DIR --tokens TOKENS.npy --out LOGPROBS.npy
+    torchrun --nproc_per_node N tools/score.py --ckpt CKPT_DIR --data PREFIX [--seq-len L] [--batches N]
+
+`--tokens` holds integer ids `[batch, seq]`; `--out` gets float32 `log p(token[t+1] | token[..t])`
+`[batch, seq-1]`, the way to check a converted checkpoint against another framework. `--data`
+(an indexed-dataset prefix, or `default` for the bundled corpus) prints one JSON line with the mean
+next-token loss and the perplexity over `--batches` batches of its validation split, drawn exactly
+as training draws them (engine.data.TokenBatches), so teacher, student and baseline scored with the
+same flags see the same tokens whatever their TP degree.
+
+The model runs at TP = `--tp` (default: every rank) and data parallel over the remaining ranks;
+plain `python tools/score.py` is one process. Logits stay sharded over the vocabulary: log p is
+`-distill.cross_entropy` on the shards (no vocabulary gather). Checkpoints saved at any TP degree
+load (they are resharded on the fly).
+
+Exit codes: 0 done, 2 bad input (one `error: ...` line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from distill import cross_entropy  # noqa: E402
+from distill.runconfig import checkpoint_run_config, resolve_checkpoint  # noqa: E402
+from distill.weights import load_weights  # noqa: E402
+from engine import collectives as C  # noqa: E402
+from engine.checkpoint import CheckpointError  # noqa: E402
+from engine.config import ConfigError, from_dict  # noqa: E402
+from engine.data import IGNORE_INDEX, DataConfig, DataError, TokenBatches  # noqa: E402
+from engine.log import current_rank, get_logger, setup_logging  # noqa: E402
+from engine.parallel import (LayoutError, ParallelLayout, destroy_parallel, init_parallel,  # noqa: E402
+                             validate_layout)
+from layers.config import ModelConfig, check_model_layout  # noqa: E402
+from layers.model import TransformerLM  # noqa: E402
+
+log = get_logger("score")
+
+EXIT_ERROR = 2
+# What a bad input raises on its way out: each carries one line that names the culprit.
+USER_ERRORS = (ConfigError, CheckpointError, LayoutError, DataError, OSError)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def checkpoint_model_config(path: str | Path, *, key: str = "--ckpt") -> tuple[Path, dict, ModelConfig]:
+    """(step directory, saved run config, model config) of a checkpoint or a root of them."""
+    step_dir = resolve_checkpoint(str(path), key=key)
+    run_config = checkpoint_run_config(step_dir, key=key)
+    return step_dir, run_config, from_dict(ModelConfig, run_config["model"], prefix=f"{key}(model)")
+
+
+def load_model(step_dir: Path, cfg: ModelConfig, layout: ParallelLayout, *,
+               dtype: torch.dtype = torch.float32) -> TransformerLM:
+    """The checkpoint's weights in a `TransformerLM` at `layout`'s TP degree, in eval mode."""
+    model = TransformerLM(cfg, layout).to(device=layout.device, dtype=dtype)
+    load_weights(step_dir, model, layout)
+    return model.eval()
+
+
+def ensure_new_output(path: Path, *, force: bool, key: str = "--out") -> None:
+    """Refuse to replace an existing file or non-empty directory unless `force`."""
+    if force or not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    raise ConfigError(key, f"{path} already exists (pass --force to replace it)")
+
+
+# ------------------------------------------------------------------------------ log-probs
+
+def token_log_probs(model: TransformerLM, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) as float32 `[batch, seq-1]` (a collective over TP)."""
+    logits_shard = model(ids).logits[:, :-1]  # [batch, seq-1, padded_vocab/tp]
+    nll = cross_entropy(logits_shard, ids[:, 1:], vocab_size=model.config.vocab_size,
+                        group=model.layout.tp_group)
+    return -nll.float()
+
+
+@torch.no_grad()
+def score_tokens(model: TransformerLM, ids: torch.Tensor, *, micro_batch: int) -> torch.Tensor:
+    """`token_log_probs` of every row, rows split over DP ranks; the full result on every rank."""
+    layout = model.layout
+    rows = ids.shape[0]
+    per_rank = -(-rows // layout.dp)
+    padded = torch.cat([ids, ids.new_zeros(per_rank * layout.dp - rows, ids.shape[1])])
+    mine = padded[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank].to(layout.device)
+    parts = [token_log_probs(model, chunk) for chunk in mine.split(micro_batch)]
+    local = torch.cat(parts) if parts else mine.new_zeros(0, ids.shape[1] - 1, dtype=torch.float32)
+    return C.all_gather(local, layout.dp_group, dim=0)[:rows].cpu()
+
+
+def read_tokens(path: Path, cfg: ModelConfig) -> torch.Tensor:
+    """The int64 `[batch, seq]` ids of a .npy file, checked against the model."""
+    if not path.is_file():
+        raise ConfigError("--tokens", f"no such file: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ConfigError("--tokens", f"{path} is not a readable .npy array ({err})") from None
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise ConfigError("--tokens", f"{path} must hold integer ids [batch, seq] "
+                                      f"(got {array.dtype} of shape {list(array.shape)})")
+    if not 2 <= array.shape[1] <= cfg.max_seq_len:
+        raise ConfigError("--tokens", f"sequence length {array.shape[1]} must be between 2 and "
+                                      f"model.max_seq_len={cfg.max_seq_len}")
+    if array.size and (array.min() < 0 or array.max() >= cfg.vocab_size):
+        raise ConfigError("--tokens", f"ids must be in [0, {cfg.vocab_size}) "
+                                      f"(got {array.min()}..{array.max()})")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` atomically (a sibling temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as handle:
+        np.save(handle, array)
+    os.replace(partial, path)
+
+
+# ------------------------------------------------------------------------------ perplexity
+
+@torch.no_grad()
+def validation_loss(model: TransformerLM, data: DataConfig, *, batches: int, seed: int,
+                    split: str = "valid") -> tuple[float, int]:
+    """(mean next-token loss in nats, tokens scored) over `batches` global batches of `split`."""
+    layout = model.layout
+    stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split)
+    totals = torch.zeros(2, dtype=torch.float64, device=layout.device)  # [loss sum, tokens]
+    for _ in range(batches):
+        for micro_batch in stream.next_step():
+            ids, labels = (micro_batch[k].to(layout.device) for k in ("input_ids", "labels"))
+            nll = cross_entropy(model(ids).logits, labels, vocab_size=model.config.vocab_size,
+                                group=layout.tp_group)  # [mb, seq], 0 where labels are ignored
+            totals += torch.stack([nll.double().sum(), (labels != IGNORE_INDEX).sum().double()])
+    C.all_reduce(totals, layout.dp_group)
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
+
+
+# ------------------------------------------------------------------------------ command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: all ranks)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward on one DP rank")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--tokens", type=Path, help=".npy of int ids [batch, seq] to score")
+    mode.add_argument("--data", help="indexed-dataset prefix (or `default`): validation perplexity")
+    parser.add_argument("--out", type=Path, help="with --tokens: .npy of float32 log-probs [batch, seq-1]")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--seq-len", type=int, default=256, help="with --data: tokens per sample")
+    parser.add_argument("--batches", type=int, default=8, help="with --data: batches to score")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="with --data: samples per batch over all DP ranks")
+    parser.add_argument("--split", default="98,2", help="with --data: train,valid document split")
+    parser.add_argument("--seed", type=int, default=1234, help="with --data: the data order's seed "
+                                                               "(train.seed of the runs compared)")
+    return parser.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
+    """Every check that needs no process group (run identically on every rank)."""
+    validate_layout(world_size=world, tp=args.tp, sp=False)
+    check_model_layout(cfg, args.tp)
+    for key in ("micro_batch", "batches", "batch_size", "seq_len"):
+        if getattr(args, key) < 1:
+            raise ConfigError("--" + key.replace("_", "-"), f"must be >= 1 (got {getattr(args, key)})")
+    if args.tokens is not None:
+        if args.out is None:
+            raise ConfigError("--out", "is required with --tokens")
+        ensure_new_output(args.out, force=args.force)
+    elif args.seq_len > cfg.max_seq_len:
+        raise ConfigError("--seq-len", f"{args.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    elif args.batch_size % (world // args.tp):
+        raise ConfigError("--batch-size", f"{args.batch_size} does not split over "
+                                          f"{world // args.tp} data-parallel ranks")
+
+
+def _data_config(args: argparse.Namespace, dp: int) -> DataConfig:
+    per_rank = args.batch_size // dp
+    return DataConfig(path=args.data, seq_len=args.seq_len, micro_batch=per_rank,
+                      global_batch=args.batch_size, split=args.split)
+
+
+def run(args: argparse.Namespace, step_dir: Path, cfg: ModelConfig, layout: ParallelLayout, *,
+        ids: torch.Tensor | None) -> None:
+    """Score `ids` (or `--data`) on every rank; rank 0 writes `--out` or prints the perplexity line."""
+    model = load_model(step_dir, cfg, layout)
+    if ids is not None:
+        log_probs = score_tokens(model, ids, micro_batch=args.micro_batch)
+        if layout.is_rank0:
+            save_npy(args.out, log_probs.numpy())
+            log.info("wrote log-probs %s to %s", list(log_probs.shape), args.out)
+        return
+    loss, tokens = validation_loss(model, _data_config(args, layout.dp), batches=args.batches,
+                                   seed=args.seed)
+    if layout.is_rank0:
+        perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
+        print(json.dumps({"ckpt": str(step_dir), "data": args.data, "tokens": tokens,
+                          "loss": loss, "perplexity": perplexity}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.tp = world if args.tp is None else args.tp
+    try:  # bad input stops here, on every rank alike, before any process group exists
+        step_dir, _, cfg = checkpoint_model_config(args.ckpt)
+        _check_args(args, cfg, world)
+        ids = read_tokens(args.tokens, cfg) if args.tokens is not None else None
+    except USER_ERRORS as err:
+        return report_error(err)
+    layout = init_parallel(tp=args.tp)
+    try:
+        run(args, step_dir, cfg, layout, ids=ids)
+    except USER_ERRORS as err:
+        return report_error(err)
+    finally:
+        destroy_parallel()
+    return 0
+
+
+def report_error(err: BaseException) -> int:
+    """One `error: ...` line on stderr (from rank 0 only: every rank hits the same input)."""
+    if current_rank() == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
