@@ -21,6 +21,7 @@ from layers.config import ModelConfig, RopeScaling
 from layers.model import TransformerLM
 from layers.rng import REPLICATED, SHARDED
 from layers.sharding import full_state_dict, gather_full, load_full_state_dict
+from layers.tensor_parallel import ColumnParallelLinear, enter_tp_region
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 SEED = 11
@@ -117,7 +118,7 @@ def test_layouts_match_tp1_reference(world):
                                            msg=lambda m: f"{row} rank {rank} {name}: {m}")
 
 
-def _collectives_dropout_and_loading():
+def _tp2_checks():
     rank = dist.get_rank()
     out = {}
     for sp in (False, True):
@@ -155,12 +156,34 @@ def _collectives_dropout_and_loading():
     eval_out = model.eval()(_batch()[0], buffers=["embedding"])
     out["eval_embedding"] = eval_out.buffers["embedding"].tensor.detach()
 
+    out["column_gathered"] = _column_parallel_gathered(make_layout(tp=2))
+
     # Loading a full state dict at TP=2 and reading it back is the identity.
     full = {k: v + 0.5 for k, v in full_state_dict(model).items()}
     load_full_state_dict(model, full)
     out["reloaded_equal"] = all(torch.equal(v, full[k]) for k, v in full_state_dict(model).items())
     out["rank"] = rank
     return out
+
+
+def _column_weights():
+    g = torch.Generator().manual_seed(9)
+    shapes = {"weight": (12, 8), "bias": (12,), "x": (3, 4, 8), "upstream": (3, 4, 12)}
+    return {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+
+
+def _column_parallel_gathered(layout):
+    """ColumnParallelLinear(gather_output=True): output, input grad and full weight grad."""
+    t = _column_weights()
+    layer = ColumnParallelLinear(8, 12, layout=layout, bias=True, gather_output=True).double()
+    with torch.no_grad():
+        layer.weight.copy_(C.split_along(t["weight"], layout.tp_group, dim=0))
+        layer.bias.copy_(C.split_along(t["bias"], layout.tp_group, dim=0))
+    x = t["x"].requires_grad_(True)
+    y = layer(enter_tp_region(x, layout))
+    y.backward(t["upstream"])
+    weight_grad = gather_full(layer.weight, layout=layout, vocab_size=0, tensor=layer.weight.grad)
+    return y.detach(), x.grad, weight_grad
 
 
 def _error_of(fn) -> str:
@@ -171,8 +194,8 @@ def _error_of(fn) -> str:
     return ""
 
 
-def test_collectives_dropout_streams_and_state_dict_roundtrip():
-    r0, r1 = run_ranks(_collectives_dropout_and_loading, 2, timeout_s=90)
+def test_tp2_collectives_dropout_column_gather_and_reload():
+    r0, r1 = run_ranks(_tp2_checks, 2, timeout_s=90)
     # Without SP the boundaries are all-reduces; under SP all-gathers and reduce-scatters only.
     assert set(r0["forward_collectives_sp=False"]) == {"all_reduce"}
     assert set(r0["forward_collectives_sp=True"]) == {"all_gather", "reduce_scatter"}
@@ -189,3 +212,12 @@ def test_collectives_dropout_streams_and_state_dict_roundtrip():
     dropped = r0["dropout_buffers"]["embedding"] == 0
     assert dropped.any() and not r0["eval_embedding"].eq(0).any()
     assert r0["reloaded_equal"] and r1["reloaded_equal"]
+    t = _column_weights()
+    x = t["x"].requires_grad_(True)
+    y = torch.nn.functional.linear(x, t["weight"], t["bias"])  # the unsharded layer
+    y.backward(t["upstream"])
+    weight_grad = t["upstream"].flatten(0, 1).T @ x.detach().flatten(0, 1)
+    expected = (y.detach(), x.grad, weight_grad)
+    for r in (r0, r1):
+        for got, want in zip(r["column_gathered"], expected, strict=True):
+            torch.testing.assert_close(got, want, **TOL)
