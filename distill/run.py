@@ -90,7 +90,7 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
 
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, valid_data=valid,
-                             teacher=_teacher_source(cfg, layout, teacher_model, objective),
+                             teacher=_teacher_source(cfg, layout, teacher_model, objective, data),
                              run_config=resolved_dict(cfg), vocab_size=cfg.model.vocab_size)
     last = trainer.run()
     return 0 if last >= cfg.train.steps else EXIT_PREEMPTED
@@ -122,7 +122,8 @@ def _teacher_names(objective: DistillObjective) -> list[str]:
     return head + [f"buffer:{n}" for n in sorted(objective.teacher_buffer_names())]
 
 
-def _teacher_source(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective):
+def _teacher_source(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective,
+                    data: TokenBatches):
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
@@ -130,7 +131,7 @@ def _teacher_source(cfg: RunConfig, layout: ParallelLayout, teacher_model, objec
                              total=per_step * cfg.train.steps)
     if schedule == "offline":
         from distill.offline import OfflineTeacher
-        return OfflineTeacher(cfg.distill.offline_dir, layout=layout, data_cfg=cfg.data)
+        return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
     if teacher_model is None:
         return None
     return ColocatedTeacher(teacher_model, buffer_names=objective.teacher_buffer_names(),

@@ -4,8 +4,8 @@ Sections: `model` (layers.config.ModelConfig), `parallel` (engine.parallel.Paral
 (engine.data.DataConfig), `distill` (distill.config.DistillConfig), `train`
 (engine.trainer.TrainConfig). `load_run_config` also runs every cross-section check that can be done
 before any process group exists (layout against the world size, heads against TP, batch sizes
-against DP, the teacher checkpoint and its compatibility with the student), so a bad config stops
-with one `ConfigError: <key>: <problem>` line.
+against DP, the teacher checkpoint and its compatibility with the student, an offline teacher
+export against the run), so a bad config stops with one `ConfigError: <key>: <problem>` line.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import DistillConfig, check_compatibility
+from distill.offline import check_offline_dir
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from engine.data import DataConfig, check_batch_layout
+from engine.data import DataConfig, check_batch_layout, resolve_data_path
+from engine.data.config import DEFAULT_PATH
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
 from engine.trainer import TrainConfig
 from layers.config import ModelConfig, check_model_layout
@@ -52,6 +54,29 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("parallel.teacher_ranks",
                           "must be > 0 exactly when distill.schedule is teacher_ranks "
                           f"(got {par.teacher_ranks} with schedule {cfg.distill.schedule})")
+    check_model_data(cfg)
+    check_paths(cfg)
+
+
+def check_model_data(cfg: RunConfig) -> None:
+    """The model must cover the tokenizer's ids and the sequence length."""
+    if cfg.data.path == DEFAULT_PATH and cfg.model.vocab_size < cfg.data.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the bundled "
+                                              f"corpus tokenizer's {cfg.data.vocab_size} tokens "
+                                              "(data.vocab_size)")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError("data.seq_len", f"{cfg.data.seq_len} is longer than model.max_seq_len="
+                                          f"{cfg.model.max_seq_len}")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Files the run will read must exist before any process starts working."""
+    if cfg.data.path != DEFAULT_PATH:
+        resolve_data_path(cfg.data)  # only checks that each PREFIX.bin/.idx exists
+    if cfg.train.init:
+        resolve_checkpoint(cfg.train.init, key="train.init")
+    if cfg.train.resume not in ("auto", "none"):
+        resolve_checkpoint(cfg.train.resume, key="train.resume")
 
 
 def teacher_model_config(cfg: RunConfig) -> ModelConfig | None:
@@ -101,6 +126,8 @@ def load_run_config(path: str | Path, overrides: list[str], *,
     check_layout(cfg, world_size)
     teacher = teacher_model_config(cfg)
     check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    if cfg.distill.schedule == "offline":
+        check_offline_dir(cfg)
     return cfg, teacher
 
 

@@ -1,0 +1,222 @@
+"""Export a teacher's top-k logits over a run's training samples, for `distill.schedule: offline`.
+
+    python tools/export_teacher_logits.py --config FILE --top-k K --out DIR [section.key=value ...]
+    torchrun --nproc_per_node N tools/export_teacher_logits.py --config FILE --top-k K --out DIR
+
+It reads the same run config as training: the teacher checkpoint `distill.teacher` (in bfloat16
+with `distill.teacher_bf16`), the data (`data.*`), how many samples (`train.steps *
+data.global_batch`, in training order for `train.seed`), the temperature of the stored
+log-sum-exp (`distill.logit.temperature`) and the tensor-parallel degree (`parallel.tp`; sequence
+parallelism is not used, it would only save activation memory). The N processes form
+N / parallel.tp data-parallel groups that take turns over the shards. What is written is described
+in `distill/offline.py`; train from it with `distill.schedule=offline distill.offline_dir=DIR`.
+
+Atomic: every rank writes into `.DIR.tmp` beside DIR, rank 0 writes metadata.json last and renames
+the directory into place (several nodes need a shared filesystem). An existing DIR is never
+overwritten. A bad config or argument stops with one `ConfigError:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.config import aligned_teacher_config, check_compatibility  # noqa: E402
+from distill.offline import (FORMAT, METADATA, VERSION, export_key, sample_checksums,  # noqa: E402
+                             shard_name, teacher_digest, teacher_topk, tokenizer_record)
+from distill.runconfig import (RunConfig, parse_run_config, resolve_checkpoint,  # noqa: E402
+                               teacher_model_config)
+from distill.teacher import ColocatedTeacher  # noqa: E402
+from distill.weights import load_weights  # noqa: E402
+from engine import collectives as C  # noqa: E402
+from engine.checkpoint_files import (file_record, fsync_dir, write_json,  # noqa: E402
+                                     write_tensors)
+from engine.config import ConfigError, apply_overrides, check, load_yaml  # noqa: E402
+from engine.data import TokenBatches, resolve_data_path  # noqa: E402
+from engine.log import get_logger, setup_logging  # noqa: E402
+from engine.parallel import (LayoutError, ParallelLayout, destroy_parallel,  # noqa: E402
+                             init_parallel, validate_layout)
+from layers.config import ModelConfig  # noqa: E402
+from layers.model import TransformerLM  # noqa: E402
+
+log = get_logger("export_teacher_logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    cfg: RunConfig  # the run config the export serves
+    teacher: ModelConfig  # the teacher's architecture, from its checkpoint
+    k: int  # logits kept per position
+    out: Path  # the export directory (must not exist)
+    shard_samples: int  # samples per shard file
+
+    @property
+    def samples(self) -> int:
+        return self.cfg.train.steps * self.cfg.data.global_batch
+
+    @property
+    def shards(self) -> list[range]:
+        """Global sample ranges of the shard files."""
+        step = self.shard_samples
+        return [range(first, min(first + step, self.samples))
+                for first in range(0, self.samples, step)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's YAML configuration")
+    parser.add_argument("--top-k", type=int, required=True, help="logits kept per position")
+    parser.add_argument("--out", required=True, help="export directory (must not exist)")
+    parser.add_argument("--shard-samples", type=int, default=256, help="samples per shard file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
+    """Validate everything before any process group exists; raises `ConfigError`."""
+    cfg = parse_run_config(apply_overrides(load_yaml(args.config), args.overrides))
+    try:
+        validate_layout(world_size=world_size, tp=cfg.parallel.tp, sp=False)
+    except LayoutError as err:
+        raise ConfigError("parallel.tp", f"{err} (world size {world_size})") from None
+    # The teacher a colocated run of this config would load (an offline run loads none).
+    live = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated"))
+    teacher = teacher_model_config(live)
+    check(teacher is not None, "distill.logit.weight", "is 0: there are no logits to export")
+    check_compatibility(live.distill, cfg.model, teacher, cfg.parallel.tp)
+    vocab = cfg.model.vocab_size
+    check(1 <= args.top_k <= vocab, "--top-k", f"must be in [1, {vocab}] (got {args.top_k})")
+    check(args.shard_samples >= 1, "--shard-samples", f"must be >= 1 (got {args.shard_samples})")
+    out = Path(args.out).expanduser()
+    check(not out.exists(), "--out", f"{out} exists; refusing to overwrite an export")
+    resolve_data_path(cfg.data)  # a missing dataset stops here; builds the bundled corpus once
+    return ExportPlan(cfg=cfg, teacher=teacher, k=args.top_k, out=out,
+                      shard_samples=args.shard_samples)
+
+
+def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
+    cfg = plan.cfg
+    model = TransformerLM(aligned_teacher_config(cfg.model, plan.teacher), layout,
+                          seed=cfg.train.seed).to(layout.device)
+    load_weights(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"), model, layout)
+    if cfg.distill.teacher_bf16:
+        model.to(torch.bfloat16)
+    return ColocatedTeacher(model, buffer_names=set(), compute_logits=True)
+
+
+def training_samples(cfg: RunConfig) -> Iterator[torch.Tensor]:
+    """Input ids [seq] of every training sample, in global order (TokenBatches at DP = 1)."""
+    data = TokenBatches(cfg.data, seed=cfg.train.seed)
+    for _ in range(cfg.train.steps):
+        for micro_batch in data.next_step():
+            yield from micro_batch["input_ids"]
+
+
+def export_shard(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: ExportPlan,
+                 layout: ParallelLayout) -> dict[str, torch.Tensor]:
+    """One shard's tensors for input ids [count, seq], `data.micro_batch` samples per forward."""
+    parts = []
+    for chunk in input_ids.split(plan.cfg.data.micro_batch):
+        logits_shard = teacher.forward(chunk.to(layout.device)).logits  # [mb, seq, vocab/tp]
+        parts.append(teacher_topk(logits_shard, k=plan.k, vocab_size=plan.cfg.model.vocab_size,
+                                  temperature=plan.cfg.distill.logit.temperature,
+                                  group=layout.tp_group))
+    values, indices, lse = (torch.cat([p[i] for p in parts]).cpu() for i in range(3))
+    return {"values": values, "indices": indices, "logsumexp": lse,
+            "checksum": sample_checksums(input_ids)}
+
+
+def _barrier(layout: ParallelLayout) -> None:
+    C.barrier(layout.role_group if layout.world_size > 1 else None)
+
+
+def _prepare(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
+    tmp.mkdir(parents=True)
+
+
+def write_shards(plan: ExportPlan, teacher: ColocatedTeacher, layout: ParallelLayout, tmp: Path,
+                 *, progress: bool) -> None:
+    """Shard i is computed by DP group i % dp and written by its TP rank 0."""
+    stream = training_samples(plan.cfg)
+    bar = tqdm(total=plan.samples, desc="export", unit="sample",
+               disable=not (progress and layout.is_rank0))
+    for index, samples in enumerate(plan.shards):
+        input_ids = torch.stack(list(itertools.islice(stream, len(samples))))  # [count, seq]
+        if index % layout.dp == layout.dp_rank:
+            tensors = export_shard(teacher, input_ids, plan=plan, layout=layout)
+            if layout.tp_rank == 0:
+                write_tensors(tmp / shard_name(index), tensors)
+        bar.update(len(samples))
+    bar.close()
+
+
+def metadata(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> dict:
+    cfg = plan.cfg
+    checkpoint = resolve_checkpoint(cfg.distill.teacher, key="distill.teacher")
+    key = export_key(cfg.data, seed=cfg.train.seed, temperature=cfg.distill.logit.temperature,
+                     vocab_size=cfg.model.vocab_size)
+    shards = [{"file": shard_name(i), "first": s.start, "count": len(s),
+               **file_record(tmp / shard_name(i))} for i, s in enumerate(plan.shards)]
+    return {"format": FORMAT, "version": VERSION, **key, "k": plan.k, "samples": plan.samples,
+            "samples_per_shard": plan.shard_samples,
+            "dtypes": {"values": "float32", "indices": "int32", "logsumexp": "float32"},
+            "teacher": {"path": str(checkpoint), "digest": teacher_digest(checkpoint),
+                        "bf16": cfg.distill.teacher_bf16},
+            "data_prefixes": [prefix for _, prefix in resolve_data_path(cfg.data)],
+            "tokenizer": tokenizer_record(cfg.data),
+            "exported_with": {"tp": layout.tp, "dp": layout.dp, "steps": cfg.train.steps,
+                              "global_batch": cfg.data.global_batch},
+            "shards": shards}
+
+
+def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -> Path:
+    """Write the export under every rank (all ranks call it); returns the export directory."""
+    tmp = plan.out.with_name(f".{plan.out.name}.tmp")
+    if layout.is_rank0:
+        _prepare(tmp)
+    _barrier(layout)
+    teacher = build_teacher(plan, layout)
+    write_shards(plan, teacher, layout, tmp, progress=progress)
+    _barrier(layout)
+    if layout.is_rank0:
+        write_json(tmp / METADATA, metadata(plan, layout, tmp))
+        tmp.rename(plan.out)
+        fsync_dir(plan.out.parent)
+        log.info("exported top-%d teacher logits of %d samples to %s", plan.k, plan.samples,
+                 plan.out)
+    _barrier(layout)
+    return plan.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        plan = load_plan(args, world_size=world)
+    except ConfigError as err:
+        print(f"ConfigError: {err}", file=sys.stderr)
+        return 2
+    layout = init_parallel(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s)
+    try:
+        export(plan, layout, progress=not args.no_progress)
+    finally:
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
