@@ -189,8 +189,9 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
         yield stage
         ensure_new_output(out, force=force)  # again: it may have appeared meanwhile
         old = stage.with_name(stage.name + ".old")
-        if out.exists():
-            log.warning("replacing %s (--force)", out)
+        if out.exists():  # an empty directory, or anything under --force
+            if force:
+                log.warning("replacing %s (--force)", out)
             out.rename(old)
         stage.rename(out)
         if old.is_dir():
