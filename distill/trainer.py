@@ -92,8 +92,9 @@ class DistillTrainer:
         for i, mb in enumerate(micro_batches):
             teacher_out = self.teacher(mb) if self.teacher is not None else None
             with self._sync(last=i == len(micro_batches) - 1):
-                out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"), teacher_out,
-                                                counts)
+                with self._autocast():
+                    out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"),
+                                                    teacher_out, counts)
                 out.loss.backward()
             for key in TERMS:
                 totals[key] += float(getattr(out, "total" if key == "loss" else key))
@@ -101,6 +102,11 @@ class DistillTrainer:
         totals = self._global_mean(totals)
         stats = self.opt(step, loss=totals["loss"])
         return self._record(step, totals, stats, counts)
+
+    def _autocast(self):
+        """bf16 autocast of the forward on GPU (`train.bf16`); the losses upcast to fp32 inside."""
+        on_gpu = self.layout.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and self.cfg.bf16)
 
     def _sync(self, *, last: bool):
         if self.ddp is None or last:
