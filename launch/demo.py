@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the distilled student did NOT beat the baseline (gain {gain:+.4f} nats)")
         return 1
     print(f"distillation gain: {gain:.4f} nats/token on validation "
-          f"({math.exp(gain) * 100 - 100:.1f}% lower perplexity)")
+          f"({(1 - math.exp(-gain)) * 100:.1f}% lower perplexity)")
     return 0
 
 
