@@ -170,9 +170,12 @@ def check_offline_dir(cfg: RunConfig) -> dict[str, Any]:
     wanted = export_key(cfg.data, seed=cfg.train.seed, temperature=cfg.distill.logit.temperature,
                         vocab_size=cfg.model.vocab_size)
     for name, config_key in _RUN_KEYS.items():
-        if not _same(meta.get(name), wanted[name]):
-            raise ConfigError(KEY, f"{directory} was exported for {config_key} = "
-                                   f"{meta.get(name)!r} but this run has {wanted[name]!r}")
+        saved = meta.get(name)
+        if not _same(saved, wanted[name]):
+            shown = [str(v)[:12] if name == "data_digest" else repr(v)
+                     for v in (saved, wanted[name])]
+            raise ConfigError(KEY, f"{directory} was exported for {config_key} = {shown[0]} but "
+                                   f"this run has {shown[1]}")
     needed = cfg.train.steps * cfg.data.global_batch
     if meta["samples"] < needed:
         raise ConfigError(KEY, f"{directory} covers {meta['samples']} samples but this run needs "

@@ -1,4 +1,4 @@
-"""The `offline` schedule: export teacher top-k logits (tools/export_teacher_logits.py), train from them.
+"""The `offline` schedule: teacher top-k logits from tools/export_teacher_logits.py, trained from.
 
 - `teacher_topk` at TP=2 against the float64 top-k and log-sum-exp of the gathered vocabulary
   (padding excluded, a rank without real columns, k up to the vocabulary): values and indices
@@ -238,7 +238,8 @@ MISMATCHES = [
     (["model.vocab_size=384"], "exported for model.vocab_size = 320 but this run has 384"),
     (["data.split=80,20"], "exported for data.path / data.split"),
     (["data.corpus_max_bytes=120000"], "exported for data.path / data.split"),
-    (["train.steps=4"], "covers 12 samples but this run needs train.steps * data.global_batch = 16"),
+    (["train.steps=4"], "covers 12 samples but this run needs train.steps * data.global_batch "
+                        "= 16"),
     (["distill.offline_dir={tmp}/nowhere"], "no teacher export at"),
     (["distill.teacher={other_teacher}"], "not from distill.teacher"),
     (["distill.offline_dir={altered}"], "shard_00001.safetensors is missing or altered"),
