@@ -77,7 +77,8 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
     resolve_data_path(cfg.data)  # builds the bundled corpus on first use
-    objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout, seed=cfg.train.seed)
+    objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
+                                 seed=cfg.train.seed).to(layout.device)
     teacher_model = _load_teacher(cfg, teacher_cfg, layout)
     if layout.is_teacher:
         return _serve(cfg, layout, teacher_model, objective)
