@@ -1,16 +1,15 @@
-"""launch/slurm/pretrain_distill.sbatch on a real one-host SLURM cluster (munged, slurmctld and slurmd
-started on this machine by launch/slurm/local_cluster.sh), running the real entry point on a tiny
-config: one job must distill to the end and write its metrics; a second gets SIGUSR1 mid-run (what
-`--signal=B:USR1@120` sends before the time limit) and must checkpoint, requeue itself and resume
-where it stopped.
+"""launch/slurm/pretrain_distill.sbatch on a real one-host SLURM cluster (munged, slurmctld and
+slurmd started on this machine by launch/slurm/local_cluster.sh), running the real entry point
+launch/pretrain_distill.py on a tiny config: one job must distill to the end and write its metrics;
+a second gets SIGUSR1 mid-run (what `--signal=B:USR1@120` sends before the time limit) and must
+checkpoint, requeue itself and resume where it stopped.
 
-Needs root (packages are installed by launch/slurm/install_deps.sh when missing, and slurmd runs jobs
-as their owner); skips, saying why, where the machine does not allow that.
+Needs root (packages are installed by launch/slurm/install_deps.sh when missing, and slurmd runs
+jobs as their owner); skips, saying why, where the machine does not allow that.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_multinode import install_or_skip
-from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
+from tests.test_multinode import install_or_skip, tiny_distill_config
+from tests.trainer_utils import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "launch" / "slurm"
@@ -41,11 +40,10 @@ def cluster_env():
     state = Path(tempfile.mkdtemp(prefix="md-slurm-"))
     script = str(SLURM_DIR / "local_cluster.sh")
     try:
-        subprocess.run(["bash", script, "start", str(state)], check=True, capture_output=True, text=True,
-                       timeout=120)
+        started = subprocess.run(["bash", script, "start", str(state)], capture_output=True,
+                                 text=True, timeout=120)
+        assert started.returncode == 0, f"local_cluster.sh start failed:\n{started.stderr}"
         yield os.environ | {"SLURM_CONF": str(state / "slurm.conf")}
-    except subprocess.CalledProcessError as err:
-        pytest.fail(f"local_cluster.sh start failed:\n{err.stderr}")
     finally:
         subprocess.run(["bash", script, "stop", str(state)], capture_output=True, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
@@ -53,13 +51,7 @@ def cluster_env():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    """A tiny TP=2 + SP distillation config with a random teacher: a few steps per second."""
-    tmp = tmp_path_factory.mktemp("slurm-config")
-    cfg = base_config(tmp, cache=tmp / "cache")
-    cfg["parallel"].update(tp=2, sp=True)
-    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher_config(cfg))),
-                      "activations": ["all_mlps"], "projection": "shared"}
-    return write_config(tmp / "run.yaml", cfg)
+    return tiny_distill_config(tmp_path_factory.mktemp("slurm-config"))
 
 
 def submit(env: dict, submit_dir: Path, *args: str) -> int:
@@ -91,7 +83,8 @@ def wait_for_end(env: dict, job: int, submit_dir: Path, timeout_s: float) -> dic
                                   "OUT_OF_MEMORY"):
             return fields
         time.sleep(0.5)
-    pytest.fail(f"job {job} still {fields['JobState']} after {timeout_s}s\n{job_log(submit_dir, job)}")
+    pytest.fail(f"job {job} still {fields['JobState']} after {timeout_s}s\n"
+                f"{job_log(submit_dir, job)}")
 
 
 def wait_for_step(run_dir: Path, step: int, *, env: dict, job: int, submit_dir: Path,
@@ -122,7 +115,7 @@ def test_sbatch_distills_and_writes_metrics(cluster_env, config, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster_env, config, tmp_path):
-    run_dir, steps = tmp_path / "run", 100
+    run_dir, steps = tmp_path / "run", 60
     job = submit(cluster_env, tmp_path, "--config", str(config), f"train.steps={steps}",
                  f"train.run_dir={run_dir}", "train.resume=auto")
     wait_for_step(run_dir, 2, env=cluster_env, job=job, submit_dir=tmp_path, timeout_s=180)
@@ -130,7 +123,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster_env, config, tmp_path):
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster_env, check=True)
     fields = wait_for_end(cluster_env, job, tmp_path, timeout_s=240)
     log = job_log(tmp_path, job)
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == \
+        ("COMPLETED", "0:0", "1"), log
     assert "SIGUSR1: asking every rank to checkpoint" in log and "requeueing" in log, log
     assert "restart=1" in log and log.count("finished") == 1, log
     saved = sorted(int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*"))

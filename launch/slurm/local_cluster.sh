@@ -5,7 +5,7 @@
 #   launch/slurm/local_cluster.sh start DIR   # then: export SLURM_CONF=DIR/slurm.conf
 #   launch/slurm/local_cluster.sh stop DIR    # cancels its jobs, stops the three daemons
 #
-# Needs root and the Debian packages slurm-wlm and munge (launch/slurm/install_slurm.sh).
+# Needs root and the Debian packages slurm-wlm and munge (launch/slurm/install_deps.sh).
 # SLURMCTLD_PORT / SLURMD_PORT pick the ports (free ones by default); CRED_EXPIRE_S (default 10)
 # is also how long a requeued job waits before it may start again.
 set -euo pipefail
@@ -13,7 +13,7 @@ set -euo pipefail
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 }
 
 write_conf() {
@@ -75,8 +75,9 @@ wait_for_idle() {
 start() {
     local dir=$1
     [[ $(id -u) == 0 ]] || die "must run as root (slurmd starts jobs as their owner)"
-    command -v slurmctld >/dev/null && command -v munged >/dev/null \
-        || die "slurmctld/munged not found: run launch/slurm/install_slurm.sh first"
+    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+        die "slurmctld/munged not found: run launch/slurm/install_deps.sh first"
+    fi
     mkdir -p "$dir"/{state,spool,log}
     chmod 755 "$dir"  # munged wants its socket directory searchable by all
     # A private munge key: this cluster trusts only itself.
@@ -87,7 +88,8 @@ start() {
         || die "munged did not start; see $dir/log/munged.log"
     write_conf "$dir"
     slurmctld -f "$dir/slurm.conf" || die "slurmctld did not start; see $dir/log/slurmctld.log"
-    slurmd -f "$dir/slurm.conf" -N "$(hostname)" || die "slurmd did not start; see $dir/log/slurmd.log"
+    slurmd -f "$dir/slurm.conf" -N "$(hostname)" \
+        || die "slurmd did not start; see $dir/log/slurmd.log"
     wait_for_idle "$dir"
     echo "export SLURM_CONF=$dir/slurm.conf"
 }
@@ -102,15 +104,20 @@ stop_pidfile() {
 }
 
 stop() {
-    local dir=$1
-    [[ -f $dir/slurm.conf ]] || die "no cluster in $dir (no slurm.conf)"
-    export SLURM_CONF=$dir/slurm.conf
-    # Jobs first, through SLURM itself, so that their slurmstepd and tasks go away cleanly.
-    if scancel --quiet --full --state=RUNNING,PENDING,REQUEUED,SUSPENDED --user=root 2>/dev/null; then
-        for _ in $(seq 60); do
-            [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
-            sleep 0.5
-        done
+    local dir=$1 jobs
+    [[ -d $dir ]] || die "no cluster in $dir"
+    if [[ -f $dir/slurm.conf ]]; then
+        export SLURM_CONF=$dir/slurm.conf
+        # Jobs first, through SLURM itself, so that their slurmstepd and tasks go away cleanly.
+        jobs=$(squeue -h -o %i 2>/dev/null || true)
+        if [[ -n $jobs ]]; then
+            # shellcheck disable=SC2086  # one argument per job id
+            scancel --quiet $jobs || true
+            for _ in $(seq 60); do
+                [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
+                sleep 0.5
+            done
+        fi
     fi
     stop_pidfile "$dir/slurmd.pid"
     stop_pidfile "$dir/slurmctld.pid"

@@ -2,9 +2,9 @@
 # Two "nodes" on one machine: two network namespaces joined by a veth pair, each with its own
 # address, for multi-node torchrun tests without a second machine.
 #
-#   launch/slurm/netns_nodes.sh up NAME [SUBNET]   # namespaces NAME-0 and NAME-1, devices NAMEv0/NAMEv1
-#   launch/slurm/netns_nodes.sh cut NAME           # take node 0's link down (a node falls off the network)
-#   launch/slurm/netns_nodes.sh down NAME          # delete both namespaces (and with them the veth pair)
+#   launch/slurm/netns_nodes.sh up NAME [SUBNET]  # namespaces NAME-0/NAME-1, devices NAMEv0/NAMEv1
+#   launch/slurm/netns_nodes.sh cut NAME          # node 0 link down: it falls off the network
+#   launch/slurm/netns_nodes.sh down NAME         # delete both namespaces and the veth pair
 #
 # Node k gets SUBNET.(k+1)/24 on device NAMEvk (SUBNET default 10.200.0), and its own `lo`. The
 # addresses live only inside these namespaces: no route to or from the host is added. `up` prints
@@ -17,7 +17,8 @@ die() { echo "netns_nodes.sh: $*" >&2; exit 1; }
 up() {
     local name=$1 subnet=$2 k
     [[ $name =~ ^[a-zA-Z0-9]{1,12}$ ]] || die "NAME must be 1-12 letters or digits (got '$name')"
-    [[ $subnet =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "SUBNET must look like 10.200.0 (got '$subnet')"
+    [[ $subnet =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] \
+        || die "SUBNET must be three numbers like 10.200.0 (got '$subnet')"
     ip link add "${name}v0" type veth peer name "${name}v1"
     for k in 0 1; do
         ip netns add "$name-$k"
