@@ -1,0 +1,46 @@
+"""`make bench`: every benchmark table in tools/bench/, one after another, in one process tree.
+
+    python tools/bench/run_all.py [--quick]
+
+Each benchmark prints its own markdown table with the ratio against the baseline measured in the
+same run. `--quick` uses smaller sizes (a smoke run, not the README numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL = {
+    "model.py": [],
+    "kd_loss.py": ["--vocab", "65536", "131072", "--tp", "1", "2"],
+    "schedule.py": [],
+}
+QUICK = {
+    "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
+    "kd_loss.py": ["--tokens", "256", "--vocab", "4096", "--tp", "1", "--repeats", "1"],
+    "schedule.py": ["--steps", "6", "--warmup", "2"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    args = parser.parse_args(argv)
+    failed = []
+    for script, extra in (QUICK if args.quick else FULL).items():
+        print(f"\n## {script} {' '.join(extra)}\n", flush=True)
+        if subprocess.run([sys.executable, str(HERE / script), *extra]).returncode != 0:
+            failed.append(script)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
