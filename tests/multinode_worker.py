@@ -1,17 +1,19 @@
-"""A small torchrun worker for the cut-node test: steps of collectives until a peer disappears.
+"""A small torchrun worker for the network-namespace tests: steps of checked collectives.
 
     torchrun ... tests/multinode_worker.py --run-dir DIR --steps N [--step-s S] [--timeout-s T]
 
 Each step all-reduces and all-gathers values whose result is known in closed form (a wrong or
-partial world is an error) and writes DIR/progress-rank{R}.json. A collective that fails (a peer
-cut off, the collective timeout `--timeout-s` passed) ends the rank with exit code 1 after ONE line
-on stderr naming the rank, the step and the cause, instead of a traceback from inside torch.
+partial world is an error) and writes DIR/progress-rank{R}.json with the results and the address
+this machine's hostname resolves to (each namespace "node" maps it to its own). A collective that
+fails (a peer cut off, the collective timeout `--timeout-s` passed) ends the rank with exit code 1
+after ONE line on stderr naming the rank, the step and the cause, instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -46,7 +48,8 @@ def checked_step(step: int, *, rank: int, world: int, group) -> dict:
         raise RuntimeError(f"all_reduce gave {summed.tolist()} (expected {expected.tolist()}), "
                            f"all_gather gave {ranks.tolist()}")
     return {"step": step, "world_size": world, "sum_rank_plus_1": summed[0].item(),
-            "sum_step": summed[1].item(), "gathered_ranks": ranks.tolist()}
+            "sum_step": summed[1].item(), "gathered_ranks": ranks.tolist(),
+            "address": socket.gethostbyname(socket.gethostname())}
 
 
 def write_json(path: Path, data: dict) -> None:

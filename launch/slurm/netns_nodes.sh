@@ -7,9 +7,11 @@
 #   launch/slurm/netns_nodes.sh down NAME         # delete both namespaces and the veth pair
 #
 # Node k gets SUBNET.(k+1)/24 on device NAMEvk (SUBNET default 10.200.0), and its own `lo`. The
-# addresses live only inside these namespaces: no route to or from the host is added. `up` prints
-# one line per node: "namespace address device". Run a command on node k with
-# `ip netns exec NAME-k CMD`. NAME must be short (device names are limited to 15 characters).
+# addresses live only inside these namespaces: no route to or from the host is added. Inside node k
+# the names NAME-0 and NAME-1 resolve to the two addresses and this machine's hostname to node k's
+# own (/etc/netns/NAME-k/hosts). `up` prints one line per node: "namespace address device". Run a
+# command on node k with `ip netns exec NAME-k CMD`. NAME: at most 12 letters or digits (device
+# names are limited to 15 characters).
 set -euo pipefail
 
 die() { echo "netns_nodes.sh: $*" >&2; exit 1; }
@@ -30,6 +32,16 @@ up() {
         ip netns exec "$name-$k" sysctl -q -w net.ipv4.tcp_retries2=4
         ip -n "$name-$k" link set "${name}v$k" up
     done
+    # Host names: `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts. Each node resolves
+    # both node names, and this machine's hostname to its own address, as a real node would.
+    for k in 0 1; do
+        mkdir -p "/etc/netns/$name-$k"
+        {
+            echo "127.0.0.1 localhost"
+            echo "$subnet.1 $name-0$([[ $k == 0 ]] && echo " $(hostname)")"
+            echo "$subnet.2 $name-1$([[ $k == 1 ]] && echo " $(hostname)")"
+        } > "/etc/netns/$name-$k/hosts"
+    done
     for k in 0 1; do echo "$name-$k $subnet.$((k + 1)) ${name}v$k"; done
 }
 
@@ -38,6 +50,7 @@ down() {
     for k in 0 1; do
         ip netns pids "$name-$k" 2>/dev/null | xargs -r kill -KILL
         ip netns del "$name-$k" 2>/dev/null || true
+        rm -rf "/etc/netns/${name:?}-$k"
     done
     # A pair that never reached its namespaces still sits in the host namespace.
     ip link del "${name}v0" 2>/dev/null || true
