@@ -79,7 +79,7 @@ def start_node(nodes: list[Node], k: int, *, rdzv_id: str, log: Path,
                command: list[str]) -> subprocess.Popen:
     """torchrun of one process for node k inside its namespace; node 0 hosts the rendezvous."""
     node = nodes[k]
-    # is_host and local-addr: in a namespace the hostname still resolves to the host's loopback.
+    # Explicit rendezvous host and local address: the launch does not depend on name resolution.
     cmd = ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "torch.distributed.run",
            "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint={nodes[0].address}:{RDZV_PORT}", f"--rdzv-conf=is_host={int(k == 0)}",
