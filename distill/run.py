@@ -21,7 +21,7 @@ from distill.config import aligned_teacher_config
 from distill.objective import DistillObjective
 from distill.runconfig import RunConfig, load_run_config, resolve_checkpoint, resolved_dict
 from distill.teacher import ColocatedTeacher, RemoteTeacher, serve_teacher
-from distill.trainer import DistillTrainer
+from distill.trainer import DistillTrainer, resume_step
 from distill.weights import load_weights
 from engine.config import ConfigError
 from engine.data import TokenBatches, resolve_data_path
@@ -128,8 +128,9 @@ def _teacher_source(cfg: RunConfig, layout: ParallelLayout, teacher_model, objec
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
+        remaining = cfg.train.steps - resume_step(cfg.train)
         return RemoteTeacher(layout, names=_teacher_names(objective), prefetch=cfg.distill.prefetch,
-                             total=per_step * cfg.train.steps)
+                             total=per_step * remaining)
     if schedule == "offline":
         from distill.offline import OfflineTeacher
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
@@ -147,7 +148,10 @@ def _serve(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective) -> 
         student_dp = layout.student_world // layout.tp
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
                             dp=student_dp)
-        for _ in range(cfg.train.steps):
+        start = resume_step(cfg.train)  # the students resume here: skip what they have seen
+        for _ in range(start):
+            data.next_step()
+        for _ in range(start, cfg.train.steps):
             yield from data.next_step()
 
     sent = serve_teacher(teacher, layout, names=_teacher_names(objective),

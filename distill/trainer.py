@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from distill.objective import DistillObjective, count_tokens
 from distill.teacher import to_device
 from engine import collectives as C
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.checkpoint import (checkpoint_metadata, latest_checkpoint, load_checkpoint,
+                               save_checkpoint)
 from engine.log import get_logger
 from engine.metrics import MetricsWriter
 from engine.parallel import ParallelLayout
@@ -33,6 +34,21 @@ from engine.trainer import OptimizerStep, StepStats, TrainConfig
 log = get_logger(__name__)
 
 TERMS = ("loss", "lm_loss", "kd_loss", "act_loss")
+
+
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run resumes from (`train.resume`: auto | none | a path), or None."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    return Path(cfg.resume)
+
+
+def resume_step(cfg: TrainConfig) -> int:
+    """The step training resumes at (0 for a fresh run), read from the checkpoint's metadata."""
+    path = resume_path(cfg)
+    return 0 if path is None else int(checkpoint_metadata(path)["step"])
 
 
 class StudentWithObjective(nn.Module):
@@ -155,7 +171,7 @@ class DistillTrainer:
                                rank_tensors=self.student.rng.state_dict())
 
     def maybe_resume(self) -> int:
-        path = self._resume_path()
+        path = resume_path(self.cfg)
         if path is None:
             return 0
         loaded = load_checkpoint(path, layout=self.layout, model=self.module,
@@ -167,13 +183,6 @@ class DistillTrainer:
         self.opt.load_state_dict(state["optimizer_step"])
         log.info("resumed from %s at step %d", path, loaded["step"])
         return int(loaded["step"])
-
-    def _resume_path(self) -> Path | None:
-        if self.cfg.resume == "none":
-            return None
-        if self.cfg.resume == "auto":
-            return latest_checkpoint(self.run_dir / "checkpoints")
-        return Path(self.cfg.resume)
 
     # ------------------------------------------------------------------------------- the run
     def run(self) -> int:

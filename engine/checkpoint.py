@@ -48,6 +48,7 @@ from engine.log import get_logger
 from engine.parallel import ParallelLayout
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "checkpoint_metadata",
            "safe_torch_load"]
 
 log = get_logger(__name__)
@@ -296,6 +297,11 @@ class _VerifiedFiles:
             verify_file(file_path, self._records[name])
             self._open[name] = TensorFile(file_path)
         return self._open[name]
+
+
+def checkpoint_metadata(path: Path | str) -> dict[str, Any]:
+    """The validated metadata of the checkpoint at `path` (no tensor file is read)."""
+    return _read_metadata(Path(path))
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:

@@ -65,14 +65,24 @@ def test_data_parallel_equals_single_process(setup):
     _assert_same_run(read_metrics(tmp / "dp2"), single)
 
 
-def _teacher_ranks_run(cfg, run_dir):
-    return _run(cfg, run_dir, "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1")
+def _teacher_ranks_run(cfg, run_dir, *extra):
+    return _run(cfg, run_dir, "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1", *extra)
 
 
 def test_teacher_ranks_equal_colocated(setup):
     tmp, cfg = setup
     colocated = _run(cfg, tmp / "colocated")
     run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+
+
+def test_teacher_ranks_resume(setup):
+    # The schedule is constant, so stopping after 2 of 3 steps changes nothing but the stop: the
+    # teacher ranks must skip what the students already trained on when the run resumes.
+    tmp, cfg = setup
+    colocated = _run(cfg, tmp / "colocated")
+    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.steps=2", timeout_s=120)
+    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.resume=auto", timeout_s=120)
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
 
 
