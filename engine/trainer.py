@@ -122,7 +122,7 @@ class OptimizerStep:
         self.skipped_in_a_row += 1
         log.warning("step %d skipped: loss=%s grad_norm=%s (%d in a row)", step, loss,
                     norm.item(), self.skipped_in_a_row)
-        if self.skipped_in_a_row >= self.cfg.max_skipped_steps:
+        if self.skipped_in_a_row > self.cfg.max_skipped_steps:
             raise NonFiniteError(
                 f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
                 f"(last at step {step}); lower train.lr or check the data "

@@ -65,6 +65,19 @@ def test_data_parallel_equals_single_process(setup):
     _assert_same_run(read_metrics(tmp / "dp2"), single)
 
 
+def _tp_run(cfg, run_dir):
+    return _run(cfg, run_dir, "parallel.tp=2", "parallel.sp=true", "distill.activations=[all_mlps]",
+                "distill.projection=shared")
+
+
+def test_tensor_and_sequence_parallel_equal_single_process(setup):
+    tmp, cfg = setup
+    single = _run(cfg, tmp / "tp1", "distill.activations=[all_mlps]", "distill.projection=shared")
+    run_ranks(_tp_run, 2, cfg, tmp / "tp2", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "tp2"), single, keys=("loss", "lm_loss", "kd_loss",
+                                                              "act_loss", "grad_norm"))
+
+
 def _teacher_ranks_run(cfg, run_dir, *extra):
     return _run(cfg, run_dir, "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1", *extra)
 
