@@ -30,7 +30,8 @@ from distill import _pointwise
 from engine import collectives as C
 from engine.collectives import Group
 
-# (rows, local columns of the shard) -> (student logits tile, teacher logits tile or None)
+# (rows, local columns of the shard) -> (student logits tile, teacher logits tile or None), both
+# fresh tensors in the compute dtype: the tile methods below use them as scratch space.
 TileSource = Callable[[slice, slice], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
@@ -53,10 +54,40 @@ class TokenStats:
     def rows(self, rows: slice) -> TokenStats:
         return TokenStats(*(None if t is None else t[rows] for t in self.tensors()))
 
+    def outputs(self, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ce, div) for an autograd.Function to return, `empty` standing for a missing one."""
+        return (empty if self.ce is None else self.ce), (empty if self.div is None else self.div)
+
+
+@dataclass
+class Upstream:
+    """The gradients arriving at the per-token (ce, div) outputs; None where an output is unused."""
+
+    ce: torch.Tensor | None
+    div: torch.Tensor | None
+
+    @classmethod
+    def of(cls, g_ce: torch.Tensor | None, g_div: torch.Tensor | None, ignored: torch.Tensor,
+           dtype: torch.dtype) -> Upstream:
+        return cls(None if g_ce is None else g_ce.to(dtype).masked_fill(ignored, 0.0),
+                   None if g_div is None else g_div.to(dtype))
+
+    @property
+    def empty(self) -> bool:
+        return self.ce is None and self.div is None
+
+    def rows(self, rows: slice) -> Upstream:
+        return Upstream(*(None if g is None else g[rows] for g in (self.ce, self.div)))
+
 
 def log_normalize_(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """x - log-sum-exp in place, `norm` being [rows, 2] (max, log sum exp(x - max))."""
     return x.sub_(norm[:, :1]).sub_(norm[:, 1:])
+
+
+def owned_columns(cols: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which of `cols` fall inside a tile of `width` columns, the columns clamped into it)."""
+    return (cols >= 0) & (cols < width), cols.clamp(0, width - 1)
 
 
 def max_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +110,7 @@ class LossPlan:
     skew: float = 0.1
     compute_dtype: torch.dtype = torch.float32  # fp32, or fp64 for fp64 inputs
     tile_tokens: int = 256  # rows of one tile
-    tile_vocab: int = 8192  # columns of one tile
+    tile_vocab: int = 8192  # columns of one tile (DEFAULT_TILE picks both per device)
 
     @property
     def one_pass(self) -> bool:
@@ -117,15 +148,19 @@ class LossPlan:
             for rows in self.row_tiles(n_tokens):
                 yield j, rows, cols
 
-    def scaled(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.to(self.compute_dtype, copy=True)
-        return out if self.temperature == 1.0 else out.div_(self.temperature)
+    def scale_(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits / temperature, in place."""
+        return x if self.temperature == 1.0 else x.div_(self.temperature)
+
+    def copy_tile(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A fresh compute-dtype copy of a caller's tile, for the tile methods to overwrite."""
+        return None if x is None else x.to(self.compute_dtype, copy=True)
 
     # ---- forward, pass 1: statistics that merge over tiles and ranks -------------------------
 
-    def identity(self, *shape: int) -> torch.Tensor:
+    def identity(self, *shape: int, device: torch.device) -> torch.Tensor:
         """Statistics of an empty set of columns: max -inf, every sum 0."""
-        out = torch.zeros(*shape, len(self.columns), dtype=self.compute_dtype)
+        out = torch.zeros(*shape, len(self.columns), dtype=self.compute_dtype, device=device)
         for name in ("a_max", "b_max", "c_max"):
             if name in self.columns:
                 out[..., self.columns[name]] = float("-inf")
@@ -135,24 +170,22 @@ class LossPlan:
                    label_cols: torch.Tensor) -> torch.Tensor:
         """[rows, width] statistics of one tile; `label_cols` are label columns within the tile."""
         col: dict[str, torch.Tensor] = {}
+        if self.with_ce:  # on the raw logits, before the temperature scales them in place
+            if not self.shares_ce_max:
+                col["c_max"], ec = max_exp(s)
+                col["c_sum"] = ec.sum(-1)
+            owned, at = owned_columns(label_cols, s.shape[-1])
+            col["y"] = torch.where(owned, s.gather(-1, at[:, None])[:, 0], 0.0)
         if self.kind is not None:
-            a, b = self.scaled(s), self.scaled(t)
+            a, b = self.scale_(s), self.scale_(t)
             col["a_max"], ea = max_exp(a)
             col["a_sum"] = ea.sum(-1)
             col["b_max"], eb = max_exp(b)
             col["b_sum"] = eb.sum(-1)
             if self.kind == "forward_kl":  # sum exp(b - max_b) (b - a)
-                col["z"] = torch.nansum(torch.sub(b, a).mul_(eb), -1)
+                col["z"] = torch.nansum(torch.sub(b, a, out=ea).mul_(eb), -1)
             elif self.kind == "reverse_kl":  # sum exp(a - max_a) (a - b)
-                col["z"] = torch.nansum(torch.sub(a, b).mul_(ea), -1)
-        if self.with_ce:
-            c = s.to(self.compute_dtype)
-            if not self.shares_ce_max:
-                col["c_max"], ec = max_exp(c)
-                col["c_sum"] = ec.sum(-1)
-            owned = (label_cols >= 0) & (label_cols < c.shape[-1])
-            picked = c.gather(-1, label_cols.clamp(0, c.shape[-1] - 1)[:, None])[:, 0]
-            col["y"] = torch.where(owned, picked, 0.0)
+                col["z"] = torch.nansum(torch.sub(a, b, out=eb).mul_(ea), -1)
         return torch.stack([col[name] for name in self.columns], -1)
 
     def merge(self, stats: torch.Tensor) -> torch.Tensor:
@@ -195,42 +228,38 @@ class LossPlan:
 
     # ---- forward, pass 2 (two-pass kinds): sums that need the global normalizers -------------
 
-    def _log_probs(self, s: torch.Tensor, t: torch.Tensor,
-                   tok: TokenStats) -> tuple[torch.Tensor, torch.Tensor]:
-        return (log_normalize_(self.scaled(s), tok.a_norm),
-                log_normalize_(self.scaled(t), tok.b_norm))
+    def _log_probs_(self, s: torch.Tensor, t: torch.Tensor,
+                    tok: TokenStats) -> tuple[torch.Tensor, torch.Tensor]:
+        return (log_normalize_(self.scale_(s), tok.a_norm),
+                log_normalize_(self.scale_(t), tok.b_norm))
 
     def tile_partials(self, s: torch.Tensor, t: torch.Tensor, tok: TokenStats) -> torch.Tensor:
         """[rows, 2]: this tile's share of the divergence and of sum_v p_v dL/dp_v."""
-        ell, pg = _pointwise.terms(self.kind, *self._log_probs(s, t, tok), beta=self.beta,
+        ell, pg = _pointwise.terms(self.kind, *self._log_probs_(s, t, tok), beta=self.beta,
                                    skew=self.skew)
         return torch.stack([ell.sum(-1), pg.sum(-1)], -1)
 
     # ---- backward ----------------------------------------------------------------------------
 
     def tile_grad(self, s: torch.Tensor, t: torch.Tensor | None, label_cols: torch.Tensor,
-                  tok: TokenStats, g_div: torch.Tensor | None,
-                  g_ce: torch.Tensor | None) -> torch.Tensor:
-        """d(sum g_div * div + g_ce * ce)/d(student logits) on one tile, in the compute dtype.
-
-        `g_ce` must already be 0 at ignored tokens.
-        """
+                  tok: TokenStats, upstream: Upstream) -> torch.Tensor:
+        """d(sum g_div * div + g_ce * ce)/d(student logits) on one tile, in the compute dtype."""
+        g_ce, g_div = upstream.ce, upstream.div
+        use_div = g_div is not None and self.kind is not None
         grad = None
-        if g_div is not None and self.kind is not None:
-            grad = self._div_grad(s, t, tok).mul_((g_div / self.temperature)[:, None])
-        if g_ce is not None and self.with_ce:
-            p = log_normalize_(s.to(self.compute_dtype, copy=True), tok.c_norm).exp_()
-            term = p.mul_(g_ce[:, None])
+        if g_ce is not None and self.with_ce:  # p - onehot(label), from the raw logits
+            raw = s.clone() if use_div else s
+            grad = log_normalize_(raw, tok.c_norm).exp_().mul_(g_ce[:, None])
+            owned, at = owned_columns(label_cols, s.shape[-1])
+            grad[owned, at[owned]] -= g_ce[owned]
+        if use_div:
+            term = self._div_grad_(s, t, tok).mul_((g_div / self.temperature)[:, None])
             grad = term if grad is None else grad.add_(term)
-            owned = (label_cols >= 0) & (label_cols < s.shape[-1])
-            grad[owned, label_cols[owned]] -= g_ce[owned]
-        if grad is None:
-            grad = torch.zeros(s.shape, dtype=self.compute_dtype)
-        return grad
+        return s.zero_() if grad is None else grad
 
-    def _div_grad(self, s: torch.Tensor, t: torch.Tensor, tok: TokenStats) -> torch.Tensor:
+    def _div_grad_(self, s: torch.Tensor, t: torch.Tensor, tok: TokenStats) -> torch.Tensor:
         """d div / d a on one tile (a = student logits / T)."""
-        logp, logq = self._log_probs(s, t, tok)
+        logp, logq = self._log_probs_(s, t, tok)
         if self.kind == "forward_kl":  # p - q
             return logp.exp_().sub_(logq.exp_())
         p = logp.exp()
@@ -241,19 +270,19 @@ class LossPlan:
 
 
 def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_cols: torch.Tensor,
-                 ignored: torch.Tensor, group: Group) -> TokenStats:
+                 ignored: torch.Tensor, group: Group, device: torch.device) -> TokenStats:
     """The whole forward: tile statistics, one all_gather, and for two-pass kinds one all_reduce.
 
     `logits(rows, cols)` gives the tiles; `label_cols` holds each token's label as a column of
     this rank's shard (-1 where ignored or owned by another rank).
     """
-    stats = plan.identity(plan.n_col_tiles(), n_tokens)
+    stats = plan.identity(plan.n_col_tiles(), n_tokens, device=device)
     for j, rows, cols in plan.tiles(n_tokens):
         stats[j, rows] = plan.tile_stats(*logits(rows, cols), label_cols[rows] - cols.start)
     gathered = C.all_gather(plan.merge(stats)[None], group, dim=0)  # [tp, tokens, width]
     tok = plan.finish(plan.merge(gathered), ignored)
     if not plan.one_pass:
-        partials = torch.zeros(n_tokens, 2, dtype=plan.compute_dtype)
+        partials = stats.new_zeros(n_tokens, 2)
         for _, rows, cols in plan.tiles(n_tokens):
             partials[rows] += plan.tile_partials(*logits(rows, cols), tok.rows(rows))
         C.all_reduce(partials, group)
@@ -261,14 +290,24 @@ def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_col
     return tok
 
 
+# Default tile (tokens, vocabulary columns): 8 MB of fp32 on CPU, where cache-sized work wins;
+# 256 MB on GPUs, where fewer, larger kernels do.
+DEFAULT_TILE = {"cpu": (256, 8192), "cuda": (4096, 16384)}
+
+
 def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch.dtype,
-              vocab_size: int | None, group: Group, temperature: float = 1.0, beta: float = 0.5,
-              skew: float = 0.1, tile_tokens: int = 256, tile_vocab: int = 8192) -> LossPlan:
+              vocab_size: int | None, group: Group, device: torch.device,
+              temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+              tile_tokens: int | None = None, tile_vocab: int | None = None) -> LossPlan:
     """Validate the arguments of a public call and place this rank's shard in the vocabulary."""
     if kind is not None:
         _pointwise.check_kind(kind, beta=beta, skew=skew, temperature=temperature)
+    default_tokens, default_vocab = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"])
+    tile_tokens = default_tokens if tile_tokens is None else tile_tokens
+    tile_vocab = default_vocab if tile_vocab is None else tile_vocab
     if tile_tokens < 1 or tile_vocab < 1:
-        raise ValueError(f"chunk sizes must be >= 1 (got {tile_tokens} tokens, {tile_vocab} columns)")
+        raise ValueError(f"chunk sizes must be >= 1 (got {tile_tokens} tokens, "
+                         f"{tile_vocab} columns)")
     tp = C.group_size(group)
     full = shard_vocab * tp
     vocab_size = full if vocab_size is None else vocab_size

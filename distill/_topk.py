@@ -2,9 +2,10 @@
 
 Both distributions are compared over k + 1 buckets: the teacher's k columns, and one leftover
 bucket for the rest of the vocabulary. The teacher's leftover mass is 1 - sum of its top-k
-probabilities; the student's is the sum of its probabilities off the top-k columns, summed
-directly (no 1 - x cancellation). With k = the whole vocabulary there is no leftover bucket and
-the result is `divergence(...)` on the full logits.
+probabilities (a leftover below what that difference resolves, ~1e-7, is floored at the least
+normal float so that the divergence stays finite); the student's is the sum of its probabilities
+off the top-k columns, summed directly (no 1 - x cancellation). With k = the whole vocabulary
+there is no leftover bucket and the result is `divergence(...)` on the full logits.
 
 Temperature: the teacher's probabilities at temperature T are exp(value / T - lse_T), where lse_T
 is the log-sum-exp of teacher_logits / T over the real vocabulary. It cannot be rebuilt from the
@@ -22,23 +23,18 @@ from __future__ import annotations
 import torch
 
 from distill import _pointwise
-from distill._plan import LossPlan, log_normalize_, make_plan, max_exp
+from distill._plan import LossPlan, log_normalize_, make_plan, max_exp, owned_columns
 from engine import collectives as C
 from engine.collectives import Group
 
 _M, _S, _REST, _PICKED = 0, 1, 2, 3  # statistics columns; the k student logits start at _PICKED
 
 
-def _owned(local: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k entries inside this tile, their columns clamped into the tile)."""
-    return (local >= 0) & (local < width), local.clamp(0, width - 1)
-
-
 def _tile_stats(plan: LossPlan, s: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """[rows, 3 + k]: max and sum of exp(a - max), the same sum off the top-k, and a at top-k."""
-    a = plan.scaled(s)
+    a = plan.scale_(plan.copy_tile(s))
     m, e = max_exp(a)
-    owned, at = _owned(local, a.shape[-1])
+    owned, at = owned_columns(local, a.shape[-1])
     picked = torch.where(owned, a.gather(-1, at), float("-inf"))
     total = e.sum(-1)
     hits = torch.zeros_like(e).scatter_add_(-1, at, owned.to(e.dtype))
@@ -63,8 +59,10 @@ def _finish(plan: LossPlan, merged: torch.Tensor, values: torch.Tensor,
     logq_top = values.to(plan.compute_dtype) / plan.temperature - teacher_lse[:, None]
     if values.shape[-1] == plan.vocab_size:  # the whole vocabulary: no leftover bucket
         logq_rest = torch.full_like(logp_rest, float("-inf"))
-    else:
-        logq_rest = (-torch.expm1(logq_top.logsumexp(-1))).clamp_min(0.0).log()
+    else:  # a leftover that 1 - sum(top-k) cannot resolve is kept at the least normal float,
+        # so that a student with mass there gets a large, finite divergence
+        tiny = torch.finfo(plan.compute_dtype).tiny
+        logq_rest = (-torch.expm1(logq_top.logsumexp(-1))).clamp_min(tiny).log()
     ell, pg = _pointwise.terms(plan.kind, torch.cat([logp_top, logp_rest[:, None]], -1),
                                torch.cat([logq_top, logq_rest[:, None]], -1),
                                beta=plan.beta, skew=plan.skew)
@@ -79,8 +77,8 @@ class _TopKDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, values, local, teacher_lse, plan: LossPlan, group):
         n = student.shape[0]
-        stats = torch.zeros(plan.n_col_tiles(), n, _PICKED + values.shape[-1],
-                            dtype=plan.compute_dtype)
+        stats = student.new_zeros(plan.n_col_tiles(), n, _PICKED + values.shape[-1],
+                                  dtype=plan.compute_dtype)
         stats[..., _M] = stats[..., _PICKED:] = float("-inf")
         for j, rows, cols in plan.tiles(n):
             stats[j, rows] = _tile_stats(plan, student[rows, cols], local[rows] - cols.start)
@@ -98,9 +96,10 @@ class _TopKDivergence(torch.autograd.Function):
         grad = torch.empty_like(student)
         grad[:, plan.valid:] = 0
         for _, rows, cols in plan.tiles(student.shape[0]):
-            p = log_normalize_(plan.scaled(student[rows, cols]), a_norm[rows]).exp_()
+            p = log_normalize_(plan.scale_(plan.copy_tile(student[rows, cols])),
+                               a_norm[rows]).exp_()
             tile = p.mul_((rest_g[rows] - aux[rows])[:, None])
-            owned, at = _owned(local[rows] - cols.start, tile.shape[-1])
+            owned, at = owned_columns(local[rows] - cols.start, tile.shape[-1])
             tile.scatter_add_(-1, at, torch.where(owned, correction[rows], 0.0))
             grad[rows, cols] = tile.mul_(scale[rows, None])
         return grad, None, None, None, None, None
@@ -110,7 +109,8 @@ def topk_divergence(student_logits: torch.Tensor, teacher_topk_values: torch.Ten
                     teacher_topk_indices: torch.Tensor, teacher_logsumexp: torch.Tensor, *,
                     kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
                     skew: float = 0.1, vocab_size: int | None = None, group: Group = None,
-                    chunk_tokens: int = 256, chunk_vocab: int = 8192) -> torch.Tensor:
+                    chunk_tokens: int | None = None,
+                    chunk_vocab: int | None = None) -> torch.Tensor:
     """Per-token divergence of the student's shard against a top-k teacher (every kind).
 
     `teacher_topk_values` [..., k]: raw teacher logits at `teacher_topk_indices` [..., k]
@@ -126,6 +126,7 @@ def topk_divergence(student_logits: torch.Tensor, teacher_topk_values: torch.Ten
             f"do not match student tokens {tuple(lead)}")
     plan = make_plan(kind=kind, with_ce=False, shard_vocab=student_logits.shape[-1],
                      dtype=student_logits.dtype, vocab_size=vocab_size, group=group,
+                     device=student_logits.device,
                      temperature=temperature, beta=beta, skew=skew, tile_tokens=chunk_tokens,
                      tile_vocab=chunk_vocab)
     indices = teacher_topk_indices.reshape(-1, k)

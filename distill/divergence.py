@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from distill._plan import LossPlan, TokenStats, label_columns, make_plan, reduce_stats
+from distill._plan import LossPlan, TokenStats, Upstream, label_columns, make_plan, reduce_stats
 from distill._pointwise import KINDS
 from distill._topk import topk_divergence
 from engine.collectives import Group
@@ -33,32 +33,30 @@ class _ShardedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, label_cols, ignored, plan: LossPlan, group):
         def logits(rows, cols):
-            return student[rows, cols], None if teacher is None else teacher[rows, cols]
+            return plan.copy_tile(student[rows, cols]), \
+                None if teacher is None else plan.copy_tile(teacher[rows, cols])
 
         tok = reduce_stats(plan, logits, n_tokens=student.shape[0], label_cols=label_cols,
-                           ignored=ignored, group=group)
+                           ignored=ignored, group=group, device=student.device)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(student, teacher, label_cols, ignored, *tok.tensors())
-        empty = student.new_empty(0, dtype=plan.compute_dtype)
-        return (empty if tok.ce is None else tok.ce), (empty if tok.div is None else tok.div)
+        return tok.outputs(student.new_empty(0, dtype=plan.compute_dtype))
 
     @staticmethod
     def backward(ctx, g_ce, g_div):
         plan: LossPlan = ctx.plan
         student, teacher, label_cols, ignored, *saved = ctx.saved_tensors
-        tok = TokenStats(*saved)
-        g_ce = None if g_ce is None else g_ce.to(plan.compute_dtype).masked_fill(ignored, 0.0)
-        g_div = None if g_div is None else g_div.to(plan.compute_dtype)
-        if g_ce is None and g_div is None:
+        tok, upstream = TokenStats(*saved), Upstream.of(g_ce, g_div, ignored, plan.compute_dtype)
+        if upstream.empty:
             return (None,) * 6
         grad = torch.empty_like(student)
         grad[:, plan.valid:] = 0
         for _, rows, cols in plan.tiles(student.shape[0]):
-            t = None if teacher is None else teacher[rows, cols]
-            grad[rows, cols] = plan.tile_grad(
-                student[rows, cols], t, label_cols[rows] - cols.start, tok.rows(rows),
-                None if g_div is None else g_div[rows], None if g_ce is None else g_ce[rows])
+            t = None if teacher is None else plan.copy_tile(teacher[rows, cols])
+            grad[rows, cols] = plan.tile_grad(plan.copy_tile(student[rows, cols]), t,
+                                              label_cols[rows] - cols.start, tok.rows(rows),
+                                              upstream.rows(rows))
         return grad, None, None, None, None, None
 
 
@@ -76,17 +74,18 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 def _run(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None, *,
          kind: str | None, temperature: float, beta: float, skew: float, ignore_index: int,
-         vocab_size: int | None, group: Group,
-         chunk_tokens: int, chunk_vocab: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+         vocab_size: int | None, group: Group, chunk_tokens: int | None,
+         chunk_vocab: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     plan = make_plan(kind=kind, with_ce=labels is not None, shard_vocab=student.shape[-1],
                      dtype=student.dtype, vocab_size=vocab_size, group=group,
+                     device=student.device,
                      temperature=temperature, beta=beta, skew=skew, tile_tokens=chunk_tokens,
                      tile_vocab=chunk_vocab)
     lead = student.shape[:-1]
     student_2d = student.reshape(-1, student.shape[-1])  # [tokens, V/tp]
     teacher_2d = None if teacher is None else teacher.detach().reshape(student_2d.shape)
     if labels is None:
-        label_cols = ignored = torch.zeros(0, dtype=torch.long)
+        label_cols = ignored = torch.zeros(0, dtype=torch.long, device=student.device)
     else:
         label_cols, ignored = label_columns(plan, labels.reshape(-1), ignore_index)
     ce, div = _ShardedLoss.apply(student_2d, teacher_2d, label_cols, ignored, plan, group)
@@ -97,14 +96,16 @@ def _run(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tens
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
                skew: float = 0.1, vocab_size: int | None = None, group: Group = None,
-               chunk_tokens: int = 256, chunk_vocab: int = 8192) -> torch.Tensor:
+               chunk_tokens: int | None = None,
+               chunk_vocab: int | None = None) -> torch.Tensor:
     """Per-token divergence between softmax(teacher/T) and softmax(student/T), in nats.
 
     Kinds (p_t teacher, p_s student): `forward_kl` KL(p_t||p_s), `reverse_kl` KL(p_s||p_t), `jsd`
     beta KL(p_t||m) + (1-beta) KL(p_s||m) with m = beta p_t + (1-beta) p_s, `tvd`
     0.5 sum|p_t - p_s|, `skew_forward_kl` KL(p_t || skew p_t + (1-skew) p_s), `skew_reverse_kl`
     KL(p_s || skew p_s + (1-skew) p_t). No temperature-squared factor (the objective applies it).
-    Shape: logits.shape[:-1]. Working memory: a few fp32 tiles of chunk_tokens x chunk_vocab.
+    Shape: logits.shape[:-1]. Working memory: a few fp32 tiles of chunk_tokens x chunk_vocab
+    (default 256 x 8192 on CPU, 4096 x 16384 on GPU).
     """
     _check_pair(student_logits, teacher_logits)
     return _run(student_logits, teacher_logits, None, kind=kind, temperature=temperature,
@@ -114,7 +115,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                   vocab_size: int | None = None, group: Group = None,
-                  chunk_tokens: int = 256, chunk_vocab: int = 8192) -> torch.Tensor:
+                  chunk_tokens: int | None = None,
+                  chunk_vocab: int | None = None) -> torch.Tensor:
     """Per-token cross-entropy of vocab-sharded logits against global label ids; 0 where ignored."""
     _check_labels(logits, labels)
     return _run(logits, None, labels, kind=None, temperature=1.0, beta=0.5, skew=0.1,
@@ -126,8 +128,8 @@ def lm_and_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       labels: torch.Tensor, *, kind: str = "forward_kl", temperature: float = 1.0,
                       beta: float = 0.5, skew: float = 0.1, ignore_index: int = -100,
                       vocab_size: int | None = None, group: Group = None,
-                      chunk_tokens: int = 256,
-                      chunk_vocab: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_tokens: int | None = None,
+                      chunk_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token cross-entropy at temperature 1, per-token divergence) from one pass.
 
     The same communication as `divergence` alone: one all_gather for the KL kinds. Either output

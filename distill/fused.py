@@ -1,9 +1,9 @@
 """Fused LM head + losses: the per-token LM loss and divergence straight from hidden states.
 
 The logits of student and teacher are computed tile by tile (`hidden[rows] @ weight[cols].T`,
-in fp32) and reduced at once, so no `[tokens, vocab]` logits of either model ever exist; the
-backward recomputes each tile and folds its gradient into the hidden-state and weight gradients.
-The statistics, their communication (one all_gather for the KL kinds and the LM loss) and the
+with an fp32 result) and reduced at once, so no `[tokens, vocab]` logits of either model ever
+exist; the backward recomputes each tile and folds its gradient into the hidden-state and weight
+gradients. The statistics, their communication (one all_gather for the KL kinds and the LM loss) and the
 exactness are those of `distill.divergence`, which this shares its kernels with.
 
 Tensor parallelism: `student_hidden` is replicated over the TP group and this rank's logits are
@@ -18,19 +18,39 @@ from __future__ import annotations
 
 import torch
 
-from distill._plan import LossPlan, TokenStats, label_columns, make_plan, reduce_stats
+from distill._plan import LossPlan, TokenStats, Upstream, label_columns, make_plan, reduce_stats
 from engine.collectives import Group
+
+
+def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as `dtype` (fp32): bf16/fp16 CUDA operands stay on the tensor cores, accumulating in
+    fp32 (their products are exact in fp32); elsewhere both are cast up first."""
+    if _on_tensor_cores(a, b):
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a.to(dtype), b.to(dtype))
+
+
+def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place where the operands allow it."""
+    if _on_tensor_cores(a, b):
+        out += torch.mm(a, b, out_dtype=out.dtype)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
 def _tile_source(plan: LossPlan, hidden, weight, teacher_hidden, teacher_weight, teacher_logits):
     cdt = plan.compute_dtype
 
     def logits(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        student = hidden[rows].to(cdt) @ weight[cols].to(cdt).T  # [rows, cols]
+        student = _mm(hidden[rows], weight[cols].T, cdt)  # [rows, cols]
         if teacher_logits is not None:
-            return student, teacher_logits[rows, cols]
+            return student, plan.copy_tile(teacher_logits[rows, cols])
         if teacher_hidden is not None:
-            return student, teacher_hidden[rows].to(cdt) @ teacher_weight[cols].to(cdt).T
+            return student, _mm(teacher_hidden[rows], teacher_weight[cols].T, cdt)
         return student, None
 
     return logits
@@ -42,36 +62,35 @@ class _FusedHeadLoss(torch.autograd.Function):
                 ignored, plan: LossPlan, group):
         logits = _tile_source(plan, hidden, weight, teacher_hidden, teacher_weight, teacher_logits)
         tok = reduce_stats(plan, logits, n_tokens=hidden.shape[0], label_cols=label_cols,
-                           ignored=ignored, group=group)
+                           ignored=ignored, group=group, device=hidden.device)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, teacher_logits,
                               label_cols, ignored, *tok.tensors())
-        empty = hidden.new_empty(0, dtype=plan.compute_dtype)
-        return (empty if tok.ce is None else tok.ce), (empty if tok.div is None else tok.div)
+        return tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype))
 
     @staticmethod
     def backward(ctx, g_ce, g_div):
         plan: LossPlan = ctx.plan
         hidden, weight, t_hidden, t_weight, t_logits, label_cols, ignored, *saved = \
             ctx.saved_tensors
-        if g_ce is None and g_div is None:
-            return (None,) * 9
         cdt, tok = plan.compute_dtype, TokenStats(*saved)
-        g_ce = None if g_ce is None else g_ce.to(cdt).masked_fill(ignored, 0.0)
-        g_div = None if g_div is None else g_div.to(cdt)
+        upstream = Upstream.of(g_ce, g_div, ignored, cdt)
+        if upstream.empty:
+            return (None,) * 9
         logits = _tile_source(plan, hidden, weight, t_hidden, t_weight, t_logits)
-        grad_hidden = torch.zeros(hidden.shape, dtype=cdt)
+        grad_hidden = hidden.new_zeros(hidden.shape, dtype=cdt)
         grad_weight = torch.zeros_like(weight)
+        # Like the model's own LM head, the gradient matmuls run in the weights' dtype.
+        mm_dtype = weight.dtype if weight.is_cuda else cdt
         for cols in plan.col_tiles():
-            w_tile = weight[cols].to(cdt)  # [cols, H]
-            g_w = grad_weight[cols] if weight.dtype == cdt else torch.zeros(w_tile.shape, dtype=cdt)
+            g_w = grad_weight[cols] if weight.dtype == cdt else \
+                weight.new_zeros(weight[cols].shape, dtype=cdt)  # [cols, H]
             for rows in plan.row_tiles(hidden.shape[0]):
-                g_logits = plan.tile_grad(
-                    *logits(rows, cols), label_cols[rows] - cols.start, tok.rows(rows),
-                    None if g_div is None else g_div[rows], None if g_ce is None else g_ce[rows])
-                grad_hidden[rows].addmm_(g_logits, w_tile)
-                g_w.addmm_(g_logits.T, hidden[rows].to(cdt))
+                g_logits = plan.tile_grad(*logits(rows, cols), label_cols[rows] - cols.start,
+                                          tok.rows(rows), upstream.rows(rows)).to(mm_dtype)
+                _add_mm_(grad_hidden[rows], g_logits, weight[cols])
+                _add_mm_(g_w, g_logits.T, hidden[rows])
             if weight.dtype != cdt:
                 grad_weight[cols] = g_w
         return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
@@ -86,15 +105,18 @@ def _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_we
     if (teacher_hidden is None) != (teacher_weight_shard is None):
         raise ValueError("teacher_hidden and teacher_weight_shard go together")
     if teacher_hidden is not None and teacher_logits is not None:
-        raise ValueError("give the teacher as teacher_hidden + teacher_weight_shard OR teacher_logits")
+        raise ValueError("give the teacher as teacher_hidden + teacher_weight_shard, or as "
+                         "teacher_logits, not both")
     shard = student_weight_shard.shape[0]
     if teacher_hidden is not None and (
             teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n
             or teacher_weight_shard.shape != (shard, teacher_hidden.shape[1])):
         raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_weight_shard "
-                         f"{tuple(teacher_weight_shard.shape)} must be [{n}, H_t] and [{shard}, H_t]")
+                         f"{tuple(teacher_weight_shard.shape)} must be [{n}, H_t] and "
+                         f"[{shard}, H_t]")
     if teacher_logits is not None and teacher_logits.shape != (n, shard):
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must be [{n}, {shard}]")
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must be "
+                         f"[{n}, {shard}]")
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels shape {tuple(labels.shape)} must be [{n}]")
 
@@ -106,7 +128,7 @@ def fused_lm_and_divergence(
         teacher_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
         ignore_index: int = -100, vocab_size: int | None = None, group: Group = None,
-        chunk_tokens: int = 256, chunk_vocab: int = 8192,
+        chunk_tokens: int | None = None, chunk_vocab: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(per-token LM cross-entropy or None without labels, per-token divergence or None without
     a teacher) of the head `student_hidden [tokens, H] @ student_weight_shard[V/tp, H].T`.
@@ -114,7 +136,8 @@ def fused_lm_and_divergence(
     The teacher is `teacher_hidden [tokens, H_t]` with `teacher_weight_shard [V/tp, H_t]`, or its
     logits shard `teacher_logits [tokens, V/tp]`; it gets no gradient. Gradients go to
     `student_hidden` (this rank's partial sum: see the module docstring) and
-    `student_weight_shard`. Working memory: a few fp32 tiles of chunk_tokens x chunk_vocab.
+    `student_weight_shard`. Working memory: a few fp32 tiles of chunk_tokens x chunk_vocab
+    (default 256 x 8192 on CPU, 4096 x 16384 on GPU).
     """
     _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
                 teacher_logits, labels)
@@ -123,10 +146,11 @@ def fused_lm_and_divergence(
         raise ValueError("nothing to compute: give labels, a teacher, or both")
     plan = make_plan(kind=kind if has_teacher else None, with_ce=labels is not None,
                      shard_vocab=student_weight_shard.shape[0], dtype=student_weight_shard.dtype,
-                     vocab_size=vocab_size, group=group, temperature=temperature, beta=beta,
-                     skew=skew, tile_tokens=chunk_tokens, tile_vocab=chunk_vocab)
+                     vocab_size=vocab_size, group=group, device=student_hidden.device,
+                     temperature=temperature, beta=beta, skew=skew, tile_tokens=chunk_tokens,
+                     tile_vocab=chunk_vocab)
     if labels is None:
-        label_cols = ignored = torch.zeros(0, dtype=torch.long)
+        label_cols = ignored = torch.zeros(0, dtype=torch.long, device=student_hidden.device)
     else:
         label_cols, ignored = label_columns(plan, labels, ignore_index)
     teacher = [None if x is None else x.detach()

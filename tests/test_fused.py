@@ -153,3 +153,48 @@ def test_fused_bad_arguments():
             fused_lm_and_divergence(h, w, **kwargs)
     with pytest.raises(ValueError, match="student_hidden"):
         fused_lm_and_divergence(h[None], w, labels=torch.tensor([1, 2, 3, 4]))
+
+
+
+def _on(device: str, dtype: torch.dtype, *tensors):
+    return [x.to(device) if not x.is_floating_point() else x.to(device, dtype) for x in tensors]
+
+
+def _run_and_grads(fn, device, dtype, *tensors):
+    """Outputs of `fn` and the gradients of their sum with respect to its first argument(s)."""
+    args = [x.clone().requires_grad_(i < 2 and x.is_floating_point())
+            for i, x in enumerate(_on(device, dtype, *tensors))]
+    outs = [o for o in fn(*args) if o is not None]
+    sum(o.sum() for o in outs).backward()
+    grads = [a.grad for a in args if a.grad is not None]
+    return [x.detach().float().cpu() for x in outs + grads]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    """Each entry point on CUDA against the same call on CPU, fp32 and bf16 inputs. (The fused
+    path's bf16 gradient matmuls run on tensor cores with bf16 operands: bf16 tolerance.)"""
+    from distill import cross_entropy, divergence, lm_and_divergence, topk_divergence
+
+    hidden, weight, t_hidden, t_weight, labels = _inputs()
+    weight, t_weight = weight[:VOCAB], t_weight[:VOCAB]
+    logits, t_logits = hidden @ weight.T, t_hidden @ t_weight.T
+    values, indices = t_logits.topk(5, -1)
+    lse = t_logits.logsumexp(-1)
+    calls = [(lambda x, _, lab: (cross_entropy(x, lab),), (logits, t_logits, labels))]
+    for kind in KINDS:
+        calls += [
+            (lambda x, t, lab, k=kind: lm_and_divergence(
+                x, t, lab, kind=k, temperature=2.0, chunk_vocab=7), (logits, t_logits, labels)),
+            (lambda x, _, v, i, k=kind: (topk_divergence(x, v, i, lse.to(x.device), kind=k),),
+             (logits, t_logits, values, indices)),  # the log-sum-exp stays fp32
+            (lambda h, w, th, tw, lab, k=kind: fused_lm_and_divergence(
+                h, w, teacher_hidden=th, teacher_weight_shard=tw, labels=lab, kind=k,
+                chunk_tokens=3, chunk_vocab=7), (hidden, weight, t_hidden, t_weight, labels))]
+    calls.append((lambda x, t: (divergence(x, t),), (logits, t_logits)))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for fn, tensors in calls:
+            cpu = _run_and_grads(fn, "cpu", dtype, *tensors)
+            cuda = _run_and_grads(fn, "cuda", dtype, *tensors)
+            for a, b in zip(cpu, cuda, strict=True):
+                torch.testing.assert_close(b, a, rtol=tol, atol=tol)
