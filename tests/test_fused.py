@@ -6,7 +6,8 @@ hidden states (summed over TP by `copy_to_tp`, as the model does) and this rank'
 gradient (rtol=atol=1e-5; bf16 inputs get their gradients in bf16: rtol 8e-3, atol 8e-3 of the
 largest gradient, since the partial sums are rounded before the TP sum). Padding rows of the
 weights hold NaN, so reading one would show. Small tiles (3 tokens x 5 columns) make every call
-cross tile and shard boundaries.
+cross tile and shard boundaries. The memory contract (no [tokens, vocab] allocation but the
+unfused path's returned gradient) is checked by recording every allocation.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_divergence import _group, _shard, reference, reference_ce
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from distill import KINDS, fused_lm_and_divergence
+from distill import KINDS, fused_lm_and_divergence, lm_and_divergence
 from engine import collectives as C
 from engine.mappings import copy_to_tp, scatter_to_tp
 from engine.testing import run_ranks
@@ -198,3 +201,50 @@ def test_cuda_matches_cpu():
             cuda = _run_and_grads(fn, "cuda", dtype, *tensors)
             for a, b in zip(cpu, cuda, strict=True):
                 torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of every new storage an op produces (views and in-place results are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr()
+                  for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        self.sizes += [t.untyped_storage().nbytes() for t in tree_flatten(out)[0]
+                       if isinstance(t, torch.Tensor)
+                       and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_memory_is_bounded_by_tiles():
+    """No allocation of [tokens, vocab] size, except the gradient of the unfused path's logits."""
+    tokens, vocab, width, tile = 64, 512, 8, (16, 128)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, width, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=g, requires_grad=True)
+    t_hidden, t_weight = torch.randn(tokens, width, generator=g), torch.randn(vocab, width,
+                                                                            generator=g)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    full = tokens * vocab * 4  # bytes of one fp32 [tokens, vocab] tensor
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    t_logits = (t_hidden @ t_weight.T).detach()
+    for kind in ("forward_kl", "jsd"):
+        with _Allocations() as fwd:
+            ce, div = lm_and_divergence(logits, t_logits, labels, kind=kind, chunk_tokens=tile[0],
+                                        chunk_vocab=tile[1])
+        with _Allocations() as bwd:
+            (ce + div).sum().backward()
+        assert max(fwd.sizes) < full / 4, kind
+        assert sorted(bwd.sizes)[-1] == full and sorted(bwd.sizes)[-2] < full / 4, kind
+
+        with _Allocations() as fwd:
+            ce, div = fused_lm_and_divergence(
+                hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
+                labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1])
+        with _Allocations() as bwd:
+            (ce + div).sum().backward()
+        assert max(fwd.sizes + bwd.sizes) < full / 4, kind
