@@ -27,6 +27,7 @@ from engine.config import ConfigError
 from engine.data import TokenBatches, resolve_data_path
 from engine.log import get_logger, setup_logging
 from engine.parallel import ParallelLayout, destroy_parallel, init_parallel
+from engine.signals import PreemptionFlag
 from engine.trainer import NonFiniteError, seed_everything
 from layers.config import ModelConfig
 from layers.model import TransformerLM
@@ -154,7 +155,10 @@ def _serve(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective) -> 
         for _ in range(start, cfg.train.steps):
             yield from data.next_step()
 
-    sent = serve_teacher(teacher, layout, names=_teacher_names(objective),
-                         batches_for=batches_for, prefetch=cfg.distill.prefetch)
+    # SLURM signals every task: the teacher only records it and follows the students' decision,
+    # which arrives with their acknowledgements.
+    with PreemptionFlag():
+        sent = serve_teacher(teacher, layout, names=_teacher_names(objective),
+                             batches_for=batches_for, prefetch=cfg.distill.prefetch)
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

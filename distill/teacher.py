@@ -123,49 +123,88 @@ def _decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, .
     return specs
 
 
+ACK_STOP, ACK_CONTINUE = 0, 1
+
+
+class _StudentLink:
+    """The teacher's side of one student: sends in flight, and the student's acknowledgements.
+
+    The student acknowledges every micro-batch it has consumed (stop or continue); the teacher sends
+    micro-batch j only after the acknowledgement of j - prefetch, so it runs at most `prefetch`
+    ahead, and it learns at once when the students stop early (preemption)."""
+
+    def __init__(self, peer: int, device: torch.device):
+        self.peer, self.device = peer, device
+        self.sent = self.acked = 0
+        self.pending: collections.deque = collections.deque()  # (works, tensors) per micro-batch
+        self.stopped = False
+        self.announced = False
+
+    def _receive_ack(self) -> None:
+        ack = torch.zeros(1, dtype=torch.int64, device=self.device)
+        C.recv(ack, src=self.peer)
+        self.acked += 1
+        works, _ = self.pending.popleft()  # the student had it before acknowledging
+        for work in works:
+            work.wait()
+        self.stopped = int(ack.item()) == ACK_STOP
+
+    def ready(self, prefetch: int) -> bool:
+        """Wait until another micro-batch may be sent; False once the student has stopped."""
+        while not self.stopped and self.sent - self.acked >= prefetch:
+            self._receive_ack()
+        return not self.stopped
+
+    def send(self, tensors: list[torch.Tensor]) -> None:
+        if not self.announced:
+            C.send(_encode_header(tensors[1:]).to(self.device), dst=self.peer)
+            self.announced = True
+        self.pending.append(([C.isend(t, dst=self.peer) for t in tensors], tensors))
+        self.sent += 1
+
+    def close(self) -> None:
+        """Collect the outstanding acknowledgements, then wait for every send to complete."""
+        while not self.stopped and self.acked < self.sent:
+            self._receive_ack()
+        for works, _ in self.pending:  # after a stop the student drains what it had posted
+            for work in works:
+                work.wait()
+        self.pending.clear()
+
+
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *, names: list[str],
                   batches_for: Callable[[int], Iterator[dict]], prefetch: int) -> int:
     """Teacher-rank loop: stream outputs for every micro-batch of each served student rank.
 
-    `batches_for(student_dp_rank)` yields that student's micro-batches in training order. Returns
-    the number of micro-batches sent. At most `prefetch` sends are in flight per student.
+    `batches_for(student_dp_rank)` yields that student's micro-batches in training order. Students
+    are served in turn, at most `prefetch` micro-batches ahead of each; the loop ends when every
+    stream is done or its student stopped. Returns the number of micro-batches sent.
     """
-    peers = _peer_student_ranks(layout)
     student_dp = layout.student_world // layout.tp
-    streams = {p: batches_for((p - layout.tp_rank) // layout.tp % student_dp) for p in peers}
-    pending: collections.deque = collections.deque()
-    sent = 0
-    announced: set[int] = set()
+    links = {p: _StudentLink(p, layout.device) for p in _peer_student_ranks(layout)}
+    streams = {p: batches_for((p - layout.tp_rank) // layout.tp % student_dp) for p in links}
     while streams:
         for peer in list(streams):
-            batch = next(streams[peer], None)
+            batch = next(streams[peer], None) if links[peer].ready(prefetch) else None
             if batch is None:
                 del streams[peer]
                 continue
             batch = to_device(batch, layout.device)
             out = teacher(batch)
-            tensors = [token_checksum(batch["input_ids"]).to(layout.device)] + \
-                [out[n].detach().contiguous().to(layout.device) for n in names]
-            if peer not in announced:
-                C.send(_encode_header(tensors[1:]).to(layout.device), dst=peer)
-                announced.add(peer)
-            pending.append([C.isend(t, dst=peer) for t in tensors] + [tensors])
-            while len(pending) > prefetch * len(peers):
-                _wait_all(pending.popleft())
-            sent += 1
-    while pending:
-        _wait_all(pending.popleft())
-    return sent
-
-
-def _wait_all(entry: list) -> None:
-    for work in entry[:-1]:
-        work.wait()
+            links[peer].send([token_checksum(batch["input_ids"]).to(layout.device)] +
+                             [out[n].detach().contiguous().to(layout.device) for n in names])
+    for link in links.values():
+        link.close()
+    if any(link.stopped for link in links.values()):
+        log.info("teacher rank %d: the students stopped early", layout.rank)
+    return sum(link.sent for link in links.values())
 
 
 class RemoteTeacher:
     """Student side of `serve_teacher`: receives the teacher tensors for each micro-batch, with
-    receives posted up to `prefetch` micro-batches ahead so the teacher never waits on us."""
+    receives posted up to `prefetch` micro-batches ahead so the teacher never waits on us, and
+    acknowledges each consumed micro-batch (the last one of a step after the stop vote, through
+    `end_step`). `close()` at the end of training."""
 
     def __init__(self, layout: ParallelLayout, *, names: list[str], prefetch: int, total: int):
         self.layout, self.names, self.prefetch = layout, names, prefetch
@@ -173,6 +212,8 @@ class RemoteTeacher:
         self.src = peer_teacher_rank(layout)
         self.specs: list | None = None
         self.posted: collections.deque = collections.deque()
+        self.unacked = False  # the last micro-batch handed out awaits its acknowledgement
+        self.acks: list[tuple[object, torch.Tensor]] = []
 
     def _post_one(self) -> None:
         checksum = torch.zeros(1, dtype=torch.int64, device=self.layout.device)
@@ -181,7 +222,28 @@ class RemoteTeacher:
         works = [C.irecv(checksum, src=self.src)] + [C.irecv(b, src=self.src) for b in bufs]
         self.posted.append((works, checksum, bufs))
 
+    def _acknowledge(self, flag: int) -> None:
+        if self.unacked:
+            ack = torch.full((1,), flag, dtype=torch.int64, device=self.layout.device)
+            self.acks.append((C.isend(ack, dst=self.src), ack))
+            self.unacked = False
+
+    def end_step(self, *, stop: bool) -> None:
+        """After the step's stop vote: acknowledge the step's last micro-batch. On a stop, first
+        receive what was posted ahead (the teacher is sending it) so nothing is left in flight."""
+        if stop:
+            while self.posted:
+                for work in self.posted.popleft()[0]:
+                    work.wait()
+        self._acknowledge(ACK_STOP if stop else ACK_CONTINUE)
+
+    def close(self) -> None:
+        for work, _ in self.acks:
+            work.wait()
+        self.acks.clear()
+
     def __call__(self, micro_batch: dict) -> dict[str, torch.Tensor]:
+        self._acknowledge(ACK_CONTINUE)
         if self.specs is None:
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.layout.device)
             C.recv(header, src=self.src)
@@ -199,4 +261,5 @@ class RemoteTeacher:
             raise TeacherStreamError(
                 f"teacher rank {self.src} sent outputs for other tokens (checksum "
                 f"{checksum.item()} != {expected.item()}): teacher and student data are misaligned")
+        self.unacked = True
         return dict(zip(self.names, bufs))

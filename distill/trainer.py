@@ -197,6 +197,8 @@ class DistillTrainer:
                 step = self._loop(start, metrics, preempted)
             finally:
                 metrics.close()
+            if hasattr(self.teacher, "close"):
+                self.teacher.close()
         return step
 
     def _loop(self, start: int, metrics: MetricsWriter, preempted) -> int:
@@ -209,7 +211,10 @@ class DistillTrainer:
             if (step + 1) % self.cfg.log_interval == 0 or "val_loss" in record:
                 metrics.log(record)
             metrics.advance()
-            if preempted.should_stop(self.layout):
+            stop = preempted.should_stop(self.layout)
+            if hasattr(self.teacher, "end_step"):  # teacher ranks learn whether to go on
+                self.teacher.end_step(stop=stop)
+            if stop:
                 self.save(step + 1)
                 log.info("preempted: saved step %d", step + 1)
                 return step + 1

@@ -99,6 +99,39 @@ def test_teacher_ranks_resume(setup):
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
 
 
+def _preempted_teacher_ranks_run(cfg, run_dir):
+    """The student (rank 0) sends itself SIGTERM once step 2 is logged, as SLURM would."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def preempt():
+        path = run_dir / "metrics.jsonl"
+        while not path.exists() or len(path.read_text().splitlines()) < 2:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if dist.get_rank() == 0:
+        threading.Thread(target=preempt, daemon=True).start()
+    return run_main(str(cfg), [f"train.run_dir={run_dir}", "distill.schedule=teacher_ranks",
+                               "parallel.teacher_ranks=1", "train.steps=12"])
+
+
+def test_teacher_ranks_preemption_stops_both_roles_cleanly(setup):
+    # The students stop at a step boundary and save; the teacher learns it from their
+    # acknowledgement and exits cleanly instead of waiting on sends nobody will receive.
+    tmp, cfg = setup
+    colocated = _run(cfg, tmp / "colocated", "train.steps=12")
+    codes = run_ranks(_preempted_teacher_ranks_run, 2, cfg, tmp / "remote", timeout_s=120)
+    assert codes == [124, 0]
+    stopped_at = len(read_metrics(tmp / "remote"))
+    assert 2 <= stopped_at < 12
+    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.steps=12", "train.resume=auto",
+              timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+
+
 def test_distillation_drives_kd_loss_down(tmp_path):
     # A teacher briefly trained on the corpus (what it knows is learnable in a few steps; a random
     # teacher's context function is not), then pure KD: the student must move towards it.
@@ -137,6 +170,8 @@ def _stream_with_corruption():
     with pytest.raises(TeacherStreamError, match="misaligned"):
         remote(batches[1])
     remote(batches[2])  # drain the last message so the teacher's sends complete
+    remote.end_step(stop=True)
+    remote.close()
     return "detected"
 
 
