@@ -99,6 +99,14 @@ def test_teacher_ranks_resume(setup):
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
 
 
+def test_one_teacher_rank_serves_two_data_parallel_students(setup):
+    # World 3: students DP=2 (ranks 0, 1) + one teacher rank taking turns between them.
+    tmp, cfg = setup
+    colocated = _run(cfg, tmp / "colocated")
+    run_ranks(_teacher_ranks_run, 3, cfg, tmp / "remote", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+
+
 def _preempted_teacher_ranks_run(cfg, run_dir):
     """The student (rank 0) sends itself SIGTERM once step 2 is logged, as SLURM would."""
     import os
