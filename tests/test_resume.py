@@ -20,7 +20,7 @@ import pytest
 from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 16  # enough steps that the signals land mid-run even on a loaded machine
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_ma
                                  write_config)
 
 RTOL = 1e-5
+PREEMPT_STEPS = 40  # long enough that the signal lands before the end even on a loaded machine
 
 
 def _close(a: float, b: float, rtol: float = RTOL) -> bool:
@@ -123,19 +124,20 @@ def _preempted_teacher_ranks_run(cfg, run_dir):
     if dist.get_rank() == 0:
         threading.Thread(target=preempt, daemon=True).start()
     return run_main(str(cfg), [f"train.run_dir={run_dir}", "distill.schedule=teacher_ranks",
-                               "parallel.teacher_ranks=1", "train.steps=12"])
+                               "parallel.teacher_ranks=1", f"train.steps={PREEMPT_STEPS}"])
 
 
 def test_teacher_ranks_preemption_stops_both_roles_cleanly(setup):
     # The students stop at a step boundary and save; the teacher learns it from their
     # acknowledgement and exits cleanly instead of waiting on sends nobody will receive.
     tmp, cfg = setup
-    colocated = _run(cfg, tmp / "colocated", "train.steps=12")
+    colocated = _run(cfg, tmp / "colocated", f"train.steps={PREEMPT_STEPS}")
     codes = run_ranks(_preempted_teacher_ranks_run, 2, cfg, tmp / "remote", timeout_s=120)
     assert codes == [124, 0]
     stopped_at = len(read_metrics(tmp / "remote"))
-    assert 2 <= stopped_at < 12
-    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.steps=12", "train.resume=auto",
+    assert 2 <= stopped_at < PREEMPT_STEPS
+    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", f"train.steps={PREEMPT_STEPS}",
+              "train.resume=auto",
               timeout_s=120)
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
 
