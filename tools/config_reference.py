@@ -24,7 +24,7 @@ _FIELD = re.compile(r"^\s+(\w+)\s*:.*?#\s*(.*)$")
 
 def field_comments(cls: type) -> dict[str, str]:
     """Trailing `# comment` of each field line (and a comment line just above a field)."""
-    comments, pending = {}, []
+    comments, pending, open_field = {}, [], None
     for line in inspect.getsource(cls).splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
@@ -36,6 +36,9 @@ def field_comments(cls: type) -> dict[str, str]:
             comments[match.group(1)] = match.group(2)
         elif name and pending:
             comments[name.group(1)] = " ".join(pending)
+        elif open_field and "#" in line:  # a field whose type spans lines: comment at its end
+            comments[open_field] = line.split("#", 1)[1].strip()
+        open_field = name.group(1) if name and name.group(1) not in comments else None
         pending = []
     return comments
 
