@@ -37,7 +37,7 @@ class RopeScaling:
 class ModelConfig:
     """One decoder-only transformer LM. `vocab_size` is the real vocabulary (before padding)."""
 
-    family: Literal["llama", "gpt2"] = "llama"  # building blocks (see the module docstring)
+    family: Literal["llama", "gpt2"] = "llama"  # llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, GELU)
     vocab_size: int = 256  # real vocabulary; the embedding and output layer are padded past it
     hidden: int = 64  # width of the residual stream
     layers: int = 2  # decoder blocks in the trunk
