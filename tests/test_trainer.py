@@ -55,39 +55,29 @@ def test_accumulation_equals_one_big_micro_batch(setup):
     assert small[0]["kd_loss"] > 0 and small[0]["lm_loss"] > 0
 
 
-def _dp_run(cfg, run_dir):
-    return _run(cfg, run_dir, "data.micro_batch=2", "data.global_batch=4")
+TEACHER_RANKS = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"]
+ACTIVATIONS = ["distill.activations=[all_mlps]", "distill.projection=shared"]
+LAYOUTS = [  # (world size, overrides of the parallel run only, overrides of both runs)
+    pytest.param(2, [], ["data.micro_batch=2"], id="dp2-vs-accumulation"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], ACTIVATIONS, id="tp2-sp"),
+    pytest.param(2, TEACHER_RANKS, [], id="teacher-rank-1+1"),
+    pytest.param(3, TEACHER_RANKS, [], id="teacher-rank-serving-dp2"),
+]
 
 
-def test_data_parallel_equals_single_process(setup):
+@pytest.mark.parametrize("world,parallel,common", LAYOUTS)
+def test_parallel_layout_equals_single_process(setup, world, parallel, common):
+    """Each row: a distributed layout against the single-process colocated run on the same data,
+    three optimizer steps, every logged term and the gradient norm at rtol 1e-5."""
     tmp, cfg = setup
-    single = _dp_run(cfg, tmp / "dp1")
-    run_ranks(_dp_run, 2, cfg, tmp / "dp2", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "dp2"), single)
-
-
-def _tp_run(cfg, run_dir):
-    return _run(cfg, run_dir, "parallel.tp=2", "parallel.sp=true", "distill.activations=[all_mlps]",
-                "distill.projection=shared")
-
-
-def test_tensor_and_sequence_parallel_equal_single_process(setup):
-    tmp, cfg = setup
-    single = _run(cfg, tmp / "tp1", "distill.activations=[all_mlps]", "distill.projection=shared")
-    run_ranks(_tp_run, 2, cfg, tmp / "tp2", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "tp2"), single, keys=("loss", "lm_loss", "kd_loss",
-                                                              "act_loss", "grad_norm"))
+    single = _run(cfg, tmp / "single", *common)
+    run_ranks(_run, world, cfg, tmp / "parallel", *common, *parallel, timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "parallel"), single,
+                     keys=("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm"))
 
 
 def _teacher_ranks_run(cfg, run_dir, *extra):
-    return _run(cfg, run_dir, "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1", *extra)
-
-
-def test_teacher_ranks_equal_colocated(setup):
-    tmp, cfg = setup
-    colocated = _run(cfg, tmp / "colocated")
-    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+    return _run(cfg, run_dir, *TEACHER_RANKS, *extra)
 
 
 def test_teacher_ranks_resume(setup):
@@ -97,14 +87,6 @@ def test_teacher_ranks_resume(setup):
     colocated = _run(cfg, tmp / "colocated")
     run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.steps=2", timeout_s=120)
     run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.resume=auto", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), colocated)
-
-
-def test_one_teacher_rank_serves_two_data_parallel_students(setup):
-    # World 3: students DP=2 (ranks 0, 1) + one teacher rank taking turns between them.
-    tmp, cfg = setup
-    colocated = _run(cfg, tmp / "colocated")
-    run_ranks(_teacher_ranks_run, 3, cfg, tmp / "remote", timeout_s=120)
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
 
 
@@ -123,8 +105,8 @@ def _preempted_teacher_ranks_run(cfg, run_dir):
 
     if dist.get_rank() == 0:
         threading.Thread(target=preempt, daemon=True).start()
-    return run_main(str(cfg), [f"train.run_dir={run_dir}", "distill.schedule=teacher_ranks",
-                               "parallel.teacher_ranks=1", f"train.steps={PREEMPT_STEPS}"])
+    return run_main(str(cfg), [f"train.run_dir={run_dir}", *TEACHER_RANKS,
+                               f"train.steps={PREEMPT_STEPS}"])
 
 
 def test_teacher_ranks_preemption_stops_both_roles_cleanly(setup):
