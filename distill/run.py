@@ -135,15 +135,17 @@ def _teacher_source(cfg: RunConfig, layout: ParallelLayout, teacher_model, objec
     if schedule == "offline":
         from distill.offline import OfflineTeacher
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
-    if teacher_model is None:
-        return None
+    return None if teacher_model is None else _colocated(teacher_model, objective)
+
+
+def _colocated(teacher_model: TransformerLM, objective: DistillObjective) -> ColocatedTeacher:
+    """The teacher forward the objective needs: its buffers, and logits unless fused."""
     return ColocatedTeacher(teacher_model, buffer_names=objective.teacher_buffer_names(),
                             compute_logits=not objective.fused)
 
 
 def _serve(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective) -> int:
-    teacher = ColocatedTeacher(teacher_model, buffer_names=objective.teacher_buffer_names(),
-                               compute_logits=not objective.fused)
+    teacher = _colocated(teacher_model, objective)
 
     def batches_for(student_dp_rank: int):
         student_dp = layout.student_world // layout.tp

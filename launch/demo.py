@@ -32,18 +32,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from distill import cross_entropy  # noqa: E402
-from distill.runconfig import parse_run_config, resolve_checkpoint  # noqa: E402
-from distill.weights import load_weights  # noqa: E402
+from distill.runconfig import parse_run_config  # noqa: E402
 from engine.config import apply_overrides, load_yaml  # noqa: E402
-from engine.data import TokenBatches, resolve_data_path  # noqa: E402
+from engine.data import resolve_data_path  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
+from tools.score import checkpoint_model_config, load_model, validation_loss  # noqa: E402
 
 log = get_logger("demo")
 CONFIGS = ROOT / "launch" / "configs"
-EVAL_BATCHES = 40  # validation micro-batches (of data.micro_batch samples) per model
+EVAL_STEPS = 20  # validation global batches (of data.global_batch samples) per model
 
 
 def torchrun(script: str, config: Path, overrides: list[str], nproc: int, log_file: Path) -> None:
@@ -89,26 +88,14 @@ def fresh_run(run_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def validation_loss(checkpoint_root: Path, config: Path, overrides: list[str]) -> float:
-    """Mean next-token loss (nats) of a checkpoint on the first EVAL_BATCHES validation batches,
-    evaluated in this process at TP=1 (the checkpoint is resharded on load)."""
-    cfg = parse_run_config(apply_overrides(load_yaml(config), overrides))
-    layout = ParallelLayout.single()
-    model = TransformerLM(cfg.model, layout).eval()
-    load_weights(resolve_checkpoint(str(checkpoint_root), key="checkpoint"), model, layout)
-    stream = TokenBatches(cfg.data, seed=cfg.train.seed, split="valid")
-    total, count = 0.0, 0
-    while count < EVAL_BATCHES:
-        for mb in stream.next_step():
-            logits = model(mb["input_ids"]).logits
-            per_token = cross_entropy(logits, mb["labels"], vocab_size=cfg.model.vocab_size)
-            valid = mb["labels"] != -100
-            total += per_token[valid].sum().item()
-            count += 1
-            if count == EVAL_BATCHES:
-                break
-    tokens = EVAL_BATCHES * cfg.data.micro_batch * cfg.data.seq_len
-    return total / tokens
+def checkpoint_loss(run_dir: Path, config: Path) -> float:
+    """Mean next-token loss (nats) of a run's checkpoint on the first EVAL_STEPS validation steps
+    of `config`'s data, evaluated in this process at TP=1 (the checkpoint reshards on load)."""
+    data = parse_run_config(load_yaml(config)).data
+    step_dir, run_config, model_cfg = checkpoint_model_config(run_dir, key="checkpoint")
+    model = load_model(step_dir, model_cfg, ParallelLayout.single())
+    loss, _ = validation_loss(model, data, batches=EVAL_STEPS, seed=run_config["train"]["seed"])
+    return loss
 
 
 def report(out: Path, rows: list[tuple[str, str, float, float]], seconds: dict) -> str:
@@ -162,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, run_dir, config in (("teacher", teacher, CONFIGS / "demo_teacher.yaml"),
                                   ("distilled student", distilled, student_cfg),
                                   ("baseline student", baseline, student_cfg)):
-        results[name] = validation_loss(run_dir, config, [f"train.run_dir={run_dir}"])
+        results[name] = checkpoint_loss(run_dir, config)
     rows = [(name, count_params(CONFIGS / ("demo_teacher.yaml" if name == "teacher" else
                                            "demo.yaml")), loss, math.exp(loss))
             for name, loss in results.items()]
