@@ -4,17 +4,25 @@ Everything here works on *tiles*: a block of tokens (rows) and vocabulary column
 shard, so the memory a call needs beyond its inputs and the returned gradient is a few tiles.
 
 Forward. Each tile reduces to a few floats per token: per distribution a running max and the sum
-of exp(x - max), plus partial sums such as sum_v exp(b_v - max_b) (b_v - a_v) for forward KL. Tiles
-of one rank and the shards of all ranks merge by the same log-sum-exp rule, so ONE all_gather of
-[tokens, width] makes every rank's statistics global. `forward_kl`, `reverse_kl` and the
-cross-entropy are finished from those; the other kinds need the global normalizers inside a
-non-linear term, so they take a second pass over the tiles and one all_reduce of [tokens, 2].
+of exp((x - max) / T), plus partial sums such as sum_v exp(b'_v) (b'_v - a'_v) for forward KL, on
+the max-shifted logits a' = (s - max_s) / T, b' = (t - max_t) / T. Tiles of one rank and the
+shards of all ranks merge by the same log-sum-exp rule (partial sums rescaled to the larger max),
+so ONE all_gather of [tokens, width] makes every rank's statistics global. `forward_kl`,
+`reverse_kl` and the cross-entropy are finished from those; the other kinds need the global
+normalizers inside a non-linear term, so they take a second pass over the tiles and one all_reduce
+of [tokens, 2].
+
+Precision at any offset. Softmax ignores a constant added to a row, so a teacher whose logits sit
+near -3000 and a student near +1000 are ordinary inputs. Every quantity here is therefore a
+difference of logits of ONE model taken before the temperature divides it ((x - max) / T, exact in
+fp32 near the max), or a difference of two such maxima; nothing is ever of the size of the offset,
+and nothing subtracts two numbers of that size.
 
 Backward. Each tile is recomputed and turned into its gradient with the per-token statistics the
 forward kept (log-normalizers, the divergence, one auxiliary sum). No collective at all.
 
-Conventions: a = student logits / temperature, b = teacher logits / temperature (the temperature
-only applies to the divergence; the cross-entropy uses the raw student logits). -inf logits are
+Conventions: s, t = raw student and teacher logits; a = s / T, b = t / T (the temperature only
+applies to the divergence; the cross-entropy uses the raw student logits). -inf logits are
 zero-probability columns; columns at or past the real vocabulary size are never read.
 """
 
@@ -39,11 +47,12 @@ TileSource = Callable[[slice, slice], tuple[torch.Tensor, "torch.Tensor | None"]
 class TokenStats:
     """Per-token results of the forward, and what the backward needs of them ([tokens] each)."""
 
-    # Log-normalizers as [tokens, 2] (max, log sum exp(x - max)): kept apart, because
-    # (x - max) is exact near the max while max + log-sum would round at the logits' scale.
-    a_norm: torch.Tensor | None = None  # student logits / T
-    b_norm: torch.Tensor | None = None  # teacher logits / T
-    c_norm: torch.Tensor | None = None  # raw student logits (cross-entropy)
+    # Log-normalizers as [tokens, 2] (max of the RAW logits, log sum exp((x - max) / T)): kept
+    # apart, because (x - max) is exact near the max while max + log-sum would round at the
+    # logits' scale. log p = (x - max) / T - log-sum.
+    a_norm: torch.Tensor | None = None  # student, at temperature T
+    b_norm: torch.Tensor | None = None  # teacher, at temperature T
+    c_norm: torch.Tensor | None = None  # student at temperature 1 (cross-entropy)
     div: torch.Tensor | None = None  # the divergence
     aux: torch.Tensor | None = None  # sum_v p_v dL/dp_v (two-pass kinds)
     ce: torch.Tensor | None = None  # cross-entropy, 0 at ignored tokens
@@ -80,9 +89,16 @@ class Upstream:
         return Upstream(*(None if g is None else g[rows] for g in (self.ce, self.div)))
 
 
-def log_normalize_(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """x - log-sum-exp in place, `norm` being [rows, 2] (max, log sum exp(x - max))."""
-    return x.sub_(norm[:, :1]).sub_(norm[:, 1:])
+def shift_(x: torch.Tensor, max_: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(x - max) / T in place, `max_` [rows] (a -inf max, of a row with no finite entry, acts
+    as 0 so that the row stays -inf)."""
+    x.sub_(max_.nan_to_num(neginf=0.0)[:, None])
+    return x if temperature == 1.0 else x.div_(temperature)
+
+
+def log_normalize_(x: torch.Tensor, norm: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(x / T) in place, `norm` being [rows, 2] (max x, log sum exp((x - max) / T))."""
+    return shift_(x, norm[:, 0], temperature).sub_(norm[:, 1:])
 
 
 def owned_columns(cols: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +106,14 @@ def owned_columns(cols: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     return (cols >= 0) & (cols < width), cols.clamp(0, width - 1)
 
 
-def max_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row max (-inf for a row with no finite entry) and exp(x - max), 0 at -inf entries."""
-    m = x.amax(-1)
-    return m, torch.sub(x, m.nan_to_num(neginf=0.0)[:, None]).exp_()
+def merge_max(part_max: torch.Tensor,
+              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max over parts [tokens], each part's (part max - max) / T [parts, tokens]) of raw maxima
+    [parts, tokens]: exp of the second rescales a part's sums to the merged max (0 for an empty
+    part, whose max is -inf)."""
+    top = part_max.amax(0)
+    shift = part_max - top.nan_to_num(neginf=0.0)
+    return top, (shift if temperature == 1.0 else shift / temperature)
 
 
 @dataclass(frozen=True)
@@ -117,17 +137,18 @@ class LossPlan:
         return self.kind is None or self.kind in _pointwise.ONE_PASS_KINDS
 
     @property
-    def shares_ce_max(self) -> bool:
-        """The cross-entropy reuses the divergence's student statistics (temperature 1)."""
-        return self.kind is not None and self.temperature == 1.0
+    def ce_shares_sum(self) -> bool:
+        """The cross-entropy's normalizer is the divergence's student one (temperature 1). (Its
+        max always is: maxima are taken on the raw logits.)"""
+        return self.temperature == 1.0
 
     @functools.cached_property
     def columns(self) -> dict[str, int]:
-        names = []
+        names = ["a_max", "a_sum"]
         if self.kind is not None:
-            names += ["a_max", "a_sum", "b_max", "b_sum"] + (["z"] if self.one_pass else [])
+            names += ["b_max", "b_sum"] + (["z"] if self.one_pass else [])
         if self.with_ce:
-            names += ([] if self.shares_ce_max else ["c_max", "c_sum"]) + ["y"]
+            names += ([] if self.ce_shares_sum else ["c_sum"]) + ["y"]
         return {name: i for i, name in enumerate(names)}
 
     def n_col_tiles(self) -> int:
@@ -148,10 +169,6 @@ class LossPlan:
             for rows in self.row_tiles(n_tokens):
                 yield j, rows, cols
 
-    def scale_(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits / temperature, in place."""
-        return x if self.temperature == 1.0 else x.div_(self.temperature)
-
     def copy_tile(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """A fresh compute-dtype copy of a caller's tile, for the tile methods to overwrite."""
         return None if x is None else x.to(self.compute_dtype, copy=True)
@@ -161,77 +178,85 @@ class LossPlan:
     def identity(self, *shape: int, device: torch.device) -> torch.Tensor:
         """Statistics of an empty set of columns: max -inf, every sum 0."""
         out = torch.zeros(*shape, len(self.columns), dtype=self.compute_dtype, device=device)
-        for name in ("a_max", "b_max", "c_max"):
+        for name in ("a_max", "b_max"):
             if name in self.columns:
                 out[..., self.columns[name]] = float("-inf")
         return out
 
     def tile_stats(self, s: torch.Tensor, t: torch.Tensor | None,
                    label_cols: torch.Tensor) -> torch.Tensor:
-        """[rows, width] statistics of one tile; `label_cols` are label columns within the tile."""
+        """[rows, width] statistics of one tile; `label_cols` are label columns within the tile.
+        Overwrites s and t with their shifted logits a', b'."""
         col: dict[str, torch.Tensor] = {}
-        if self.with_ce:  # on the raw logits, before the temperature scales them in place
-            if not self.shares_ce_max:
-                col["c_max"], ec = max_exp(s)
-                col["c_sum"] = ec.sum(-1)
+        if self.with_ce:  # the raw logit, so that max - y is exact
             owned, at = owned_columns(label_cols, s.shape[-1])
             col["y"] = torch.where(owned, s.gather(-1, at[:, None])[:, 0], 0.0)
+        col["a_max"] = s.amax(-1)
+        a = shift_(s, col["a_max"])
+        if "c_sum" in self.columns:  # at temperature 1, before T divides a
+            col["c_sum"] = a.exp().sum(-1)
+        ea = self._scale_(a).exp()
+        col["a_sum"] = ea.sum(-1)
         if self.kind is not None:
-            a, b = self.scale_(s), self.scale_(t)
-            col["a_max"], ea = max_exp(a)
-            col["a_sum"] = ea.sum(-1)
-            col["b_max"], eb = max_exp(b)
+            col["b_max"] = t.amax(-1)
+            b = shift_(t, col["b_max"], self.temperature)
+            eb = b.exp()
             col["b_sum"] = eb.sum(-1)
-            if self.kind == "forward_kl":  # sum exp(b - max_b) (b - a)
+            if self.kind == "forward_kl":  # sum exp(b') (b' - a')
                 col["z"] = torch.nansum(torch.sub(b, a, out=ea).mul_(eb), -1)
-            elif self.kind == "reverse_kl":  # sum exp(a - max_a) (a - b)
+            elif self.kind == "reverse_kl":  # sum exp(a') (a' - b')
                 col["z"] = torch.nansum(torch.sub(a, b, out=eb).mul_(ea), -1)
         return torch.stack([col[name] for name in self.columns], -1)
+
+    def _scale_(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.temperature == 1.0 else x.div_(self.temperature)
 
     def merge(self, stats: torch.Tensor) -> torch.Tensor:
         """Merge [parts, tokens, width] statistics (tiles or ranks) into [tokens, width]."""
         idx, out = self.columns, torch.empty_like(stats[0])
-        weight = {}
-        for m, s in (("a_max", "a_sum"), ("b_max", "b_sum"), ("c_max", "c_sum")):
-            if m in idx:
-                part_max = stats[..., idx[m]]
-                top = part_max.amax(0)
-                weight[m] = torch.exp(part_max - top.nan_to_num(neginf=0.0))  # 0 for empty parts
-                out[:, idx[m]] = top
-                out[:, idx[s]] = (weight[m] * stats[..., idx[s]]).sum(0)
-        if "z" in idx:  # weighted like the distribution that weighs the sum
-            w = weight["b_max" if self.kind == "forward_kl" else "a_max"]
-            out[:, idx["z"]] = torch.nansum(w * stats[..., idx["z"]], 0)
+        part = {name: stats[..., i] for name, i in idx.items()}
+        out[:, idx["a_max"]], shift_a = merge_max(part["a_max"], self.temperature)
+        out[:, idx["a_sum"]] = (shift_a.exp() * part["a_sum"]).sum(0)
+        if "c_sum" in idx:
+            out[:, idx["c_sum"]] = (merge_max(part["a_max"])[1].exp() * part["c_sum"]).sum(0)
+        if self.kind is not None:
+            out[:, idx["b_max"]], shift_b = merge_max(part["b_max"], self.temperature)
+            out[:, idx["b_sum"]] = (shift_b.exp() * part["b_sum"]).sum(0)
+        if "z" in idx:  # a part's z is on its own maxima: shift its a', b' to the merged ones
+            if self.kind == "forward_kl":  # (empty parts give 0 * nan: nansum drops them)
+                z = shift_b.exp() * (part["z"] + part["b_sum"] * (shift_b - shift_a))
+            else:
+                z = shift_a.exp() * (part["z"] + part["a_sum"] * (shift_a - shift_b))
+            out[:, idx["z"]] = torch.nansum(z, 0)
         if "y" in idx:  # exactly one part owns each label
-            out[:, idx["y"]] = stats[..., idx["y"]].sum(0)
+            out[:, idx["y"]] = part["y"].sum(0)
         return out
 
     def finish(self, merged: torch.Tensor, ignored: torch.Tensor) -> TokenStats:
         """Per-token results from globally merged statistics (one-pass parts)."""
         col = {name: merged[:, i] for name, i in self.columns.items()}
         tok = TokenStats()
+        log_a = col["a_sum"].log()
+        tok.a_norm = torch.stack([col["a_max"], log_a], -1)
         if self.kind is not None:
-            log_a, log_b = col["a_sum"].log(), col["b_sum"].log()
-            tok.a_norm = torch.stack([col["a_max"], log_a], -1)
+            log_b = col["b_sum"].log()
             tok.b_norm = torch.stack([col["b_max"], log_b], -1)
-            gap = (col["a_max"] - col["b_max"]) + (log_a - log_b)  # = a_lse - b_lse
-            if self.kind == "forward_kl":  # sum q (b - a) - b_lse + a_lse
-                tok.div = col["z"] / col["b_sum"] + gap
+            if self.kind == "forward_kl":  # sum q (b'' - a'') - log sum_b + log sum_a
+                tok.div = col["z"] / col["b_sum"] - (log_b - log_a)
             elif self.kind == "reverse_kl":
-                tok.div = col["z"] / col["a_sum"] - gap
+                tok.div = col["z"] / col["a_sum"] - (log_a - log_b)
         if self.with_ce:
-            c_max, c_sum = (col["a_max"], col["a_sum"]) if self.shares_ce_max \
-                else (col["c_max"], col["c_sum"])
-            tok.c_norm = torch.stack([c_max, c_sum.log()], -1)
-            tok.ce = torch.where(ignored, 0.0, (c_max - col["y"]) + c_sum.log())
+            log_c = log_a if self.ce_shares_sum else col["c_sum"].log()
+            tok.c_norm = torch.stack([col["a_max"], log_c], -1)
+            tok.ce = torch.where(ignored, 0.0, (col["a_max"] - col["y"]) + log_c)
         return tok
 
     # ---- forward, pass 2 (two-pass kinds): sums that need the global normalizers -------------
 
     def _log_probs_(self, s: torch.Tensor, t: torch.Tensor,
                     tok: TokenStats) -> tuple[torch.Tensor, torch.Tensor]:
-        return (log_normalize_(self.scale_(s), tok.a_norm),
-                log_normalize_(self.scale_(t), tok.b_norm))
+        return (log_normalize_(s, tok.a_norm, self.temperature),
+                log_normalize_(t, tok.b_norm, self.temperature))
 
     def tile_partials(self, s: torch.Tensor, t: torch.Tensor, tok: TokenStats) -> torch.Tensor:
         """[rows, 2]: this tile's share of the divergence and of sum_v p_v dL/dp_v."""
@@ -302,6 +327,8 @@ def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch
     """Validate the arguments of a public call and place this rank's shard in the vocabulary."""
     if kind is not None:
         _pointwise.check_kind(kind, beta=beta, skew=skew, temperature=temperature)
+    else:  # the cross-entropy alone: the student statistics are its own, at temperature 1
+        temperature = 1.0
     default_tokens, default_vocab = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"])
     tile_tokens = default_tokens if tile_tokens is None else tile_tokens
     tile_vocab = default_vocab if tile_vocab is None else tile_vocab

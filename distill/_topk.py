@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from distill import _pointwise
-from distill._plan import LossPlan, log_normalize_, make_plan, max_exp, owned_columns
+from distill._plan import LossPlan, log_normalize_, make_plan, merge_max, owned_columns, shift_
 from engine import collectives as C
 from engine.collectives import Group
 
@@ -31,22 +31,23 @@ _M, _S, _REST, _PICKED = 0, 1, 2, 3  # statistics columns; the k student logits 
 
 
 def _tile_stats(plan: LossPlan, s: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """[rows, 3 + k]: max and sum of exp(a - max), the same sum off the top-k, and a at top-k."""
-    a = plan.scale_(plan.copy_tile(s))
-    m, e = max_exp(a)
-    owned, at = owned_columns(local, a.shape[-1])
-    picked = torch.where(owned, a.gather(-1, at), float("-inf"))
+    """[rows, 3 + k]: raw max and sum of exp((s - max) / T), the same sum off the top-k, and the
+    raw logits s at the top-k columns (raw, so that their distance to the max stays exact)."""
+    s = plan.copy_tile(s)
+    owned, at = owned_columns(local, s.shape[-1])
+    picked = torch.where(owned, s.gather(-1, at), float("-inf"))
+    m = s.amax(-1)
+    e = shift_(s, m, plan.temperature).exp_()
     total = e.sum(-1)
     hits = torch.zeros_like(e).scatter_add_(-1, at, owned.to(e.dtype))
     rest = e.masked_fill_(hits > 0, 0.0).sum(-1)
     return torch.cat([m[:, None], total[:, None], rest[:, None], picked], -1)
 
 
-def _merge(stats: torch.Tensor) -> torch.Tensor:
+def _merge(plan: LossPlan, stats: torch.Tensor) -> torch.Tensor:
     """Merge [parts, tokens, 3 + k] statistics of tiles or ranks into [tokens, 3 + k]."""
-    top = stats[..., _M].amax(0)
-    weight = torch.exp(stats[..., _M] - top.nan_to_num(neginf=0.0))
-    sums = (weight[..., None] * stats[..., _S:_PICKED]).sum(0)
+    top, shift = merge_max(stats[..., _M], plan.temperature)
+    sums = (shift.exp()[..., None] * stats[..., _S:_PICKED]).sum(0)
     return torch.cat([top[:, None], sums, stats[..., _PICKED:].amax(0)], -1)
 
 
@@ -54,9 +55,12 @@ def _finish(plan: LossPlan, merged: torch.Tensor, values: torch.Tensor,
             teacher_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(divergence, student log-normalizer, sum_c pi_c g_c, leftover g, top-k corrections)."""
     a_norm = torch.stack([merged[:, _M], merged[:, _S].log()], -1)  # as in TokenStats
-    logp_top = log_normalize_(merged[:, _PICKED:].clone(), a_norm)
+    logp_top = log_normalize_(merged[:, _PICKED:].clone(), a_norm, plan.temperature)
     logp_rest = merged[:, _REST].log() - a_norm[:, 1]
-    logq_top = values.to(plan.compute_dtype) / plan.temperature - teacher_lse[:, None]
+    # In float64: the values and their log-sum-exp are both of the size of the teacher's logits,
+    # and their difference must not round at that size.
+    logq_top = (values.double() / plan.temperature - teacher_lse.double()[:, None]).to(
+        plan.compute_dtype)
     if values.shape[-1] == plan.vocab_size:  # the whole vocabulary: no leftover bucket
         logq_rest = torch.full_like(logp_rest, float("-inf"))
     else:  # a leftover that 1 - sum(top-k) cannot resolve is kept at the least normal float,
@@ -82,7 +86,7 @@ class _TopKDivergence(torch.autograd.Function):
         stats[..., _M] = stats[..., _PICKED:] = float("-inf")
         for j, rows, cols in plan.tiles(n):
             stats[j, rows] = _tile_stats(plan, student[rows, cols], local[rows] - cols.start)
-        merged = _merge(C.all_gather(_merge(stats)[None], group, dim=0))
+        merged = _merge(plan, C.all_gather(_merge(plan, stats)[None], group, dim=0))
         div, a_norm, aux, rest_g, correction = _finish(plan, merged, values, teacher_lse)
         ctx.plan = plan
         ctx.save_for_backward(student, local, a_norm, aux, rest_g, correction)
@@ -96,8 +100,8 @@ class _TopKDivergence(torch.autograd.Function):
         grad = torch.empty_like(student)
         grad[:, plan.valid:] = 0
         for _, rows, cols in plan.tiles(student.shape[0]):
-            p = log_normalize_(plan.scale_(plan.copy_tile(student[rows, cols])),
-                               a_norm[rows]).exp_()
+            p = log_normalize_(plan.copy_tile(student[rows, cols]), a_norm[rows],
+                               plan.temperature).exp_()
             tile = p.mul_((rest_g[rows] - aux[rows])[:, None])
             owned, at = owned_columns(local[rows] - cols.start, tile.shape[-1])
             tile.scatter_add_(-1, at, torch.where(owned, correction[rows], 0.0))
@@ -136,5 +140,5 @@ def topk_divergence(student_logits: torch.Tensor, teacher_topk_values: torch.Ten
     div = _TopKDivergence.apply(
         student_logits.reshape(-1, student_logits.shape[-1]),
         teacher_topk_values.detach().reshape(-1, k), indices - plan.vocab_offset,
-        teacher_logsumexp.detach().reshape(-1).to(plan.compute_dtype), plan, group)
+        teacher_logsumexp.detach().reshape(-1), plan, group)
     return div.reshape(lead)

@@ -1,7 +1,8 @@
 """tools/convert_hf.py: tiny random transformers models (built from configs, saved locally) import
-at TP 1 and 2 with --verify (logits within 1e-4 of transformers, fp32), export back to the very same
-tensors (torch.equal, same dtype) that transformers loads; bad inputs fail with one `error:` line,
-exit 2 and leave nothing behind."""
+at TP 1 and 2 with --verify (float64 logits within 1e-6 + 4 x transformers' own fp32 rounding of
+them), export back to the very same tensors (torch.equal, same dtype) that transformers loads; a
+deep (30-layer) model whose fp32 noise exceeds any fixed useful bound verifies, and a perturbed one
+does not; bad inputs fail with one `error:` line, exit 2 and leave nothing behind."""
 
 import json
 import subprocess
@@ -38,16 +39,24 @@ TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"
              "tokenizer_config.json": '{"model_max_length": 48}\n'}
 
 
-def save_hf_model(arch: str, directory: Path, *, tokenizer: bool = False) -> Path:
-    """A random tiny model of `arch` saved with save_pretrained (weights scaled up so that logits
-    are O(1) and any conversion mistake shows well above 1e-4)."""
-    config_cls, kwargs, dtype = HF_MODELS[arch]
+# SmolLM's architecture (30 layers, 9 query / 3 key-value heads, tied embeddings), tiny in width.
+DEEP_LLAMA = dict(vocab_size=VOCAB, hidden_size=36, intermediate_size=96, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=48,
+                  tie_word_embeddings=True)
+DEEP = (transformers.LlamaConfig, DEEP_LLAMA, torch.bfloat16)  # saved in bf16, as SmolLM is
+
+
+def save_hf_model(arch: str, directory: Path, *, tokenizer: bool = False,
+                  scale: float = 0.15) -> Path:
+    """A random tiny model of `arch` saved with save_pretrained (weights scaled up by `scale` so
+    that logits are O(1) and any conversion mistake shows well above the bound)."""
+    config_cls, kwargs, dtype = DEEP if arch == "deep" else HF_MODELS[arch]
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs))
     noise = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=noise), alpha=0.15)
+            param.add_(torch.randn(param.shape, generator=noise), alpha=scale)
     model.to(dtype).save_pretrained(directory)
     for name, text in TOKENIZER.items() if tokenizer else ():
         (directory / name).write_text(text)
@@ -111,8 +120,37 @@ def test_verify_fails_above_tolerance_and_writes_nothing(hf_dirs, tmp_path, monk
     out = tmp_path / "ckpt"
     assert convert("import", "--hf", hf_dirs["qwen2"], "--out", out, "--verify") == 1
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "--verify" in error[0] and "max abs diff > 0.0001" in error[0]
+    assert len(error) == 1 and "--verify" in error[0] and "bound" in error[0]
+    assert "both compared in float64" in error[0]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_verify_passes_a_deep_model_and_catches_a_small_error(tmp_path, monkeypatch, capsys):
+    """30 layers with weights large enough (logits ~10) that transformers' own fp32 logits differ
+    from its float64 ones by more than 1e-4, the old fixed bound: --verify passes; scaling one
+    mid-depth RMSNorm weight by 1.001 (what a wrong epsilon or a rounded tensor does) fails it."""
+    hf_dir = save_hf_model("deep", tmp_path / "deep", scale=0.4)
+    cfg = hf_config_to_model_config(json.loads((hf_dir / "config.json").read_text()))
+    assert cfg.layers == 30
+    ckpt = tmp_path / "ckpt"
+    assert convert("import", "--hf", hf_dir, "--out", ckpt, "--verify") == 0
+    check = convert_hf.verify_logits(hf_dir, resolve_checkpoint(str(ckpt), key="test"), cfg)
+    assert check.noise > 1e-4 and check.passed, check.describe()
+
+    load = convert_hf.load_reference
+
+    def perturbed(directory):
+        model = load(directory)
+        with torch.no_grad():
+            model.model.layers[15].post_attention_layernorm.weight.mul_(1.001)
+        return model
+
+    monkeypatch.setattr(convert_hf, "load_reference", perturbed)
+    capsys.readouterr()
+    assert convert("import", "--hf", hf_dir, "--out", tmp_path / "bad", "--verify") == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "bound" in error[0], error
+    assert not (tmp_path / "bad").exists()
 
 
 def test_export_takes_tokenizer_file_and_dtype(hf_dirs, tmp_path):
