@@ -55,7 +55,7 @@ def reference_log_probs(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     model = convert_hf.load_reference(hf_dir)
     with torch.no_grad():
         log_probs = model(ids).logits.log_softmax(-1)  # [batch, seq, vocab]
-    return log_probs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return log_probs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].float()  # as score.py writes
 
 
 def data_config(prefix: str, dp: int = 1) -> DataConfig:
