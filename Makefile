@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) -q tests
 
 demo: $(STAMP)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from distill import _pointwise
+from distill.kinds import ONE_PASS_KINDS, check_divergence_args
 from engine import collectives as C
 from engine.collectives import Group
 
@@ -134,7 +135,7 @@ class LossPlan:
 
     @property
     def one_pass(self) -> bool:
-        return self.kind is None or self.kind in _pointwise.ONE_PASS_KINDS
+        return self.kind is None or self.kind in ONE_PASS_KINDS
 
     @property
     def ce_shares_sum(self) -> bool:
@@ -326,7 +327,7 @@ def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch
               tile_tokens: int | None = None, tile_vocab: int | None = None) -> LossPlan:
     """Validate the arguments of a public call and place this rank's shard in the vocabulary."""
     if kind is not None:
-        _pointwise.check_kind(kind, beta=beta, skew=skew, temperature=temperature)
+        check_divergence_args(kind, temperature=temperature, beta=beta, skew=skew)
     else:  # the cross-entropy alone: the student statistics are its own, at temperature 1
         temperature = 1.0
     default_tokens, default_vocab = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"])

@@ -19,21 +19,6 @@ import math
 
 import torch
 
-ONE_PASS_KINDS = ("forward_kl", "reverse_kl")
-KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
-
-
-def check_kind(kind: str, *, beta: float, skew: float, temperature: float) -> None:
-    """Raise a one-line `ValueError` naming the bad argument."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature})")
-    if kind == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"beta must be in (0, 1) for jsd (got {beta})")
-    if kind.startswith("skew_") and not 0 < skew < 1:
-        raise ValueError(f"skew must be in (0, 1) for {kind} (got {skew})")
-
 
 def _xmul(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`x * v` for a probability `x`, exactly 0 where x == 0 (even where v is infinite or nan)."""

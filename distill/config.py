@@ -9,8 +9,9 @@ The objective is
 each term a mean over the valid tokens of the global batch (see `distill.objective`). A weight of 0
 turns a term off; so does a missing input at run time (no labels, no teacher).
 
-Activation pairs name buffers the model publishes (`decoder.{i}.mixer_output`,
-`decoder.{i}.mlp_output`, `decoder.{i}.output`, `final_hidden`), or use a shortcut that pairs every
+Activation pairs name buffers the model publishes (`layers.buffers.buffer_names`: `embedding`,
+`decoder.{i}.mixer_output`, `decoder.{i}.mlp_output`, `decoder.{i}.output`, `final_hidden`,
+`mtp.{j}.*`), or use a shortcut that pairs every
 student layer with a teacher layer: `all_mixers`, `all_mlps`, `all_outputs`. Student layer i maps
 to teacher layer floor((i + 1) * Lt / Ls) - 1, which is the identity when the depths match and
 spreads the student uniformly over a deeper teacher, always ending on the last layer.
@@ -23,34 +24,33 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from distill.kinds import DivergenceArgumentError, Kind, check_divergence_args
 from engine.config import ConfigError, check
+from layers.buffers import BLOCK_BUFFERS, buffer_names
 from layers.config import ModelConfig, check_model_layout
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 SHORTCUTS = {"all_mixers": "mixer_output", "all_mlps": "mlp_output", "all_outputs": "output"}
-BLOCK_BUFFERS = ("mixer_output", "mlp_output", "output")
-_BLOCK_NAME = re.compile(r"decoder\.(\d+)\.(\w+)")
+_BLOCK_NAME = re.compile(r"(decoder|mtp)\.(\d+)\.(\w+)")
 
 
 @dataclass(frozen=True)
 class LogitKDConfig:
     """Distillation of the next-token distribution."""
 
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl",
-                  "skew_reverse_kl"] = "forward_kl"  # divergence between teacher and student
+    kind: Kind = "forward_kl"  # divergence between teacher and student (distill/kinds.py)
     temperature: float = 1.0  # softmax temperature of both distributions
     weight: float = 1.0  # weight of the term; 0 turns logit distillation off
     temperature_squared: bool = True  # times temperature**2, so gradients keep their size (Hinton)
-    beta: float = 0.5  # jsd: weight of the teacher in the mixture
-    skew: float = 0.1  # skew kinds: weight of the first distribution in the mixture
+    beta: float = 0.5  # jsd: weight of the teacher in the mixture, in (0, 1)
+    skew: float = 0.1  # skew kinds: weight of the first distribution in the mixture, in (0, 1)
 
     def __post_init__(self) -> None:
-        check(self.kind in DIVERGENCES, "kind",
-              f"must be one of {', '.join(DIVERGENCES)} (got {self.kind!r})")
-        check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        try:  # the ranges the losses themselves enforce (distill/kinds.py)
+            check_divergence_args(self.kind, temperature=self.temperature, beta=self.beta,
+                                  skew=self.skew)
+        except DivergenceArgumentError as err:
+            raise ConfigError(err.argument, err.message) from None
         check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
-        check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1] (got {self.beta})")
-        check(0.0 <= self.skew < 1.0, "skew", f"must be in [0, 1) (got {self.skew})")
 
     @property
     def scale(self) -> float:
@@ -150,21 +150,20 @@ def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
     return (i + 1) * teacher_layers // student_layers - 1
 
 
-def buffer_names(layers: int) -> set[str]:
-    """Every activation buffer name a model of `layers` decoder blocks publishes."""
-    blocks = {f"decoder.{i}.{kind}" for i in range(layers) for kind in BLOCK_BUFFERS}
-    return blocks | {"final_hidden"}
-
-
-def _check_buffer(name: str, layers: int, key: str, side: str) -> None:
-    if name in buffer_names(layers):
+def _check_buffer(name: str, model: ModelConfig, key: str, side: str) -> None:
+    if name in buffer_names(model.layers, model.mtp_heads):
         return
     match = _BLOCK_NAME.fullmatch(name)
-    if match and match.group(2) in BLOCK_BUFFERS:
-        raise ConfigError(key, f"{side} buffer {name!r} names layer {match.group(1)}, but the "
-                               f"{side} has {layers} layers (0..{layers - 1})")
-    raise ConfigError(key, f"unknown {side} buffer {name!r} (buffers are decoder.{{i}}."
-                           f"{{{'|'.join(BLOCK_BUFFERS)}}} and final_hidden)")
+    if match and match.group(3) in BLOCK_BUFFERS:
+        if match.group(1) == "decoder":
+            where = f"layer {match.group(2)}, but the {side} has {model.layers} layers " \
+                    f"(0..{model.layers - 1})"
+        else:
+            where = f"MTP head {match.group(2)}, but the {side} has {model.mtp_heads} (1..)"
+        raise ConfigError(key, f"{side} buffer {name!r} names {where}")
+    raise ConfigError(key, f"unknown {side} buffer {name!r} (buffers are embedding, "
+                           f"decoder.{{i}}.{{{'|'.join(BLOCK_BUFFERS)}}}, final_hidden and "
+                           "mtp.{j}.*)")
 
 
 def _expand_shortcut(entry: ActivationPairConfig, student_layers: int, teacher_layers: int,
@@ -178,17 +177,17 @@ def _expand_shortcut(entry: ActivationPairConfig, student_layers: int, teacher_l
                          entry.loss, entry.weight) for i in range(student_layers)]
 
 
-def resolve_pairs(cfg: DistillConfig, student_layers: int,
-                  teacher_layers: int) -> list[ResolvedPair]:
+def resolve_pairs(cfg: DistillConfig, student: ModelConfig,
+                  teacher: ModelConfig) -> list[ResolvedPair]:
     """The concrete (student buffer, teacher buffer) pairs, in config order; names are checked."""
     pairs: list[ResolvedPair] = []
     for i, entry in enumerate(cfg.pair_configs):
         key = f"distill.activations[{i}]"
         if entry.student in SHORTCUTS:
-            pairs += _expand_shortcut(entry, student_layers, teacher_layers, key)
+            pairs += _expand_shortcut(entry, student.layers, teacher.layers, key)
             continue
-        _check_buffer(entry.student, student_layers, f"{key}.student", "student")
-        _check_buffer(entry.teacher, teacher_layers, f"{key}.teacher", "teacher")
+        _check_buffer(entry.student, student, f"{key}.student", "student")
+        _check_buffer(entry.teacher, teacher, f"{key}.teacher", "teacher")
         pairs.append(ResolvedPair(entry.student, entry.teacher, entry.loss, entry.weight))
     return pairs
 
@@ -225,7 +224,7 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig, teacher: Model
     check(teacher.vocab_size == student.vocab_size, "distill.teacher",
           f"the teacher's vocabulary has {teacher.vocab_size} tokens and the student's "
           f"{student.vocab_size}: distillation needs the same tokenizer (only padding may differ)")
-    pairs = resolve_pairs(cfg, student.layers, teacher.layers)
+    pairs = resolve_pairs(cfg, student, teacher)
     check(not pairs or cfg.projection != "none" or student.hidden == teacher.hidden,
           "distill.projection", f"the student is {student.hidden} wide and the teacher "
                                 f"{teacher.hidden}: activation pairs need per_pair or shared")

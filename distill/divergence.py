@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from distill._plan import LossPlan, TokenStats, Upstream, label_columns, make_plan, reduce_stats
-from distill._pointwise import KINDS
+from distill.kinds import KINDS
 from distill._topk import topk_divergence
 from engine.collectives import Group
 

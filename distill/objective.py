@@ -10,14 +10,14 @@ per step with one all-reduce over DP, and each micro-batch contributes its token
 those global counts. Summing `ObjectiveOutput.total` (or any term) over the step's micro-batches
 and then over DP ranks gives the step's means exactly.
 
-Gradients. `ObjectiveOutput.loss` is this micro-batch's share times the DP size, because the
-trainer's DistributedDataParallel *averages* gradients over DP: after the last micro-batch's
-backward and DDP's average, every gradient is that of the global-token mean. The values are
+Gradients. `ObjectiveOutput.loss` is this micro-batch's share of the global-token means, so the
+sum of its gradients over micro-batches and DP ranks is the gradient of the step's means (the
+trainer, which chooses DistributedDataParallel, undoes DDP's averaging over DP). The values are
 replicated over TP (vocab-parallel losses return per-token values on every rank; sharded activation
 sums are combined with one all-reduce), and each rank's backward produces gradients of its own
 shards only, so no TP correction is needed afterwards.
 
-Which tokens count: LM head j counts positions whose target (`head_labels(labels, j)`) is not
+Which tokens count: LM head j counts positions whose target (`shift_labels(labels, j)`) is not
 `IGNORE_INDEX`; the logit and activation terms count the positions with a valid next-token label,
 or every position when the micro-batch has no labels (pure distillation).
 
@@ -29,7 +29,7 @@ next-token head alone, so the MTP blocks get no distillation gradient.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,14 +39,12 @@ from distill.config import DistillConfig, check_compatibility
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import fused_lm_and_divergence
 from distill.projection import ActivationProjection
+from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
-from engine.data import IGNORE_INDEX
+from engine.data import IGNORE_INDEX, shift_labels
 from engine.parallel import ParallelLayout
-from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
 from layers.model import ModelOutput
-
-BUFFER_PREFIX = "buffer:"  # key prefix of activation buffers in a flat teacher-tensor dict
 
 
 @dataclass(frozen=True)
@@ -58,22 +56,12 @@ class TokenCounts:
     distill: int  # positions the logit and activation terms average over
 
 
-def head_labels(labels: torch.Tensor, head: int) -> torch.Tensor:
-    """Targets of output head `head` from next-token labels [batch, seq]: position t gets
-    labels[t + head] (token t+1+head); the last `head` positions get IGNORE_INDEX."""
-    if head == 0:
-        return labels
-    out = torch.full_like(labels, IGNORE_INDEX)
-    out[:, :-head] = labels[:, head:]
-    return out
-
-
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
     tokens = micro_batch["input_ids"].numel()
     labels = micro_batch.get("labels")
     if labels is None:
         return [tokens, *[0] * (1 + mtp_heads), tokens]
-    heads = [int((head_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
+    heads = [int((shift_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
     return [tokens, *heads, heads[0]]
 
 
@@ -89,48 +77,11 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
 
 
 @dataclass
-class TeacherOutputs:
-    """What the objective reads from the teacher for one micro-batch; every field is optional.
-
-    The logit term takes `logits`, or the fused path's `head_hidden` + `output_weight`, or an
-    offline teacher's top-k. Activation buffers are keyed by teacher buffer name; a bare tensor
-    is taken to be in the student buffer's layout.
-    """
-
-    logits: torch.Tensor | None = None  # [batch, seq, padded_vocab/tp] next-token logits shard
-    head_hidden: torch.Tensor | None = None  # fused: [batch, seq, hidden_t] output layer input
-    output_weight: torch.Tensor | None = None  # fused: [padded_vocab/tp, hidden_t] shard
-    topk_values: torch.Tensor | None = None  # offline: [batch, seq, k] raw teacher logits
-    topk_indices: torch.Tensor | None = None  # offline: [batch, seq, k] global vocabulary ids
-    logsumexp: torch.Tensor | None = None  # offline: [batch, seq] logsumexp(logits / T), run's T
-    buffers: dict[str, ActivationBuffer | torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> TeacherOutputs:
-        """From a flat dict (what teacher sources stream): field names, and `buffer:{name}`."""
-        names = {f.name for f in fields(cls)} - {"buffers"}
-        out = cls()
-        for key, value in tensors.items():
-            if key.startswith(BUFFER_PREFIX):
-                out.buffers[key[len(BUFFER_PREFIX):]] = value
-            elif key in names:
-                setattr(out, key, value)
-            else:
-                raise ValueError(f"unknown teacher tensor {key!r} (expected one of "
-                                 f"{', '.join(sorted(names))} or {BUFFER_PREFIX}NAME)")
-        return out
-
-    @property
-    def has_logits(self) -> bool:
-        return any(x is not None for x in (self.logits, self.head_hidden, self.topk_values))
-
-
-@dataclass
 class ObjectiveOutput:
     """One micro-batch's objective. `loss` is the one to backward; the rest are detached shares
     of the step's global means (sum them over micro-batches, then all-reduce over DP, to log)."""
 
-    loss: torch.Tensor  # total * DP size (DDP averages gradients over DP), with graph
+    loss: torch.Tensor  # the total, with graph
     total: torch.Tensor  # lm_loss + kd_loss + act_loss
     lm_loss: torch.Tensor  # LM term of every head, weights included
     kd_loss: torch.Tensor  # logit term, weight and temperature**2 included
@@ -179,12 +130,14 @@ class DistillObjective(nn.Module):
     def teacher_buffer_names(self) -> set[str]:
         return {p.teacher for p in self.pairs}
 
-    def forward(self, student: ModelOutput,
-                teacher: TeacherOutputs | Mapping[str, torch.Tensor] | None,
+    def teacher_request(self) -> TeacherRequest:
+        """What a live teacher must produce per micro-batch for this objective."""
+        head = "none" if self.cfg.logit.weight == 0 else "hidden" if self.fused else "logits"
+        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names())))
+
+    def forward(self, student: ModelOutput, teacher: TeacherOutputs | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None) -> ObjectiveOutput:
-        if teacher is not None and not isinstance(teacher, TeacherOutputs):
-            teacher = TeacherOutputs.from_tensors(teacher)
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight)
         act = self._activation_term(student, teacher, labels, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
@@ -192,7 +145,7 @@ class DistillObjective(nn.Module):
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
                              "labels (LM) or teacher outputs (distillation), and neither was given")
         total = torch.stack(terms).sum()
-        return ObjectiveOutput(loss=total * self.layout.dp, total=_detached(total),
+        return ObjectiveOutput(loss=total, total=_detached(total),
                                lm_loss=_detached(lm), kd_loss=_detached(kd),
                                act_loss=_detached(act))
 
@@ -222,7 +175,7 @@ class DistillObjective(nn.Module):
                  counts: TokenCounts, output_weight: torch.Tensor | None) -> torch.Tensor:
         heads = [_share(ce, counts.heads[0])]
         for j, weight in enumerate(self.mtp_weights, start=1):
-            ce_j = self._mtp_cross_entropy(student, j, head_labels(labels, j), output_weight)
+            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight)
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.cfg.lm_weight * torch.stack(heads).sum()
 
@@ -296,16 +249,6 @@ class DistillObjective(nn.Module):
         weights = torch.tensor([p.weight for p in self.pairs], dtype=means.dtype,
                                device=means.device)
         return self.cfg.activation_coef * (means * weights).sum() / len(self.pairs)
-
-    # ----------------------------------------------------------------------------- evaluation
-    def lm_loss_per_token(self, model: nn.Module, micro_batch: Mapping[str, torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next-token cross-entropy [batch, seq], valid-target mask) of `model` on a batch."""
-        labels = micro_batch["labels"]
-        out = model(micro_batch["input_ids"], compute_logits=not self.fused)
-        weight = model.output_weight if self.fused else None
-        ce, _ = self._next_token(out, None, labels, weight)
-        return ce, labels != IGNORE_INDEX
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

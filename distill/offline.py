@@ -29,19 +29,18 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from distill.teacher import token_checksum
+from distill.teacher import TeacherOutputs, token_checksum
 from engine import collectives as C
+from engine.checkpoint import METADATA as CHECKPOINT_METADATA
+from engine.checkpoint import resolve_checkpoint
 from engine.checkpoint_files import CheckpointError, read_json, safe_child, sha256_of
 from engine.config import ConfigError
 from engine.data import DataConfig, TokenBatches, resolve_data_path
-
-if TYPE_CHECKING:
-    from distill.runconfig import RunConfig
 
 FORMAT = "megadistill-offline-teacher"
 VERSION = 1
@@ -161,14 +160,13 @@ def _same(saved: Any, wanted: Any) -> bool:
     return saved == wanted
 
 
-def check_offline_dir(cfg: RunConfig) -> dict[str, Any]:
+def check_offline_dir(directory: str, *, wanted: dict[str, Any], samples: int,
+                      teacher: str | None) -> dict[str, Any]:
     """Start-up check (before any process group) that `distill.offline_dir` was exported for this
-    run: same settings (`export_key`), enough samples, the run's teacher if it names one, every
-    shard present at its recorded size. Returns the metadata; raises one-line `ConfigError`s."""
-    directory = cfg.distill.offline_dir
+    run: the same settings (`wanted`, the run's `export_key`), at least `samples` samples
+    (train.steps * data.global_batch), the run's `teacher` checkpoint if it names one, every shard
+    present at its recorded size. Returns the metadata; raises one-line `ConfigError`s."""
     meta = read_metadata(directory)
-    wanted = export_key(cfg.data, seed=cfg.train.seed, temperature=cfg.distill.logit.temperature,
-                        vocab_size=cfg.model.vocab_size)
     for name, config_key in _RUN_KEYS.items():
         saved = meta.get(name)
         if not _same(saved, wanted[name]):
@@ -176,12 +174,11 @@ def check_offline_dir(cfg: RunConfig) -> dict[str, Any]:
                      for v in (saved, wanted[name])]
             raise ConfigError(KEY, f"{directory} was exported for {config_key} = {shown[0]} but "
                                    f"this run has {shown[1]}")
-    needed = cfg.train.steps * cfg.data.global_batch
-    if meta["samples"] < needed:
+    if meta["samples"] < samples:
         raise ConfigError(KEY, f"{directory} covers {meta['samples']} samples but this run needs "
-                               f"train.steps * data.global_batch = {needed}")
-    if cfg.distill.teacher:
-        _check_teacher(cfg.distill.teacher, meta, directory)
+                               f"train.steps * data.global_batch = {samples}")
+    if teacher:
+        _check_teacher(teacher, meta, directory)
     _check_shards(Path(directory).expanduser(), meta)
     return meta
 
@@ -189,14 +186,10 @@ def check_offline_dir(cfg: RunConfig) -> dict[str, Any]:
 def teacher_digest(checkpoint: Path) -> str:
     """A teacher checkpoint's identity: the sha256 of its metadata.json, which records the size
     and sha256 of every file of the checkpoint."""
-    from engine.checkpoint import METADATA as CHECKPOINT_METADATA
-
     return sha256_of(checkpoint / CHECKPOINT_METADATA)
 
 
 def _check_teacher(teacher: str, meta: dict[str, Any], directory: str) -> None:
-    from distill.runconfig import resolve_checkpoint
-
     digest = teacher_digest(resolve_checkpoint(teacher, key="distill.teacher"))
     if digest != meta["teacher"]["digest"]:
         raise ConfigError(KEY, f"{directory} was exported from teacher {meta['teacher']['path']}, "
@@ -233,6 +226,9 @@ class ShardedRows:
         self._open.move_to_end(shard)
         return self._open[shard]
 
+    def close(self) -> None:
+        self._open.clear()
+
     def rows(self, samples: range) -> dict[str, torch.Tensor]:
         """Every field for the consecutive global samples `samples`, stacked along dim 0."""
         if samples.start < 0 or samples.stop > self.samples:
@@ -249,8 +245,9 @@ class ShardedRows:
 
 
 class OfflineTeacher:
-    """Teacher source of the `offline` schedule: `teacher(micro_batch)` returns the exported
-    `topk_values`, `topk_indices` and `logsumexp` of that micro-batch's samples.
+    """Teacher source (`distill.teacher.TeacherSource`) of the `offline` schedule:
+    `teacher(micro_batch)` returns the exported top-k values, indices and logsumexp of that
+    micro-batch's samples.
 
     Which samples: `data` (this rank's TokenBatches) has just drawn the step being trained, so
     the step starts at global sample `data.consumed_samples - global_batch`, and the trainer asks
@@ -275,7 +272,7 @@ class OfflineTeacher:
         self._micro += 1
         return range(first, first + batch)
 
-    def __call__(self, micro_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, micro_batch: dict[str, torch.Tensor]) -> TeacherOutputs:
         input_ids = micro_batch["input_ids"]  # [mb, seq]
         samples = self._samples(input_ids.shape[0])
         rows = self.store.rows(samples)
@@ -284,6 +281,12 @@ class OfflineTeacher:
             raise OfflineTeacherError(
                 f"exported rows of samples [{samples.start}, {samples.stop}) hold other tokens "
                 "than this micro-batch: the export and the training data are misaligned")
-        return {"topk_values": rows["values"].to(self.device),
-                "topk_indices": rows["indices"].to(self.device, torch.int64),
-                "logsumexp": rows["logsumexp"].to(self.device)}
+        return TeacherOutputs(topk_values=rows["values"].to(self.device),
+                              topk_indices=rows["indices"].to(self.device, torch.int64),
+                              logsumexp=rows["logsumexp"].to(self.device))
+
+    def end_step(self, *, stop: bool) -> None:
+        pass  # rows are read on demand; nothing runs ahead
+
+    def close(self) -> None:
+        self.store.close()

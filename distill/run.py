@@ -1,40 +1,47 @@
 """What `launch/pretrain_distill.py` and `launch/pretrain.py` run.
 
-    parse args -> load and validate the config (before any process group) -> init the layout ->
-    build data, student, teacher source, objective -> train (or serve the teacher) -> exit code
+    parse the launcher's environment and the config, validate everything (before any process
+    group) -> init the layout -> build data, student, teacher source, objective -> train (or
+    serve the teacher) -> exit code
 
-Exit codes: 0 done, 2 bad configuration, 3 non-finite training stopped the run, 124 preempted after a
-checkpoint (the SLURM script requeues on it).
+Exit codes: 0 done, 1 a run-time failure (a teacher stream that does not match the data, a
+checkpoint that cannot be written, a lost peer), 2 bad configuration or environment, 3 non-finite
+training stopped the run, 124 preempted after a checkpoint (the SLURM script requeues on it).
+Every failure a user can act on is one line on stderr, printed by one rank.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
 import yaml
 
-from distill.config import aligned_teacher_config
 from distill.objective import DistillObjective
-from distill.runconfig import RunConfig, load_run_config, resolve_checkpoint, resolved_dict
-from distill.teacher import ColocatedTeacher, RemoteTeacher, serve_teacher
-from distill.trainer import DistillTrainer, resume_step
+from distill.offline import OfflineTeacher, OfflineTeacherError
+from distill.runconfig import RunConfig, load_run_config, resolved_dict
+from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherSource, TeacherStreamError,
+                             load_teacher, serve_teacher)
+from distill.trainer import DistillTrainer
 from distill.weights import load_weights
+from engine.checkpoint import CheckpointError, resolve_checkpoint
 from engine.config import ConfigError
-from engine.data import TokenBatches, resolve_data_path
-from engine.log import get_logger, setup_logging
-from engine.parallel import ParallelLayout, destroy_parallel, init_parallel
+from engine.data import DataError, TokenBatches, resolve_data_path
+from engine.log import error_line, get_logger, setup_logging
+from engine.optim import NonFiniteError
+from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel
 from engine.signals import PreemptionFlag
-from engine.trainer import NonFiniteError, seed_everything
+from engine.train_config import resume_step, seed_everything
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 
 log = get_logger(__name__)
 
-EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 124
+EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
+# Run-time failures that every rank of a role meets alike (the stop votes, checksums and data are
+# the same on all of them): reported once, by the role's first rank.
+RUN_ERRORS = (TeacherStreamError, OfflineTeacherError, CheckpointError, DataError, NonFiniteError)
 
 
 def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespace:
@@ -47,21 +54,25 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
 def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
     setup_logging()
     args = parse_args(argv, description="distill a student" if distill else "train an LM")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = None
     try:
+        launch = LaunchEnv.from_env()
         overrides = list(args.overrides) + ([] if distill else _lm_only_overrides())
-        cfg, teacher_cfg = load_run_config(args.config, overrides, world_size=world)
-    except ConfigError as err:
-        print(f"ConfigError: {err}", file=sys.stderr)
+        cfg, teacher_cfg = load_run_config(args.config, overrides, world_size=launch.world_size)
+    except ConfigError as err:  # every rank validates alike; rank 0 speaks
+        error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
         return EXIT_CONFIG
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp,
                            teacher_ranks=cfg.parallel.teacher_ranks,
-                           timeout_s=cfg.parallel.timeout_s)
+                           timeout_s=cfg.parallel.timeout_s, launch=launch)
     try:
         return _run(cfg, teacher_cfg, layout)
-    except NonFiniteError as err:
-        log.error("%s", err)
-        return EXIT_NONFINITE
+    except RUN_ERRORS as err:
+        error_line(err, show=layout.tp_rank == 0 and layout.dp_rank == 0)
+        return EXIT_NONFINITE if isinstance(err, NonFiniteError) else EXIT_RUNTIME
+    except dist.DistError as err:  # a peer died or hung: its own rank (or torchrun) says why
+        error_line(err, show=layout.is_rank0, prefix="lost a peer")
+        return EXIT_RUNTIME
     finally:
         destroy_parallel()
 
@@ -80,19 +91,13 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
     resolve_data_path(cfg.data)  # builds the bundled corpus on first use
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
                                  seed=cfg.train.seed).to(layout.device)
-    teacher_model = _load_teacher(cfg, teacher_cfg, layout)
     if layout.is_teacher:
-        return _serve(cfg, layout, teacher_model, objective)
+        return _serve(cfg, teacher_cfg, layout, objective)
     student = _build_student(cfg, layout)
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp)
-
-    def valid():
-        return TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank,
-                            dp=layout.dp, split="valid")
-
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
-                             data=data, valid_data=valid,
-                             teacher=_teacher_source(cfg, layout, teacher_model, objective, data),
+                             data=data, data_cfg=cfg.data,
+                             teacher=_teacher_source(cfg, teacher_cfg, layout, objective, data),
                              run_config=resolved_dict(cfg), vocab_size=cfg.model.vocab_size)
     last = trainer.run()
     return 0 if last >= cfg.train.steps else EXIT_PREEMPTED
@@ -105,47 +110,31 @@ def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
     return model
 
 
-def _load_teacher(cfg: RunConfig, teacher_cfg: ModelConfig | None,
-                  layout: ParallelLayout) -> TransformerLM | None:
-    if teacher_cfg is None or cfg.distill.schedule == "offline":
-        return None
-    if cfg.distill.schedule == "teacher_ranks" and not layout.is_teacher:
-        return None
-    aligned = aligned_teacher_config(cfg.model, teacher_cfg)  # padded like the student
-    model = TransformerLM(aligned, layout, seed=cfg.train.seed).to(layout.device)
-    load_weights(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"), model, layout)
-    if cfg.distill.teacher_bf16:
-        model.to(torch.bfloat16)
-    return model
+def _colocated(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
+               objective: DistillObjective) -> ColocatedTeacher:
+    """The frozen teacher at this layout, producing what the objective asks of it."""
+    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                         teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
+                         bf16=cfg.distill.teacher_bf16)
+    return ColocatedTeacher(model, objective.teacher_request())
 
 
-def _teacher_names(objective: DistillObjective) -> list[str]:
-    head = ["head_hidden", "output_weight"] if objective.fused else ["logits"]
-    return head + [f"buffer:{n}" for n in sorted(objective.teacher_buffer_names())]
-
-
-def _teacher_source(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective,
-                    data: TokenBatches):
+def _teacher_source(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout,
+                    objective: DistillObjective, data: TokenBatches) -> TeacherSource | None:
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
         remaining = cfg.train.steps - resume_step(cfg.train)
-        return RemoteTeacher(layout, names=_teacher_names(objective), prefetch=cfg.distill.prefetch,
+        return RemoteTeacher(layout, objective.teacher_request(), prefetch=cfg.distill.prefetch,
                              total=per_step * remaining)
     if schedule == "offline":
-        from distill.offline import OfflineTeacher
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
-    return None if teacher_model is None else _colocated(teacher_model, objective)
+    return None if teacher_cfg is None else _colocated(cfg, teacher_cfg, layout, objective)
 
 
-def _colocated(teacher_model: TransformerLM, objective: DistillObjective) -> ColocatedTeacher:
-    """The teacher forward the objective needs: its buffers, and logits unless fused."""
-    return ColocatedTeacher(teacher_model, buffer_names=objective.teacher_buffer_names(),
-                            compute_logits=not objective.fused)
-
-
-def _serve(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective) -> int:
-    teacher = _colocated(teacher_model, objective)
+def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
+           objective: DistillObjective) -> int:
+    teacher = _colocated(cfg, teacher_cfg, layout, objective)
 
     def batches_for(student_dp_rank: int):
         student_dp = layout.student_world // layout.tp
@@ -160,7 +149,7 @@ def _serve(cfg: RunConfig, layout: ParallelLayout, teacher_model, objective) -> 
     # SLURM signals every task: the teacher only records it and follows the students' decision,
     # which arrives with their acknowledgements.
     with PreemptionFlag():
-        sent = serve_teacher(teacher, layout, names=_teacher_names(objective),
-                             batches_for=batches_for, prefetch=cfg.distill.prefetch)
+        sent = serve_teacher(teacher, layout, batches_for=batches_for,
+                             prefetch=cfg.distill.prefetch)
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

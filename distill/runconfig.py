@@ -2,7 +2,7 @@
 
 Sections: `model` (layers.config.ModelConfig), `parallel` (engine.parallel.ParallelConfig), `data`
 (engine.data.DataConfig), `distill` (distill.config.DistillConfig), `train`
-(engine.trainer.TrainConfig). `load_run_config` also runs every cross-section check that can be done
+(engine.train_config.TrainConfig). `load_run_config` also runs every cross-section check that can be done
 before any process group exists (layout against the world size, heads against TP, batch sizes
 against DP, the teacher checkpoint and its compatibility with the student, an offline teacher
 export against the run), so a bad config stops with one `ConfigError: <key>: <problem>` line.
@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import DistillConfig, check_compatibility
-from distill.offline import check_offline_dir
+from distill.offline import check_offline_dir, export_key
+from engine.checkpoint import checkpoint_run_config, resolve_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import DataConfig, check_batch_layout, resolve_data_path
 from engine.data.config import DEFAULT_PATH
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
-from engine.trainer import TrainConfig
+from engine.train_config import TrainConfig
 from layers.config import ModelConfig, check_model_layout
 
 
@@ -42,8 +43,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     try:
         validate_layout(world_size=world_size, tp=par.tp, sp=par.sp, teacher_ranks=par.teacher_ranks)
     except LayoutError as err:
-        key = "parallel.teacher_ranks" if "teacher_ranks" in str(err) else "parallel.tp"
-        raise ConfigError(key, f"{err} (world size {world_size})") from None
+        raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check_model_layout(cfg.model, par.tp)
     if par.sp and cfg.data.seq_len % par.tp:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} does not split over parallel.tp="
@@ -88,35 +88,11 @@ def teacher_model_config(cfg: RunConfig) -> ModelConfig | None:
                                              "activation distillation")
     saved = checkpoint_run_config(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
                                   key="distill.teacher")
-    return from_dict(ModelConfig, saved["model"], prefix="distill.teacher(model)")
-
-
-def resolve_checkpoint(path: str, *, key: str) -> Path:
-    """A checkpoint directory, or a directory of checkpoints (its newest complete one)."""
-    from engine.checkpoint import METADATA, latest_checkpoint
-
-    given = Path(path).expanduser()
-    if (given / METADATA).is_file():
-        return given
-    found = latest_checkpoint(given) or latest_checkpoint(given / "checkpoints")
-    if found is None:
-        raise ConfigError(key, f"no complete checkpoint at {path}")
-    return found
-
-
-def checkpoint_run_config(path: Path, *, key: str) -> dict:
-    """The resolved run config stored in a checkpoint's metadata (no tensors are read)."""
-    from engine.checkpoint import METADATA
-    from engine.checkpoint_files import CheckpointError, read_json
-
-    try:
-        meta = read_json(path / METADATA)
-    except CheckpointError as err:
-        raise ConfigError(key, str(err)) from None
-    config = meta.get("config") if isinstance(meta, dict) else None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ConfigError(key, f"{path / METADATA} records no model config")
-    return config
+    teacher = from_dict(ModelConfig, saved["model"], prefix="distill.teacher(model)")
+    if cfg.data.seq_len > teacher.max_seq_len:
+        raise ConfigError("distill.teacher", f"the teacher's max_seq_len={teacher.max_seq_len} is "
+                                             f"shorter than data.seq_len={cfg.data.seq_len}")
+    return teacher
 
 
 def load_run_config(path: str | Path, overrides: list[str], *,
@@ -127,8 +103,16 @@ def load_run_config(path: str | Path, overrides: list[str], *,
     teacher = teacher_model_config(cfg)
     check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
     if cfg.distill.schedule == "offline":
-        check_offline_dir(cfg)
+        check_offline_dir(cfg.distill.offline_dir, wanted=run_export_key(cfg),
+                          samples=cfg.train.steps * cfg.data.global_batch,
+                          teacher=cfg.distill.teacher)
     return cfg, teacher
+
+
+def run_export_key(cfg: RunConfig) -> dict:
+    """The settings an offline teacher export must have been made with to serve this run."""
+    return export_key(cfg.data, seed=cfg.train.seed, temperature=cfg.distill.logit.temperature,
+                      vocab_size=cfg.model.vocab_size)
 
 
 def resolved_dict(cfg: RunConfig) -> dict:

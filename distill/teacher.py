@@ -1,10 +1,19 @@
-"""Where the teacher's outputs come from, one micro-batch at a time.
+"""Teacher sources: where the teacher's outputs for each micro-batch come from.
+
+The contract is `TeacherSource`: call it with a micro-batch to get its `TeacherOutputs`, tell it
+`end_step(stop=...)` once per optimizer step after the step's stop vote, and `close()` it at the
+end of training. What a run needs from its teacher is a `TeacherRequest` (the objective's
+`teacher_request()`): the logits, or for the fused LM-head path the output layer's input and the
+frozen output weight, or nothing of the head; and activation buffers by name. Implementations:
 
 - `ColocatedTeacher`: the frozen teacher runs forward on the same ranks, right before the student.
-- `RemoteTeacher` / `serve_teacher`: the teacher runs on its own ranks (`parallel.teacher_ranks`)
-  and streams each micro-batch's logit shard and requested activations to the matching student
-  rank with asynchronous point-to-point sends, up to `prefetch` micro-batches ahead. Each transfer
-  carries a checksum of its token ids; a mismatch stops the run.
+- `RemoteTeacher` (student side) and `serve_teacher` (teacher side): the teacher runs on its own
+  ranks (`parallel.teacher_ranks`) and streams each micro-batch's outputs to the matching student
+  rank with asynchronous point-to-point sends, up to `prefetch` micro-batches ahead. Only this
+  path knows a wire format (`_Wire`): outputs flattened to tensors, a header describing them, and
+  the constants (the frozen head weight) sent once per run rather than per micro-batch. Each
+  micro-batch carries a checksum of its token ids; a mismatch stops the run.
+- `OfflineTeacher` (distill/offline.py): the teacher's top-k logits, exported beforehand.
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t) in turn, so the
 teacher's DP degree must divide the students'.
@@ -13,23 +22,77 @@ teacher's DP degree must divide the students'.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
+from distill.config import aligned_teacher_config
+from distill.weights import load_weights
 from engine import collectives as C
+from engine.data import to_device
 from engine.log import get_logger
 from engine.parallel import STUDENT, TEACHER, ParallelLayout
+from layers.buffers import ActivationBuffer
+from layers.config import ModelConfig
+from layers.model import TransformerLM
 
 log = get_logger(__name__)
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-_HEADER_LEN = 64
 
 
 class TeacherStreamError(RuntimeError):
     """The teacher's stream does not match what the student is training on."""
+
+
+@dataclass
+class TeacherOutputs:
+    """What the objective reads from the teacher for one micro-batch; every field is optional.
+
+    The logit term takes `logits`, or the fused path's `head_hidden` + `output_weight`, or an
+    offline teacher's top-k. Activation buffers are keyed by teacher buffer name; a bare tensor
+    is taken to be in the student buffer's layout.
+    """
+
+    logits: torch.Tensor | None = None  # [batch, seq, padded_vocab/tp] next-token logits shard
+    head_hidden: torch.Tensor | None = None  # fused: [batch, seq, hidden_t] output layer input
+    output_weight: torch.Tensor | None = None  # fused: [padded_vocab/tp, hidden_t] shard
+    topk_values: torch.Tensor | None = None  # offline: [batch, seq, k] raw teacher logits
+    topk_indices: torch.Tensor | None = None  # offline: [batch, seq, k] global vocabulary ids
+    logsumexp: torch.Tensor | None = None  # offline: [batch, seq] logsumexp(logits / T), run's T
+    buffers: dict[str, ActivationBuffer | torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def has_logits(self) -> bool:
+        return any(x is not None for x in (self.logits, self.head_hidden, self.topk_values))
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What the objective needs from a live teacher for each micro-batch."""
+
+    head: Literal["logits", "hidden", "none"]  # logits | head input + output weight (fused) | none
+    buffers: tuple[str, ...] = ()  # teacher activation buffer names, sorted
+
+
+class TeacherSource(Protocol):
+    """Where a run's teacher outputs come from (see the module docstring)."""
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
+        """The teacher's outputs for `micro_batch` ({"input_ids", "labels"?}), in training order."""
+        ...
+
+    def end_step(self, *, stop: bool) -> None:
+        """The step's micro-batches are consumed; `stop`: training ends after this step."""
+        ...
+
+    def close(self) -> None:
+        """Training is over (normally or by preemption): finish what is in flight."""
+        ...
 
 
 def token_checksum(input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,11 +100,6 @@ def token_checksum(input_ids: torch.Tensor) -> torch.Tensor:
     flat = input_ids.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
     return ((flat + 1) * (weights % 1_000_003)).sum().reshape(1) % 2_147_483_647
-
-
-def to_device(micro_batch: dict, device: torch.device) -> dict:
-    """The micro-batch's tensors on `device` (the data pipeline yields CPU tensors)."""
-    return {k: v.to(device, non_blocking=True) for k, v in micro_batch.items()}
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -52,75 +110,99 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_teacher(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
+                 layout: ParallelLayout, *, seed: int, bf16: bool) -> TransformerLM:
+    """The frozen teacher of a run at `layout`'s TP degree, padded like the student (so both logit
+    shards cover the same columns), in bfloat16 when `bf16`. Every entry point builds it here."""
+    model = TransformerLM(aligned_teacher_config(student, teacher), layout, seed=seed)
+    model = model.to(layout.device)
+    load_weights(checkpoint, model, layout)
+    if bf16:
+        model.to(torch.bfloat16)
+    return freeze(model)
+
+
 class ColocatedTeacher:
     """Runs the teacher forward on these ranks for each micro-batch (no grad, eval mode)."""
 
-    def __init__(self, model: nn.Module, *, buffer_names: set[str], compute_logits: bool,
-                 autocast_bf16: bool = False):
-        self.model = freeze(model)
-        self.buffer_names = sorted(buffer_names)
-        self.compute_logits = compute_logits
-        self.autocast_bf16 = autocast_bf16
+    def __init__(self, model: nn.Module, request: TeacherRequest):
+        self.model, self.request = freeze(model), request
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor):
-        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16,
-                            enabled=self.autocast_bf16):
-            return self.model(input_ids, buffers=self.buffer_names,
-                              compute_logits=self.compute_logits)
+        """The teacher's `ModelOutput` for input ids [batch, seq]."""
+        return self.model(input_ids, buffers=self.request.buffers,
+                          compute_logits=self.request.head == "logits")
 
-    def __call__(self, micro_batch: dict) -> dict[str, torch.Tensor]:
-        """The teacher tensors for one micro-batch, by name (see `teacher_tensors`)."""
-        return teacher_tensors(self.forward(micro_batch["input_ids"]), self.buffer_names,
-                               with_weight=not self.compute_logits, model=self.model)
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
+        out = self.forward(micro_batch["input_ids"])
+        result = TeacherOutputs(buffers={name: out.buffers[name] for name in self.request.buffers})
+        if self.request.head == "logits":
+            result.logits = out.logits
+        elif self.request.head == "hidden":
+            result.head_hidden, result.output_weight = out.head_hidden, self.model.output_weight
+        return result
 
+    def end_step(self, *, stop: bool) -> None:
+        pass  # nothing runs ahead of the students
 
-def teacher_tensors(out, buffer_names: list[str], *, with_weight: bool,
-                    model: nn.Module) -> dict[str, torch.Tensor]:
-    """Flatten a teacher forward into named tensors: `logits` (or `head_hidden` + `output_weight`
-    for the fused LM-head path) and one entry per requested activation buffer."""
-    tensors = {}
-    if with_weight:
-        tensors["head_hidden"] = out.head_hidden
-        tensors["output_weight"] = model.output_weight
-    else:
-        tensors["logits"] = out.logits
-    for name in buffer_names:
-        tensors[f"buffer:{name}"] = out.buffers[name].tensor
-    return tensors
+    def close(self) -> None:
+        pass
 
 
-def _peer_student_ranks(layout: ParallelLayout) -> list[int]:
-    student_dp = layout.student_world // layout.tp
-    return [layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=layout.tp_rank)
-            for d in range(layout.dp_rank, student_dp, layout.dp)]
+# ------------------------------------------------------------------------------ the wire format
+
+@dataclass(frozen=True)
+class _Wire:
+    """How a teacher rank's outputs travel: which `TeacherOutputs` fields are constants (sent once
+    per run, before the first micro-batch) and which are sent per micro-batch, in order."""
+
+    constants: tuple[str, ...]  # TeacherOutputs field names
+    per_batch: tuple[str, ...]  # TeacherOutputs field names, then `buffer:{name}` entries
+
+    @classmethod
+    def of(cls, request: TeacherRequest) -> _Wire:
+        head = {"logits": ((), ("logits",)), "hidden": (("output_weight",), ("head_hidden",)),
+                "none": ((), ())}[request.head]
+        return cls(constants=head[0], per_batch=head[1] + tuple(f"buffer:{n}"
+                                                                for n in request.buffers))
+
+    @staticmethod
+    def _get(outputs: TeacherOutputs, name: str) -> torch.Tensor:
+        if name.startswith("buffer:"):
+            value = outputs.buffers[name[len("buffer:"):]]
+            return value.tensor if isinstance(value, ActivationBuffer) else value
+        return getattr(outputs, name)
+
+    def flatten(self, outputs: TeacherOutputs, names: tuple[str, ...]) -> list[torch.Tensor]:
+        return [self._get(outputs, n).detach().contiguous() for n in names]
+
+    def unflatten(self, constants: list[torch.Tensor],
+                  per_batch: list[torch.Tensor]) -> TeacherOutputs:
+        out = TeacherOutputs()
+        for name, tensor in zip(self.constants + self.per_batch, constants + per_batch):
+            if name.startswith("buffer:"):
+                out.buffers[name[len("buffer:"):]] = tensor  # in the student's layout already
+            else:
+                setattr(out, name, tensor)
+        return out
 
 
-def peer_teacher_rank(layout: ParallelLayout) -> int:
-    teacher_dp = layout.teacher_ranks // layout.tp
-    return layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank % teacher_dp,
-                              tp_rank=layout.tp_rank)
-
-
-def _encode_header(tensors: list[torch.Tensor]) -> torch.Tensor:
-    header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+def _encode_specs(tensors: list[torch.Tensor]) -> torch.Tensor:
     values = [len(tensors)]
     for t in tensors:
         values += [_DTYPES.index(t.dtype), t.ndim, *t.shape]
-    if len(values) > _HEADER_LEN:
-        raise TeacherStreamError("too many teacher tensors to describe in one header")
-    header[: len(values)] = torch.tensor(values)
-    return header
+    return torch.tensor(values, dtype=torch.int64)
 
 
-def _decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    values = header.tolist()
-    specs, pos = [], 1
-    for _ in range(values[0]):
+def _decode_specs(values: list[int], pos: int = 0) -> tuple[list[tuple[torch.dtype, tuple]], int]:
+    specs = []
+    count, pos = values[pos], pos + 1
+    for _ in range(count):
         dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
         specs.append((dtype, tuple(values[pos + 2: pos + 2 + ndim])))
         pos += 2 + ndim
-    return specs
+    return specs, pos
 
 
 ACK_STOP, ACK_CONTINUE = 0, 1
@@ -155,10 +237,17 @@ class _StudentLink:
             self._receive_ack()
         return not self.stopped
 
+    def announce(self, constants: list[torch.Tensor], per_batch: list[torch.Tensor]) -> None:
+        """Once per run: the header (its length, then the specs of both lists), then the
+        constants themselves."""
+        header = torch.cat([_encode_specs(constants), _encode_specs(per_batch)]).to(self.device)
+        C.send(torch.tensor([header.numel()], dtype=torch.int64, device=self.device), dst=self.peer)
+        C.send(header, dst=self.peer)
+        for tensor in constants:
+            C.send(tensor, dst=self.peer)
+        self.announced = True
+
     def send(self, tensors: list[torch.Tensor]) -> None:
-        if not self.announced:
-            C.send(_encode_header(tensors[1:]).to(self.device), dst=self.peer)
-            self.announced = True
         self.pending.append(([C.isend(t, dst=self.peer) for t in tensors], tensors))
         self.sent += 1
 
@@ -172,7 +261,19 @@ class _StudentLink:
         self.pending.clear()
 
 
-def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *, names: list[str],
+def _peer_student_ranks(layout: ParallelLayout) -> list[int]:
+    student_dp = layout.student_world // layout.tp
+    return [layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=layout.tp_rank)
+            for d in range(layout.dp_rank, student_dp, layout.dp)]
+
+
+def peer_teacher_rank(layout: ParallelLayout) -> int:
+    teacher_dp = layout.teacher_ranks // layout.tp
+    return layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank % teacher_dp,
+                              tp_rank=layout.tp_rank)
+
+
+def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                   batches_for: Callable[[int], Iterator[dict]], prefetch: int) -> int:
     """Teacher-rank loop: stream outputs for every micro-batch of each served student rank.
 
@@ -180,6 +281,7 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *, names: l
     are served in turn, at most `prefetch` micro-batches ahead of each; the loop ends when every
     stream is done or its student stopped. Returns the number of micro-batches sent.
     """
+    wire = _Wire.of(teacher.request)
     student_dp = layout.student_world // layout.tp
     links = {p: _StudentLink(p, layout.device) for p in _peer_student_ranks(layout)}
     streams = {p: batches_for((p - layout.tp_rank) // layout.tp % student_dp) for p in links}
@@ -191,8 +293,10 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *, names: l
                 continue
             batch = to_device(batch, layout.device)
             out = teacher(batch)
-            links[peer].send([token_checksum(batch["input_ids"]).to(layout.device)] +
-                             [out[n].detach().contiguous().to(layout.device) for n in names])
+            per_batch = wire.flatten(out, wire.per_batch)
+            if not links[peer].announced:
+                links[peer].announce(wire.flatten(out, wire.constants), per_batch)
+            links[peer].send([token_checksum(batch["input_ids"]).to(layout.device), *per_batch])
     for link in links.values():
         link.close()
     if any(link.stopped for link in links.values()):
@@ -201,19 +305,31 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *, names: l
 
 
 class RemoteTeacher:
-    """Student side of `serve_teacher`: receives the teacher tensors for each micro-batch, with
+    """Student side of `serve_teacher`: receives the teacher outputs for each micro-batch, with
     receives posted up to `prefetch` micro-batches ahead so the teacher never waits on us, and
     acknowledges each consumed micro-batch (the last one of a step after the stop vote, through
-    `end_step`). `close()` at the end of training."""
+    `end_step`). The constants arrive once, with the header, before the first micro-batch."""
 
-    def __init__(self, layout: ParallelLayout, *, names: list[str], prefetch: int, total: int):
-        self.layout, self.names, self.prefetch = layout, names, prefetch
+    def __init__(self, layout: ParallelLayout, request: TeacherRequest, *, prefetch: int,
+                 total: int):
+        self.layout, self.wire, self.prefetch = layout, _Wire.of(request), prefetch
         self.unposted = total  # micro-batches the teacher will still send us
         self.src = peer_teacher_rank(layout)
-        self.specs: list | None = None
+        self.constants: list[torch.Tensor] | None = None
+        self.specs: list | None = None  # (dtype, shape) of each per-micro-batch tensor
         self.posted: collections.deque = collections.deque()
         self.unacked = False  # the last micro-batch handed out awaits its acknowledgement
         self.acks: list[tuple[object, torch.Tensor]] = []
+
+    def _receive_header(self) -> None:
+        device = self.layout.device
+        length = C.recv(torch.zeros(1, dtype=torch.int64, device=device), src=self.src)
+        header = C.recv(torch.zeros(int(length.item()), dtype=torch.int64, device=device),
+                        src=self.src).tolist()
+        constant_specs, pos = _decode_specs(header)
+        self.specs, _ = _decode_specs(header, pos)
+        self.constants = [C.recv(torch.empty(shape, dtype=dtype, device=device), src=self.src)
+                          for dtype, shape in constant_specs]
 
     def _post_one(self) -> None:
         checksum = torch.zeros(1, dtype=torch.int64, device=self.layout.device)
@@ -242,17 +358,16 @@ class RemoteTeacher:
             work.wait()
         self.acks.clear()
 
-    def __call__(self, micro_batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
         self._acknowledge(ACK_CONTINUE)
         if self.specs is None:
-            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.layout.device)
-            C.recv(header, src=self.src)
-            self.specs = _decode_header(header.cpu())
+            self._receive_header()
         while len(self.posted) < self.prefetch and self.unposted > 0:
             self._post_one()
             self.unposted -= 1
         if not self.posted:
-            raise TeacherStreamError("the student asked for more micro-batches than the teacher sends")
+            raise TeacherStreamError("the student asked for more micro-batches than the teacher "
+                                     "sends")
         works, checksum, bufs = self.posted.popleft()
         for work in works:
             work.wait()
@@ -262,4 +377,5 @@ class RemoteTeacher:
                 f"teacher rank {self.src} sent outputs for other tokens (checksum "
                 f"{checksum.item()} != {expected.item()}): teacher and student data are misaligned")
         self.unacked = True
-        return dict(zip(self.names, bufs))
+        return self.wire.unflatten(self.constants, bufs)
+

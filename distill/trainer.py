@@ -5,8 +5,8 @@
 
 Data parallelism is torch's DistributedDataParallel over the DP group, wrapped around the student
 *and* the objective (its projections train with the student); gradient sync happens only on the
-last micro-batch of a step. Tensor/sequence-parallel gradient fix-ups (replicated norm weights under
-SP) are the model's `finalize_grads()`.
+last micro-batch of a step. Tensor- and sequence-parallel gradients need no fix-up afterwards: the
+layers produce complete gradients inside autograd (layers/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -20,35 +20,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distill.evaluate import validation_loss
 from distill.objective import DistillObjective, count_tokens
-from distill.teacher import to_device
+from distill.teacher import TeacherSource
 from engine import collectives as C
-from engine.checkpoint import (checkpoint_metadata, latest_checkpoint, load_checkpoint,
-                               save_checkpoint)
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.data import DataConfig, to_device
 from engine.log import get_logger
 from engine.metrics import MetricsWriter
+from engine.optim import OptimizerStep, StepStats
 from engine.parallel import ParallelLayout
 from engine.signals import PreemptionFlag
-from engine.trainer import OptimizerStep, StepStats, TrainConfig
+from engine.train_config import TrainConfig, resume_path
 
 log = get_logger(__name__)
 
 TERMS = ("loss", "lm_loss", "kd_loss", "act_loss")
-
-
-def resume_path(cfg: TrainConfig) -> Path | None:
-    """The checkpoint this run resumes from (`train.resume`: auto | none | a path), or None."""
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    return Path(cfg.resume)
-
-
-def resume_step(cfg: TrainConfig) -> int:
-    """The step training resumes at (0 for a fresh run), read from the checkpoint's metadata."""
-    path = resume_path(cfg)
-    return 0 if path is None else int(checkpoint_metadata(path)["step"])
 
 
 class StudentWithObjective(nn.Module):
@@ -78,16 +65,17 @@ class RunState:
 class DistillTrainer:
     """Trains `student` (optionally from `teacher`) with `objective` on `data`, under `layout`.
 
-    `teacher` maps a micro-batch to the teacher's tensors (a colocated forward, a stream from
-    teacher ranks, or offline top-k); `valid_data()` makes a fresh validation stream.
+    `teacher` gives the teacher outputs of each micro-batch (a colocated forward, a stream from
+    teacher ranks, or offline top-k), None for plain LM training; validation draws from
+    `data_cfg`'s validation split.
     """
 
     def __init__(self, *, cfg: TrainConfig, layout: ParallelLayout, student: nn.Module,
-                 objective: DistillObjective, data, valid_data, teacher=None,
-                 run_config: dict, vocab_size: int):
+                 objective: DistillObjective, data, data_cfg: DataConfig,
+                 teacher: TeacherSource | None = None, run_config: dict, vocab_size: int):
         self.cfg, self.layout = cfg, layout
         self.student, self.objective, self.teacher = student, objective, teacher
-        self.data, self.valid_data = data, valid_data
+        self.data, self.data_cfg = data, data_cfg
         self.run_config, self.vocab_size = run_config, vocab_size
         self.mtp_heads = student.config.mtp_heads
         self.run_dir = Path(cfg.run_dir)
@@ -97,6 +85,9 @@ class DistillTrainer:
         self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
                                            find_unused_parameters=unused) \
             if layout.dp > 1 else None
+        # The objective's loss is this rank's share of the step's global means, whose gradient is
+        # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate.
+        self.dp_scale = layout.dp if self.ddp is not None else 1
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
         self.state = RunState()
 
@@ -111,7 +102,7 @@ class DistillTrainer:
                 with self._autocast():
                     out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"),
                                                     teacher_out, counts)
-                out.loss.backward()
+                (out.loss * self.dp_scale).backward()
             for key in TERMS:
                 totals[key] += float(getattr(out, "total" if key == "loss" else key))
             del teacher_out, out
@@ -141,23 +132,11 @@ class DistillTrainer:
                 "skipped_steps": self.opt.skipped_total, "tokens": counts.tokens}
 
     # ------------------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validate(self) -> float:
         """Mean next-token loss of the student over `eval_batches` validation micro-batches."""
-        self.student.eval()
-        stream = self.valid_data()
-        batches: list[dict] = []
-        while len(batches) < self.cfg.eval_batches:
-            batches += stream.next_step()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
-        for mb in batches[: self.cfg.eval_batches]:
-            mb = to_device(mb, self.layout.device)
-            per_token, valid = self.objective.lm_loss_per_token(self.student, mb)
-            loss_sum[0] += per_token.sum()
-            loss_sum[1] += valid.sum()
-        self.student.train()
-        C.all_reduce(loss_sum, self.layout.dp_group)
-        return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+        loss, _ = validation_loss(self.student, self.data_cfg, micro_batches=self.cfg.eval_batches,
+                                  seed=self.cfg.seed, fused=self.objective.fused)
+        return loss
 
     # ---------------------------------------------------------------------------- checkpoints
     def save(self, step: int) -> Path:
@@ -197,7 +176,7 @@ class DistillTrainer:
                 step = self._loop(start, metrics, preempted)
             finally:
                 metrics.close()
-            if hasattr(self.teacher, "close"):
+            if self.teacher is not None:
                 self.teacher.close()
         return step
 
@@ -212,7 +191,7 @@ class DistillTrainer:
                 metrics.log(record)
             metrics.advance()
             stop = preempted.should_stop(self.layout)
-            if hasattr(self.teacher, "end_step"):  # teacher ranks learn whether to go on
+            if self.teacher is not None:  # teacher ranks learn whether to go on
                 self.teacher.end_step(stop=stop)
             if stop:
                 self.save(step + 1)

@@ -38,18 +38,18 @@ import torch
 from torch import nn
 
 from engine import collectives
-from engine.checkpoint_files import (CheckpointError, TensorFile, fsync_dir, read_json,
-                                     safe_child, safe_torch_load, to_json_text, verify_file,
-                                     write_json, write_tensors)
+from engine.checkpoint_files import (CheckpointError, TensorFile, fsync_dir, read_json, safe_child,
+                                     safe_torch_load, to_json_text, verify_file, write_json,
+                                     write_tensors)
 from engine.checkpoint_state import (ShardReader, load_model_state, load_optimizer_state,
                                      model_state, optimizer_state, parse_header, rng_state,
                                      set_rng_state)
+from engine.config import ConfigError
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "checkpoint_metadata",
-           "safe_torch_load"]
+           "checkpoint_metadata", "resolve_checkpoint", "checkpoint_run_config", "safe_torch_load"]
 
 log = get_logger(__name__)
 
@@ -117,6 +117,30 @@ def latest_checkpoint(root: Path | str) -> Path | None:
     if (root / LATEST).exists():
         log.warning("%s/%s is unusable; falling back to the newest complete checkpoint", root, LATEST)
     return complete[-1][1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
+    """A checkpoint directory, or a directory of checkpoints (its newest complete one); a
+    `ConfigError` naming `key` when there is none."""
+    given = Path(path).expanduser()
+    if (given / METADATA).is_file():
+        return given
+    found = latest_checkpoint(given) or latest_checkpoint(given / "checkpoints")
+    if found is None:
+        raise ConfigError(key, f"no complete checkpoint at {path}")
+    return found
+
+
+def checkpoint_run_config(path: Path, *, key: str) -> dict[str, Any]:
+    """The resolved run config stored in a checkpoint's metadata (no tensor file is read)."""
+    try:
+        meta = read_json(path / METADATA)
+    except CheckpointError as err:
+        raise ConfigError(key, str(err)) from None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ConfigError(key, f"{path / METADATA} records no model config")
+    return config
 
 
 # ----------------------------------------------------------------------------- saving
@@ -271,7 +295,7 @@ def _run_stage(stage: Callable[[], None], layout: ParallelLayout, final: Path) -
     error: BaseException | None = None
     try:
         stage()
-    except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+    except Exception as err:
         error = err
         log.error("saving %s failed in %s: %s", final, stage.__name__, err, extra={"all_ranks": True})
     if not _agree(layout, error is None):

@@ -157,7 +157,7 @@ def safe_torch_load(path: Path | str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+    except Exception as err:
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         # torch's first line advises weights_only=False; the useful line names the blocked global
         reason = next((line for line in lines if "GLOBAL" in line), lines[0])

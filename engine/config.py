@@ -132,7 +132,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
-            raise ConfigError(key, f"cannot parse value {raw!r}: {err.problem}") from None
+            raise ConfigError(key, f"cannot parse value {raw!r}: {_yaml_problem(err)}") from None
         parsed.append((key.split("."), value))
     return parsed
 
@@ -150,6 +150,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's complaint as one line: `line L, column C: problem` (1-based), no caret art."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (safe loader only); a missing or malformed file is a ConfigError."""
     path = Path(path)
@@ -158,7 +166,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError("config", f"{path} is not valid YAML: {err}") from None
+        raise ConfigError("config", f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -45,3 +45,15 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+def error_line(err: BaseException, *, show: bool = True, prefix: str | None = None) -> None:
+    """Print `Kind: message` as ONE line on stderr (a multi-line message is folded), when `show`.
+
+    Entry points report every failure a user can act on this way, from one rank only: they pass
+    `show` true on the rank that speaks for the others (rank 0 of the role for errors every rank
+    of the role meets alike)."""
+    if not show:
+        return
+    message = " ".join(str(err).split())
+    print(f"{prefix or type(err).__name__}: {message}", file=sys.stderr, flush=True)

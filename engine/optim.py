@@ -1,5 +1,8 @@
 """Optimizer, learning-rate schedule and a gradient norm that is correct under TP and SP.
 
+`OptimizerStep` is what the trainer calls once per step: AdamW, the schedule, clipping by the global
+norm, and skipping of non-finite steps.
+
 Parameters carry `tp_split_dim` (None when replicated over TP). The global norm sums squares of every
 shard once: split parameters contribute their local shard and the partial sums are all-reduced over
 TP; replicated parameters (identical on every TP rank once their gradients are finalized) are counted
@@ -13,10 +16,15 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine import collectives as C
+from engine.log import get_logger
 from engine.parallel import ParallelLayout
+from engine.train_config import TrainConfig
+
+log = get_logger(__name__)
 
 
 def build_adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float,
@@ -84,3 +92,62 @@ def clip_grads(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: f
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class StepStats:
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+class OptimizerStep:
+    """AdamW + schedule + TP-correct clipping; a non-finite loss or gradient skips the step."""
+
+    def __init__(self, cfg: TrainConfig, layout: ParallelLayout,
+                 params: list[torch.nn.Parameter]):
+        self.cfg, self.layout = cfg, layout
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = build_adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.schedule = LRSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                                   total_steps=cfg.steps, decay=cfg.decay)
+        self.skipped_total = 0
+        self.skipped_in_a_row = 0
+
+    def __call__(self, step: int, *, loss: float) -> StepStats:
+        """Apply the optimizer for `step` (0-based); `loss` must already agree across ranks."""
+        norm = grad_norm(self.params, self.layout)
+        lr = self.schedule(step)
+        if not (torch.isfinite(norm) and np.isfinite(loss)):
+            return self._skip(step, loss, norm, lr)
+        self.skipped_in_a_row = 0
+        clip_grads(self.params, norm, self.cfg.grad_clip)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=norm.item(), lr=lr, skipped=False)
+
+    def _skip(self, step: int, loss: float, norm: torch.Tensor, lr: float) -> StepStats:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        log.warning("step %d skipped: loss=%s grad_norm=%s (%d in a row)", step, loss,
+                    norm.item(), self.skipped_in_a_row)
+        if self.skipped_in_a_row > self.cfg.max_skipped_steps:
+            raise NonFiniteError(
+                f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {step}); lower train.lr or check the data "
+                f"(train.max_skipped_steps={self.cfg.max_skipped_steps})")
+        return StepStats(grad_norm=float("nan"), lr=lr, skipped=True)
+
+    def state_dict(self) -> dict:
+        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_total = int(state["skipped_total"])
+        self.skipped_in_a_row = int(state["skipped_in_a_row"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.config import check
+from engine.config import ConfigError, check
 
 STUDENT = "student"
 TEACHER = "teacher"
@@ -40,8 +40,9 @@ class ParallelConfig:
         check(self.timeout_s > 0, "parallel.timeout_s", f"must be > 0 (got {self.timeout_s})")
 
 
-class LayoutError(ValueError):
-    """A parallel layout that cannot work (raised before any process group is created)."""
+class LayoutError(ConfigError):
+    """A parallel layout that cannot work (raised before any process group is created); `key` is
+    the setting to change."""
 
 
 @dataclass(frozen=True)
@@ -89,28 +90,34 @@ class ParallelLayout:
 def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 0) -> None:
     """Raise `LayoutError` for a layout that cannot be built; cheap, touches no process group."""
     if tp < 1:
-        raise LayoutError(f"parallel.tp must be >= 1 (got {tp})")
+        raise LayoutError("parallel.tp", f"must be >= 1 (got {tp})")
     if teacher_ranks < 0:
-        raise LayoutError(f"parallel.teacher_ranks must be >= 0 (got {teacher_ranks})")
+        raise LayoutError("parallel.teacher_ranks", f"must be >= 0 (got {teacher_ranks})")
     students = world_size - teacher_ranks
     if students < 1:
-        raise LayoutError(
-            f"parallel.teacher_ranks={teacher_ranks} leaves no student rank in a world of {world_size}")
+        raise LayoutError("parallel.teacher_ranks", f"parallel.teacher_ranks={teacher_ranks} "
+                                                    f"leaves no student rank in a world of {world_size}")
     if tp > students:
-        raise LayoutError(f"parallel.tp={tp} is larger than the {students} student ranks")
+        raise LayoutError("parallel.tp", f"parallel.tp={tp} is larger than the {students} student "
+                                         "ranks")
     if students % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide the {students} student ranks")
+        raise LayoutError("parallel.tp", f"parallel.tp={tp} does not divide the {students} "
+                                         "student ranks")
     if teacher_ranks and teacher_ranks % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide parallel.teacher_ranks={teacher_ranks}")
+        raise LayoutError("parallel.tp", f"parallel.tp={tp} does not divide "
+                                         f"parallel.teacher_ranks={teacher_ranks}")
     if sp and tp == 1:
-        raise LayoutError("parallel.sp=true needs parallel.tp > 1")
+        raise LayoutError("parallel.sp", "parallel.sp=true needs parallel.tp > 1")
 
 
-def _new_groups(ranks_lists: list[list[int]], my_rank: int) -> dist.ProcessGroup | None:
-    """Create every group (all ranks must take part) and return the one containing `my_rank`."""
+def _new_groups(ranks_lists: list[list[int]], my_rank: int,
+                timeout: datetime.timedelta | None) -> dist.ProcessGroup | None:
+    """Create every group (all ranks must take part) and return the one containing `my_rank`.
+    Each group gets the run's collective timeout: a hung peer must end the run, whichever group
+    it hangs in."""
     mine = None
     for ranks in ranks_lists:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if my_rank in ranks:
             mine = group
     return mine
@@ -124,21 +131,25 @@ def _role_rank_lists(offset: int, size: int, tp: int) -> tuple[list[list[int]], 
 
 
 def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
-                device: torch.device | str | None = None) -> ParallelLayout:
-    """Build the layout over the already-initialized default process group (or a single process)."""
+                device: torch.device | str | None = None,
+                timeout_s: float | None = None) -> ParallelLayout:
+    """Build the layout over the already-initialized default process group (or a single process).
+    Every group it creates times out after `timeout_s` (None: torch's default)."""
     if not dist.is_available() or not dist.is_initialized():
         validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
         return ParallelLayout.single(device or "cpu")
     world, rank = dist.get_world_size(), dist.get_rank()
     validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
     students = world - teacher_ranks
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     groups: dict[str, tuple] = {}
     for role, offset, size in ((STUDENT, 0, students), (TEACHER, students, teacher_ranks)):
         if size == 0:
             continue
         tp_lists, dp_lists = _role_rank_lists(offset, size, tp)
-        role_group = _new_groups([list(range(offset, offset + size))], rank)
-        groups[role] = (_new_groups(tp_lists, rank), _new_groups(dp_lists, rank), role_group)
+        role_group = _new_groups([list(range(offset, offset + size))], rank, timeout)
+        groups[role] = (_new_groups(tp_lists, rank, timeout), _new_groups(dp_lists, rank, timeout),
+                        role_group)
     role = STUDENT if rank < students else TEACHER
     local = rank - (0 if role == STUDENT else students)
     tp_group, dp_group, role_group = groups[role]
@@ -149,9 +160,24 @@ def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
         dp_group=dp_group, role_group=role_group, device=torch.device(device or "cpu"))
 
 
+ENV_KEY = "environment"  # the ConfigError key of a broken launcher environment
+
+
+def _env_int(env: Mapping[str, str], name: str, default: str | None = None) -> int:
+    raw = env.get(name, default)
+    if raw is None:
+        raise ConfigError(ENV_KEY, f"{name} is not set (start the processes with torchrun, which "
+                                   "sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(ENV_KEY, f"{name}={raw!r} is not an integer") from None
+
+
 @dataclass(frozen=True)
 class LaunchEnv:
-    """What torchrun (or SLURM through torchrun) tells this process about the world."""
+    """What torchrun (or SLURM through torchrun) tells this process about the world; parsed once
+    per process, by `from_env`, before anything else happens."""
 
     rank: int
     world_size: int
@@ -159,24 +185,35 @@ class LaunchEnv:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> LaunchEnv:
-        world = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
-        # LOCAL_RANK only picks the device on this node; the global RANK decides everything else.
-        local_rank = int(env.get("LOCAL_RANK", str(rank)))
+        """Parse and check the launcher's variables; a broken environment is a
+        `ConfigError: environment: ...`. With no WORLD_SIZE this is one process, rank 0."""
+        world = _env_int(env, "WORLD_SIZE", "1")
+        if world < 1:
+            raise ConfigError(ENV_KEY, f"WORLD_SIZE={world} must be >= 1")
+        rank = _env_int(env, "RANK", None if world > 1 else "0")
         if not 0 <= rank < world:
-            raise LayoutError(f"RANK={rank} is outside WORLD_SIZE={world}")
+            raise ConfigError(ENV_KEY, f"RANK={rank} is outside WORLD_SIZE={world} "
+                                       f"(0..{world - 1})")
+        # LOCAL_RANK only picks the device on this node; the global RANK decides everything else.
+        local_rank = _env_int(env, "LOCAL_RANK", str(rank))
+        if world > 1 and not (dist.is_available() and dist.is_initialized()):
+            for name in ("MASTER_ADDR", "MASTER_PORT"):
+                if not env.get(name):
+                    raise ConfigError(ENV_KEY, f"WORLD_SIZE={world} but {name} is not set (start "
+                                               "the processes with torchrun)")
         return cls(rank=rank, world_size=world, local_rank=local_rank)
 
 
 def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
                   timeout_s: float = 600.0, backend: str | None = None,
-                  env: Mapping[str, str] = os.environ) -> ParallelLayout:
-    """Validate the layout, initialize torch.distributed from the environment, build the layout.
+                  launch: LaunchEnv | None = None) -> ParallelLayout:
+    """Validate the layout, initialize torch.distributed from the launcher's environment (`launch`,
+    parsed from os.environ when not given), build the layout.
 
     NCCL when CUDA is present, gloo otherwise. With WORLD_SIZE unset or 1 and no explicit backend,
     no process group is created and the layout is local.
     """
-    launch = LaunchEnv.from_env(env)
+    launch = launch or LaunchEnv.from_env()
     validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
     use_cuda = torch.cuda.is_available() if backend in (None, "nccl") else False
     device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}") if use_cuda \
@@ -190,7 +227,8 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
             backend=backend or ("nccl" if use_cuda else "gloo"), rank=launch.rank,
             world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if use_cuda else None)
-    return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, device=device)
+    return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, device=device,
+                       timeout_s=timeout_s)
 
 
 def destroy_parallel() -> None:

@@ -34,7 +34,7 @@ class PreemptionFlag:
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
 

@@ -38,7 +38,7 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
                                 timeout=datetime.timedelta(seconds=timeout_s))
         value = fn(*args, **kwargs)
         results.put((rank, True, pickle.dumps(value)))
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+    except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -84,7 +84,8 @@ def _collect(procs, results, world_size: int, timeout_s: float) -> list[Any]:
             dead = [r for r, p in enumerate(procs)
                     if not p.is_alive() and p.exitcode not in (0, None) and r not in values]
             if dead:
-                raise RankFailure(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                raise RankFailure(
+                    f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
             continue
         if not ok:
             raise RankFailure(f"rank {rank} failed:\n{payload}")

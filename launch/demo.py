@@ -30,15 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from distill.evaluate import validation_loss  # noqa: E402
 from distill.runconfig import parse_run_config  # noqa: E402
 from engine.config import apply_overrides, load_yaml  # noqa: E402
 from engine.data import resolve_data_path  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
-from tools.score import checkpoint_model_config, load_model, validation_loss  # noqa: E402
+from tools.score import checkpoint_model_config, load_model  # noqa: E402
 
 log = get_logger("demo")
 CONFIGS = ROOT / "launch" / "configs"
@@ -94,11 +94,13 @@ def checkpoint_loss(run_dir: Path, config: Path) -> float:
     data = parse_run_config(load_yaml(config)).data
     step_dir, run_config, model_cfg = checkpoint_model_config(run_dir, key="checkpoint")
     model = load_model(step_dir, model_cfg, ParallelLayout.single())
-    loss, _ = validation_loss(model, data, batches=EVAL_STEPS, seed=run_config["train"]["seed"])
+    per_step = data.global_batch // data.micro_batch  # micro-batches of one step at DP = 1
+    loss, _ = validation_loss(model, data, micro_batches=EVAL_STEPS * per_step,
+                              seed=run_config["train"]["seed"])
     return loss
 
 
-def report(out: Path, rows: list[tuple[str, str, float, float]], seconds: dict) -> str:
+def report(rows: list[tuple[str, str, float, float]], seconds: dict) -> str:
     lines = ["| model | params | validation loss (nats/token) | perplexity |",
              "|---|---|---|---|"]
     lines += [f"| {name} | {params} | {loss:.4f} | {ppl:.2f} |" for name, params, loss, ppl in rows]
@@ -153,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(name, count_params(CONFIGS / ("demo_teacher.yaml" if name == "teacher" else
                                            "demo.yaml")), loss, math.exp(loss))
             for name, loss in results.items()]
-    table = report(out, rows, seconds)
+    table = report(rows, seconds)
 
-    from tools.plot_metrics import plot  # noqa: E402 - matplotlib only when plotting
+    from tools.plot_metrics import plot
     plot([distilled, baseline], ["lm_loss", "val_loss"], out / "loss_curves.png")
     (out / "report.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=2))

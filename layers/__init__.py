@@ -1,7 +1,7 @@
 """The model: tensor/sequence-parallel transformer layers with named activation buffers.
 
 - `config.py`: `ModelConfig` (+ `RopeScaling`), `check_model_layout(config, tp)`.
-- `model.py`: `TransformerLM(config, layout, seed=)`, `ModelOutput`, `shifted_labels` (MTP targets).
+- `model.py`: `TransformerLM(config, layout, seed=)`, `ModelOutput`.
 - `tensor_parallel.py`: Column/RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead and
   the TP/SP region boundaries; why there is no gradient-finalize step under SP.
 - `attention.py`, `mlp.py`, `norm.py`, `rope.py`, `block.py`: the pieces of a decoder block.
@@ -13,7 +13,7 @@
 
 from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig, RopeScaling, check_model_layout
-from layers.model import ModelOutput, TransformerLM, shifted_labels
+from layers.model import ModelOutput, TransformerLM
 
 __all__ = ["ActivationBuffer", "ModelConfig", "ModelOutput", "RopeScaling", "TransformerLM",
-           "check_model_layout", "shifted_labels"]
+           "check_model_layout"]

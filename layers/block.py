@@ -45,6 +45,3 @@ class DecoderBlock(nn.Module):
 
     def _residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
         return self.rng.dropout(x, self.dropout, sharded=self.layout.sp, training=self.training)
-
-    def buffer_names(self) -> list[str]:
-        return [f"{self.name}.{suffix}" for suffix in ("mixer_output", "mlp_output", "output")]

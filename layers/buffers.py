@@ -1,6 +1,7 @@
 """Named activation buffers: a caller asks for names for one forward and gets those tensors back.
 
-Names a model publishes (see `TransformerLM.buffer_names()`):
+Names a model publishes (`buffer_names(layers, mtp_heads)`, the one list the model and the distill
+config both use):
 
 - `embedding`: the residual stream entering the first block (after positions and dropout);
 - `decoder.{i}.mixer_output`: block i's attention output, after its output projection and before
@@ -24,6 +25,21 @@ from dataclasses import dataclass
 import torch
 
 from layers.tensor_parallel import SEQ_DIM
+
+BLOCK_BUFFERS = ("mixer_output", "mlp_output", "output")  # what every decoder block publishes
+
+
+def block_buffer_names(prefix: str) -> list[str]:
+    """The buffers of one block: `{prefix}.mixer_output`, `.mlp_output`, `.output`."""
+    return [f"{prefix}.{suffix}" for suffix in BLOCK_BUFFERS]
+
+
+def buffer_names(layers: int, mtp_heads: int = 0) -> list[str]:
+    """Every buffer name a model of `layers` decoder blocks and `mtp_heads` MTP heads publishes,
+    in forward order."""
+    trunk = [name for i in range(layers) for name in block_buffer_names(f"decoder.{i}")]
+    heads = [name for j in range(1, mtp_heads + 1) for name in block_buffer_names(f"mtp.{j}")]
+    return ["embedding", *trunk, "final_hidden", *heads]
 
 
 @dataclass

@@ -14,7 +14,8 @@ layers/tensor_parallel.py). The trainer only all-reduces over data parallelism. 
 
 Multi-token prediction. With `mtp_heads = k`, head j (1..k) is its own decoder block applied to the
 trunk's last residual stream (the heads are independent, not chained), followed by the shared final
-norm and the shared output layer; its logits at position t predict token t+1+j (`shifted_labels`).
+norm and the shared output layer; its logits at position t predict token t+1+j (targets:
+`engine.data.shift_labels(input_ids, 1 + j)`).
 
 Initialization depends on (seed, parameter name) only, not on TP (layers/params.py).
 """
@@ -30,7 +31,7 @@ from torch import nn
 from engine import collectives as C
 from engine.parallel import ParallelLayout
 from layers.block import DecoderBlock
-from layers.buffers import ActivationBuffer, BufferRecorder
+from layers.buffers import ActivationBuffer, BufferRecorder, buffer_names
 from layers.config import ModelConfig, check_model_layout
 from layers.norm import make_norm
 from layers.params import full_init, new_param
@@ -52,18 +53,6 @@ class ModelOutput:
     head_hidden: torch.Tensor | None = None
     mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP head
     buffers: dict[str, ActivationBuffer] = field(default_factory=dict)  # the names asked for
-
-
-def shifted_labels(input_ids: torch.Tensor, *, head: int = 0,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """Targets of output head `head` (0 = next token, j = MTP head j): position t gets token t+1+head.
-
-    The last 1+head positions have no target in the sequence and get `ignore_index`.
-    """
-    shift = 1 + head
-    labels = torch.full_like(input_ids, ignore_index)
-    labels[:, :-shift] = input_ids[:, shift:]
-    return labels
 
 
 class TransformerLM(nn.Module):
@@ -96,9 +85,7 @@ class TransformerLM(nn.Module):
 
     def buffer_names(self) -> list[str]:
         """Every activation name `forward(buffers=...)` accepts (see layers/buffers.py)."""
-        trunk = [name for block in self.decoder for name in block.buffer_names()]
-        heads = [name for block in self.mtp.values() for name in block.buffer_names()]
-        return ["embedding", *trunk, "final_hidden", *heads]
+        return buffer_names(self.config.layers, self.config.mtp_heads)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -34,10 +34,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by torchrun
 
-from engine import checkpoint  # noqa: E402
-from engine.mappings import copy_to_tp, reduce_from_tp  # noqa: E402
-from engine.parallel import ParallelLayout, make_layout  # noqa: E402
-from engine.signals import PreemptionFlag  # noqa: E402
+from engine import checkpoint
+from engine.mappings import copy_to_tp, reduce_from_tp
+from engine.parallel import ParallelLayout, make_layout
+from engine.signals import PreemptionFlag
 
 VOCAB, HIDDEN, FFN = 10, 4, 8
 # parameter -> (tp_split_dim, vocab_parallel)
@@ -157,7 +157,7 @@ class _Log:
     """This rank's JSON-lines record of the run (line-buffered: what is written survives kill -9)."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the whole run
 
     def __call__(self, **record) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -13,7 +13,7 @@ from distill.config import ResolvedPair
 from distill.projection import ActivationProjection
 from engine import collectives as C
 from engine.parallel import ParallelLayout, make_layout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 from layers.buffers import ActivationBuffer
 
 TOL = dict(rtol=1e-12, atol=1e-12)

@@ -17,7 +17,7 @@ from ckpt_worker import SPLITS, VOCAB, TinyTP, adamw, batch, seed_all, shard_of,
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.parallel import ParallelLayout, make_layout
 from engine.signals import PreemptionFlag
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 LOSS_TOL = dict(rtol=1e-12, atol=0.0)
 PAD = 99.0  # the saving model's vocabulary padding rows: must never reach another TP degree

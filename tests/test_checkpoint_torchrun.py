@@ -36,7 +36,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise AssertionError(f"torchrun did not exit within {RUN_LIMIT_S}s:\n{output[-3000:]}")
+        raise AssertionError(f"torchrun did not exit within {RUN_LIMIT_S}s:\n{output[-3000:]}") from None
     return proc.returncode, output
 
 

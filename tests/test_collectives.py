@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from engine import collectives as C
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 
 def _full(world, shape=(4, 8, 6)):
@@ -87,6 +87,6 @@ def _uneven_reduce_scatter():
 
 
 def test_reduce_scatter_rejects_uneven_split():
-    from engine.testing import RankFailure
+    from engine.spawn import RankFailure
     with pytest.raises(RankFailure, match="does not split over 2 ranks"):
         run_ranks(_uneven_reduce_scatter, 2)

@@ -70,13 +70,48 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (1, ["train.init=/nonexistent/ckpt"], "train.init: no complete checkpoint at"),
     (1, ["distill.schedule=offline"], "distill.offline_dir: is required with schedule offline"),
     (1, ["train.steps"], "train.steps: an override must look like section.key=value"),
+    # Settings that used to pass start-up and fail at the first micro-batch or later:
+    (1, ["distill.logit.kind=jsd", "distill.logit.beta=0"],
+     "distill.logit.beta: must be in (0, 1) for jsd (got 0.0)"),
+    (1, ["distill.logit.kind=jsd", "distill.logit.beta=1"],
+     "distill.logit.beta: must be in (0, 1) for jsd (got 1.0)"),
+    (1, ["distill.logit.kind=skew_forward_kl", "distill.logit.skew=0"],
+     "distill.logit.skew: must be in (0, 1) for skew_forward_kl (got 0.0)"),
+    (1, ["distill.logit.kind=skew_reverse_kl", "distill.logit.skew=1"],
+     "distill.logit.skew: must be in (0, 1) for skew_reverse_kl (got 1.0)"),
+    (1, ["model.max_seq_len=64", "data.seq_len=48"],
+     "distill.teacher: the teacher's max_seq_len=32 is shorter than data.seq_len=48"),
+    (1, ["distill.activations=[{student: embedding, teacher: decoder.9.output}]"],
+     "distill.activations[0].teacher: teacher buffer 'decoder.9.output' names layer 9, but the "
+     "teacher has 3 layers"),
+    (1, ["distill.activations=[{student: decoder.0.output, teacher: decoder.0.output, "
+         "loss: huber}]"], "distill.activations[0].loss: must be one of 'mse', 'l2', 'cosine'"),
+    (1, ["distill.prefetch=0"], "distill.prefetch: must be >= 1 (got 0)"),
+    (1, ["distill.mtp_weights=[1]"], "distill.mtp_weights: has 1 entries for model.mtp_heads=0"),
+    (1, ["distill.logit.weight=-1"], "distill.logit.weight: must be >= 0"),
+    (1, ["distill.lm_weight=0", "distill.logit.weight=0"],
+     "distill.lm_weight: every loss term is off"),
+    (1, ["distill.schedule=offline", "distill.offline_dir=/nonexistent/export"],
+     "distill.offline_dir: no teacher export at /nonexistent/export"),
+    (1, ["distill.schedule=offline", "distill.offline_dir=x", "distill.activations=[all_mlps]"],
+     "distill.activations: the offline schedule stores teacher logits only"),
+    (1, ["distill.schedule=offline", "distill.offline_dir=x", "distill.fused_lm_head=true"],
+     "distill.fused_lm_head: is not supported with schedule offline"),
+    (1, ["model.kv_heads=3"], "model.kv_heads: must divide model.heads=4"),
+    (1, ["model.dropout=1.0"], "model.dropout: must be in [0, 1)"),
+    (2, ["parallel.tp=2", "model.ffn_hidden=63"], "model.ffn_hidden: 63 does not split"),
+    (1, ["data.micro_batch=0"], "data.micro_batch:"),
+    (1, ["train.min_lr=1"], "train.min_lr: must be between 0 and train.lr"),
+    (1, ["train.keep=0"], "train.keep: must be >= 1 (got 0)"),
+    (1, ["parallel.timeout_s=0"], "parallel.timeout_s: must be > 0"),
 ]
 
 
 @pytest.mark.parametrize("world,overrides,message", CASES, ids=[" ".join(c[1]) for c in CASES])
 def test_bad_config_is_one_clear_line(files, capsys, monkeypatch, world, overrides, message):
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("RANK", "0")
+    for name, value in {"WORLD_SIZE": str(world), "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
     assert main(["--config", str(files["config"]), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"ConfigError: {message}"), err[-1]
@@ -94,20 +129,48 @@ def test_missing_and_malformed_config_files(files, capsys, tmp_path):
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "ConfigError: config: file not found" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {steps: [1\n")
+    bad.write_text("train:\n  steps: 3\n   lr: 1\n")
     assert main(["--config", str(bad)]) == 2
-    assert "is not valid YAML" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ConfigError: config: {bad} is not valid YAML: line 3, column 6: mapping values are not "
+        "allowed here"]
+
+
+TORCHRUN_ENV = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                "PATH": "/usr/bin:/bin"}
 
 
 @pytest.mark.parametrize("script", ["pretrain_distill.py", "pretrain.py"])
 def test_entry_point_exit_code_and_single_line(files, script):
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--config",
-                           str(files["config"]), "parallel.tp=3"], capture_output=True, text=True,
-                          env={"WORLD_SIZE": "2", "RANK": "0", "PATH": "/usr/bin:/bin"},
-                          timeout=120)
+    """Rank 0 prints the one line; rank 1 meets the same error silently; neither waits."""
+    outputs = []
+    for rank in (0, 1):
+        done = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--config",
+                               str(files["config"]), "parallel.tp=3"], capture_output=True,
+                              text=True, env={**TORCHRUN_ENV, "RANK": str(rank)}, timeout=120)
+        assert done.returncode == 2
+        outputs.append(done.stderr.strip().splitlines())
+    assert outputs == [["ConfigError: parallel.tp: parallel.tp=3 is larger than the 2 student "
+                        "ranks (world size 2)"], []]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "ConfigError: environment: RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "ConfigError: environment: WORLD_SIZE=2 but MASTER_ADDR is "
+                                       "not set"),
+    ({"WORLD_SIZE": "2.5", "RANK": "0"}, "ConfigError: environment: WORLD_SIZE='2.5' is not an "
+                                         "integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "ConfigError: environment: RANK=2 is outside WORLD_SIZE=2"),
+])
+def test_broken_launcher_environment_is_one_line_at_once(files, env, message):
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_distill.py"),
+                           "--config", str(files["config"])], capture_output=True, text=True,
+                          env={**env, "PATH": "/usr/bin:/bin"}, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "ConfigError: parallel.tp: parallel.tp=3 is larger than the 2 student ranks (world size 2)"]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
 def test_shipped_configs_validate():

@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from distill.runconfig import checkpoint_run_config, resolve_checkpoint
+from engine.checkpoint import checkpoint_run_config, resolve_checkpoint
 from engine.config import to_dict
 from layers.hf import hf_config_to_model_config
 

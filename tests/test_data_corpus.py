@@ -23,7 +23,7 @@ def test_builds_real_text_that_decodes_back(tmp_path):
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     assert tokenizer.get_vocab_size() == 320 and tokenizer.token_to_id(EOD_TOKEN) == 0
     dataset = IndexedTokens(prefix)
-    assert dataset.dtype == np.uint16 and 2 <= len(dataset) and dataset.num_tokens > SMALL // 6
+    assert dataset.dtype == np.uint16 and len(dataset) >= 2 and dataset.num_tokens > SMALL // 6
     files = json.loads((prefix.parent / "meta.json").read_text())["files"]
     assert len(files) == len(dataset) and files == [n for n in names if n in set(files)]
     assert sum((root / name).stat().st_size for name in files) <= SMALL

@@ -56,10 +56,9 @@ def test_failed_write_leaves_nothing(tmp_path):
     prefix = tmp_path / "out" / "data"
     with pytest.raises(DataError, match="do not fit uint16"):
         write_indexed(prefix, [np.array([1, 2]), np.array([70000])], np.uint16)
-    with pytest.raises(RuntimeError):
-        with IndexedWriter(prefix, np.uint16) as writer:
-            writer.add(np.array([1, 2, 3]))
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), IndexedWriter(prefix, np.uint16) as writer:
+        writer.add(np.array([1, 2, 3]))
+        raise RuntimeError("interrupted")
     with pytest.raises(DataError, match="no documents"):
         write_indexed(prefix, [], np.uint16)
     assert list((tmp_path / "out").iterdir()) == []

@@ -39,7 +39,7 @@ def test_demo_configs_run_under_torchrun(tmp_path):
               f"train.run_dir={student}", f"distill.teacher={teacher}")
     records = read_metrics(student)
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(KEYS <= set(r) for r in records)
+    assert all(set(r) >= KEYS for r in records)
     assert all(r["kd_loss"] > 0 and r["act_loss"] > 0 and r["lm_loss"] > 0 for r in records)
     assert "val_loss" in records[-1]
     assert (student / "config.yaml").is_file()

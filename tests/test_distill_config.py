@@ -3,12 +3,15 @@
 import dataclasses
 
 import pytest
+import torch
 
 from distill.config import (ActivationPairConfig, DistillConfig, LogitKDConfig, ResolvedPair,
-                            aligned_teacher_config, buffer_names, check_compatibility,
-                            resolve_pairs, teacher_layer)
+                            aligned_teacher_config, check_compatibility, resolve_pairs,
+                            teacher_layer)
+from distill import KINDS, divergence
 from engine.config import ConfigError, apply_overrides, from_dict, to_dict
 from engine.parallel import ParallelLayout
+from layers.buffers import buffer_names
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 
@@ -18,6 +21,11 @@ TEACHER = ModelConfig(vocab_size=100, hidden=48, layers=4, heads=6, kv_heads=2, 
 
 def _parse(data: dict) -> DistillConfig:
     return from_dict(DistillConfig, data, prefix="distill")
+
+
+def _depths(student: int, teacher: int) -> tuple[ModelConfig, ModelConfig]:
+    return (dataclasses.replace(STUDENT, layers=student),
+            dataclasses.replace(TEACHER, layers=teacher))
 
 
 def test_yaml_shapes_and_round_trip():
@@ -47,7 +55,12 @@ def test_needs_teacher():
     ({"logit": {"kind": "kl"}}, "distill.logit.kind: must be one of"),
     ({"logit": {"temperature": 0}}, "distill.logit.temperature: must be > 0 (got 0.0)"),
     ({"logit": {"weight": -1}}, "distill.logit.weight: must be >= 0 (got -1.0)"),
-    ({"logit": {"beta": 1.5}}, "distill.logit.beta: must be in [0, 1] (got 1.5)"),
+    ({"logit": {"kind": "jsd", "beta": 1.5}}, "distill.logit.beta: must be in (0, 1) for jsd (got 1.5)"),
+    ({"logit": {"kind": "jsd", "beta": 0}}, "distill.logit.beta: must be in (0, 1) for jsd (got 0.0)"),
+    ({"logit": {"kind": "skew_forward_kl", "skew": 0}},
+     "distill.logit.skew: must be in (0, 1) for skew_forward_kl (got 0.0)"),
+    ({"logit": {"kind": "skew_reverse_kl", "skew": 1}},
+     "distill.logit.skew: must be in (0, 1) for skew_reverse_kl (got 1.0)"),
     ({"lm_weight": -0.1}, "distill.lm_weight: must be >= 0 (got -0.1)"),
     ({"activation_coef": -1}, "distill.activation_coef: must be >= 0"),
     ({"mtp_weights": [1, -1]}, "distill.mtp_weights[1]: must be >= 0"),
@@ -86,7 +99,7 @@ def test_uniform_layer_mapping(student, teacher, expected):
     assert [teacher_layer(i, student, teacher) for i in range(student)] == expected
     cfg = _parse({"activations": ["all_mixers", {"student": "all_mlps", "loss": "l2",
                                                  "weight": 0.5}]})
-    pairs = resolve_pairs(cfg, student, teacher)
+    pairs = resolve_pairs(cfg, *_depths(student, teacher))
     assert pairs == [ResolvedPair(f"decoder.{i}.mixer_output", f"decoder.{j}.mixer_output",
                                   "mse", 1.0) for i, j in enumerate(expected)] + \
                     [ResolvedPair(f"decoder.{i}.mlp_output", f"decoder.{j}.mlp_output", "l2", 0.5)
@@ -96,7 +109,7 @@ def test_uniform_layer_mapping(student, teacher, expected):
 def test_shortcut_needs_a_teacher_at_least_as_deep():
     with pytest.raises(ConfigError, match=r"distill.activations\[0\]: shortcut 'all_outputs' "
                                           "needs a teacher at least as deep"):
-        resolve_pairs(_parse({"activations": ["all_outputs"]}), 4, 2)
+        resolve_pairs(_parse({"activations": ["all_outputs"]}), *_depths(4, 2))
 
 
 @pytest.mark.parametrize("pair,message", [
@@ -107,17 +120,28 @@ def test_shortcut_needs_a_teacher_at_least_as_deep():
      "distill.activations[0].teacher: unknown teacher buffer 'decoder.0.attn_out'"),
     ({"student": "hidden", "teacher": "final_hidden"},
      "distill.activations[0].student: unknown student buffer 'hidden'"),
+    ({"student": "mtp.2.output", "teacher": "final_hidden"},
+     "distill.activations[0].student: student buffer 'mtp.2.output' names MTP head 2, but the "
+     "student has 1"),
 ])
 def test_unknown_buffer_names(pair, message):
     with pytest.raises(ConfigError) as err:
-        resolve_pairs(_parse({"activations": [pair]}), 2, 4)
+        resolve_pairs(_parse({"activations": [pair]}), *_depths(2, 4))
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_every_published_buffer_is_accepted():
+    """The model publishes `embedding` and the MTP blocks' buffers: the config takes them too."""
+    for name in buffer_names(STUDENT.layers, STUDENT.mtp_heads):
+        pair = {"student": name, "teacher": "embedding"}
+        assert resolve_pairs(_parse({"activations": [pair]}), STUDENT, TEACHER)[0].student == name
 
 
 def test_buffer_names_are_the_models():
     """Names checked at start-up are names the model publishes."""
     model = TransformerLM(STUDENT, ParallelLayout.single())
-    assert buffer_names(STUDENT.layers) <= set(model.buffer_names())
+    assert buffer_names(STUDENT.layers, STUDENT.mtp_heads) == model.buffer_names()
+    assert "embedding" in model.buffer_names() and "mtp.1.mlp_output" in model.buffer_names()
 
 
 # ------------------------------------------------------------------------------ compatibility
@@ -158,3 +182,22 @@ def test_incompatible_setups_fail_at_start_up(cfg, teacher, message):
 
 def test_pure_lm_needs_no_teacher():
     assert check_compatibility(_parse({"logit": {"weight": 0}}), STUDENT, None, tp=1) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
+def test_config_accepts_exactly_what_the_losses_accept(kind, value):
+    """One source for the divergence parameter ranges: a setting the config takes never fails in
+    the loss, and one the loss refuses never passes the config."""
+    logits = torch.zeros(2, 8)
+    try:
+        divergence(logits, logits, kind=kind, beta=value, skew=value)
+        loss_ok = True
+    except ValueError:
+        loss_ok = False
+    try:
+        _parse({"logit": {"kind": kind, "beta": value, "skew": value}})
+        config_ok = True
+    except ConfigError:
+        config_ok = False
+    assert loss_ok == config_ok

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from distill import KINDS, cross_entropy, divergence, lm_and_divergence, topk_divergence
 from engine import collectives as C
 from engine.mappings import scatter_to_tp
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 ROWS, FULL_V, VOCAB = 8, 48, 45  # 48 columns split over 1, 2 or 4 ranks; the last 3 are padding
 TEMPERATURES = (0.5, 1.0, 4.0)

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from distill import KINDS, fused_lm_and_divergence, lm_and_divergence
 from engine import collectives as C
 from engine.mappings import copy_to_tp, scatter_to_tp
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 TOKENS, HIDDEN, T_HIDDEN, FULL_V, VOCAB = 7, 6, 5, 48, 45
 

@@ -10,7 +10,7 @@ import transformers
 
 from engine.mappings import gather_from_tp
 from engine.parallel import ParallelLayout, make_layout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config, hf_to_engine_state_dict,
                        model_config_to_hf_config)

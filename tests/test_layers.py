@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from engine.config import ConfigError, from_dict
+from engine.data import shift_labels
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig, check_model_layout
-from layers.model import TransformerLM, shifted_labels
+from layers.model import TransformerLM
 
 CFG = ModelConfig(family="llama", vocab_size=100, hidden=32, layers=2, heads=4, kv_heads=2,
                   ffn_hidden=64, max_seq_len=32, mtp_heads=2)
@@ -88,7 +89,7 @@ def test_mtp_heads_shapes_targets_and_causality():
     assert len(out.mtp_logits) == 2 and len(out.mtp_hidden) == 2
     assert all(logits.shape == out.logits.shape for logits in out.mtp_logits)
     for head in range(3):  # position t of head j is trained on token t+1+j
-        labels = shifted_labels(ids, head=head)
+        labels = shift_labels(ids, 1 + head)
         torch.testing.assert_close(labels[:, :10 - 1 - head], ids[:, 1 + head:])
         assert (labels[:, 10 - 1 - head:] == -100).all()
     # Every head is causal: changing token 6 changes no output at positions 0..5, but some at 6.

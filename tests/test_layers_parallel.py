@@ -16,7 +16,7 @@ import torch.distributed as dist
 from engine import collectives as C
 from engine.mappings import gather_from_tp
 from engine.parallel import ParallelLayout, make_layout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 from layers.config import ModelConfig, RopeScaling
 from layers.model import TransformerLM
 from layers.rng import REPLICATED, SHARDED

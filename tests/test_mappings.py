@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from engine import mappings as M
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 

@@ -2,7 +2,8 @@
 
 - TP=2 with SP and DP=2 (4 spawned ranks), LM head unfused and fused, against the single-process
   TP=1 objective over the same global batch: the logged terms and the gradient of every student
-  parameter (gathered) and of every projection weight, after DDP-style averaging over DP.
+  parameter (gathered) and of every projection weight, summed over DP (what the trainer's
+  DP-scaled DDP average gives).
 - Each term against a direct torch computation over the whole step (global-token means, not means
   of micro-batch means), with unequal valid-token counts across micro-batches.
 - MTP: the logit term gives MTP-only parameters exactly zero gradient, the LM term does not.
@@ -19,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import DistillConfig, aligned_teacher_config
-from distill.objective import (DistillObjective, TeacherOutputs, TokenCounts, count_tokens,
-                               head_labels)
+from distill.evaluate import next_token_loss
+from distill.objective import DistillObjective, TokenCounts, count_tokens
+from distill.teacher import TeacherOutputs, TeacherRequest, _Wire
 from engine import collectives as C
 from engine.config import from_dict
-from engine.data import IGNORE_INDEX
+from engine.data import IGNORE_INDEX, shift_labels
 from engine.parallel import ParallelLayout, make_layout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.sharding import gather_full
@@ -92,7 +94,8 @@ def _teacher_outputs(teacher, objective, input_ids):
 
 
 def _step(layout, cfg, micro_batches, *, with_teacher=True):
-    """One optimizer step's forwards/backwards; DDP's gradient average done by hand."""
+    """One optimizer step's forwards/backwards; the DP sum of the gradients done by hand (the
+    objective's loss is each rank's share of the global means)."""
     student, teacher, objective = _models(layout, cfg, with_teacher=with_teacher)
     counts = count_tokens(micro_batches, layout, mtp_heads=STUDENT.mtp_heads)
     terms = torch.zeros(len(TERMS), dtype=torch.float64)
@@ -107,7 +110,7 @@ def _step(layout, cfg, micro_batches, *, with_teacher=True):
     for p in [*student.parameters(), *objective.parameters()]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        C.all_reduce(p.grad, layout.dp_group).div_(layout.dp)
+        C.all_reduce(p.grad, layout.dp_group)
     C.all_reduce(terms, layout.dp_group)
     return {
         "terms": terms,
@@ -160,7 +163,7 @@ def _direct_terms(micro_batches):
     s, t = out.logits[..., :VOCAB], t_out.logits[..., :VOCAB]
     ce = F.cross_entropy(s.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     mtp = F.cross_entropy(out.mtp_logits[0][..., :VOCAB].flatten(0, 1),
-                          head_labels(labels, 1).flatten(), ignore_index=IGNORE_INDEX)
+                          shift_labels(labels, 1).flatten(), ignore_index=IGNORE_INDEX)
     kl = F.kl_div(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1),
                   log_target=True, reduction="none").sum(-1)
     kd = TEMPERATURE ** 2 * KD_WEIGHT * kl[labels != IGNORE_INDEX].mean()
@@ -283,16 +286,16 @@ def test_fused_teacher_as_logits_or_as_hidden_states():
         torch.testing.assert_close(got, want, **TOL)
 
 
-def test_lm_loss_per_token_for_validation():
+@pytest.mark.parametrize("fused", [False, True])
+def test_next_token_loss_for_validation(fused):
     layout = ParallelLayout.single()
-    student, _, objective = _models(layout, _cfg())
+    student, _, _ = _models(layout, _cfg())
     mb = _micro_batches()[1]
-    per_token, valid = objective.lm_loss_per_token(student, mb)
+    per_token = next_token_loss(student, mb["input_ids"], mb["labels"], fused=fused)
     logits = student(mb["input_ids"]).logits[..., :VOCAB]
     want = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="none").view_as(per_token)
     torch.testing.assert_close(per_token, want, **TOL)
-    assert torch.equal(valid, mb["labels"] != IGNORE_INDEX)
 
 
 def test_projection_is_state_of_the_objective_not_the_student():
@@ -313,16 +316,25 @@ def test_count_tokens_per_head():
                           ParallelLayout.single(), mtp_heads=2)
     # head 1 sees labels[:, 1:], head 2 labels[:, 2:]; the label-free batch counts for distillation.
     assert counts == TokenCounts(tokens=12, heads=(6, 4, 3), distill=10)
-    assert head_labels(mb["labels"], 2).tolist() == [[IGNORE_INDEX, 3, -100, -100],
-                                                     [5, 6, -100, -100]]
+    assert shift_labels(mb["labels"], 2).tolist() == [[IGNORE_INDEX, 3, -100, -100],
+                                                      [5, 6, -100, -100]]
 
 
-def test_teacher_outputs_from_flat_tensors():
-    logits, buf = torch.zeros(1, 2, 3), torch.ones(1, 2, 4)
-    out = TeacherOutputs.from_tensors({"logits": logits, "buffer:decoder.0.mlp_output": buf})
-    assert out.logits is logits and out.buffers == {"decoder.0.mlp_output": buf}
-    with pytest.raises(ValueError, match="unknown teacher tensor 'logit'"):
-        TeacherOutputs.from_tensors({"logit": logits})
+def test_teacher_wire_format_round_trip():
+    """The remote path's flattening: the fused head's weight is a constant (sent once), the head
+    input and buffers travel per micro-batch, and unflattening restores the outputs."""
+    hidden, weight, buf = torch.zeros(1, 2, 3), torch.ones(5, 3), torch.ones(1, 2, 4)
+    wire = _Wire.of(TeacherRequest(head="hidden", buffers=("decoder.0.mlp_output",)))
+    assert wire.constants == ("output_weight",)
+    assert wire.per_batch == ("head_hidden", "buffer:decoder.0.mlp_output")
+    out = TeacherOutputs(head_hidden=hidden, output_weight=weight,
+                         buffers={"decoder.0.mlp_output": buf})
+    back = wire.unflatten(wire.flatten(out, wire.constants), wire.flatten(out, wire.per_batch))
+    assert back.head_hidden is not None and torch.equal(back.head_hidden, hidden)
+    assert torch.equal(back.output_weight, weight)
+    assert torch.equal(back.buffers["decoder.0.mlp_output"], buf) and back.logits is None
+    assert _Wire.of(TeacherRequest(head="logits")).per_batch == ("logits",)
+    assert _Wire.of(TeacherRequest(head="none", buffers=("final_hidden",))).constants == ()
 
 
 # --------------------------------------------------------------------------- run-time errors

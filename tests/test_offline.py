@@ -25,22 +25,21 @@ import torch
 
 from distill.config import aligned_teacher_config
 from distill.objective import DistillObjective, count_tokens
-from distill.offline import (OfflineTeacher, OfflineTeacherError, ShardedRows, read_metadata,
-                             teacher_topk)
+from distill.offline import OfflineTeacher, OfflineTeacherError, ShardedRows, read_metadata, teacher_topk
 from distill.runconfig import load_run_config
-from distill.teacher import ColocatedTeacher
+from distill.teacher import ColocatedTeacher, TeacherRequest
 from distill.weights import load_weights
 from engine import collectives as C
 from engine.config import ConfigError
 from engine.data import TokenBatches, write_indexed
 from engine.parallel import ParallelLayout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 from layers.model import TransformerLM
 from tests.trainer_utils import (VOCAB, base_config, make_teacher, read_metrics, run_main,
                                  teacher_config, write_config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import export_teacher_logits  # noqa: E402
+import export_teacher_logits
 
 TEMPERATURE = 2.0
 SHARD = 5  # samples per shard: micro-batches straddle shard files
@@ -118,7 +117,7 @@ def _objective_terms(cfg_path: Path, export_dir: Path) -> list[tuple[torch.Tenso
     data.next_step()  # the rows of the second step, so sample ids do not start at 0
     micro_batches = data.next_step()
     counts = count_tokens(micro_batches, layout)
-    sources = [ColocatedTeacher(teacher, buffer_names=set(), compute_logits=True),
+    sources = [ColocatedTeacher(teacher, TeacherRequest(head="logits")),
                OfflineTeacher(export_dir, data=data)]
     results = []
     for source in sources:

@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 from engine.optim import LRSchedule, grad_norm
 from engine.parallel import ParallelLayout, make_layout
-from engine.testing import run_ranks
-from engine.trainer import NonFiniteError, OptimizerStep, TrainConfig
+from engine.spawn import run_ranks
+from engine.optim import NonFiniteError, OptimizerStep
+from engine.train_config import TrainConfig
 
 
 def _params(grads):

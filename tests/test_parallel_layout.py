@@ -5,8 +5,10 @@ import torch
 import torch.distributed as dist
 
 from engine import collectives as C
-from engine.parallel import LayoutError, ParallelLayout, init_parallel, make_layout, validate_layout
-from engine.testing import RankFailure, run_ranks
+from engine.config import ConfigError
+from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, init_parallel, make_layout,
+                             validate_layout)
+from engine.spawn import RankFailure, run_ranks
 
 
 def _members(group):
@@ -54,17 +56,51 @@ def test_layout_errors(world, tp, sp, teacher, message):
         validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher)
 
 
+def test_layout_errors_carry_their_key():
+    with pytest.raises(LayoutError) as err:
+        validate_layout(world_size=4, tp=2, sp=False, teacher_ranks=1)
+    assert err.value.key == "parallel.tp"
+    with pytest.raises(LayoutError) as err:
+        validate_layout(world_size=2, tp=1, sp=False, teacher_ranks=2)
+    assert err.value.key == "parallel.teacher_ranks"
+
+
 def test_init_parallel_rejects_before_creating_groups():
-    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+           "MASTER_PORT": "1"}
     with pytest.raises(LayoutError, match="parallel.tp=2 does not divide"):
-        init_parallel(tp=2, env=env)
+        init_parallel(tp=2, launch=LaunchEnv.from_env(env))
     assert not dist.is_initialized()
-    with pytest.raises(LayoutError, match="RANK=5 is outside WORLD_SIZE=2"):
-        init_parallel(env={"WORLD_SIZE": "2", "RANK": "5"})
+
+
+RENDEZVOUS = {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "2", **RENDEZVOUS}, "RANK is not set"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "5", **RENDEZVOUS}, "RANK=5 is outside WORLD_SIZE=2 (0..1)"),
+    ({"WORLD_SIZE": "2", "RANK": "-1", **RENDEZVOUS}, "RANK=-1 is outside WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x", **RENDEZVOUS},
+     "LOCAL_RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, "WORLD_SIZE=2 but MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h"}, "WORLD_SIZE=2 but MASTER_PORT is not set"),
+])
+def test_broken_launcher_environment(env, message):
+    with pytest.raises(ConfigError) as err:
+        LaunchEnv.from_env(env)
+    assert err.value.key == "environment" and message in err.value.message
+
+
+def test_launch_env_of_one_process_and_of_torchrun():
+    assert LaunchEnv.from_env({}) == LaunchEnv(rank=0, world_size=1, local_rank=0)
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", **RENDEZVOUS}
+    assert LaunchEnv.from_env(env) == LaunchEnv(rank=3, world_size=4, local_rank=1)
 
 
 def test_single_process_layout_has_no_groups():
-    layout = init_parallel(env={})
+    layout = init_parallel(launch=LaunchEnv.from_env({}))
     assert layout == ParallelLayout.single()
     assert layout.tp_group is None and layout.dp_group is None and not dist.is_initialized()
 

@@ -18,7 +18,7 @@ import transformers
 
 from engine.data import DataConfig, TokenBatches, write_indexed
 from engine.parallel import make_layout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

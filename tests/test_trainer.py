@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from engine.testing import run_ranks
+from distill.teacher import TeacherOutputs, TeacherRequest
+from engine.spawn import run_ranks
 from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
                                  write_config)
 
@@ -138,6 +139,15 @@ def test_distillation_drives_kd_loss_down(tmp_path):
     assert last < 0.5 * first, (first, last)
 
 
+class _FakeTeacher:
+    """Stands in for a ColocatedTeacher: 'logits' that encode the token ids."""
+
+    request = TeacherRequest(head="logits")
+
+    def __call__(self, mb):
+        return TeacherOutputs(logits=mb["input_ids"].float().unsqueeze(-1).repeat(1, 1, 4))
+
+
 def _stream_with_corruption():
     """Teacher rank 1 streams for token ids that differ from student rank 0's in one place."""
     from distill.teacher import RemoteTeacher, TeacherStreamError, serve_teacher
@@ -149,16 +159,11 @@ def _stream_with_corruption():
         corrupted = [dict(b) for b in batches]
         corrupted[1] = {"input_ids": batches[1]["input_ids"].clone()}
         corrupted[1]["input_ids"][0, 3] += 1
-
-        def fake_teacher(mb):
-            return {"logits": mb["input_ids"].float().unsqueeze(-1).repeat(1, 1, 4)}
-
-        serve_teacher(fake_teacher, layout, names=["logits"], batches_for=lambda _: iter(corrupted),
-                      prefetch=2)
+        serve_teacher(_FakeTeacher(), layout, batches_for=lambda _: iter(corrupted), prefetch=2)
         return "served"
-    remote = RemoteTeacher(layout, names=["logits"], prefetch=2, total=3)
+    remote = RemoteTeacher(layout, _FakeTeacher.request, prefetch=2, total=3)
     first = remote(batches[0])
-    assert torch.equal(first["logits"][..., 0], batches[0]["input_ids"].float())
+    assert torch.equal(first.logits[..., 0], batches[0]["input_ids"].float())
     with pytest.raises(TeacherStreamError, match="misaligned"):
         remote(batches[1])
     remote(batches[2])  # drain the last message so the teacher's sends complete
@@ -169,3 +174,28 @@ def _stream_with_corruption():
 
 def test_corrupted_teacher_stream_is_detected():
     assert run_ranks(_stream_with_corruption, 2, timeout_s=60) == ["detected", "served"]
+
+
+def _counted_teacher_ranks_run(cfg, run_dir, *extra):
+    from engine.collectives import count_collectives
+
+    with count_collectives() as counts:
+        assert run_main(str(cfg), [f"train.run_dir={run_dir}", *TEACHER_RANKS, *extra]) == 0
+    return dict(counts.calls), dict(counts.bytes)
+
+
+def test_fused_teacher_ranks_send_the_head_weight_once(setup):
+    """The frozen output-weight shard is a constant of the run: it crosses the wire once, before
+    the first micro-batch; each micro-batch carries only its checksum and the head input."""
+    tmp, cfg = setup
+    colocated = _run(cfg, tmp / "colocated", "distill.fused_lm_head=true")
+    results = run_ranks(_counted_teacher_ranks_run, 2, cfg, tmp / "remote",
+                        "distill.fused_lm_head=true", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+    calls, received = results[0]  # the student
+    micro_batches, (mb, seq, hidden_t, padded_vocab) = 6, (2, 16, 48, 320)  # 3 steps x 2; fp32
+    weight = padded_vocab * hidden_t * 4
+    per_micro_batch = 8 + mb * seq * hidden_t * 4  # checksum + head_hidden
+    header = 8 + 11 * 8  # its length, then (1, dtype, 2, V, H) and (1, dtype, 3, mb, seq, H)
+    assert received["recv"] == header + weight + micro_batches * per_micro_batch
+    assert calls["recv"] == 2 + 1 + micro_batches * 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -32,23 +31,20 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import aligned_teacher_config, check_compatibility  # noqa: E402
-from distill.offline import (FORMAT, METADATA, VERSION, export_key, sample_checksums,  # noqa: E402
-                             shard_name, teacher_digest, teacher_topk, tokenizer_record)
-from distill.runconfig import (RunConfig, parse_run_config, resolve_checkpoint,  # noqa: E402
-                               teacher_model_config)
-from distill.teacher import ColocatedTeacher  # noqa: E402
-from distill.weights import load_weights  # noqa: E402
-from engine import collectives as C  # noqa: E402
-from engine.checkpoint_files import (file_record, fsync_dir, write_json,  # noqa: E402
-                                     write_tensors)
-from engine.config import ConfigError, apply_overrides, check, load_yaml  # noqa: E402
-from engine.data import TokenBatches, resolve_data_path  # noqa: E402
-from engine.log import get_logger, setup_logging  # noqa: E402
-from engine.parallel import (LayoutError, ParallelLayout, destroy_parallel,  # noqa: E402
+from distill.config import check_compatibility
+from distill.offline import (FORMAT, METADATA, VERSION, sample_checksums, shard_name,
+                             teacher_digest, teacher_topk, tokenizer_record)
+from distill.runconfig import RunConfig, parse_run_config, run_export_key, teacher_model_config
+from distill.teacher import ColocatedTeacher, TeacherRequest, load_teacher
+from engine import collectives as C
+from engine.checkpoint import resolve_checkpoint
+from engine.checkpoint_files import file_record, fsync_dir, write_json, write_tensors
+from engine.config import ConfigError, apply_overrides, check, load_yaml
+from engine.data import TokenBatches, resolve_data_path
+from engine.log import error_line, get_logger, setup_logging
+from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_parallel,
                              init_parallel, validate_layout)
-from layers.config import ModelConfig  # noqa: E402
-from layers.model import TransformerLM  # noqa: E402
+from layers.config import ModelConfig
 
 log = get_logger("export_teacher_logits")
 
@@ -90,7 +86,7 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     try:
         validate_layout(world_size=world_size, tp=cfg.parallel.tp, sp=False)
     except LayoutError as err:
-        raise ConfigError("parallel.tp", f"{err} (world size {world_size})") from None
+        raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     # The teacher a colocated run of this config would load (an offline run loads none).
     live = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated"))
     teacher = teacher_model_config(live)
@@ -108,12 +104,10 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
 
 def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
     cfg = plan.cfg
-    model = TransformerLM(aligned_teacher_config(cfg.model, plan.teacher), layout,
-                          seed=cfg.train.seed).to(layout.device)
-    load_weights(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"), model, layout)
-    if cfg.distill.teacher_bf16:
-        model.to(torch.bfloat16)
-    return ColocatedTeacher(model, buffer_names=set(), compute_logits=True)
+    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                         plan.teacher, cfg.model, layout, seed=cfg.train.seed,
+                         bf16=cfg.distill.teacher_bf16)
+    return ColocatedTeacher(model, TeacherRequest(head="logits"))
 
 
 def training_samples(cfg: RunConfig) -> Iterator[torch.Tensor]:
@@ -166,8 +160,7 @@ def write_shards(plan: ExportPlan, teacher: ColocatedTeacher, layout: ParallelLa
 def metadata(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> dict:
     cfg = plan.cfg
     checkpoint = resolve_checkpoint(cfg.distill.teacher, key="distill.teacher")
-    key = export_key(cfg.data, seed=cfg.train.seed, temperature=cfg.distill.logit.temperature,
-                     vocab_size=cfg.model.vocab_size)
+    key = run_export_key(cfg)
     shards = [{"file": shard_name(i), "first": s.start, "count": len(s),
                **file_record(tmp / shard_name(i))} for i, s in enumerate(plan.shards)]
     return {"format": FORMAT, "version": VERSION, **key, "k": plan.k, "samples": plan.samples,
@@ -204,13 +197,15 @@ def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = None
     try:
-        plan = load_plan(args, world_size=world)
+        launch = LaunchEnv.from_env()
+        plan = load_plan(args, world_size=launch.world_size)
     except ConfigError as err:
-        print(f"ConfigError: {err}", file=sys.stderr)
+        error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
         return 2
-    layout = init_parallel(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s)
+    layout = init_parallel(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s,
+                           launch=launch)
     try:
         export(plan, layout, progress=not args.no_progress)
     finally:

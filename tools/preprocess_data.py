@@ -14,7 +14,6 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path

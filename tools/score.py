@@ -29,27 +29,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from distill import cross_entropy  # noqa: E402
-from distill.runconfig import checkpoint_run_config, resolve_checkpoint  # noqa: E402
-from distill.weights import load_weights  # noqa: E402
-from engine import collectives as C  # noqa: E402
-from engine.checkpoint import CheckpointError  # noqa: E402
-from engine.config import ConfigError, from_dict  # noqa: E402
-from engine.data import IGNORE_INDEX, DataConfig, DataError, TokenBatches  # noqa: E402
-from engine.log import current_rank, get_logger, setup_logging  # noqa: E402
-from engine.parallel import (LayoutError, ParallelLayout, destroy_parallel, init_parallel,  # noqa: E402
-                             validate_layout)
-from layers.config import ModelConfig, check_model_layout  # noqa: E402
-from layers.model import TransformerLM  # noqa: E402
+from distill import cross_entropy
+from distill.evaluate import validation_loss
+from distill.weights import load_weights
+from engine import collectives as C
+from engine.checkpoint import CheckpointError, checkpoint_run_config, resolve_checkpoint
+from engine.config import ConfigError, from_dict
+from engine.data import DataConfig, DataError
+from engine.log import error_line, get_logger, setup_logging
+from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, validate_layout
+from layers.config import ModelConfig, check_model_layout
+from layers.model import TransformerLM
 
 log = get_logger("score")
 
 EXIT_ERROR = 2
 # What a bad input raises on its way out: each carries one line that names the culprit.
-USER_ERRORS = (ConfigError, CheckpointError, LayoutError, DataError, OSError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, OSError)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -130,25 +129,6 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(partial, path)
 
 
-# ------------------------------------------------------------------------------ perplexity
-
-@torch.no_grad()
-def validation_loss(model: TransformerLM, data: DataConfig, *, batches: int, seed: int,
-                    split: str = "valid") -> tuple[float, int]:
-    """(mean next-token loss in nats, tokens scored) over `batches` global batches of `split`."""
-    layout = model.layout
-    stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split)
-    totals = torch.zeros(2, dtype=torch.float64, device=layout.device)  # [loss sum, tokens]
-    for _ in range(batches):
-        for micro_batch in stream.next_step():
-            ids, labels = (micro_batch[k].to(layout.device) for k in ("input_ids", "labels"))
-            nll = cross_entropy(model(ids).logits, labels, vocab_size=model.config.vocab_size,
-                                group=layout.tp_group)  # [mb, seq], 0 where labels are ignored
-            totals += torch.stack([nll.double().sum(), (labels != IGNORE_INDEX).sum().double()])
-    C.all_reduce(totals, layout.dp_group)
-    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
-
-
 # ------------------------------------------------------------------------------ command line
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -205,8 +185,8 @@ def run(args: argparse.Namespace, step_dir: Path, cfg: ModelConfig, layout: Para
             save_npy(args.out, log_probs.numpy())
             log.info("wrote log-probs %s to %s", list(log_probs.shape), args.out)
         return
-    loss, tokens = validation_loss(model, _data_config(args, layout.dp), batches=args.batches,
-                                   seed=args.seed)
+    loss, tokens = validation_loss(model, _data_config(args, layout.dp),
+                                   micro_batches=args.batches, seed=args.seed)
     if layout.is_rank0:
         perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
         print(json.dumps({"ckpt": str(step_dir), "data": args.data, "tokens": tokens,
@@ -216,28 +196,28 @@ def run(args: argparse.Namespace, step_dir: Path, cfg: ModelConfig, layout: Para
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args.tp = world if args.tp is None else args.tp
+    launch = None
     try:  # bad input stops here, on every rank alike, before any process group exists
+        launch = LaunchEnv.from_env()
+        args.tp = launch.world_size if args.tp is None else args.tp
         step_dir, _, cfg = checkpoint_model_config(args.ckpt)
-        _check_args(args, cfg, world)
+        _check_args(args, cfg, launch.world_size)
         ids = read_tokens(args.tokens, cfg) if args.tokens is not None else None
     except USER_ERRORS as err:
-        return report_error(err)
-    layout = init_parallel(tp=args.tp)
+        return report_error(err, rank=None if launch is None else launch.rank)
+    layout = init_parallel(tp=args.tp, launch=launch)
     try:
         run(args, step_dir, cfg, layout, ids=ids)
     except USER_ERRORS as err:
-        return report_error(err)
+        return report_error(err, rank=layout.rank)
     finally:
         destroy_parallel()
     return 0
 
 
-def report_error(err: BaseException) -> int:
-    """One `error: ...` line on stderr (from rank 0 only: every rank hits the same input)."""
-    if current_rank() == 0:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+def report_error(err: BaseException, *, rank: int | None) -> int:
+    """One `error: ...` line on stderr, from rank 0 only (every rank hits the same input)."""
+    error_line(err, show=rank in (None, 0), prefix="error")
     return EXIT_ERROR
 
 

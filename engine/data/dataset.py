@@ -18,14 +18,30 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError
-from engine.data.config import (SPLITS, DataConfig, check_batch_layout, resolve_data_path,
-                                split_fractions)
+from engine.data.config import SPLITS, DataConfig, check_batch_layout, resolve_data_path, split_fractions
 from engine.data.indexed import IndexedTokens
 from engine.log import get_logger
 
 log = get_logger(__name__)
 
 IGNORE_INDEX = -100  # label of positions the loss skips
+
+
+def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """Targets `shift` positions further on, [batch, seq]: position t gets labels[:, t + shift] and
+    the last `shift` positions get IGNORE_INDEX. The one label shift of the project: next-token
+    labels of input ids are `shift_labels(input_ids, 1)`, the targets of multi-token-prediction
+    head j are `shift_labels(next_token_labels, j)`."""
+    if shift == 0:
+        return labels
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-shift] = labels[:, shift:]
+    return out
+
+
+def to_device(micro_batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch's tensors on `device` (the data pipeline yields CPU tensors)."""
+    return {k: v.to(device, non_blocking=True) for k, v in micro_batch.items()}
 
 
 def split_documents(num_documents: int, split: str) -> dict[str, range]:

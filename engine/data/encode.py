@@ -78,7 +78,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(f"tokenizer file not found: {path}")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+    except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path} is not a valid tokenizer.json ({reason})") from None
 

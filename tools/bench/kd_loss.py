@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distill import divergence, fused_lm_and_divergence  # noqa: E402
-from engine import collectives as C  # noqa: E402
-from engine.mappings import copy_to_tp, gather_from_tp  # noqa: E402
-from engine.testing import run_ranks  # noqa: E402
+from distill import divergence, fused_lm_and_divergence
+from engine import collectives as C
+from engine.mappings import copy_to_tp, gather_from_tp
+from engine.spawn import run_ranks
 
 METHODS = ("naive", "liger", "ours_unfused", "ours_fused")
 MB = 2**20
@@ -67,7 +67,7 @@ def _naive(x: dict, group) -> torch.Tensor:
                     reduction="none").sum(-1).sum()
 
 
-def _liger(x: dict, group) -> torch.Tensor:
+def _liger(x: dict, _group) -> torch.Tensor:
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,

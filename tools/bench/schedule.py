@@ -31,12 +31,15 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from distill.weights import load_weights, save_weights  # noqa: E402
-from engine.data import TokenBatches, resolve_data_path  # noqa: E402
+from engine.config import from_dict  # noqa: E402
+from engine.data import (  # noqa: E402
+    DataConfig,
+    TokenBatches,
+    resolve_data_path,
+)
 from engine.parallel import ParallelLayout  # noqa: E402
 from layers.config import ModelConfig  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
-from engine.config import from_dict  # noqa: E402
-from engine.data import DataConfig  # noqa: E402
 
 VOCAB = 2048
 STUDENT = dict(family="llama", vocab_size=VOCAB, hidden=128, layers=2, heads=4, kv_heads=2,

@@ -1,25 +1,22 @@
-"""Model-agnostic training machinery: the `train` config section, seeding, and the optimizer step
-that clips by a TP-correct global norm and skips non-finite steps.
+"""The `train` config section and what interprets it besides the optimizer: seeding, and where a
+run resumes from (`train.resume`).
 
-The distillation step itself (teacher outputs, student forward, objective, backward) lives in
-`distill.trainer`; this module only knows parameters, gradients and numbers.
+The optimizer step itself (AdamW, schedule, clipping, non-finite skipping) is `engine.optim`; the
+distillation step is `distill.trainer`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+from engine.checkpoint import checkpoint_metadata, latest_checkpoint
 from engine.config import check
-from engine.log import get_logger
-from engine.optim import LRSchedule, build_adamw, clip_grads, grad_norm, set_lr
-from engine.parallel import ParallelLayout
-
-log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,60 +75,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run resumes from (`train.resume`: auto | none | a path), or None."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    return Path(cfg.resume)
 
 
-@dataclass
-class StepStats:
-    grad_norm: float
-    lr: float
-    skipped: bool
-
-
-class OptimizerStep:
-    """AdamW + schedule + TP-correct clipping; a non-finite loss or gradient skips the step."""
-
-    def __init__(self, cfg: TrainConfig, layout: ParallelLayout,
-                 params: list[torch.nn.Parameter]):
-        self.cfg, self.layout = cfg, layout
-        self.params = [p for p in params if p.requires_grad]
-        self.optimizer = build_adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        self.schedule = LRSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                                   total_steps=cfg.steps, decay=cfg.decay)
-        self.skipped_total = 0
-        self.skipped_in_a_row = 0
-
-    def __call__(self, step: int, *, loss: float) -> StepStats:
-        """Apply the optimizer for `step` (0-based); `loss` must already agree across ranks."""
-        norm = grad_norm(self.params, self.layout)
-        lr = self.schedule(step)
-        if not (torch.isfinite(norm) and np.isfinite(loss)):
-            return self._skip(step, loss, norm, lr)
-        self.skipped_in_a_row = 0
-        clip_grads(self.params, norm, self.cfg.grad_clip)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=norm.item(), lr=lr, skipped=False)
-
-    def _skip(self, step: int, loss: float, norm: torch.Tensor, lr: float) -> StepStats:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_total += 1
-        self.skipped_in_a_row += 1
-        log.warning("step %d skipped: loss=%s grad_norm=%s (%d in a row)", step, loss,
-                    norm.item(), self.skipped_in_a_row)
-        if self.skipped_in_a_row > self.cfg.max_skipped_steps:
-            raise NonFiniteError(
-                f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
-                f"(last at step {step}); lower train.lr or check the data "
-                f"(train.max_skipped_steps={self.cfg.max_skipped_steps})")
-        return StepStats(grad_norm=float("nan"), lr=lr, skipped=True)
-
-    def state_dict(self) -> dict:
-        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.skipped_total = int(state["skipped_total"])
-        self.skipped_in_a_row = int(state["skipped_in_a_row"])
+def resume_step(cfg: TrainConfig) -> int:
+    """The step training resumes at (0 for a fresh run), read from the checkpoint's metadata."""
+    path = resume_path(cfg)
+    return 0 if path is None else int(checkpoint_metadata(path)["step"])

@@ -1,0 +1,54 @@
+"""Validation loss: the one routine behind the trainer's `val_loss`, `tools/score.py --data` and the
+demo's report, so that every number called "validation loss" is computed the same way.
+
+The loss is the mean next-token cross-entropy (nats) over the valid labels of a fixed number of
+validation micro-batches, drawn exactly as training draws them (`engine.data.TokenBatches` with
+the same seed and split), vocab-parallel (never gathering the vocabulary), through the fused
+LM-head path when the run uses it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill.divergence import cross_entropy
+from distill.fused import fused_lm_and_divergence
+from engine import collectives as C
+from engine.data import IGNORE_INDEX, DataConfig, TokenBatches, to_device
+from layers.model import TransformerLM
+
+
+def next_token_loss(model: TransformerLM, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                    fused: bool = False) -> torch.Tensor:
+    """Per-token cross-entropy [batch, seq] of `model` against next-token `labels` (0 where a
+    label is ignored); a collective over the TP group."""
+    kwargs = dict(vocab_size=model.config.vocab_size, group=model.layout.tp_group)
+    if not fused:
+        return cross_entropy(model(input_ids).logits, labels, **kwargs)
+    hidden = model(input_ids, compute_logits=False).head_hidden  # [batch, seq, hidden]
+    ce, _ = fused_lm_and_divergence(hidden.reshape(-1, hidden.shape[-1]), model.output_weight,
+                                    labels=labels.reshape(-1), **kwargs)
+    return ce.reshape(labels.shape)
+
+
+@torch.no_grad()
+def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: int, seed: int,
+                    split: str = "valid", fused: bool = False) -> tuple[float, int]:
+    """(mean next-token loss in nats, labels scored) over the first `micro_batches` micro-batches
+    of each DP rank's `split` stream; the same on every rank (one all-reduce over DP). The model
+    runs in eval mode and is put back in the mode it was in."""
+    layout = model.layout
+    stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split)
+    batches: list[dict] = []
+    while len(batches) < micro_batches:
+        batches += stream.next_step()
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=layout.device)  # [loss sum, labels]
+    for micro_batch in batches[:micro_batches]:
+        mb = to_device(micro_batch, layout.device)
+        nll = next_token_loss(model, mb["input_ids"], mb["labels"], fused=fused)
+        totals += torch.stack([nll.double().sum(), (mb["labels"] != IGNORE_INDEX).sum().double()])
+    model.train(was_training)
+    C.all_reduce(totals, layout.dp_group)
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
