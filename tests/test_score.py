@@ -18,6 +18,7 @@ import transformers
 
 from engine.data import DataConfig, TokenBatches, write_indexed
 from engine.parallel import make_layout
+from distill.evaluate import validation_loss
 from engine.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +102,8 @@ def _layouts(ckpt: str, ids: torch.Tensor, prefix: str) -> dict:
     results = {}
     for tp in (1, 2):
         model = score.load_model(step_dir, cfg, make_layout(tp=tp))
-        loss, tokens = score.validation_loss(model, data_config(prefix, dp=2 // tp),
-                                             batches=BATCHES, seed=SEED)
+        loss, tokens = validation_loss(model, data_config(prefix, dp=2 // tp),
+                                       micro_batches=BATCHES, seed=SEED)
         results[tp] = (score.score_tokens(model, ids, micro_batch=2), loss, tokens)
     return results
 

@@ -199,3 +199,22 @@ def test_fused_teacher_ranks_send_the_head_weight_once(setup):
     header = 8 + 11 * 8  # its length, then (1, dtype, 2, V, H) and (1, dtype, 3, mb, seq, H)
     assert received["recv"] == header + weight + micro_batches * per_micro_batch
     assert calls["recv"] == 2 + 1 + micro_batches * 2
+
+
+def _exit_code(cfg, run_dir, *extra):
+    return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
+
+
+def test_runtime_failure_is_one_line_from_one_rank_and_non_zero_on_all(setup, capfd):
+    """A run-time failure every rank meets alike (here: the learning rate blows the weights up
+    and the run stops on non-finite steps) is one line, printed once, and exit 3 everywhere."""
+    tmp, cfg = setup
+    codes = run_ranks(_exit_code, 2, cfg, tmp / "blowup", "data.micro_batch=1", "train.lr=1e30",
+                      "train.grad_clip=0", "train.max_skipped_steps=1", "train.steps=6",
+                      timeout_s=120)
+    assert codes == [3, 3]
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("NonFiniteError: ")] == [
+        line for line in err.splitlines() if "consecutive steps had a non-finite" in line]
+    assert sum(line.startswith("NonFiniteError: ") for line in err.splitlines()) == 1
+    assert "Traceback" not in err
