@@ -167,6 +167,22 @@ def irecv(tensor: torch.Tensor, *, src: int, group: Group = None) -> dist.Work:
     return dist.irecv(tensor, src=src, group=group)
 
 
+def exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]],
+             ) -> tuple[list[dist.Work], list[dist.Work]]:
+    """Post point-to-point sends and receives (peers are global ranks) as ONE batch and return
+    (send works, receive works). Batching is what lets two ranks send to each other and receive
+    from each other at the same time on NCCL without deadlock; on gloo it is isend/irecv. Keep
+    every tensor alive until its work is waited on. Counted as "send" and "recv"."""
+    for tensor, _ in sends:
+        _record("send", tensor)
+    for tensor, _ in receives:
+        _record("recv", tensor)
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in receives]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return works[:len(sends)], works[len(sends):]
+
+
 def barrier(group: Group = None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
