@@ -25,11 +25,12 @@ a steady state that alternates one forward and one backward, and cool-down backw
   messages and up to (2 (pp - 1) + (v - 1) pp + 1) / v micro-batches' worth of chunk activations
   held per rank, i.e. about pp + (pp - 2) / v full-stage activations on the first rank.
 
-Communication. Every receive happens right before the action that consumes it; sends are
-asynchronous and are posted together with the next receive (or flushed at the end), which pairs
-them the way NCCL needs (a send and a receive between the same two ranks in one group, never a
-lone blocking send facing the peer's lone blocking send). Message order per (sender, receiver)
-is the same on both sides because every rank walks the same micro-batch order.
+Communication. Every receive happens right before the action that consumes it. Sends are
+asynchronous: a send is posted in one batch with the receive that starts the next action when
+there is one (1F1B's steady state sends an activation and receives a gradient from the same peer,
+and a lone blocking NCCL send facing the peer's lone send would deadlock), and on its own at once
+otherwise (warm-up and cool-down), so no send waits for later work. Message order per (sender,
+receiver) is the same on both sides because every rank walks the same micro-batch order.
 """
 
 from __future__ import annotations
@@ -239,11 +240,16 @@ class PipelineExecutor:
         if virtual > 0 and back:
             self._send_later(back, self._rank_of(virtual - 1))
 
+    def _receives(self, action: Action) -> bool:
+        """Whether `action` starts with a receive (its sends can travel in the same batch)."""
+        virtual = self._virtual(action.chunk)
+        return virtual > 0 if action.kind == "F" else virtual < self.last_virtual
+
     def run(self, actions: Sequence[Action], stage: PipelineStage) -> PipelineStats:
         """Execute one step's actions (forward-only lists included); returns where time went."""
         stats, held = PipelineStats(), {}
         self._wait_s = 0.0
-        for action in actions:
+        for i, action in enumerate(actions):
             began, waited = time.perf_counter(), self._wait_s
             if action.kind == "F":
                 self._forward(stage, action.chunk, action.micro_batch, held)
@@ -253,6 +259,8 @@ class PipelineExecutor:
             stats.compute_s += spent - (self._wait_s - waited)
             stats.max_in_flight = max(stats.max_in_flight, len(held))
             stats.timeline.append((action.kind, action.chunk, action.micro_batch, began, spent))
+            if self._pending and (i + 1 == len(actions) or not self._receives(actions[i + 1])):
+                self._exchange([])  # nothing to pair them with: post the sends now
         self._flush()
         stats.wait_s = self._wait_s
         return stats
