@@ -45,7 +45,7 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0,
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
               threads: int = 1, **kwargs: Any) -> list[Any]:
     """Call `fn(*args, **kwargs)` on `world_size` gloo ranks; return the results in rank order.
 

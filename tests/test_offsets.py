@@ -23,7 +23,7 @@ from test_divergence import _group, _shard, reference, reference_ce
 from distill import divergence, fused_lm_and_divergence, lm_and_divergence, topk_divergence
 from engine import collectives as C
 from engine.mappings import copy_to_tp
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 
 TOKENS, HIDDEN, FULL_V, VOCAB = 6, 8, 48, 45  # 48 columns over 1, 2 or 4 ranks; 3 of padding
 GAPS = (0, 100, 3000)
