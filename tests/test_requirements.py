@@ -3,7 +3,6 @@ and the installed torch satisfies the floor (pyproject.toml is read, not restate
 
 import inspect
 import re
-import tomllib
 from pathlib import Path
 
 import torch
@@ -13,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _floor() -> tuple[int, int]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (spec,) = [d for d in deps if d.startswith("torch")]
-    major, minor = re.fullmatch(r"torch>=(\d+)\.(\d+)", spec).groups()
+    """The `torch>=X.Y` of pyproject.toml's dependencies (read as text: tomllib needs 3.11)."""
+    (major, minor), = re.findall(r'^\s*"torch>=(\d+)\.(\d+)",', (ROOT / "pyproject.toml").read_text(),
+                                 re.M)
     return int(major), int(minor)
 
 
