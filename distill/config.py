@@ -7,7 +7,10 @@ The objective is
          + activation_coef * (1/P) * sum_p weight_p * loss_p(S_p, T_p)   P resolved pairs
 
 each term a mean over the valid tokens of the global batch (see `distill.objective`). A weight of 0
-turns a term off; so does a missing input at run time (no labels, no teacher).
+turns a term off; so does a missing input at run time (no labels, no teacher). `lm_weight`,
+`logit.weight`, `logit.temperature` and `activation_coef` may follow a schedule
+(distill/schedules.py); a term whose weight is 0 at some steps only stays in the graph with
+weight 0 there.
 
 Activation pairs name buffers the model publishes (`layers.buffers.buffer_names`: `embedding`,
 `decoder.{i}.mixer_output`, `decoder.{i}.mlp_output`, `decoder.{i}.output`, `final_hidden`,
@@ -25,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distill.kinds import DivergenceArgumentError, Kind, check_divergence_args
+from distill.schedules import (AdaptiveTemperatureConfig, ScheduleConfig, Scheduled,
+                               check_scheduled, ever_positive, scheduled_ends)
 from engine.config import ConfigError, check
 from layers.buffers import BLOCK_BUFFERS, buffer_names
 from layers.config import ModelConfig, check_model_layout
@@ -38,24 +43,35 @@ class LogitKDConfig:
     """Distillation of the next-token distribution."""
 
     kind: Kind = "forward_kl"  # divergence between teacher and student (distill/kinds.py)
-    temperature: float = 1.0  # softmax temperature of both distributions
-    weight: float = 1.0  # weight of the term; 0 turns logit distillation off
+    # softmax temperature of both distributions: a number or {start, end, schedule, steps}
+    temperature: Scheduled = 1.0
+    # weight of the term (0 turns logit distillation off): a number or {start, end, schedule, steps}
+    weight: Scheduled = 1.0
     temperature_squared: bool = True  # times temperature**2, so gradients keep their size (Hinton)
     beta: float = 0.5  # jsd: weight of the teacher in the mixture, in (0, 1)
     skew: float = 0.1  # skew kinds: weight of the first distribution in the mixture, in (0, 1)
+    # lower the temperature when the divergence stays below a threshold (distill/schedules.py)
+    adaptive: AdaptiveTemperatureConfig = field(default_factory=AdaptiveTemperatureConfig)
 
     def __post_init__(self) -> None:
-        try:  # the ranges the losses themselves enforce (distill/kinds.py)
-            check_divergence_args(self.kind, temperature=self.temperature, beta=self.beta,
-                                  skew=self.skew)
-        except DivergenceArgumentError as err:
-            raise ConfigError(err.argument, err.message) from None
-        check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
+        for key, temperature in scheduled_ends(self.temperature, "temperature"):
+            try:  # the ranges the losses themselves enforce (distill/kinds.py), at every step
+                check_divergence_args(self.kind, temperature=temperature, beta=self.beta,
+                                      skew=self.skew)
+            except DivergenceArgumentError as err:
+                raise ConfigError(key if err.argument == "temperature" else err.argument,
+                                  err.message) from None
+        check_scheduled(self.weight, "weight", lambda w: w >= 0, "must be >= 0")
 
     @property
-    def scale(self) -> float:
-        """The factor in front of the mean divergence."""
-        return self.weight * (self.temperature ** 2 if self.temperature_squared else 1.0)
+    def on(self) -> bool:
+        """Whether logit distillation is on at some step of the run."""
+        return ever_positive(self.weight)
+
+    @property
+    def varying_temperature(self) -> bool:
+        """Whether the temperature can change during the run (a schedule or the adaptive rule)."""
+        return isinstance(self.temperature, ScheduleConfig) or self.adaptive.enabled
 
 
 @dataclass(frozen=True)
@@ -91,26 +107,28 @@ class DistillConfig:
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
     teacher_bf16: bool = False  # run the frozen teacher in bfloat16
     offline_dir: str | None = None  # offline: directory of exported teacher top-k logits
-    lm_weight: float = 1.0  # weight of the LM (cross-entropy on labels) term
+    # weight of the LM (cross-entropy on labels) term: a number or {start, end, schedule, steps}
+    lm_weight: Scheduled = 1.0
     mtp_weights: tuple[float, ...] = ()  # LM weight of each MTP head (times lm_weight); () = 1 each
     logit: LogitKDConfig = field(default_factory=LogitKDConfig)  # logit distillation
     activations: tuple[ActivationPairConfig | str, ...] = ()  # activation pairs or shortcut names
-    activation_coef: float = 1.0  # lambda: scales the mean of the activation terms
+    # lambda, the scale of the mean of the activation terms: a number or {start, end, schedule,
+    # steps}
+    activation_coef: Scheduled = 1.0
     projection: Literal["none", "per_pair", "shared"] = "none"  # learned student->teacher width map
     fused_lm_head: bool = False  # LM head and losses fused: never materialize [tokens, vocab]
 
     def __post_init__(self) -> None:
         check(self.prefetch >= 1, "prefetch", f"must be >= 1 (got {self.prefetch})")
-        check(self.lm_weight >= 0, "lm_weight", f"must be >= 0 (got {self.lm_weight})")
-        check(self.activation_coef >= 0, "activation_coef",
-              f"must be >= 0 (got {self.activation_coef})")
+        check_scheduled(self.lm_weight, "lm_weight", lambda w: w >= 0, "must be >= 0")
+        check_scheduled(self.activation_coef, "activation_coef", lambda w: w >= 0, "must be >= 0")
         for i, w in enumerate(self.mtp_weights):
             check(w >= 0, f"mtp_weights[{i}]", f"must be >= 0 (got {w})")
         for i, entry in enumerate(self.activations):
             check(not isinstance(entry, str) or entry in SHORTCUTS, f"activations[{i}]",
                   f"unknown shortcut {entry!r} (use {', '.join(SHORTCUTS)} or a "
                   "{student, teacher} mapping)")
-        check(self.lm_weight > 0 or self.logit.weight > 0 or bool(self.activations), "lm_weight",
+        check(self.lm_on or self.logit.on or bool(self.activations), "lm_weight",
               "every loss term is off (lm_weight, logit.weight and activations)")
         if self.schedule == "offline":
             self._check_offline()
@@ -122,6 +140,10 @@ class DistillConfig:
               "teacher")
         check(not self.fused_lm_head, "fused_lm_head",
               "is not supported with schedule offline (top-k distillation needs student logits)")
+        check(not self.logit.varying_temperature, "logit.temperature",
+              "must be a constant with schedule offline: the export holds the teacher's "
+              "log-normalizer at one temperature (a schedule or logit.adaptive needs a live "
+              "teacher)")
 
     @property
     def pair_configs(self) -> tuple[ActivationPairConfig, ...]:
@@ -130,9 +152,14 @@ class DistillConfig:
                      for e in self.activations)
 
     @property
+    def lm_on(self) -> bool:
+        """Whether the LM term is on at some step of the run."""
+        return ever_positive(self.lm_weight)
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether a teacher *model* must run (logit or activation terms, not offline)."""
-        return self.schedule != "offline" and (self.logit.weight > 0 or bool(self.activations))
+        return self.schedule != "offline" and (self.logit.on or bool(self.activations))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@
           + logit.weight * T^2 * D(teacher || student)                  next-token head only
           + activation_coef * (1/P) * sum_p weight_p * loss_p           P activation pairs
 
+lm_weight, logit.weight, T and activation_coef are the values in force at the step being trained
+(`DistillObjective.values`, which the trainer sets each step from `distill.schedules.Schedules`).
+A term that is on at some step of the run is computed at every step (times 0 where its weight is
+0), so the set of parameters that get gradients never changes during a run.
+
 Global-token averaging. Every term is a mean over the valid tokens of the whole optimizer step (all
 micro-batches, all DP ranks), not a mean of per-micro-batch means: `count_tokens` counts them once
 per step with one all-reduce over DP, and each micro-batch contributes its token *sum* divided by
@@ -29,7 +34,7 @@ next-token head alone, so the MTP blocks get no distillation gradient.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +44,7 @@ from distill.config import DistillConfig, check_compatibility
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import fused_lm_and_divergence
 from distill.projection import ActivationProjection
+from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
@@ -86,6 +92,9 @@ class ObjectiveOutput:
     lm_loss: torch.Tensor  # LM term of every head, weights included
     kd_loss: torch.Tensor  # logit term, weight and temperature**2 included
     act_loss: torch.Tensor  # activation term, activation_coef included
+    # further shares of step means to log, by metric name: `kd_divergence` (the logit term's mean
+    # divergence before its weight and T^2)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _share(per_token: torch.Tensor, count: int) -> torch.Tensor:
@@ -112,6 +121,7 @@ class DistillObjective(nn.Module):
         self.pairs = check_compatibility(cfg, student_config, teacher_config, layout.tp)
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
+        self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
         self.projection = None
         if self.pairs and cfg.projection != "none":
             self.projection = ActivationProjection(
@@ -132,13 +142,14 @@ class DistillObjective(nn.Module):
 
     def teacher_request(self) -> TeacherRequest:
         """What a live teacher must produce per micro-batch for this objective."""
-        head = "none" if self.cfg.logit.weight == 0 else "hidden" if self.fused else "logits"
+        head = "none" if not self.cfg.logit.on else "hidden" if self.fused else "logits"
         return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names())))
 
     def forward(self, student: ModelOutput, teacher: TeacherOutputs | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None) -> ObjectiveOutput:
-        lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight)
+        metrics: dict[str, torch.Tensor] = {}
+        lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics)
         act = self._activation_term(student, teacher, labels, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
@@ -147,14 +158,14 @@ class DistillObjective(nn.Module):
         total = torch.stack(terms).sum()
         return ObjectiveOutput(loss=total, total=_detached(total),
                                lm_loss=_detached(lm), kd_loss=_detached(kd),
-                               act_loss=_detached(act))
+                               act_loss=_detached(act), metrics=metrics)
 
     # ---------------------------------------------------------------------------- logit terms
     def _logit_terms(self, student: ModelOutput, teacher: TeacherOutputs | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
-                     output_weight: torch.Tensor | None):
-        want_lm = labels is not None and self.cfg.lm_weight > 0
-        want_kd = teacher is not None and self.cfg.logit.weight > 0
+                     output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor]):
+        want_lm = labels is not None and self.cfg.lm_on
+        want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
             return None, None
         if want_kd and not teacher.has_logits:
@@ -168,7 +179,7 @@ class DistillObjective(nn.Module):
         ce, div = self._next_token(student, teacher if want_kd else None,
                                    labels if want_lm else None, output_weight)
         lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
-        kd = self._kd_term(div, labels, counts) if want_kd else None
+        kd = self._kd_term(div, labels, counts, metrics) if want_kd else None
         return lm, kd
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
@@ -177,20 +188,22 @@ class DistillObjective(nn.Module):
         for j, weight in enumerate(self.mtp_weights, start=1):
             ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight)
             heads.append(weight * _share(ce_j, counts.heads[j]))
-        return self.cfg.lm_weight * torch.stack(heads).sum()
+        return self.values.lm_weight * torch.stack(heads).sum()
 
-    def _kd_term(self, div: torch.Tensor, labels: torch.Tensor | None,
-                 counts: TokenCounts) -> torch.Tensor:
+    def _kd_term(self, div: torch.Tensor, labels: torch.Tensor | None, counts: TokenCounts,
+                 metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         if labels is not None:
             div = torch.where(labels != IGNORE_INDEX, div, torch.zeros_like(div))
-        return self.cfg.logit.scale * _share(div, counts.distill)
+        mean = _share(div, counts.distill)
+        metrics["kd_divergence"] = mean.detach()
+        return self.values.kd_scale * mean
 
     def _loss_kwargs(self) -> dict:
         return dict(vocab_size=self.vocab_size, group=self.layout.tp_group)
 
     def _kd_kwargs(self) -> dict:
         logit = self.cfg.logit
-        return dict(kind=logit.kind, temperature=logit.temperature, beta=logit.beta,
+        return dict(kind=logit.kind, temperature=self.values.temperature, beta=logit.beta,
                     skew=logit.skew, **self._loss_kwargs())
 
     def _next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
@@ -236,7 +249,7 @@ class DistillObjective(nn.Module):
     # ----------------------------------------------------------------------- activation term
     def _activation_term(self, student: ModelOutput, teacher: TeacherOutputs | None,
                          labels: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
-        if not self.pairs or teacher is None or self.cfg.activation_coef == 0:
+        if not self.pairs or teacher is None or not ever_positive(self.cfg.activation_coef):
             return None
         missing = sorted(self.teacher_buffer_names() - set(teacher.buffers))
         if missing:
@@ -248,7 +261,7 @@ class DistillObjective(nn.Module):
                                       projection=self.projection, group=self.layout.tp_group)
         weights = torch.tensor([p.weight for p in self.pairs], dtype=means.dtype,
                                device=means.device)
-        return self.cfg.activation_coef * (means * weights).sum() / len(self.pairs)
+        return self.values.activation_coef * (means * weights).sum() / len(self.pairs)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,7 +1,8 @@
 """The distillation training loop: one optimizer step reads top to bottom.
 
-    micro-batches -> teacher outputs -> student forward + objective -> backward   (per micro-batch)
-    finalize gradients -> clip / skip -> optimizer step -> log -> maybe validate / save
+    scheduled values -> micro-batches -> teacher outputs -> student forward + objective
+    -> backward (per micro-batch) -> clip / skip -> optimizer step -> adaptive rule -> log
+    -> maybe validate / save
 
 Data parallelism is torch's DistributedDataParallel over the DP group, wrapped around the student
 *and* the objective (its projections train with the student); gradient sync happens only on the
@@ -22,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.evaluate import validation_loss
 from distill.objective import DistillObjective, count_tokens
+from distill.schedules import Schedules
 from distill.teacher import TeacherSource
 from engine import collectives as C
 from engine.checkpoint import load_checkpoint, save_checkpoint
@@ -60,6 +62,15 @@ class RunState:
     step: int = 0
     data: dict = field(default_factory=dict)
     optimizer_step: dict = field(default_factory=dict)
+    schedules: dict = field(default_factory=dict)  # the adaptive temperature rule's state
+
+
+def _accumulate(totals: dict[str, float], out) -> None:
+    """Add one micro-batch's shares of the step means (`ObjectiveOutput`) to `totals`."""
+    for key in TERMS:
+        totals[key] += float(getattr(out, "total" if key == "loss" else key))
+    for key, value in out.metrics.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
 
 
 class DistillTrainer:
@@ -81,7 +92,7 @@ class DistillTrainer:
         self.run_dir = Path(cfg.run_dir)
         self.module = StudentWithObjective(student, objective)
         # MTP heads get no gradient when their only loss (LM) is off; DDP must then look for them.
-        unused = student.config.mtp_heads > 0 and objective.cfg.lm_weight == 0
+        unused = student.config.mtp_heads > 0 and not objective.cfg.lm_on
         self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
                                            find_unused_parameters=unused) \
             if layout.dp > 1 else None
@@ -89,13 +100,15 @@ class DistillTrainer:
         # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate.
         self.dp_scale = layout.dp if self.ddp is not None else 1
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
+        self.schedules = Schedules(objective.cfg)
         self.state = RunState()
 
     # ----------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict:
+        values = self.objective.values = self.schedules.at(step)
         micro_batches = [to_device(mb, self.layout.device) for mb in self.data.next_step()]
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
-        totals = dict.fromkeys(TERMS, 0.0)
+        totals: dict[str, float] = dict.fromkeys(TERMS, 0.0)
         for i, mb in enumerate(micro_batches):
             teacher_out = self.teacher(mb) if self.teacher is not None else None
             with self._sync(last=i == len(micro_batches) - 1):
@@ -103,12 +116,13 @@ class DistillTrainer:
                     out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"),
                                                     teacher_out, counts)
                 (out.loss * self.dp_scale).backward()
-            for key in TERMS:
-                totals[key] += float(getattr(out, "total" if key == "loss" else key))
+            _accumulate(totals, out)
             del teacher_out, out
         totals = self._global_mean(totals)
         stats = self.opt(step, loss=totals["loss"])
-        return self._record(step, totals, stats, counts)
+        if "kd_divergence" in totals:
+            self.schedules.observe(step, totals["kd_divergence"])
+        return self._record(step, {**totals, **values.metrics()}, stats, counts)
 
     def _autocast(self):
         """bf16 autocast of the forward on GPU (`train.bf16`); the losses upcast to fp32 inside."""
@@ -121,11 +135,13 @@ class DistillTrainer:
         return self.ddp.no_sync()
 
     def _global_mean(self, totals: dict) -> dict:
-        """Each rank holds its share of the global-token means; summing over DP gives the means."""
-        values = torch.tensor([totals[k] for k in TERMS], dtype=torch.float64,
+        """Each rank holds its share of the global-token means; summing over DP gives the means.
+        (Every rank has the same keys: they follow from the config.)"""
+        keys = list(totals)
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
                               device=self.layout.device)
         C.all_reduce(values, self.layout.dp_group)
-        return dict(zip(TERMS, values.tolist()))
+        return dict(zip(keys, values.tolist()))
 
     def _record(self, step: int, totals: dict, stats: StepStats, counts) -> dict:
         return {"step": step + 1, **totals, "lr": stats.lr, "grad_norm": stats.grad_norm,
@@ -143,6 +159,7 @@ class DistillTrainer:
         self.state.step = step
         self.state.data = self.data.state_dict()
         self.state.optimizer_step = self.opt.state_dict()
+        self.state.schedules = self.schedules.state_dict()
         return save_checkpoint(self.run_dir / "checkpoints", step, layout=self.layout,
                                model=self.module, optimizer=self.opt.optimizer,
                                state=self.state.__dict__, config=self.run_config,
@@ -160,6 +177,7 @@ class DistillTrainer:
             self.student.rng.load_state_dict(loaded["rank_tensors"])
         self.data.load_state_dict(state["data"])
         self.opt.load_state_dict(state["optimizer_step"])
+        self.schedules.load_state_dict(state.get("schedules", {}))
         log.info("resumed from %s at step %d", path, loaded["step"])
         return int(loaded["step"])
 

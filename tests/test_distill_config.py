@@ -9,6 +9,7 @@ from distill.config import (ActivationPairConfig, DistillConfig, LogitKDConfig, 
                             aligned_teacher_config, check_compatibility, resolve_pairs,
                             teacher_layer)
 from distill import KINDS, divergence
+from distill.schedules import Schedules
 from engine.config import ConfigError, apply_overrides, from_dict, to_dict
 from engine.parallel import ParallelLayout
 from layers.buffers import buffer_names
@@ -35,13 +36,13 @@ def test_yaml_shapes_and_round_trip():
                                    "loss": "l2", "weight": 0.5}],
                   "activation_coef": 0.1, "projection": "shared", "mtp_weights": [0.3]})
     assert cfg.logit == LogitKDConfig(kind="jsd", temperature=2.0, beta=0.3)
-    assert cfg.logit.scale == 4.0
+    assert Schedules(cfg).at(0).kd_scale == 4.0
     assert cfg.pair_configs[0] == ActivationPairConfig(student="all_mlps")
     assert cfg.pair_configs[1].loss == "cosine" and cfg.pair_configs[2].weight == 0.5
     assert _parse(to_dict(cfg)) == cfg
     overridden = _parse(apply_overrides(to_dict(cfg), ["logit.temperature_squared=false",
                                                        "activations=[all_outputs]"]))
-    assert overridden.logit.scale == 1.0 and overridden.activations == ("all_outputs",)
+    assert Schedules(overridden).at(0).kd_scale == 1.0 and overridden.activations == ("all_outputs",)
 
 
 def test_needs_teacher():

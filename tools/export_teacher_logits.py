@@ -91,6 +91,8 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     live = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated"))
     teacher = teacher_model_config(live)
     check(teacher is not None, "distill.logit.weight", "is 0: there are no logits to export")
+    check(not cfg.distill.logit.varying_temperature, "distill.logit.temperature",
+          "must be a constant: the export stores the teacher's log-normalizer at one temperature")
     check_compatibility(live.distill, cfg.model, teacher, cfg.parallel.tp)
     vocab = cfg.model.vocab_size
     check(1 <= args.top_k <= vocab, "--top-k", f"must be in [1, {vocab}] (got {args.top_k})")
