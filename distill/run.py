@@ -104,7 +104,8 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
 
 
 def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
-    model = TransformerLM(cfg.model, layout, seed=cfg.train.seed).to(layout.device)
+    model = TransformerLM(cfg.model, layout, seed=cfg.train.seed,
+                          recompute=cfg.train.recompute).to(layout.device)
     if cfg.train.init:
         load_weights(resolve_checkpoint(cfg.train.init, key="train.init"), model, layout)
     return model

@@ -42,6 +42,8 @@ class TrainConfig:
     eval_batches: int = 4  # micro-batches per validation pass
     max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before stopping
     bf16: bool = True  # bf16 autocast for the forward when running on GPU (ignored on CPU)
+    # student activations recomputed in the backward: none | selective (attention core) | full (blocks)
+    recompute: Literal["none", "selective", "full"] = "none"
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self):
@@ -64,6 +66,8 @@ class TrainConfig:
         check(self.eval_batches >= 1, "train.eval_batches", f"must be >= 1 (got {self.eval_batches})")
         check(self.max_skipped_steps >= 1, "train.max_skipped_steps",
               f"must be >= 1 (got {self.max_skipped_steps})")
+        check(self.recompute in ("none", "selective", "full"), "train.recompute",
+              f"must be none, selective or full (got {self.recompute!r})")
         check(bool(self.run_dir), "train.run_dir", "must not be empty")
         check(bool(self.resume), "train.resume", "must be auto, none or a checkpoint path")
 

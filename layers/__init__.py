@@ -1,11 +1,12 @@
 """The model: tensor/sequence-parallel transformer layers with named activation buffers.
 
 - `config.py`: `ModelConfig` (+ `RopeScaling`), `check_model_layout(config, tp)`.
-- `model.py`: `TransformerLM(config, layout, seed=)`, `ModelOutput`.
+- `model.py`: `TransformerLM(config, layout, seed=, recompute=)`, `ModelOutput`.
 - `tensor_parallel.py`: Column/RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead and
   the TP/SP region boundaries; why there is no gradient-finalize step under SP.
 - `attention.py`, `mlp.py`, `norm.py`, `rope.py`, `block.py`: the pieces of a decoder block.
 - `buffers.py`: `ActivationBuffer` and the buffer names a model publishes.
+- `recompute.py`: activation recomputation (`train.recompute`: selective or full) and why it is exact.
 - `params.py`, `rng.py`: per-parameter sharding tags, TP-independent init, dropout RNG streams.
 - `sharding.py`: full (unsharded) state dicts, gathered and loaded at any TP degree.
 - `hf.py`: Hugging Face configs and state dicts of Llama, Qwen2, Mistral and GPT-2, both ways.

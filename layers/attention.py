@@ -4,6 +4,11 @@ Reads the residual stream, enters the TP region once for q, k and v (separate co
 projections, so checkpoints reshard by plain concatenation), attends over this rank's
 `heads/tp` query heads and `kv_heads/tp` key/value heads with `scaled_dot_product_attention`, and
 leaves through the row-parallel output projection.
+
+With `recompute_core` (`train.recompute=selective`) RoPE and the attention core (scores, softmax,
+dropout, probabilities times values) are one recomputed region (layers/recompute.py): the
+projections' outputs q, k, v are kept for the backward, the `[batch, heads, seq, seq]` scores and
+probabilities (which the non-fused attention kernels save) are not.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
+from layers.recompute import recomputed
 from layers.rng import SHARDED, DropoutRNG
 from layers.rope import apply_rope
 from layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
@@ -25,9 +31,10 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG, *,
+                 recompute_core: bool = False):
         super().__init__()
-        self.layout, self.rng = layout, rng
+        self.layout, self.rng, self.recompute_core = layout, rng, recompute_core
         self.heads = config.heads // layout.tp  # query heads on this rank
         self.kv_heads = config.num_kv_heads // layout.tp
         self.head_dim = config.dim_per_head
@@ -53,10 +60,17 @@ class Attention(nn.Module):
         q = self.q_proj(x_full).view(batch, seq, self.heads, self.head_dim)
         k = self.k_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
+        if self.recompute_core:
+            context = recomputed(self._core, q, k, v, rope, rng=self.rng)
+        else:
+            context = self._core(q, k, v, rope)  # [batch, seq, heads/tp * head_dim]
+        return self.o_proj(context)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Projected q `[batch, seq, heads/tp, head_dim]`, k and v (`kv_heads/tp`) -> context."""
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        context = self._attend(q, k, v)  # [batch, seq, heads/tp * head_dim]
-        return self.o_proj(context)
+        return self._attend(q, k, v)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch, seq = q.shape[:2]

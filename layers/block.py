@@ -3,6 +3,10 @@
 The residual stream stays in its SP layout (sequence-sharded under SP, replicated otherwise); the
 attention and MLP enter and leave the TP region themselves. Residual-branch dropout draws from the
 stream that matches that layout (see layers/rng.py).
+
+With `recompute="full"` the block is one recomputed region (layers/recompute.py): only its input is
+kept for the backward, and the buffers it publishes are outputs of that region, so a loss on them
+reaches the block's weights exactly.
 """
 
 from __future__ import annotations
@@ -17,31 +21,44 @@ from layers.attention import Attention, Rope
 from layers.config import ModelConfig
 from layers.mlp import MLP
 from layers.norm import make_norm
+from layers.recompute import Recompute, recomputed
 from layers.rng import DropoutRNG
 
 Record = Callable[[str, torch.Tensor], None]
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG, *, name: str):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG, *, name: str,
+                 recompute: Recompute = "none"):
         super().__init__()
         self.name = name  # prefix of this block's buffer names: "decoder.{i}" or "mtp.{j}"
         self.layout, self.rng, self.dropout = layout, rng, config.dropout
+        self.recompute_block = recompute == "full"
         self.attn_norm = make_norm(config, layout)
-        self.attention = Attention(config, layout, rng)
+        self.attention = Attention(config, layout, rng, recompute_core=recompute == "selective")
         self.mlp_norm = make_norm(config, layout)
         self.mlp = MLP(config, layout)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, record: Record) -> torch.Tensor:
         """Residual stream `[batch, seq(/tp), hidden]` -> the same after this block."""
-        mixer_output = self.attention(self.attn_norm(hidden), rope)
+        if self.recompute_block:
+            hidden, mixer_output, mlp_output = recomputed(self._block, hidden, rope, rng=self.rng)
+        else:
+            hidden, mixer_output, mlp_output = self._block(hidden, rope)
         record(f"{self.name}.mixer_output", mixer_output)
-        hidden = hidden + self._residual_dropout(mixer_output)
-        mlp_output = self.mlp(self.mlp_norm(hidden))
         record(f"{self.name}.mlp_output", mlp_output)
-        hidden = hidden + self._residual_dropout(mlp_output)
         record(f"{self.name}.output", hidden)
         return hidden
+
+    def _block(self, hidden: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        """The block's output and the two branch outputs it publishes, all in the SP layout.
+        Returning the branches (not recording them in here) makes them outputs of a recomputed
+        region; unless a caller keeps them they are freed like any intermediate."""
+        mixer_output = self.attention(self.attn_norm(hidden), rope)
+        hidden = hidden + self._residual_dropout(mixer_output)
+        mlp_output = self.mlp(self.mlp_norm(hidden))
+        hidden = hidden + self._residual_dropout(mlp_output)
+        return hidden, mixer_output, mlp_output
 
     def _residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
         return self.rng.dropout(x, self.dropout, sharded=self.layout.sp, training=self.training)

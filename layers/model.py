@@ -18,6 +18,10 @@ norm and the shared output layer; its logits at position t predict token t+1+j (
 `engine.data.shift_labels(input_ids, 1 + j)`).
 
 Initialization depends on (seed, parameter name) only, not on TP (layers/params.py).
+
+Activation recomputation (`recompute=`, the run's `train.recompute`) is a way of training the model,
+not part of its architecture: it is chosen when the model is built for training, changes no
+parameter and no result, and applies only to forwards that record autograd (layers/recompute.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from layers.buffers import ActivationBuffer, BufferRecorder, buffer_names
 from layers.config import ModelConfig, check_model_layout
 from layers.norm import make_norm
 from layers.params import full_init, new_param
+from layers.recompute import Recompute
 from layers.rng import DropoutRNG
 from layers.rope import Rotary
 from layers.sharding import full_shape, shard_of
@@ -56,7 +61,8 @@ class ModelOutput:
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, config: ModelConfig, layout: ParallelLayout, *, seed: int = 0):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout, *, seed: int = 0,
+                 recompute: Recompute = "none"):
         super().__init__()
         check_model_layout(config, layout.tp)
         self.config, self.layout, self.seed = config, layout, seed
@@ -67,10 +73,12 @@ class TransformerLM(nn.Module):
         self.position_embedding = LearnedPositions(config, layout) \
             if config.family == "gpt2" else None
         self.rotary = Rotary(config, layout.device) if config.family == "llama" else None
-        self.decoder = nn.ModuleList(DecoderBlock(config, layout, self.rng, name=f"decoder.{i}")
-                                     for i in range(config.layers))
-        self.mtp = nn.ModuleDict({str(j): DecoderBlock(config, layout, self.rng, name=f"mtp.{j}")
-                                  for j in range(1, config.mtp_heads + 1)})
+        self.decoder = nn.ModuleList(
+            DecoderBlock(config, layout, self.rng, name=f"decoder.{i}", recompute=recompute)
+            for i in range(config.layers))
+        self.mtp = nn.ModuleDict({
+            str(j): DecoderBlock(config, layout, self.rng, name=f"mtp.{j}", recompute=recompute)
+            for j in range(1, config.mtp_heads + 1)})
         self.final_norm = make_norm(config, layout)
         self.lm_head = VocabParallelLMHead(
             vocab_size=config.vocab_size, padded_vocab=padded_vocab, hidden=config.hidden,

@@ -57,6 +57,21 @@ class DropoutRNG:
             self._states[stream] = generator.get_state()
             generator.set_state(outer)
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Where both streams are now, for `replay` (the states are never modified in place)."""
+        return dict(self._states)
+
+    @contextlib.contextmanager
+    def replay(self, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Inside the block the streams restart from `snapshot` (a recomputation draws the same
+        masks as the forward did); after it they continue from where they were before the block."""
+        current = self._states
+        self._states = dict(snapshot)
+        try:
+            yield
+        finally:
+            self._states = current
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Both streams' generator states (per rank), for an exactly resumable checkpoint."""
         return {stream: state.clone() for stream, state in self._states.items()}

@@ -104,6 +104,8 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (1, ["train.min_lr=1"], "train.min_lr: must be between 0 and train.lr"),
     (1, ["train.keep=0"], "train.keep: must be >= 1 (got 0)"),
     (1, ["parallel.timeout_s=0"], "parallel.timeout_s: must be > 0"),
+    (1, ["train.recompute=attention"],
+     "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
 ]
 
 
