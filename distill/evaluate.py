@@ -38,7 +38,8 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
     of each DP rank's `split` stream; the same on every rank (one all-reduce over DP). The model
     runs in eval mode and is put back in the mode it was in."""
     layout = model.layout
-    stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split)
+    stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split,
+                          vocab_size=model.config.vocab_size)
     batches: list[dict] = []
     while len(batches) < micro_batches:
         batches += stream.next_step()

@@ -27,7 +27,7 @@ from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
 from engine.config import ConfigError
-from engine.data import DataError, TokenBatches, resolve_data_path
+from engine.data import DataError, TokenBatches
 from engine.log import error_line, get_logger, setup_logging
 from engine.optim import NonFiniteError
 from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel
@@ -88,13 +88,13 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
     if layout.is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
-    resolve_data_path(cfg.data)  # builds the bundled corpus on first use
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
                                  seed=cfg.train.seed).to(layout.device)
     if layout.is_teacher:
         return _serve(cfg, teacher_cfg, layout, objective)
     student = _build_student(cfg, layout)
-    data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp)
+    data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
+                        vocab_size=cfg.model.vocab_size)
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, layout, objective, data),
@@ -140,7 +140,7 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
     def batches_for(student_dp_rank: int):
         student_dp = layout.student_world // layout.tp
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=student_dp)
+                            dp=student_dp, vocab_size=cfg.model.vocab_size)
         start = resume_step(cfg.train)  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()

@@ -17,7 +17,7 @@ from distill.config import DistillConfig, check_compatibility
 from distill.offline import check_offline_dir, export_key
 from engine.checkpoint import checkpoint_run_config, resolve_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from engine.data import DataConfig, check_batch_layout, resolve_data_path
+from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
 from engine.train_config import TrainConfig
@@ -55,6 +55,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
                           "must be > 0 exactly when distill.schedule is teacher_ranks "
                           f"(got {par.teacher_ranks} with schedule {cfg.distill.schedule})")
     check_model_data(cfg)
+    check_data(cfg)
     check_paths(cfg)
 
 
@@ -69,10 +70,18 @@ def check_model_data(cfg: RunConfig) -> None:
                                           f"{cfg.model.max_seq_len}")
 
 
+def check_data(cfg: RunConfig) -> None:
+    """The datasets as far as start-up can afford (engine.data.check_datasets: indexes, splits,
+    token ids of small datasets); builds the bundled corpus on first use, before any process group
+    exists, so no collective waits on it."""
+    try:
+        check_datasets(cfg.data, vocab_size=cfg.model.vocab_size)
+    except DataError as err:
+        raise ConfigError("data.path", str(err)) from None
+
+
 def check_paths(cfg: RunConfig) -> None:
     """Files the run will read must exist before any process starts working."""
-    if cfg.data.path != DEFAULT_PATH:
-        resolve_data_path(cfg.data)  # only checks that each PREFIX.bin/.idx exists
     if cfg.train.init:
         resolve_checkpoint(cfg.train.init, key="train.init")
     if cfg.train.resume not in ("auto", "none"):

@@ -1,8 +1,8 @@
 """The distillation training loop: one optimizer step reads top to bottom.
 
     scheduled values -> micro-batches -> teacher outputs -> student forward + objective
-    -> backward (per micro-batch) -> clip / skip -> optimizer step -> adaptive rule -> log
-    -> maybe validate / save
+    -> backward (per micro-batch) -> clip / skip -> optimizer step -> adaptive rule
+    -> maybe save -> maybe validate -> log
 
 Data parallelism is torch's DistributedDataParallel over the DP group, wrapped around the student
 *and* the objective (its projections train with the student); gradient sync happens only on the
@@ -185,6 +185,9 @@ class DistillTrainer:
     def run(self) -> int:
         """Train until `train.steps` or preemption; returns the last completed step."""
         start = self.maybe_resume()
+        if not self.data_cfg.has_validation:
+            log.info("data.split=%s leaves no validation data: validation is skipped",
+                     self.data_cfg.split)
         metrics = MetricsWriter(self.run_dir, enabled=self.layout.is_rank0,
                                 total_steps=self.cfg.steps, start_step=start,
                                 progress=self.cfg.progress)
@@ -203,20 +206,21 @@ class DistillTrainer:
             began = time.perf_counter()
             record = self.train_step(step)
             record["tokens_per_s"] = record.pop("tokens") / (time.perf_counter() - began)
-            if self._due(step, self.cfg.eval_interval) or step + 1 == self.cfg.steps:
+            stop = preempted.should_stop(self.layout)
+            if self.teacher is not None:  # teacher ranks learn whether to go on
+                self.teacher.end_step(stop=stop)
+            last = step + 1 == self.cfg.steps
+            # Save first: a validation that fails must not cost the steps it follows.
+            if stop or last or self._due(step, self.cfg.save_interval):
+                self.save(step + 1)
+            if self.data_cfg.has_validation and (last or self._due(step, self.cfg.eval_interval)):
                 record["val_loss"] = self.validate()
             if (step + 1) % self.cfg.log_interval == 0 or "val_loss" in record:
                 metrics.log(record)
             metrics.advance()
-            stop = preempted.should_stop(self.layout)
-            if self.teacher is not None:  # teacher ranks learn whether to go on
-                self.teacher.end_step(stop=stop)
             if stop:
-                self.save(step + 1)
                 log.info("preempted: saved step %d", step + 1)
                 return step + 1
-            if self._due(step, self.cfg.save_interval) or step + 1 == self.cfg.steps:
-                self.save(step + 1)
         return self.cfg.steps
 
     @staticmethod

@@ -175,7 +175,7 @@ def test_broken_launcher_environment_is_one_line_at_once(files, env, message):
     assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
-def test_shipped_configs_validate():
+def test_shipped_configs_validate(tmp_path):
     configs = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
     assert len(configs) >= 3
     for path in configs:
@@ -188,6 +188,8 @@ def test_shipped_configs_validate():
                           "distill.lm_weight=1"]
         if str(data.get("data", {}).get("path", "default")).startswith("/"):
             overrides += ["data.path=default", f"data.vocab_size={min(data['model']['vocab_size'], 4096)}"]
+        # Start-up checks the datasets, building the bundled corpus: a small one, not the whole stdlib.
+        overrides += [f"data.cache_dir={tmp_path}", "data.corpus_max_bytes=300000"]
         load_run_config(path, overrides, world_size=world)
 
 

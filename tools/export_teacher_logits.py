@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.config import check_compatibility
 from distill.offline import (FORMAT, METADATA, VERSION, sample_checksums, shard_name,
                              teacher_digest, teacher_topk, tokenizer_record)
-from distill.runconfig import RunConfig, parse_run_config, run_export_key, teacher_model_config
+from distill.runconfig import (RunConfig, check_data, parse_run_config, run_export_key,
+                               teacher_model_config)
 from distill.teacher import ColocatedTeacher, TeacherRequest, load_teacher
 from engine import collectives as C
 from engine.checkpoint import resolve_checkpoint
@@ -99,7 +100,7 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     check(args.shard_samples >= 1, "--shard-samples", f"must be >= 1 (got {args.shard_samples})")
     out = Path(args.out).expanduser()
     check(not out.exists(), "--out", f"{out} exists; refusing to overwrite an export")
-    resolve_data_path(cfg.data)  # a missing dataset stops here; builds the bundled corpus once
+    check_data(cfg)  # a missing or bad dataset stops here; builds the bundled corpus once
     return ExportPlan(cfg=cfg, teacher=teacher, k=args.top_k, out=out,
                       shard_samples=args.shard_samples)
 
@@ -114,7 +115,7 @@ def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
 
 def training_samples(cfg: RunConfig) -> Iterator[torch.Tensor]:
     """Input ids [seq] of every training sample, in global order (TokenBatches at DP = 1)."""
-    data = TokenBatches(cfg.data, seed=cfg.train.seed)
+    data = TokenBatches(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
     for _ in range(cfg.train.steps):
         for micro_batch in data.next_step():
             yield from micro_batch["input_ids"]

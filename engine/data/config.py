@@ -44,6 +44,11 @@ class DataConfig:
         check(self.corpus_max_bytes is None or self.corpus_max_bytes > 0, "data.corpus_max_bytes",
               f"must be > 0 or null (got {self.corpus_max_bytes})")
 
+    @property
+    def has_validation(self) -> bool:
+        """False when data.split gives validation no share ("100,0"): the run skips validation."""
+        return split_fractions(self.split)["valid"] > 0
+
 
 def _blend_pairs(items: Any) -> tuple[tuple[float, str], ...]:
     check(len(items) > 0, "data.path", "a blend needs at least one [weight, prefix] pair")

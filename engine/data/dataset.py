@@ -19,12 +19,16 @@ import torch
 
 from engine.config import ConfigError
 from engine.data.config import SPLITS, DataConfig, check_batch_layout, resolve_data_path, split_fractions
-from engine.data.indexed import IndexedTokens
+from engine.data.indexed import DataError, IndexedTokens
 from engine.log import get_logger
 
 log = get_logger(__name__)
 
 IGNORE_INDEX = -100  # label of positions the loss skips
+# Datasets up to this size have every token id checked at start-up (a scan of the memory-mapped
+# .bin, well under a second); larger ones are checked window by window as training reads them.
+EAGER_SCAN_BYTES = 256 << 20
+_NO_VALIDATION_HINT = "(data.split=100,0 trains without validation)"
 
 
 def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
@@ -58,17 +62,19 @@ class PackedSamples:
     """Samples of one split of one dataset; sample k lies in epoch k // samples_per_epoch."""
 
     def __init__(self, dataset: IndexedTokens, documents: range, *, seq_len: int,
-                 seed: tuple[int, ...], split: str):
+                 seed: tuple[int, ...], split: str, vocab_size: int | None = None):
         self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
+        self.vocab_size = vocab_size  # ids must be below it (None: not checked)
         self.documents = np.arange(documents.start, documents.stop, dtype=np.int64)
+        hint = f" {_NO_VALIDATION_HINT}" if split == "valid" else ""
         if len(self.documents) == 0:
             raise ConfigError("data.split", f"the {split} split of {dataset.prefix} has no "
-                              f"documents ({len(dataset)} in all)")
+                              f"documents ({len(dataset)} in all){hint}")
         tokens = int(dataset.lengths[self.documents].sum(dtype=np.int64))
         self.samples_per_epoch = (tokens - 1) // seq_len
         if self.samples_per_epoch < 1:
             raise ConfigError("data.seq_len", f"the {split} split of {dataset.prefix} has {tokens} "
-                              f"tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
+                              f"tokens, fewer than data.seq_len + 1 = {seq_len + 1}{hint}")
         self._epoch = -1
 
     def _enter_epoch(self, epoch: int) -> None:
@@ -97,9 +103,51 @@ class PackedSamples:
             take = min(int(self.dataset.lengths[doc]) - offset, size - filled)
             first = int(self.dataset.starts[doc]) + offset
             tokens[filled:filled + take] = self.dataset.tokens[first:first + take]
+            self._check_ids(tokens[filled:filled + take], int(doc))
             starts_document[filled] |= offset == 0
             filled, offset, i = filled + take, 0, i + 1
         return tokens, starts_document
+
+    def _check_ids(self, ids: np.ndarray, doc: int) -> None:
+        """The lazy half of the token-id check (see EAGER_SCAN_BYTES): O(window), every read."""
+        if self.vocab_size is not None and ids.size and (ids.min() < 0
+                                                         or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise DataError(_bad_id_message(self.dataset, int(bad), doc, self.vocab_size))
+
+
+def _bad_id_message(dataset: IndexedTokens, token: int, doc: int, vocab_size: int) -> str:
+    return (f"{dataset.prefix}: token id {token} in document {doc} is outside the vocabulary "
+            f"[0, {vocab_size}) of model.vocab_size")
+
+
+def check_token_ids(dataset: IndexedTokens, vocab_size: int) -> None:
+    """The eager half of the token-id check: scan the whole .bin when it is small enough, or
+    nothing when the token dtype cannot hold an id past the vocabulary."""
+    info = np.iinfo(dataset.dtype) if dataset.dtype.kind in "iu" else None
+    if info is not None and info.min >= 0 and info.max < vocab_size:
+        return
+    tokens = dataset.tokens
+    if tokens.nbytes > EAGER_SCAN_BYTES or not tokens.size:
+        return
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        where = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+        doc = int(np.searchsorted(dataset.starts, where, side="right")) - 1
+        raise DataError(_bad_id_message(dataset, int(tokens[where]), doc, vocab_size))
+
+
+def check_datasets(cfg: DataConfig, *, vocab_size: int) -> None:
+    """What start-up can afford to check of every dataset, reading only its .idx (and small
+    .bins): the index itself (IndexedTokens: header, lengths, back-to-back pointers, .bin size, not
+    empty), a train split and (unless data.split gives it no share) a valid split of at least one
+    window each, and token ids below `vocab_size` (check_token_ids). Raises DataError or a
+    ConfigError naming the dataset. Builds the bundled corpus on first use."""
+    for _, prefix in resolve_data_path(cfg):
+        dataset = IndexedTokens(prefix)
+        for split, documents in split_documents(len(dataset), cfg.split).items():
+            if split == "train" or cfg.has_validation:
+                PackedSamples(dataset, documents, seq_len=cfg.seq_len, seed=(0,), split=split)
+        check_token_ids(dataset, vocab_size)
 
 
 class Blend:
@@ -128,11 +176,12 @@ class TokenBatches:
     (Megatron's order): ranks get disjoint samples and DP=1 sees exactly their union. The
     position is global, the same on every rank; `state_dict()` saves it and `load_state_dict`
     resumes exactly. For evaluation, a fresh `TokenBatches(..., split="valid")` replays the same
-    batches every time.
+    batches every time. With `vocab_size`, every window read is checked to hold ids below it (a
+    `DataError` naming the dataset and document otherwise).
     """
 
     def __init__(self, cfg: DataConfig, *, seed: int, dp_rank: int = 0, dp: int = 1,
-                 split: str = "train"):
+                 split: str = "train", vocab_size: int | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
         if not 0 <= dp_rank < dp:
@@ -147,7 +196,8 @@ class TokenBatches:
             dataset = IndexedTokens(prefix)
             documents = split_documents(len(dataset), cfg.split)[split]
             self.sources.append(PackedSamples(dataset, documents, seq_len=cfg.seq_len,
-                                              seed=(seed, index, SPLITS.index(split)), split=split))
+                                              seed=(seed, index, SPLITS.index(split)), split=split,
+                                              vocab_size=vocab_size))
         self.blend = Blend([weight for weight, _ in pairs])
         self.consumed_samples = 0
         self.micro_batches_per_step = cfg.global_batch // (cfg.micro_batch * dp)

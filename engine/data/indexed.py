@@ -65,6 +65,23 @@ def _read_header(index: np.ndarray, idx_path: Path) -> tuple[np.dtype, int, int]
     return np.dtype(_DTYPE_CODES[code]), count, doc_count
 
 
+def _check_back_to_back(lengths: np.ndarray, pointers: np.ndarray, itemsize: int,
+                        idx_path: Path) -> None:
+    """Every writer (this one, megatron-core's) stores sequences back to back: pointer i is the byte
+    sum of the lengths before it. An index that says otherwise would read the wrong tokens silently,
+    so it is refused. Costs O(documents), on the small .idx only."""
+    if (lengths < 0).any():
+        raise DataError(f"{idx_path} has negative sequence lengths")
+    expected = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1] * np.int64(itemsize), out=expected[1:])
+    wrong = np.flatnonzero(pointers != expected)
+    if wrong.size:
+        i = int(wrong[0])
+        raise DataError(f"{idx_path}: sequence {i} starts at byte {int(pointers[i])}, but the "
+                        f"lengths before it add up to {int(expected[i])} bytes (a corrupt or "
+                        "foreign index)")
+
+
 class IndexedTokens:
     """Read-only, memory-mapped view of one indexed dataset; `dataset[i]` is document i's ids."""
 
@@ -83,6 +100,9 @@ class IndexedTokens:
         self.pointers = np.frombuffer(self._index, np.int64, count, offset + 4 * count)  # bytes
         self.document_indices = np.frombuffer(self._index, np.int64, doc_count,
                                               offset + 12 * count)
+        if count == 0:
+            raise DataError(f"{idx_path} indexes no documents: the dataset is empty")
+        _check_back_to_back(self.lengths, self.pointers, self.dtype.itemsize, idx_path)
         self.starts = self.pointers // self.dtype.itemsize  # [documents], token offsets into .bin
         expected = int(self.lengths.sum(dtype=np.int64)) * self.dtype.itemsize
         if bin_path.stat().st_size != expected:
