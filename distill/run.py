@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch.distributed as dist
 import yaml
 
 from distill.objective import DistillObjective
@@ -29,8 +28,11 @@ from engine.checkpoint import CheckpointError, resolve_checkpoint
 from engine.config import ConfigError
 from engine.data import DataError, TokenBatches
 from engine.log import error_line, get_logger, setup_logging
+from engine.metrics import MetricsError
 from engine.optim import NonFiniteError
-from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel
+from engine.parallel import (LaunchEnv, ParallelLayout, destroy_parallel, init_parallel,
+                             is_peer_failure)
+from engine.rundir import claim_run_dir
 from engine.signals import PreemptionFlag
 from engine.train_config import resume_step, seed_everything
 from layers.config import ModelConfig
@@ -40,8 +42,10 @@ log = get_logger(__name__)
 
 EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
 # Run-time failures that every rank of a role meets alike (the stop votes, checksums and data are
-# the same on all of them): reported once, by the role's first rank.
-RUN_ERRORS = (TeacherStreamError, OfflineTeacherError, CheckpointError, DataError, NonFiniteError)
+# the same on all of them), or that only its first rank can meet (metrics.jsonl is rank 0's):
+# reported once, by the role's first rank.
+RUN_ERRORS = (TeacherStreamError, OfflineTeacherError, CheckpointError, NonFiniteError,
+              MetricsError)
 
 
 def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespace:
@@ -54,24 +58,45 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
 def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
     setup_logging()
     args = parse_args(argv, description="distill a student" if distill else "train an LM")
-    launch = None
+    launch = lock = None
     try:
         launch = LaunchEnv.from_env()
         overrides = list(args.overrides) + ([] if distill else _lm_only_overrides())
         cfg, teacher_cfg = load_run_config(args.config, overrides, world_size=launch.world_size)
+        if launch.rank == 0:  # one run per directory, decided before any process group exists
+            lock = claim_run_dir(cfg.train.run_dir, overwrite=cfg.train.overwrite)
     except ConfigError as err:  # every rank validates alike; rank 0 speaks
         error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
         return EXIT_CONFIG
+    try:
+        return _train(cfg, teacher_cfg, launch)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, teacher_cfg: ModelConfig | None, launch: LaunchEnv) -> int:
+    """Everything after start-up validation, with each failure mapped to its one line and code."""
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp,
                            teacher_ranks=cfg.parallel.teacher_ranks,
                            timeout_s=cfg.parallel.timeout_s, launch=launch)
+    first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
     try:
         return _run(cfg, teacher_cfg, layout)
+    except ConfigError as err:  # bad input only reading the files shows (e.g. NaN teacher weights)
+        error_line(err, show=first_of_role, prefix="ConfigError")
+        return EXIT_CONFIG
+    except DataError as err:  # a bad window of a dataset too large to scan at start-up
+        error_line(err, show=layout.tp_rank == 0)  # DP ranks read different windows
+        return EXIT_CONFIG
     except RUN_ERRORS as err:
-        error_line(err, show=layout.tp_rank == 0 and layout.dp_rank == 0)
+        error_line(err, show=first_of_role)
         return EXIT_NONFINITE if isinstance(err, NonFiniteError) else EXIT_RUNTIME
-    except dist.DistError as err:  # a peer died or hung: its own rank (or torchrun) says why
-        error_line(err, show=layout.is_rank0, prefix="lost a peer")
+    except RuntimeError as err:
+        if not is_peer_failure(err):
+            raise
+        # Every rank that waited on the lost peer says so (it cannot know who else did).
+        error_line(err, prefix=f"lost a peer (rank {layout.rank})")
         return EXIT_RUNTIME
     finally:
         destroy_parallel()

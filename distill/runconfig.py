@@ -15,13 +15,15 @@ from pathlib import Path
 
 from distill.config import DistillConfig, check_compatibility
 from distill.offline import check_offline_dir, export_key
-from engine.checkpoint import checkpoint_run_config, resolve_checkpoint
+from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoints_after,
+                               resolve_checkpoint)
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
-from engine.train_config import TrainConfig
-from layers.config import ModelConfig, check_model_layout
+from engine.rundir import check_run_dir
+from engine.train_config import TrainConfig, resume_path
+from layers.config import ModelConfig, check_model_layout, shape_differences
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
                           f"(got {par.teacher_ranks} with schedule {cfg.distill.schedule})")
     check_model_data(cfg)
     check_data(cfg)
-    check_paths(cfg)
+    check_checkpoints(cfg)
 
 
 def check_model_data(cfg: RunConfig) -> None:
@@ -80,12 +82,42 @@ def check_data(cfg: RunConfig) -> None:
         raise ConfigError("data.path", str(err)) from None
 
 
-def check_paths(cfg: RunConfig) -> None:
-    """Files the run will read must exist before any process starts working."""
-    if cfg.train.init:
-        resolve_checkpoint(cfg.train.init, key="train.init")
-    if cfg.train.resume not in ("auto", "none"):
-        resolve_checkpoint(cfg.train.resume, key="train.resume")
+def check_checkpoints(cfg: RunConfig) -> None:
+    """The run directory, and the checkpoints the run starts from (train.init, train.resume):
+    complete, files at their recorded sizes, a model of this run's shape, and a resume point that
+    has optimizer state and would not overwrite later checkpoints. Reads metadata and stats only."""
+    train = cfg.train
+    check_run_dir(train.run_dir, resume=train.resume, overwrite=train.overwrite)
+    if train.init:
+        check_start_checkpoint(cfg, resolve_checkpoint(train.init, key="train.init"), key="train.init")
+    path = resume_path(train)
+    if path is None:
+        return
+    meta = check_start_checkpoint(cfg, path, key="train.resume", needs_optimizer=True)
+    later = checkpoints_after(Path(train.run_dir) / "checkpoints", meta["step"])
+    if later and train.resume != "auto":  # auto resumes from `latest`, which nothing follows
+        raise ConfigError("train.resume", f"{path} is at step {meta['step']}, but {train.run_dir} "
+                                          f"holds later checkpoints ({later[-1].name}) that this "
+                                          "run would replace: move them away or choose another "
+                                          "train.run_dir")
+
+
+def check_start_checkpoint(cfg: RunConfig, path: Path, *, key: str,
+                           needs_optimizer: bool = False) -> dict:
+    """`checked_metadata` of a checkpoint the student starts from, its optimizer state (to
+    resume), and its model's shape."""
+    meta = checked_metadata(path, key=key)
+    if needs_optimizer and meta["optimizer"] is None:
+        raise ConfigError(key, f"{path} holds model weights only (no optimizer state, like an "
+                               f"imported model): start from it with train.init={path}")
+    saved = meta["config"].get("model") if isinstance(meta["config"], dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(key, f"{path} records no model config")
+    differences = shape_differences(from_dict(ModelConfig, saved, prefix=f"{key}(model)"), cfg.model)
+    if differences:
+        raise ConfigError(key, f"{path} holds a model of another shape than this run's "
+                               f"({', '.join(differences)})")
+    return meta
 
 
 def teacher_model_config(cfg: RunConfig) -> ModelConfig | None:

@@ -33,6 +33,8 @@ from torch import nn
 from distill.config import aligned_teacher_config
 from distill.weights import load_weights
 from engine import collectives as C
+from engine.checkpoint import ranks_agree
+from engine.config import ConfigError
 from engine.data import to_device
 from engine.log import get_logger
 from engine.parallel import STUDENT, TEACHER, ParallelLayout
@@ -117,9 +119,20 @@ def load_teacher(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
     model = TransformerLM(aligned_teacher_config(student, teacher), layout, seed=seed)
     model = model.to(layout.device)
     load_weights(checkpoint, model, layout)
+    _check_finite(model, checkpoint, layout)
     if bf16:
         model.to(torch.bfloat16)
     return freeze(model)
+
+
+def _check_finite(model: nn.Module, checkpoint: Path, layout: ParallelLayout) -> None:
+    """NaN or inf in a frozen teacher would poison every loss (and look like a learning-rate
+    problem): refuse it. Each rank checks the shard it holds; the ranks of the role agree."""
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if not ranks_agree(layout, bad is None):
+        where = f"tensor {bad!r}" if bad else "a tensor shard on another rank"
+        raise ConfigError("distill.teacher", f"{checkpoint}: {where} holds non-finite values "
+                                             "(NaN or inf)")
 
 
 class ColocatedTeacher:

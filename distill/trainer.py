@@ -26,14 +26,14 @@ from distill.objective import DistillObjective, count_tokens
 from distill.schedules import Schedules
 from distill.teacher import TeacherSource
 from engine import collectives as C
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data import DataConfig, to_device
 from engine.log import get_logger
 from engine.metrics import MetricsWriter
 from engine.optim import OptimizerStep, StepStats
 from engine.parallel import ParallelLayout
 from engine.signals import PreemptionFlag
-from engine.train_config import TrainConfig, resume_path
+from engine.train_config import TrainConfig, resume_failure, resume_path
 
 log = get_logger(__name__)
 
@@ -170,8 +170,11 @@ class DistillTrainer:
         path = resume_path(self.cfg)
         if path is None:
             return 0
-        loaded = load_checkpoint(path, layout=self.layout, model=self.module,
-                                 optimizer=self.opt.optimizer, vocab_size=self.vocab_size)
+        try:
+            loaded = load_checkpoint(path, layout=self.layout, model=self.module,
+                                     optimizer=self.opt.optimizer, vocab_size=self.vocab_size)
+        except CheckpointError as err:
+            raise resume_failure(path, err, search=self.layout.is_rank0) from None
         state = loaded["state"]
         if loaded["same_layout"]:  # dropout streams are per rank: only an identical layout resumes them
             self.student.rng.load_state_dict(loaded["rank_tensors"])

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from engine import collectives
-from engine.checkpoint_files import (CheckpointError, TensorFile, fsync_dir, read_json, safe_child,
-                                     safe_torch_load, to_json_text, verify_file, write_json,
-                                     write_tensors)
+from engine.checkpoint_files import (CheckpointError, TensorFile, check_size, fsync_dir, read_json,
+                                     safe_child, safe_torch_load, to_json_text, verify_file,
+                                     write_json, write_tensors)
 from engine.checkpoint_state import (ShardReader, load_model_state, load_optimizer_state,
                                      model_state, optimizer_state, parse_header, rng_state,
                                      set_rng_state)
@@ -49,7 +49,8 @@ from engine.log import get_logger
 from engine.parallel import ParallelLayout
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "checkpoint_metadata", "resolve_checkpoint", "checkpoint_run_config", "safe_torch_load"]
+           "checkpoint_metadata", "resolve_checkpoint", "checkpoint_run_config", "checked_metadata",
+           "newest_intact_checkpoint", "ranks_agree", "safe_torch_load"]
 
 log = get_logger(__name__)
 
@@ -104,6 +105,12 @@ def _pointer_target(root: Path) -> Path | None:
     return root / name
 
 
+def checkpoints_after(root: Path | str, step: int) -> list[Path]:
+    """The complete checkpoints under `root` past `step`, oldest first."""
+    root = Path(root)
+    return [path for s, path in _complete_steps(root) if s > step] if root.is_dir() else []
+
+
 def latest_checkpoint(root: Path | str) -> Path | None:
     """The checkpoint `root/latest` names; if that pointer is missing or broken, the newest complete
     `step_*` directory; `None` when there is none. `*.tmp` directories never count."""
@@ -131,16 +138,42 @@ def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
     return found
 
 
-def checkpoint_run_config(path: Path, *, key: str) -> dict[str, Any]:
-    """The resolved run config stored in a checkpoint's metadata (no tensor file is read)."""
+def checked_metadata(path: Path, *, key: str) -> dict[str, Any]:
+    """Start-up check of a checkpoint a run will read: valid metadata, and every file present at
+    its recorded size (one stat per file: a truncated copy or a full disk shows here). Digests are
+    verified later, as each rank reads its own files. A ConfigError naming `key` otherwise."""
     try:
-        meta = read_json(path / METADATA)
+        meta = _read_metadata(path)
+        for name, record in meta["files"].items():
+            check_size(safe_child(path, name), record)
     except CheckpointError as err:
         raise ConfigError(key, str(err)) from None
-    config = meta.get("config") if isinstance(meta, dict) else None
+    return meta
+
+
+def checkpoint_run_config(path: Path, *, key: str) -> dict[str, Any]:
+    """The resolved run config stored in a checkpoint's metadata, once `checked_metadata` passes
+    (no tensor file is read)."""
+    config = checked_metadata(path, key=key).get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConfigError(key, f"{path / METADATA} records no model config")
     return config
+
+
+def newest_intact_checkpoint(root: Path, *, before: int) -> Path | None:
+    """The newest complete checkpoint under `root` older than step `before` whose every file
+    matches its digest (reads them all: for error messages, not for the normal path)."""
+    for step, path in reversed(_complete_steps(root)):
+        if step >= before:
+            continue
+        try:
+            meta = _read_metadata(path)
+            for name, record in meta["files"].items():
+                verify_file(safe_child(path, name), record)
+        except CheckpointError:
+            continue
+        return path
+    return None
 
 
 # ----------------------------------------------------------------------------- saving
@@ -161,8 +194,9 @@ def _prepare(root: Path, tmp: Path) -> None:
     tmp.mkdir()
 
 
-def _agree(layout: ParallelLayout, ok: bool) -> bool:
-    """True when every student rank reports success (one all_reduce(min); also a barrier)."""
+def ranks_agree(layout: ParallelLayout, ok: bool) -> bool:
+    """True when every rank of this role reports success (one all_reduce(min); also a barrier).
+    Every rank of the role must call it at the same point."""
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=layout.device)
     group = layout.role_group if layout.world_size > 1 else None
     return bool(collectives.all_reduce(flag, group, op="min").item())
@@ -298,7 +332,7 @@ def _run_stage(stage: Callable[[], None], layout: ParallelLayout, final: Path) -
     except Exception as err:
         error = err
         log.error("saving %s failed in %s: %s", final, stage.__name__, err, extra={"all_ranks": True})
-    if not _agree(layout, error is None):
+    if not ranks_agree(layout, error is None):
         if error is not None:
             raise CheckpointError(f"saving {final} failed ({stage.__name__}: {error})") from error
         raise CheckpointError(f"saving {final} failed on another rank ({stage.__name__}); "
@@ -388,8 +422,26 @@ def load_checkpoint(path: Path | str, *, layout: ParallelLayout, model: nn.Modul
     those of the saved rank with the same DP coordinate, see `_state_rank`)}.
     RNG states are restored only when `restore_rng` and `same_layout`. `only_prefix` loads just
     the model entries under that name prefix (see `load_model_state`).
+
+    Every rank of the role calls it (each verifies the files it reads): a CheckpointError on any
+    rank is raised on all of them, instead of leaving the others waiting in the next collective.
     """
     path = Path(path)
+    try:
+        loaded = _load(path, layout=layout, model=model, optimizer=optimizer, vocab_size=vocab_size,
+                       restore_rng=restore_rng, only_prefix=only_prefix)
+    except CheckpointError as err:
+        log.error("loading %s failed: %s", path, err, extra={"all_ranks": True})
+        ranks_agree(layout, False)
+        raise
+    if not ranks_agree(layout, True):
+        raise CheckpointError(f"loading {path} failed on another rank (its log line says why)")
+    return loaded
+
+
+def _load(path: Path, *, layout: ParallelLayout, model: nn.Module,
+          optimizer: torch.optim.Optimizer | None, vocab_size: int | None, restore_rng: bool,
+          only_prefix: str) -> dict[str, Any]:
     meta = _read_metadata(path)
     files = _VerifiedFiles(path, meta["files"])
     vocab = _resolve_vocab(meta, vocab_size)

@@ -113,8 +113,8 @@ def safe_child(directory: Path, name: Any) -> Path:
     return path
 
 
-def verify_file(path: Path, record: Any) -> None:
-    """Check `path` against its metadata record (size, then sha256) before anything reads it."""
+def check_size(path: Path, record: Any) -> None:
+    """Check that `path` exists with the size its metadata record says (one stat, no read)."""
     if not (isinstance(record, dict) and isinstance(record.get("size"), int)
             and isinstance(record.get("sha256"), str)):
         raise CheckpointError(f"{path}: metadata has no valid size/digest record for this file")
@@ -124,6 +124,11 @@ def verify_file(path: Path, record: Any) -> None:
     if size != record["size"]:
         raise CheckpointError(
             f"{path} is truncated or altered: {size} bytes, metadata says {record['size']}")
+
+
+def verify_file(path: Path, record: Any) -> None:
+    """Check `path` against its metadata record (size, then sha256) before anything reads it."""
+    check_size(path, record)
     if sha256_of(path) != record["sha256"]:
         raise CheckpointError(f"{path} is corrupted or altered: its sha256 does not match metadata")
 

@@ -1,11 +1,16 @@
 """Run-directory metrics: `metrics.jsonl` (one object per logged step), TensorBoard events when
 `tensorboard` is installed, and a tqdm progress bar. Only rank 0 writes; other ranks get a no-op.
+
+A crash or a full disk can cut the record being appended. Readers (`read_metrics`) drop such a
+line with a warning naming the file and line, so the file stays readable; each record is written
+whole in one flush, and the resume-time rewrite goes through a temporary file and a rename.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,29 @@ from tqdm import tqdm
 from engine.log import get_logger
 
 log = get_logger(__name__)
+
+
+class MetricsError(RuntimeError):
+    """metrics.jsonl cannot be written (a full disk, ...): one line naming the file."""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, skipping (with a warning) lines that are not a JSON object:
+    what a crash or a full disk leaves when it cuts the line being written."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s:%d is not a whole record (cut by a crash or a full disk?): dropped",
+                        path, number)
+    return records
 
 
 def _tensorboard_writer(run_dir: Path):
@@ -46,20 +74,25 @@ class MetricsWriter:
 
     @staticmethod
     def _truncate_after(path: Path, start_step: int) -> None:
-        """On resume, drop records past the checkpoint so the file reads as one clean run."""
+        """On resume, drop records past the checkpoint (and cut lines) so the file reads as one
+        clean run; rewritten aside and renamed over, so a crash here loses nothing."""
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(partial, path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise MetricsError(f"cannot write {self._file.name}: {err.strerror or err}") from None
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

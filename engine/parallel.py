@@ -231,6 +231,20 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
                        timeout_s=timeout_s)
 
 
+# How gloo and NCCL word a collective that failed because a peer died or stopped answering. DDP's
+# backward re-raises them as plain RuntimeErrors, so the type alone does not tell.
+_PEER_FAILURE_MARKERS = ("Timed out", "timed out", "Timeout", "Connection closed by peer",
+                         "Connection reset by peer", "Broken pipe", "NCCL error",
+                         "NCCL communicator was aborted")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed on a dead or hung peer (not a bug to trace)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _PEER_FAILURE_MARKERS)
+
+
 def destroy_parallel() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

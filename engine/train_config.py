@@ -15,8 +15,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engine.checkpoint import checkpoint_metadata, latest_checkpoint
-from engine.config import check
+from engine.checkpoint import (CheckpointError, checkpoint_metadata, latest_checkpoint,
+                               newest_intact_checkpoint, resolve_checkpoint)
+from engine.config import ConfigError, check
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class TrainConfig:
     save_interval: int = 0  # save every N steps (0: only at the end and on preemption)
     keep: int = 2  # how many checkpoints to keep
     resume: str = "auto"  # auto | none | path to a checkpoint directory
+    # with resume=none over an earlier run's checkpoints: move its files to run_dir/replaced-TIME/
+    overwrite: bool = False
     init: str | None = None  # checkpoint to initialize the student from (weights only)
     log_interval: int = 1  # steps between metric records
     eval_interval: int = 0  # steps between validation passes (0: only at the end)
@@ -70,6 +73,8 @@ class TrainConfig:
               f"must be none, selective or full (got {self.recompute!r})")
         check(bool(self.run_dir), "train.run_dir", "must not be empty")
         check(bool(self.resume), "train.resume", "must be auto, none or a checkpoint path")
+        check(not self.overwrite or self.resume == "none", "train.overwrite",
+              f"needs train.resume=none (got {self.resume!r})")
 
 
 def seed_everything(seed: int) -> None:
@@ -80,15 +85,28 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_path(cfg: TrainConfig) -> Path | None:
-    """The checkpoint this run resumes from (`train.resume`: auto | none | a path), or None."""
+    """The checkpoint this run resumes from, or None: `train.resume` auto (the run directory's
+    newest), none, or a path (a checkpoint, or a directory of them: its newest)."""
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
         return latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    return Path(cfg.resume)
+    return resolve_checkpoint(cfg.resume, key="train.resume")
 
 
 def resume_step(cfg: TrainConfig) -> int:
     """The step training resumes at (0 for a fresh run), read from the checkpoint's metadata."""
     path = resume_path(cfg)
     return 0 if path is None else int(checkpoint_metadata(path)["step"])
+
+
+def resume_failure(path: Path, err: CheckpointError, *, search: bool) -> ConfigError:
+    """The error for a resume checkpoint that fails to load (a file that fails its digest, ...):
+    with `search` (on the rank that reports it), it also names the newest older checkpoint that
+    is intact, which costs reading them, so only here."""
+    hint = ""
+    if search:
+        intact = newest_intact_checkpoint(path.parent, before=int(checkpoint_metadata(path)["step"]))
+        hint = (f"; the newest intact checkpoint is {intact}: resume from it with "
+                f"train.resume={intact}") if intact else "; no older checkpoint is intact"
+    return ConfigError("train.resume", f"{err}{hint}")

@@ -115,6 +115,23 @@ class ModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
 
+def shape_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """`model.KEY=saved vs wanted` for each setting that changes the parameters' names or shapes:
+    a checkpoint of `saved` loads into a model of `wanted` only when there is none (the others,
+    such as dropout or rope_theta, may change between runs)."""
+    keys = ["family", "vocab_size", "hidden", "layers", "heads", "ffn_hidden", "qkv_bias", "bias",
+            "tie_embeddings", "mtp_heads"]
+    if "gpt2" in (saved.family, wanted.family):
+        keys.append("max_seq_len")  # rows of the learned position table
+    # Defaulted kv_heads / head_dim follow heads / hidden, whose difference is named already.
+    derived = {"kv_heads": "num_kv_heads", "head_dim": "dim_per_head"}
+    keys += [key for key in derived if getattr(saved, key) is not None
+             or getattr(wanted, key) is not None]
+    return [f"model.{key}={getattr(saved, derived.get(key, key))} vs "
+            f"{getattr(wanted, derived.get(key, key))}" for key in keys
+            if getattr(saved, derived.get(key, key)) != getattr(wanted, derived.get(key, key))]
+
+
 def check_model_layout(config: ModelConfig, tp: int) -> None:
     """Raise a `ConfigError` naming the key when `config` cannot be split over `tp` ranks."""
     if config.heads % tp:

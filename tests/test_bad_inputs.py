@@ -150,3 +150,233 @@ def test_the_final_checkpoint_is_written_before_the_final_validation(good, tmp_p
     with pytest.raises(RuntimeError, match="validation broke"):
         run_main(good["config"], f"train.run_dir={run_dir}")
     assert (run_dir / "checkpoints" / "step_00000003" / "metadata.json").is_file()
+
+
+# ------------------------------------------------------------------------- run directories
+
+@pytest.fixture(scope="module")
+def finished(good, tmp_path_factory) -> Path:
+    """A finished 3-step run that saved every step."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    import os
+    os.environ.update(WORLD_SIZE="1", RANK="0")
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.save_interval=1",
+                    "train.keep=3") == 0
+    return run_dir
+
+
+def _copy_run(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def test_resume_none_over_an_earlier_run_refuses(good, finished, tmp_path, capsys):
+    run_dir = _copy_run(finished, tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.resume=none") == 2
+    assert one_line(capsys) == (
+        f"ConfigError: train.resume: is none, but {run_dir} holds the checkpoints of an earlier "
+        "run (newest step_00000003): continue it with train.resume=auto, choose another "
+        "train.run_dir, or pass train.overwrite=true to move that run aside")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_moves_the_earlier_run_aside(good, finished, tmp_path, caplog):
+    run_dir = _copy_run(finished, tmp_path)
+    old_metrics = (run_dir / "metrics.jsonl").read_text()
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.resume=none",
+                    "train.overwrite=true", "train.steps=2") == 0
+    [aside] = run_dir.glob("replaced-*")
+    assert f"train.overwrite: moved the earlier run's checkpoints, metrics.jsonl, config.yaml to " \
+           f"{aside}" in caplog.text
+    assert (aside / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(p.name for p in (aside / "checkpoints").glob("step_*")) == [
+        "step_00000001", "step_00000002", "step_00000003"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+CHECKPOINT_CASES = [  # (overrides, start of the message after "ConfigError: ")
+    (["train.overwrite=true"], "train.overwrite: needs train.resume=none (got 'auto')"),
+    (["train.resume={teacher}"], "train.resume: {teacher}/step_00000000 holds model weights only "
+                                 "(no optimizer state, like an imported model): start from it "
+                                 "with train.init={teacher}/step_00000000"),
+    (["train.init={teacher}"], "train.init: {teacher}/step_00000000 holds a model of another "
+                               "shape than this run's (model.hidden=48 vs 32, model.layers=3 vs 2, "
+                               "model.ffn_hidden=96 vs 64)"),
+    (["train.resume={finished}/checkpoints/step_00000003", "model.hidden=64"],
+     "train.resume: {finished}/checkpoints/step_00000003 holds a model of another shape than this "
+     "run's (model.hidden=32 vs 64)"),
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(good) -> Path:
+    from tests.trainer_utils import make_teacher, teacher_config
+    cfg = base_config(good["tmp"], cache=good["tmp"] / "cache")
+    return make_teacher(good["tmp"] / "teacher", teacher_config(cfg)).parent
+
+
+@pytest.mark.parametrize("overrides,message", CHECKPOINT_CASES,
+                         ids=[" ".join(c[0]) for c in CHECKPOINT_CASES])
+def test_unusable_start_checkpoint_is_one_line(good, finished, teacher, tmp_path, capsys,
+                                               overrides, message):
+    names = {"teacher": teacher, "finished": finished}
+    overrides = [o.format(**names) for o in overrides]
+    assert run_main(good["config"], f"train.run_dir={tmp_path / 'run'}", *overrides) == 2
+    assert one_line(capsys).startswith("ConfigError: " + message.format(**names))
+    assert not dist.is_initialized()
+
+
+def test_resume_from_a_run_directory_takes_its_newest_checkpoint(good, finished, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    assert run_main(good["config"], f"train.run_dir={run_dir}", f"train.resume={finished}",
+                    "train.steps=5") == 0
+    assert f"resumed from {finished}/checkpoints/step_00000003 at step 3" in caplog.text
+    assert [r["step"] for r in read_metrics(run_dir)] == [4, 5]
+
+
+def test_resume_that_would_replace_later_checkpoints_refuses(good, finished, tmp_path, capsys):
+    run_dir = _copy_run(finished, tmp_path)
+    step1 = run_dir / "checkpoints" / "step_00000001"
+    assert run_main(good["config"], f"train.run_dir={run_dir}", f"train.resume={step1}") == 2
+    assert one_line(capsys) == (
+        f"ConfigError: train.resume: {step1} is at step 1, but {run_dir} holds later checkpoints "
+        "(step_00000003) that this run would replace: move them away or choose another "
+        "train.run_dir")
+
+
+def test_run_dir_that_is_a_file(good, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory")
+    assert run_main(good["config"], f"train.run_dir={tmp_path / 'run'}") == 2
+    assert one_line(capsys) == f"ConfigError: train.run_dir: {tmp_path / 'run'} is a file, not a directory"
+
+
+def test_newest_checkpoint_failing_its_digest_names_the_newest_intact_one(good, finished, tmp_path,
+                                                                          capsys):
+    run_dir = _copy_run(finished, tmp_path)
+    model_file = run_dir / "checkpoints" / "step_00000003" / "model_tp000.safetensors"
+    raw = bytearray(model_file.read_bytes())
+    raw[-3] ^= 0xFF  # same size, other bytes: only the digest can tell
+    model_file.write_bytes(bytes(raw))
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.steps=5") == 2
+    intact = run_dir / "checkpoints" / "step_00000002"
+    assert one_line(capsys) == (
+        f"ConfigError: train.resume: {model_file} is corrupted or altered: its sha256 does not "
+        f"match metadata; the newest intact checkpoint is {intact}: resume from it with "
+        f"train.resume={intact}")
+
+
+def test_truncated_checkpoint_is_found_at_start_up(good, finished, tmp_path, capsys):
+    run_dir = _copy_run(finished, tmp_path)
+    optim = run_dir / "checkpoints" / "step_00000003" / "optim_tp000.safetensors"
+    size = optim.stat().st_size
+    optim.write_bytes(optim.read_bytes()[:100])
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.steps=5") == 2
+    assert one_line(capsys) == (f"ConfigError: train.resume: {optim} is truncated or altered: "
+                                f"100 bytes, metadata says {size}")
+    assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------------------- teachers
+
+def _distill_config(good: dict, tmp_path: Path, teacher: Path) -> Path:
+    cfg = base_config(tmp_path, cache=good["tmp"] / "cache")
+    cfg["data"]["path"] = str(good["prefix"])
+    cfg["distill"] = {"teacher": str(teacher)}
+    return write_config(tmp_path / "distill.yaml", cfg)
+
+
+def test_truncated_teacher_is_one_line_before_the_process_group(good, teacher, tmp_path, capsys):
+    import shutil
+    copy = Path(shutil.copytree(teacher, tmp_path / "teacher"))
+    model_file = copy / "step_00000000" / "model_tp000.safetensors"
+    size = model_file.stat().st_size
+    model_file.write_bytes(model_file.read_bytes()[:size // 2])
+    assert main(["--config", str(_distill_config(good, tmp_path, copy))]) == 2
+    assert one_line(capsys) == (f"ConfigError: distill.teacher: {model_file} is truncated or "
+                                f"altered: {size // 2} bytes, metadata says {size}")
+    assert not dist.is_initialized()
+
+
+def test_teacher_with_non_finite_weights_is_one_line(good, tmp_path, capsys):
+    import torch
+
+    from distill.weights import save_weights
+    from engine.parallel import ParallelLayout
+    from layers.config import ModelConfig
+    from layers.model import TransformerLM
+    from tests.trainer_utils import teacher_config
+
+    cfg = teacher_config(base_config(tmp_path, cache=good["tmp"] / "cache"))
+    model = TransformerLM(ModelConfig(**cfg["model"]), ParallelLayout.single(), seed=3)
+    with torch.no_grad():
+        model.get_parameter("decoder.1.mlp.down_proj.weight")[0, 0] = float("nan")
+    checkpoint = save_weights(tmp_path / "nan_teacher", model, ParallelLayout.single(), config=cfg)
+    assert main(["--config", str(_distill_config(good, tmp_path, tmp_path / "nan_teacher"))]) == 2
+    assert one_line(capsys) == (f"ConfigError: distill.teacher: {checkpoint}: tensor "
+                                "'decoder.1.mlp.down_proj.weight' holds non-finite values (NaN or inf)")
+
+
+# ------------------------------------------------------------------------- run-directory lock
+
+def _lock(run_dir: Path, **fields) -> Path:
+    import json
+    import socket
+    owner = {"host": socket.gethostname(), "pid": 1, "started": None, "job": "",
+             "restarts": [0, 0], "token": "0123456789abcdef", **fields}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".lock").write_text(json.dumps(owner))
+    return run_dir / ".lock"
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_run_dir_in_use_by_another_host_refuses(good, tmp_path, capsys):
+    lock = _lock(tmp_path / "run", host="node-17", pid=4242)
+    assert run_main(good["config"], f"train.run_dir={tmp_path / 'run'}") == 2
+    assert one_line(capsys) == (f"ConfigError: train.run_dir: in use by host node-17 pid 4242 "
+                                f"(lock {lock}; if that run is gone, delete the lock)")
+    assert lock.is_file() and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("owner,reason", [
+    (lambda: {"pid": _dead_pid()}, "its process has exited"),
+    (lambda: {"host": "node-17", "pid": 4242, "job": "slurm:77", "restarts": [0, 0]},
+     "an earlier run of job slurm:77"),
+])
+def test_stale_lock_is_taken_over_and_released(good, tmp_path, monkeypatch, caplog, owner, reason):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock = _lock(tmp_path / "run", **owner())
+    assert run_main(good["config"], f"train.run_dir={tmp_path / 'run'}", "train.steps=1") == 0
+    assert "taking over the lock of host" in caplog.text and reason in caplog.text
+    assert not lock.exists()  # released at the end
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".lock")) == []
+
+
+def test_live_lock_on_this_host_refuses(good, tmp_path, capsys):
+    import os
+    lock = _lock(tmp_path / "run", pid=os.getppid())
+    assert run_main(good["config"], f"train.run_dir={tmp_path / 'run'}") == 2
+    assert one_line(capsys).startswith("ConfigError: train.run_dir: in use by host ")
+    assert lock.is_file()
+
+
+# ------------------------------------------------------------------------------ metrics.jsonl
+
+def test_a_cut_last_metrics_line_is_dropped_with_a_warning(good, finished, tmp_path, caplog):
+    run_dir = _copy_run(finished, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + '\n{"step": 4, "loss": 5.7')  # a crash mid-write
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.steps=5") == 0
+    assert f"{metrics}:4 is not a whole record (cut by a crash or a full disk?): dropped" in caplog.text
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+    assert metrics.read_text().endswith("}\n")

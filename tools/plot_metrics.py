@@ -9,16 +9,19 @@ directory's name).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-def read_metrics(run_dir: Path) -> list[dict]:
+from engine.metrics import read_metrics  # noqa: E402
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -32,7 +35,7 @@ def plot(run_dirs: list[Path], keys: list[str], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {d.name: read_metrics(d) for d in run_dirs}
+    runs = {d.name: run_metrics(d) for d in run_dirs}
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, records in runs.items():
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         plot(args.runs, [k for k in args.keys.split(",") if k], args.out)
-    except (FileNotFoundError, json.JSONDecodeError) as err:
+    except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
