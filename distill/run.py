@@ -5,9 +5,11 @@
     serve the teacher) -> exit code
 
 Exit codes: 0 done, 1 a run-time failure (a teacher stream that does not match the data, a
-checkpoint that cannot be written, a lost peer), 2 bad configuration or environment, 3 non-finite
-training stopped the run, 124 preempted after a checkpoint (the SLURM script requeues on it).
-Every failure a user can act on is one line on stderr, printed by one rank.
+checkpoint or metrics.jsonl that cannot be written, a lost or hung peer), 2 bad configuration,
+environment or input files (a dataset, a checkpoint), 3 non-finite training stopped the run, 124
+stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (the SLURM script requeues on it), 130
+interrupted before training started or interrupted twice (nothing saved). Every failure a user
+can act on is one line on stderr, printed by one rank (a lost peer: by each rank that waited on it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from engine.optim import NonFiniteError
 from engine.parallel import (LaunchEnv, ParallelLayout, destroy_parallel, init_parallel,
                              is_peer_failure)
 from engine.rundir import claim_run_dir
-from engine.signals import PreemptionFlag
+from engine.signals import EXIT_ABORTED, PreemptionFlag
 from engine.train_config import resume_step, seed_everything
 from layers.config import ModelConfig
 from layers.model import TransformerLM
@@ -41,6 +43,7 @@ from layers.model import TransformerLM
 log = get_logger(__name__)
 
 EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
+EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C before training started, or twice
 # Run-time failures that every rank of a role meets alike (the stop votes, checksums and data are
 # the same on all of them), or that only its first rank can meet (metrics.jsonl is rank 0's):
 # reported once, by the role's first rank.
@@ -68,8 +71,16 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
     except ConfigError as err:  # every rank validates alike; rank 0 speaks
         error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C during start-up; once training runs, it saves first
+        error_line(KeyboardInterrupt("before training started, nothing saved"),
+                   show=launch is None or launch.rank == 0, prefix="interrupted")
+        return EXIT_INTERRUPTED
     try:
         return _train(cfg, teacher_cfg, launch)
+    except KeyboardInterrupt:
+        error_line(KeyboardInterrupt("before training started, nothing saved"),
+                   show=launch.rank == 0, prefix="interrupted")
+        return EXIT_INTERRUPTED
     finally:
         if lock is not None:
             lock.release()

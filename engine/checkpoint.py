@@ -319,24 +319,36 @@ def save_checkpoint(root: Path | str, step: int, *, layout: ParallelLayout, mode
             _publish(root, tmp, final, meta, keep)
 
     for stage in (prepare, write, publish):
-        _run_stage(stage, layout, final)
+        _run_stage(stage, layout, final, tmp)
     log.info("saved checkpoint %s", final)
     return final
 
 
-def _run_stage(stage: Callable[[], None], layout: ParallelLayout, final: Path) -> None:
-    """Run one save stage on this rank, then fail on every rank if it failed on any."""
+def _speaks_for_role(layout: ParallelLayout) -> bool:
+    """The rank whose error line the entry points print (the role's first)."""
+    return layout.tp_rank == 0 and layout.dp_rank == 0
+
+
+def _run_stage(stage: Callable[[], None], layout: ParallelLayout, final: Path, tmp: Path) -> None:
+    """Run one save stage on this rank, then fail on every rank if it failed on any; a failed
+    save leaves no partial directory behind (a full disk must not fill up further)."""
     error: BaseException | None = None
     try:
         stage()
     except Exception as err:
         error = err
-        log.error("saving %s failed in %s: %s", final, stage.__name__, err, extra={"all_ranks": True})
-    if not ranks_agree(layout, error is None):
-        if error is not None:
-            raise CheckpointError(f"saving {final} failed ({stage.__name__}: {error})") from error
-        raise CheckpointError(f"saving {final} failed on another rank ({stage.__name__}); "
-                              "the previous checkpoint is kept")
+        if not _speaks_for_role(layout):  # the role's first rank says it in the final line
+            log.error("saving %s failed in %s: %s", final, stage.__name__, err,
+                      extra={"all_ranks": True})
+    if ranks_agree(layout, error is None):
+        return
+    if layout.is_rank0:  # every rank has stopped writing: they all agreed above
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"{tmp.name} removed, the previous checkpoint and `latest` unchanged"
+    if error is not None:
+        raise CheckpointError(f"saving {final} failed ({stage.__name__}: {error}); {kept}") from None
+    raise CheckpointError(f"saving {final} failed on another rank ({stage.__name__}, its log line "
+                          f"says why); {kept}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -431,7 +443,8 @@ def load_checkpoint(path: Path | str, *, layout: ParallelLayout, model: nn.Modul
         loaded = _load(path, layout=layout, model=model, optimizer=optimizer, vocab_size=vocab_size,
                        restore_rng=restore_rng, only_prefix=only_prefix)
     except CheckpointError as err:
-        log.error("loading %s failed: %s", path, err, extra={"all_ranks": True})
+        if not _speaks_for_role(layout):  # the role's first rank says it in the final line
+            log.error("loading %s failed: %s", path, err, extra={"all_ranks": True})
         ranks_agree(layout, False)
         raise
     if not ranks_agree(layout, True):

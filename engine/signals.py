@@ -1,28 +1,78 @@
-"""Preemption: remember SIGTERM / SIGUSR1 and stop every rank at the same step.
+"""Preemption: remember SIGTERM / SIGUSR1 / SIGINT and stop every rank at the same step.
 
 SLURM signals a job before killing it (SIGTERM on cancel or preemption, SIGUSR1 with
 `--signal=USR1@secs`), but it may reach only some ranks, and at different points of a step. The
 handler therefore only sets a flag; the training loop asks `should_stop(layout)` once per step,
 which agrees over all ranks of the role with one all_reduce(max) of a single integer, so every
 rank saves at the same step and exits cleanly.
+
+Ctrl-C (SIGINT) is the same request from a person: the first one finishes the step, saves and
+stops. A second one aborts at once, without a checkpoint (exit 130), even while the main thread is
+blocked in a collective: a watcher thread reads the signal from CPython's wakeup fd and ends the
+process itself. An interrupt that follows the first within INTERRUPT_ECHO_S does not count: a
+terminal's Ctrl-C reaches torchrun and its workers together, and torchrun then forwards its own
+copy to the workers.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 from collections.abc import Iterable
 from types import FrameType
 
 import torch
 
 from engine import collectives
+from engine.log import get_logger
 from engine.parallel import ParallelLayout
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+log = get_logger(__name__)
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+INTERRUPT_ECHO_S = 1.0
+EXIT_ABORTED = 128 + signal.SIGINT  # what a shell reports for a process ended by Ctrl-C
+
+
+class _InterruptWatcher:
+    """Counts SIGINTs as they arrive (from the wakeup fd, in a thread) and aborts on a second."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write)
+        self._first: float | None = None
+        self._thread = threading.Thread(target=self._watch, name="interrupt-watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while chunk := os.read(self._read, 64):  # empty once the write end is closed
+            for signum in chunk:
+                if signum == signal.SIGINT:
+                    self._interrupt(time.monotonic())
+        os.close(self._read)
+
+    def _interrupt(self, now: float) -> None:
+        if self._first is None:
+            self._first = now
+            log.warning("interrupted: finishing this step, saving a checkpoint and stopping "
+                        "(interrupt again to abort at once, without a checkpoint)")
+        elif now - self._first >= INTERRUPT_ECHO_S:
+            log.error("interrupted again: aborting without a checkpoint",
+                      extra={"all_ranks": True})
+            os._exit(EXIT_ABORTED)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)
+        self._thread.join(timeout=1.0)
 
 
 class PreemptionFlag:
-    """Installs handlers for `signals` that only record the signal; `close()` restores the old ones.
+    """Installs handlers for `signals` that only record the signal (and, for SIGINT, the watcher
+    that aborts on a second one); `close()` restores the old ones.
 
     Must be created in the main thread (Python delivers signals only there). Use as a context
     manager or call `close()`.
@@ -33,6 +83,7 @@ class PreemptionFlag:
         self._previous = {}
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._watcher = _InterruptWatcher() if signal.SIGINT in self._previous else None
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.received is None:
@@ -53,6 +104,9 @@ class PreemptionFlag:
         return bool(collectives.all_reduce(flag, group, op="max").item())
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}

@@ -196,6 +196,12 @@ def _broken(kind: str, tmp_path: Path, hf_dirs: dict) -> Path:
     if kind == "missing_shard":
         index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
         (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    if kind == "outside_shard":  # a readable file, but not the model directory's
+        (tmp_path / "elsewhere").mkdir()
+        weights = (hf_dirs["llama"] / "model.safetensors").read_bytes()
+        (tmp_path / "elsewhere" / "model.safetensors").write_bytes(weights)
+        index = {"weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}
+        (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     if kind == "wrong_shapes":  # config.json of the llama, weights of the (smaller) mistral kv
         (bad / "model.safetensors").write_bytes((hf_dirs["mistral"] / "model.safetensors").read_bytes())
         config.update(attention_bias=False, mlp_bias=False, intermediate_size=32)
@@ -210,6 +216,8 @@ def _broken(kind: str, tmp_path: Path, hf_dirs: dict) -> Path:
     ("missing_key", 1, "config.json lacks 'hidden_size'"),
     ("weightless", 1, "has no weights (model.safetensors"),
     ("missing_shard", 1, "names model-00002-of-00002.safetensors, which is not in"),
+    ("outside_shard", 1, "names '../elsewhere/model.safetensors', a file outside the model "
+                         "directory"),
     ("wrong_shapes", 2, "weights do not fit config.json"),
     ("good", 3, "--tp: model.heads: 4 query heads do not split over parallel.tp=3"),
 ])

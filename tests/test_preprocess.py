@@ -117,3 +117,22 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, tokenizer_path,
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {missing_key}:2: no key 'text' in this JSON line"
     assert list(out.iterdir()) == []
+
+
+def test_existing_prefix_is_kept_unless_forced(tmp_path, tokenizer_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text(TEXTS[0])
+    prefix = tmp_path / "out" / "data"
+    args = ["--input", str(text), "--tokenizer", str(tokenizer_path), "--output-prefix",
+            str(prefix), "--no-progress"]
+    assert preprocess_data.main(args) == 0
+    before = {s: Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx")}
+    text.write_text(TEXTS[2])
+    capsys.readouterr()
+    assert preprocess_data.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {prefix}.bin exists (pass --force to replace the dataset)"]
+    assert {s: Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx")} == before
+    assert preprocess_data.main([*args, "--force"]) == 0
+    _assert_dataset(prefix, _expected(tokenizer_path, [TEXTS[2]]))
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["data.bin", "data.idx"]

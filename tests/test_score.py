@@ -143,13 +143,22 @@ def test_single_process_command_line(setup, tmp_path, capsys):
     (np.arange(6), "must hold integer ids"),
     (np.full((2, 5), VOCAB), f"--tokens: ids must be in \\[0, {VOCAB}\\)"),
     (np.zeros((1, 40), dtype=np.int64), "sequence length 40 must be between 2 and model.max_seq_len=32"),
+    (np.zeros((0, 8), dtype=np.int64), "--tokens: .*bad.npy holds no rows \\(shape \\[0, 8\\]\\)"),
+    (b"", "--tokens: .*bad.npy is not a readable .npy array"),
+    ({"ids": np.zeros((2, 5), dtype=np.int64)},
+     "--tokens: .*bad.npz is an .npz archive; save the one array of ids with numpy.save"),
 ])
 def test_bad_tokens(setup, tmp_path, capsys, bad, message):
     _, ckpt, _, _ = setup
-    np.save(tmp_path / "bad.npy", bad)
+    path = tmp_path / ("bad.npz" if isinstance(bad, dict) else "bad.npy")
+    if isinstance(bad, bytes):  # an empty file
+        path.write_bytes(bad)
+    elif isinstance(bad, dict):
+        np.savez(path, **bad)
+    else:
+        np.save(path, bad)
     out = tmp_path / "out.npy"
-    assert score.main(["--ckpt", str(ckpt), "--tokens", str(tmp_path / "bad.npy"),
-                       "--out", str(out)]) == 2
+    assert score.main(["--ckpt", str(ckpt), "--tokens", str(path), "--out", str(out)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), errors
     assert not out.exists()

@@ -46,7 +46,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # score.py, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -121,6 +121,15 @@ def hf_model_config(hf_config: dict) -> ModelConfig:
         raise ConfigError("--hf", str(err)) from None
 
 
+def _check_inside(name: object, index: Path) -> None:
+    """A file named by a sharded index must lie in the model directory (as checkpoint loading
+    requires of its metadata). Checked on the name itself, not the resolved path: Hugging Face's
+    cache makes every file a symlink into a blob store outside the directory."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ConfigError("--hf", f"{index} names {name!r}, a file outside the model directory")
+
+
 def hf_weight_files(hf_dir: Path) -> list[Path]:
     """The safetensors files of a model directory: one file, or the shards an index names."""
     index = hf_dir / "model.safetensors.index.json"
@@ -129,6 +138,8 @@ def hf_weight_files(hf_dir: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise ConfigError("--hf", f"{index} has no valid weight_map") from None
+        for name in names:
+            _check_inside(name, index)
         missing = [name for name in names if not (hf_dir / name).is_file()]
         if missing or not names:
             raise ConfigError("--hf", f"{index} names {missing[0] if missing else 'no file'}, "

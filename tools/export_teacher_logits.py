@@ -13,7 +13,9 @@ in `distill/offline.py`; train from it with `distill.schedule=offline distill.of
 
 Atomic: every rank writes into `.DIR.tmp` beside DIR, rank 0 writes metadata.json last and renames
 the directory into place (several nodes need a shared filesystem). An existing DIR is never
-overwritten. A bad config or argument stops with one `ConfigError:` line and exit code 2.
+overwritten. A bad config or argument stops with one `ConfigError:` line and exit code 2; a write
+that fails (a full disk) stops every rank after that shard with one `ExportError:` line and exit
+code 1, and `.DIR.tmp` is removed (on any failure or interrupt).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from distill.runconfig import (RunConfig, check_data, parse_run_config, run_expo
                                teacher_model_config)
 from distill.teacher import ColocatedTeacher, TeacherRequest, load_teacher
 from engine import collectives as C
-from engine.checkpoint import resolve_checkpoint
+from engine.checkpoint import CheckpointError, ranks_agree, resolve_checkpoint
 from engine.checkpoint_files import file_record, fsync_dir, write_json, write_tensors
 from engine.config import ConfigError, apply_overrides, check, load_yaml
 from engine.data import TokenBatches, resolve_data_path
@@ -48,6 +50,10 @@ from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_par
 from layers.config import ModelConfig
 
 log = get_logger("export_teacher_logits")
+
+
+class ExportError(RuntimeError):
+    """A write of the export failed (a full disk, ...): one line naming the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +158,28 @@ def write_shards(plan: ExportPlan, teacher: ColocatedTeacher, layout: ParallelLa
                disable=not (progress and layout.is_rank0))
     for index, samples in enumerate(plan.shards):
         input_ids = torch.stack(list(itertools.islice(stream, len(samples))))  # [count, seq]
+        error = None
         if index % layout.dp == layout.dp_rank:
             tensors = export_shard(teacher, input_ids, plan=plan, layout=layout)
             if layout.tp_rank == 0:
-                write_tensors(tmp / shard_name(index), tensors)
+                error = _write(tmp / shard_name(index), tensors)
+        if error and not layout.is_rank0:  # rank 0 prints the final line
+            log.error(error, extra={"all_ranks": True})
+        # Every rank learns of a failed write at once, rather than waiting for the writer in the
+        # next shard's collectives; one int per shard.
+        if not ranks_agree(layout, error is None):
+            raise ExportError(error or f"writing shard {index} failed on another rank")
         bar.update(len(samples))
     bar.close()
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Write one shard; the error as one line, or None."""
+    try:
+        write_tensors(path, tensors)
+    except Exception as err:  # safetensors reports a full disk as its own error type
+        return f"writing {path} failed: {err}"
+    return None
 
 
 def metadata(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> dict:
@@ -181,20 +203,31 @@ def metadata(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> dict:
 def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -> Path:
     """Write the export under every rank (all ranks call it); returns the export directory."""
     tmp = plan.out.with_name(f".{plan.out.name}.tmp")
-    if layout.is_rank0:
-        _prepare(tmp)
-    _barrier(layout)
-    teacher = build_teacher(plan, layout)
-    write_shards(plan, teacher, layout, tmp, progress=progress)
-    _barrier(layout)
-    if layout.is_rank0:
+    try:
+        if layout.is_rank0:
+            _prepare(tmp)
+        _barrier(layout)
+        teacher = build_teacher(plan, layout)
+        write_shards(plan, teacher, layout, tmp, progress=progress)
+        _barrier(layout)
+        if layout.is_rank0:
+            _publish(plan, layout, tmp)
+        _barrier(layout)
+    finally:  # after a failure (or an interrupt) nothing half-written stays
+        if layout.is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return plan.out
+
+
+def _publish(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> None:
+    """Rank 0, once every shard is written: metadata last, then the rename into place."""
+    try:
         write_json(tmp / METADATA, metadata(plan, layout, tmp))
         tmp.rename(plan.out)
-        fsync_dir(plan.out.parent)
-        log.info("exported top-%d teacher logits of %d samples to %s", plan.k, plan.samples,
-                 plan.out)
-    _barrier(layout)
-    return plan.out
+    except OSError as err:
+        raise ExportError(f"writing {tmp / METADATA} failed: {err.strerror or err}") from None
+    fsync_dir(plan.out.parent)
+    log.info("exported top-%d teacher logits of %d samples to %s", plan.k, plan.samples, plan.out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                            launch=launch)
     try:
         export(plan, layout, progress=not args.no_progress)
+    except ConfigError as err:  # found reading the teacher (NaN weights)
+        error_line(err, show=layout.is_rank0, prefix="ConfigError")
+        return 2
+    except (ExportError, CheckpointError, OSError) as err:
+        error_line(err, show=layout.is_rank0)
+        return 1
     finally:
         destroy_parallel()
     return 0

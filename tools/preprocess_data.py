@@ -7,8 +7,10 @@ Inputs ending in .jsonl or .json are JSON Lines, one document per line in field 
 (default "text"); passing `--json-key` makes every input JSONL. Other inputs are plain text, one
 document per file (or per non-blank line with `--text-docs line`). Each document is tokenized with
 the Hugging Face `tokenizer.json` and ends with the end-of-document token. Documents keep the input
-order. Nothing is written unless everything succeeds; a bad input stops with one `error:` line on
-stderr and exit code 2.
+order. An existing PREFIX.bin/.idx is kept unless `--force`. Nothing is written unless everything
+succeeds (the output is built under temporary names, removed on any failure): a bad input stops
+with one `error:` line on stderr and exit code 2, a failed write (a full disk) with one `error:`
+line and exit code 1.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the end-of-document token")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin/.idx")
     return parser.parse_args(argv)
 
 
@@ -60,6 +63,10 @@ def input_records(args: argparse.Namespace) -> Iterator[Record]:
 def run(args: argparse.Namespace) -> tuple[int, int]:
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1 (got {args.workers})")
+    existing = [p for p in (f"{args.output_prefix}.bin", f"{args.output_prefix}.idx")
+                if Path(p).exists()]
+    if existing and not args.force:
+        raise DataError(f"{existing[0]} exists (pass --force to replace the dataset)")
     total_bytes = check_inputs(args.input)
     tokenizer = load_tokenizer(args.tokenizer)
     eod_id = find_eod_id(tokenizer, args.eod_token) if args.append_eod else None
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a lost mount: the temporary files are already gone
+        print(f"error: writing {args.output_prefix}.bin/.idx failed: {err.strerror or err}",
+              file=sys.stderr)
+        return 1
     log.info("wrote %s.bin/.idx: %d documents, %d tokens", args.output_prefix, documents, tokens)
     return 0
 

@@ -106,11 +106,17 @@ def read_tokens(path: Path, cfg: ModelConfig) -> torch.Tensor:
         raise ConfigError("--tokens", f"no such file: {path}")
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:
+    except (ValueError, EOFError, OSError) as err:  # EOFError: an empty file
         raise ConfigError("--tokens", f"{path} is not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens an .npz archive as a mapping
+        array.close()
+        raise ConfigError("--tokens", f"{path} is an .npz archive; save the one array of ids "
+                                      "with numpy.save (.npy)")
     if array.ndim != 2 or array.dtype.kind not in "iu":
         raise ConfigError("--tokens", f"{path} must hold integer ids [batch, seq] "
                                       f"(got {array.dtype} of shape {list(array.shape)})")
+    if array.shape[0] == 0:
+        raise ConfigError("--tokens", f"{path} holds no rows (shape {list(array.shape)})")
     if not 2 <= array.shape[1] <= cfg.max_seq_len:
         raise ConfigError("--tokens", f"sequence length {array.shape[1]} must be between 2 and "
                                       f"model.max_seq_len={cfg.max_seq_len}")

@@ -165,6 +165,13 @@ class IndexedWriter:
         if not self._lengths:
             self.abort()
             raise DataError(f"no documents to write to {self.prefix}")
+        try:
+            self._write_index()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write_index(self) -> None:
         self._bin.close()
         lengths = np.asarray(self._lengths, dtype=np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
@@ -180,9 +187,14 @@ class IndexedWriter:
         os.replace(self._idx_tmp, self.prefix + ".idx")
 
     def abort(self) -> None:
-        self._bin.close()
-        for path in (self._bin_tmp, self._idx_tmp):
-            Path(path).unlink(missing_ok=True)
+        """Remove the temporary files, whatever state they are in."""
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # a full disk fails the last flush as well; the file goes anyway
+        finally:
+            for path in (self._bin_tmp, self._idx_tmp):
+                Path(path).unlink(missing_ok=True)
 
     def __enter__(self) -> IndexedWriter:
         return self
