@@ -8,7 +8,7 @@ Exit codes: 0 done, 1 a run-time failure (a teacher stream that does not match t
 checkpoint or metrics.jsonl that cannot be written, a lost or hung peer), 2 bad configuration,
 environment or input files (a dataset, a checkpoint), 3 non-finite training stopped the run, 124
 stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (the SLURM script requeues on it), 130
-interrupted before training started or interrupted twice (nothing saved). Every failure a user
+interrupted outside the training loop (start-up) or twice (nothing saved). Every failure a user
 can act on is one line on stderr, printed by one rank (a lost peer: by each rank that waited on it).
 """
 
@@ -43,7 +43,7 @@ from layers.model import TransformerLM
 log = get_logger(__name__)
 
 EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
-EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C before training started, or twice
+EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C outside the training loop, or twice
 # Run-time failures that every rank of a role meets alike (the stop votes, checksums and data are
 # the same on all of them), or that only its first rank can meet (metrics.jsonl is rank 0's):
 # reported once, by the role's first rank.
@@ -68,18 +68,13 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
         cfg, teacher_cfg = load_run_config(args.config, overrides, world_size=launch.world_size)
         if launch.rank == 0:  # one run per directory, decided before any process group exists
             lock = claim_run_dir(cfg.train.run_dir, overwrite=cfg.train.overwrite)
-    except ConfigError as err:  # every rank validates alike; rank 0 speaks
+        return _train(cfg, teacher_cfg, launch)  # reports its own failures
+    except ConfigError as err:  # start-up: every rank validates alike; rank 0 speaks
         error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
         return EXIT_CONFIG
-    except KeyboardInterrupt:  # Ctrl-C during start-up; once training runs, it saves first
-        error_line(KeyboardInterrupt("before training started, nothing saved"),
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which saves before stopping
+        error_line(KeyboardInterrupt("outside the training loop, nothing saved"),
                    show=launch is None or launch.rank == 0, prefix="interrupted")
-        return EXIT_INTERRUPTED
-    try:
-        return _train(cfg, teacher_cfg, launch)
-    except KeyboardInterrupt:
-        error_line(KeyboardInterrupt("before training started, nothing saved"),
-                   show=launch.rank == 0, prefix="interrupted")
         return EXIT_INTERRUPTED
     finally:
         if lock is not None:

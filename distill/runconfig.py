@@ -4,8 +4,10 @@ Sections: `model` (layers.config.ModelConfig), `parallel` (engine.parallel.Paral
 (engine.data.DataConfig), `distill` (distill.config.DistillConfig), `train`
 (engine.train_config.TrainConfig). `load_run_config` also runs every cross-section check that can be done
 before any process group exists (layout against the world size, heads against TP, batch sizes
-against DP, the teacher checkpoint and its compatibility with the student, an offline teacher
-export against the run), so a bad config stops with one `ConfigError: <key>: <problem>` line.
+against DP, the datasets' indexes, splits and token ids, the run directory, the checkpoints the
+run starts from and the teacher checkpoint and its compatibility with the student, an offline
+teacher export against the run), so a bad config stops with one `ConfigError: <key>: <problem>`
+line. It reads metadata, indexes and small files only (see engine.data.check_datasets).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from engine.parallel import ParallelLayout
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "checkpoint_metadata", "resolve_checkpoint", "checkpoint_run_config", "checked_metadata",
-           "newest_intact_checkpoint", "ranks_agree", "safe_torch_load"]
+           "checkpoints_after", "newest_intact_checkpoint", "ranks_agree", "safe_torch_load"]
 
 log = get_logger(__name__)
 
@@ -144,11 +144,17 @@ def checked_metadata(path: Path, *, key: str) -> dict[str, Any]:
     verified later, as each rank reads its own files. A ConfigError naming `key` otherwise."""
     try:
         meta = _read_metadata(path)
-        for name, record in meta["files"].items():
-            check_size(safe_child(path, name), record)
+        _check_files(path, meta, check_size)
     except CheckpointError as err:
         raise ConfigError(key, str(err)) from None
     return meta
+
+
+def _check_files(path: Path, meta: dict[str, Any],
+                 check: Callable[[Path, Any], None]) -> None:
+    """Apply `check` (size only, or size and digest) to every file the metadata records."""
+    for name, record in meta["files"].items():
+        check(safe_child(path, name), record)
 
 
 def checkpoint_run_config(path: Path, *, key: str) -> dict[str, Any]:
@@ -167,9 +173,7 @@ def newest_intact_checkpoint(root: Path, *, before: int) -> Path | None:
         if step >= before:
             continue
         try:
-            meta = _read_metadata(path)
-            for name, record in meta["files"].items():
-                verify_file(safe_child(path, name), record)
+            _check_files(path, _read_metadata(path), verify_file)
         except CheckpointError:
             continue
         return path

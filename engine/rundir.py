@@ -4,7 +4,8 @@
 run ends; a second run on the same directory stops with `ConfigError: train.run_dir: in use by host
 H pid P`. The lock is a file created by `link(2)` of a fully written temporary file, the way
 open(2)'s manual recommends for NFS: the create is atomic on a shared filesystem, where
-fcntl/flock locks are not reliable, and a reader never sees a half-written owner. A lock whose
+fcntl/flock locks are not reliable, and a reader never sees a half-written owner (a filesystem
+without hard links gets an O_EXCL create, also atomic). A lock whose
 owner is known to be gone is taken over, with a warning:
   - same host, and that pid no longer runs (or runs a process started at another time, or is this
     very process: a restarted container reuses pids);
@@ -22,6 +23,7 @@ says so) rather than deleting them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -37,6 +39,7 @@ from engine.log import get_logger
 log = get_logger(__name__)
 
 LOCK_NAME = ".lock"
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 KEY = "train.run_dir"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard")  # what a run writes
 
@@ -104,14 +107,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_owner(path: Path) -> Owner | None:
-    try:
-        data = json.loads(path.read_text())
-        return Owner(**data)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError):
-        raise ConfigError(KEY, f"{path} is not a readable lock file; if no run uses "
-                               f"{path.parent}, delete it") from None
+    """The lock's owner; None when there is no lock (any more)."""
+    for _ in range(10):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            break
+        if text:
+            try:
+                return Owner(**json.loads(text))
+            except (ValueError, TypeError):
+                break
+        time.sleep(0.2)  # an O_EXCL lock being written (filesystems without hard links)
+    raise ConfigError(KEY, f"{path} is not a readable lock file; if no run uses {path.parent}, "
+                           "delete it")
 
 
 class RunDirLock:
@@ -141,20 +152,34 @@ class RunDirLock:
 
     def _try_create(self) -> bool:
         """Create the lock with link(2): atomic, also on NFS, where link may report a failure
-        that happened to succeed, so the link count decides."""
+        that happened to succeed, so the link count decides. Filesystems without hard links get
+        an O_EXCL create instead (atomic too; a reader may briefly find it empty)."""
+        content = json.dumps(asdict(self.owner))
         scratch = self.path.with_name(f"{LOCK_NAME}.{self.owner.token}.tmp")
-        scratch.write_text(json.dumps(asdict(self.owner)))
+        scratch.write_text(content)
         try:
             os.link(scratch, self.path)
         except FileExistsError:
             pass
         except OSError as err:
+            if err.errno in _NO_HARD_LINKS:
+                scratch.unlink()
+                return self._create_exclusive(content)
             if scratch.stat().st_nlink != 2:
                 scratch.unlink()
                 raise ConfigError(KEY, f"cannot create the lock {self.path}: {err.strerror}") from None
         created = scratch.stat().st_nlink == 2
         scratch.unlink()
         return created
+
+    def _create_exclusive(self, content: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        return True
 
     def _clear_stale(self, holder: Owner, reason: str) -> None:
         """Move the stale lock aside, then make sure it was that one (a racing run may have

@@ -380,3 +380,24 @@ def test_a_cut_last_metrics_line_is_dropped_with_a_warning(good, finished, tmp_p
     assert f"{metrics}:4 is not a whole record (cut by a crash or a full disk?): dropped" in caplog.text
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     assert metrics.read_text().endswith("}\n")
+
+
+def test_lock_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    import dataclasses
+    import errno
+    import os
+
+    from engine.config import ConfigError
+    from engine.rundir import RunDirLock
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with RunDirLock(tmp_path / "run"):
+        assert (tmp_path / "run" / ".lock").is_file()
+        other = RunDirLock(tmp_path / "run")
+        other.owner = dataclasses.replace(other.owner, pid=os.getppid())  # another live process
+        with pytest.raises(ConfigError, match="train.run_dir: in use by host .* pid "):
+            other.acquire()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
