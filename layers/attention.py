@@ -45,13 +45,15 @@ class Attention(nn.Module):
 
         def column(heads: int) -> ColumnParallelLinear:
             return ColumnParallelLinear(config.hidden, heads * self.head_dim, layout=layout,
-                                        bias=qkv_bias, init_std=config.init_std)
+                                        bias=qkv_bias, init_std=config.init_std,
+                                        quant=config.linear_quant)
 
         self.q_proj = column(config.heads)
         self.k_proj = column(config.num_kv_heads)
         self.v_proj = column(config.num_kv_heads)
         self.o_proj = RowParallelLinear(config.heads * self.head_dim, config.hidden, layout=layout,
-                                        bias=config.bias, init_std=out_std)
+                                        bias=config.bias, init_std=out_std,
+                                        quant=config.linear_quant)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Residual stream `[batch, seq(/tp), hidden]` -> attention output, same layout."""

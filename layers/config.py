@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.config import ConfigError, check
+from layers.quant import QUANT_KINDS, LinearQuant
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -59,6 +60,11 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init (output projections get std / sqrt(2 * layers))
     vocab_pad_multiple: int = 64  # vocabulary padded to a multiple of tp * this
     hf_model_type: str | None = None  # Hugging Face model_type to export as (llama|mistral|qwen2|gpt2)
+    # none, or ternary: every decoder linear (q/k/v/o, gate/up/down) trains as BitNet b1.58, weights
+    # s * {-1, 0, 1} with s = mean |W| of the whole weight, straight-through gradients, fp32 master
+    # weights; embeddings, norms and the LM head stay full precision (layers/quant.py)
+    quant: Literal["none", "ternary"] = "none"
+    quant_activation_bits: int | None = 8  # ternary: bits of each quantized input, per token (absmax); None: off
 
     def __post_init__(self) -> None:
         check(self.family in ("llama", "gpt2"), "model.family",
@@ -89,6 +95,11 @@ class ModelConfig:
         check(self.init_std > 0, "model.init_std", f"must be > 0 (got {self.init_std})")
         check(self.family == "llama" or self.rope_scaling is None, "model.rope_scaling",
               "only the llama family uses rotary embeddings")
+        check(self.quant in QUANT_KINDS, "model.quant",
+              f"must be one of {', '.join(QUANT_KINDS)} (got {self.quant!r})")
+        bits = self.quant_activation_bits
+        check(bits is None or (isinstance(bits, int) and 2 <= bits <= 16),
+              "model.quant_activation_bits", f"must be between 2 and 16, or null (got {bits!r})")
 
     @property
     def num_kv_heads(self) -> int:
@@ -108,6 +119,13 @@ class ModelConfig:
     def gated_mlp(self) -> bool:
         """SwiGLU-style gate (llama family); gpt2 has a plain two-layer MLP."""
         return self.family == "llama"
+
+    @property
+    def linear_quant(self) -> LinearQuant | None:
+        """What the decoder's parallel linear layers quantize (None: nothing)."""
+        if self.quant == "none":
+            return None
+        return LinearQuant(activation_bits=self.quant_activation_bits)
 
     def padded_vocab(self, tp: int) -> int:
         """Rows of the full embedding/output weight: vocab_size rounded up to tp * pad multiple."""

@@ -31,12 +31,13 @@ class MLP(nn.Module):
         self.layout = layout
         self.act = ACTIVATION_FNS[config.mlp_activation]
         column = partial(ColumnParallelLinear, config.hidden, config.ffn_hidden, layout=layout,
-                         bias=config.bias, init_std=config.init_std)
+                         bias=config.bias, init_std=config.init_std, quant=config.linear_quant)
         self.gate_proj = column() if config.gated_mlp else None
         self.up_proj = column()
         self.down_proj = RowParallelLinear(config.ffn_hidden, config.hidden, layout=layout,
                                            bias=config.bias,
-                                           init_std=config.init_std / math.sqrt(2 * config.layers))
+                                           init_std=config.init_std / math.sqrt(2 * config.layers),
+                                           quant=config.linear_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual stream `[batch, seq(/tp), hidden]` -> MLP output, same layout."""

@@ -12,6 +12,10 @@ see only part of the sequence on each rank, so their gradients must be summed ov
 wraps such a parameter in `copy_to_tp` (forward identity, backward all-reduce) under SP, which makes
 every replicated gradient complete and identical on all TP ranks right after `backward()`: there is
 no separate "finalize gradients" step to call.
+
+Quantization (`quant=LinearQuant(...)`, layers/quant.py) is an option of the two linear layers:
+the forward multiplies the quantized input by the quantized weight, whose scale is that of the
+whole (unsharded) weight, and the backward is the straight-through estimator.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from engine.mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_
                              reduce_scatter_to_sp)
 from engine.parallel import ParallelLayout
 from layers.params import new_param
+from layers.quant import LinearQuant
 
 SEQ_DIM = 1  # activations are [batch, seq, hidden]
 
@@ -51,13 +56,15 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output rows: `[batch, seq, in]` -> `[batch, seq, out/tp]`.
 
     The input must already be in the TP region (`enter_tp_region`). With `gather_output` the output
-    is all-gathered back to `[batch, seq, out]`.
+    is all-gathered back to `[batch, seq, out]`. With `quant`, each input row is whole on this rank
+    (no communication) and the weight's scale is all-reduced over TP.
     """
 
     def __init__(self, in_features: int, out_features: int, *, layout: ParallelLayout,
-                 bias: bool = False, gather_output: bool = False, init_std: float = 0.02):
+                 bias: bool = False, gather_output: bool = False, init_std: float = 0.02,
+                 quant: LinearQuant | None = None):
         super().__init__()
-        self.layout, self.gather_output = layout, gather_output
+        self.layout, self.gather_output, self.quant = layout, gather_output, quant
         out_shard = out_features // layout.tp
         self.weight = new_param(out_shard, in_features, tp_split_dim=0, init=init_std,
                                 device=layout.device)
@@ -65,7 +72,11 @@ class ColumnParallelLinear(nn.Module):
                               device=layout.device) if bias else None
 
     def forward(self, x_full: torch.Tensor) -> torch.Tensor:
-        y_shard = F.linear(x_full, self.weight, self.bias)  # [batch, seq, out/tp]
+        weight = self.weight
+        if self.quant is not None:
+            x_full = self.quant.input(x_full, None)  # [batch, seq, in]: whole token rows
+            weight = self.quant.weight(weight, self.layout.tp_group)
+        y_shard = F.linear(x_full, weight, self.bias)  # [batch, seq, out/tp]
         return gather_from_tp(y_shard, self.layout.tp_group) if self.gather_output else y_shard
 
 
@@ -73,20 +84,26 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns: `[batch, seq, in/tp]` -> residual stream.
 
     The input is already split over TP (the output of a column-parallel layer). The partial products
-    are summed over TP, reduce-scattered into sequence shards under SP; the bias is replicated.
+    are summed over TP, reduce-scattered into sequence shards under SP; the bias is replicated. With
+    `quant`, a token's row is split over TP, so its absmax is all-reduced (max) over TP, and so is
+    the weight's scale (sum).
     """
 
     def __init__(self, in_features: int, out_features: int, *, layout: ParallelLayout,
-                 bias: bool = False, init_std: float = 0.02):
+                 bias: bool = False, init_std: float = 0.02, quant: LinearQuant | None = None):
         super().__init__()
-        self.layout = layout
+        self.layout, self.quant = layout, quant
         self.weight = new_param(out_features, in_features // layout.tp, tp_split_dim=1,
                                 init=init_std, device=layout.device)
         self.bias = new_param(out_features, tp_split_dim=None, init="zeros",
                               device=layout.device) if bias else None
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
-        y = exit_tp_region(F.linear(x_shard, self.weight), self.layout)
+        weight = self.weight
+        if self.quant is not None:
+            x_shard = self.quant.input(x_shard, self.layout.tp_group)  # [batch, seq, in/tp]
+            weight = self.quant.weight(weight, self.layout.tp_group)
+        y = exit_tp_region(F.linear(x_shard, weight), self.layout)
         return y if self.bias is None else y + sp_shared(self.bias, self.layout)
 
 

@@ -1,6 +1,6 @@
 """The TP/SP model against its TP=1 reference: a table of layouts, outputs and every gradient.
 
-Rows are (family, tp, sp, world): each runs on spawned gloo ranks in float64 and is compared with
+Rows are (model, tp, sp, world): each runs on spawned gloo ranks in float64 and is compared with
 the single-process TP=1 model built from the same seed (so TP-independent init is tested too):
 gathered logits of every head, gathered gradients of every parameter, gathered named buffers, and
 equality of replicated parameters' gradients across the TP ranks. Tolerance: 1e-10 (float64).
@@ -37,11 +37,17 @@ CONFIGS = {
                         ffn_hidden=64, max_seq_len=16, bias=True, tie_embeddings=True,
                         mtp_heads=1),
 }
-# (family, tp, sp) per world size; tp < world means several TP groups side by side (DP > 1).
+# Ternary (BitNet b1.58) students: weight scales of the whole weight and per-token activation
+# scales of whole rows make TP exact; gradients are the straight-through estimator's.
+CONFIGS["llama_ternary"] = dataclasses.replace(CONFIGS["llama"], quant="ternary")
+CONFIGS["gpt2_ternary"] = dataclasses.replace(CONFIGS["gpt2"], quant="ternary",
+                                              quant_activation_bits=4)
+# (model, tp, sp) per world size; tp < world means several TP groups side by side (DP > 1).
 ROWS = {
-    2: [("llama", 2, False), ("llama", 2, True), ("gpt2", 2, False), ("gpt2", 2, True)],
+    2: [("llama", 2, False), ("llama", 2, True), ("gpt2", 2, False), ("gpt2", 2, True),
+        ("llama_ternary", 2, False), ("llama_ternary", 2, True), ("gpt2_ternary", 2, True)],
     4: [("llama", 4, False), ("llama", 4, True), ("gpt2", 4, False), ("gpt2", 4, True),
-        ("llama", 2, True)],
+        ("llama", 2, True), ("llama_ternary", 4, True)],
 }
 
 
@@ -74,16 +80,16 @@ def _forward_backward(model: TransformerLM, group) -> dict:
 
 
 @functools.cache
-def _reference(family: str) -> dict:
-    model = TransformerLM(CONFIGS[family], ParallelLayout.single(), seed=SEED).double()
+def _reference(name: str) -> dict:
+    model = TransformerLM(CONFIGS[name], ParallelLayout.single(), seed=SEED).double()
     return _forward_backward(model, None)
 
 
 def _run_rows(rows):
     results = []
-    for family, tp, sp in rows:
+    for name, tp, sp in rows:
         layout = make_layout(tp=tp, sp=sp)
-        model = TransformerLM(CONFIGS[family], layout, seed=SEED).double()
+        model = TransformerLM(CONFIGS[name], layout, seed=SEED).double()
         results.append(_forward_backward(model, layout.tp_group))
     return results
 

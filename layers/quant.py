@@ -1,0 +1,152 @@
+"""Quantization-aware training of ternary linears (BitNet b1.58), exact under tensor parallelism.
+
+A quantized linear keeps its full-precision (fp32 master) weight as the parameter the optimizer
+updates, and in every forward multiplies quantized values instead:
+
+- weights: `s = mean(|W|)` over the *whole* weight, `W_q = s * clamp(round(W / s), -1, 1)`, so every
+  value is -s, 0 or +s. Under TP each rank holds a shard of W, so the scale costs one all-reduce of
+  two numbers (sum of |W| and element count) per layer; the weights themselves never move.
+- activations: each token's input row `x` becomes `x_q = round(x * L / max|x|) * max|x| / L` with
+  L = 2**(bits-1) - 1 (127 for 8 bits), clamped to [-L-1, L]. The max runs over the full row: a
+  row-parallel layer's input is split along the hidden dim over TP, so its max is all-reduced.
+- gradients: the straight-through estimator, `x + (q(x) - x).detach()`: the backward is the
+  identity, as if the quantizer were not there. Scales are computed on detached tensors, which is
+  why their collectives are plain ones (no autograd.Function is needed where no gradient flows).
+
+The scale is rounded to bfloat16 before use, so that `s * {-1, 0, 1}` is exactly representable in
+bf16, fp16 and fp32: an exported checkpoint in any of them holds exactly the values training used.
+
+Packing: ternary codes {-1, 0, 1} are stored as 2-bit fields (code + 1), four per byte, first
+element in the low bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine import collectives as C
+from engine.collectives import Group
+
+QUANT_KINDS = ("none", "ternary")
+SCALE_EPS = 1e-5  # floor of both scales: an all-zero weight or token row stays zero, not NaN
+CODES_PER_BYTE = 4
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Forward: `quantized`. Backward: the identity to `x` (straight-through estimator)."""
+    return x + (quantized - x).detach()
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+@torch.no_grad()
+def absmean_scale(weight_shard: torch.Tensor, group: Group) -> torch.Tensor:
+    """`mean(|W|)` of the whole weight whose shard this rank holds, rounded to bf16; a 0-d tensor
+    in the weight's dtype. One all-reduce of (sum, count) over `group` (fp64: exact counts)."""
+    count = torch.full((), weight_shard.numel(), dtype=torch.float64, device=weight_shard.device)
+    stats = torch.stack([weight_shard.abs().sum(dtype=torch.float64), count])
+    C.all_reduce(stats, group)
+    mean = (stats[0] / stats[1]).clamp(min=SCALE_EPS)
+    return mean.to(torch.bfloat16).to(weight_shard.dtype)
+
+
+@torch.no_grad()
+def ternary_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`clamp(round(W / s), -1, 1)` as int8 (integers carry no -0, so `codes * s` is canonical)."""
+    return (weight / scale).round().clamp(-1, 1).to(torch.int8)
+
+
+def ternary_weight(weight_shard: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward: `s * {-1, 0, 1}` with the whole weight's absmean scale. Backward: identity (STE)."""
+    scale = absmean_scale(weight_shard, group)
+    quantized = ternary_codes(weight_shard, scale).to(weight_shard.dtype) * scale
+    return straight_through(weight_shard, quantized)
+
+
+# ------------------------------------------------------------------------------------ activations
+
+def activation_levels(bits: int) -> int:
+    """L = 2**(bits-1) - 1: the largest code of a symmetric signed `bits`-bit integer."""
+    return 2 ** (bits - 1) - 1
+
+
+@torch.no_grad()
+def absmax_scale(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Per-token `max |x|` over the last dim `[..., 1]`, of the whole row when the last dim of `x`
+    is split over `group` (one all-reduce of one number per token)."""
+    scale = x.abs().amax(dim=-1, keepdim=True)
+    return C.all_reduce(scale.contiguous(), group, op="max").clamp(min=SCALE_EPS)
+
+
+@torch.no_grad()
+def quantize_activations(x: torch.Tensor, scale: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """`x` rounded to the signed `bits`-bit grid of step `scale / L` (returned dequantized)."""
+    levels = activation_levels(bits)
+    codes = (x * (levels / scale)).round().clamp(-levels - 1, levels)
+    return codes * (scale / levels)
+
+
+def quantized_activations(x: torch.Tensor, *, bits: int, group: Group) -> torch.Tensor:
+    """Forward: per-token absmax `bits`-bit fake quantization of `x` (last dim split over
+    `group`, or whole when `group` is None). Backward: identity (STE)."""
+    return straight_through(x, quantize_activations(x, absmax_scale(x, group), bits=bits))
+
+
+@dataclass(frozen=True)
+class LinearQuant:
+    """How a parallel linear layer quantizes its forward: ternary weights and, unless
+    `activation_bits` is None, per-token absmax integer activations at its input."""
+
+    activation_bits: int | None = 8
+
+    def weight(self, weight_shard: torch.Tensor, group: Group) -> torch.Tensor:
+        """The weight the forward multiplies; `group`: the TP group the weight is split over."""
+        return ternary_weight(weight_shard, group)
+
+    def input(self, x: torch.Tensor, group: Group) -> torch.Tensor:
+        """The input the forward multiplies; `group`: the group its last dim is split over."""
+        if self.activation_bits is None:
+            return x
+        return quantized_activations(x, bits=self.activation_bits, group=group)
+
+
+# ---------------------------------------------------------------------------------------- packing
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int codes in {-1, 0, 1} (any shape) -> uint8 `[ceil(numel / 4)]`, 2 bits per code."""
+    flat = (codes.reshape(-1).to(torch.int16) + 1).to(torch.uint8)  # 0, 1, 2
+    flat = torch.cat([flat, flat.new_ones(-flat.numel() % CODES_PER_BYTE)])  # pad with zeros
+    fields = flat.view(-1, CODES_PER_BYTE)
+    packed = fields[:, 0] | fields[:, 1] << 2 | fields[:, 2] << 4 | fields[:, 3] << 6
+    return packed.contiguous()
+
+
+def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `pack_ternary`: int8 codes in {-1, 0, 1} of `shape`."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
+    fields = (packed.reshape(-1, 1) >> shifts) & 3  # [bytes, 4]
+    return (fields.reshape(-1)[:numel].to(torch.int8) - 1).reshape(shape)
+
+
+def split_ternary(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized weights `s * {-1, 0, 1}` -> (int8 codes, 0-d scale s in `values`' dtype), such
+    that `codes * s` gives `values` back bit for bit.
+
+    Raises ValueError when it would not (other values, a -0), so nothing lossy is ever packed."""
+    scale = values.abs().amax() if values.numel() else values.new_zeros(())
+    if not bool(scale > 0):
+        scale = values.new_ones(())
+    codes = torch.sign(values).to(torch.int8)
+    if not torch.equal(_bits(codes.to(values.dtype) * scale), _bits(values)):
+        raise ValueError("tensor is not ternary (values other than -s, +0, +s)")
+    return codes, scale
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as integers (tells -0 from +0, compares NaNs)."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
