@@ -9,7 +9,7 @@ updates, and in every forward multiplies quantized values instead:
 - activations: each token's input row `x` becomes `x_q = round(x * L / max|x|) * max|x| / L` with
   L = 2**(bits-1) - 1 (127 for 8 bits), clamped to [-L-1, L]. The max runs over the full row: a
   row-parallel layer's input is split along the hidden dim over TP, so its max is all-reduced.
-- gradients: the straight-through estimator, `x + (q(x) - x).detach()`: the backward is the
+- gradients: the straight-through estimator: the forward uses exactly q(x), the backward is the
   identity, as if the quantizer were not there. Scales are computed on detached tensors, which is
   why their collectives are plain ones (no autograd.Function is needed where no gradient flows).
 
@@ -26,8 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from torch import nn
+
 from engine import collectives as C
 from engine.collectives import Group
+from layers.sharding import full_state_dict, gather_full
 
 QUANT_KINDS = ("none", "ternary")
 SCALE_EPS = 1e-5  # floor of both scales: an all-zero weight or token row stays zero, not NaN
@@ -35,8 +38,9 @@ CODES_PER_BYTE = 4
 
 
 def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """Forward: `quantized`. Backward: the identity to `x` (straight-through estimator)."""
-    return x + (quantized - x).detach()
+    """Forward: exactly `quantized`. Backward: the identity to `x` (straight-through estimator)."""
+    # Not `x + (quantized - x).detach()`, which rounds: `x - x` is exactly 0 for finite x.
+    return quantized.detach() + (x - x.detach())
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -110,6 +114,23 @@ class LinearQuant:
         if self.activation_bits is None:
             return x
         return quantized_activations(x, bits=self.activation_bits, group=group)
+
+
+@torch.no_grad()
+def quantized_full_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The full state dict (layers/sharding.py) with each quantized linear's weight replaced by the
+    values its forward multiplies, `s * {-1, 0, 1}`, and the names so replaced. Call on every rank
+    of the TP group (a collective); a model without quantization returns its full state dict."""
+    full = full_state_dict(model)
+    names = []
+    for name, module in model.named_modules():
+        quant = getattr(module, "quant", None)
+        if isinstance(quant, LinearQuant):
+            shard = quant.weight(module.weight, model.layout.tp_group)
+            full[f"{name}.weight"] = gather_full(module.weight, layout=model.layout,
+                                                 vocab_size=model.config.vocab_size, tensor=shard)
+            names.append(f"{name}.weight")
+    return full, names
 
 
 # ---------------------------------------------------------------------------------------- packing
