@@ -2,6 +2,8 @@
 
     python tools/convert_hf.py import --hf HF_DIR --out CKPT_DIR --tp N [--verify] [--force]
     python tools/convert_hf.py export --ckpt CKPT_DIR --out HF_DIR [--tokenizer PATH] [--dtype D] [--force]
+                                      [--verify] [--packed FILE]
+    python tools/convert_hf.py unpack --packed FILE --out HF_DIR [--tokenizer PATH] [--force]
 
 Import reads `config.json` and the safetensors weights (one file or a sharded index) and writes an
 ordinary training checkpoint: `CKPT_DIR/step_00000000/` and `CKPT_DIR/latest`, the model under
@@ -27,7 +29,13 @@ conversion error (a wrong or bf16-rounded tensor, a wrong epsilon) shows far abo
 Export loads the checkpoint at TP 1 in this process (whatever TP it was saved at) and writes
 `model.safetensors` (in the imported dtype, fp32 for trained checkpoints, or `--dtype`),
 `config.json` and the tokenizer files (the checkpoint's, or `--tokenizer`). Import then export
-gives back the same tensors bit for bit.
+gives back the same tensors bit for bit. A ternary checkpoint (`model.quant: ternary`) exports the
+values its forward multiplies, `s * {-1, 0, 1}` (exact in bf16), so any Llama runtime runs it; its
+training also quantized each linear's input to 8 bits per token, which config.json records under
+`megadistill_quant` and runtimes ignore. `--verify` compares transformers' logits on the result
+with the checkpoint's (for ternary ones, with activation quantization off on both sides).
+`--packed FILE` also writes the ternary weights at 2 bits each plus a scale (tools/ternary_pack.py)
+and reports its size; `unpack` turns that file back into the same Hugging Face directory.
 
 Both commands build their output in a temporary directory next to `--out` and rename it into
 place at the end, so a failure leaves nothing behind; an existing non-empty `--out` is refused
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -56,7 +65,7 @@ from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from distill.weights import save_weights  # noqa: E402
-from engine.config import ConfigError, to_dict  # noqa: E402
+from engine.config import ConfigError, from_dict, to_dict  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout, make_layout  # noqa: E402
 from engine.spawn import RankFailure, run_ranks  # noqa: E402
@@ -64,8 +73,10 @@ from layers.config import ModelConfig, check_model_layout  # noqa: E402
 from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config,  # noqa: E402
                        hf_to_engine_state_dict, model_config_to_hf_config)
 from layers.model import TransformerLM  # noqa: E402
-from layers.sharding import full_state_dict, load_full_state_dict  # noqa: E402
+from layers.quant import quantized_full_state_dict  # noqa: E402
+from layers.sharding import load_full_state_dict  # noqa: E402
 from score import USER_ERRORS, checkpoint_model_config, ensure_new_output, load_model  # noqa: E402
+from ternary_pack import read_packed, write_packed  # noqa: E402
 
 log = get_logger("convert_hf")
 
@@ -370,21 +381,65 @@ def export_tokenizer_files(source: Path | None, step_dir: Path) -> list[Path]:
 
 def export_hf(args: argparse.Namespace) -> None:
     ensure_new_output(args.out, force=args.force)
+    if args.packed is not None:
+        ensure_new_output(args.packed, force=args.force, key="--packed")
     step_dir, run_config, cfg = checkpoint_model_config(args.ckpt)
     saved_dtype = DTYPES[(run_config.get("hf_import") or {}).get("dtype", "float32")]
     dtype = DTYPES[args.dtype] if args.dtype else saved_dtype
     config = export_config(cfg, run_config, dtype)
+    if cfg.quant != "none":
+        config["megadistill_quant"] = {"weights": cfg.quant,
+                                       "activation_bits": cfg.quant_activation_bits}
+    config_text = json.dumps(config, indent=2) + "\n"
     tokenizer = export_tokenizer_files(args.tokenizer, step_dir)
     # Load in the stored dtype so that the exported tensors are exactly the stored ones.
     model = load_model(step_dir, cfg, ParallelLayout.single(), dtype=saved_dtype)
-    weights = {name: tensor.to(dtype).contiguous() for name, tensor in
-               engine_to_hf_state_dict(full_state_dict(model), cfg).items()}
+    full, ternary = quantized_full_state_dict(model)
+    full = {name: tensor.to(dtype) for name, tensor in full.items()}
+    if args.packed is not None and not ternary:
+        raise ConfigError("--packed", f"{step_dir} is not a ternary checkpoint (model.quant=none)")
     with staged_output(args.out, force=args.force) as stage:
-        save_file(weights, stage / "model.safetensors", metadata={"format": "pt"})
-        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_files(tokenizer, stage)
+        write_hf_dir(stage, full, cfg, config_text, tokenizer)
+        if args.verify:  # the exported weights are the forward's, activations in full precision
+            _verify(stage, step_dir, dataclasses.replace(cfg, quant_activation_bits=None))
+        if args.packed is not None:
+            _write_packed_file(args.packed, full, ternary, cfg, config_text)
     log.info("exported %s as Hugging Face %s (%s) to %s", step_dir, config["model_type"],
              config["torch_dtype"], args.out)
+
+
+def write_hf_dir(out: Path, full: dict[str, torch.Tensor], cfg: ModelConfig, config_text: str,
+                 tokenizer: list[Path]) -> None:
+    """`model.safetensors`, `config.json` and the tokenizer files of a full engine state dict."""
+    weights = {name: tensor.contiguous()
+               for name, tensor in engine_to_hf_state_dict(full, cfg).items()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(config_text)
+    copy_files(tokenizer, out)
+
+
+def _write_packed_file(path: Path, full: dict[str, torch.Tensor], ternary: list[str],
+                       cfg: ModelConfig, config_text: str) -> None:
+    """The packed form, written next to `path` and renamed into place (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        size = write_packed(partial, full, ternary, model_config=to_dict(cfg),
+                            hf_config_text=config_text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("packed %s: %s", path, size.describe())
+
+
+def unpack_hf(args: argparse.Namespace) -> None:
+    ensure_new_output(args.out, force=args.force)
+    model_config, config_text, full = read_packed(args.packed)
+    cfg = from_dict(ModelConfig, model_config, prefix="--packed(model)")
+    tokenizer = export_tokenizer_files(args.tokenizer, args.packed) if args.tokenizer else []
+    with staged_output(args.out, force=args.force) as stage:
+        write_hf_dir(stage, full, cfg, config_text, tokenizer)
+    log.info("unpacked %s into the Hugging Face directory %s", args.packed, args.out)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -404,7 +459,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     exp.add_argument("--tokenizer", type=Path, help="tokenizer file or directory to ship")
     exp.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the exported weights "
                                                              "(default: the imported one, else float32)")
-    for sub in (imp, exp):
+    exp.add_argument("--verify", action="store_true", help="compare logits with transformers")
+    exp.add_argument("--packed", type=Path, help="ternary checkpoints: also write 2-bit weights here")
+    unp = commands.add_parser("unpack", help="packed ternary file -> Hugging Face model directory")
+    unp.add_argument("--packed", type=Path, required=True, help="file written by export --packed")
+    unp.add_argument("--out", type=Path, required=True, help="Hugging Face directory to create")
+    unp.add_argument("--tokenizer", type=Path, help="tokenizer file or directory to ship")
+    for sub in (imp, exp, unp):
         sub.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
 
@@ -413,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     try:
-        (import_hf if args.command == "import" else export_hf)(args)
+        {"import": import_hf, "export": export_hf, "unpack": unpack_hf}[args.command](args)
     except VerifyError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_VERIFY
