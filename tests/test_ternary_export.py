@@ -131,7 +131,7 @@ def test_transformers_with_our_activation_quantizer_equals_ours_in_float64(check
 def test_packed_round_trip_is_byte_exact(checkpoints, tmp_path, arch, dtype):
     out, packed, back = tmp_path / "hf", tmp_path / "model.ternary.safetensors", tmp_path / "back"
     assert convert("export", "--ckpt", checkpoints[arch], "--out", out, "--dtype", dtype,
-                   "--packed", packed) == 0
+                   "--packed", packed, "--verify") == 0
     assert convert("unpack", "--packed", packed, "--out", back) == 0
     for name in ("model.safetensors", "config.json"):
         assert (back / name).read_bytes() == (out / name).read_bytes(), name

@@ -400,12 +400,38 @@ def export_hf(args: argparse.Namespace) -> None:
         raise ConfigError("--packed", f"{step_dir} is not a ternary checkpoint (model.quant=none)")
     with staged_output(args.out, force=args.force) as stage:
         write_hf_dir(stage, full, cfg, config_text, tokenizer)
-        if args.verify:  # the exported weights are the forward's, activations in full precision
-            _verify(stage, step_dir, dataclasses.replace(cfg, quant_activation_bits=None))
+        if args.verify:
+            _verify_export(stage, model, ternary, dtype)
         if args.packed is not None:
             _write_packed_file(args.packed, full, ternary, cfg, config_text)
     log.info("exported %s as Hugging Face %s (%s) to %s", step_dir, config["model_type"],
              config["torch_dtype"], args.out)
+
+
+@torch.no_grad()
+def exported_model(model: TransformerLM, ternary: list[str], dtype: torch.dtype) -> TransformerLM:
+    """Ours computing what the export holds, in fp32: full-precision weights rounded to `dtype`,
+    ternary ones as trained (their values `s * {-1, 0, 1}` are exact in any dtype) and inputs left
+    unquantized (a Llama runtime does not quantize activations)."""
+    cfg = dataclasses.replace(model.config, quant_activation_bits=None)
+    ours = TransformerLM(cfg, ParallelLayout.single()).eval()
+    for name, param in ours.named_parameters():
+        source = model.get_parameter(name)
+        param.copy_(source if name in ternary else source.to(dtype))
+    return ours
+
+
+def _verify_export(hf_dir: Path, model: TransformerLM, ternary: list[str],
+                   dtype: torch.dtype) -> None:
+    ids = sample_ids(model.config)
+    with torch.no_grad():
+        expected = load_reference(hf_dir)(ids).logits.float()  # [batch, seq, vocab]
+        got = exported_model(model, ternary, dtype)(ids).logits[..., :model.config.vocab_size]
+    diff = (got - expected).abs().max().item()
+    if not diff <= VERIFY_TOL:  # NaN fails too
+        raise VerifyError(f"--verify: transformers' logits on the export differ from ours by up "
+                          f"to {diff:.3g} (max abs diff > {VERIFY_TOL:g}); nothing was written")
+    log.info("verify: max abs logit difference to transformers %.3g (<= %g)", diff, VERIFY_TOL)
 
 
 def write_hf_dir(out: Path, full: dict[str, torch.Tensor], cfg: ModelConfig, config_text: str,
