@@ -64,7 +64,7 @@ class ModelConfig:
     # s * {-1, 0, 1} with s = mean |W| of the whole weight, straight-through gradients, fp32 master
     # weights; embeddings, norms and the LM head stay full precision (layers/quant.py)
     quant: Literal["none", "ternary"] = "none"
-    quant_activation_bits: int | None = 8  # ternary: bits of each quantized input, per token (absmax); None: off
+    quant_activation_bits: int | None = 8  # ternary: per-token absmax bits of quantized inputs; None: off
 
     def __post_init__(self) -> None:
         check(self.family in ("llama", "gpt2"), "model.family",
