@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine import collectives as C
 from engine.config import ConfigError, from_dict
 from engine.parallel import ParallelLayout, make_layout
-from engine.testing import run_ranks
+from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.quant import (LinearQuant, absmax_scale, absmean_scale, pack_ternary,
