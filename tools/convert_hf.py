@@ -32,12 +32,13 @@ Export loads the checkpoint at TP 1 in this process (whatever TP it was saved at
 gives back the same tensors bit for bit. A ternary checkpoint (`model.quant: ternary`) exports the
 values its forward multiplies, `s * {-1, 0, 1}` (exact in bf16), so any Llama runtime runs it; its
 training also quantized each linear's input to 8 bits per token, which config.json records under
-`megadistill_quant` and runtimes ignore. `--verify` compares transformers' logits on the result
-with the checkpoint's (for ternary ones, with activation quantization off on both sides).
+`megadistill_quant` and runtimes ignore. `--verify` runs transformers on the written directory
+against our model on exactly the written tensors (quantization off: the ternary values are in the
+weights already), in float64, with the bound of import's `--verify`.
 `--packed FILE` also writes the ternary weights at 2 bits each plus a scale (tools/ternary_pack.py)
 and reports its size; `unpack` turns that file back into the same Hugging Face directory.
 
-Both commands build their output in a temporary directory next to `--out` and rename it into
+All commands build their output in a temporary directory next to `--out` and rename it into
 place at the end, so a failure leaves nothing behind; an existing non-empty `--out` is refused
 unless `--force`. Exit codes: 0 done, 1 `--verify` found a larger difference, 2 bad input or a
 failed conversion (one `error: ...` line on stderr).
@@ -53,7 +54,7 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -306,13 +307,23 @@ class LogitCheck:
 @torch.no_grad()
 def verify_logits(hf_dir: Path, step_dir: Path, cfg: ModelConfig) -> LogitCheck:
     """The checkpoint at TP 1 against transformers on `hf_dir`, on `sample_ids`."""
-    ids = sample_ids(cfg)
+    return compare_logits(hf_dir, cfg, lambda: load_model(step_dir, cfg, ParallelLayout.single(),
+                                                          dtype=torch.float64))
+
+
+@torch.no_grad()
+def compare_logits(hf_dir: Path, cfg: ModelConfig,
+                   build_ours: Callable[[], TransformerLM]) -> LogitCheck:
+    """Our float64 TP-1 model of `cfg` (built once transformers' is dropped, so that the two are
+    never in memory together) against transformers on `hf_dir`, on `sample_ids`."""
     reference = load_reference(hf_dir)
+    ids = sample_ids(cfg)
     expected = reference(ids).logits  # [batch, seq, vocab], float64
     # The weights are at most fp32, so float64 -> fp32 gives them back exactly.
     noise = (reference.float()(ids).logits.double() - expected).abs().max().item()
-    ours = load_model(step_dir, cfg, ParallelLayout.single(), dtype=torch.float64)
-    got = ours(ids).logits[..., :cfg.vocab_size]  # TP 1: the whole (padded) vocabulary
+    del reference
+    ours = build_ours()
+    got = ours(ids).logits[..., :ours.config.vocab_size]  # TP 1: the whole (padded) vocabulary
     return LogitCheck(diff=(got - expected).abs().max().item(), noise=noise)
 
 
@@ -336,13 +347,12 @@ def import_hf(args: argparse.Namespace) -> None:
                                     run_config=run_config, timeout_s=args.timeout)
         copy_files(tokenizer_files(args.hf), step_dir / TOKENIZER_DIR)
         if args.verify:
-            _verify(args.hf, step_dir, cfg)
+            _verify(verify_logits(args.hf, step_dir, cfg))
     log.info("imported %s (%s, %s) into %s at TP %d", args.hf, hf_config.get("model_type"),
              run_config["hf_import"]["dtype"], args.out, args.tp)
 
 
-def _verify(hf_dir: Path, step_dir: Path, cfg: ModelConfig) -> None:
-    check = verify_logits(hf_dir, step_dir, cfg)
+def _verify(check: LogitCheck) -> None:
     if not check.passed:
         raise VerifyError(f"--verify: {check.describe()}: too large; nothing was written")
     log.info("verify: %s", check.describe())
@@ -400,38 +410,20 @@ def export_hf(args: argparse.Namespace) -> None:
         raise ConfigError("--packed", f"{step_dir} is not a ternary checkpoint (model.quant=none)")
     with staged_output(args.out, force=args.force) as stage:
         write_hf_dir(stage, full, cfg, config_text, tokenizer)
-        if args.verify:
-            _verify_export(stage, model, ternary, dtype)
+        if args.verify:  # on the written directory, as a runtime would load it
+            _verify(compare_logits(stage, cfg, lambda: exported_model(full, cfg)))
         if args.packed is not None:
             _write_packed_file(args.packed, full, ternary, cfg, config_text)
     log.info("exported %s as Hugging Face %s (%s) to %s", step_dir, config["model_type"],
              config["torch_dtype"], args.out)
 
 
-@torch.no_grad()
-def exported_model(model: TransformerLM, ternary: list[str], dtype: torch.dtype) -> TransformerLM:
-    """Ours computing what the export holds, in fp32: full-precision weights rounded to `dtype`,
-    ternary ones as trained (their values `s * {-1, 0, 1}` are exact in any dtype) and inputs left
-    unquantized (a Llama runtime does not quantize activations)."""
-    cfg = dataclasses.replace(model.config, quant_activation_bits=None)
-    ours = TransformerLM(cfg, ParallelLayout.single()).eval()
-    for name, param in ours.named_parameters():
-        source = model.get_parameter(name)
-        param.copy_(source if name in ternary else source.to(dtype))
-    return ours
-
-
-def _verify_export(hf_dir: Path, model: TransformerLM, ternary: list[str],
-                   dtype: torch.dtype) -> None:
-    ids = sample_ids(model.config)
-    with torch.no_grad():
-        expected = load_reference(hf_dir)(ids).logits.float()  # [batch, seq, vocab]
-        got = exported_model(model, ternary, dtype)(ids).logits[..., :model.config.vocab_size]
-    diff = (got - expected).abs().max().item()
-    if not diff <= VERIFY_TOL:  # NaN fails too
-        raise VerifyError(f"--verify: transformers' logits on the export differ from ours by up "
-                          f"to {diff:.3g} (max abs diff > {VERIFY_TOL:g}); nothing was written")
-    log.info("verify: max abs logit difference to transformers %.3g (<= %g)", diff, VERIFY_TOL)
+def exported_model(full: dict[str, torch.Tensor], cfg: ModelConfig) -> TransformerLM:
+    """Ours on exactly the exported tensors, in float64: quantization off (the ternary weights are
+    already `s * {-1, 0, 1}`, and a Llama runtime does not quantize activations)."""
+    model = TransformerLM(dataclasses.replace(cfg, quant="none"), ParallelLayout.single())
+    load_full_state_dict(model.double(), full)
+    return model.eval()
 
 
 def write_hf_dir(out: Path, full: dict[str, torch.Tensor], cfg: ModelConfig, config_text: str,
