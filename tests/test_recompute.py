@@ -32,8 +32,9 @@ CONFIGS = {
                         ffn_hidden=64, max_seq_len=32, dropout=0.1, mtp_heads=1, bias=True,
                         tie_embeddings=True),
 }
+CONFIGS["llama_ternary"] = dataclasses.replace(CONFIGS["llama"], quant="ternary")  # replays scales
 ROWS = [("llama", 1, False), ("gpt2", 1, False), ("llama", 2, False), ("llama", 2, True),
-        ("gpt2", 2, True)]
+        ("gpt2", 2, True), ("llama_ternary", 2, True)]
 
 
 def _loss_inputs(dp_rank: int):
