@@ -120,8 +120,10 @@ def _resume(pid: int) -> None:
 
 
 def _worker_tracebacks(err: str) -> list[str]:
-    """Tracebacks printed by our ranks (torchrun's own report of a failed launch is not ours)."""
-    return [line for line in err.splitlines() if line.startswith("[rank") and "Traceback" in line]
+    """Traceback frames in this project's code: a rank's traceback (torchrun's own report of a
+    failed or signalled launch has frames in torch only)."""
+    ours = re.compile(rf'File "{re.escape(str(ROOT))}/(launch|distill|engine|layers|tools)/')
+    return [line for line in err.splitlines() if ours.search(line)]
 
 
 # ------------------------------------------------------------------------------------- hangs
@@ -149,6 +151,26 @@ def test_a_hung_rank_ends_every_rank_within_the_timeout(config, tmp_path):
 # ------------------------------------------------------------------------------------ Ctrl-C
 
 def test_first_interrupt_saves_and_exits_124_then_the_run_resumes(config, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to torchrun and every rank at once, then torchrun's own copy
+    a moment later, which must not count as a second interrupt."""
+    run_dir = tmp_path / "run"
+    launcher = _start(_command(config, run_dir, "train.steps=400", nproc=2))
+    _wait_for_step(run_dir, 2, launcher)
+    os.killpg(launcher.pid, signal.SIGINT)
+    code, err = _finish(launcher)
+    assert code != 0  # torchrun reports a launch it stopped on a signal as 1
+    assert _worker_tracebacks(err) == []
+    assert err.count("interrupted: finishing this step, saving a checkpoint and stopping") == 1
+    assert "interrupted again" not in err
+    saved = latest_checkpoint(run_dir / "checkpoints")
+    last = read_metrics(run_dir)[-1]["step"]
+    assert saved.name == f"step_{last:08d}"
+    code, err = _finish(_start(_command(config, run_dir, f"train.steps={last + 2}")))
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 3))
+
+
+def test_interrupt_of_one_process_exits_124(config, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(_command(config, run_dir, "train.steps=400"))
     _wait_for_step(run_dir, 2, proc)
@@ -156,13 +178,8 @@ def test_first_interrupt_saves_and_exits_124_then_the_run_resumes(config, tmp_pa
     code, err = _finish(proc)
     assert code == 124, err[-3000:]
     assert "Traceback" not in err
-    assert "interrupted: finishing this step, saving a checkpoint and stopping" in err
-    saved = latest_checkpoint(run_dir / "checkpoints")
-    last = read_metrics(run_dir)[-1]["step"]
-    assert saved.name == f"step_{last:08d}"
-    code, err = _finish(_start(_command(config, run_dir, f"train.steps={last + 2}")))
-    assert code == 0, err[-3000:]
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 3))
+    assert latest_checkpoint(run_dir / "checkpoints").name == \
+        f"step_{read_metrics(run_dir)[-1]['step']:08d}"
 
 
 def test_second_interrupt_aborts_at_once_even_inside_a_collective(config, tmp_path):
