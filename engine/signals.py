@@ -9,9 +9,9 @@ rank saves at the same step and exits cleanly.
 Ctrl-C (SIGINT) is the same request from a person: the first one finishes the step, saves and
 stops. A second one aborts at once, without a checkpoint (exit 130), even while the main thread is
 blocked in a collective: a watcher thread reads the signal from CPython's wakeup fd and ends the
-process itself. An interrupt that follows the first within INTERRUPT_ECHO_S does not count: a
-terminal's Ctrl-C reaches torchrun and its workers together, and torchrun then forwards its own
-copy to the workers.
+process itself. An interrupt that follows the first within INTERRUPT_ECHO_S does not count: one
+Ctrl-C can arrive twice, when the ranks share the terminal's process group and the launcher also
+forwards its own copy (torchrun starts its workers in sessions of their own and only forwards).
 """
 
 from __future__ import annotations

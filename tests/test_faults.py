@@ -78,7 +78,11 @@ def _finish(proc: subprocess.Popen, limit: float = RUN_LIMIT_S) -> tuple[int, st
     try:
         _, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts each worker in a session of its own: kill them one by one (a stopped
+        # one too), or they keep stderr open and this process waiting.
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate()
         raise AssertionError(f"still running after {limit} s:\n{err[-3000:]}") from None
     return proc.returncode, err
@@ -95,16 +99,29 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"step {step} not reached in {RUN_LIMIT_S} s")
 
 
-def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of torchrun's worker with RANK=rank (a child of the launcher)."""
+def _children(pid: int) -> list[tuple[int, list[bytes]]]:
+    """(pid, environment) of the processes whose parent is `pid`."""
+    found = []
     for entry in Path("/proc").iterdir():
         try:
             parent = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = Path(entry, "environ").read_bytes().split(b"\0")
+            if parent == pid:
+                found.append((int(entry.name), Path(entry, "environ").read_bytes().split(b"\0")))
         except (OSError, ValueError, IndexError):
             continue
-        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [child for child, _ in _children(pid)]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank (a child of the launcher)."""
+    for pid, environ in _children(launcher.pid):
+        if f"RANK={rank}".encode() in environ:
+            return pid
     raise AssertionError(f"torchrun {launcher.pid} has no worker with RANK={rank}")
 
 
@@ -151,8 +168,8 @@ def test_a_hung_rank_ends_every_rank_within_the_timeout(config, tmp_path):
 # ------------------------------------------------------------------------------------ Ctrl-C
 
 def test_first_interrupt_saves_and_exits_124_then_the_run_resumes(config, tmp_path):
-    """Ctrl-C in a terminal: SIGINT to torchrun and every rank at once, then torchrun's own copy
-    a moment later, which must not count as a second interrupt."""
+    """Ctrl-C in a terminal: SIGINT to torchrun's process group; torchrun forwards it to every
+    rank (its workers run in sessions of their own)."""
     run_dir = tmp_path / "run"
     launcher = _start(_command(config, run_dir, "train.steps=400", nproc=2))
     _wait_for_step(run_dir, 2, launcher)
