@@ -32,7 +32,8 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables `[seq, head_dim/2]` for positions 0..seq-1, computed per forward (cheap)."""
+    """cos/sin tables `[seq, head_dim/2]` for positions 0..seq-1, computed per forward (cheap), or
+    for any integer positions (`at`: per-row positions of incremental decoding, layers/decode.py)."""
 
     def __init__(self, config: ModelConfig, device: torch.device):
         super().__init__()
@@ -40,13 +41,17 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.float())  # [seq, head_dim/2]
+        return self.at(torch.arange(seq_len, device=self.inv_freq.device), dtype)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[*positions.shape, head_dim/2]` of integer `positions` (fp32 angles, as HF)."""
+        angles = positions.float()[..., None] * self.inv_freq.float()
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[batch, seq, heads, head_dim]` by the angles in cos/sin `[seq, head_dim/2]`."""
+    """Rotate `x` `[batch, seq, heads, head_dim]` by the angles in cos/sin `[seq, head_dim/2]` (the
+    same positions in every row) or `[batch, seq, head_dim/2]` (positions per row)."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,137 @@
+"""layers/decode.py: cached decoding equals the full forward (float64, 1e-10), every step.
+
+Each row of the table decodes a left-padded batch (rows of different prompt lengths) through the KV
+cache: a prefill of the prompts, then one given token at a time; the logits of every real column
+must equal those of the TP=1 full forward of that row's tokens alone. Llama with GQA, q/k/v bias,
+Llama-3 RoPE scaling and a sliding window shorter than the sequence; GPT-2 with learned positions,
+biases and tied embeddings. TP=2 models built with SP decode without it, from the same weights.
+"""
+
+import pytest
+import torch
+
+from engine.mappings import gather_from_tp
+from engine.parallel import ParallelLayout, make_layout
+from engine.spawn import run_ranks
+from layers.config import ModelConfig, RopeScaling
+from layers.decode import (KVCache, Sampling, choose_tokens, decoding, forward_step, generate,
+                           left_pad)
+from layers.model import TransformerLM
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+SEED = 3
+CONFIGS = {
+    "llama": ModelConfig(family="llama", vocab_size=90, hidden=32, layers=2, heads=4, kv_heads=2,
+                         ffn_hidden=64, max_seq_len=32, qkv_bias=True, sliding_window=4,
+                         rope_scaling=RopeScaling(factor=4.0, original_max_position=8),
+                         init_std=0.2),
+    "gpt2": ModelConfig(family="gpt2", vocab_size=90, hidden=32, layers=2, heads=4, ffn_hidden=64,
+                        max_seq_len=16, bias=True, tie_embeddings=True, init_std=0.2),
+}
+LENGTHS = [5, 2, 4]  # prompt length per row
+TOTAL = 9  # prompt + continuation columns of the longest row
+
+
+def _tokens() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 90, (TOTAL - (max(LENGTHS) - n),), generator=g) for n in LENGTHS]
+
+
+def _cached_logits(name: str, tp: int, sp: bool) -> list[torch.Tensor]:
+    """Per row, the full-vocabulary logits of its real columns, decoded through the cache."""
+    layout = make_layout(tp=tp, sp=sp)
+    model = TransformerLM(CONFIGS[name], layout, seed=SEED).double().train()
+    rows = _tokens()
+    width = max(LENGTHS)
+    prompts, lengths = left_pad([r[:n] for r, n in zip(rows, LENGTHS)], pad_id=7)
+    with decoding(model):
+        cache = KVCache(model, batch=len(rows), capacity=TOTAL, pad=width - lengths,
+                        dtype=torch.float64)
+        steps = [forward_step(model, prompts, cache)]
+        for column in range(width, TOTAL):
+            step_ids = torch.stack([r[column - (width - n)] for r, n in zip(rows, LENGTHS)])
+            steps.append(forward_step(model, step_ids[:, None], cache))
+    assert model.training and model.layout.sp == sp  # restored
+    logits = gather_from_tp(torch.cat(steps, dim=1), layout.tp_group)[..., :90]
+    return [logits[b, width - n:] for b, n in enumerate(LENGTHS)]
+
+
+def _reference(name: str) -> list[torch.Tensor]:
+    model = TransformerLM(CONFIGS[name], ParallelLayout.single(), seed=SEED).double().eval()
+    with torch.no_grad():
+        return [model(r[None]).logits[0, :, :90] for r in _tokens()]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_decoding_equals_full_forward_tp1(name):
+    for got, expected in zip(_cached_logits(name, 1, False), _reference(name)):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def _both_families(tp: int, sp: bool) -> dict:
+    return {name: _cached_logits(name, tp, sp) for name in CONFIGS}
+
+
+def _generate_both(tp: int, sp: bool) -> dict:
+    """Greedy and sampled continuations of both families at this layout."""
+    out = {}
+    for name, cfg in CONFIGS.items():
+        model = TransformerLM(cfg, make_layout(tp=tp, sp=sp), seed=SEED).double()
+        prompts, lengths = left_pad([r[:n] for r, n in zip(_tokens(), LENGTHS)])
+        for mode, sampling in (("greedy", Sampling(greedy=True)),
+                               ("sample", Sampling(temperature=0.8, top_k=20, top_p=0.9))):
+            g = torch.Generator().manual_seed(5)
+            out[name, mode] = generate(model, prompts, prompt_lengths=lengths, max_new_tokens=6,
+                                       sampling=sampling, generator=g).tokens
+    return out
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_cached_decoding_tp2_equals_tp1_full_forward(sp):
+    expected = {name: _reference(name) for name in CONFIGS}
+    for rank, results in enumerate(run_ranks(_both_families, 2, 2, sp, timeout_s=120)):
+        for name, rows in results.items():
+            for got, want in zip(rows, expected[name]):
+                torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_generation_tp2_equals_tp1():
+    expected = _generate_both(1, False)
+    for results in run_ranks(_generate_both, 2, 2, True, timeout_s=120):
+        for key, tokens in results.items():
+            assert torch.equal(tokens, expected[key]), key
+
+
+def test_generate_equals_argmax_of_full_forward_and_stops_at_eos():
+    cfg = CONFIGS["llama"]
+    model = TransformerLM(cfg, ParallelLayout.single(), seed=SEED).double().eval()
+    prompt = _tokens()[0][:4][None]
+    out = generate(model, prompt, max_new_tokens=5)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids).logits[:, -1, :90].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.tokens, ids[:, 4:]) and out.lengths.tolist() == [5]
+    eos = int(out.tokens[0, 2])
+    first = int((out.tokens[0] == eos).nonzero()[0])
+    stopped = generate(model, prompt, max_new_tokens=5, eos_id=eos, fill_id=0)
+    assert stopped.lengths.tolist() == [first + 1]
+    assert torch.equal(stopped.tokens[0, :first + 1], out.tokens[0, :first + 1])
+    assert (stopped.tokens[0, first + 1:] == 0).all()
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    top2 = choose_tokens(logits, Sampling(top_k=2), g)
+    assert set(top2.tolist()) == {0, 1}
+    # softmax mass: 0.636, 0.234, 0.086, ...: the nucleus of 0.8 is {0, 1}, of 0.6 is {0}
+    assert set(choose_tokens(logits, Sampling(top_p=0.8), g).tolist()) == {0, 1}
+    assert set(choose_tokens(logits, Sampling(top_p=0.6), g).tolist()) == {0}
+    freq = (choose_tokens(logits, Sampling(temperature=1.0), g) == 0).float().mean()
+    assert abs(freq - logits[0].softmax(0)[0]) < 0.03
+    assert torch.equal(choose_tokens(logits[:2], Sampling(greedy=True), None), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model = TransformerLM(CONFIGS["gpt2"], ParallelLayout.single())
+        generate(model, torch.zeros(1, 10, dtype=torch.int64), max_new_tokens=7)
