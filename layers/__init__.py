@@ -10,6 +10,7 @@
 - `params.py`, `rng.py`: per-parameter sharding tags, TP-independent init, dropout RNG streams.
 - `sharding.py`: full (unsharded) state dicts, gathered and loaded at any TP degree.
 - `hf.py`: Hugging Face configs and state dicts of Llama, Qwen2, Mistral and GPT-2, both ways.
+- `decode.py`: KV cache, incremental forward (any TP, no SP), greedy/sampled `generate`.
 """
 
 from layers.buffers import ActivationBuffer

@@ -100,8 +100,8 @@ def score_tokens(model: TransformerLM, ids: torch.Tensor, *, micro_batch: int) -
     return C.all_gather(local, layout.dp_group, dim=0)[:rows].cpu()
 
 
-def read_tokens(path: Path, cfg: ModelConfig) -> torch.Tensor:
-    """The int64 `[batch, seq]` ids of a .npy file, checked against the model."""
+def read_tokens(path: Path, cfg: ModelConfig, *, min_seq: int = 2) -> torch.Tensor:
+    """The int64 `[batch, seq]` ids of a .npy file, checked against the model (`seq >= min_seq`)."""
     if not path.is_file():
         raise ConfigError("--tokens", f"no such file: {path}")
     try:
@@ -117,8 +117,8 @@ def read_tokens(path: Path, cfg: ModelConfig) -> torch.Tensor:
                                       f"(got {array.dtype} of shape {list(array.shape)})")
     if array.shape[0] == 0:
         raise ConfigError("--tokens", f"{path} holds no rows (shape {list(array.shape)})")
-    if not 2 <= array.shape[1] <= cfg.max_seq_len:
-        raise ConfigError("--tokens", f"sequence length {array.shape[1]} must be between 2 and "
+    if not min_seq <= array.shape[1] <= cfg.max_seq_len:
+        raise ConfigError("--tokens", f"sequence length {array.shape[1]} must be between {min_seq} and "
                                       f"model.max_seq_len={cfg.max_seq_len}")
     if array.size and (array.min() < 0 or array.max() >= cfg.vocab_size):
         raise ConfigError("--tokens", f"ids must be in [0, {cfg.vocab_size}) "
