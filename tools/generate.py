@@ -44,6 +44,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -56,12 +57,12 @@ from engine.config import ConfigError, check, from_dict
 from engine.data import (DataConfig, IndexedWriter, TokenBatches, document_text, dtype_for_vocab,
                          file_records, find_eod_id, load_tokenizer, resolve_data_path)
 from engine.log import get_logger, setup_logging
-from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, validate_layout
+from engine.parallel import LaunchEnv, ParallelLayout, validate_layout
 from layers.config import ModelConfig, check_model_layout
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
-from tools.score import (USER_ERRORS, checkpoint_model_config, ensure_new_output, load_model,
-                         read_tokens, report_error, save_npy)
+from tools.score import (checkpoint_model_config, ensure_new_output, load_model, read_tokens,
+                         run_tool, save_npy)
 
 log = get_logger("generate")
 TOKENIZER_DIR = "tokenizer"  # inside an imported checkpoint's step directory (tools/convert_hf.py)
@@ -309,7 +310,7 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
         ensure_new_output(args.out, force=args.force)
 
 
-def prepare(args: argparse.Namespace, world: int) -> dict:
+def prepare_inputs(args: argparse.Namespace, world: int) -> dict:
     """Everything read and checked before any process group exists."""
     args.tp = world if args.tp is None else args.tp
     step_dir, run_config, cfg = checkpoint_model_config(args.ckpt)
@@ -392,20 +393,12 @@ def run(args: argparse.Namespace, found: dict, layout: ParallelLayout) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    launch = None
-    try:  # bad input stops here, on every rank alike, before any process group exists
-        launch = LaunchEnv.from_env()
-        found = prepare(args, launch.world_size)
-    except USER_ERRORS as err:
-        return report_error(err, rank=None if launch is None else launch.rank)
-    layout = init_parallel(tp=args.tp, launch=launch)
-    try:
-        run(args, found, layout)
-    except USER_ERRORS as err:
-        return report_error(err, rank=layout.rank)
-    finally:
-        destroy_parallel()
-    return 0
+
+    def prepare(launch: LaunchEnv) -> tuple[int, Callable[[ParallelLayout], None]]:
+        found = prepare_inputs(args, launch.world_size)
+        return args.tp, lambda layout: run(args, found, layout)
+
+    return run_tool(prepare)
 
 
 if __name__ == "__main__":

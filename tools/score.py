@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -202,18 +203,30 @@ def run(args: argparse.Namespace, step_dir: Path, cfg: ModelConfig, layout: Para
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    launch = None
-    try:  # bad input stops here, on every rank alike, before any process group exists
-        launch = LaunchEnv.from_env()
+
+    def prepare(launch: LaunchEnv) -> tuple[int, Callable[[ParallelLayout], None]]:
         args.tp = launch.world_size if args.tp is None else args.tp
         step_dir, _, cfg = checkpoint_model_config(args.ckpt)
         _check_args(args, cfg, launch.world_size)
         ids = read_tokens(args.tokens, cfg) if args.tokens is not None else None
+        return args.tp, lambda layout: run(args, step_dir, cfg, layout, ids=ids)
+
+    return run_tool(prepare)
+
+
+def run_tool(prepare: Callable[[LaunchEnv], tuple[int, Callable[[ParallelLayout], None]]]) -> int:
+    """A tool's life: `prepare(launch)` reads and checks every input, on every rank alike, before
+    any process group exists, and returns (TP degree, work); `work(layout)` runs in the groups.
+    Bad input at either stage: one `error:` line, exit 2."""
+    launch = None
+    try:
+        launch = LaunchEnv.from_env()
+        tp, work = prepare(launch)
     except USER_ERRORS as err:
         return report_error(err, rank=None if launch is None else launch.rank)
-    layout = init_parallel(tp=args.tp, launch=launch)
+    layout = init_parallel(tp=tp, launch=launch)
     try:
-        run(args, step_dir, cfg, layout, ids=ids)
+        work(layout)
     except USER_ERRORS as err:
         return report_error(err, rank=layout.rank)
     finally:
