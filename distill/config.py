@@ -98,6 +98,26 @@ class ActivationPairConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy distillation: micro-batches the student continues itself (distill/on_policy.py)."""
+
+    fraction: float = 0.0  # share of micro-batches whose tail the student generates (0: off)
+    max_new_tokens: int = 16  # tokens the student generates per row; the row's head is the prompt
+    temperature: float = 1.0  # the student's sampling temperature
+    top_p: float = 1.0  # the student's sampling nucleus (1: the whole distribution)
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.fraction <= 1.0, "fraction", f"must be in [0, 1] (got {self.fraction})")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
+        check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
+
+    @property
+    def on(self) -> bool:
+        return self.fraction > 0
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Loss terms, their weights, and where the teacher comes from."""
 
@@ -117,6 +137,7 @@ class DistillConfig:
     activation_coef: Scheduled = 1.0
     projection: Literal["none", "per_pair", "shared"] = "none"  # learned student->teacher width map
     fused_lm_head: bool = False  # LM head and losses fused: never materialize [tokens, vocab]
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # student-generated batches
 
     def __post_init__(self) -> None:
         check(self.prefetch >= 1, "prefetch", f"must be >= 1 (got {self.prefetch})")
@@ -132,6 +153,17 @@ class DistillConfig:
               "every loss term is off (lm_weight, logit.weight and activations)")
         if self.schedule == "offline":
             self._check_offline()
+        if self.on_policy.on:
+            self._check_on_policy()
+
+    def _check_on_policy(self) -> None:
+        # The teacher must score the student's fresh samples: teacher ranks (which read the data
+        # themselves) and offline exports cannot; teacher ranks are left for a later issue.
+        check(self.schedule == "colocated", "on_policy.fraction",
+              f"needs schedule colocated (got {self.schedule})")
+        check(self.logit.on or bool(self.activations), "on_policy.fraction",
+              "needs a distillation term (logit.weight > 0 or activations): on-policy "
+              "micro-batches have no LM loss")
 
     def _check_offline(self) -> None:
         check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")

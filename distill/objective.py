@@ -23,8 +23,10 @@ sums are combined with one all-reduce), and each rank's backward produces gradie
 shards only, so no TP correction is needed afterwards.
 
 Which tokens count: LM head j counts positions whose target (`shift_labels(labels, j)`) is not
-`IGNORE_INDEX`; the logit and activation terms count the positions with a valid next-token label,
-or every position when the micro-batch has no labels (pure distillation).
+`IGNORE_INDEX`; the logit and activation terms count the positions of the micro-batch's `kd_mask`
+when it has one (on-policy micro-batches, distill/on_policy.py: the positions whose next token the
+student generated), else the positions with a valid next-token label, or every position when the
+micro-batch has no labels (pure distillation).
 
 Any term may be absent at run time: no labels (pure KD) drops the LM term, no teacher outputs (pure
 LM) drop the distillation terms. MTP heads are only trained on labels: the logit term reads the
@@ -64,11 +66,12 @@ class TokenCounts:
 
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
     tokens = micro_batch["input_ids"].numel()
-    labels = micro_batch.get("labels")
-    if labels is None:
-        return [tokens, *[0] * (1 + mtp_heads), tokens]
-    heads = [int((shift_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
-    return [tokens, *heads, heads[0]]
+    labels, kd_mask = micro_batch.get("labels"), micro_batch.get("kd_mask")
+    heads = [0] * (1 + mtp_heads) if labels is None else \
+        [int((shift_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
+    distill = int(kd_mask.sum()) if kd_mask is not None else \
+        tokens if labels is None else heads[0]
+    return [tokens, *heads, distill]
 
 
 def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: ParallelLayout, *,
@@ -147,10 +150,13 @@ class DistillObjective(nn.Module):
 
     def forward(self, student: ModelOutput, teacher: TeacherOutputs | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
-                output_weight: torch.Tensor | None = None) -> ObjectiveOutput:
+                output_weight: torch.Tensor | None = None,
+                kd_mask: torch.Tensor | None = None) -> ObjectiveOutput:
         metrics: dict[str, torch.Tensor] = {}
-        lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics)
-        act = self._activation_term(student, teacher, labels, tokens_norm)
+        mask = distill_mask(labels, kd_mask)
+        lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
+                                   mask)
+        act = self._activation_term(student, teacher, mask, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
@@ -163,7 +169,8 @@ class DistillObjective(nn.Module):
     # ---------------------------------------------------------------------------- logit terms
     def _logit_terms(self, student: ModelOutput, teacher: TeacherOutputs | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
-                     output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor]):
+                     output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor],
+                     mask: torch.Tensor | None):
         want_lm = labels is not None and self.cfg.lm_on
         want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
@@ -179,7 +186,7 @@ class DistillObjective(nn.Module):
         ce, div = self._next_token(student, teacher if want_kd else None,
                                    labels if want_lm else None, output_weight)
         lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
-        kd = self._kd_term(div, labels, counts, metrics) if want_kd else None
+        kd = self._kd_term(div, mask, counts, metrics) if want_kd else None
         return lm, kd
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
@@ -190,10 +197,10 @@ class DistillObjective(nn.Module):
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.values.lm_weight * torch.stack(heads).sum()
 
-    def _kd_term(self, div: torch.Tensor, labels: torch.Tensor | None, counts: TokenCounts,
+    def _kd_term(self, div: torch.Tensor, mask: torch.Tensor | None, counts: TokenCounts,
                  metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        if labels is not None:
-            div = torch.where(labels != IGNORE_INDEX, div, torch.zeros_like(div))
+        if mask is not None:
+            div = torch.where(mask, div, torch.zeros_like(div))
         mean = _share(div, counts.distill)
         metrics["kd_divergence"] = mean.detach()
         return self.values.kd_scale * mean
@@ -248,20 +255,26 @@ class DistillObjective(nn.Module):
 
     # ----------------------------------------------------------------------- activation term
     def _activation_term(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                         labels: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
+                         mask: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
         if not self.pairs or teacher is None or not ever_positive(self.cfg.activation_coef):
             return None
         missing = sorted(self.teacher_buffer_names() - set(teacher.buffers))
         if missing:
             raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
                              "teacher forward for objective.teacher_buffer_names()")
-        mask = None if labels is None else labels != IGNORE_INDEX
         means = activation_pair_means(self.pairs, student.buffers, teacher.buffers,
                                       token_mask=mask, num_tokens=counts.distill,
                                       projection=self.projection, group=self.layout.tp_group)
         weights = torch.tensor([p.weight for p in self.pairs], dtype=means.dtype,
                                device=means.device)
         return self.values.activation_coef * (means * weights).sum() / len(self.pairs)
+
+
+def distill_mask(labels: torch.Tensor | None, kd_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`[batch, seq]` True where the distillation terms count (None: everywhere)."""
+    if kd_mask is not None:
+        return kd_mask
+    return None if labels is None else labels != IGNORE_INDEX
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ import yaml
 
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
+from distill.on_policy import OnPolicy
 from distill.runconfig import RunConfig, load_run_config, resolved_dict
 from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherSource, TeacherStreamError,
                              load_teacher, serve_teacher)
@@ -129,7 +130,10 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, layout, objective, data),
-                             run_config=resolved_dict(cfg), vocab_size=cfg.model.vocab_size)
+                             run_config=resolved_dict(cfg), vocab_size=cfg.model.vocab_size,
+                             on_policy=OnPolicy(cfg.distill.on_policy, student, layout,
+                                                seed=cfg.train.seed)
+                             if cfg.distill.on_policy.on else None)
     last = trainer.run()
     return 0 if last >= cfg.train.steps else EXIT_PREEMPTED
 

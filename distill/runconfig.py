@@ -72,6 +72,10 @@ def check_model_data(cfg: RunConfig) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} is longer than model.max_seq_len="
                                           f"{cfg.model.max_seq_len}")
+    new_tokens = cfg.distill.on_policy.max_new_tokens
+    if cfg.distill.on_policy.on and new_tokens >= cfg.data.seq_len:
+        raise ConfigError("distill.on_policy.max_new_tokens",
+                          f"{new_tokens} leaves no prompt in data.seq_len={cfg.data.seq_len} tokens")
 
 
 def check_data(cfg: RunConfig) -> None:

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.evaluate import validation_loss
 from distill.objective import DistillObjective, count_tokens
+from distill.on_policy import OnPolicy
 from distill.schedules import Schedules
 from distill.teacher import TeacherSource
 from engine import collectives as C
@@ -47,12 +48,13 @@ class StudentWithObjective(nn.Module):
         super().__init__()
         self.student, self.objective = student, objective
 
-    def forward(self, input_ids, labels, teacher, counts):
+    def forward(self, input_ids, labels, teacher, counts, kd_mask=None):
         fused = self.objective.fused
         out = self.student(input_ids, buffers=self.objective.student_buffer_names(),
                            compute_logits=not fused)
         return self.objective(out, teacher, labels, tokens_norm=counts,
-                              output_weight=self.student.output_weight if fused else None)
+                              output_weight=self.student.output_weight if fused else None,
+                              kd_mask=kd_mask)
 
 
 @dataclass
@@ -78,13 +80,15 @@ class DistillTrainer:
 
     `teacher` gives the teacher outputs of each micro-batch (a colocated forward, a stream from
     teacher ranks, or offline top-k), None for plain LM training; validation draws from
-    `data_cfg`'s validation split.
+    `data_cfg`'s validation split. `on_policy` (distill/on_policy.py) replaces some micro-batches
+    of each step by the student's continuations of their prompts before the teacher sees them.
     """
 
     def __init__(self, *, cfg: TrainConfig, layout: ParallelLayout, student: nn.Module,
                  objective: DistillObjective, data, data_cfg: DataConfig,
-                 teacher: TeacherSource | None = None, run_config: dict, vocab_size: int):
-        self.cfg, self.layout = cfg, layout
+                 teacher: TeacherSource | None = None, run_config: dict, vocab_size: int,
+                 on_policy: OnPolicy | None = None):
+        self.cfg, self.layout, self.on_policy = cfg, layout, on_policy
         self.student, self.objective, self.teacher = student, objective, teacher
         self.data, self.data_cfg = data, data_cfg
         self.run_config, self.vocab_size = run_config, vocab_size
@@ -107,6 +111,8 @@ class DistillTrainer:
     def train_step(self, step: int) -> dict:
         values = self.objective.values = self.schedules.at(step)
         micro_batches = [to_device(mb, self.layout.device) for mb in self.data.next_step()]
+        if self.on_policy is not None:
+            micro_batches = self.on_policy(micro_batches, step)
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
         totals: dict[str, float] = dict.fromkeys(TERMS, 0.0)
         for i, mb in enumerate(micro_batches):
@@ -114,7 +120,7 @@ class DistillTrainer:
             with self._sync(last=i == len(micro_batches) - 1):
                 with self._autocast():
                     out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"),
-                                                    teacher_out, counts)
+                                                    teacher_out, counts, mb.get("kd_mask"))
                 (out.loss * self.dp_scale).backward()
             _accumulate(totals, out)
             del teacher_out, out
