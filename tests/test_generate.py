@@ -2,8 +2,9 @@
 tiny random Llama, Qwen2 and GPT-2 models (built from configs, saved locally), single process and
 at TP=2 under torchrun; rows of a left-padded batch equal transformers on each row alone; text prompts
 (a real byte-level BPE) and JSONL; the sequence-level KD dataset (prompt + continuation, mask of
-generated tokens) is what greedy generation of training-drawn prompts gives, and an interrupted
-run resumes without redoing saved chunks and writes the same dataset; bad inputs fail with one
+generated tokens) is what greedy generation of training-drawn prompts gives, an interrupted run
+resumes without redoing saved chunks and writes the same dataset, and a student trains on it with
+the ordinary entry point; bad inputs fail with one
 `error:` line and exit 2."""
 
 import json
@@ -20,6 +21,7 @@ from engine.data import IndexedTokens, TokenBatches, DataConfig, write_indexed
 from engine.data.corpus import train_byte_level_bpe
 from engine.parallel import ParallelLayout
 from layers.decode import generate, left_pad
+from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -193,6 +195,14 @@ def test_sequence_level_kd_dataset_and_resume(text_model, tmp_path, monkeypatch)
     again = tmp_path / "again"
     assert generate_tool.main(seq_kd_args(ckpt, data, again)) == 0
     assert Path(f"{again}.bin").read_bytes() == Path(f"{out}.bin").read_bytes()
+
+    # The student trains on it with the ordinary entry point.
+    run_cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    run_cfg["model"]["vocab_size"] = cfg.vocab_size
+    run_cfg["data"].update(path=str(out), seq_len=8, split="100,0")
+    run_cfg["train"]["steps"] = 2
+    assert run_main(str(write_config(tmp_path / "student.yaml", run_cfg)), [], distill=False) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
 def test_bad_arguments(models, text_model, tmp_path, capsys):
