@@ -14,8 +14,10 @@ On the bundled corpus, CPU, one thread per process:
    - sequence-level: tools/generate.py --data writes one teacher continuation (32 prompt + 32
      sampled tokens) per training sample, and the student trains on that dataset with plain LM
      loss (launch/pretrain.py, data.path=the new dataset);
-   - on-policy: as off-policy plus `distill.on_policy.fraction=1.0` (32 prompt tokens, 32 student
-     tokens at temperature 1): the reverse KL on the student's own samples;
+   - on-policy: as off-policy plus `distill.on_policy.fraction` 0.5 and 1.0 (32 prompt tokens, 32
+     student tokens at temperature 1): the reverse KL on the student's own samples, for half or
+     all of the micro-batches (an on-policy row is distilled on its 32 generated positions, an
+     off-policy row on all 64);
 4. evaluates each student (and the untrained initialization) on held-out prompts (32 tokens from
    the validation split): the student samples 32 tokens at temperature 1, both models score
    prompt + sample, and the table reports the mean per-token reverse KL(student || teacher) on the
@@ -44,6 +46,7 @@ import yaml  # noqa: E402
 
 from distill import divergence  # noqa: E402
 from distill.evaluate import validation_loss  # noqa: E402
+from distill.runconfig import parse_run_config  # noqa: E402
 from engine.config import load_yaml  # noqa: E402
 from engine.data import DataConfig, TokenBatches  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
@@ -127,7 +130,6 @@ def evaluate(run_dir: Path | None, teacher: TransformerLM, prompts: torch.Tensor
     """(reverse KL on own samples, validation LM loss) of a run's final student (None: init)."""
     if run_dir is None:
         cfg = load_yaml(student_yaml)
-        from distill.runconfig import parse_run_config
         model = TransformerLM(parse_run_config(cfg).model, ParallelLayout.single(), seed=SEED).eval()
     else:
         step_dir, _, model_cfg = checkpoint_model_config(run_dir / "checkpoints", key="checkpoint")
@@ -169,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sequence-level dataset generated in {time.perf_counter() - began:.0f} s", flush=True)
     runs["sequence-level"] = train(out, "seq_level", "pretrain.py", student_yaml,
                                    f"data.path={seqkd}", "distill.lm_weight=1.0")
-    runs["on-policy"] = train(out, "on_policy", "pretrain_distill.py", student_yaml,
-                              "distill.on_policy.fraction=1.0",
-                              f"distill.on_policy.max_new_tokens={NEW}")
+    for fraction in (0.5, 1.0):
+        runs[f"on-policy {fraction:g}"] = train(
+            out, f"on_policy_{fraction:g}", "pretrain_distill.py", student_yaml,
+            f"distill.on_policy.fraction={fraction}", f"distill.on_policy.max_new_tokens={NEW}")
 
     step_dir, _, teacher_cfg = checkpoint_model_config(teacher_ckpt, key="teacher")
     teacher = load_model(step_dir, teacher_cfg, ParallelLayout.single())
