@@ -1,7 +1,7 @@
 """Off-policy, sequence-level and on-policy distillation at equal student steps; generation speed.
 
-    python tools/bench/on_policy.py [--out runs/bench_on_policy] [--teacher-steps 150]
-                                    [--student-steps 100] [--eval-prompts 64]
+    python tools/bench/on_policy.py [--out runs/bench_on_policy] [--teacher-steps 600]
+                                    [--student-steps 300] [--eval-prompts 64]
 
 On the bundled corpus, CPU, one thread per process:
 1. trains the demo teacher's architecture (launch/configs/demo_teacher.yaml, seq_len 64,
@@ -9,7 +9,7 @@ On the bundled corpus, CPU, one thread per process:
 2. measures the teacher's generation speed with tools/generate.py (greedy, 16 prompts of 32 tokens,
    64 new tokens) at TP=1 (python) and TP=2 (torchrun, 2 processes);
 3. trains the demo student's architecture (launch/configs/demo.yaml, no activation terms) from the
-   same initialization for `--student-steps` steps, three ways:
+   same initialization for `--student-steps` steps, four ways:
    - off-policy: `distill.logit.kind=reverse_kl` on corpus windows (pure KD, lm_weight 0);
    - sequence-level: tools/generate.py --data writes one teacher continuation (32 prompt + 32
      sampled tokens) per training sample, and the student trains on that dataset with plain LM
@@ -18,6 +18,10 @@ On the bundled corpus, CPU, one thread per process:
      student tokens at temperature 1): the reverse KL on the student's own samples, for half or
      all of the micro-batches (an on-policy row is distilled on its 32 generated positions, an
      off-policy row on all 64);
+   - off-policy, then on-policy: off-policy for half the steps, then on-policy at fraction 1.0 for
+     the other half from those weights (`train.init`: weights only, so AdamW and the learning-rate
+     schedule start afresh), the usual recipe of on-policy methods (start from a student whose
+     samples are already plausible);
 4. evaluates each student (and the untrained initialization) on held-out prompts (32 tokens from
    the validation split): the student samples 32 tokens at temperature 1, both models score
    prompt + sample, and the table reports the mean per-token reverse KL(student || teacher) on the
@@ -142,8 +146,8 @@ def evaluate(run_dir: Path | None, teacher: TransformerLM, prompts: torch.Tensor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_on_policy")
-    parser.add_argument("--teacher-steps", type=int, default=150)
-    parser.add_argument("--student-steps", type=int, default=100)
+    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--eval-prompts", type=int, default=64)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -171,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sequence-level dataset generated in {time.perf_counter() - began:.0f} s", flush=True)
     runs["sequence-level"] = train(out, "seq_level", "pretrain.py", student_yaml,
                                    f"data.path={seqkd}", "distill.lm_weight=1.0")
+    on_policy = (f"distill.on_policy.max_new_tokens={NEW}",)
     for fraction in (0.5, 1.0):
         runs[f"on-policy {fraction:g}"] = train(
             out, f"on_policy_{fraction:g}", "pretrain_distill.py", student_yaml,
-            f"distill.on_policy.fraction={fraction}", f"distill.on_policy.max_new_tokens={NEW}")
+            f"distill.on_policy.fraction={fraction}", *on_policy)
+    half = args.student_steps // 2
+    warm = train(out, "off_policy_half", "pretrain_distill.py", student_yaml, f"train.steps={half}")
+    runs["off-policy, then on-policy 1"] = train(
+        out, "off_then_on_policy", "pretrain_distill.py", student_yaml,
+        f"train.steps={args.student_steps - half}", f"train.init={warm / 'checkpoints'}",
+        "distill.on_policy.fraction=1.0", *on_policy)
 
     step_dir, _, teacher_cfg = checkpoint_model_config(teacher_ckpt, key="teacher")
     teacher = load_model(step_dir, teacher_cfg, ParallelLayout.single())

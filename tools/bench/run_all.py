@@ -19,11 +19,14 @@ FULL = {
     "model.py": [],
     "kd_loss.py": ["--vocab", "65536", "131072", "--tp", "1", "2"],
     "schedule.py": [],
+    "on_policy.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
     "kd_loss.py": ["--tokens", "256", "--vocab", "4096", "--tp", "1", "--repeats", "1"],
     "schedule.py": ["--steps", "6", "--warmup", "2"],
+    "on_policy.py": ["--teacher-steps", "20", "--student-steps", "10", "--eval-prompts", "8",
+                     "--out", "runs/bench_on_policy_quick"],
 }
 
 
