@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
 
 def _train(cfg: RunConfig, teacher_cfg: ModelConfig | None, launch: LaunchEnv) -> int:
     """Everything after start-up validation, with each failure mapped to its one line and code."""
-    layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp,
+    layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
+                           virtual_stages=cfg.parallel.virtual_stages,
                            teacher_ranks=cfg.parallel.teacher_ranks,
                            timeout_s=cfg.parallel.timeout_s, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0

@@ -31,7 +31,7 @@ from layers.config import ModelConfig, check_model_layout, shape_differences
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the student (or the model trained)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP/SP/teacher ranks
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP/SP/PP/teacher ranks
     data: DataConfig = field(default_factory=DataConfig)  # corpus and batch sizes
     distill: DistillConfig = field(default_factory=DistillConfig)  # loss terms and teacher
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, run dir
@@ -45,14 +45,17 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     """Every check that needs the world size but no process group."""
     par = cfg.parallel
     try:
-        validate_layout(world_size=world_size, tp=par.tp, sp=par.sp, teacher_ranks=par.teacher_ranks)
+        validate_layout(world_size=world_size, tp=par.tp, sp=par.sp,
+                        teacher_ranks=par.teacher_ranks, pp=par.pp)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check_model_layout(cfg.model, par.tp)
     if par.sp and cfg.data.seq_len % par.tp:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} does not split over parallel.tp="
                                           f"{par.tp} ranks (sequence parallelism)")
-    check_batch_layout(cfg.data, (world_size - par.teacher_ranks) // par.tp)
+    dp = (world_size - par.teacher_ranks) // (par.tp * par.pp)
+    check_batch_layout(cfg.data, dp)
+    check_pipeline(cfg, dp)
     wants_ranks = cfg.distill.schedule == "teacher_ranks"
     if wants_ranks != (par.teacher_ranks > 0):
         raise ConfigError("parallel.teacher_ranks",
@@ -61,6 +64,27 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     check_model_data(cfg)
     check_data(cfg)
     check_checkpoints(cfg)
+
+
+def check_pipeline(cfg: RunConfig, dp: int) -> None:
+    """Stages of whole, equal numbers of decoder blocks, and what pipelining cannot do yet."""
+    par, layers = cfg.parallel, cfg.model.layers
+    if layers % par.pp:
+        raise ConfigError("parallel.pp", f"parallel.pp={par.pp} does not divide the student's "
+                                         f"model.layers={layers}")
+    if (layers // par.pp) % par.virtual_stages:
+        raise ConfigError("parallel.virtual_stages",
+                          f"parallel.virtual_stages={par.virtual_stages} does not divide the "
+                          f"{layers // par.pp} decoder blocks of each of the parallel.pp={par.pp} "
+                          "stages")
+    micro_batches = cfg.data.global_batch // (cfg.data.micro_batch * dp)
+    if par.virtual_stages > 1 and micro_batches % par.pp:
+        raise ConfigError("parallel.virtual_stages",
+                          f"the interleaved schedule needs the {micro_batches} micro-batches of a "
+                          f"step (per DP rank) to be a multiple of parallel.pp={par.pp}")
+    if par.pp > 1:
+        raise ConfigError("parallel.pp", "pipeline-parallel training is not implemented yet "
+                                         "(the layout, groups and schedules exist)")
 
 
 def check_model_data(cfg: RunConfig) -> None:

@@ -1,12 +1,16 @@
-"""The parallel layout: tensor-, sequence- and data-parallel coordinates and their process groups.
+"""The parallel layout: tensor-, sequence-, pipeline- and data-parallel coordinates and their groups.
 
 One `ParallelLayout` is built per process (by `init_parallel` from torchrun's environment, or by
 `make_layout` once the default process group exists) and passed explicitly to every layer, loss and
 trainer. There is no module-level parallel state.
 
-Rank numbering follows Megatron: within a role, TP groups are contiguous ranks and DP groups are
-strided by TP. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the world run only the
-teacher, with the same TP degree and their own TP/DP groups; the first ranks are the students.
+Rank numbering follows Megatron: within a role, TP is fastest, then PP, then DP. The student of
+coordinates (dp, pp, tp) is rank dp * (pp_size * tp_size) + pp * tp_size + tp: TP groups are
+contiguous ranks, pipeline (PP) groups are strided by TP, DP groups by TP * PP. Each pipeline also
+has an embedding group, its first and last stage (same TP rank), which keeps a tied embedding's two
+copies in sync. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the world run only the
+teacher, with the same TP degree, no pipeline and their own TP/DP groups; the first ranks are the
+students.
 """
 
 from __future__ import annotations
@@ -28,12 +32,19 @@ TEACHER = "teacher"
 @dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (contiguous ranks)
+    pp: int = 1  # pipeline-parallel stages of the student (ranks strided by tp)
+    virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
 
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
+        check(self.pp >= 1, "parallel.pp", f"must be >= 1 (got {self.pp})")
+        check(self.virtual_stages >= 1, "parallel.virtual_stages",
+              f"must be >= 1 (got {self.virtual_stages})")
+        check(self.virtual_stages == 1 or self.pp > 1, "parallel.virtual_stages",
+              f"{self.virtual_stages} virtual stages need parallel.pp > 1")
         check(not self.sp or self.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
         check(self.teacher_ranks >= 0, "parallel.teacher_ranks",
               f"must be >= 0 (got {self.teacher_ranks})")
@@ -47,7 +58,8 @@ class LayoutError(ConfigError):
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Where this process sits: its role, its TP/DP coordinates and the groups that connect them."""
+    """Where this process sits: its role, its TP/PP/DP coordinates and the groups that connect
+    them."""
 
     world_size: int
     rank: int
@@ -58,9 +70,16 @@ class ParallelLayout:
     dp_rank: int
     role: str = STUDENT
     teacher_ranks: int = 0
+    pp: int = 1
+    pp_rank: int = 0
+    virtual_stages: int = 1  # model chunks per pipeline rank
+    pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     role_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    pp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    # the first and last stage of this pipeline (None without PP, and on the middle stages)
+    embedding_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
@@ -68,6 +87,14 @@ class ParallelLayout:
         """The layout of one process with no communication at all."""
         return cls(world_size=1, rank=0, tp=1, dp=1, sp=False, tp_rank=0, dp_rank=0,
                    device=torch.device(device))
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
 
     @property
     def student_world(self) -> int:
@@ -81,16 +108,21 @@ class ParallelLayout:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def global_rank(self, *, role: str, dp_rank: int, tp_rank: int) -> int:
-        """Global rank of the process with these coordinates (students first, then teachers)."""
-        offset = 0 if role == STUDENT else self.student_world
-        return offset + dp_rank * self.tp + tp_rank
+    def global_rank(self, *, role: str, dp_rank: int, tp_rank: int, pp_rank: int = 0) -> int:
+        """Global rank of the process with these coordinates (students first, then teachers,
+        which have no pipeline)."""
+        if role == STUDENT:
+            return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
+        return self.student_world + dp_rank * self.tp + tp_rank
 
 
-def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 0) -> None:
+def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 0,
+                    pp: int = 1) -> None:
     """Raise `LayoutError` for a layout that cannot be built; cheap, touches no process group."""
     if tp < 1:
         raise LayoutError("parallel.tp", f"must be >= 1 (got {tp})")
+    if pp < 1:
+        raise LayoutError("parallel.pp", f"must be >= 1 (got {pp})")
     if teacher_ranks < 0:
         raise LayoutError("parallel.teacher_ranks", f"must be >= 0 (got {teacher_ranks})")
     students = world_size - teacher_ranks
@@ -103,6 +135,9 @@ def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 
     if students % tp:
         raise LayoutError("parallel.tp", f"parallel.tp={tp} does not divide the {students} "
                                          "student ranks")
+    if students % (tp * pp):
+        raise LayoutError("parallel.pp", f"parallel.tp={tp} x parallel.pp={pp} does not divide "
+                                         f"the {students} student ranks")
     if teacher_ranks and teacher_ranks % tp:
         raise LayoutError("parallel.tp", f"parallel.tp={tp} does not divide "
                                          f"parallel.teacher_ranks={teacher_ranks}")
@@ -123,41 +158,69 @@ def _new_groups(ranks_lists: list[list[int]], my_rank: int,
     return mine
 
 
-def _role_rank_lists(offset: int, size: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
-    dp = size // tp
-    tp_lists = [[offset + d * tp + t for t in range(tp)] for d in range(dp)]
-    dp_lists = [[offset + d * tp + t for d in range(dp)] for t in range(tp)]
-    return tp_lists, dp_lists
+@dataclass(frozen=True)
+class RankLists:
+    """Every group of one role as lists of global ranks (TP fastest, then PP, then DP)."""
+
+    tp: list[list[int]]
+    pp: list[list[int]]
+    dp: list[list[int]]
+    embedding: list[list[int]]  # first and last stage of each pipeline ([] without PP)
+
+    @classmethod
+    def of(cls, offset: int, size: int, *, tp: int, pp: int = 1) -> RankLists:
+        dp = size // (tp * pp)
+
+        def rank(d: int, p: int, t: int) -> int:
+            return offset + (d * pp + p) * tp + t
+
+        pipelines = [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+        return cls(tp=[[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)],
+                   pp=pipelines,
+                   dp=[[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
+                   embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if pp > 1 else [])
 
 
-def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
-                device: torch.device | str | None = None,
+def _find(lists: list[list[int]], rank: int) -> list[int]:
+    return next((ranks for ranks in lists if rank in ranks), [rank])
+
+
+def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: int = 1,
+                virtual_stages: int = 1, device: torch.device | str | None = None,
                 timeout_s: float | None = None) -> ParallelLayout:
     """Build the layout over the already-initialized default process group (or a single process).
-    Every group it creates times out after `timeout_s` (None: torch's default)."""
+    `pp` and `virtual_stages` apply to the students (teacher ranks have no pipeline). Every group
+    it creates times out after `timeout_s` (None: torch's default)."""
     if not dist.is_available() or not dist.is_initialized():
-        validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+        validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp)
         return ParallelLayout.single(device or "cpu")
     world, rank = dist.get_world_size(), dist.get_rank()
-    validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+    validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp)
     students = world - teacher_ranks
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     groups: dict[str, tuple] = {}
-    for role, offset, size in ((STUDENT, 0, students), (TEACHER, students, teacher_ranks)):
+    for role, offset, size, role_pp in ((STUDENT, 0, students, pp),
+                                        (TEACHER, students, teacher_ranks, 1)):
         if size == 0:
             continue
-        tp_lists, dp_lists = _role_rank_lists(offset, size, tp)
+        lists = RankLists.of(offset, size, tp=tp, pp=role_pp)
         role_group = _new_groups([list(range(offset, offset + size))], rank, timeout)
-        groups[role] = (_new_groups(tp_lists, rank, timeout), _new_groups(dp_lists, rank, timeout),
-                        role_group)
+        groups[role] = (lists, _new_groups(lists.tp, rank, timeout),
+                        _new_groups(lists.dp, rank, timeout), role_group,
+                        _new_groups(lists.pp, rank, timeout) if role_pp > 1 else None,
+                        _new_groups(lists.embedding, rank, timeout))
     role = STUDENT if rank < students else TEACHER
     local = rank - (0 if role == STUDENT else students)
-    tp_group, dp_group, role_group = groups[role]
+    lists, tp_group, dp_group, role_group, pp_group, embedding_group = groups[role]
+    role_pp = pp if role == STUDENT else 1
     size = students if role == STUDENT else teacher_ranks
     return ParallelLayout(
-        world_size=world, rank=rank, tp=tp, dp=size // tp, sp=sp, tp_rank=local % tp,
-        dp_rank=local // tp, role=role, teacher_ranks=teacher_ranks, tp_group=tp_group,
-        dp_group=dp_group, role_group=role_group, device=torch.device(device or "cpu"))
+        world_size=world, rank=rank, tp=tp, dp=size // (tp * role_pp), sp=sp, tp_rank=local % tp,
+        dp_rank=local // (tp * role_pp), role=role, teacher_ranks=teacher_ranks, pp=role_pp,
+        pp_rank=(local // tp) % role_pp, virtual_stages=virtual_stages if role == STUDENT else 1,
+        pp_ranks=tuple(_find(lists.pp, rank)), tp_group=tp_group, dp_group=dp_group,
+        role_group=role_group, pp_group=pp_group, embedding_group=embedding_group,
+        device=torch.device(device or "cpu"))
 
 
 ENV_KEY = "environment"  # the ConfigError key of a broken launcher environment
@@ -204,8 +267,8 @@ class LaunchEnv:
         return cls(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
-                  timeout_s: float = 600.0, backend: str | None = None,
+def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: int = 1,
+                  virtual_stages: int = 1, timeout_s: float = 600.0, backend: str | None = None,
                   launch: LaunchEnv | None = None) -> ParallelLayout:
     """Validate the layout, initialize torch.distributed from the launcher's environment (`launch`,
     parsed from os.environ when not given), build the layout.
@@ -214,7 +277,7 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
     no process group is created and the layout is local.
     """
     launch = launch or LaunchEnv.from_env()
-    validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+    validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp)
     use_cuda = torch.cuda.is_available() if backend in (None, "nccl") else False
     device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}") if use_cuda \
         else torch.device("cpu")
@@ -227,8 +290,8 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0,
             backend=backend or ("nccl" if use_cuda else "gloo"), rank=launch.rank,
             world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if use_cuda else None)
-    return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, device=device,
-                       timeout_s=timeout_s)
+    return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
+                       virtual_stages=virtual_stages, device=device, timeout_s=timeout_s)
 
 
 # How gloo and NCCL word a collective that failed because a peer died or stopped answering. DDP's

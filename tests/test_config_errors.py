@@ -104,6 +104,20 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (1, ["train.min_lr=1"], "train.min_lr: must be between 0 and train.lr"),
     (1, ["train.keep=0"], "train.keep: must be >= 1 (got 0)"),
     (1, ["parallel.timeout_s=0"], "parallel.timeout_s: must be > 0"),
+    (1, ["parallel.pp=0"], "parallel.pp: must be >= 1 (got 0)"),
+    (3, ["parallel.pp=2"], "parallel.pp: parallel.tp=1 x parallel.pp=2 does not divide the 3 "
+                           "student ranks"),
+    (2, ["parallel.pp=2", "model.layers=3"],
+     "parallel.pp: parallel.pp=2 does not divide the student's model.layers=3"),
+    (1, ["parallel.virtual_stages=2"],
+     "parallel.virtual_stages: 2 virtual stages need parallel.pp > 1"),
+    (2, ["parallel.pp=2", "parallel.virtual_stages=2"],
+     "parallel.virtual_stages: parallel.virtual_stages=2 does not divide the 1 decoder blocks of "
+     "each of the parallel.pp=2 stages"),
+    (2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.layers=4", "data.global_batch=2"],
+     "parallel.virtual_stages: the interleaved schedule needs the 1 micro-batches of a step (per "
+     "DP rank) to be a multiple of parallel.pp=2"),
+    (2, ["parallel.pp=2"], "parallel.pp: pipeline-parallel training is not implemented yet"),
     (1, ["train.recompute=attention"],
      "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
 ]

@@ -6,8 +6,8 @@ import torch.distributed as dist
 
 from engine import collectives as C
 from engine.config import ConfigError
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, init_parallel, make_layout,
-                             validate_layout)
+from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, RankLists, init_parallel,
+                             make_layout, validate_layout)
 from engine.spawn import RankFailure, run_ranks
 
 
@@ -42,6 +42,53 @@ def test_teacher_ranks_get_their_own_groups():
     assert [i["self_rank"] for i in info] == [0, 1, 2, 3]
 
 
+def test_rank_lists_tp_fastest_then_pp_then_dp():
+    lists = RankLists.of(0, 8, tp=2, pp=2)  # rank = (dp * 2 + pp) * 2 + tp
+    assert lists.tp == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert lists.pp == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert lists.dp == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert lists.embedding == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    four = RankLists.of(2, 4, tp=1, pp=4)  # offset: teacher ranks come first here
+    assert four.pp == [[2, 3, 4, 5]] and four.embedding == [[2, 5]] and four.dp == [[2], [3], [4], [5]]
+    assert RankLists.of(0, 4, tp=2).embedding == []
+
+
+def _describe_pp(tp, pp, teacher_ranks=0):
+    layout = make_layout(tp=tp, pp=pp, virtual_stages=2, teacher_ranks=teacher_ranks)
+    embedding = _members(layout.embedding_group) if layout.embedding_group is not None else None
+    return dict(tp_rank=layout.tp_rank, pp_rank=layout.pp_rank, dp_rank=layout.dp_rank,
+                dp=layout.dp, pp=layout.pp, role=layout.role, pp_ranks=list(layout.pp_ranks),
+                first=layout.is_first_stage, last=layout.is_last_stage,
+                virtual=layout.virtual_stages, tp_members=_members(layout.tp_group),
+                dp_members=_members(layout.dp_group),
+                pp_members=_members(layout.pp_group) if layout.pp_group is not None else None,
+                embedding=embedding,
+                self_rank=layout.global_rank(role=layout.role, dp_rank=layout.dp_rank,
+                                             tp_rank=layout.tp_rank, pp_rank=layout.pp_rank))
+
+
+def test_pipeline_groups_megatron_order():
+    """TP=2 x PP=2 x DP=1 (4 ranks) plus 2 teacher ranks (no pipeline): every group's members
+    (the DP order with PP is RankLists' test above)."""
+    info = run_ranks(_describe_pp, 6, 2, 2, teacher_ranks=2)
+    students = info[:4]
+    assert [(i["dp_rank"], i["pp_rank"], i["tp_rank"]) for i in students] == \
+        [(0, p, t) for p in range(2) for t in range(2)]
+    assert [i["pp_members"] for i in students] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [i["embedding"] for i in students] == [i["pp_members"] for i in students]
+    assert [i["pp_ranks"] for i in students] == [i["pp_members"] for i in students]
+    assert [i["dp_members"] for i in students] == [[0], [1], [2], [3]]
+    assert [i["tp_members"] for i in students] == [[0, 1]] * 2 + [[2, 3]] * 2
+    assert [i["first"] for i in students] == [True, True, False, False]
+    assert [i["last"] for i in students] == [False, False, True, True]
+    assert all(i["dp"] == 1 and i["pp"] == 2 and i["virtual"] == 2 for i in students)
+    assert [i["self_rank"] for i in info] == list(range(6))
+    teachers = info[4:]
+    assert all(i["role"] == "teacher" and i["pp"] == 1 and i["virtual"] == 1 for i in teachers)
+    assert [i["tp_members"] for i in teachers] == [[4, 5]] * 2
+    assert all(i["pp_members"] is None and i["embedding"] is None for i in teachers)
+
+
 @pytest.mark.parametrize("world,tp,sp,teacher,message", [
     (3, 2, False, 0, "does not divide the 3 student ranks"),
     (2, 4, False, 0, "larger than the 2 student ranks"),
@@ -54,6 +101,15 @@ def test_teacher_ranks_get_their_own_groups():
 def test_layout_errors(world, tp, sp, teacher, message):
     with pytest.raises(LayoutError, match=message):
         validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher)
+
+
+def test_pipeline_layout_errors():
+    with pytest.raises(LayoutError, match=r"parallel.tp=2 x parallel.pp=2 does not divide the 6") \
+            as err:
+        validate_layout(world_size=6, tp=2, sp=False, pp=2)
+    assert err.value.key == "parallel.pp"
+    with pytest.raises(LayoutError, match="must be >= 1"):
+        validate_layout(world_size=2, tp=1, sp=False, pp=0)
 
 
 def test_layout_errors_carry_their_key():
