@@ -67,7 +67,7 @@ class KVCache:
 
     def __init__(self, model: TransformerLM, *, batch: int, capacity: int, pad: torch.Tensor,
                  dtype: torch.dtype):
-        attention: Attention = model.decoder[0].attention
+        attention: Attention = model.decoder["0"].attention
         shape = (batch, capacity, attention.kv_heads, attention.head_dim)
         device = model.layout.device
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.decoder]
@@ -137,7 +137,7 @@ def forward_step(model: TransformerLM, ids: torch.Tensor, cache: KVCache, *,
         hidden = hidden + model.position_embedding.weight[positions]
     rope = model.rotary.at(positions, hidden.dtype) if model.rotary is not None else None
     mask = cache.mask(new)
-    for layer, block in enumerate(model.decoder):
+    for layer, block in enumerate(model.decoder.values()):
         hidden = hidden + _attention_step(block.attention, block.attn_norm(hidden), rope, mask,
                                           cache, layer)
         hidden = hidden + block.mlp(block.mlp_norm(hidden))

@@ -17,7 +17,15 @@ trunk's last residual stream (the heads are independent, not chained), followed 
 norm and the shared output layer; its logits at position t predict token t+1+j (targets:
 `engine.data.shift_labels(input_ids, 1 + j)`).
 
-Initialization depends on (seed, parameter name) only, not on TP (layers/params.py).
+Initialization depends on (seed, parameter name) only, not on TP or PP (layers/params.py).
+
+Pipeline stages. Under PP (`layout.pp > 1`) the model builds only its rank's parts
+(layers/stages.py): `decoder` is a ModuleDict keyed by GLOBAL block index, so `decoder.{i}` names
+the same parameters and buffers on any layout. The pipeline drives `embed` (first stage),
+`run_chunk` (the blocks of one chunk) and `finish` (last stage: final norm, MTP heads, logits);
+`forward` is the three in a row and needs the whole model. With tied embeddings the last stage
+holds its own copy of `embedding.weight` for the output layer; the trainer keeps the two copies'
+gradients summed over the pipeline's embedding group.
 
 Activation recomputation (`recompute=`, the run's `train.recompute`) is a way of training the model,
 not part of its architecture: it is chosen when the model is built for training, changes no
@@ -43,6 +51,7 @@ from layers.recompute import Recompute
 from layers.rng import DropoutRNG
 from layers.rope import Rotary
 from layers.sharding import full_shape, shard_of
+from layers.stages import StagePlan
 from layers.tensor_parallel import VocabParallelEmbedding, VocabParallelLMHead, sp_shared
 
 
@@ -66,24 +75,27 @@ class TransformerLM(nn.Module):
         super().__init__()
         check_model_layout(config, layout.tp)
         self.config, self.layout, self.seed = config, layout, seed
+        self.plan = plan = StagePlan.of(config.layers, layout)
         self.rng = DropoutRNG(seed, layout)
         padded_vocab = config.padded_vocab(layout.tp)
+        first, last = plan.has_embedding, plan.has_head
         self.embedding = VocabParallelEmbedding(padded_vocab, config.hidden, layout=layout,
-                                                init_std=config.init_std)
+                                                init_std=config.init_std) \
+            if first or (last and config.tie_embeddings) else None
         self.position_embedding = LearnedPositions(config, layout) \
-            if config.family == "gpt2" else None
+            if first and config.family == "gpt2" else None
         self.rotary = Rotary(config, layout.device) if config.family == "llama" else None
-        self.decoder = nn.ModuleList(
-            DecoderBlock(config, layout, self.rng, name=f"decoder.{i}", recompute=recompute)
-            for i in range(config.layers))
+        self.decoder = nn.ModuleDict({
+            str(i): DecoderBlock(config, layout, self.rng, name=f"decoder.{i}", recompute=recompute)
+            for i in plan.layers_here()})
         self.mtp = nn.ModuleDict({
             str(j): DecoderBlock(config, layout, self.rng, name=f"mtp.{j}", recompute=recompute)
-            for j in range(1, config.mtp_heads + 1)})
-        self.final_norm = make_norm(config, layout)
+            for j in range(1, config.mtp_heads + 1)} if last else {})
+        self.final_norm = make_norm(config, layout) if last else None
         self.lm_head = VocabParallelLMHead(
             vocab_size=config.vocab_size, padded_vocab=padded_vocab, hidden=config.hidden,
             layout=layout, tied=self.embedding if config.tie_embeddings else None,
-            init_std=config.init_std)
+            init_std=config.init_std) if last else None
         self.reset_parameters()
 
     @property
@@ -106,14 +118,45 @@ class TransformerLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, buffers: Collection[str] = (),
                 compute_logits: bool = True) -> ModelOutput:
-        """Token ids `[batch, seq]` (full on every TP rank) -> logits shards and requested buffers."""
+        """Token ids `[batch, seq]` (full on every TP rank) -> logits shards and requested buffers.
+        The whole model only (no pipeline); a stage runs `embed`, `run_chunk`, `finish`."""
+        if not self.plan.whole:
+            raise RuntimeError("forward() needs the whole model; a pipeline stage runs embed, "
+                               "run_chunk and finish")
+        record = self.recorder(buffers)
+        hidden = self.embed(input_ids, record)
+        rope = self.rope(input_ids, hidden.dtype)
+        hidden = self.run_chunk(0, hidden, rope, record)
+        return self.finish(hidden, rope, record, compute_logits=compute_logits)
+
+    def recorder(self, buffers: Collection[str]) -> BufferRecorder:
+        """Keeps the asked-for buffers of one forward (of the parts this stage runs)."""
+        return BufferRecorder(buffers, self.buffer_names(), seq_sharded=self.layout.sp)
+
+    def rope(self, input_ids: torch.Tensor, dtype: torch.dtype):
+        """Rotary tables for `input_ids`' length (None for learned positions)."""
+        return self.rotary(input_ids.shape[1], dtype) if self.rotary is not None else None
+
+    def embed(self, input_ids: torch.Tensor, record) -> torch.Tensor:
+        """First stage: token ids `[batch, seq]` -> residual stream `[batch, seq(/tp), hidden]`."""
         self._check_input(input_ids)
-        record = BufferRecorder(buffers, self.buffer_names(), seq_sharded=self.layout.sp)
-        hidden = self._embed(input_ids)  # [batch, seq(/tp), hidden]
+        hidden = self.embedding(input_ids)
+        if self.position_embedding is not None:
+            hidden = hidden + self.position_embedding(input_ids.shape[1])
+        hidden = self.rng.dropout(hidden, self.config.dropout, sharded=self.layout.sp,
+                                  training=self.training)
         record("embedding", hidden)
-        rope = self.rotary(input_ids.shape[1], hidden.dtype) if self.rotary is not None else None
-        for block in self.decoder:
-            hidden = block(hidden, rope, record)
+        return hidden
+
+    def run_chunk(self, chunk: int, hidden: torch.Tensor, rope, record) -> torch.Tensor:
+        """The residual stream through this rank's blocks of `chunk` (all blocks without PP)."""
+        for i in self.plan.chunk_layers(chunk):
+            hidden = self.decoder[str(i)](hidden, rope, record)
+        return hidden
+
+    def finish(self, hidden: torch.Tensor, rope, record, *,
+               compute_logits: bool = True) -> ModelOutput:
+        """Last stage: the trunk's last residual stream -> final norm, MTP heads, logits shards."""
         final_hidden = self.final_norm(hidden)
         record("final_hidden", final_hidden)
         head_hidden = self.lm_head.head_input(final_hidden)  # [batch, seq, hidden]
@@ -123,13 +166,6 @@ class TransformerLM(nn.Module):
             logits=self.lm_head(head_hidden) if compute_logits else None,
             mtp_logits=[self.lm_head(h) for h in mtp_hidden] if compute_logits else [],
             head_hidden=head_hidden, mtp_hidden=mtp_hidden, buffers=record.buffers)
-
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(input_ids)
-        if self.position_embedding is not None:
-            hidden = hidden + self.position_embedding(input_ids.shape[1])
-        return self.rng.dropout(hidden, self.config.dropout, sharded=self.layout.sp,
-                                training=self.training)
 
     def _check_input(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

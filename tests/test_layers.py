@@ -122,11 +122,11 @@ def test_init_depends_on_seed_and_name_only():
         assert torch.equal(pa, pb), name
         if pa.init not in ("ones", "zeros"):
             assert not torch.equal(pa, pc), name
-    q0, q1 = a.decoder[0].attention.q_proj.weight, a.decoder[1].attention.q_proj.weight
+    q0, q1 = a.decoder["0"].attention.q_proj.weight, a.decoder["1"].attention.q_proj.weight
     assert not torch.equal(q0, q1)  # same shape and seed, different names
     assert q0.std().item() == pytest.approx(0.02, rel=0.1)
     # Residual output projections are scaled down by sqrt(2 * layers) (GPT-2 / Megatron).
-    assert a.decoder[0].mlp.down_proj.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert a.decoder["0"].mlp.down_proj.weight.std().item() == pytest.approx(0.01, rel=0.1)
     assert a.embedding.weight[100:].abs().max() == 0  # padding rows
 
 

@@ -183,6 +183,6 @@ def test_ternary_model_differs_from_full_precision_and_trains_its_master_weights
     out = ternary(ids).logits
     assert not torch.allclose(out, plain(ids).logits, atol=1e-3)
     out.sum().backward()
-    weight = ternary.decoder[0].mlp.up_proj.weight
+    weight = ternary.decoder["0"].mlp.up_proj.weight
     assert weight.dtype == torch.float32 and len(weight.unique()) > 3  # latent weights stay fp32
     assert weight.grad is not None and weight.grad.abs().sum() > 0
