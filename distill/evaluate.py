@@ -4,7 +4,8 @@ demo's report, so that every number called "validation loss" is computed the sam
 The loss is the mean next-token cross-entropy (nats) over the valid labels of a fixed number of
 validation micro-batches, drawn exactly as training draws them (`engine.data.TokenBatches` with
 the same seed and split), vocab-parallel (never gathering the vocabulary), through the fused
-LM-head path when the run uses it.
+LM-head path when the run uses it. A pipeline-parallel student scores them through the pipeline's
+forwards (distill/pipeline_step.py); the last stage adds up the losses.
 """
 
 from __future__ import annotations
@@ -13,19 +14,26 @@ import torch
 
 from distill.divergence import cross_entropy
 from distill.fused import fused_lm_and_divergence
+from distill.pipeline_step import StudentStage, run_pipeline
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, DataConfig, TokenBatches, to_device
-from layers.model import TransformerLM
+from layers.model import ModelOutput, TransformerLM
 
 
 def next_token_loss(model: TransformerLM, input_ids: torch.Tensor, labels: torch.Tensor, *,
                     fused: bool = False) -> torch.Tensor:
     """Per-token cross-entropy [batch, seq] of `model` against next-token `labels` (0 where a
     label is ignored); a collective over the TP group."""
+    return output_loss(model, model(input_ids, compute_logits=not fused), labels, fused=fused)
+
+
+def output_loss(model: TransformerLM, out: ModelOutput, labels: torch.Tensor, *,
+                fused: bool = False) -> torch.Tensor:
+    """`next_token_loss` of a forward's output (logits, or the head input when `fused`)."""
     kwargs = dict(vocab_size=model.config.vocab_size, group=model.layout.tp_group)
     if not fused:
-        return cross_entropy(model(input_ids).logits, labels, **kwargs)
-    hidden = model(input_ids, compute_logits=False).head_hidden  # [batch, seq, hidden]
+        return cross_entropy(out.logits, labels, **kwargs)
+    hidden = out.head_hidden  # [batch, seq, hidden]
     ce, _ = fused_lm_and_divergence(hidden.reshape(-1, hidden.shape[-1]), model.output_weight,
                                     labels=labels.reshape(-1), **kwargs)
     return ce.reshape(labels.shape)
@@ -46,10 +54,21 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=layout.device)  # [loss sum, labels]
-    for micro_batch in batches[:micro_batches]:
-        mb = to_device(micro_batch, layout.device)
-        nll = next_token_loss(model, mb["input_ids"], mb["labels"], fused=fused)
-        totals += torch.stack([nll.double().sum(), (mb["labels"] != IGNORE_INDEX).sum().double()])
+    batches = [to_device(mb, layout.device) for mb in batches[:micro_batches]]
+
+    def add(mb: dict, out: ModelOutput) -> None:
+        nll = output_loss(model, out, mb["labels"], fused=fused)
+        totals.add_(torch.stack([nll.double().sum(),
+                                 (mb["labels"] != IGNORE_INDEX).sum().double()]))
+
+    if layout.pp == 1:
+        for mb in batches:
+            add(mb, model(mb["input_ids"], compute_logits=not fused))
+    else:  # only the last stage adds; the sum over the pipeline group brings it everywhere
+        stage = StudentStage(model, batches, last=lambda i, out: add(batches[i], out),
+                             compute_logits=not fused)
+        run_pipeline(stage, layout, train=False)
     model.train(was_training)
     C.all_reduce(totals, layout.dp_group)
+    C.all_reduce(totals, layout.pp_group)
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())

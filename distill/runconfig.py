@@ -82,9 +82,10 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
         raise ConfigError("parallel.virtual_stages",
                           f"the interleaved schedule needs the {micro_batches} micro-batches of a "
                           f"step (per DP rank) to be a multiple of parallel.pp={par.pp}")
-    if par.pp > 1:
-        raise ConfigError("parallel.pp", "pipeline-parallel training is not implemented yet "
-                                         "(the layout, groups and schedules exist)")
+    if par.pp > 1 and (cfg.distill.logit.on or cfg.distill.activations):
+        raise ConfigError("parallel.pp", f"parallel.pp={par.pp} trains language models only so "
+                                         "far: distillation (distill.logit.weight > 0 or "
+                                         "distill.activations) needs parallel.pp=1")
 
 
 def check_model_data(cfg: RunConfig) -> None:

@@ -8,6 +8,12 @@ Data parallelism is torch's DistributedDataParallel over the DP group, wrapped a
 *and* the objective (its projections train with the student); gradient sync happens only on the
 last micro-batch of a step. Tensor- and sequence-parallel gradients need no fix-up afterwards: the
 layers produce complete gradients inside autograd (layers/tensor_parallel.py).
+
+Pipeline parallelism (`parallel.pp > 1`): the step's micro-batches go through the 1F1B schedule
+(interleaved with `parallel.virtual_stages > 1`) of engine/pipeline.py, the objective runs on the
+last stage (distill/pipeline_step.py), gradients are summed over DP and over the tied embedding's
+two copies after the schedule (no DDP), the gradient norm covers every stage, and the step's loss
+terms are summed over the pipeline group so that every rank holds (and rank 0 logs) them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distill.evaluate import validation_loss
 from distill.objective import DistillObjective, count_tokens
 from distill.on_policy import OnPolicy
+from distill.pipeline_step import StudentStage, run_pipeline, sync_pipeline_grads
 from distill.schedules import Schedules
 from distill.teacher import TeacherSource
 from engine import collectives as C
@@ -99,7 +106,7 @@ class DistillTrainer:
         unused = student.config.mtp_heads > 0 and not objective.cfg.lm_on
         self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
                                            find_unused_parameters=unused) \
-            if layout.dp > 1 else None
+            if layout.dp > 1 and layout.pp == 1 else None
         # The objective's loss is this rank's share of the step's global means, whose gradient is
         # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate.
         self.dp_scale = layout.dp if self.ddp is not None else 1
@@ -114,6 +121,16 @@ class DistillTrainer:
         if self.on_policy is not None:
             micro_batches = self.on_policy(micro_batches, step)
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
+        totals = self._pipeline(micro_batches, counts) if self.layout.pp > 1 else \
+            self._micro_batches(micro_batches, counts)
+        totals = self._global_mean(totals)
+        stats = self.opt(step, loss=totals["loss"])
+        if "kd_divergence" in totals:
+            self.schedules.observe(step, totals["kd_divergence"])
+        return self._record(step, {**totals, **values.metrics()}, stats, counts)
+
+    def _micro_batches(self, micro_batches: list[dict], counts) -> dict[str, float]:
+        """Forward and backward of each micro-batch in turn; the totals of the step's terms."""
         totals: dict[str, float] = dict.fromkeys(TERMS, 0.0)
         for i, mb in enumerate(micro_batches):
             teacher_out = self.teacher(mb) if self.teacher is not None else None
@@ -124,11 +141,27 @@ class DistillTrainer:
                 (out.loss * self.dp_scale).backward()
             _accumulate(totals, out)
             del teacher_out, out
-        totals = self._global_mean(totals)
-        stats = self.opt(step, loss=totals["loss"])
-        if "kd_divergence" in totals:
-            self.schedules.observe(step, totals["kd_divergence"])
-        return self._record(step, {**totals, **values.metrics()}, stats, counts)
+        return totals
+
+    def _pipeline(self, micro_batches: list[dict], counts) -> dict[str, float]:
+        """The step's micro-batches through the pipeline schedule; the objective on the last
+        stage. The totals are this stage's (zeros but on the last stage)."""
+        totals: dict[str, float] = dict.fromkeys(TERMS, 0.0)
+        fused = self.objective.fused
+
+        def last(i: int, out) -> torch.Tensor:
+            mb = micro_batches[i]
+            result = self.objective(out, None, mb.get("labels"), tokens_norm=counts,
+                                    output_weight=self.student.output_weight if fused else None,
+                                    kd_mask=mb.get("kd_mask"))
+            _accumulate(totals, result)
+            return result.loss
+
+        stage = StudentStage(self.student, micro_batches, last=last, compute_logits=not fused,
+                             autocast=self._autocast)
+        run_pipeline(stage, self.layout, train=True)
+        sync_pipeline_grads(self.module, self.student, self.layout)
+        return totals
 
     def _autocast(self):
         """bf16 autocast of the forward on GPU (`train.bf16`); the losses upcast to fp32 inside."""
@@ -141,12 +174,14 @@ class DistillTrainer:
         return self.ddp.no_sync()
 
     def _global_mean(self, totals: dict) -> dict:
-        """Each rank holds its share of the global-token means; summing over DP gives the means.
-        (Every rank has the same keys: they follow from the config.)"""
+        """Each rank holds its share of the global-token means; summing over DP (and over the
+        pipeline, where only the last stage has them) gives the means. (Every rank has the same
+        keys: they follow from the config.)"""
         keys = list(totals)
         values = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
                               device=self.layout.device)
         C.all_reduce(values, self.layout.dp_group)
+        C.all_reduce(values, self.layout.pp_group)  # only the last stage's are not zeros
         return dict(zip(keys, values.tolist()))
 
     def _record(self, step: int, totals: dict, stats: StepStats, counts) -> dict:

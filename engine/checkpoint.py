@@ -6,6 +6,7 @@ A checkpoint is a directory `root/step_{step:08d}/`:
                                file's size and sha256, every tensor's shard shape, dtype and split
     model_tp{t:03d}.safetensors    model shard of TP rank t (written by its DP rank 0)
     optim_tp{t:03d}.safetensors    optimizer state of TP rank t, keyed by parameter name
+    (with PP: model_tp{t:03d}_pp{p:03d}.safetensors and optim_..., one per TP rank and stage)
     rank_{r:05d}.safetensors       per rank: RNG states (torch CPU/CUDA as tensors; Python and
                                    NumPy as JSON in the header), the caller's `state` (JSON) and
                                    `rank_tensors` (e.g. the states of private dropout generators)
@@ -20,6 +21,12 @@ leaves the previous checkpoint complete and still `latest`; `*.tmp` leftovers ar
 `latest_checkpoint` and removed by the next save. A rank that fails to write makes every rank
 raise `CheckpointError` instead of hanging. Multi-node runs need a filesystem shared by all nodes
 (rank 0 renames what the other ranks wrote).
+
+Pipeline stages. Parameters keep their global names on every stage, so a PP checkpoint is the PP=1
+checkpoint cut into one file per stage: the metadata lists, per TP rank, the files of the stages
+and, per tensor, the stage whose file holds it (`stages`; the tied embedding's two copies are
+equal and the first stage's is used). A rank loads the names its (stage) model has, from whichever
+files hold them, so a checkpoint loads at any PP degree as at any TP degree.
 
 Loading verifies the size and digest of every file before reading it, refuses a model whose
 parameters do not match (naming the first), and reshards on the fly when the saved TP degree
@@ -42,8 +49,8 @@ from engine.checkpoint_files import (CheckpointError, TensorFile, check_size, fs
                                      safe_child, safe_torch_load, to_json_text, verify_file,
                                      write_json, write_tensors)
 from engine.checkpoint_state import (ShardReader, load_model_state, load_optimizer_state,
-                                     model_state, optimizer_state, parse_header, rng_state,
-                                     set_rng_state)
+                                     merge_stage_meta, model_state, optimizer_state, parse_header,
+                                     rng_state, set_rng_state)
 from engine.config import ConfigError
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
@@ -67,12 +74,27 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _model_file(tp_rank: int) -> str:
-    return f"model_tp{tp_rank:03d}.safetensors"
+def _stage_suffix(pp_rank: int, pp: int) -> str:
+    return f"_pp{pp_rank:03d}" if pp > 1 else ""
 
 
-def _optim_file(tp_rank: int) -> str:
-    return f"optim_tp{tp_rank:03d}.safetensors"
+def _model_file(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
+    return f"model_tp{tp_rank:03d}{_stage_suffix(pp_rank, pp)}.safetensors"
+
+
+def _optim_file(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
+    return f"optim_tp{tp_rank:03d}{_stage_suffix(pp_rank, pp)}.safetensors"
+
+
+def _tp_files(name_of: Callable[..., str], layout: ParallelLayout) -> list:
+    """Per TP rank: its file (no PP), or the list of its stages' files."""
+    if layout.pp == 1:
+        return [name_of(t) for t in range(layout.tp)]
+    return [[name_of(t, p, layout.pp) for p in range(layout.pp)] for t in range(layout.tp)]
+
+
+def _flat_files(files: list) -> list[str]:
+    return [name for entry in files for name in ([entry] if isinstance(entry, str) else entry)]
 
 
 def _rank_file(rank: int) -> str:
@@ -213,45 +235,57 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
     records, meta = {}, {}
     if layout.dp_rank == 0:
         flat = model_state(model)
-        name = _model_file(layout.tp_rank)
+        name = _model_file(layout.tp_rank, layout.pp_rank, layout.pp)
         records[name] = write_tensors(tmp / name, flat.tensors)
         meta["model"] = flat.meta
         if optimizer is not None:
             flat = optimizer_state(optimizer, model)
-            name = _optim_file(layout.tp_rank)
+            name = _optim_file(layout.tp_rank, layout.pp_rank, layout.pp)
             records[name] = write_tensors(tmp / name, flat.tensors)
             meta["optimizer"] = flat.meta
     rng = rng_state()
     header = {"state": to_json_text(state, "checkpoint state"), "rng": to_json_text(rng.meta, "rng")}
     tensors = {**rng.tensors, **{_EXTRA + name: t for name, t in rank_tensors.items()}}
     records[_rank_file(layout.rank)] = write_tensors(tmp / _rank_file(layout.rank), tensors, header)
-    write_json(tmp / _manifest_file(layout.rank), records)
+    stage_meta = meta if layout.pp > 1 and layout.dp_rank == 0 and layout.tp_rank == 0 else {}
+    write_json(tmp / _manifest_file(layout.rank), {"files": records, "tensors": stage_meta})
     return meta
 
 
 def _layout_json(layout: ParallelLayout) -> dict[str, Any]:
-    return {key: getattr(layout, key) for key in _LAYOUT_KEYS}
+    return {**{key: getattr(layout, key) for key in _LAYOUT_KEYS}, "pp": layout.pp,
+            "virtual_stages": layout.virtual_stages}
+
+
+def _saved_pp(saved: dict[str, Any]) -> int:
+    return saved.get("pp", 1)  # checkpoints from before pipeline parallelism have none
 
 
 def _metadata(tmp: Path, step: int, *, layout: ParallelLayout, tensor_meta: dict[str, Any],
               config: dict, vocab_size: int | None) -> dict[str, Any]:
     """Rank 0: merge every rank's manifest into the metadata document (manifests are removed)."""
     files: dict[str, Any] = {}
-    for rank in range(layout.tp * layout.dp):
+    stages: list[dict[str, Any]] = []  # with PP: each stage's tensor metadata, stage order
+    for rank in range(layout.student_world):
         manifest = tmp / _manifest_file(rank)
         if not manifest.is_file():
             raise CheckpointError(f"rank {rank}'s files are not visible in {tmp}: is the checkpoint "
                                   "directory on a filesystem shared by all nodes?")
-        files.update(read_json(manifest))
+        written = read_json(manifest)
+        files.update(written["files"])
+        if written["tensors"]:
+            stages.append(written["tensors"])
         manifest.unlink()
+    if layout.pp > 1:
+        tensor_meta = {key: merge_stage_meta([stage[key] for stage in stages])
+                       for key in stages[0]}
     meta = {"format": FORMAT, "version": VERSION, "step": step, "layout": _layout_json(layout),
             "vocab_size": vocab_size, "config": config, "files": files,
-            "ranks": [_rank_file(r) for r in range(layout.tp * layout.dp)],
-            "model": dict(tensor_meta["model"], files=[_model_file(t) for t in range(layout.tp)]),
+            "ranks": [_rank_file(r) for r in range(layout.student_world)],
+            "model": dict(tensor_meta["model"], files=_tp_files(_model_file, layout)),
             "optimizer": None}
     if "optimizer" in tensor_meta:
-        meta["optimizer"] = dict(tensor_meta["optimizer"],
-                                 files=[_optim_file(t) for t in range(layout.tp)])
+        meta["optimizer"] = dict(tensor_meta["optimizer"], files=_tp_files(_optim_file, layout))
     return meta
 
 
@@ -388,8 +422,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         _check_metadata(meta)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path / METADATA} is malformed ({type(err).__name__}: {err})") from None
-    for name in [*meta["files"], *meta["ranks"], *meta["model"]["files"],
-                 *(meta["optimizer"] or {}).get("files", [])]:
+    for name in [*meta["files"], *meta["ranks"], *_flat_files(meta["model"]["files"]),
+                 *_flat_files((meta["optimizer"] or {}).get("files", []))]:
         safe_child(path, name)
     return meta
 
@@ -402,7 +436,8 @@ def _check_metadata(meta: dict[str, Any]) -> None:
     sections = [meta["model"]] + ([meta["optimizer"]] if meta["optimizer"] is not None else [])
     if not all(isinstance(s["tensors"], dict) and len(s["files"]) == layout["tp"] for s in sections):
         raise ValueError("tensor sections must list one file per TP rank")
-    if not isinstance(meta["files"], dict) or len(meta["ranks"]) != layout["tp"] * layout["dp"]:
+    ranks = layout["tp"] * layout["dp"] * _saved_pp(meta["layout"])
+    if not isinstance(meta["files"], dict) or len(meta["ranks"]) != ranks:
         raise ValueError("files must map names to records and ranks list one file per rank")
 
 
@@ -416,16 +451,16 @@ def _resolve_vocab(meta: dict[str, Any], vocab_size: int | None) -> int | None:
 
 def _same_layout(saved: dict[str, Any], layout: ParallelLayout) -> bool:
     """Whether this rank is the one that wrote its own rank file (students only save)."""
-    return not layout.is_teacher and all(
+    return not layout.is_teacher and _saved_pp(saved) == layout.pp and all(
         saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
 
 
 def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:
     """Whose rank file this rank reads: its own when the layout matches, else the saved rank with
-    the same DP coordinate (TP rank 0), else rank 0."""
+    the same DP coordinate (TP rank 0, first stage), else rank 0."""
     if _same_layout(saved, layout):
         return layout.rank
-    return layout.dp_rank * saved["tp"] if layout.dp_rank < saved["dp"] else 0
+    return layout.dp_rank * saved["tp"] * _saved_pp(saved) if layout.dp_rank < saved["dp"] else 0
 
 
 def load_checkpoint(path: Path | str, *, layout: ParallelLayout, model: nn.Module,
@@ -463,13 +498,14 @@ def _load(path: Path, *, layout: ParallelLayout, model: nn.Module,
     files = _VerifiedFiles(path, meta["files"])
     vocab = _resolve_vocab(meta, vocab_size)
     tp_args = {"tp": layout.tp, "tp_rank": layout.tp_rank, "vocab": vocab}
-    load_model_state(model, meta["model"], ShardReader(files, meta["model"]["files"], **tp_args),
-                     only_prefix=only_prefix)
+    stage = layout.pp > 1  # this rank's model is one pipeline stage: a part of the checkpoint's
+    load_model_state(model, meta["model"], ShardReader(files, meta["model"], **tp_args),
+                     only_prefix=only_prefix, partial=stage)
     if optimizer is not None:
         if meta["optimizer"] is None:
             raise CheckpointError(f"{path} holds no optimizer state")
         load_optimizer_state(optimizer, model, meta["optimizer"],
-                             ShardReader(files, meta["optimizer"]["files"], **tp_args))
+                             ShardReader(files, meta["optimizer"], **tp_args), partial=stage)
     rank_file = files(meta["ranks"][_state_rank(meta["layout"], layout)])
     _restore_rng(rank_file, meta["layout"], layout, restore_rng)
     log.info("loaded checkpoint %s (step %d)", path, meta["step"])
@@ -486,7 +522,7 @@ def _restore_rng(rank_file: TensorFile, saved: dict[str, Any], layout: ParallelL
         return
     if not _same_layout(saved, layout):
         log.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
-                    {k: saved[k] for k in ("tp", "dp", "teacher_ranks")})
+                    {**{k: saved[k] for k in ("tp", "dp", "teacher_ranks")}, "pp": _saved_pp(saved)})
         return
     skipped = set_rng_state(rank_file, parse_header(rank_file, "rng"))
     if skipped:

@@ -124,13 +124,24 @@ def check_fits(name: str, spec: TensorSpec, target: Target, *, saved_tp: int, tp
 class ShardReader:
     """Cuts this rank's shard of a saved tensor out of the saved TP shards that overlap it."""
 
-    def __init__(self, open_file: Callable[[str], TensorFile], shard_files: list[str], *,
+    def __init__(self, open_file: Callable[[str], TensorFile], section: dict[str, Any], *,
                  tp: int, tp_rank: int, vocab: int | None):
-        self._open, self._files = open_file, shard_files
-        self.saved_tp, self.tp, self.tp_rank, self.vocab = len(shard_files), tp, tp_rank, vocab
+        """`section`: the metadata's model or optimizer entry: `files` per saved TP rank (a name,
+        or with PP one name per stage) and, with PP, the stage of each tensor (`stages`)."""
+        self._open, self._files = open_file, section["files"]
+        self._stages = section.get("stages", {})
+        self.saved_tp, self.tp, self.tp_rank, self.vocab = len(self._files), tp, tp_rank, vocab
+
+    def _file(self, saved_rank: int, name: str) -> str:
+        entry = self._files[saved_rank]
+        if isinstance(entry, str):
+            return entry
+        if name not in self._stages:
+            raise CheckpointError(f"the checkpoint's metadata places {name!r} on no stage")
+        return entry[self._stages[name]]
 
     def _saved_shard(self, saved_rank: int, name: str, spec: TensorSpec) -> torch.Tensor:
-        file = self._open(self._files[saved_rank])
+        file = self._open(self._file(saved_rank, name))
         tensor = file.get(name)
         if tuple(tensor.shape) != spec.shape or tensor.dtype != _DTYPES[spec.dtype]:
             raise CheckpointError(
@@ -192,16 +203,37 @@ def model_state(model: nn.Module) -> FlatState:
     return FlatState(tensors, {"tensors": specs, "aliases": aliases})
 
 
+def merge_stage_meta(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model or optimizer metadata entry from the pipeline stages' (stage order): the union of
+    their tensors with the first stage that holds each (`stages`), their aliases and scalars, and
+    each optimizer param group's names in stage order (a name twice, the tied embedding, once)."""
+    merged: dict[str, Any] = {"tensors": {}, "stages": {}}
+    for p, stage in enumerate(stages):
+        for name, spec in stage["tensors"].items():
+            if name not in merged["stages"]:
+                merged["tensors"][name], merged["stages"][name] = spec, p
+        for key in ("aliases", "scalars"):
+            if key in stage:
+                merged[key] = {**stage[key], **merged.get(key, {})}
+    if "param_groups" in stages[0]:
+        merged["param_groups"] = [
+            dict(group, params=list(dict.fromkeys(
+                name for stage in stages for name in stage["param_groups"][g]["params"])))
+            for g, group in enumerate(stages[0]["param_groups"])]
+    return merged
+
+
 def _specs(meta: dict[str, Any]) -> dict[str, TensorSpec]:
     return {name: TensorSpec.from_json(name, data) for name, data in meta["tensors"].items()}
 
 
 def load_model_state(model: nn.Module, meta: dict[str, Any], reader: ShardReader, *,
-                     only_prefix: str = "") -> None:
+                     only_prefix: str = "", partial: bool = False) -> None:
     """Check every parameter against the checkpoint first, then copy this rank's shards in.
 
     With `only_prefix`, checkpoint entries outside that prefix are ignored (e.g. load the
-    `student.` weights of a training checkpoint without its objective's projections)."""
+    `student.` weights of a training checkpoint without its objective's projections). `partial`:
+    the model is one pipeline stage, which holds some of the checkpoint's entries."""
     live = unwrap(model).state_dict(keep_vars=True)
     specs = {k: v for k, v in _specs(meta).items() if k.startswith(only_prefix)}
     aliases = {k: v for k, v in meta["aliases"].items() if k.startswith(only_prefix)}
@@ -212,7 +244,7 @@ def load_model_state(model: nn.Module, meta: dict[str, Any], reader: ShardReader
         check_fits(name, specs[source], Target.of(tensor), saved_tp=reader.saved_tp, tp=reader.tp,
                    vocab=reader.vocab)
     extra = [name for name in [*specs, *aliases] if name not in live]
-    if extra:
+    if extra and not partial:
         raise CheckpointError(f"checkpoint parameter {extra[0]!r} does not exist in the model")
     with torch.no_grad():
         for name, tensor in live.items():
@@ -259,22 +291,31 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> FlatS
     return FlatState(tensors, {"tensors": specs, "scalars": scalars, "param_groups": groups})
 
 
-def _check_groups(saved_groups: list[dict], names: list[str], optimizer: torch.optim.Optimizer) -> None:
-    live = [len(group["params"]) for group in optimizer.param_groups]
+def _live_groups(names: list[str], optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The optimizer's parameter names, per param group."""
+    groups, offset = [], 0
+    for group in optimizer.param_groups:
+        groups.append(names[offset:offset + len(group["params"])])
+        offset += len(group["params"])
+    return groups
+
+
+def _check_groups(saved_groups: list[dict], names: list[str], optimizer: torch.optim.Optimizer,
+                  *, partial: bool = False) -> None:
+    live = _live_groups(names, optimizer)
     if len(saved_groups) != len(live):
         raise CheckpointError(f"optimizer has {len(live)} param groups but the checkpoint has "
                               f"{len(saved_groups)}")
-    offset = 0
-    for g, (group, count) in enumerate(zip(saved_groups, live)):
-        expected = names[offset:offset + count]
-        offset += count
-        for saved_name, live_name in zip(group["params"], expected):
-            if saved_name != live_name:
-                raise CheckpointError(f"optimizer param group {g}: checkpoint has {saved_name!r} "
-                                      f"where the optimizer has {live_name!r}")
-        if len(group["params"]) != count:
-            raise CheckpointError(f"optimizer param group {g} has {count} parameters but the "
-                                  f"checkpoint has {len(group['params'])}")
+    for g, (group, expected) in enumerate(zip(saved_groups, live)):
+        # by name: a pipeline checkpoint lists each group stage by stage
+        saved = set(group["params"])
+        missing = [name for name in expected if name not in saved]
+        if missing:
+            raise CheckpointError(f"optimizer param group {g}: {missing[0]!r} is not in the "
+                                  "checkpoint's")
+        if not partial and len(saved) != len(expected):
+            raise CheckpointError(f"optimizer param group {g} has {len(expected)} parameters but "
+                                  f"the checkpoint has {len(saved)}")
 
 
 def _owner(flat: str, index_of: dict[str, int]) -> tuple[int, str]:
@@ -286,24 +327,34 @@ def _owner(flat: str, index_of: dict[str, int]) -> tuple[int, str]:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
-                         meta: dict[str, Any], reader: ShardReader) -> None:
-    """Rebuild the optimizer's index-keyed state dict from name-keyed tensors, resharding moments."""
+                         meta: dict[str, Any], reader: ShardReader, *,
+                         partial: bool = False) -> None:
+    """Rebuild the optimizer's index-keyed state dict from name-keyed tensors, resharding moments.
+    `partial`: the optimizer is one pipeline stage's, which holds some of the saved entries."""
     names = _param_names(optimizer, model)
-    _check_groups(meta["param_groups"], names, optimizer)
+    _check_groups(meta["param_groups"], names, optimizer, partial=partial)
     index_of = {name: i for i, name in enumerate(names)}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
+
+    def here(flat: str) -> bool:
+        return not partial or flat.rpartition("/")[0] in index_of
+
     for flat, spec in _specs(meta).items():
+        if not here(flat):
+            continue
         index, key = _owner(flat, index_of)
         replicated = Target(spec.shape, None, False)
         target = Target.of(params[index]) if spec.split_dim is not None else replicated
         check_fits(flat, spec, target, saved_tp=reader.saved_tp, tp=reader.tp, vocab=reader.vocab)
         state.setdefault(index, {})[key] = reader.read(flat, spec, target)
     for flat, value in meta["scalars"].items():
+        if not here(flat):
+            continue
         index, key = _owner(flat, index_of)
         state.setdefault(index, {})[key] = value
-    groups = [dict(group, params=[index_of[n] for n in group["params"]])
-              for group in meta["param_groups"]]
+    groups = [dict(group, params=[index_of[n] for n in live])
+              for group, live in zip(meta["param_groups"], _live_groups(names, optimizer))]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -7,7 +7,9 @@ Parameters carry `tp_split_dim` (None when replicated over TP). The global norm 
 shard once: split parameters contribute their local shard and the partial sums are all-reduced over
 TP; replicated parameters (identical on every TP rank once their gradients are finalized) are counted
 once, on every rank, outside that reduction. Data-parallel replicas hold equal gradients after DDP, so
-no DP reduction is needed.
+no DP reduction is needed. Pipeline stages hold disjoint parameters: their sums of squares are
+added over the pipeline group; a parameter marked `pp_duplicate` (the last stage's copy of a tied
+embedding, whose gradient equals the first stage's) is left out.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> t
     split_sq = torch.zeros((), dtype=torch.float32, device=device)
     replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
-        if p.grad is None:
+        if p.grad is None or getattr(p, "pp_duplicate", False):
             continue
         sq = p.grad.detach().float().pow(2).sum()
         if getattr(p, "tp_split_dim", None) is None:
@@ -80,7 +82,9 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> t
         else:
             split_sq += sq
     C.all_reduce(split_sq, layout.tp_group)
-    return (split_sq + replicated_sq).sqrt()
+    total_sq = split_sq + replicated_sq
+    C.all_reduce(total_sq, layout.pp_group)
+    return total_sq.sqrt()
 
 
 def clip_grads(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:

@@ -96,6 +96,10 @@ class TransformerLM(nn.Module):
             vocab_size=config.vocab_size, padded_vocab=padded_vocab, hidden=config.hidden,
             layout=layout, tied=self.embedding if config.tie_embeddings else None,
             init_std=config.init_std) if last else None
+        if last and not first and self.embedding is not None:
+            # the tied output layer's copy: its gradient is summed with the first stage's, so the
+            # global gradient norm must not count it twice (engine/optim.py)
+            self.embedding.weight.pp_duplicate = True
         self.reset_parameters()
 
     @property

@@ -117,7 +117,9 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.layers=4", "data.global_batch=2"],
      "parallel.virtual_stages: the interleaved schedule needs the 1 micro-batches of a step (per "
      "DP rank) to be a multiple of parallel.pp=2"),
-    (2, ["parallel.pp=2"], "parallel.pp: pipeline-parallel training is not implemented yet"),
+    (2, ["parallel.pp=2"], "parallel.pp: parallel.pp=2 trains language models only so far: "
+                           "distillation (distill.logit.weight > 0 or distill.activations) needs "
+                           "parallel.pp=1"),
     (1, ["train.recompute=attention"],
      "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
 ]
