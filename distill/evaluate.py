@@ -65,7 +65,7 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
         for mb in batches:
             add(mb, model(mb["input_ids"], compute_logits=not fused))
     else:  # only the last stage adds; the sum over the pipeline group brings it everywhere
-        stage = StudentStage(model, batches, last=lambda i, out: add(batches[i], out),
+        stage = StudentStage(model, batches, last=lambda i, out, _: add(batches[i], out),
                              compute_logits=not fused)
         run_pipeline(stage, layout, train=False)
     model.train(was_training)

@@ -35,14 +35,14 @@ next-token head alone, so the MTP blocks get no distillation gradient.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from distill.activation import activation_pair_means
-from distill.config import DistillConfig, check_compatibility
+from distill.config import DistillConfig, ResolvedPair, check_compatibility
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import fused_lm_and_divergence
 from distill.projection import ActivationProjection
@@ -52,6 +52,7 @@ from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
+from layers.buffers import ActivationBuffer
 from layers.model import ModelOutput
 
 
@@ -148,15 +149,23 @@ class DistillObjective(nn.Module):
         head = "none" if not self.cfg.logit.on else "hidden" if self.fused else "logits"
         return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names())))
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The `ObjectiveOutput.metrics` keys this run's micro-batches can produce."""
+        return ("kd_divergence",) if self.cfg.logit.on else ()
+
     def forward(self, student: ModelOutput, teacher: TeacherOutputs | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None,
-                kd_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+                kd_mask: torch.Tensor | None = None,
+                pairs: Sequence[ResolvedPair] | None = None) -> ObjectiveOutput:
+        """`pairs`: the activation pairs whose buffers this forward has (all when None; a
+        pipeline stage's own, see `activation_share`)."""
         metrics: dict[str, torch.Tensor] = {}
         mask = distill_mask(labels, kd_mask)
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
                                    mask)
-        act = self._activation_term(student, teacher, mask, tokens_norm)
+        act = self.activation_share(self.pairs if pairs is None else pairs, student.buffers,
+                                    teacher, mask, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
@@ -254,19 +263,24 @@ class DistillObjective(nn.Module):
         return cross_entropy(student.mtp_logits[head - 1], labels, **self._loss_kwargs())
 
     # ----------------------------------------------------------------------- activation term
-    def _activation_term(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                         mask: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
-        if not self.pairs or teacher is None or not ever_positive(self.cfg.activation_coef):
+    def activation_share(self, pairs: Sequence[ResolvedPair],
+                         student_buffers: Mapping[str, ActivationBuffer],
+                         teacher: TeacherOutputs | None, mask: torch.Tensor | None,
+                         counts: TokenCounts) -> torch.Tensor | None:
+        """The activation term's share from `pairs` (a subset of the run's, e.g. those of one
+        pipeline stage: the shares of disjoint subsets add up to the term); None when off."""
+        if not pairs or teacher is None or not ever_positive(self.cfg.activation_coef):
             return None
-        missing = sorted(self.teacher_buffer_names() - set(teacher.buffers))
+        missing = sorted({p.teacher for p in pairs} - set(teacher.buffers))
         if missing:
             raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
                              "teacher forward for objective.teacher_buffer_names()")
-        means = activation_pair_means(self.pairs, student.buffers, teacher.buffers,
+        if self.projection is not None and len(pairs) != len(self.pairs):
+            raise ValueError("a projection needs every activation pair in one forward")
+        means = activation_pair_means(pairs, student_buffers, teacher.buffers,
                                       token_mask=mask, num_tokens=counts.distill,
                                       projection=self.projection, group=self.layout.tp_group)
-        weights = torch.tensor([p.weight for p in self.pairs], dtype=means.dtype,
-                               device=means.device)
+        weights = torch.tensor([p.weight for p in pairs], dtype=means.dtype, device=means.device)
         return self.values.activation_coef * (means * weights).sum() / len(self.pairs)
 
 

@@ -6,6 +6,13 @@ only the residual stream `[micro_batch, seq(/tp), hidden]` travels between stage
 gradient, backward. The last virtual stage turns its output into the micro-batch's loss share
 (`last`), which the executor backwards there.
 
+A colocated teacher (`teacher`) is split into the same virtual stages (layers/stages.py, at the
+same depth fractions) and runs forward in lockstep on the same ranks: its residual stream travels
+with the student's as a second tensor that carries no gradient. Every virtual stage hands the
+activation buffers both models published there to `activations` (the activation pairs of that
+stage, whose loss shares join the step's loss on the stage that owns them); the last one also
+hands the teacher's head outputs to `last`.
+
 Gradients after the schedule (`sync_pipeline_grads`): summed over DP (each rank's losses are its
 shares of the step's global means, so the sum is the gradient of the means; no DDP under PP), and,
 with tied embeddings, the first stage's embedding gradient and the last stage's output-layer copy's
@@ -22,13 +29,16 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from engine import collectives as C
+from distill.teacher import ColocatedTeacher, TeacherOutputs
 from engine.parallel import ParallelLayout
 from engine.pipeline import (PipelineExecutor, StageOutput, TensorSpec, forward_only,
                              interleaved_one_f_one_b)
 from layers.model import ModelOutput, TransformerLM
 
-# (micro-batch index, the last stage's output) -> this micro-batch's loss share, or None
-LastStage = Callable[[int, ModelOutput], torch.Tensor | None]
+# (micro-batch, the last stage's output, the teacher's outputs there or None) -> loss share or None
+LastStage = Callable[[int, ModelOutput, TeacherOutputs | None], torch.Tensor | None]
+# (micro-batch, virtual stage, student buffers, teacher outputs) of a stage before the last
+StageTerms = Callable[[int, int, dict, TeacherOutputs], torch.Tensor | None]
 
 
 class StudentStage:
@@ -36,12 +46,15 @@ class StudentStage:
 
     def __init__(self, student: TransformerLM, micro_batches: Sequence[dict], *, last: LastStage,
                  buffers: Sequence[str] = (), compute_logits: bool = True,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 teacher: ColocatedTeacher | None = None, activations: StageTerms | None = None):
         self.student, self.micro_batches, self.last = student, micro_batches, last
         self.buffers, self.compute_logits, self.autocast = buffers, compute_logits, autocast
+        self.teacher, self.activations = teacher, activations
         layout = student.layout
         self.last_virtual = layout.pp * layout.virtual_stages - 1
         self.dtype = next(student.parameters()).dtype
+        self.teacher_dtype = next(teacher.model.parameters()).dtype if teacher else None
 
     def _virtual(self, chunk: int) -> int:
         return chunk * self.student.layout.pp + self.student.layout.pp_rank
@@ -51,21 +64,45 @@ class StudentStage:
             return []
         batch, seq = self.micro_batches[0]["input_ids"].shape
         layout = self.student.layout
-        shape = (batch, seq // layout.tp if layout.sp else seq, self.student.config.hidden)
-        return [TensorSpec(shape, self.dtype)]
+        rows = (batch, seq // layout.tp if layout.sp else seq)
+        specs = [TensorSpec((*rows, self.student.config.hidden), self.dtype)]
+        if self.teacher is not None:
+            width = self.teacher.model.config.hidden
+            specs.append(TensorSpec((*rows, width), self.teacher_dtype, requires_grad=False))
+        return specs
 
     def forward(self, chunk: int, micro_batch: int, inputs: list[torch.Tensor]) -> StageOutput:
         student, ids = self.student, self.micro_batches[micro_batch]["input_ids"]
         virtual = self._virtual(chunk)
+        last = virtual == self.last_virtual
+        teacher_hidden, teacher_out = self._teacher(chunk, ids, inputs[1:], last=last)
         with self.autocast():
             record = student.recorder(self.buffers)
             hidden = student.embed(ids, record) if virtual == 0 else inputs[0]
             rope = student.rope(ids, self.dtype)
             hidden = student.run_chunk(chunk, hidden, rope, record)
-            if virtual < self.last_virtual:
-                return StageOutput([hidden])
+            if not last:
+                loss = self.activations(micro_batch, virtual, record.buffers, teacher_out) \
+                    if self.activations is not None else None
+                return StageOutput([hidden, *teacher_hidden], loss)
             out = student.finish(hidden, rope, record, compute_logits=self.compute_logits)
-        return StageOutput([], self.last(micro_batch, out))
+        return StageOutput([], self.last(micro_batch, out, teacher_out))
+
+    @torch.no_grad()
+    def _teacher(self, chunk: int, ids: torch.Tensor, inputs: list[torch.Tensor], *,
+                 last: bool) -> tuple[list[torch.Tensor], TeacherOutputs | None]:
+        """The teacher's chunk: ([its residual stream for the next stage], its outputs here)."""
+        if self.teacher is None:
+            return [], None
+        model, request = self.teacher.model, self.teacher.request
+        record = model.recorder(request.buffers)
+        hidden = model.embed(ids, record) if not inputs else inputs[0]
+        rope = model.rope(ids, self.teacher_dtype)
+        hidden = model.run_chunk(chunk, hidden, rope, record)
+        if not last:
+            return [hidden], TeacherOutputs(buffers=record.buffers)
+        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
+        return [], self.teacher.outputs(out)
 
 
 def run_pipeline(stage: StudentStage, layout: ParallelLayout, *, train: bool) -> None:

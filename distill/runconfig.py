@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import DistillConfig, check_compatibility
+from distill.config import DistillConfig, ResolvedPair, check_compatibility
 from distill.offline import check_offline_dir, export_key
 from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoints_after,
                                resolve_checkpoint)
@@ -26,6 +26,7 @@ from engine.parallel import LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
 from engine.train_config import TrainConfig, resume_path
 from layers.config import ModelConfig, check_model_layout, shape_differences
+from layers.stages import StagePlan
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,38 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
         raise ConfigError("parallel.virtual_stages",
                           f"the interleaved schedule needs the {micro_batches} micro-batches of a "
                           f"step (per DP rank) to be a multiple of parallel.pp={par.pp}")
-    if par.pp > 1 and (cfg.distill.logit.on or cfg.distill.activations):
-        raise ConfigError("parallel.pp", f"parallel.pp={par.pp} trains language models only so "
-                                         "far: distillation (distill.logit.weight > 0 or "
-                                         "distill.activations) needs parallel.pp=1")
+    distill = cfg.distill
+    if par.pp == 1 or not (distill.logit.on or distill.activations):
+        return
+    if distill.schedule != "colocated":
+        raise ConfigError("distill.schedule", f"{distill.schedule} with parallel.pp={par.pp} is not "
+                                              "implemented yet (colocated is)")
+    if distill.activations and distill.projection != "none":
+        raise ConfigError("distill.projection", f"a projection with parallel.pp={par.pp} is not "
+                                                "implemented yet (pairs of equal widths are)")
+    if distill.on_policy.on:
+        raise ConfigError("distill.on_policy.fraction", "on-policy generation needs "
+                                                        f"parallel.pp=1 (got {par.pp})")
+
+
+def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | None,
+                         pairs: list[ResolvedPair]) -> None:
+    """Under PP each activation pair lives on one virtual stage: the colocated teacher is cut at
+    the student's depth fractions, and both buffers must fall on the same stage."""
+    par = cfg.parallel
+    if par.pp == 1 or teacher is None:
+        return
+    student_plan = StagePlan(layers=cfg.model.layers, pp=par.pp, chunks=par.virtual_stages)
+    teacher_plan = StagePlan(layers=teacher.layers, pp=par.pp, chunks=par.virtual_stages)
+    for pair in pairs:
+        stages = student_plan.buffer_stage(pair.student), teacher_plan.buffer_stage(pair.teacher)
+        if stages[0] != stages[1]:
+            raise ConfigError("distill.activations",
+                              f"{pair.student} -> {pair.teacher}: with parallel.pp={par.pp} x "
+                              f"parallel.virtual_stages={par.virtual_stages} the student buffer is "
+                              f"on virtual stage {stages[0]} and the teacher's on {stages[1]} "
+                              "(the teacher's layers are cut at the student's depth fractions); "
+                              "pair buffers of the same stage")
 
 
 def check_model_data(cfg: RunConfig) -> None:
@@ -173,7 +202,8 @@ def load_run_config(path: str | Path, overrides: list[str], *,
     cfg = parse_run_config(apply_overrides(load_yaml(path), overrides))
     check_layout(cfg, world_size)
     teacher = teacher_model_config(cfg)
-    check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    check_pipeline_pairs(cfg, teacher, pairs)
     if cfg.distill.schedule == "offline":
         check_offline_dir(cfg.distill.offline_dir, wanted=run_export_key(cfg),
                           samples=cfg.train.steps * cfg.data.global_batch,

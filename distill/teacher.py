@@ -148,8 +148,13 @@ class ColocatedTeacher:
                           compute_logits=self.request.head == "logits")
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
-        out = self.forward(micro_batch["input_ids"])
-        result = TeacherOutputs(buffers={name: out.buffers[name] for name in self.request.buffers})
+        return self.outputs(self.forward(micro_batch["input_ids"]))
+
+    def outputs(self, out) -> TeacherOutputs:
+        """What the objective reads of the teacher's `ModelOutput` (the last pipeline stage's,
+        whose buffers are that stage's)."""
+        result = TeacherOutputs(buffers={name: out.buffers[name] for name in self.request.buffers
+                                         if name in out.buffers})
         if self.request.head == "logits":
             result.logits = out.logits
         elif self.request.head == "hidden":

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill.evaluate import validation_loss
-from distill.objective import DistillObjective, count_tokens
+from distill.objective import DistillObjective, count_tokens, distill_mask
 from distill.on_policy import OnPolicy
 from distill.pipeline_step import StudentStage, run_pipeline, sync_pipeline_grads
 from distill.schedules import Schedules
@@ -146,19 +146,33 @@ class DistillTrainer:
     def _pipeline(self, micro_batches: list[dict], counts) -> dict[str, float]:
         """The step's micro-batches through the pipeline schedule; the objective on the last
         stage. The totals are this stage's (zeros but on the last stage)."""
-        totals: dict[str, float] = dict.fromkeys(TERMS, 0.0)
-        fused = self.objective.fused
+        objective, fused = self.objective, self.objective.fused
+        totals = dict.fromkeys((*TERMS, *objective.metric_names()), 0.0)
+        plan = self.student.plan
+        pairs = {v: [p for p in objective.pairs if plan.buffer_stage(p.student) == v]
+                 for v in range(plan.virtual_stages)}
 
-        def last(i: int, out) -> torch.Tensor:
+        def last(i: int, out, teacher_out) -> torch.Tensor:
             mb = micro_batches[i]
-            result = self.objective(out, None, mb.get("labels"), tokens_norm=counts,
-                                    output_weight=self.student.output_weight if fused else None,
-                                    kd_mask=mb.get("kd_mask"))
+            result = objective(out, teacher_out, mb.get("labels"), tokens_norm=counts,
+                               output_weight=self.student.output_weight if fused else None,
+                               kd_mask=mb.get("kd_mask"), pairs=pairs[plan.virtual_stages - 1])
             _accumulate(totals, result)
             return result.loss
 
+        def activations(i: int, virtual: int, buffers: dict, teacher_out) -> torch.Tensor | None:
+            mb = micro_batches[i]
+            share = objective.activation_share(
+                pairs[virtual], buffers, teacher_out,
+                distill_mask(mb.get("labels"), mb.get("kd_mask")), counts)
+            if share is not None:
+                for key in ("loss", "act_loss"):
+                    totals[key] += float(share)
+            return share
+
         stage = StudentStage(self.student, micro_batches, last=last, compute_logits=not fused,
-                             autocast=self._autocast)
+                             autocast=self._autocast, teacher=self.teacher,
+                             buffers=objective.student_buffer_names(), activations=activations)
         run_pipeline(stage, self.layout, train=True)
         sync_pipeline_grads(self.module, self.student, self.layout)
         return totals

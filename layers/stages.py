@@ -1,6 +1,9 @@
 """Which parts of the student a pipeline rank builds: `StagePlan`.
 
-The decoder blocks are split into `pp * chunks` contiguous virtual stages of equal depth; virtual
+The decoder blocks are split into `pp * chunks` contiguous virtual stages of proportional depth
+(virtual stage k holds blocks k * L // K .. (k + 1) * L // K - 1 of L over K stages: equal for the
+student, whose config must divide evenly; a colocated teacher of another depth is cut at the same
+fractions, so its stages line up with the student's); virtual
 stage k = chunk * pp + pp_rank (Megatron's interleaved placement, engine/pipeline.py), so pipeline
 rank r holds chunks 0..chunks-1 with the blocks of virtual stages r, r + pp, ... The embedding (and
 GPT-2's positions) live on virtual stage 0, i.e. chunk 0 of rank 0; the final norm, the output
@@ -29,14 +32,12 @@ class StagePlan:
         return cls(layers=layers, pp=layout.pp, pp_rank=layout.pp_rank,
                    chunks=layout.virtual_stages)
 
-    def __post_init__(self):
-        if self.layers % (self.pp * self.chunks):
-            raise ValueError(f"{self.layers} layers do not split into {self.pp} x {self.chunks} "
-                             "equal virtual stages")
-
     @property
-    def per_virtual_stage(self) -> int:
-        return self.layers // (self.pp * self.chunks)
+    def virtual_stages(self) -> int:
+        return self.pp * self.chunks
+
+    def _start(self, virtual: int) -> int:
+        return virtual * self.layers // self.virtual_stages
 
     @property
     def whole(self) -> bool:
@@ -52,13 +53,25 @@ class StagePlan:
 
     def chunk_layers(self, chunk: int) -> range:
         """Global indices of the blocks of this rank's `chunk`, in forward order."""
-        first = (chunk * self.pp + self.pp_rank) * self.per_virtual_stage
-        return range(first, first + self.per_virtual_stage)
+        virtual = chunk * self.pp + self.pp_rank
+        return range(self._start(virtual), self._start(virtual + 1))
 
     def layers_here(self) -> list[int]:
         return [i for c in range(self.chunks) for i in self.chunk_layers(c)]
 
+    def virtual_of(self, layer: int) -> int:
+        """The virtual stage that runs global block `layer`."""
+        return next(v for v in range(self.virtual_stages) if layer < self._start(v + 1))
+
     def owner(self, layer: int) -> tuple[int, int]:
         """(pipeline rank, chunk) that runs global block `layer`."""
-        virtual = layer // self.per_virtual_stage
+        virtual = self.virtual_of(layer)
         return virtual % self.pp, virtual // self.pp
+
+    def buffer_stage(self, name: str) -> int:
+        """The virtual stage that publishes activation buffer `name` (layers/buffers.py)."""
+        if name == "embedding":
+            return 0
+        if name.startswith("decoder."):
+            return self.virtual_of(int(name.split(".")[1]))
+        return self.virtual_stages - 1  # final_hidden and the MTP heads' buffers

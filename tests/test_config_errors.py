@@ -117,9 +117,16 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.layers=4", "data.global_batch=2"],
      "parallel.virtual_stages: the interleaved schedule needs the 1 micro-batches of a step (per "
      "DP rank) to be a multiple of parallel.pp=2"),
-    (2, ["parallel.pp=2"], "parallel.pp: parallel.pp=2 trains language models only so far: "
-                           "distillation (distill.logit.weight > 0 or distill.activations) needs "
-                           "parallel.pp=1"),
+    (2, ["parallel.pp=2", "distill.schedule=offline", "distill.offline_dir=x"],
+     "distill.schedule: offline with parallel.pp=2 is not implemented yet (colocated is)"),
+    (2, ["parallel.pp=2", "distill.activations=[all_mlps]", "distill.projection=shared"],
+     "distill.projection: a projection with parallel.pp=2 is not implemented yet"),
+    (2, ["parallel.pp=2", "distill.on_policy.fraction=0.5"],
+     "distill.on_policy.fraction: on-policy generation needs parallel.pp=1 (got 2)"),
+    (2, ["parallel.pp=2", "model.hidden=48",
+         "distill.activations=[{student: decoder.0.output, teacher: decoder.2.output}]"],
+     "distill.activations: decoder.0.output -> decoder.2.output: with parallel.pp=2 x "
+     "parallel.virtual_stages=1 the student buffer is on virtual stage 0 and the teacher's on 1"),
     (1, ["train.recompute=attention"],
      "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
 ]

@@ -6,6 +6,10 @@ of a few hundred operations, as tests/test_trainer.py); its final checkpoint, wr
 and loaded at PP=1, must hold the single-process run's parameters (to PARAM_ATOL, below).
 Resuming at PP=2 from a PP=2 checkpoint, and at PP=2 from a PP=1 checkpoint, must continue like
 the uninterrupted single-process run (its step-3 record at rtol 1e-5).
+
+Distillation rows: a colocated teacher deeper than the student (6 layers against 4, cut at the same
+depth fractions), logit distillation and one activation pair on each of the first and the last
+virtual stage; the same tolerances on every logged term (kd_loss and act_loss included).
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from engine.parallel import ParallelLayout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
-from tests.trainer_utils import base_config, read_metrics, run_main, write_config
+from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
 
 RTOL = 1e-5
 # Adam (lr 1e-2) turns fp32 round-off in near-zero gradient entries into parameter differences of a
 # small fraction of lr (measured: 1.1e-5 at most, the embedding at TP=2+SP); other rows agree to 1e-6.
 PARAM_ATOL = 5e-5
-KEYS = ("loss", "lm_loss", "grad_norm")
+KEYS = ("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm")
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +45,37 @@ def setup(tmp_path_factory):
     return tmp, path, cfg, single
 
 
-def _run(cfg_path, run_dir, *extra):
-    assert run_main(str(cfg_path), [f"train.run_dir={run_dir}", *extra], distill=False) == 0
+def _run(cfg_path, run_dir, *extra, distill=False):
+    assert run_main(str(cfg_path), [f"train.run_dir={run_dir}", *extra], distill=distill) == 0
     return read_metrics(run_dir)
 
 
-def _assert_same_run(a: list[dict], b: list[dict]) -> None:
+def _distill_run(cfg_path, run_dir, *extra):
+    return _run(cfg_path, run_dir, *extra, distill=True)
+
+
+PAIRS = [{"student": "decoder.0.mlp_output", "teacher": "decoder.0.mlp_output"},
+         {"student": "decoder.3.output", "teacher": "decoder.5.output"}]
+
+
+@pytest.fixture(scope="module")
+def distill_setup(setup):
+    tmp, _, cfg, _ = setup
+    teacher = {**cfg, "model": {**cfg["model"], "layers": 6, "init_std": 0.3, "mtp_heads": 0,
+                                "tie_embeddings": False}}
+    cfg = {**cfg, "distill": {"teacher": str(make_teacher(tmp / "teacher", teacher)),
+                              "logit": {"weight": 1.0, "temperature": 2.0}, "lm_weight": 0.5,
+                              "activations": PAIRS}}
+    path = write_config(tmp / "distill.yaml", cfg)
+    single = _distill_run(path, tmp / "distill_single")
+    assert single[0]["kd_loss"] > 0 and single[0]["act_loss"] > 0
+    return tmp, path, single
+
+
+def _assert_same_run(a: list[dict], b: list[dict], *, val: bool = True) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        for key in [*KEYS, *(["val_loss"] if "val_loss" in rb else [])]:
+        for key in [*KEYS, *(["val_loss"] if val and "val_loss" in rb else [])]:
             assert math.isclose(ra[key], rb[key], rel_tol=RTOL, abs_tol=1e-7), \
                 (key, ra["step"], ra[key], rb[key])
 
@@ -60,20 +86,21 @@ def _final_weights(cfg: dict, run_dir) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-LAYOUTS = [  # (world size, overrides of the pipeline run)
-    pytest.param(2, ["parallel.pp=2"], id="pp2"),
-    pytest.param(4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], id="pp2-tp2-sp"),
-    pytest.param(4, ["parallel.pp=2"], id="pp2-dp2"),
-    pytest.param(2, ["parallel.pp=2", "parallel.virtual_stages=2"], id="pp2-interleaved-v2"),
+LAYOUTS = [  # (world size, DP degree, overrides of the pipeline run)
+    pytest.param(2, 1, ["parallel.pp=2"], id="pp2"),
+    pytest.param(4, 1, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], id="pp2-tp2-sp"),
+    pytest.param(4, 2, ["parallel.pp=2"], id="pp2-dp2"),
+    pytest.param(2, 1, ["parallel.pp=2", "parallel.virtual_stages=2"], id="pp2-interleaved-v2"),
 ]
 
 
-@pytest.mark.parametrize("world,parallel", LAYOUTS)
-def test_pipeline_equals_single_process(setup, world, parallel):
+@pytest.mark.parametrize("world,dp,parallel", LAYOUTS)
+def test_pipeline_equals_single_process(setup, world, dp, parallel):
     tmp, path, cfg, single = setup
     run_dir = tmp / "_".join(parallel).replace("=", "")
     run_ranks(_run, world, path, run_dir, *parallel, timeout_s=180)
-    _assert_same_run(read_metrics(run_dir), single)
+    # validation scores train.eval_batches micro-batches per DP rank: DP=2 scores other samples
+    _assert_same_run(read_metrics(run_dir), single, val=dp == 1)
     assert "val_loss" in single[-1]
     want = _final_weights(cfg, tmp / "single")
     got = _final_weights(cfg, run_dir)
@@ -92,3 +119,18 @@ def test_resume_at_pp2_from_pp2_and_from_pp1(setup):
     run_ranks(_run, 2, path, tmp / "pp1_to_pp2", "parallel.pp=2", f"train.resume={from_pp1}",
               timeout_s=180)
     _assert_same_run(read_metrics(tmp / "pp1_to_pp2")[-1:], single[-1:])
+
+
+DISTILL_LAYOUTS = [
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], id="pp2-tp2-sp"),
+    pytest.param(2, ["parallel.pp=2", "parallel.virtual_stages=2"], id="pp2-interleaved-v2"),
+]
+
+
+@pytest.mark.parametrize("world,parallel", DISTILL_LAYOUTS)
+def test_pipeline_distillation_equals_single_process(distill_setup, world, parallel):
+    tmp, path, single = distill_setup
+    run_dir = tmp / ("distill_" + "_".join(parallel).replace("=", ""))
+    run_ranks(_distill_run, world, path, run_dir, *parallel, timeout_s=180)
+    _assert_same_run(read_metrics(run_dir), single)

@@ -28,8 +28,11 @@ def test_plan_places_virtual_stages_like_megatron():
     assert [plan.owner(i) for i in range(8)] == [(0, 0), (0, 0), (1, 0), (1, 0),
                                                  (0, 1), (0, 1), (1, 1), (1, 1)]
     assert StagePlan(layers=4).layers_here() == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="do not split"):
-        StagePlan(layers=6, pp=2, chunks=2)
+    assert [plan.buffer_stage(n) for n in ("embedding", "decoder.5.output", "final_hidden",
+                                           "mtp.1.output")] == [0, 2, 3, 3]
+    deeper = StagePlan(layers=6, pp=2, pp_rank=0, chunks=2)  # a teacher cut at the same fractions
+    assert [list(deeper.chunk_layers(c)) for c in range(2)] == [[0], [3]]
+    assert [deeper.virtual_of(i) for i in range(6)] == [0, 1, 1, 2, 3, 3]
 
 
 def _config(family: str) -> ModelConfig:
