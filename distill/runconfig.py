@@ -86,9 +86,9 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
     distill = cfg.distill
     if par.pp == 1 or not (distill.logit.on or distill.activations):
         return
-    if distill.schedule != "colocated":
-        raise ConfigError("distill.schedule", f"{distill.schedule} with parallel.pp={par.pp} is not "
-                                              "implemented yet (colocated is)")
+    if distill.schedule == "teacher_ranks":
+        raise ConfigError("distill.schedule", f"teacher_ranks with parallel.pp={par.pp} is not "
+                                              "implemented yet (colocated and offline are)")
     if distill.activations and distill.projection != "none":
         raise ConfigError("distill.projection", f"a projection with parallel.pp={par.pp} is not "
                                                 "implemented yet (pairs of equal widths are)")

@@ -32,7 +32,7 @@ from distill.objective import DistillObjective, count_tokens, distill_mask
 from distill.on_policy import OnPolicy
 from distill.pipeline_step import StudentStage, run_pipeline, sync_pipeline_grads
 from distill.schedules import Schedules
-from distill.teacher import TeacherSource
+from distill.teacher import ColocatedTeacher, TeacherSource
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data import DataConfig, to_device
@@ -152,8 +152,12 @@ class DistillTrainer:
         pairs = {v: [p for p in objective.pairs if plan.buffer_stage(p.student) == v]
                  for v in range(plan.virtual_stages)}
 
+        colocated = self.teacher if isinstance(self.teacher, ColocatedTeacher) else None
+
         def last(i: int, out, teacher_out) -> torch.Tensor:
             mb = micro_batches[i]
+            if self.teacher is not None and colocated is None:  # offline: read on the last stage
+                teacher_out = self.teacher(mb)
             result = objective(out, teacher_out, mb.get("labels"), tokens_norm=counts,
                                output_weight=self.student.output_weight if fused else None,
                                kd_mask=mb.get("kd_mask"), pairs=pairs[plan.virtual_stages - 1])
@@ -171,7 +175,7 @@ class DistillTrainer:
             return share
 
         stage = StudentStage(self.student, micro_batches, last=last, compute_logits=not fused,
-                             autocast=self._autocast, teacher=self.teacher,
+                             autocast=self._autocast, teacher=colocated,
                              buffers=objective.student_buffer_names(), activations=activations)
         run_pipeline(stage, self.layout, train=True)
         sync_pipeline_grads(self.module, self.student, self.layout)

@@ -117,8 +117,9 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.layers=4", "data.global_batch=2"],
      "parallel.virtual_stages: the interleaved schedule needs the 1 micro-batches of a step (per "
      "DP rank) to be a multiple of parallel.pp=2"),
-    (2, ["parallel.pp=2", "distill.schedule=offline", "distill.offline_dir=x"],
-     "distill.schedule: offline with parallel.pp=2 is not implemented yet (colocated is)"),
+    (3, ["parallel.pp=2", "parallel.teacher_ranks=1", "distill.schedule=teacher_ranks"],
+     "distill.schedule: teacher_ranks with parallel.pp=2 is not implemented yet (colocated and "
+     "offline are)"),
     (2, ["parallel.pp=2", "distill.activations=[all_mlps]", "distill.projection=shared"],
      "distill.projection: a projection with parallel.pp=2 is not implemented yet"),
     (2, ["parallel.pp=2", "distill.on_policy.fraction=0.5"],

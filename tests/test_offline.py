@@ -166,6 +166,20 @@ def test_full_vocabulary_training_equals_colocated(setup):
     _assert_same_run(read_metrics(tmp / "off_dp2"), colocated)
 
 
+def _pp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
+    return run_main(str(cfg_path), [f"train.run_dir={run_dir}", "parallel.pp=2",
+                                    *_offline(export_dir)])
+
+
+def test_offline_at_pp2_equals_single_process(setup):
+    """The last pipeline stage reads the exported rows of its micro-batches, in order."""
+    tmp, cfg_path = setup
+    assert run_main(str(cfg_path), [f"train.run_dir={tmp / 'off_single'}",
+                                    *_offline(tmp / "full")]) == 0
+    run_ranks(_pp_offline_run, 2, cfg_path, tmp / "off_pp2", tmp / "full", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "off_pp2"), read_metrics(tmp / "off_single"))
+
+
 # --------------------------------------------------------------------- export at TP=2 x DP=2
 
 def _parallel_export(cfg_path: Path, out: Path) -> int:
