@@ -1,4 +1,4 @@
-"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on).
+"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on; and PP=2).
 
 An uninterrupted run is compared bit for bit with (a) a run SIGKILLed mid-training and resumed
 with `train.resume=auto`, and (b) a run whose ranks get SIGTERM (as SLURM preemption sends), which
@@ -108,5 +108,33 @@ def test_sigterm_checkpoints_and_resumes(config, reference, tmp_path):
     stopped_at = int(saved[-1].removeprefix("step_"))
     assert 3 <= stopped_at < STEPS, saved
     assert len(read_metrics(run_dir)) == stopped_at
+    assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
+    assert _losses(run_dir) == reference
+
+
+def test_sigterm_at_pp2_checkpoints_and_resumes_exactly(tmp_path):
+    """Pipeline-parallel (PP=2, dropout on, colocated teacher cut into two stages, an activation
+    pair on each stage): SIGTERM mid-run, per-stage checkpoint, resume equal bit for bit."""
+    cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    cfg["model"].update(dropout=0.1, layers=4)
+    cfg["parallel"]["pp"] = 2
+    cfg["train"].update(steps=STEPS, save_interval=2, keep=2)
+    teacher = teacher_config(cfg)
+    teacher["model"]["hidden"] = cfg["model"]["hidden"]
+    cfg["distill"] = {"teacher": str(make_teacher(tmp_path / "teacher", teacher)),
+                      "activations": [{"student": "decoder.1.output", "teacher": "decoder.0.output"},
+                                      {"student": "decoder.3.output", "teacher": "decoder.2.output"}]}
+    config = write_config(tmp_path / "run.yaml", cfg)
+    assert _finish(_torchrun(config, tmp_path / "reference")) == 0
+    reference = _losses(tmp_path / "reference")
+    assert [s for s, _, _ in reference] == list(range(1, STEPS + 1))
+    run_dir = tmp_path / "preempted"
+    proc = _torchrun(config, run_dir)
+    _wait_for_step(run_dir, 3, proc)
+    for pid in _worker_pids(run_dir):
+        os.kill(pid, signal.SIGTERM)
+    _finish(proc)
+    stopped_at = int(sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1][5:])
+    assert 3 <= stopped_at < STEPS
     assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
     assert _losses(run_dir) == reference
