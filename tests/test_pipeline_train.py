@@ -97,7 +97,7 @@ LAYOUTS = [  # (world size, DP degree, overrides of the pipeline run)
 @pytest.mark.parametrize("world,dp,parallel", LAYOUTS)
 def test_pipeline_equals_single_process(setup, world, dp, parallel):
     tmp, path, cfg, single = setup
-    run_dir = tmp / "_".join(parallel).replace("=", "")
+    run_dir = tmp / ("_".join(parallel).replace("=", "") + f"_dp{dp}")
     run_ranks(_run, world, path, run_dir, *parallel, timeout_s=180)
     # validation scores train.eval_batches micro-batches per DP rank: DP=2 scores other samples
     _assert_same_run(read_metrics(run_dir), single, val=dp == 1)
@@ -121,16 +121,9 @@ def test_resume_at_pp2_from_pp2_and_from_pp1(setup):
     _assert_same_run(read_metrics(tmp / "pp1_to_pp2")[-1:], single[-1:])
 
 
-DISTILL_LAYOUTS = [
-    pytest.param(2, ["parallel.pp=2"], id="pp2"),
-    pytest.param(4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], id="pp2-tp2-sp"),
-    pytest.param(2, ["parallel.pp=2", "parallel.virtual_stages=2"], id="pp2-interleaved-v2"),
-]
-
-
-@pytest.mark.parametrize("world,parallel", DISTILL_LAYOUTS)
-def test_pipeline_distillation_equals_single_process(distill_setup, world, parallel):
+@pytest.mark.parametrize("world,dp,parallel", LAYOUTS)
+def test_pipeline_distillation_equals_single_process(distill_setup, world, dp, parallel):
     tmp, path, single = distill_setup
-    run_dir = tmp / ("distill_" + "_".join(parallel).replace("=", ""))
+    run_dir = tmp / ("distill_" + "_".join(parallel).replace("=", "") + f"_dp{dp}")
     run_ranks(_distill_run, world, path, run_dir, *parallel, timeout_s=180)
-    _assert_same_run(read_metrics(run_dir), single)
+    _assert_same_run(read_metrics(run_dir), single, val=dp == 1)
