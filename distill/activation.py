@@ -106,13 +106,15 @@ def activation_pair_means(pairs: Sequence[ResolvedPair], student: Mapping[str, A
                           teacher: Mapping[str, ActivationBuffer | torch.Tensor], *,
                           token_mask: torch.Tensor | None, num_tokens: float,
                           projection: ActivationProjection | None = None,
+                          pair_indices: list[int] | None = None,
                           group: Group = None) -> torch.Tensor:
     """Each pair's loss summed over valid tokens / `num_tokens`: [len(pairs)] fp32, equal on all
     TP ranks, with gradients to the student buffers (and projection) of this rank's tokens.
 
     `token_mask` [batch, seq] (full sequence, batch first) marks the tokens that count, None = all;
     `num_tokens` is their global count; `group` is the TP group. A teacher entry may be a bare
-    tensor, taken to be in the student buffer's layout.
+    tensor, taken to be in the student buffer's layout. `pair_indices`: each pair's index among
+    the run's pairs (the projection's per-pair weights) when `pairs` is some of them.
     """
     if not pairs:
         return torch.zeros(0)
@@ -121,7 +123,7 @@ def activation_pair_means(pairs: Sequence[ResolvedPair], student: Mapping[str, A
     if projection is not None:
         for pair, buf in zip(pairs, bufs):
             _check_projection_layout(buf, projection, pair.student)
-        hidden = projection(hidden)
+        hidden = projection(hidden, pair_indices)
     sums = []
     for pair, buf, h in zip(pairs, bufs, hidden):
         target = _teacher_like(teacher[pair.teacher], buf, group, pair.teacher)

@@ -275,11 +275,12 @@ class DistillObjective(nn.Module):
         if missing:
             raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
                              "teacher forward for objective.teacher_buffer_names()")
-        if self.projection is not None and len(pairs) != len(self.pairs):
-            raise ValueError("a projection needs every activation pair in one forward")
         means = activation_pair_means(pairs, student_buffers, teacher.buffers,
                                       token_mask=mask, num_tokens=counts.distill,
-                                      projection=self.projection, group=self.layout.tp_group)
+                                      projection=self.projection,
+                                      pair_indices=[next(i for i, q in enumerate(self.pairs)
+                                                         if q is p) for p in pairs],
+                                      group=self.layout.tp_group)
         weights = torch.tensor([p.weight for p in pairs], dtype=means.dtype, device=means.device)
         return self.values.activation_coef * (means * weights).sum() / len(self.pairs)
 

@@ -16,7 +16,10 @@ hands the teacher's head outputs to `last`.
 Gradients after the schedule (`sync_pipeline_grads`): summed over DP (each rank's losses are its
 shares of the step's global means, so the sum is the gradient of the means; no DDP under PP), and,
 with tied embeddings, the first stage's embedding gradient and the last stage's output-layer copy's
-gradient summed over the pipeline's embedding group, so both copies take the same update.
+gradient summed over the pipeline's embedding group, so both copies take the same update. The
+objective's parameters (activation projections) have a copy on every stage, each with the gradient
+of its stage's pairs: they are summed over the pipeline group, and counted once in the gradient
+norm (`pipeline_copies`).
 """
 
 from __future__ import annotations
@@ -120,9 +123,21 @@ def run_pipeline(stage: StudentStage, layout: ParallelLayout, *, train: bool) ->
                      stage)
 
 
-def sync_pipeline_grads(module: nn.Module, student: TransformerLM, layout: ParallelLayout) -> None:
-    """Sum gradients over DP (one flat all-reduce), and the tied embedding's two copies over the
-    pipeline's embedding group."""
+def pipeline_copies(objective: nn.Module, layout: ParallelLayout) -> None:
+    """Mark the objective's parameters past the first stage as copies (engine/optim.py's norm
+    counts them once)."""
+    for param in objective.parameters():
+        param.pp_duplicate = layout.pp_rank > 0
+
+
+def sync_pipeline_grads(module: nn.Module, student: TransformerLM, objective: nn.Module,
+                        layout: ParallelLayout) -> None:
+    """Sum gradients over DP (one flat all-reduce), the tied embedding's two copies over the
+    pipeline's embedding group, and the objective's copies over the pipeline group."""
+    for param in objective.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        C.all_reduce(param.grad, layout.pp_group)
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if layout.dp > 1 and grads:
         flat = C.all_reduce(_flatten_dense_tensors(grads), layout.dp_group)

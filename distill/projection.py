@@ -40,11 +40,16 @@ class ActivationProjection(nn.Module):
                 weight.copy_(full_init(std, tuple(weight.shape), seed=seed, name=f"projection.{i}"))
             self.weights.append(weight)
 
-    def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Project every pair's activation; one TP all-reduce per weight in backward under SP."""
-        weights = [sp_shared(w, self.layout) for w in self.weights]
+    def forward(self, hidden: list[torch.Tensor],
+                pairs: list[int] | None = None) -> list[torch.Tensor]:
+        """Project every pair's activation (`pairs`: the run's pair index of each, when they are
+        some of them, e.g. one pipeline stage's); one TP all-reduce per weight in backward under
+        SP."""
+        pairs = list(range(len(hidden))) if pairs is None else pairs
+        used = sorted({0 if self.shared else i for i in pairs})
+        weights = {i: sp_shared(self.weights[i], self.layout) for i in used}
         out = []
-        for i, x in enumerate(hidden):
+        for i, x in zip(pairs, hidden):
             weight = weights[0 if self.shared else i]  # [teacher_width, student_width]
             out.append(x.to(weight.dtype) @ weight.t())
         return out

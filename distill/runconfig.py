@@ -89,9 +89,6 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
     if distill.schedule == "teacher_ranks":
         raise ConfigError("distill.schedule", f"teacher_ranks with parallel.pp={par.pp} is not "
                                               "implemented yet (colocated and offline are)")
-    if distill.activations and distill.projection != "none":
-        raise ConfigError("distill.projection", f"a projection with parallel.pp={par.pp} is not "
-                                                "implemented yet (pairs of equal widths are)")
     if distill.on_policy.on:
         raise ConfigError("distill.on_policy.fraction", "on-policy generation needs "
                                                         f"parallel.pp=1 (got {par.pp})")

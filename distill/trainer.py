@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from distill.evaluate import validation_loss
 from distill.objective import DistillObjective, count_tokens, distill_mask
 from distill.on_policy import OnPolicy
-from distill.pipeline_step import StudentStage, run_pipeline, sync_pipeline_grads
+from distill.pipeline_step import (StudentStage, pipeline_copies, run_pipeline,
+                                   sync_pipeline_grads)
 from distill.schedules import Schedules
 from distill.teacher import ColocatedTeacher, TeacherSource
 from engine import collectives as C
@@ -110,6 +111,8 @@ class DistillTrainer:
         # The objective's loss is this rank's share of the step's global means, whose gradient is
         # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate.
         self.dp_scale = layout.dp if self.ddp is not None else 1
+        if layout.pp > 1:
+            pipeline_copies(objective, layout)
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
         self.schedules = Schedules(objective.cfg)
         self.state = RunState()
@@ -178,7 +181,7 @@ class DistillTrainer:
                              autocast=self._autocast, teacher=colocated,
                              buffers=objective.student_buffer_names(), activations=activations)
         run_pipeline(stage, self.layout, train=True)
-        sync_pipeline_grads(self.module, self.student, self.layout)
+        sync_pipeline_grads(self.module, self.student, self.objective, self.layout)
         return totals
 
     def _autocast(self):

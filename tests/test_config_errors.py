@@ -120,8 +120,6 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (3, ["parallel.pp=2", "parallel.teacher_ranks=1", "distill.schedule=teacher_ranks"],
      "distill.schedule: teacher_ranks with parallel.pp=2 is not implemented yet (colocated and "
      "offline are)"),
-    (2, ["parallel.pp=2", "distill.activations=[all_mlps]", "distill.projection=shared"],
-     "distill.projection: a projection with parallel.pp=2 is not implemented yet"),
     (2, ["parallel.pp=2", "distill.on_policy.fraction=0.5"],
      "distill.on_policy.fraction: on-policy generation needs parallel.pp=1 (got 2)"),
     (2, ["parallel.pp=2", "model.hidden=48",

@@ -7,8 +7,9 @@ and loaded at PP=1, must hold the single-process run's parameters (to PARAM_ATOL
 Resuming at PP=2 from a PP=2 checkpoint, and at PP=2 from a PP=1 checkpoint, must continue like
 the uninterrupted single-process run (its step-3 record at rtol 1e-5).
 
-Distillation rows: a colocated teacher deeper than the student (6 layers against 4, cut at the same
-depth fractions), logit distillation and one activation pair on each of the first and the last
+Distillation rows: a colocated teacher deeper and wider than the student (6 layers of 48 against 4
+of 32, cut at the same depth fractions), logit distillation and one activation pair (with its own
+learned projection, whose copies on the stages are kept in sync) on each of the first and the last
 virtual stage; the same tolerances on every logged term (kd_loss and act_loss included).
 """
 
@@ -61,11 +62,11 @@ PAIRS = [{"student": "decoder.0.mlp_output", "teacher": "decoder.0.mlp_output"},
 @pytest.fixture(scope="module")
 def distill_setup(setup):
     tmp, _, cfg, _ = setup
-    teacher = {**cfg, "model": {**cfg["model"], "layers": 6, "init_std": 0.3, "mtp_heads": 0,
-                                "tie_embeddings": False}}
+    teacher = {**cfg, "model": {**cfg["model"], "layers": 6, "hidden": 48, "init_std": 0.3,
+                                "mtp_heads": 0, "tie_embeddings": False}}
     cfg = {**cfg, "distill": {"teacher": str(make_teacher(tmp / "teacher", teacher)),
                               "logit": {"weight": 1.0, "temperature": 2.0}, "lm_weight": 0.5,
-                              "activations": PAIRS}}
+                              "activations": PAIRS, "projection": "per_pair"}}
     path = write_config(tmp / "distill.yaml", cfg)
     single = _distill_run(path, tmp / "distill_single")
     assert single[0]["kd_loss"] > 0 and single[0]["act_loss"] > 0
