@@ -10,10 +10,12 @@ last micro-batch of a step. Tensor- and sequence-parallel gradients need no fix-
 layers produce complete gradients inside autograd (layers/tensor_parallel.py).
 
 Pipeline parallelism (`parallel.pp > 1`): the step's micro-batches go through the 1F1B schedule
-(interleaved with `parallel.virtual_stages > 1`) of engine/pipeline.py, the objective runs on the
-last stage (distill/pipeline_step.py), gradients are summed over DP and over the tied embedding's
-two copies after the schedule (no DDP), the gradient norm covers every stage, and the step's loss
-terms are summed over the pipeline group so that every rank holds (and rank 0 logs) them.
+(interleaved with `parallel.virtual_stages > 1`) of engine/pipeline.py (distill/pipeline_step.py):
+the LM and logit terms run on the last stage, each activation pair on the stage that owns it, a
+colocated teacher in lockstep on the same stages, an offline teacher's rows are read by the last
+stage. Gradients are summed over DP, over the tied embedding's two copies and over the projection's
+copies after the schedule (no DDP), the gradient norm covers every stage, and the step's loss terms
+are summed over the pipeline group so that every rank holds (and rank 0 logs) them.
 """
 
 from __future__ import annotations
@@ -147,8 +149,8 @@ class DistillTrainer:
         return totals
 
     def _pipeline(self, micro_batches: list[dict], counts) -> dict[str, float]:
-        """The step's micro-batches through the pipeline schedule; the objective on the last
-        stage. The totals are this stage's (zeros but on the last stage)."""
+        """The step's micro-batches through the pipeline schedule. The totals are this stage's
+        shares (the activation pairs it owns; the LM and logit terms on the last stage)."""
         objective, fused = self.objective, self.objective.fused
         totals = dict.fromkeys((*TERMS, *objective.metric_names()), 0.0)
         plan = self.student.plan
@@ -202,7 +204,7 @@ class DistillTrainer:
         values = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
                               device=self.layout.device)
         C.all_reduce(values, self.layout.dp_group)
-        C.all_reduce(values, self.layout.pp_group)  # only the last stage's are not zeros
+        C.all_reduce(values, self.layout.pp_group)  # each stage holds the terms it owns
         return dict(zip(keys, values.tolist()))
 
     def _record(self, step: int, totals: dict, stats: StepStats, counts) -> dict:
