@@ -24,7 +24,7 @@ from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy
 from distill.runconfig import RunConfig, load_run_config, resolved_dict
 from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherSource, TeacherStreamError,
-                             load_teacher, serve_teacher)
+                             load_teacher, serve_teacher, stage_request, student_dp)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
@@ -40,6 +40,7 @@ from engine.signals import EXIT_ABORTED, PreemptionFlag
 from engine.train_config import resume_step, seed_everything
 from layers.config import ModelConfig
 from layers.model import TransformerLM
+from layers.stages import StagePlan
 
 log = get_logger(__name__)
 
@@ -162,7 +163,9 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: Par
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
         remaining = cfg.train.steps - resume_step(cfg.train)
-        return RemoteTeacher(layout, objective.teacher_request(), prefetch=cfg.distill.prefetch,
+        request = stage_request(objective.teacher_request(), objective.pairs,
+                                StagePlan.of(cfg.model.layers, layout))
+        return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
                              total=per_step * remaining)
     if schedule == "offline":
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
@@ -174,9 +177,8 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
     teacher = _colocated(cfg, teacher_cfg, layout, objective)
 
     def batches_for(student_dp_rank: int):
-        student_dp = layout.student_world // layout.tp
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=student_dp, vocab_size=cfg.model.vocab_size)
+                            dp=student_dp(layout), vocab_size=cfg.model.vocab_size)
         start = resume_step(cfg.train)  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()
@@ -186,7 +188,11 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
     # SLURM signals every task: the teacher only records it and follows the students' decision,
     # which arrives with their acknowledgements.
     with PreemptionFlag():
+        stages = [StagePlan(layers=cfg.model.layers, pp=layout.student_pp, pp_rank=p,
+                            chunks=cfg.parallel.virtual_stages) for p in range(layout.student_pp)]
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
-                             prefetch=cfg.distill.prefetch)
+                             prefetch=cfg.distill.prefetch,
+                             stage_requests=[stage_request(teacher.request, objective.pairs, plan)
+                                             for plan in stages])
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

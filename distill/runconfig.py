@@ -86,9 +86,12 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
     distill = cfg.distill
     if par.pp == 1 or not (distill.logit.on or distill.activations):
         return
-    if distill.schedule == "teacher_ranks":
-        raise ConfigError("distill.schedule", f"teacher_ranks with parallel.pp={par.pp} is not "
-                                              "implemented yet (colocated and offline are)")
+    if distill.schedule == "teacher_ranks" and distill.prefetch < micro_batches:
+        # The stages ask for a micro-batch at different times; with a step's worth in flight the
+        # teacher never waits, within a step, on an acknowledgement that needs another stage.
+        raise ConfigError("distill.prefetch", f"must be >= the {micro_batches} micro-batches of a "
+                                              f"step with parallel.pp={par.pp} and teacher ranks "
+                                              f"(got {distill.prefetch})")
     if distill.on_policy.on:
         raise ConfigError("distill.on_policy.fraction", "on-policy generation needs "
                                                         f"parallel.pp=1 (got {par.pp})")

@@ -22,7 +22,7 @@ teacher's DP degree must divide the students'.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -41,6 +41,7 @@ from engine.parallel import STUDENT, TEACHER, ParallelLayout
 from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
 from layers.model import TransformerLM
+from layers.stages import StagePlan
 
 log = get_logger(__name__)
 
@@ -279,10 +280,17 @@ class _StudentLink:
         self.pending.clear()
 
 
-def _peer_student_ranks(layout: ParallelLayout) -> list[int]:
-    student_dp = layout.student_world // layout.tp
-    return [layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=layout.tp_rank)
-            for d in range(layout.dp_rank, student_dp, layout.dp)]
+def student_dp(layout: ParallelLayout) -> int:
+    """The students' DP degree, seen from any rank."""
+    return layout.student_world // (layout.tp * layout.student_pp)
+
+
+def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> TeacherRequest:
+    """What one student pipeline rank (`plan`) needs of the teacher: the head outputs on the last
+    stage, and the teacher buffers of the activation pairs whose student buffer it publishes."""
+    mine = {p.teacher for p in pairs if plan.buffer_stage(p.student) % plan.pp == plan.pp_rank}
+    return TeacherRequest(head=request.head if plan.has_head else "none",
+                          buffers=tuple(sorted(mine & set(request.buffers))))
 
 
 def peer_teacher_rank(layout: ParallelLayout) -> int:
@@ -292,34 +300,43 @@ def peer_teacher_rank(layout: ParallelLayout) -> int:
 
 
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
-                  batches_for: Callable[[int], Iterator[dict]], prefetch: int) -> int:
+                  batches_for: Callable[[int], Iterator[dict]], prefetch: int,
+                  stage_requests: Sequence[TeacherRequest] | None = None) -> int:
     """Teacher-rank loop: stream outputs for every micro-batch of each served student rank.
 
     `batches_for(student_dp_rank)` yields that student's micro-batches in training order. Students
     are served in turn, at most `prefetch` micro-batches ahead of each; the loop ends when every
-    stream is done or its student stopped. Returns the number of micro-batches sent.
+    stream is done or its student stopped. Under student PP the teacher runs each micro-batch once
+    and sends each pipeline rank of the student's pipeline what `stage_requests[pp_rank]` asks.
+    Returns the number of micro-batches sent.
     """
-    wire = _Wire.of(teacher.request)
-    student_dp = layout.student_world // layout.tp
-    links = {p: _StudentLink(p, layout.device) for p in _peer_student_ranks(layout)}
-    streams = {p: batches_for((p - layout.tp_rank) // layout.tp % student_dp) for p in links}
+    wires = [_Wire.of(r) for r in (stage_requests or [teacher.request])]
+    groups = {d: [_StudentLink(layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=layout.tp_rank,
+                                                  pp_rank=p), layout.device)
+                  for p in range(len(wires))]
+              for d in range(layout.dp_rank, student_dp(layout), layout.dp)}
+    streams = {d: batches_for(d) for d in groups}
     while streams:
-        for peer in list(streams):
-            batch = next(streams[peer], None) if links[peer].ready(prefetch) else None
+        for d in list(streams):
+            ready = [link.ready(prefetch) for link in groups[d]]
+            batch = next(streams[d], None) if all(ready) else None
             if batch is None:
-                del streams[peer]
+                del streams[d]
                 continue
             batch = to_device(batch, layout.device)
             out = teacher(batch)
-            per_batch = wire.flatten(out, wire.per_batch)
-            if not links[peer].announced:
-                links[peer].announce(wire.flatten(out, wire.constants), per_batch)
-            links[peer].send([token_checksum(batch["input_ids"]).to(layout.device), *per_batch])
-    for link in links.values():
+            checksum = token_checksum(batch["input_ids"]).to(layout.device)
+            for link, wire in zip(groups[d], wires):
+                per_batch = wire.flatten(out, wire.per_batch)
+                if not link.announced:
+                    link.announce(wire.flatten(out, wire.constants), per_batch)
+                link.send([checksum, *per_batch])
+    links = [link for group in groups.values() for link in group]
+    for link in links:
         link.close()
-    if any(link.stopped for link in links.values()):
+    if any(link.stopped for link in links):
         log.info("teacher rank %d: the students stopped early", layout.rank)
-    return sum(link.sent for link in links.values())
+    return sum(link.sent for link in links) // len(wires)
 
 
 class RemoteTeacher:

@@ -12,10 +12,11 @@ layers produce complete gradients inside autograd (layers/tensor_parallel.py).
 Pipeline parallelism (`parallel.pp > 1`): the step's micro-batches go through the 1F1B schedule
 (interleaved with `parallel.virtual_stages > 1`) of engine/pipeline.py (distill/pipeline_step.py):
 the LM and logit terms run on the last stage, each activation pair on the stage that owns it, a
-colocated teacher in lockstep on the same stages, an offline teacher's rows are read by the last
-stage. Gradients are summed over DP, over the tied embedding's two copies and over the projection's
-copies after the schedule (no DDP), the gradient norm covers every stage, and the step's loss terms
-are summed over the pipeline group so that every rank holds (and rank 0 logs) them.
+colocated teacher in lockstep on the same stages, a teacher on its own ranks streams each stage
+what it needs, an offline teacher's rows are read by the last stage. Gradients are summed over
+DP, over the tied embedding's two copies and over the projection's copies after the schedule (no
+DDP), the gradient norm covers every stage, and the step's loss terms are summed over the pipeline
+group so that every rank holds (and rank 0 logs) them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from distill.on_policy import OnPolicy
 from distill.pipeline_step import (StudentStage, pipeline_copies, run_pipeline,
                                    sync_pipeline_grads)
 from distill.schedules import Schedules
-from distill.teacher import ColocatedTeacher, TeacherSource
+from distill.teacher import ColocatedTeacher, RemoteTeacher, TeacherSource
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data import DataConfig, to_device
@@ -158,11 +159,20 @@ class DistillTrainer:
                  for v in range(plan.virtual_stages)}
 
         colocated = self.teacher if isinstance(self.teacher, ColocatedTeacher) else None
+        fetched: dict[int, object] = {}
+
+        def fetch(i: int, teacher_out):
+            """A teacher that is not cut into stages: one call per micro-batch on this rank, in
+            order (the stream from teacher ranks reaches every stage; offline rows the last)."""
+            if colocated is not None or self.teacher is None:
+                return teacher_out
+            if i not in fetched:
+                fetched[i] = self.teacher(micro_batches[i])
+            return fetched[i]
 
         def last(i: int, out, teacher_out) -> torch.Tensor:
             mb = micro_batches[i]
-            if self.teacher is not None and colocated is None:  # offline: read on the last stage
-                teacher_out = self.teacher(mb)
+            teacher_out = fetch(i, teacher_out)
             result = objective(out, teacher_out, mb.get("labels"), tokens_norm=counts,
                                output_weight=self.student.output_weight if fused else None,
                                kd_mask=mb.get("kd_mask"), pairs=pairs[plan.virtual_stages - 1])
@@ -171,6 +181,8 @@ class DistillTrainer:
 
         def activations(i: int, virtual: int, buffers: dict, teacher_out) -> torch.Tensor | None:
             mb = micro_batches[i]
+            if isinstance(self.teacher, RemoteTeacher):
+                teacher_out = fetch(i, teacher_out)
             share = objective.activation_share(
                 pairs[virtual], buffers, teacher_out,
                 distill_mask(mb.get("labels"), mb.get("kd_mask")), counts)

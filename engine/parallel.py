@@ -74,6 +74,7 @@ class ParallelLayout:
     pp_rank: int = 0
     virtual_stages: int = 1  # model chunks per pipeline rank
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
+    student_pp: int = 1  # the students' PP degree (= pp on a student; teacher ranks serve them)
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     role_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
@@ -112,7 +113,7 @@ class ParallelLayout:
         """Global rank of the process with these coordinates (students first, then teachers,
         which have no pipeline)."""
         if role == STUDENT:
-            return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
+            return (dp_rank * self.student_pp + pp_rank) * self.tp + tp_rank
         return self.student_world + dp_rank * self.tp + tp_rank
 
 
@@ -218,7 +219,7 @@ def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: in
         world_size=world, rank=rank, tp=tp, dp=size // (tp * role_pp), sp=sp, tp_rank=local % tp,
         dp_rank=local // (tp * role_pp), role=role, teacher_ranks=teacher_ranks, pp=role_pp,
         pp_rank=(local // tp) % role_pp, virtual_stages=virtual_stages if role == STUDENT else 1,
-        pp_ranks=tuple(_find(lists.pp, rank)), tp_group=tp_group, dp_group=dp_group,
+        pp_ranks=tuple(_find(lists.pp, rank)), student_pp=pp, tp_group=tp_group, dp_group=dp_group,
         role_group=role_group, pp_group=pp_group, embedding_group=embedding_group,
         device=torch.device(device or "cpu"))
 

@@ -117,9 +117,10 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.layers=4", "data.global_batch=2"],
      "parallel.virtual_stages: the interleaved schedule needs the 1 micro-batches of a step (per "
      "DP rank) to be a multiple of parallel.pp=2"),
-    (3, ["parallel.pp=2", "parallel.teacher_ranks=1", "distill.schedule=teacher_ranks"],
-     "distill.schedule: teacher_ranks with parallel.pp=2 is not implemented yet (colocated and "
-     "offline are)"),
+    (3, ["parallel.pp=2", "parallel.teacher_ranks=1", "distill.schedule=teacher_ranks",
+         "distill.prefetch=1"],
+     "distill.prefetch: must be >= the 2 micro-batches of a step with parallel.pp=2 and teacher "
+     "ranks (got 1)"),
     (2, ["parallel.pp=2", "distill.on_policy.fraction=0.5"],
      "distill.on_policy.fraction: on-policy generation needs parallel.pp=1 (got 2)"),
     (2, ["parallel.pp=2", "model.hidden=48",

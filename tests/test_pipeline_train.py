@@ -128,3 +128,14 @@ def test_pipeline_distillation_equals_single_process(distill_setup, world, dp, p
     run_dir = tmp / ("distill_" + "_".join(parallel).replace("=", "") + f"_dp{dp}")
     run_ranks(_distill_run, world, path, run_dir, *parallel, timeout_s=180)
     _assert_same_run(read_metrics(run_dir), single, val=dp == 1)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_teacher_ranks_feed_a_pp2_student(distill_setup, chunks):
+    """The teacher on its own rank (no pipeline) runs each micro-batch once and streams the logits
+    to the last stage and each paired buffer to the stage that owns the student layer."""
+    tmp, path, single = distill_setup
+    run_dir = tmp / f"distill_teacher_ranks_pp2_v{chunks}"
+    run_ranks(_distill_run, 3, path, run_dir, "parallel.pp=2", f"parallel.virtual_stages={chunks}",
+              "parallel.teacher_ranks=1", "distill.schedule=teacher_ranks", timeout_s=180)
+    _assert_same_run(read_metrics(run_dir), single)
