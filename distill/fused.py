@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from distill._plan import LossPlan, TokenStats, Upstream, label_columns, make_plan, reduce_stats
+from distill._plan import (KDDiagnostics, LossPlan, TokenStats, Upstream, label_columns,
+                          make_plan, reduce_stats)
 from engine.collectives import Group
 
 
@@ -67,10 +68,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, teacher_logits,
                               label_cols, ignored, *tok.tensors())
-        return tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype))
+        ce, div, diag = tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype))
+        ctx.mark_non_differentiable(diag)
+        return ce, div, diag
 
     @staticmethod
-    def backward(ctx, g_ce, g_div):
+    def backward(ctx, g_ce, g_div, _g_diag):
         plan: LossPlan = ctx.plan
         hidden, weight, t_hidden, t_weight, t_logits, label_cols, ignored, *saved = \
             ctx.saved_tensors
@@ -129,7 +132,8 @@ def fused_lm_and_divergence(
         kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
         ignore_index: int = -100, vocab_size: int | None = None, group: Group = None,
         chunk_tokens: int | None = None, chunk_vocab: int | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        diagnostics: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
     """(per-token LM cross-entropy or None without labels, per-token divergence or None without
     a teacher) of the head `student_hidden [tokens, H] @ student_weight_shard[V/tp, H].T`.
 
@@ -137,7 +141,8 @@ def fused_lm_and_divergence(
     logits shard `teacher_logits [tokens, V/tp]`; it gets no gradient. Gradients go to
     `student_hidden` (this rank's partial sum: see the module docstring) and
     `student_weight_shard`. Working memory: a few fp32 tiles of chunk_tokens x chunk_vocab
-    (default 256 x 8192 on CPU, 4096 x 16384 on GPU).
+    (default 256 x 8192 on CPU, 4096 x 16384 on GPU). With `diagnostics` (and a teacher) a third
+    element, the `KDDiagnostics` per token, from the same statistics and collectives.
     """
     _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
                 teacher_logits, labels)
@@ -148,13 +153,16 @@ def fused_lm_and_divergence(
                      shard_vocab=student_weight_shard.shape[0], dtype=student_weight_shard.dtype,
                      vocab_size=vocab_size, group=group, device=student_hidden.device,
                      temperature=temperature, beta=beta, skew=skew, tile_tokens=chunk_tokens,
-                     tile_vocab=chunk_vocab)
+                     tile_vocab=chunk_vocab, diagnostics=diagnostics)
     if labels is None:
         label_cols = ignored = torch.zeros(0, dtype=torch.long, device=student_hidden.device)
     else:
         label_cols, ignored = label_columns(plan, labels, ignore_index)
     teacher = [None if x is None else x.detach()
                for x in (teacher_hidden, teacher_weight_shard, teacher_logits)]
-    ce, div = _FusedHeadLoss.apply(student_hidden, student_weight_shard, *teacher, label_cols,
-                                   ignored, plan, group)
-    return (ce if labels is not None else None), (div if has_teacher else None)
+    ce, div, diag = _FusedHeadLoss.apply(student_hidden, student_weight_shard, *teacher,
+                                         label_cols, ignored, plan, group)
+    out = (ce if labels is not None else None), (div if has_teacher else None)
+    if not diagnostics:
+        return out
+    return *out, KDDiagnostics.of(diag, diag.shape[:1]) if plan.diagnostics else None

@@ -43,7 +43,8 @@ from torch import nn
 
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, check_compatibility
-from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
+from distill.divergence import (KDDiagnostics, cross_entropy, divergence, lm_and_divergence,
+                                topk_divergence)
 from distill.fused import fused_lm_and_divergence
 from distill.projection import ActivationProjection
 from distill.schedules import Schedules, StepValues, ever_positive
@@ -53,6 +54,9 @@ from engine.data import IGNORE_INDEX, shift_labels
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
 from layers.model import ModelOutput
+
+# Per-token KDDiagnostics fields, logged as step means over the distilled positions.
+DIAGNOSTICS = ("teacher_entropy", "student_entropy", "top1_agreement")
 
 
 @dataclass(frozen=True)
@@ -96,12 +100,21 @@ class ObjectiveOutput:
     kd_loss: torch.Tensor  # logit term, weight and temperature**2 included
     act_loss: torch.Tensor  # activation term, activation_coef included
     # further shares of step means to log, by metric name: `kd_divergence` (the logit term's mean
-    # divergence before its weight and T^2)
+    # divergence before its weight and T^2) and, with distill.diagnostics, DIAGNOSTICS (teacher
+    # and student entropy at the temperature in force, top-1 agreement), none for a top-k teacher
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _share(per_token: torch.Tensor, count: int) -> torch.Tensor:
     return per_token.sum() / max(count, 1)
+
+
+def _masked_share(per_token: torch.Tensor, mask: torch.Tensor | None,
+                  count: int) -> torch.Tensor:
+    """`_share` over the positions of `mask` (None: all)."""
+    if mask is not None:
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    return _share(per_token, count)
 
 
 def _detached(term: torch.Tensor | None) -> torch.Tensor:
@@ -183,10 +196,13 @@ class DistillObjective(nn.Module):
                              f"{1 + len(self.mtp_weights)}: pass mtp_heads= to count_tokens")
         if self.fused and output_weight is None:
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
-        ce, div = self._next_token(student, teacher if want_kd else None,
-                                   labels if want_lm else None, output_weight)
+        ce, div, diag = self._next_token(student, teacher if want_kd else None,
+                                         labels if want_lm else None, output_weight)
         lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
         kd = self._kd_term(div, mask, counts, metrics) if want_kd else None
+        if diag is not None:
+            for name in DIAGNOSTICS:
+                metrics[name] = _masked_share(getattr(diag, name), mask, counts.distill)
         return lm, kd
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
@@ -199,9 +215,7 @@ class DistillObjective(nn.Module):
 
     def _kd_term(self, div: torch.Tensor, mask: torch.Tensor | None, counts: TokenCounts,
                  metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        if mask is not None:
-            div = torch.where(mask, div, torch.zeros_like(div))
-        mean = _share(div, counts.distill)
+        mean = _masked_share(div, mask, counts.distill)
         metrics["kd_divergence"] = mean.detach()
         return self.values.kd_scale * mean
 
@@ -213,36 +227,47 @@ class DistillObjective(nn.Module):
         return dict(kind=logit.kind, temperature=self.values.temperature, beta=logit.beta,
                     skew=logit.skew, **self._loss_kwargs())
 
+    def _full_kwargs(self) -> dict:
+        """`_kd_kwargs` for the full-vocabulary losses, which also give the diagnostics."""
+        return dict(self._kd_kwargs(), diagnostics=self.cfg.diagnostics)
+
     def _next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
                     labels: torch.Tensor | None, output_weight: torch.Tensor | None):
-        """Per-token (cross-entropy or None, divergence or None) of the next-token head."""
+        """Per-token (cross-entropy or None, divergence or None, KDDiagnostics or None) of the
+        next-token head. A top-k teacher gives no diagnostics (its entropy is not in the
+        export)."""
         if self.fused:
             return self._fused_next_token(student, teacher, labels, output_weight)
         logits = student.logits  # [batch, seq, padded_vocab/tp]
         if teacher is None:
-            return cross_entropy(logits, labels, **self._loss_kwargs()), None
+            return cross_entropy(logits, labels, **self._loss_kwargs()), None, None
         if teacher.topk_values is not None:
             ce = None if labels is None else cross_entropy(logits, labels, **self._loss_kwargs())
             div = topk_divergence(logits, teacher.topk_values, teacher.topk_indices,
                                   teacher.logsumexp, **self._kd_kwargs())
-            return ce, div
+            return ce, div, None
         _check_teacher_logits(logits, teacher.logits)
         if labels is None:
-            return None, divergence(logits, teacher.logits, **self._kd_kwargs())
-        return lm_and_divergence(logits, teacher.logits, labels, **self._kd_kwargs())
+            out = divergence(logits, teacher.logits, **self._full_kwargs())
+            return (None, *out) if self.cfg.diagnostics else (None, out, None)
+        out = lm_and_divergence(logits, teacher.logits, labels, **self._full_kwargs())
+        return out if self.cfg.diagnostics else (*out, None)
 
     def _fused_next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
                           labels: torch.Tensor | None, output_weight: torch.Tensor):
         hidden = student.head_hidden  # [batch, seq, hidden]
         lead = hidden.shape[:-1]
-        kwargs = self._kd_kwargs() if teacher is not None else self._loss_kwargs()
+        kwargs = self._full_kwargs() if teacher is not None else self._loss_kwargs()
         if teacher is not None:
             kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
                 teacher.head_hidden), teacher_weight_shard=teacher.output_weight)
-        ce, div = fused_lm_and_divergence(
+        ce, div, *diag = fused_lm_and_divergence(
             _flat(hidden), output_weight, labels=None if labels is None else labels.reshape(-1),
             **kwargs)
-        return tuple(None if x is None else x.reshape(lead) for x in (ce, div))
+        diag = diag[0] if diag else None
+        if diag is not None:
+            diag = KDDiagnostics(*(getattr(diag, name).reshape(lead) for name in DIAGNOSTICS))
+        return (*(None if x is None else x.reshape(lead) for x in (ce, div)), diag)
 
     def _mtp_cross_entropy(self, student: ModelOutput, head: int, labels: torch.Tensor,
                            output_weight: torch.Tensor | None) -> torch.Tensor:

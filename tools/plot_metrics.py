@@ -3,7 +3,8 @@
     python tools/plot_metrics.py RUN_DIR... --out FILE.png [--keys loss,lm_loss,val_loss]
 
 Each RUN_DIR holds a `metrics.jsonl`; one panel per key, one line per run (labelled by the run
-directory's name).
+directory's name). `--keys diagnostics` stands for the KD diagnostics (teacher_entropy,
+student_entropy, top1_agreement); group names and keys mix (`--keys val_loss,diagnostics`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ def run_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     return read_metrics(path)
+
+
+# Names that stand for several keys in --keys.
+GROUPS = {"diagnostics": ["teacher_entropy", "student_entropy", "top1_agreement"]}
+# The unit of a key's panel (nats per token unless listed).
+UNITS = {"top1_agreement": "fraction of tokens", "temperature": "temperature",
+         "lr": "learning rate", "tokens_per_s": "tokens / s"}
+
+
+def expand_keys(keys: list[str]) -> list[str]:
+    """`keys` with group names replaced by their keys, in order, without repeats."""
+    out: list[str] = []
+    for key in keys:
+        out += [k for k in GROUPS.get(key, [key]) if k not in out]
+    return out
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -44,7 +60,7 @@ def plot(run_dirs: list[Path], keys: list[str], out: Path) -> None:
                 ax.plot(steps, values, label=name, marker="o" if len(values) < 12 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
-        ax.set_ylabel("nats / token")
+        ax.set_ylabel(UNITS.get(key, "nats / token"))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default="lm_loss,val_loss", help="comma-separated metric keys")
     args = parser.parse_args(argv)
     try:
-        plot(args.runs, [k for k in args.keys.split(",") if k], args.out)
+        plot(args.runs, expand_keys([k for k in args.keys.split(",") if k]), args.out)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
