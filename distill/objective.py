@@ -4,6 +4,10 @@
           + logit.weight * T^2 * D(teacher || student)                  next-token head only
           + activation_coef * (1/P) * sum_p weight_p * loss_p           P activation pairs
 
+With several teachers (`distill.teachers`) the logit term is sum_k w_k D(teacher_k || student)
+(teacher_mode sum) or D(sum_k w_k p_k || student) (mixture, w normalized; distill/mixture.py),
+and the activation pairs each read the teacher they name.
+
 lm_weight, logit.weight, T and activation_coef are the values in force at the step being trained
 (`DistillObjective.values`, which the trainer sets each step from `distill.schedules.Schedules`).
 A term that is on at some step of the run is computed at every step (times 0 where its weight is
@@ -42,10 +46,11 @@ import torch
 from torch import nn
 
 from distill.activation import activation_pair_means
-from distill.config import DistillConfig, check_compatibility
+from distill.config import SINGLE_TEACHER, DistillConfig, check_compatibility, named_teachers
 from distill.divergence import (KDDiagnostics, cross_entropy, divergence, lm_and_divergence,
                                 topk_divergence)
 from distill.fused import fused_lm_and_divergence
+from distill.mixture import mixture_log_probs
 from distill.projection import ActivationProjection
 from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
@@ -122,28 +127,46 @@ def _detached(term: torch.Tensor | None) -> torch.Tensor:
 
 
 class DistillObjective(nn.Module):
-    """The objective of one run; holds the trainable activation projection, if any.
+    """The objective of one run; holds the trainable activation projections, if any.
 
     Call once per micro-batch with the student's `ModelOutput` (asked for
     `student_buffer_names()`, logits unless `fused`), the teacher's outputs (asked for
     `teacher_buffer_names()`) or None, the next-token labels [batch, seq] or None, and the step's
     `count_tokens(...)`. The fused path also needs the student's `output_weight` shard.
+
+    Several teachers (`distill.teachers`): `teacher_config` maps each name to its config and the
+    teacher outputs come as a mapping of name to `TeacherOutputs`. `teacher_mode` sum adds
+    weight_k * D(teacher_k || student), each logged as `kd_loss/<name>`; mixture takes
+    D(sum_k w_k p_k || student) with the weights normalized (distill/mixture.py). Activation pairs
+    read the buffers of the teacher they name, through a projection of their own teacher's width.
     """
 
     def __init__(self, cfg: DistillConfig, student_config: ModelConfig,
-                 teacher_config: ModelConfig | None, layout: ParallelLayout, *, seed: int = 0):
+                 teacher_config: ModelConfig | Mapping[str, ModelConfig] | None,
+                 layout: ParallelLayout, *, seed: int = 0):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.pairs = check_compatibility(cfg, student_config, teacher_config, layout.tp)
+        teachers = named_teachers(cfg, teacher_config)
+        self.teacher_names = list(teachers)
+        # sum: each divergence's weight (distill.teacher: 1); mixture: shares, normalized there
+        weights = {e.name: e.weight for e in cfg.teacher_entries}
+        self.teacher_weights = {name: weights.get(name, 1.0) if len(teachers) > 1
+                                or cfg.teacher_mode == "sum" else 1.0 for name in teachers}
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
-        self.projection = None
+        self.projection = self.projections = None
         if self.pairs and cfg.projection != "none":
-            self.projection = ActivationProjection(
-                pairs=len(self.pairs), shared=cfg.projection == "shared",
-                student_width=student_config.hidden, teacher_width=teacher_config.hidden,
-                layout=layout, seed=seed)
+            by_source = {name: ActivationProjection(
+                pairs=sum(p.source == name for p in self.pairs),
+                shared=cfg.projection == "shared", student_width=student_config.hidden,
+                teacher_width=teachers[name].hidden, layout=layout, seed=seed)
+                for name in teachers if any(p.source == name for p in self.pairs)}
+            if len(teachers) == 1:  # its parameter names stay those of one-teacher checkpoints
+                self.projection = next(iter(by_source.values()))
+            else:
+                self.projections = nn.ModuleDict(by_source)
 
     @property
     def fused(self) -> bool:
@@ -153,20 +176,41 @@ class DistillObjective(nn.Module):
     def student_buffer_names(self) -> set[str]:
         return {p.student for p in self.pairs}
 
-    def teacher_buffer_names(self) -> set[str]:
-        return {p.teacher for p in self.pairs}
+    def teacher_buffer_names(self, name: str | None = None) -> set[str]:
+        """The buffers asked of teacher `name` (None: of the one teacher, or of all)."""
+        return {p.teacher for p in self.pairs if name is None or p.source == name}
 
-    def teacher_request(self) -> TeacherRequest:
-        """What a live teacher must produce per micro-batch for this objective."""
+    def teacher_request(self, name: str | None = None) -> TeacherRequest:
+        """What live teacher `name` (None: the one teacher) must produce per micro-batch."""
         head = "none" if not self.cfg.logit.on else "hidden" if self.fused else "logits"
-        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names())))
+        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
 
-    def forward(self, student: ModelOutput, teacher: TeacherOutputs | None,
+    @property
+    def several(self) -> bool:
+        return len(self.teacher_names) > 1
+
+    def _by_name(self, teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
+                 ) -> dict[str, TeacherOutputs]:
+        if teacher is None:
+            return {}
+        if isinstance(teacher, TeacherOutputs):
+            if self.several:
+                raise ValueError(f"{len(self.teacher_names)} teachers are configured: pass their "
+                                 "outputs as a mapping of name to TeacherOutputs")
+            return {self.teacher_names[0] if self.teacher_names else SINGLE_TEACHER: teacher}
+        missing = [n for n in self.teacher_names if n not in teacher]
+        if missing:
+            raise ValueError(f"no outputs of teacher {missing[0]!r}")
+        return dict(teacher)
+
+    def forward(self, student: ModelOutput,
+                teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None,
                 kd_mask: torch.Tensor | None = None) -> ObjectiveOutput:
         metrics: dict[str, torch.Tensor] = {}
         mask = distill_mask(labels, kd_mask)
+        teacher = self._by_name(teacher) or None
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
                                    mask)
         act = self._activation_term(student, teacher, mask, tokens_norm)
@@ -180,7 +224,7 @@ class DistillObjective(nn.Module):
                                act_loss=_detached(act), metrics=metrics)
 
     # ---------------------------------------------------------------------------- logit terms
-    def _logit_terms(self, student: ModelOutput, teacher: TeacherOutputs | None,
+    def _logit_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs] | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
                      output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor],
                      mask: torch.Tensor | None):
@@ -188,7 +232,7 @@ class DistillObjective(nn.Module):
         want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
             return None, None
-        if want_kd and not teacher.has_logits:
+        if want_kd and not all(t.has_logits for t in teacher.values()):
             raise ValueError("distill.logit.weight > 0 but the teacher outputs carry no logits "
                              "(logits, head_hidden + output_weight, or top-k)")
         if want_lm and len(counts.heads) < 1 + len(self.mtp_weights):
@@ -196,14 +240,48 @@ class DistillObjective(nn.Module):
                              f"{1 + len(self.mtp_weights)}: pass mtp_heads= to count_tokens")
         if self.fused and output_weight is None:
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
-        ce, div, diag = self._next_token(student, teacher if want_kd else None,
-                                         labels if want_lm else None, output_weight)
-        lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
-        kd = self._kd_term(div, mask, counts, metrics) if want_kd else None
-        if diag is not None:
-            for name in DIAGNOSTICS:
-                metrics[name] = _masked_share(getattr(diag, name), mask, counts.distill)
-        return lm, kd
+        labels = labels if want_lm else None
+        if not want_kd:
+            ce, _, _ = self._next_token(student, None, labels, output_weight)
+            return self._lm_term(student, ce, labels, counts, output_weight), None
+        lm, shares = None, []
+        targets = self._logit_targets(teacher)
+        for i, (name, weight, target) in enumerate(targets):
+            # the cross-entropy comes with the first divergence, from the same statistics
+            ce, div, diag = self._next_token(student, target, labels if i == 0 else None,
+                                             output_weight)
+            if i == 0 and labels is not None:
+                lm = self._lm_term(student, ce, labels, counts, output_weight)
+            share = weight * _masked_share(div, mask, counts.distill)
+            shares.append(share)
+            suffix = f"/{name}" if len(targets) > 1 else ""
+            if suffix:
+                metrics[f"kd_loss{suffix}"] = (self.values.kd_scale * share).detach()
+            for key in DIAGNOSTICS if diag is not None else ():
+                if key != "student_entropy" or i == 0:  # the student's is the same for all
+                    metrics[key + ("" if key == "student_entropy" else suffix)] = \
+                        _masked_share(getattr(diag, key), mask, counts.distill)
+        divergence_sum = torch.stack(shares).sum()
+        metrics["kd_divergence"] = divergence_sum.detach()
+        return lm, self.values.kd_scale * divergence_sum
+
+    def _logit_targets(self, teacher: dict[str, TeacherOutputs],
+                       ) -> list[tuple[str, float, TeacherOutputs]]:
+        """(name, weight, outputs) of each distribution the student is distilled towards: each
+        teacher (sum mode, or the one teacher), or the teachers' mixture."""
+        if not self.several or self.cfg.teacher_mode == "sum":
+            # (an offline teacher has no model config, hence no name: its outputs still come)
+            return [(n, self.teacher_weights.get(n, 1.0), out) for n, out in teacher.items()]
+        logits = [teacher[n].logits for n in self.teacher_names]
+        if any(x is None for x in logits):
+            raise ValueError("teacher_mode mixture needs every teacher's logits")
+        for x in logits:
+            _check_teacher_logits(logits[0], x)
+        temperature = self.values.temperature
+        log_mix = mixture_log_probs(logits, [self.teacher_weights[n] for n in self.teacher_names],
+                                    temperature=temperature, **self._loss_kwargs())
+        # times T: the divergence divides the teacher's logits by T, giving back log m
+        return [("mixture", 1.0, TeacherOutputs(logits=log_mix * temperature))]
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
                  counts: TokenCounts, output_weight: torch.Tensor | None) -> torch.Tensor:
@@ -212,12 +290,6 @@ class DistillObjective(nn.Module):
             ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight)
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.values.lm_weight * torch.stack(heads).sum()
-
-    def _kd_term(self, div: torch.Tensor, mask: torch.Tensor | None, counts: TokenCounts,
-                 metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        mean = _masked_share(div, mask, counts.distill)
-        metrics["kd_divergence"] = mean.detach()
-        return self.values.kd_scale * mean
 
     def _loss_kwargs(self) -> dict:
         return dict(vocab_size=self.vocab_size, group=self.layout.tp_group)
@@ -279,20 +351,26 @@ class DistillObjective(nn.Module):
         return cross_entropy(student.mtp_logits[head - 1], labels, **self._loss_kwargs())
 
     # ----------------------------------------------------------------------- activation term
-    def _activation_term(self, student: ModelOutput, teacher: TeacherOutputs | None,
+    def _activation_term(self, student: ModelOutput, teacher: dict[str, TeacherOutputs] | None,
                          mask: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
         if not self.pairs or teacher is None or not ever_positive(self.cfg.activation_coef):
             return None
-        missing = sorted(self.teacher_buffer_names() - set(teacher.buffers))
-        if missing:
-            raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
-                             "teacher forward for objective.teacher_buffer_names()")
-        means = activation_pair_means(self.pairs, student.buffers, teacher.buffers,
-                                      token_mask=mask, num_tokens=counts.distill,
-                                      projection=self.projection, group=self.layout.tp_group)
-        weights = torch.tensor([p.weight for p in self.pairs], dtype=means.dtype,
-                               device=means.device)
-        return self.values.activation_coef * (means * weights).sum() / len(self.pairs)
+        sums = []
+        for name in dict.fromkeys(p.source for p in self.pairs):  # teachers in pair order
+            pairs = [p for p in self.pairs if p.source == name]
+            buffers = teacher[name].buffers
+            missing = sorted({p.teacher for p in pairs} - set(buffers))
+            if missing:
+                raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
+                                 "teacher forward for objective.teacher_buffer_names()")
+            projection = self.projection if self.projections is None else self.projections[name]
+            means = activation_pair_means(pairs, student.buffers, buffers, token_mask=mask,
+                                          num_tokens=counts.distill, projection=projection,
+                                          group=self.layout.tp_group)
+            weights = torch.tensor([p.weight for p in pairs], dtype=means.dtype,
+                                   device=means.device)
+            sums.append((means * weights).sum())
+        return self.values.activation_coef * torch.stack(sums).sum() / len(self.pairs)
 
 
 def distill_mask(labels: torch.Tensor | None, kd_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,8 +23,9 @@ from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy
 from distill.runconfig import RunConfig, load_run_config, resolved_dict
-from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherSource, TeacherStreamError,
-                             load_teacher, serve_teacher)
+from distill.config import teacher_key
+from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherSource,
+                             TeacherStreamError, load_teacher, serve_teacher)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
@@ -42,6 +43,9 @@ from layers.config import ModelConfig
 from layers.model import TransformerLM
 
 log = get_logger(__name__)
+
+# The teacher's model config; with distill.teachers, each teacher's by name; None without one.
+TeacherConfigs = ModelConfig | dict[str, ModelConfig] | None
 
 EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
 EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C outside the training loop, or twice
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
             lock.release()
 
 
-def _train(cfg: RunConfig, teacher_cfg: ModelConfig | None, launch: LaunchEnv) -> int:
+def _train(cfg: RunConfig, teacher_cfg: TeacherConfigs, launch: LaunchEnv) -> int:
     """Everything after start-up validation, with each failure mapped to its one line and code."""
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
                            virtual_stages=cfg.parallel.virtual_stages,
@@ -115,7 +119,7 @@ def _lm_only_overrides() -> list[str]:
     return ["distill.logit.weight=0", "distill.activations=[]", "distill.schedule=colocated"]
 
 
-def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout) -> int:
+def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout) -> int:
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     if layout.is_rank0:
@@ -147,16 +151,25 @@ def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
     return model
 
 
-def _colocated(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
-               objective: DistillObjective) -> ColocatedTeacher:
-    """The frozen teacher at this layout, producing what the objective asks of it."""
-    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                         teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
-                         bf16=cfg.distill.teacher_bf16)
-    return ColocatedTeacher(model, objective.teacher_request())
+def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
+               objective: DistillObjective) -> TeacherSource:
+    """The frozen teacher at this layout (with `distill.teachers`, each of them), producing what
+    the objective asks of it."""
+    if not cfg.distill.teachers:
+        model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                             teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
+                             bf16=cfg.distill.teacher_bf16)
+        return ColocatedTeacher(model, objective.teacher_request())
+    sources = {}
+    for entry in cfg.distill.teachers:
+        key = teacher_key(cfg.distill, entry.name)
+        model = load_teacher(resolve_checkpoint(entry.checkpoint, key=key), teacher_cfg[entry.name],
+                             cfg.model, layout, seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16)
+        sources[entry.name] = ColocatedTeacher(model, objective.teacher_request(entry.name))
+    return TeacherList(sources)
 
 
-def _teacher_source(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout,
+def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
                     objective: DistillObjective, data: TokenBatches) -> TeacherSource | None:
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import DistillConfig, check_compatibility
+from distill.config import DistillConfig, check_compatibility, teacher_key
 from distill.offline import check_offline_dir, export_key
 from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoints_after,
                                resolve_checkpoint)
@@ -150,25 +150,35 @@ def check_start_checkpoint(cfg: RunConfig, path: Path, *, key: str,
     return meta
 
 
-def teacher_model_config(cfg: RunConfig) -> ModelConfig | None:
-    """The teacher's architecture, read from its checkpoint's metadata (None without a teacher)."""
+def teacher_model_config(cfg: RunConfig) -> ModelConfig | dict[str, ModelConfig] | None:
+    """The teacher's architecture, read from its checkpoint's metadata (None without a teacher);
+    with `distill.teachers`, each teacher's by name."""
     if not cfg.distill.needs_teacher:
         return None
+    if cfg.distill.teachers:
+        return {e.name: _teacher_checkpoint_config(cfg, e.checkpoint,
+                                                   teacher_key(cfg.distill, e.name))
+                for e in cfg.distill.teachers}
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher", "a teacher checkpoint is needed for logit or "
                                              "activation distillation")
-    saved = checkpoint_run_config(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                                  key="distill.teacher")
-    teacher = from_dict(ModelConfig, saved["model"], prefix="distill.teacher(model)")
+    return _teacher_checkpoint_config(cfg, cfg.distill.teacher, "distill.teacher")
+
+
+def _teacher_checkpoint_config(cfg: RunConfig, checkpoint: str, key: str) -> ModelConfig:
+    saved = checkpoint_run_config(resolve_checkpoint(checkpoint, key=key), key=key)
+    teacher = from_dict(ModelConfig, saved["model"], prefix=f"{key}(model)")
     if cfg.data.seq_len > teacher.max_seq_len:
-        raise ConfigError("distill.teacher", f"the teacher's max_seq_len={teacher.max_seq_len} is "
-                                             f"shorter than data.seq_len={cfg.data.seq_len}")
+        raise ConfigError(key, f"the teacher's max_seq_len={teacher.max_seq_len} is "
+                               f"shorter than data.seq_len={cfg.data.seq_len}")
     return teacher
 
 
 def load_run_config(path: str | Path, overrides: list[str], *,
-                    world_size: int) -> tuple[RunConfig, ModelConfig | None]:
-    """Load, override, validate; return the run config and the teacher's model config."""
+                    world_size: int,
+                    ) -> tuple[RunConfig, ModelConfig | dict[str, ModelConfig] | None]:
+    """Load, override, validate; return the run config and the teacher's model config (with
+    `distill.teachers`, each teacher's by name)."""
     cfg = parse_run_config(apply_overrides(load_yaml(path), overrides))
     check_layout(cfg, world_size)
     teacher = teacher_model_config(cfg)

@@ -14,6 +14,9 @@ frozen output weight, or nothing of the head; and activation buffers by name. Im
   the constants (the frozen head weight) sent once per run rather than per micro-batch. Each
   micro-batch carries a checksum of its token ids; a mismatch stops the run.
 - `OfflineTeacher` (distill/offline.py): the teacher's top-k logits, exported beforehand.
+- `TeacherList`: several teachers (`distill.teachers`), each its own source, their outputs by
+  name. Runs build it from colocated teachers only: teacher ranks serve one teacher, an offline
+  export holds one.
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t) in turn, so the
 teacher's DP degree must divide the students'.
@@ -161,6 +164,25 @@ class ColocatedTeacher:
 
     def close(self) -> None:
         pass
+
+
+class TeacherList:
+    """Several teachers as one source (`distill.teachers`): each call gives the micro-batch's
+    outputs as {name: TeacherOutputs}, in config order; the objective reads them by name."""
+
+    def __init__(self, sources: Mapping[str, TeacherSource]):
+        self.sources = dict(sources)
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        return {name: source(micro_batch) for name, source in self.sources.items()}
+
+    def end_step(self, *, stop: bool) -> None:
+        for source in self.sources.values():
+            source.end_step(stop=stop)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
 
 
 # ------------------------------------------------------------------------------ the wire format

@@ -30,7 +30,8 @@ def files(tmp_path_factory):
     other_vocab["model"]["vocab_size"] = 400
     odd = make_teacher(tmp / "teacher400", other_vocab)
     cfg["distill"] = {"teacher": str(teacher)}
-    return {"config": write_config(tmp / "run.yaml", cfg), "teacher400": odd, "tmp": tmp}
+    return {"config": write_config(tmp / "run.yaml", cfg), "teacher": teacher, "teacher400": odd,
+            "tmp": tmp}
 
 
 CASES = [  # (world size, overrides, expected start of the message after "ConfigError: ")
@@ -120,6 +121,43 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.pp=2"], "parallel.pp: pipeline-parallel training is not implemented yet"),
     (1, ["train.recompute=attention"],
      "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
+    # Several teachers (@teacher, @teacher400: the fixture's checkpoints)
+    (1, ["distill.teachers=[{checkpoint: @teacher, name: a}]"],
+     "distill.teachers: give distill.teacher or distill.teachers, not both"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: a}]"], "distill.teachers[1].name: 'a' is used twice"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher}]"],
+     "distill.teachers[0].name: is required"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a, weight: -1}]"],
+     "distill.teachers[0].weight: must be >= 0"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a, weight: 0}]"],
+     "distill.teachers: every weight is 0"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: /nonexistent/t, name: a}]"],
+     "distill.teachers[0].checkpoint: no complete checkpoint at"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher400, name: b}]"],
+     "distill.teachers[1].checkpoint: the teacher's vocabulary has 400 tokens and the student's "
+     "320"),
+    (2, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}]",
+         "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"],
+     "distill.teachers: several teachers need schedule colocated (got teacher_ranks"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}]",
+         "distill.schedule=offline", "distill.offline_dir=x"],
+     "distill.teachers: several teachers need schedule colocated (got offline"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: b}]", "distill.teacher_mode=mixture",
+         "distill.fused_lm_head=true"],
+     "distill.teacher_mode: mixture needs every teacher's logits to mix: not with fused_lm_head"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
+         "distill.activations=[all_mlps]"],
+     "distill.activations[0].teacher_name: is required with several teachers"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
+         "distill.activations=[{student: all_mlps, teacher_name: c}]"],
+     "distill.activations[0].teacher_name: 'c' is none of distill.teachers (a, b)"),
+    (1, ["distill.teacher_mode=average"],
+     "distill.teacher_mode: must be one of 'sum', 'mixture'"),
 ]
 
 
@@ -128,6 +166,8 @@ def test_bad_config_is_one_clear_line(files, capsys, monkeypatch, world, overrid
     for name, value in {"WORLD_SIZE": str(world), "RANK": "0", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(name, value)
+    overrides = [o.replace("@teacher400", str(files["teacher400"]))
+                 .replace("@teacher", str(files["teacher"])) for o in overrides]
     assert main(["--config", str(files["config"]), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"ConfigError: {message}"), err[-1]
