@@ -22,7 +22,7 @@ import yaml
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy
-from distill.runconfig import RunConfig, load_run_config, resolved_dict
+from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
 from distill.config import teacher_key
 from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherSource,
                              TeacherStreamError, load_teacher, serve_teacher)
@@ -131,7 +131,7 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout) ->
         return _serve(cfg, teacher_cfg, layout, objective)
     student = _build_student(cfg, layout)
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
-                        vocab_size=cfg.model.vocab_size)
+                        vocab_size=cfg.model.vocab_size, order=curriculum(cfg))
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, layout, objective, data),
@@ -186,10 +186,12 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
            objective: DistillObjective) -> int:
     teacher = _colocated(cfg, teacher_cfg, layout, objective)
 
+    order = curriculum(cfg)
+
     def batches_for(student_dp_rank: int):
         student_dp = layout.student_world // layout.tp
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=student_dp, vocab_size=cfg.model.vocab_size)
+                            dp=student_dp, vocab_size=cfg.model.vocab_size, order=order)
         start = resume_step(cfg.train)  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from distill.config import DistillConfig, check_compatibility, teacher_key
 from distill.offline import check_offline_dir, export_key
 from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoints_after,
@@ -22,6 +24,7 @@ from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoi
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
+from engine.data.curriculum import curriculum_order, read_scores
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
 from engine.train_config import TrainConfig, resume_path
@@ -183,11 +186,31 @@ def load_run_config(path: str | Path, overrides: list[str], *,
     check_layout(cfg, world_size)
     teacher = teacher_model_config(cfg)
     check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    curriculum(cfg)
     if cfg.distill.schedule == "offline":
         check_offline_dir(cfg.distill.offline_dir, wanted=run_export_key(cfg),
                           samples=cfg.train.steps * cfg.data.global_batch,
                           teacher=cfg.distill.teacher)
     return cfg, teacher
+
+
+def curriculum_key(cfg: RunConfig) -> dict:
+    """The run settings curriculum scores must have been made with (the sample stream's)."""
+    return export_key(cfg.data, seed=cfg.train.seed, temperature=1.0,
+                      vocab_size=cfg.model.vocab_size)
+
+
+def curriculum(cfg: RunConfig) -> np.ndarray | None:
+    """The order of the curriculum's samples (TokenBatches' `order`), None without one; reads
+    and checks the scores (`ConfigError` naming data.curriculum_scores)."""
+    if cfg.data.curriculum == "none":
+        return None
+    if cfg.distill.schedule == "offline":  # the export's rows follow the stream's order
+        raise ConfigError("data.curriculum", "is not supported with distill.schedule offline "
+                                             "(the export's rows follow the plain stream)")
+    scores = read_scores(cfg.data.curriculum_scores, wanted=curriculum_key(cfg),
+                         samples=cfg.data.curriculum_samples)
+    return curriculum_order(scores, mode=cfg.data.curriculum_mode, seed=cfg.train.seed)
 
 
 def run_export_key(cfg: RunConfig) -> dict:

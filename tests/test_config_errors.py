@@ -156,6 +156,16 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
          "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
          "distill.activations=[{student: all_mlps, teacher_name: c}]"],
      "distill.activations[0].teacher_name: 'c' is none of distill.teachers (a, b)"),
+    # Curriculum
+    (1, ["data.curriculum=teacher_confidence"],
+     "data.curriculum_steps: must be >= 1 with data.curriculum teacher_confidence"),
+    (1, ["data.curriculum=teacher_confidence", "data.curriculum_steps=2"],
+     "data.curriculum_scores: is required with data.curriculum teacher_confidence"),
+    (1, ["data.curriculum=teacher_confidence", "data.curriculum_steps=2",
+         "data.curriculum_scores=/nonexistent/scores"],
+     "data.curriculum_scores: no curriculum scores at /nonexistent/scores"),
+    (1, ["data.curriculum=by_length"], "data.curriculum: must be one of 'none', "
+     "'teacher_confidence'"),
     (1, ["distill.teacher_mode=average"],
      "distill.teacher_mode: must be one of 'sum', 'mixture'"),
 ]
