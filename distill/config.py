@@ -79,12 +79,12 @@ class LogitKDConfig:
 class TeacherEntryConfig:
     """One teacher of `distill.teachers`."""
 
-    checkpoint: str = ""  # teacher checkpoint directory
+    checkpoint: str = ""  # teacher checkpoint directory (offline: optional, checks the export)
     weight: float = 1.0  # sum: weight of its divergence; mixture: its share (weights normalized)
     name: str = ""  # names its metrics (kd_loss/<name>) and its activation pairs
+    offline_dir: str | None = None  # schedule offline: this teacher's export
 
     def __post_init__(self) -> None:
-        check(bool(self.checkpoint), "checkpoint", "is required")
         check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or "")), "name",
               f"is required: letters, digits, '_', '.', '-' (got {self.name!r})")
         check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
@@ -146,7 +146,7 @@ class DistillConfig:
     schedule: Literal["colocated", "teacher_ranks", "offline"] = "colocated"
     prefetch: int = 2  # teacher_ranks: micro-batches the teacher may run ahead of the students
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
-    # several teachers [{checkpoint, weight, name}] (colocated); not together with `teacher`
+    # several teachers [{checkpoint, weight, name}] (offline: + offline_dir); not with `teacher`
     teachers: tuple[TeacherEntryConfig, ...] = ()
     # several teachers: sum of weighted divergences | divergence to the weighted mixture
     teacher_mode: Literal["sum", "mixture"] = "sum"
@@ -191,10 +191,19 @@ class DistillConfig:
         for i, name in enumerate(names):
             check(name not in names[:i], f"teachers[{i}].name", f"{name!r} is used twice")
         check(sum(t.weight for t in self.teachers) > 0, "teachers", "every weight is 0")
-        # Teacher ranks stream one model's outputs; several teachers run colocated only.
-        check(self.schedule == "colocated", "teachers",
-              f"several teachers need schedule colocated (got {self.schedule}: teacher_ranks "
-              "serve one teacher, offline exports hold one)")
+        # Teacher ranks stream one model's outputs; several teachers run colocated or offline.
+        check(self.schedule != "teacher_ranks", "teachers",
+              "several teachers need schedule colocated or offline (teacher_ranks serve one "
+              "teacher)")
+        for i, entry in enumerate(self.teachers):
+            if self.schedule == "offline":
+                check(bool(entry.offline_dir), f"teachers[{i}].offline_dir",
+                      "is required with schedule offline (each teacher's export)")
+            else:
+                check(bool(entry.checkpoint), f"teachers[{i}].checkpoint", "is required")
+        check(self.schedule != "offline" or self.teacher_mode == "sum", "teacher_mode",
+              "mixture needs every teacher's full distribution: not with top-k exports "
+              "(schedule offline)")
         check(self.teacher_mode == "sum" or not self.fused_lm_head, "teacher_mode",
               "mixture needs every teacher's logits to mix: not with fused_lm_head")
         for i, entry in enumerate(self.pair_configs):
@@ -226,7 +235,11 @@ class DistillConfig:
               "micro-batches have no LM loss")
 
     def _check_offline(self) -> None:
-        check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")
+        if self.teachers:
+            check(not self.offline_dir, "offline_dir",
+                  "give each teacher's export as distill.teachers[i].offline_dir")
+        else:
+            check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")
         check(not self.activations, "activations",
               "the offline schedule stores teacher logits only; activation terms need a live "
               "teacher")

@@ -150,9 +150,11 @@ class DistillObjective(nn.Module):
         teachers = named_teachers(cfg, teacher_config)
         self.teacher_names = list(teachers)
         # sum: each divergence's weight (distill.teacher: 1); mixture: shares, normalized there
+        # (offline teachers have no model config here: their names come from the entries)
         weights = {e.name: e.weight for e in cfg.teacher_entries}
-        self.teacher_weights = {name: weights.get(name, 1.0) if len(teachers) > 1
-                                or cfg.teacher_mode == "sum" else 1.0 for name in teachers}
+        several = len(cfg.teachers) > 1
+        self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
+                                for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values

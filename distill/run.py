@@ -178,6 +178,10 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: Paralle
         return RemoteTeacher(layout, objective.teacher_request(), prefetch=cfg.distill.prefetch,
                              total=per_step * remaining)
     if schedule == "offline":
+        if cfg.distill.teachers:
+            return TeacherList({e.name: OfflineTeacher(e.offline_dir, data=data,
+                                                       device=layout.device)
+                                for e in cfg.distill.teachers})
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
     return None if teacher_cfg is None else _colocated(cfg, teacher_cfg, layout, objective)
 

@@ -188,10 +188,23 @@ def load_run_config(path: str | Path, overrides: list[str], *,
     check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
     curriculum(cfg)
     if cfg.distill.schedule == "offline":
-        check_offline_dir(cfg.distill.offline_dir, wanted=run_export_key(cfg),
-                          samples=cfg.train.steps * cfg.data.global_batch,
-                          teacher=cfg.distill.teacher)
+        check_offline_dirs(cfg)
     return cfg, teacher
+
+
+def check_offline_dirs(cfg: RunConfig) -> None:
+    """Each offline export (`distill.offline_dir`, or each of `distill.teachers`) against the
+    run; an error names the teacher's key."""
+    samples, wanted = cfg.train.steps * cfg.data.global_batch, run_export_key(cfg)
+    if not cfg.distill.teachers:
+        check_offline_dir(cfg.distill.offline_dir, wanted=wanted, samples=samples,
+                          teacher=cfg.distill.teacher)
+    for i, entry in enumerate(cfg.distill.teachers):
+        try:
+            check_offline_dir(entry.offline_dir, wanted=wanted, samples=samples,
+                              teacher=entry.checkpoint or None)
+        except ConfigError as err:
+            raise ConfigError(f"distill.teachers[{i}].offline_dir", err.message) from None
 
 
 def curriculum_key(cfg: RunConfig) -> dict:

@@ -15,8 +15,8 @@ frozen output weight, or nothing of the head; and activation buffers by name. Im
   micro-batch carries a checksum of its token ids; a mismatch stops the run.
 - `OfflineTeacher` (distill/offline.py): the teacher's top-k logits, exported beforehand.
 - `TeacherList`: several teachers (`distill.teachers`), each its own source, their outputs by
-  name. Runs build it from colocated teachers only: teacher ranks serve one teacher, an offline
-  export holds one.
+  name: colocated teachers, or offline exports (one per teacher); teacher ranks serve one
+  teacher.
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t) in turn, so the
 teacher's DP degree must divide the students'.

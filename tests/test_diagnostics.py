@@ -211,7 +211,7 @@ def test_objective_logs_masked_means_equal_to_reference_at_tp1_and_tp2_sp():
 def test_plot_metrics_plots_the_diagnostics(tmp_path):
     import json
 
-    from tools.plot_metrics import expand_keys, main
+    from tools.plot_metrics import expand_keys, main, variants
 
     assert expand_keys(["val_loss", "diagnostics", "top1_agreement"]) == \
         ["val_loss", *DIAGNOSTICS]
@@ -223,3 +223,6 @@ def test_plot_metrics_plots_the_diagnostics(tmp_path):
     out = tmp_path / "diag.png"
     assert main([str(run), "--out", str(out), "--keys", "diagnostics"]) == 0
     assert out.stat().st_size > 1000
+    several = [{"step": 1, "teacher_entropy/a": 1.0, "teacher_entropy/b": 2.0, "loss": 3.0}]
+    assert variants(several, "teacher_entropy") == ["teacher_entropy/a", "teacher_entropy/b"]
+    assert variants(several, "loss") == ["loss"] and variants(several, "lr") == []

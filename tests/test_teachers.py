@@ -9,13 +9,17 @@
   with SP (rtol=atol=1e-9); sum mode fused as well. With activation pairs naming each teacher
   (each through its own projection), TP 2 + SP equals TP 1 (terms and every gradient).
 - Two identical teachers, in either mode, equal one teacher (terms and gradients, 1e-12).
-- The entry point trains a student from two colocated teachers and logs kd_loss/<name>.
+- The entry point trains a student from two colocated teachers and logs kd_loss/<name>; sum
+  mode from the two teachers' full-vocabulary offline exports logs what the colocated run logs.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -333,3 +337,43 @@ def test_entry_point_trains_from_two_colocated_teachers(tmp_path):
                                 "distill.teacher_mode=mixture"]) == 0
     mixed = read_metrics(tmp_path / "mix")
     assert "kd_loss/wide" not in mixed[0] and mixed[0]["kd_loss"] > 0
+
+
+def test_offline_exports_of_two_teachers_equal_colocated_sum(tmp_path):
+    """Sum mode from two full-vocabulary offline exports logs what two colocated teachers log
+    (fp32 round-off of the two formulas: rtol 1e-5, kd terms atol 1e-6)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import export_teacher_logits
+
+    from tests.trainer_utils import (VOCAB as CORPUS_VOCAB, base_config, make_teacher,
+                                     read_metrics, run_main, teacher_config, write_config)
+
+    cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    narrow = teacher_config(cfg)
+    narrow["model"].update(hidden=24, layers=1, ffn_hidden=48)
+    ckpts = {"wide": make_teacher(tmp_path / "wide", teacher_config(cfg)),
+             "narrow": make_teacher(tmp_path / "narrow", narrow)}
+    cfg["distill"] = {"logit": {"temperature": 2.0}, "lm_weight": 0.5}
+    exports = {}
+    for name, ckpt in ckpts.items():
+        one = write_config(tmp_path / f"{name}.yaml",
+                           {**cfg, "distill": {**cfg["distill"], "teacher": str(ckpt)}})
+        exports[name] = tmp_path / f"export_{name}"
+        assert export_teacher_logits.main(["--config", str(one), "--top-k", str(CORPUS_VOCAB),
+                                           "--out", str(exports[name]), "--no-progress"]) == 0
+    weights = {"wide": 0.7, "narrow": 0.3}
+    cfg["distill"]["teachers"] = [{"checkpoint": str(ckpts[n]), "name": n, "weight": weights[n]}
+                                  for n in ckpts]
+    path = write_config(tmp_path / "run.yaml", cfg)
+    assert run_main(str(path), [f"train.run_dir={tmp_path / 'colocated'}"]) == 0
+    offline = json.dumps([{"offline_dir": str(exports[n]), "checkpoint": str(ckpts[n]),
+                           "name": n, "weight": weights[n]} for n in ckpts])
+    assert run_main(str(path), [f"train.run_dir={tmp_path / 'offline'}",
+                                "distill.schedule=offline", f"distill.teachers={offline}"]) == 0
+    colocated, got = read_metrics(tmp_path / "colocated"), read_metrics(tmp_path / "offline")
+    assert len(got) == len(colocated) == 3
+    for a, b in zip(got, colocated):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, a, b)
+        for key in ("kd_loss", "kd_loss/wide", "kd_loss/narrow"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, a, b)

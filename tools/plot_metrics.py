@@ -4,7 +4,8 @@
 
 Each RUN_DIR holds a `metrics.jsonl`; one panel per key, one line per run (labelled by the run
 directory's name). `--keys diagnostics` stands for the KD diagnostics (teacher_entropy,
-student_entropy, top1_agreement); group names and keys mix (`--keys val_loss,diagnostics`).
+student_entropy, top1_agreement); group names and keys mix (`--keys val_loss,diagnostics`). A key
+a run logs per teacher (`kd_loss/<name>`, ...) is drawn once per teacher.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def variants(records: list[dict], key: str) -> list[str]:
+    """`key` if the records hold it, else its per-teacher forms `key/<name>` (several teachers
+    log `kd_loss/<name>`, `teacher_entropy/<name>`, `top1_agreement/<name>`)."""
+    present = {k for r in records for k, v in r.items() if v is not None}
+    if key in present:
+        return [key]
+    return sorted(k for k in present if k.startswith(key + "/"))
+
+
 def plot(run_dirs: list[Path], keys: list[str], out: Path) -> None:
     import matplotlib
 
@@ -55,9 +65,10 @@ def plot(run_dirs: list[Path], keys: list[str], out: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, records in runs.items():
-            steps, values = series(records, key)
-            if values:
-                ax.plot(steps, values, label=name, marker="o" if len(values) < 12 else None)
+            for found in variants(records, key):
+                steps, values = series(records, found)
+                label = name if found == key else f"{name} {found[len(key) + 1:]}"
+                ax.plot(steps, values, label=label, marker="o" if len(values) < 12 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_ylabel(UNITS.get(key, "nats / token"))
