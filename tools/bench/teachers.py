@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,29 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-
-from engine.config import load_yaml  # noqa: E402
 from engine.metrics import read_metrics  # noqa: E402
+from tools.bench.on_policy import run, write_config  # noqa: E402
 
-CONFIGS = ROOT / "launch" / "configs"
 NARROW = dict(hidden=96, heads=3, kv_heads=1, ffn_hidden=256)
-
-
-def run(cmd: list[str], log_file: Path) -> None:
-    done = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    log_file.write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{(done.stdout + done.stderr)[-3000:]}")
-
-
-def write_config(path: Path, base: str, **sections) -> Path:
-    cfg = load_yaml(CONFIGS / base)
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def train(out: Path, name: str, script: str, config: Path, *overrides: str) -> dict:
