@@ -37,7 +37,7 @@ NARROW = dict(hidden=96, heads=3, kv_heads=1, ffn_hidden=256)
 
 
 def train(out: Path, name: str, script: str, config: Path, *overrides: str) -> dict:
-    """Train one model; its final validation loss and mean step time."""
+    """Train one model; its final validation loss and mean tokens/s."""
     run_dir = out / name
     began = time.perf_counter()
     run([str(ROOT / "launch" / script), "--config", str(config), f"train.run_dir={run_dir}",
