@@ -164,7 +164,8 @@ def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayo
     for entry in cfg.distill.teachers:
         key = teacher_key(cfg.distill, entry.name)
         model = load_teacher(resolve_checkpoint(entry.checkpoint, key=key), teacher_cfg[entry.name],
-                             cfg.model, layout, seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16)
+                             cfg.model, layout, seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16,
+                             key=key)
         sources[entry.name] = ColocatedTeacher(model, objective.teacher_request(entry.name))
     return TeacherList(sources)
 

@@ -116,25 +116,27 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_teacher(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
-                 layout: ParallelLayout, *, seed: int, bf16: bool) -> TransformerLM:
+                 layout: ParallelLayout, *, seed: int, bf16: bool,
+                 key: str = "distill.teacher") -> TransformerLM:
     """The frozen teacher of a run at `layout`'s TP degree, padded like the student (so both logit
-    shards cover the same columns), in bfloat16 when `bf16`. Every entry point builds it here."""
+    shards cover the same columns), in bfloat16 when `bf16`. Every entry point builds it here;
+    `key` is the config key its errors name."""
     model = TransformerLM(aligned_teacher_config(student, teacher), layout, seed=seed)
     model = model.to(layout.device)
     load_weights(checkpoint, model, layout)
-    _check_finite(model, checkpoint, layout)
+    _check_finite(model, checkpoint, layout, key)
     if bf16:
         model.to(torch.bfloat16)
     return freeze(model)
 
 
-def _check_finite(model: nn.Module, checkpoint: Path, layout: ParallelLayout) -> None:
+def _check_finite(model: nn.Module, checkpoint: Path, layout: ParallelLayout, key: str) -> None:
     """NaN or inf in a frozen teacher would poison every loss (and look like a learning-rate
     problem): refuse it. Each rank checks the shard it holds; the ranks of the role agree."""
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if not ranks_agree(layout, bad is None):
         where = f"tensor {bad!r}" if bad else "a tensor shard on another rank"
-        raise ConfigError("distill.teacher", f"{checkpoint}: {where} holds non-finite values "
+        raise ConfigError(key, f"{checkpoint}: {where} holds non-finite values "
                                              "(NaN or inf)")
 
 
