@@ -44,15 +44,18 @@ from torch import nn
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, check_compatibility
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
-from distill.fused import fused_lm_and_divergence
+from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.projection import ActivationProjection
 from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
+from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
 from layers.model import ModelOutput
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class DistillObjective(nn.Module):
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
+        # which path the fused head last ran ("grad_in_forward" in training; see fused_head_loss)
+        self.fused_path: str | None = None
         self.projection = None
         if self.pairs and cfg.projection != "none":
             self.projection = ActivationProjection(
@@ -154,15 +159,19 @@ class DistillObjective(nn.Module):
                 kd_mask: torch.Tensor | None = None) -> ObjectiveOutput:
         metrics: dict[str, torch.Tensor] = {}
         mask = distill_mask(labels, kd_mask)
+        fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
-                                   mask)
+                                   mask, fused)
         act = self._activation_term(student, teacher, mask, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
                              "labels (LM) or teacher outputs (distillation), and neither was given")
         total = torch.stack(terms).sum()
-        return ObjectiveOutput(loss=total, total=_detached(total),
+        # Fused: lm and kd are detached values; the fused calls' losses carry their gradient.
+        loss = total if not fused else \
+            torch.stack(fused + ([] if act is None else [act.to(fused[0].dtype)])).sum()
+        return ObjectiveOutput(loss=loss, total=_detached(total),
                                lm_loss=_detached(lm), kd_loss=_detached(kd),
                                act_loss=_detached(act), metrics=metrics)
 
@@ -170,7 +179,7 @@ class DistillObjective(nn.Module):
     def _logit_terms(self, student: ModelOutput, teacher: TeacherOutputs | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
                      output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor],
-                     mask: torch.Tensor | None):
+                     mask: torch.Tensor | None, fused: list[torch.Tensor]):
         want_lm = labels is not None and self.cfg.lm_on
         want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
@@ -184,16 +193,19 @@ class DistillObjective(nn.Module):
         if self.fused and output_weight is None:
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
         ce, div = self._next_token(student, teacher if want_kd else None,
-                                   labels if want_lm else None, output_weight)
-        lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
+                                   labels if want_lm else None, output_weight, counts, mask, fused)
+        lm = self._lm_term(student, ce, labels, counts, output_weight, fused) if want_lm else None
         kd = self._kd_term(div, mask, counts, metrics) if want_kd else None
         return lm, kd
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
-                 counts: TokenCounts, output_weight: torch.Tensor | None) -> torch.Tensor:
+                 counts: TokenCounts, output_weight: torch.Tensor | None,
+                 fused: list[torch.Tensor]) -> torch.Tensor:
         heads = [_share(ce, counts.heads[0])]
         for j, weight in enumerate(self.mtp_weights, start=1):
-            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight)
+            scale = self.values.lm_weight * weight / max(counts.heads[j], 1)
+            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight,
+                                           scale, fused)
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.values.lm_weight * torch.stack(heads).sum()
 
@@ -214,10 +226,13 @@ class DistillObjective(nn.Module):
                     skew=logit.skew, **self._loss_kwargs())
 
     def _next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                    labels: torch.Tensor | None, output_weight: torch.Tensor | None):
-        """Per-token (cross-entropy or None, divergence or None) of the next-token head."""
+                    labels: torch.Tensor | None, output_weight: torch.Tensor | None,
+                    counts: TokenCounts, mask: torch.Tensor | None, fused: list[torch.Tensor]):
+        """Per-token (cross-entropy or None, divergence or None) of the next-token head (fused:
+        detached, their weighted loss appended to `fused`)."""
         if self.fused:
-            return self._fused_next_token(student, teacher, labels, output_weight)
+            return self._fused_next_token(student, teacher, labels, output_weight, counts, mask,
+                                          fused)
         logits = student.logits  # [batch, seq, padded_vocab/tp]
         if teacher is None:
             return cross_entropy(logits, labels, **self._loss_kwargs()), None
@@ -232,25 +247,42 @@ class DistillObjective(nn.Module):
         return lm_and_divergence(logits, teacher.logits, labels, **self._kd_kwargs())
 
     def _fused_next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                          labels: torch.Tensor | None, output_weight: torch.Tensor):
+                          labels: torch.Tensor | None, output_weight: torch.Tensor,
+                          counts: TokenCounts, mask: torch.Tensor | None,
+                          fused: list[torch.Tensor]):
         hidden = student.head_hidden  # [batch, seq, hidden]
         lead = hidden.shape[:-1]
         kwargs = self._kd_kwargs() if teacher is not None else self._loss_kwargs()
         if teacher is not None:
             kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
-                teacher.head_hidden), teacher_weight_shard=teacher.output_weight)
-        ce, div = fused_lm_and_divergence(
-            _flat(hidden), output_weight, labels=None if labels is None else labels.reshape(-1),
-            **kwargs)
-        return tuple(None if x is None else x.reshape(lead) for x in (ce, div))
+                teacher.head_hidden), teacher_weight_shard=teacher.output_weight,
+                div_weight=_token_weights(self.values.kd_scale / max(counts.distill, 1), mask,
+                                          lead, hidden.device))
+        if labels is not None:  # ignored labels get no weight inside
+            kwargs.update(labels=labels.reshape(-1), ce_weight=_token_weights(
+                self.values.lm_weight / max(counts.heads[0], 1), None, lead, hidden.device))
+        out = self._fused_call(_flat(hidden), output_weight, kwargs, fused)
+        return tuple(None if x is None else x.detach().reshape(lead) for x in (out.ce, out.div))
+
+    def _fused_call(self, hidden: torch.Tensor, output_weight: torch.Tensor, kwargs: dict,
+                    fused: list[torch.Tensor]) -> FusedHeadLoss:
+        out = fused_head_loss(hidden, output_weight, **kwargs)
+        fused.append(out.loss)
+        if out.path != self.fused_path:
+            log.info("fused LM head: %s%s", out.path, "" if out.block_rows is None else
+                     f" (row blocks of {out.block_rows} tokens)")
+            self.fused_path = out.path
+        return out
 
     def _mtp_cross_entropy(self, student: ModelOutput, head: int, labels: torch.Tensor,
-                           output_weight: torch.Tensor | None) -> torch.Tensor:
+                           output_weight: torch.Tensor | None, scale: float,
+                           fused: list[torch.Tensor]) -> torch.Tensor:
         if self.fused:
             hidden = student.mtp_hidden[head - 1]  # [batch, seq, hidden]
-            ce, _ = fused_lm_and_divergence(_flat(hidden), output_weight, labels=labels.reshape(-1),
-                                            **self._loss_kwargs())
-            return ce
+            weights = _token_weights(scale, None, hidden.shape[:-1], hidden.device)
+            out = self._fused_call(_flat(hidden), output_weight, dict(
+                labels=labels.reshape(-1), ce_weight=weights, **self._loss_kwargs()), fused)
+            return out.ce.detach()
         return cross_entropy(student.mtp_logits[head - 1], labels, **self._loss_kwargs())
 
     # ----------------------------------------------------------------------- activation term
@@ -275,6 +307,13 @@ def distill_mask(labels: torch.Tensor | None, kd_mask: torch.Tensor | None) -> t
     if kd_mask is not None:
         return kd_mask
     return None if labels is None else labels != IGNORE_INDEX
+
+
+def _token_weights(scale: float, mask: torch.Tensor | None, shape: torch.Size,
+                   device: torch.device) -> torch.Tensor:
+    """[tokens] weights of a fused head call: `scale` where `mask` (None: everywhere), else 0."""
+    weights = torch.full(shape, scale, dtype=torch.float64, device=device)  # cast inside
+    return (weights if mask is None else weights * mask).reshape(-1)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
