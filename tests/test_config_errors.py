@@ -120,6 +120,8 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.pp=2"], "parallel.pp: pipeline-parallel training is not implemented yet"),
     (1, ["train.recompute=attention"],
      "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
+    (2, ["train.distributed_optimizer=maybe"],
+     "train.distributed_optimizer: must be true or false (got 'maybe')"),
 ]
 
 
