@@ -4,8 +4,10 @@ replicated AdamW, through the real entry point.
 Equality rows: DP 2 (clipping active: `train.grad_clip` below the gradient norm) and TP 2 x DP 2
 with SP (no clipping), sharded against replicated at the same layout; parameters after each of 3
 steps within 1e-6 relative (per tensor: max |a - b| <= 1e-6 * max |b|, fp32), and the saved AdamW
-moments after step 3 alike. Checkpoints: a sharded run resumed from its step-2 checkpoint equals it
-bit for bit; loaded with the option off, at DP 1, and a DP 1 replicated checkpoint loaded sharded
+moments after step 3 alike. A unit row checks slices that cut parameters, padding, a parameter
+without gradient (skipped, as torch skips it) and the per-parameter state dict. Checkpoints: a
+sharded run resumed from its step-2 checkpoint equals it bit for bit; loaded with the option off,
+at DP 1, and a DP 1 replicated checkpoint loaded sharded
 at DP 2, each continues to step 3 equal to its reference.
 """
 
@@ -17,6 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine import collectives as C
+from engine.dist_optim import ShardedAdamW
+from engine.optim import adamw_groups, build_adamw
+from engine.parallel import make_layout
 from engine.spawn import run_ranks
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 
@@ -133,3 +139,45 @@ def test_dp1_checkpoint_loads_sharded_at_dp2(cfg, tmp_path):
     for kind in ("model", "optim"):
         _assert_close(_tensors(tmp_path / "resumed", STEPS, kind), _tensors(single, STEPS, kind),
                       RTOL_DP, kind)
+
+
+def _toy_rank() -> dict:
+    """ShardedAdamW against torch's AdamW on the DP-summed gradients, bit for bit, at DP 2."""
+    layout = make_layout(tp=1)
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (4, 2), (3,)]  # 23 matrix and 10 vector elements: slices cut both
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    sharded = ShardedAdamW(adamw_groups(ours, weight_decay=0.1), lr=0.1, betas=(0.9, 0.95),
+                           eps=1e-8, layout=layout)
+    replicated = build_adamw(ref, lr=0.1, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(layout.dp_rank)
+    for _ in range(3):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            if i == 2:  # no gradient on any rank: left alone
+                continue
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = C.all_reduce(a.grad.clone(), layout.dp_group)
+        sharded.reduce_gradients()
+        sharded.step()
+        sharded.zero_grad()
+        replicated.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    theirs, mine = replicated.state_dict(), sharded.state_dict()
+    # optimizer order: matrices (5, 3), (4, 2), then vectors (7,), (3,); (4, 2) never had a gradient
+    assert mine["state"].keys() == theirs["state"].keys() == {0, 2, 3}
+    for index, entry in theirs["state"].items():
+        assert all(torch.equal(mine["state"][index][k], v) for k, v in entry.items()), index
+    fresh = ShardedAdamW(adamw_groups([torch.nn.Parameter(p.detach().clone()) for p in ours],
+                                      weight_decay=0.1), lr=0.1, betas=(0.9, 0.95), eps=1e-8,
+                         layout=layout)
+    fresh.load_state_dict(theirs)
+    again = fresh.state_dict()["state"]
+    assert all(torch.equal(again[i][k], v) for i, e in theirs["state"].items() for k, v in e.items())
+    return {"moments": sum(b.exp_avg.nbytes + b.exp_avg_sq.nbytes for b in sharded._all_buckets())}
+
+
+def test_sharded_adamw_matches_torch_adamw_on_cut_parameters():
+    results = run_ranks(_toy_rank, 2, timeout_s=120)
+    # 23 matrix elements pad to 24, 10 vector elements to 10: 12 + 5 per rank, two fp32 moments
+    assert [r["moments"] for r in results] == [2 * 4 * (12 + 5)] * 2
