@@ -17,14 +17,18 @@ reduce-scatters the gradients itself when sharded). Per rank:
 - step peak: the resident-set high-water mark over the timed steps minus the resident set before
   them (parameters and optimizer state are resident already): what a step adds at its peak
   (activations, gradients, logits, the reduce-scatter's buffers, temporaries), measured by Linux
-  (`/proc/self/clear_refs` resets the mark after the untimed first step); it includes allocator
+  (`/proc/self/clear_refs` resets the mark after the untimed first step, freed heap memory
+  trimmed; tensors of 64 KiB and more are mapped and unmapped one by one); it includes allocator
   slack;
+- per rank in all: parameters + optimizer state + step peak;
 - step time: the median of the timed steps (2 shared cores: for orders of magnitude only).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import statistics
 import sys
 import time
@@ -65,9 +69,13 @@ def _status_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def _reset_peak() -> None:
+def _reset_peak() -> int:
+    """Give freed heap memory back to the system, reset the high-water mark to the resident set
+    and return that resident set."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
+    return _status_bytes("VmRSS")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,18 +125,21 @@ def measure_rank(args: argparse.Namespace, recompute: str, sharded: bool) -> dic
 
     activations = kept_bytes(loss)
     train_step(0)  # allocates the optimizer state
-    resident = _status_bytes("VmRSS")
-    _reset_peak()
+    resident = _reset_peak()
     times = [train_step(step) for step in range(1, args.steps + 1)]
     return {"activations": activations, "state": optimizer_state_bytes(opt.optimizer),
             "peak": _status_bytes("VmHWM") - resident, "step_s": statistics.median(times),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()),
+            "param_bytes": sum(p.nbytes for p in model.parameters())}
 
 
 def run_row(args: argparse.Namespace, *, dp: int, recompute: str, sharded: bool) -> dict:
     """The row's numbers: per-rank maxima over the DP ranks (they hold equal shares)."""
     from engine.spawn import run_ranks
 
+    # Tensors of 64 KiB and more get their own mappings, unmapped when freed, so the resident set
+    # follows the live tensors instead of what glibc's heap keeps (inherited by the spawned ranks).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     per_rank = run_ranks(measure_rank, dp, args, recompute, sharded, timeout_s=600)
     return {key: max(r[key] for r in per_rank) for key in per_rank[0]}
 
@@ -146,12 +157,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.seq} per rank; fp32, CPU, gloo, 1 thread per rank; dropout 0.1; "
           f"step time = median of {args.steps}\n")
     print("| configuration | DP | activations MB | optimizer state MB / rank | state / replicated "
-          "| 1/DP | step peak MB / rank | step s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| 1/DP | step peak MB / rank | in all MB / rank | step s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, dp, r in results:
         print(f"| {name} | {dp} | {r['activations'] / MB:.1f} | {r['state'] / MB:.2f} | "
               f"{r['state'] / replicated:.4f} | {1 / dp:.4f} | {r['peak'] / MB:.0f} | "
-              f"{r['step_s']:.2f} |")
+              f"{(r['param_bytes'] + r['state'] + r['peak']) / MB:.0f} | {r['step_s']:.2f} |")
 
 
 if __name__ == "__main__":
