@@ -139,7 +139,9 @@ class ShardedAdamW:
 
     def _broadcast_buckets(self) -> None:
         """Start from DP rank 0's parameters, as DDP does."""
-        src = self.layout.global_rank(role=self.layout.role, dp_rank=0, tp_rank=self.layout.tp_rank)
+        layout = self.layout
+        src = layout.global_rank(role=layout.role, dp_rank=0, tp_rank=layout.tp_rank,
+                                 pp_rank=layout.pp_rank)
         for bucket in self._all_buckets():
             C.broadcast(bucket.buffer, self.layout.dp_group, src=src)
 
