@@ -67,10 +67,9 @@ class TokenStats:
     def rows(self, rows: slice) -> TokenStats:
         return TokenStats(*(None if t is None else t[rows] for t in self.tensors()))
 
-    def outputs(self, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ce, div, diag) for an autograd.Function to return, `empty` standing for a missing
-        one."""
-        return tuple(empty if x is None else x for x in (self.ce, self.div, self.diag))
+    def outputs(self, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ce, div) for an autograd.Function to return, `empty` standing for a missing one."""
+        return (empty if self.ce is None else self.ce), (empty if self.div is None else self.div)
 
 
 @dataclass(frozen=True)

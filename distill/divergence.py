@@ -45,7 +45,9 @@ class _ShardedLoss(torch.autograd.Function):
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(student, teacher, label_cols, ignored, *tok.tensors())
-        ce, div, diag = tok.outputs(student.new_empty(0, dtype=plan.compute_dtype))
+        empty = student.new_empty(0, dtype=plan.compute_dtype)
+        ce, div = tok.outputs(empty)
+        diag = empty if tok.diag is None else tok.diag
         ctx.mark_non_differentiable(diag)
         return ce, div, diag
 

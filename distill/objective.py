@@ -47,18 +47,21 @@ from torch import nn
 
 from distill.activation import activation_pair_means
 from distill.config import SINGLE_TEACHER, DistillConfig, check_compatibility, named_teachers
-from distill.divergence import (KDDiagnostics, cross_entropy, divergence, lm_and_divergence,
+from distill.divergence import (cross_entropy, divergence, lm_and_divergence,
                                 topk_divergence)
-from distill.fused import fused_lm_and_divergence
+from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
 from distill.projection import ActivationProjection
 from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
+from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
 from layers.model import ModelOutput
+
+log = get_logger(__name__)
 
 # Per-token KDDiagnostics fields, logged as step means over the distilled positions.
 DIAGNOSTICS = ("teacher_entropy", "student_entropy", "top1_agreement")
@@ -158,6 +161,8 @@ class DistillObjective(nn.Module):
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
+        # which path the fused head last ran ("grad_in_forward" in training; see fused_head_loss)
+        self.fused_path: str | None = None
         self.projection = self.projections = None
         if self.pairs and cfg.projection != "none":
             by_source = {name: ActivationProjection(
@@ -213,15 +218,19 @@ class DistillObjective(nn.Module):
         metrics: dict[str, torch.Tensor] = {}
         mask = distill_mask(labels, kd_mask)
         teacher = self._by_name(teacher) or None
+        fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
-                                   mask)
+                                   mask, fused)
         act = self._activation_term(student, teacher, mask, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
                              "labels (LM) or teacher outputs (distillation), and neither was given")
         total = torch.stack(terms).sum()
-        return ObjectiveOutput(loss=total, total=_detached(total),
+        # Fused: lm and kd are detached values; the fused calls' losses carry their gradient.
+        loss = total if not fused else \
+            torch.stack(fused + ([] if act is None else [act.to(fused[0].dtype)])).sum()
+        return ObjectiveOutput(loss=loss, total=_detached(total),
                                lm_loss=_detached(lm), kd_loss=_detached(kd),
                                act_loss=_detached(act), metrics=metrics)
 
@@ -229,7 +238,7 @@ class DistillObjective(nn.Module):
     def _logit_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs] | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
                      output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor],
-                     mask: torch.Tensor | None):
+                     mask: torch.Tensor | None, fused: list[torch.Tensor]):
         want_lm = labels is not None and self.cfg.lm_on
         want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
@@ -244,16 +253,16 @@ class DistillObjective(nn.Module):
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
         labels = labels if want_lm else None
         if not want_kd:
-            ce, _, _ = self._next_token(student, None, labels, output_weight)
-            return self._lm_term(student, ce, labels, counts, output_weight), None
+            ce, _, _ = self._next_token(student, None, labels, output_weight, counts, mask, fused)
+            return self._lm_term(student, ce, labels, counts, output_weight, fused), None
         lm, shares = None, []
         targets = self._logit_targets(teacher)
         for i, (name, weight, target) in enumerate(targets):
             # the cross-entropy comes with the first divergence, from the same statistics
             ce, div, diag = self._next_token(student, target, labels if i == 0 else None,
-                                             output_weight)
+                                             output_weight, counts, mask, fused, weight)
             if i == 0 and labels is not None:
-                lm = self._lm_term(student, ce, labels, counts, output_weight)
+                lm = self._lm_term(student, ce, labels, counts, output_weight, fused)
             share = weight * _masked_share(div, mask, counts.distill)
             shares.append(share)
             suffix = f"/{name}" if len(targets) > 1 else ""
@@ -286,10 +295,13 @@ class DistillObjective(nn.Module):
         return [("mixture", 1.0, TeacherOutputs(logits=log_mix * temperature))]
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
-                 counts: TokenCounts, output_weight: torch.Tensor | None) -> torch.Tensor:
+                 counts: TokenCounts, output_weight: torch.Tensor | None,
+                 fused: list[torch.Tensor]) -> torch.Tensor:
         heads = [_share(ce, counts.heads[0])]
         for j, weight in enumerate(self.mtp_weights, start=1):
-            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight)
+            scale = self.values.lm_weight * weight / max(counts.heads[j], 1)
+            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight,
+                                           scale, fused)
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.values.lm_weight * torch.stack(heads).sum()
 
@@ -306,12 +318,15 @@ class DistillObjective(nn.Module):
         return dict(self._kd_kwargs(), diagnostics=self.cfg.diagnostics)
 
     def _next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                    labels: torch.Tensor | None, output_weight: torch.Tensor | None):
+                    labels: torch.Tensor | None, output_weight: torch.Tensor | None,
+                    counts: TokenCounts, mask: torch.Tensor | None, fused: list[torch.Tensor],
+                    weight: float = 1.0):
         """Per-token (cross-entropy or None, divergence or None, KDDiagnostics or None) of the
-        next-token head. A top-k teacher gives no diagnostics (its entropy is not in the
-        export)."""
+        next-token head (fused: detached, their weighted loss, the divergence's times `weight`,
+        appended to `fused`). A top-k teacher and the fused head give no diagnostics."""
         if self.fused:
-            return self._fused_next_token(student, teacher, labels, output_weight)
+            return self._fused_next_token(student, teacher, labels, output_weight, counts, mask,
+                                          fused, weight)
         logits = student.logits  # [batch, seq, padded_vocab/tp]
         if teacher is None:
             return cross_entropy(logits, labels, **self._loss_kwargs()), None, None
@@ -328,28 +343,43 @@ class DistillObjective(nn.Module):
         return out if self.cfg.diagnostics else (*out, None)
 
     def _fused_next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                          labels: torch.Tensor | None, output_weight: torch.Tensor):
+                          labels: torch.Tensor | None, output_weight: torch.Tensor,
+                          counts: TokenCounts, mask: torch.Tensor | None,
+                          fused: list[torch.Tensor], weight: float = 1.0):
         hidden = student.head_hidden  # [batch, seq, hidden]
         lead = hidden.shape[:-1]
-        kwargs = self._full_kwargs() if teacher is not None else self._loss_kwargs()
+        kwargs = self._kd_kwargs() if teacher is not None else self._loss_kwargs()
         if teacher is not None:
             kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
-                teacher.head_hidden), teacher_weight_shard=teacher.output_weight)
-        ce, div, *diag = fused_lm_and_divergence(
-            _flat(hidden), output_weight, labels=None if labels is None else labels.reshape(-1),
-            **kwargs)
-        diag = diag[0] if diag else None
-        if diag is not None:
-            diag = KDDiagnostics(*(getattr(diag, name).reshape(lead) for name in DIAGNOSTICS))
-        return (*(None if x is None else x.reshape(lead) for x in (ce, div)), diag)
+                teacher.head_hidden), teacher_weight_shard=teacher.output_weight,
+                div_weight=_token_weights(weight * self.values.kd_scale / max(counts.distill, 1),
+                                          mask, lead, hidden.device))
+        if labels is not None:  # ignored labels get no weight inside
+            kwargs.update(labels=labels.reshape(-1), ce_weight=_token_weights(
+                self.values.lm_weight / max(counts.heads[0], 1), None, lead, hidden.device))
+        out = self._fused_call(_flat(hidden), output_weight, kwargs, fused)
+        return (*(None if x is None else x.detach().reshape(lead) for x in (out.ce, out.div)),
+                None)
+
+    def _fused_call(self, hidden: torch.Tensor, output_weight: torch.Tensor, kwargs: dict,
+                    fused: list[torch.Tensor]) -> FusedHeadLoss:
+        out = fused_head_loss(hidden, output_weight, **kwargs)
+        fused.append(out.loss)
+        if out.path != self.fused_path:
+            log.info("fused LM head: %s%s", out.path, "" if out.block_rows is None else
+                     f" (row blocks of {out.block_rows} tokens)")
+            self.fused_path = out.path
+        return out
 
     def _mtp_cross_entropy(self, student: ModelOutput, head: int, labels: torch.Tensor,
-                           output_weight: torch.Tensor | None) -> torch.Tensor:
+                           output_weight: torch.Tensor | None, scale: float,
+                           fused: list[torch.Tensor]) -> torch.Tensor:
         if self.fused:
             hidden = student.mtp_hidden[head - 1]  # [batch, seq, hidden]
-            ce, _ = fused_lm_and_divergence(_flat(hidden), output_weight, labels=labels.reshape(-1),
-                                            **self._loss_kwargs())
-            return ce
+            weights = _token_weights(scale, None, hidden.shape[:-1], hidden.device)
+            out = self._fused_call(_flat(hidden), output_weight, dict(
+                labels=labels.reshape(-1), ce_weight=weights, **self._loss_kwargs()), fused)
+            return out.ce.detach()
         return cross_entropy(student.mtp_logits[head - 1], labels, **self._loss_kwargs())
 
     # ----------------------------------------------------------------------- activation term
@@ -380,6 +410,13 @@ def distill_mask(labels: torch.Tensor | None, kd_mask: torch.Tensor | None) -> t
     if kd_mask is not None:
         return kd_mask
     return None if labels is None else labels != IGNORE_INDEX
+
+
+def _token_weights(scale: float, mask: torch.Tensor | None, shape: torch.Size,
+                   device: torch.device) -> torch.Tensor:
+    """[tokens] weights of a fused head call: `scale` where `mask` (None: everywhere), else 0."""
+    weights = torch.full(shape, scale, dtype=torch.float64, device=device)  # cast inside
+    return (weights if mask is None else weights * mask).reshape(-1)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

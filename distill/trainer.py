@@ -6,8 +6,10 @@
 
 Data parallelism is torch's DistributedDataParallel over the DP group, wrapped around the student
 *and* the objective (its projections train with the student); gradient sync happens only on the
-last micro-batch of a step. Tensor- and sequence-parallel gradients need no fix-up afterwards: the
-layers produce complete gradients inside autograd (layers/tensor_parallel.py).
+last micro-batch of a step. With `train.distributed_optimizer` there is no DDP: the optimizer
+reduce-scatters the summed gradients over DP (engine/dist_optim.py). Tensor- and sequence-parallel
+gradients need no fix-up afterwards: the layers produce complete gradients inside autograd
+(layers/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -97,11 +99,13 @@ class DistillTrainer:
         self.module = StudentWithObjective(student, objective)
         # MTP heads get no gradient when their only loss (LM) is off; DDP must then look for them.
         unused = student.config.mtp_heads > 0 and not objective.cfg.lm_on
+        # The distributed optimizer reduce-scatters the gradients itself: no DDP then.
         self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
                                            find_unused_parameters=unused) \
-            if layout.dp > 1 else None
+            if layout.dp > 1 and not cfg.distributed_optimizer else None
         # The objective's loss is this rank's share of the step's global means, whose gradient is
-        # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate.
+        # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate
+        # (the distributed optimizer sums).
         self.dp_scale = layout.dp if self.ddp is not None else 1
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
         self.schedules = Schedules(objective.cfg)

@@ -180,6 +180,8 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
      "'teacher_confidence'"),
     (1, ["distill.teacher_mode=average"],
      "distill.teacher_mode: must be one of 'sum', 'mixture'"),
+    (2, ["train.distributed_optimizer=maybe"],
+     "train.distributed_optimizer: must be true or false (got 'maybe')"),
 ]
 
 

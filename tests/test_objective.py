@@ -1,6 +1,7 @@
 """The whole objective: distributed against the TP=1 reference, each term against its definition.
 
-- TP=2 with SP and DP=2 (4 spawned ranks), LM head unfused and fused, against the single-process
+- TP=2 with SP and DP=2 (4 spawned ranks), LM head unfused and fused (its gradient computed in
+  the forward from the objective's per-token weights), against the single-process
   TP=1 objective over the same global batch: the logged terms and the gradient of every student
   parameter (gathered) and of every projection weight, summed over DP (what the trainer's
   DP-scaled DDP average gives).
@@ -118,6 +119,7 @@ def _step(layout, cfg, micro_batches, *, with_teacher=True):
                   for name, p in student.named_parameters()},
         "projection": [w.grad.clone() for w in objective.parameters()],
         "counts": counts,
+        "fused_path": objective.fused_path,
     }
 
 
@@ -148,6 +150,9 @@ def test_tp2_sp_dp2_objective_matches_tp1_reference():
     assert ref["counts"].heads[0] != 4 * 16 and all(ref["terms"][1:] > 0)
     for rank, per_fused in enumerate(run_ranks(_tp_sp_dp_run, 4, timeout_s=120)):
         assert per_fused[False]["counts"] == ref["counts"]
+        # training computes the fused head's gradient in its forward (no recomputed logits)
+        assert (per_fused[False]["fused_path"], per_fused[True]["fused_path"]) == \
+            (None, "grad_in_forward")
         for fused, result in per_fused.items():
             _assert_same_step(result, ref, f"rank {rank} fused={fused}")
 

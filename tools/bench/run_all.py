@@ -21,6 +21,7 @@ FULL = {
     "schedule.py": [],
     "on_policy.py": [],
     "teachers.py": [],
+    "memory.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
@@ -30,6 +31,8 @@ QUICK = {
                      "--out", "runs/bench_on_policy_quick"],
     "teachers.py": ["--teacher-steps", "10", "--student-steps", "5", "--eval-batches", "2",
                     "--out", "runs/bench_teachers_quick"],
+    "memory.py": ["--layers", "2", "--hidden", "64", "--vocab", "512", "--seq", "64", "--batch", "2",
+                  "--steps", "1", "--dp", "1", "2"],
 }
 
 
