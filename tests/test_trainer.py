@@ -228,6 +228,19 @@ def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     assert teacher_sent["send"] == 2 * (header + micro_batches * per_micro_batch)
 
 
+def test_bf16_teacher_streams_bf16_hidden_states(setup):
+    """With distill.teacher_bf16 the hidden states cross the wire in bfloat16 (2 bytes each) and
+    the student forms the teacher's logits in bfloat16 as the teacher's own head would."""
+    tmp, cfg = setup
+    colocated = _run(cfg, tmp / "colocated", "distill.teacher_bf16=true")
+    results = run_ranks(_counted_teacher_ranks_run, 2, cfg, tmp / "remote",
+                        "distill.teacher_bf16=true", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+    micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)
+    header = 8 + (1 + 5) * 8
+    assert results[0][1]["recv"] == header + micro_batches * (8 + mb * seq * hidden_t * 2)
+
+
 def _exit_code(cfg, run_dir, *extra):
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
 
