@@ -124,7 +124,8 @@ class DistillObjective(nn.Module):
                  teacher_config: ModelConfig | None, layout: ParallelLayout, *, seed: int = 0):
         super().__init__()
         self.cfg, self.layout = cfg, layout
-        self.pairs = check_compatibility(cfg, student_config, teacher_config, layout.tp)
+        self.pairs = check_compatibility(cfg, student_config, teacher_config,
+                                         layout.teacher_tp)
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values

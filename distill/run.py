@@ -23,8 +23,9 @@ from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy
 from distill.runconfig import RunConfig, load_run_config, resolved_dict
-from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherSource, TeacherStreamError,
-                             load_teacher, serve_teacher)
+from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherRequest, TeacherSource,
+                             TeacherStreamError, load_teacher, load_teacher_head, serve_teacher,
+                             stream_request)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
@@ -87,6 +88,7 @@ def _train(cfg: RunConfig, teacher_cfg: ModelConfig | None, launch: LaunchEnv) -
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
                            virtual_stages=cfg.parallel.virtual_stages,
                            teacher_ranks=cfg.parallel.teacher_ranks,
+                           teacher_tp=cfg.parallel.teacher_tp,
                            timeout_s=cfg.parallel.timeout_s, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
     try:
@@ -148,12 +150,12 @@ def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
 
 
 def _colocated(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
-               objective: DistillObjective) -> ColocatedTeacher:
-    """The frozen teacher at this layout, producing what the objective asks of it."""
+               request: TeacherRequest) -> ColocatedTeacher:
+    """The frozen teacher at this layout, producing `request`."""
     model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
                          teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
                          bf16=cfg.distill.teacher_bf16)
-    return ColocatedTeacher(model, objective.teacher_request())
+    return ColocatedTeacher(model, request)
 
 
 def _teacher_source(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout,
@@ -162,21 +164,28 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: Par
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
         remaining = cfg.train.steps - resume_step(cfg.train)
-        return RemoteTeacher(layout, objective.teacher_request(), prefetch=cfg.distill.prefetch,
-                             total=per_step * remaining)
+        request, stream = objective.teacher_request(), cfg.distill.teacher_stream
+        head = None
+        if stream_request(request, stream).head == "hidden":
+            head = load_teacher_head(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                                     teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16)
+        return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
+                             total=per_step * remaining, stream=stream, head=head)
     if schedule == "offline":
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
-    return None if teacher_cfg is None else _colocated(cfg, teacher_cfg, layout, objective)
+    if teacher_cfg is None:
+        return None
+    return _colocated(cfg, teacher_cfg, layout, objective.teacher_request())
 
 
 def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
            objective: DistillObjective) -> int:
-    teacher = _colocated(cfg, teacher_cfg, layout, objective)
+    teacher = _colocated(cfg, teacher_cfg, layout, stream_request(objective.teacher_request(),
+                                                                   cfg.distill.teacher_stream))
 
     def batches_for(student_dp_rank: int):
-        student_dp = layout.student_world // layout.tp
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=student_dp, vocab_size=cfg.model.vocab_size)
+                            dp=layout.student_dp, vocab_size=cfg.model.vocab_size)
         start = resume_step(cfg.train)  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()
@@ -187,6 +196,6 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
     # which arrives with their acknowledgements.
     with PreemptionFlag():
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
-                             prefetch=cfg.distill.prefetch)
+                             prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp)
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0
