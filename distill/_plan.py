@@ -307,6 +307,61 @@ class LossPlan:
             tok.ce = torch.where(ignored, 0.0, (col["a_max"] - col["y"]) + log_c)
         return tok
 
+    # ---- kept exponentials: forward KL and the cross-entropy, whose gradient is a combination
+    # of the tiles' exp(a') and exp(b') with per-token coefficients -----------------------------
+
+    @property
+    def keeps_exps(self) -> bool:
+        """Whether `tile_stats_exp_` / `tile_grad_exp_` apply: forward KL or the cross-entropy
+        alone, or both where they share the student's softmax (temperature 1)."""
+        return self.kind in (None, "forward_kl") and (self.kind is None or not self.with_ce
+                                                      or self.temperature == 1.0)
+
+    def tile_stats_exp_(self, s: torch.Tensor, t: torch.Tensor | None,
+                        label_cols: torch.Tensor) -> torch.Tensor:
+        """`tile_stats` of a keeps_exps plan, leaving exp(a') in s and exp(b') in t: with
+        the tile's maxima (its statistics) and the global normalizers they are p and q."""
+        col: dict[str, torch.Tensor] = {}
+        if self.with_ce:
+            owned, at = owned_columns(label_cols, s.shape[-1])
+            col["y"] = torch.where(owned, s.gather(-1, at[:, None])[:, 0], 0.0)
+        col["a_max"] = s.amax(-1)
+        a = shift_(s, col["a_max"], self.temperature)
+        if self.kind is not None:
+            col["b_max"] = t.amax(-1)
+            b = shift_(t, col["b_max"], self.temperature)
+            diff = torch.sub(b, a)  # b' - a'
+        col["a_sum"] = a.exp_().sum(-1)
+        if self.kind is not None:
+            col["b_sum"] = b.exp_().sum(-1)
+            col["z"] = _row_dot_(b, diff)  # sum exp(b') (b' - a')
+        return torch.stack([col[name] for name in self.columns], -1)
+
+    def tile_grad_exp_(self, ea: torch.Tensor, eb: torch.Tensor | None, label_cols: torch.Tensor,
+                       tile_stats: torch.Tensor, tok: TokenStats,
+                       upstream: Upstream) -> torch.Tensor:
+        """`tile_grad` from the tile left by tile_stats_exp_ (its statistics `tile_stats`),
+        written over `ea`: p = exp(a') exp((tile max - max) / T) / sum, likewise q."""
+        g_ce = upstream.ce if self.with_ce else None
+        g_div = upstream.div if self.kind is not None else None
+        idx = self.columns
+        p_scale = self._exp_scale(tile_stats[:, idx["a_max"]], tok.a_norm)
+        coef = 0.0 if g_div is None else g_div / self.temperature
+        coef_a = (coef if g_ce is None else coef + g_ce) * p_scale
+        ea.mul_(coef_a[:, None])
+        if g_div is not None:
+            coef_b = coef * self._exp_scale(tile_stats[:, idx["b_max"]], tok.b_norm)
+            ea.addcmul_(eb, coef_b[:, None], value=-1.0)
+        if g_ce is not None:
+            owned, at = owned_columns(label_cols, ea.shape[-1])
+            ea[owned, at[owned]] -= g_ce[owned]
+        return ea
+
+    def _exp_scale(self, tile_max: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """exp((tile max - max) / T - log sum): turns a tile's exp(x') into probabilities."""
+        return ((tile_max - norm[:, 0].nan_to_num(neginf=0.0)) / self.temperature
+                - norm[:, 1]).exp()
+
     # ---- forward, pass 2 (two-pass kinds): sums that need the global normalizers -------------
 
     def _log_probs_(self, s: torch.Tensor, t: torch.Tensor,
@@ -350,6 +405,16 @@ class LossPlan:
         return pg.sub_(p.mul_(tok.aux[:, None]))
 
 
+def _row_dot_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum(x * y, -1), overwriting y with the products; a row holding 0 * inf (zero-probability
+    columns) is taken as nansum."""
+    out = y.mul_(x).sum(-1)
+    bad = out.isnan()
+    if bad.any():
+        out[bad] = torch.nansum(y[bad], -1)
+    return out
+
+
 def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_cols: torch.Tensor,
                  ignored: torch.Tensor, group: Group, device: torch.device) -> TokenStats:
     """The whole forward: tile statistics, one all_gather, and for two-pass kinds one all_reduce.
@@ -361,8 +426,7 @@ def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_col
     for j, rows, cols in plan.tiles(n_tokens):
         stats[j, rows] = plan.tile_stats(*logits(rows, cols), label_cols[rows] - cols.start,
                                          cols.start)
-    gathered = C.all_gather(plan.merge(stats)[None], group, dim=0)  # [tp, tokens, width]
-    tok = plan.finish(plan.merge(gathered), ignored)
+    tok = global_stats(plan, stats, ignored, group)
     if not plan.one_pass:
         partials = stats.new_zeros(n_tokens, 2)
         for _, rows, cols in plan.tiles(n_tokens):
@@ -370,6 +434,14 @@ def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_col
         C.all_reduce(partials, group)
         tok.div, tok.aux = partials[:, 0], partials[:, 1]
     return tok
+
+
+def global_stats(plan: LossPlan, stats: torch.Tensor, ignored: torch.Tensor,
+                 group: Group) -> TokenStats:
+    """The one-pass results from this rank's [tiles, tokens, width] tile statistics: merged over
+    tiles, one all_gather, merged over ranks."""
+    gathered = C.all_gather(plan.merge(stats)[None], group, dim=0)  # [tp, tokens, width]
+    return plan.finish(plan.merge(gathered), ignored)
 
 
 # Default tile (tokens, vocabulary columns): 8 MB of fp32 on CPU, where cache-sized work wins;

@@ -145,6 +145,10 @@ class DistillConfig:
     # Where the teacher runs: on the student ranks, on its own ranks, or exported beforehand.
     schedule: Literal["colocated", "teacher_ranks", "offline"] = "colocated"
     prefetch: int = 2  # teacher_ranks: micro-batches the teacher may run ahead of the students
+    # teacher_ranks: what crosses the wire per micro-batch: hidden (the teacher's final hidden
+    # states; students form its logits from their shard of its output weight) | logits (logit
+    # shards, the older protocol kept as the benchmark's baseline; needs teacher_tp == tp)
+    teacher_stream: Literal["hidden", "logits"] = "hidden"
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
     # several teachers [{checkpoint, weight, name}] (offline: + offline_dir); not with `teacher`
     teachers: tuple[TeacherEntryConfig, ...] = ()
@@ -367,8 +371,8 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig,
 
     `teacher` is the teacher's config, or with several teachers a mapping of name to config.
     Raises `ConfigError` for: MTP weights that do not match the student's heads, a missing teacher,
-    a teacher that does not split over `tp`, a different real vocabulary, unknown buffer names,
-    and different widths without a projection.
+    a teacher that does not split over `tp` (the TP degree the teacher runs at), a different real
+    vocabulary, unknown buffer names, and different widths without a projection.
     """
     check(not cfg.mtp_weights or len(cfg.mtp_weights) == student.mtp_heads, "distill.mtp_weights",
           f"has {len(cfg.mtp_weights)} entries for model.mtp_heads={student.mtp_heads}")

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distill._plan import LossPlan, TokenStats, Upstream, label_columns, make_plan, reduce_stats
+from distill._plan import (LossPlan, TokenStats, Upstream, global_stats, label_columns, make_plan,
+                          reduce_stats)
 from engine.collectives import Group
 
 
@@ -138,47 +139,73 @@ def block_rows(*, n_tokens: int, shard_vocab: int, models: int, itemsize: int,
 def _block_forward(plan: LossPlan, hidden, weight, t_hidden, t_weight, t_logits, label_cols,
                    ignored, upstream: Upstream, group, rows_per_block: int):
     """(TokenStats, grad hidden, grad weight shard) of sum(upstream.ce * ce + upstream.div * div),
-    row block by row block: a block's logits of both models are kept while its statistics cross
-    the TP group (reduce_stats: one all_gather, plus one all_reduce for the two-pass kinds), then
-    turned into the gradient of the block's logits in place, which two matrix products fold into
-    the hidden and weight gradients. Results in the compute dtype."""
-    cdt, valid, n = plan.compute_dtype, plan.valid, hidden.shape[0]
-    weight_c = weight[:valid].to(cdt)  # [valid, H]; a copy only for low-precision weights
-    t_weight_c = None if t_weight is None else t_weight[:valid].to(cdt)
+    row block by row block: a block's logits of both models are kept (as one [rows, cols] tensor
+    per column tile) while its statistics cross the TP group (one all_gather, plus one
+    all_reduce for the two-pass kinds), then turned into the gradient of the block's student
+    logits in place, which two matrix products per tile fold into the hidden and weight
+    gradients. Results in the compute dtype."""
+    cdt, n, col_tiles = plan.compute_dtype, hidden.shape[0], plan.col_tiles()
+    weight_c = weight[:plan.valid].to(cdt)  # [valid, H]; a copy only for low-precision weights
+    t_weight_c = None if t_weight is None else t_weight[:plan.valid].to(cdt)
     grad_hidden = hidden.new_zeros(hidden.shape, dtype=cdt)
     grad_weight = weight.new_zeros(weight.shape, dtype=cdt)
     blocks: list[TokenStats] = []
     for r0 in range(0, n, rows_per_block):
         rows = slice(r0, min(r0 + rows_per_block, n))
         h = hidden[rows].to(cdt)
-        s = h @ weight_c.T  # [rows, valid] student logits of the block
-        t = t_hidden[rows].to(cdt) @ t_weight_c.T if t_weight_c is not None else \
-            None if t_logits is None else plan.copy_tile(t_logits[rows, :valid])
-
-        def logits(r: slice, c: slice, s=s, t=t):  # copies: tile_stats overwrites its tiles
-            return s[r, c].clone(), None if t is None else t[r, c].clone()
-
-        tok = reduce_stats(plan, logits, n_tokens=s.shape[0], label_cols=label_cols[rows],
-                           ignored=ignored[rows], group=group, device=hidden.device)
-        _logit_grad_(plan, s, t, label_cols[rows], tok, upstream.rows(rows))
-        torch.mm(s, weight_c, out=grad_hidden[rows])
-        grad_weight[:valid].addmm_(s.T, h)
-        blocks.append(tok)
+        s = [h @ weight_c[cols].T for cols in col_tiles]  # the block's student logits tiles
+        if t_weight_c is not None:
+            t_h = t_hidden[rows].to(cdt)
+            t = [t_h @ t_weight_c[cols].T for cols in col_tiles]
+        else:
+            t = [None if t_logits is None else plan.copy_tile(t_logits[rows, cols])
+                 for cols in col_tiles]
+        grad_ = _exp_block_grad_ if plan.keeps_exps else _block_grad_
+        blocks.append(grad_(plan, s, t, label_cols[rows], ignored[rows], upstream.rows(rows),
+                            group))
+        for cols, g_logits in zip(col_tiles, s, strict=True):  # now d loss / d logits
+            grad_hidden[rows].addmm_(g_logits, weight_c[cols])
+            grad_weight[cols].addmm_(g_logits.T, h)
     return TokenStats(*(None if f[0] is None else torch.cat(f) for f in
                         zip(*(b.tensors() for b in blocks), strict=True))), \
         grad_hidden, grad_weight
 
 
-def _logit_grad_(plan: LossPlan, s: torch.Tensor, t: torch.Tensor | None,
-                 label_cols: torch.Tensor, tok: TokenStats, upstream: Upstream) -> None:
-    """Overwrite the block's student logits `s` [rows, valid] with d loss / d s, tile by tile
-    (and `t` with scratch)."""
-    for _, rows, cols in plan.tiles(s.shape[0]):
-        tile = s[rows, cols]
-        grad = plan.tile_grad(tile, None if t is None else t[rows, cols],
+def _block_grad_(plan: LossPlan, s: list[torch.Tensor], t: list[torch.Tensor | None],
+                 label_cols: torch.Tensor, ignored: torch.Tensor, upstream: Upstream,
+                 group) -> TokenStats:
+    """The block's statistics (reduce_stats), then its student logits tiles `s` overwritten
+    with d loss / d logits (and `t` with scratch). Every kind."""
+    def logits(rows: slice, cols: slice):  # copies: tile_stats overwrites its tiles
+        j = cols.start // plan.tile_vocab
+        return s[j][rows].clone(), None if t[j] is None else t[j][rows].clone()
+
+    n = s[0].shape[0] if s else label_cols.shape[0]
+    tok = reduce_stats(plan, logits, n_tokens=n, label_cols=label_cols, ignored=ignored,
+                       group=group, device=label_cols.device)
+    for j, rows, cols in plan.tiles(n):
+        tile = s[j][rows]
+        grad = plan.tile_grad(tile, None if t[j] is None else t[j][rows],
                               label_cols[rows] - cols.start, tok.rows(rows), upstream.rows(rows))
         if grad.data_ptr() != tile.data_ptr():
             tile.copy_(grad)
+    return tok
+
+
+def _exp_block_grad_(plan: LossPlan, s: list[torch.Tensor], t: list[torch.Tensor | None],
+                     label_cols: torch.Tensor, ignored: torch.Tensor, upstream: Upstream,
+                     group) -> TokenStats:
+    """`_block_grad_` for plans that keep exponentials (forward KL, the cross-entropy): each
+    tile's logits become exp(a') (and exp(b')) while its statistics are taken, and that becomes
+    the gradient, so a tile is read by four elementwise passes less and no tile is copied."""
+    n = s[0].shape[0] if s else label_cols.shape[0]
+    stats = plan.identity(plan.n_col_tiles(), n, device=label_cols.device)
+    for j, cols in enumerate(plan.col_tiles()):
+        stats[j] = plan.tile_stats_exp_(s[j], t[j], label_cols - cols.start)
+    tok = global_stats(plan, stats, ignored, group)
+    for j, cols in enumerate(plan.col_tiles()):
+        plan.tile_grad_exp_(s[j], t[j], label_cols - cols.start, stats[j], tok, upstream)
+    return tok
 
 
 class _GradInForward(torch.autograd.Function):

@@ -149,7 +149,8 @@ class DistillObjective(nn.Module):
                  layout: ParallelLayout, *, seed: int = 0):
         super().__init__()
         self.cfg, self.layout = cfg, layout
-        self.pairs = check_compatibility(cfg, student_config, teacher_config, layout.tp)
+        self.pairs = check_compatibility(cfg, student_config, teacher_config,
+                                         layout.teacher_tp)
         teachers = named_teachers(cfg, teacher_config)
         self.teacher_names = list(teachers)
         # sum: each divergence's weight (distill.teacher: 1); mixture: shares, normalized there

@@ -22,10 +22,11 @@ import yaml
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy
-from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
 from distill.config import teacher_key
-from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherSource,
-                             TeacherStreamError, load_teacher, serve_teacher)
+from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
+from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherRequest,
+                             TeacherSource, TeacherStreamError, load_teacher, load_teacher_head,
+                             serve_teacher, stream_request)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
@@ -91,6 +92,7 @@ def _train(cfg: RunConfig, teacher_cfg: TeacherConfigs, launch: LaunchEnv) -> in
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
                            virtual_stages=cfg.parallel.virtual_stages,
                            teacher_ranks=cfg.parallel.teacher_ranks,
+                           teacher_tp=cfg.parallel.teacher_tp,
                            timeout_s=cfg.parallel.timeout_s, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
     try:
@@ -152,14 +154,15 @@ def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
 
 
 def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
-               objective: DistillObjective) -> TeacherSource:
-    """The frozen teacher at this layout (with `distill.teachers`, each of them), producing what
-    the objective asks of it."""
+               request: TeacherRequest, objective: DistillObjective | None = None,
+               ) -> TeacherSource:
+    """The frozen teacher at this layout, producing `request`; with `distill.teachers`, each of
+    them, producing what `objective` asks of it."""
     if not cfg.distill.teachers:
         model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
                              teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
                              bf16=cfg.distill.teacher_bf16)
-        return ColocatedTeacher(model, objective.teacher_request())
+        return ColocatedTeacher(model, request)
     sources = {}
     for entry in cfg.distill.teachers:
         key = teacher_key(cfg.distill, entry.name)
@@ -176,27 +179,35 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: Paralle
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
         remaining = cfg.train.steps - resume_step(cfg.train)
-        return RemoteTeacher(layout, objective.teacher_request(), prefetch=cfg.distill.prefetch,
-                             total=per_step * remaining)
+        request, stream = objective.teacher_request(), cfg.distill.teacher_stream
+        head = None
+        if stream_request(request, stream).head == "hidden":
+            head = load_teacher_head(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                                     teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16)
+        return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
+                             total=per_step * remaining, stream=stream, head=head)
     if schedule == "offline":
         if cfg.distill.teachers:
             return TeacherList({e.name: OfflineTeacher(e.offline_dir, data=data,
                                                        device=layout.device)
                                 for e in cfg.distill.teachers})
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
-    return None if teacher_cfg is None else _colocated(cfg, teacher_cfg, layout, objective)
+    if teacher_cfg is None:
+        return None
+    return _colocated(cfg, teacher_cfg, layout, objective.teacher_request(), objective)
 
 
 def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
            objective: DistillObjective) -> int:
-    teacher = _colocated(cfg, teacher_cfg, layout, objective)
+    teacher = _colocated(cfg, teacher_cfg, layout, stream_request(objective.teacher_request(),
+                                                                   cfg.distill.teacher_stream))
 
     order = curriculum(cfg)
 
     def batches_for(student_dp_rank: int):
-        student_dp = layout.student_world // layout.tp
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=student_dp, vocab_size=cfg.model.vocab_size, order=order)
+                            dp=layout.student_dp, vocab_size=cfg.model.vocab_size,
+                            order=order)
         start = resume_step(cfg.train)  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()
@@ -207,6 +218,6 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
     # which arrives with their acknowledgements.
     with PreemptionFlag():
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
-                             prefetch=cfg.distill.prefetch)
+                             prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp)
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

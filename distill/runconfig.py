@@ -49,7 +49,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     par = cfg.parallel
     try:
         validate_layout(world_size=world_size, tp=par.tp, sp=par.sp,
-                        teacher_ranks=par.teacher_ranks, pp=par.pp)
+                        teacher_ranks=par.teacher_ranks, pp=par.pp, teacher_tp=par.teacher_tp)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check_model_layout(cfg.model, par.tp)
@@ -64,6 +64,8 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("parallel.teacher_ranks",
                           "must be > 0 exactly when distill.schedule is teacher_ranks "
                           f"(got {par.teacher_ranks} with schedule {cfg.distill.schedule})")
+    if wants_ranks:
+        check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
     check_checkpoints(cfg)
@@ -88,6 +90,19 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
     if par.pp > 1:
         raise ConfigError("parallel.pp", "pipeline-parallel training is not implemented yet "
                                          "(the layout, groups and schedules exist)")
+
+
+def check_teacher_ranks(cfg: RunConfig) -> None:
+    """The teacher ranks' own TP degree against the sequence and the stream kind."""
+    par, teacher_tp = cfg.parallel, cfg.parallel.teacher_tp_degree
+    if par.sp and teacher_tp > 1 and cfg.data.seq_len % teacher_tp:
+        raise ConfigError("parallel.teacher_tp", f"data.seq_len={cfg.data.seq_len} does not split "
+                                                 f"over {teacher_tp} teacher ranks (sequence "
+                                                 "parallelism)")
+    if cfg.distill.teacher_stream == "logits" and teacher_tp != par.tp:
+        raise ConfigError("distill.teacher_stream", "logits streams logit shards, which needs "
+                                                    f"parallel.teacher_tp={teacher_tp} equal to "
+                                                    f"parallel.tp={par.tp}")
 
 
 def check_model_data(cfg: RunConfig) -> None:
@@ -185,7 +200,7 @@ def load_run_config(path: str | Path, overrides: list[str], *,
     cfg = parse_run_config(apply_overrides(load_yaml(path), overrides))
     check_layout(cfg, world_size)
     teacher = teacher_model_config(cfg)
-    check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     curriculum(cfg)
     if cfg.distill.schedule == "offline":
         check_offline_dirs(cfg)

@@ -52,6 +52,22 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks"],
      "parallel.teacher_ranks: parallel.teacher_ranks=2 leaves no student rank"),
     (2, ["distill.schedule=teacher_ranks"], "parallel.teacher_ranks: must be > 0 exactly when"),
+    (2, ["parallel.teacher_tp=2"], "parallel.teacher_tp: only applies with parallel.teacher_ranks > 0"),
+    (3, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks", "parallel.teacher_tp=0"],
+     "parallel.teacher_tp: must be >= 1"),
+    (3, ["parallel.teacher_ranks=1", "distill.schedule=teacher_ranks", "parallel.teacher_tp=2"],
+     "parallel.teacher_tp: parallel.teacher_tp=2 does not divide parallel.teacher_ranks=1"),
+    (5, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks", "parallel.teacher_tp=1"],
+     "parallel.teacher_ranks: the teacher's data-parallel degree 2 (parallel.teacher_ranks=2 / "
+     "parallel.teacher_tp=1) does not divide the students' 3"),
+    (6, ["parallel.teacher_ranks=4", "distill.schedule=teacher_ranks", "parallel.tp=2",
+         "parallel.teacher_tp=4", "parallel.sp=true", "data.seq_len=18"],
+     "parallel.teacher_tp: data.seq_len=18 does not split over 4 teacher ranks"),
+    (5, ["parallel.teacher_ranks=4", "distill.schedule=teacher_ranks", "parallel.teacher_tp=4"],
+     "distill.teacher(model.kv_heads): 2 key/value heads"),
+    (3, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks", "parallel.teacher_tp=2",
+         "distill.teacher_stream=logits"],
+     "distill.teacher_stream: logits streams logit shards, which needs parallel.teacher_tp=2"),
     (2, ["parallel.tp=2", "parallel.sp=true", "data.seq_len=15"], "data.seq_len: 15 does not split"),
     (1, ["data.global_batch=6", "data.micro_batch=4"], "data.global_batch: must be a multiple"),
     (2, ["data.global_batch=2", "data.micro_batch=2"], "data.global_batch: must be a multiple"),
@@ -259,11 +275,13 @@ def test_shipped_configs_validate(tmp_path):
     for path in configs:
         data = yaml.safe_load(path.read_text())
         world = _world_for(data)
-        # Teachers and datasets named in GPU recipes do not exist here: validate everything else.
+        # Teachers, checkpoints and datasets the configs name do not exist here: validate the rest.
         overrides = []
         if data.get("distill", {}).get("teacher"):
             overrides += ["distill.teacher=null", "distill.logit.weight=0", "distill.activations=[]",
                           "distill.lm_weight=1"]
+        if data.get("train", {}).get("init"):  # the ternary demo starts from the demo teacher
+            overrides += ["train.init=null"]
         if str(data.get("data", {}).get("path", "default")).startswith("/"):
             overrides += ["data.path=default", f"data.vocab_size={min(data['model']['vocab_size'], 4096)}"]
         # Start-up checks the datasets, building the bundled corpus: a small one, not the whole stdlib.
