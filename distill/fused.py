@@ -123,7 +123,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 # Bytes per rank that one row block of the grad-in-forward path may keep: its [rows, V/tp]
 # compute-dtype logits of both models (DEFAULT_BLOCK_BYTES by device type, or `block_bytes`).
-DEFAULT_BLOCK_BYTES = {"cpu": 128 * 2**20, "cuda": 2 * 2**30}
+DEFAULT_BLOCK_BYTES = {"cpu": 96 * 2**20, "cuda": 2 * 2**30}
 
 
 def block_rows(*, n_tokens: int, shard_vocab: int, models: int, itemsize: int,
@@ -381,7 +381,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight_shard: torch.Te
     student's hidden states or weight shard require it), "grad_in_forward" computes the gradient
     of `loss` during the forward, in row blocks (`block_rows`: the most tokens whose [tokens,
     V/tp] compute-dtype logits of both models fit `block_bytes` per rank, default
-    DEFAULT_BLOCK_BYTES, 128 MiB on CPU), with one all_gather per row block (plus one all_reduce
+    DEFAULT_BLOCK_BYTES, 96 MiB on CPU), with one all_gather per row block (plus one all_reduce
     per block for the two-pass kinds) of a few floats per token instead of one per call; the
     backward only multiplies it by the scalar arriving at `loss`, so its four matrix products
     ([tokens, H] x [H, V/tp]: both models' logits, and the gradients of hidden states and weight)
