@@ -57,6 +57,9 @@ class TokenStats:
     div: torch.Tensor | None = None  # the divergence
     aux: torch.Tensor | None = None  # sum_v p_v dL/dp_v (two-pass kinds)
     ce: torch.Tensor | None = None  # cross-entropy, 0 at ignored tokens
+    # [tokens, 3] (teacher entropy, student entropy, 1 where their top-1 columns agree), both
+    # distributions at the temperature T; only when the plan asks for diagnostics
+    diag: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor | None]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -67,6 +70,23 @@ class TokenStats:
     def outputs(self, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ce, div) for an autograd.Function to return, `empty` standing for a missing one."""
         return (empty if self.ce is None else self.ce), (empty if self.div is None else self.div)
+
+
+@dataclass(frozen=True)
+class KDDiagnostics:
+    """Per-token diagnostics of a divergence call, at its temperature (no gradient).
+
+    Computed from the statistics the divergence gathers anyway: two more sums and two column
+    indices per token ride in the same all_gather, so they cost no extra collective."""
+
+    teacher_entropy: torch.Tensor  # H(p_t) in nats
+    student_entropy: torch.Tensor  # H(p_s) in nats
+    top1_agreement: torch.Tensor  # 1.0 where argmax p_t == argmax p_s, else 0.0
+
+    @classmethod
+    def of(cls, diag: torch.Tensor, lead: torch.Size) -> KDDiagnostics:
+        """From `TokenStats.diag` [tokens, 3], reshaped to the logits' leading dims."""
+        return cls(*(diag[:, i].reshape(lead) for i in range(3)))
 
 
 @dataclass
@@ -132,6 +152,7 @@ class LossPlan:
     compute_dtype: torch.dtype = torch.float32  # fp32, or fp64 for fp64 inputs
     tile_tokens: int = 256  # rows of one tile
     tile_vocab: int = 8192  # columns of one tile (DEFAULT_TILE picks both per device)
+    diagnostics: bool = False  # also KDDiagnostics (with a divergence kind only)
 
     @property
     def one_pass(self) -> bool:
@@ -148,6 +169,8 @@ class LossPlan:
         names = ["a_max", "a_sum"]
         if self.kind is not None:
             names += ["b_max", "b_sum"] + (["z"] if self.one_pass else [])
+            if self.diagnostics:  # sum exp(x') x' of each, and each argmax (global column)
+                names += ["a_ent", "b_ent", "a_arg", "b_arg"]
         if self.with_ce:
             names += ([] if self.ce_shares_sum else ["c_sum"]) + ["y"]
         return {name: i for i, name in enumerate(names)}
@@ -184,30 +207,44 @@ class LossPlan:
                 out[..., self.columns[name]] = float("-inf")
         return out
 
-    def tile_stats(self, s: torch.Tensor, t: torch.Tensor | None,
-                   label_cols: torch.Tensor) -> torch.Tensor:
-        """[rows, width] statistics of one tile; `label_cols` are label columns within the tile.
-        Overwrites s and t with their shifted logits a', b'."""
+    def tile_stats(self, s: torch.Tensor, t: torch.Tensor | None, label_cols: torch.Tensor,
+                   first_col: int = 0) -> torch.Tensor:
+        """[rows, width] statistics of one tile; `label_cols` are label columns within the tile,
+        `first_col` is the tile's first column within the shard. Overwrites s and t with their
+        shifted logits a', b'."""
         col: dict[str, torch.Tensor] = {}
         if self.with_ce:  # the raw logit, so that max - y is exact
             owned, at = owned_columns(label_cols, s.shape[-1])
             col["y"] = torch.where(owned, s.gather(-1, at[:, None])[:, 0], 0.0)
-        col["a_max"] = s.amax(-1)
+        col["a_max"] = self._max(s, "a", col, first_col)
         a = shift_(s, col["a_max"])
         if "c_sum" in self.columns:  # at temperature 1, before T divides a
             col["c_sum"] = a.exp().sum(-1)
         ea = self._scale_(a).exp()
         col["a_sum"] = ea.sum(-1)
         if self.kind is not None:
-            col["b_max"] = t.amax(-1)
+            col["b_max"] = self._max(t, "b", col, first_col)
             b = shift_(t, col["b_max"], self.temperature)
             eb = b.exp()
             col["b_sum"] = eb.sum(-1)
+            if self.diagnostics:  # before the KL sums below reuse ea / eb as scratch
+                # (-inf logits give 0 * -inf = nan, a zero-probability column: nansum drops it)
+                col["a_ent"], col["b_ent"] = torch.nansum(ea * a, -1), torch.nansum(eb * b, -1)
             if self.kind == "forward_kl":  # sum exp(b') (b' - a')
                 col["z"] = torch.nansum(torch.sub(b, a, out=ea).mul_(eb), -1)
             elif self.kind == "reverse_kl":  # sum exp(a') (a' - b')
                 col["z"] = torch.nansum(torch.sub(a, b, out=eb).mul_(ea), -1)
         return torch.stack([col[name] for name in self.columns], -1)
+
+    def _max(self, x: torch.Tensor, name: str, col: dict[str, torch.Tensor],
+             first_col: int) -> torch.Tensor:
+        """Row max of raw logits; with diagnostics also records the argmax's global column
+        (of the raw logits, before any rounding of the shift) as `{name}_arg`."""
+        if not self.diagnostics or self.kind is None:
+            return x.amax(-1)
+        top, arg = x.max(-1)
+        col[f"{name}_arg"] = (arg + self.vocab_offset + first_col).to(x.dtype)
+        return top
 
     def _scale_(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.temperature == 1.0 else x.div_(self.temperature)
@@ -231,7 +268,21 @@ class LossPlan:
             out[:, idx["z"]] = torch.nansum(z, 0)
         if "y" in idx:  # exactly one part owns each label
             out[:, idx["y"]] = part["y"].sum(0)
+        if "a_ent" in idx:
+            self._merge_diagnostics(out, part, shift_a, shift_b)
         return out
+
+    def _merge_diagnostics(self, out: torch.Tensor, part: dict[str, torch.Tensor],
+                           shift_a: torch.Tensor, shift_b: torch.Tensor) -> None:
+        idx = self.columns
+        for x, shift in (("a", shift_a), ("b", shift_b)):  # x'' = x' + shift on the merged max
+            ent = shift.exp() * (part[f"{x}_ent"] + part[f"{x}_sum"] * shift)
+            out[:, idx[f"{x}_ent"]] = torch.nansum(ent, 0)
+            # the argmax of the part holding the largest max; parts run in column order and
+            # argmax takes the first of equal maxima, so ties resolve to the lowest column
+            # as torch.argmax on the whole row does
+            owner = part[f"{x}_max"].argmax(0, keepdim=True)
+            out[:, idx[f"{x}_arg"]] = part[f"{x}_arg"].gather(0, owner)[0]
 
     def finish(self, merged: torch.Tensor, ignored: torch.Tensor) -> TokenStats:
         """Per-token results from globally merged statistics (one-pass parts)."""
@@ -246,11 +297,70 @@ class LossPlan:
                 tok.div = col["z"] / col["b_sum"] - (log_b - log_a)
             elif self.kind == "reverse_kl":
                 tok.div = col["z"] / col["a_sum"] - (log_a - log_b)
+            if self.diagnostics:  # H = log sum exp(x') - sum exp(x') x' / sum exp(x')
+                tok.diag = torch.stack([log_b - col["b_ent"] / col["b_sum"],
+                                        log_a - col["a_ent"] / col["a_sum"],
+                                        (col["a_arg"] == col["b_arg"]).to(log_a.dtype)], -1)
         if self.with_ce:
             log_c = log_a if self.ce_shares_sum else col["c_sum"].log()
             tok.c_norm = torch.stack([col["a_max"], log_c], -1)
             tok.ce = torch.where(ignored, 0.0, (col["a_max"] - col["y"]) + log_c)
         return tok
+
+    # ---- kept exponentials: forward KL and the cross-entropy, whose gradient is a combination
+    # of the tiles' exp(a') and exp(b') with per-token coefficients -----------------------------
+
+    @property
+    def keeps_exps(self) -> bool:
+        """Whether `tile_stats_exp_` / `tile_grad_exp_` apply: forward KL or the cross-entropy
+        alone, or both where they share the student's softmax (temperature 1)."""
+        return self.kind in (None, "forward_kl") and (self.kind is None or not self.with_ce
+                                                      or self.temperature == 1.0)
+
+    def tile_stats_exp_(self, s: torch.Tensor, t: torch.Tensor | None,
+                        label_cols: torch.Tensor) -> torch.Tensor:
+        """`tile_stats` of a keeps_exps plan, leaving exp(a') in s and exp(b') in t: with
+        the tile's maxima (its statistics) and the global normalizers they are p and q."""
+        col: dict[str, torch.Tensor] = {}
+        if self.with_ce:
+            owned, at = owned_columns(label_cols, s.shape[-1])
+            col["y"] = torch.where(owned, s.gather(-1, at[:, None])[:, 0], 0.0)
+        col["a_max"] = s.amax(-1)
+        a = shift_(s, col["a_max"], self.temperature)
+        if self.kind is not None:
+            col["b_max"] = t.amax(-1)
+            b = shift_(t, col["b_max"], self.temperature)
+            diff = torch.sub(b, a)  # b' - a'
+        col["a_sum"] = a.exp_().sum(-1)
+        if self.kind is not None:
+            col["b_sum"] = b.exp_().sum(-1)
+            col["z"] = _row_dot_(b, diff)  # sum exp(b') (b' - a')
+        return torch.stack([col[name] for name in self.columns], -1)
+
+    def tile_grad_exp_(self, ea: torch.Tensor, eb: torch.Tensor | None, label_cols: torch.Tensor,
+                       tile_stats: torch.Tensor, tok: TokenStats,
+                       upstream: Upstream) -> torch.Tensor:
+        """`tile_grad` from the tile left by tile_stats_exp_ (its statistics `tile_stats`),
+        written over `ea`: p = exp(a') exp((tile max - max) / T) / sum, likewise q."""
+        g_ce = upstream.ce if self.with_ce else None
+        g_div = upstream.div if self.kind is not None else None
+        idx = self.columns
+        p_scale = self._exp_scale(tile_stats[:, idx["a_max"]], tok.a_norm)
+        coef = 0.0 if g_div is None else g_div / self.temperature
+        coef_a = (coef if g_ce is None else coef + g_ce) * p_scale
+        ea.mul_(coef_a[:, None])
+        if g_div is not None:
+            coef_b = coef * self._exp_scale(tile_stats[:, idx["b_max"]], tok.b_norm)
+            ea.addcmul_(eb, coef_b[:, None], value=-1.0)
+        if g_ce is not None:
+            owned, at = owned_columns(label_cols, ea.shape[-1])
+            ea[owned, at[owned]] -= g_ce[owned]
+        return ea
+
+    def _exp_scale(self, tile_max: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """exp((tile max - max) / T - log sum): turns a tile's exp(x') into probabilities."""
+        return ((tile_max - norm[:, 0].nan_to_num(neginf=0.0)) / self.temperature
+                - norm[:, 1]).exp()
 
     # ---- forward, pass 2 (two-pass kinds): sums that need the global normalizers -------------
 
@@ -295,6 +405,16 @@ class LossPlan:
         return pg.sub_(p.mul_(tok.aux[:, None]))
 
 
+def _row_dot_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum(x * y, -1), overwriting y with the products; a row holding 0 * inf (zero-probability
+    columns) is taken as nansum."""
+    out = y.mul_(x).sum(-1)
+    bad = out.isnan()
+    if bad.any():
+        out[bad] = torch.nansum(y[bad], -1)
+    return out
+
+
 def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_cols: torch.Tensor,
                  ignored: torch.Tensor, group: Group, device: torch.device) -> TokenStats:
     """The whole forward: tile statistics, one all_gather, and for two-pass kinds one all_reduce.
@@ -304,9 +424,9 @@ def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_col
     """
     stats = plan.identity(plan.n_col_tiles(), n_tokens, device=device)
     for j, rows, cols in plan.tiles(n_tokens):
-        stats[j, rows] = plan.tile_stats(*logits(rows, cols), label_cols[rows] - cols.start)
-    gathered = C.all_gather(plan.merge(stats)[None], group, dim=0)  # [tp, tokens, width]
-    tok = plan.finish(plan.merge(gathered), ignored)
+        stats[j, rows] = plan.tile_stats(*logits(rows, cols), label_cols[rows] - cols.start,
+                                         cols.start)
+    tok = global_stats(plan, stats, ignored, group)
     if not plan.one_pass:
         partials = stats.new_zeros(n_tokens, 2)
         for _, rows, cols in plan.tiles(n_tokens):
@@ -314,6 +434,14 @@ def reduce_stats(plan: LossPlan, logits: TileSource, *, n_tokens: int, label_col
         C.all_reduce(partials, group)
         tok.div, tok.aux = partials[:, 0], partials[:, 1]
     return tok
+
+
+def global_stats(plan: LossPlan, stats: torch.Tensor, ignored: torch.Tensor,
+                 group: Group) -> TokenStats:
+    """The one-pass results from this rank's [tiles, tokens, width] tile statistics: merged over
+    tiles, one all_gather, merged over ranks."""
+    gathered = C.all_gather(plan.merge(stats)[None], group, dim=0)  # [tp, tokens, width]
+    return plan.finish(plan.merge(gathered), ignored)
 
 
 # Default tile (tokens, vocabulary columns): 8 MB of fp32 on CPU, where cache-sized work wins;
@@ -324,7 +452,8 @@ DEFAULT_TILE = {"cpu": (256, 8192), "cuda": (4096, 16384)}
 def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch.dtype,
               vocab_size: int | None, group: Group, device: torch.device,
               temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-              tile_tokens: int | None = None, tile_vocab: int | None = None) -> LossPlan:
+              tile_tokens: int | None = None, tile_vocab: int | None = None,
+              diagnostics: bool = False) -> LossPlan:
     """Validate the arguments of a public call and place this rank's shard in the vocabulary."""
     if kind is not None:
         check_divergence_args(kind, temperature=temperature, beta=beta, skew=skew)
@@ -346,6 +475,7 @@ def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch
     return LossPlan(kind=kind, with_ce=with_ce, vocab_size=vocab_size, vocab_offset=offset,
                     valid=min(max(vocab_size - offset, 0), shard_vocab), temperature=temperature,
                     beta=beta, skew=skew, tile_tokens=tile_tokens, tile_vocab=tile_vocab,
+                    diagnostics=diagnostics and kind is not None,
                     compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,6 +76,24 @@ class LogitKDConfig:
 
 
 @dataclass(frozen=True)
+class TeacherEntryConfig:
+    """One teacher of `distill.teachers`."""
+
+    checkpoint: str = ""  # teacher checkpoint directory (offline: optional, checks the export)
+    weight: float = 1.0  # sum: weight of its divergence; mixture: its share (weights normalized)
+    name: str = ""  # names its metrics (kd_loss/<name>) and its activation pairs
+    offline_dir: str | None = None  # schedule offline: this teacher's export
+
+    def __post_init__(self) -> None:
+        check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or "")), "name",
+              f"is required: letters, digits, '_', '.', '-' (got {self.name!r})")
+        check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
+
+
+SINGLE_TEACHER = "teacher"  # the name of the teacher given as `distill.teacher`
+
+
+@dataclass(frozen=True)
 class ActivationPairConfig:
     """One activation term: a student buffer against a teacher buffer (or a shortcut's pairs)."""
 
@@ -82,6 +101,8 @@ class ActivationPairConfig:
     teacher: str | None = None  # teacher buffer name; leave out with a shortcut
     loss: Literal["mse", "l2", "cosine"] = "mse"  # per element | L2 per token | 1 - cos per token
     weight: float = 1.0  # weight of this pair (of each pair of a shortcut)
+    # with distill.teachers: the name of the teacher whose buffer this is (one teacher: optional)
+    teacher_name: str | None = None
 
     def __post_init__(self) -> None:
         check(bool(self.student), "student", "is required (a buffer name or a shortcut)")
@@ -124,7 +145,15 @@ class DistillConfig:
     # Where the teacher runs: on the student ranks, on its own ranks, or exported beforehand.
     schedule: Literal["colocated", "teacher_ranks", "offline"] = "colocated"
     prefetch: int = 2  # teacher_ranks: micro-batches the teacher may run ahead of the students
+    # teacher_ranks: what crosses the wire per micro-batch: hidden (the teacher's final hidden
+    # states; students form its logits from their shard of its output weight) | logits (logit
+    # shards, the older protocol kept as the benchmark's baseline; needs teacher_tp == tp)
+    teacher_stream: Literal["hidden", "logits"] = "hidden"
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
+    # several teachers [{checkpoint, weight, name}] (offline: + offline_dir); not with `teacher`
+    teachers: tuple[TeacherEntryConfig, ...] = ()
+    # several teachers: sum of weighted divergences | divergence to the weighted mixture
+    teacher_mode: Literal["sum", "mixture"] = "sum"
     teacher_bf16: bool = False  # run the frozen teacher in bfloat16
     offline_dir: str | None = None  # offline: directory of exported teacher top-k logits
     # weight of the LM (cross-entropy on labels) term: a number or {start, end, schedule, steps}
@@ -137,6 +166,8 @@ class DistillConfig:
     activation_coef: Scheduled = 1.0
     projection: Literal["none", "per_pair", "shared"] = "none"  # learned student->teacher width map
     fused_lm_head: bool = False  # LM head and losses fused: never materialize [tokens, vocab]
+    # log teacher/student entropy and top-1 agreement (no extra collective; not fused or top-k)
+    diagnostics: bool = True
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # student-generated batches
 
     def __post_init__(self) -> None:
@@ -155,6 +186,48 @@ class DistillConfig:
             self._check_offline()
         if self.on_policy.on:
             self._check_on_policy()
+        if self.teachers:
+            self._check_teachers()
+
+    def _check_teachers(self) -> None:
+        check(self.teacher is None, "teachers", "give distill.teacher or distill.teachers, not both")
+        names = [t.name for t in self.teachers]
+        for i, name in enumerate(names):
+            check(name not in names[:i], f"teachers[{i}].name", f"{name!r} is used twice")
+        check(sum(t.weight for t in self.teachers) > 0, "teachers", "every weight is 0")
+        # Teacher ranks stream one model's outputs; several teachers run colocated or offline.
+        check(self.schedule != "teacher_ranks", "teachers",
+              "several teachers need schedule colocated or offline (teacher_ranks serve one "
+              "teacher)")
+        for i, entry in enumerate(self.teachers):
+            if self.schedule == "offline":
+                check(bool(entry.offline_dir), f"teachers[{i}].offline_dir",
+                      "is required with schedule offline (each teacher's export)")
+            else:
+                check(bool(entry.checkpoint), f"teachers[{i}].checkpoint", "is required")
+        check(self.schedule != "offline" or self.teacher_mode == "sum", "teacher_mode",
+              "mixture needs every teacher's full distribution: not with top-k exports "
+              "(schedule offline)")
+        check(self.teacher_mode == "sum" or not self.fused_lm_head, "teacher_mode",
+              "mixture needs every teacher's logits to mix: not with fused_lm_head")
+        for i, entry in enumerate(self.pair_configs):
+            check(len(self.teachers) == 1 or entry.teacher_name is not None,
+                  f"activations[{i}].teacher_name", "is required with several teachers")
+            check(entry.teacher_name in (None, *names), f"activations[{i}].teacher_name",
+                  f"{entry.teacher_name!r} is none of distill.teachers ({', '.join(names)})")
+
+    @property
+    def teacher_entries(self) -> tuple[TeacherEntryConfig, ...]:
+        """Every teacher, `distill.teacher` spelled as one entry named SINGLE_TEACHER (weight 1);
+        () without a teacher checkpoint."""
+        if self.teachers:
+            return self.teachers
+        return (TeacherEntryConfig(checkpoint=self.teacher, name=SINGLE_TEACHER),) \
+            if self.teacher else ()
+
+    @property
+    def several_teachers(self) -> bool:
+        return len(self.teachers) > 1
 
     def _check_on_policy(self) -> None:
         # The teacher must score the student's fresh samples: teacher ranks (which read the data
@@ -166,7 +239,11 @@ class DistillConfig:
               "micro-batches have no LM loss")
 
     def _check_offline(self) -> None:
-        check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")
+        if self.teachers:
+            check(not self.offline_dir, "offline_dir",
+                  "give each teacher's export as distill.teachers[i].offline_dir")
+        else:
+            check(bool(self.offline_dir), "offline_dir", "is required with schedule offline")
         check(not self.activations, "activations",
               "the offline schedule stores teacher logits only; activation terms need a live "
               "teacher")
@@ -202,6 +279,7 @@ class ResolvedPair:
     teacher: str  # teacher buffer name
     loss: str  # mse | l2 | cosine
     weight: float  # weight of this pair inside the activation mean
+    source: str = SINGLE_TEACHER  # the name of the teacher the buffer belongs to
 
 
 def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
@@ -226,28 +304,33 @@ def _check_buffer(name: str, model: ModelConfig, key: str, side: str) -> None:
 
 
 def _expand_shortcut(entry: ActivationPairConfig, student_layers: int, teacher_layers: int,
-                     key: str) -> list[ResolvedPair]:
+                     key: str, source: str) -> list[ResolvedPair]:
     check(teacher_layers >= student_layers, key,
           f"shortcut {entry.student!r} needs a teacher at least as deep as the student "
           f"(student {student_layers} layers, teacher {teacher_layers})")
     kind = SHORTCUTS[entry.student]
     return [ResolvedPair(f"decoder.{i}.{kind}",
                          f"decoder.{teacher_layer(i, student_layers, teacher_layers)}.{kind}",
-                         entry.loss, entry.weight) for i in range(student_layers)]
+                         entry.loss, entry.weight, source) for i in range(student_layers)]
 
 
 def resolve_pairs(cfg: DistillConfig, student: ModelConfig,
-                  teacher: ModelConfig) -> list[ResolvedPair]:
-    """The concrete (student buffer, teacher buffer) pairs, in config order; names are checked."""
+                  teacher: ModelConfig | Mapping[str, ModelConfig]) -> list[ResolvedPair]:
+    """The concrete (student buffer, teacher buffer) pairs, in config order; names are checked.
+    `teacher`: the teacher's config, or each teacher's by name (one teacher: a pair needs no
+    name)."""
+    teachers = named_teachers(cfg, teacher)
     pairs: list[ResolvedPair] = []
     for i, entry in enumerate(cfg.pair_configs):
         key = f"distill.activations[{i}]"
+        source = entry.teacher_name or next(iter(teachers))
+        teacher = teachers[source]
         if entry.student in SHORTCUTS:
-            pairs += _expand_shortcut(entry, student.layers, teacher.layers, key)
+            pairs += _expand_shortcut(entry, student.layers, teacher.layers, key, source)
             continue
         _check_buffer(entry.student, student, f"{key}.student", "student")
         _check_buffer(entry.teacher, teacher, f"{key}.teacher", "teacher")
-        pairs.append(ResolvedPair(entry.student, entry.teacher, entry.loss, entry.weight))
+        pairs.append(ResolvedPair(entry.student, entry.teacher, entry.loss, entry.weight, source))
     return pairs
 
 
@@ -262,29 +345,58 @@ def aligned_teacher_config(student: ModelConfig, teacher: ModelConfig) -> ModelC
     return dataclasses.replace(teacher, vocab_pad_multiple=student.vocab_pad_multiple)
 
 
-def check_compatibility(cfg: DistillConfig, student: ModelConfig, teacher: ModelConfig | None,
-                        tp: int) -> list[ResolvedPair]:
-    """Every start-up check between the distill section and the two models; returns the pairs.
+def teacher_key(cfg: DistillConfig, name: str) -> str:
+    """The config key of teacher `name`'s checkpoint, for error messages."""
+    names = [t.name for t in cfg.teachers]
+    return f"distill.teachers[{names.index(name)}].checkpoint" if name in names \
+        else "distill.teacher"
 
+
+def named_teachers(cfg: DistillConfig, teacher: ModelConfig | Mapping[str, ModelConfig] | None,
+                   ) -> dict[str, ModelConfig]:
+    """Teacher configs by name: a bare ModelConfig is the one teacher (named by its entry, else
+    SINGLE_TEACHER); None gives {}."""
+    if teacher is None:
+        return {}
+    if isinstance(teacher, ModelConfig):
+        entries = cfg.teacher_entries
+        return {entries[0].name if len(entries) == 1 else SINGLE_TEACHER: teacher}
+    return dict(teacher)
+
+
+def check_compatibility(cfg: DistillConfig, student: ModelConfig,
+                        teacher: ModelConfig | Mapping[str, ModelConfig] | None,
+                        tp: int) -> list[ResolvedPair]:
+    """Every start-up check between the distill section and the models; returns the pairs.
+
+    `teacher` is the teacher's config, or with several teachers a mapping of name to config.
     Raises `ConfigError` for: MTP weights that do not match the student's heads, a missing teacher,
-    a teacher that does not split over `tp`, a different real vocabulary, unknown buffer names,
-    and different widths without a projection.
+    a teacher that does not split over `tp` (the TP degree the teacher runs at), a different real
+    vocabulary, unknown buffer names, and different widths without a projection.
     """
     check(not cfg.mtp_weights or len(cfg.mtp_weights) == student.mtp_heads, "distill.mtp_weights",
           f"has {len(cfg.mtp_weights)} entries for model.mtp_heads={student.mtp_heads}")
-    if teacher is None:
+    teachers = named_teachers(cfg, teacher)
+    if not teachers:
         check(not cfg.needs_teacher, "distill.teacher",
               "logit or activation distillation needs a teacher model")
         return []
+    for name, model in teachers.items():
+        _check_teacher_model(teacher_key(cfg, name), model, student, tp)
+    pairs = resolve_pairs(cfg, student, teachers)
+    for pair in pairs:
+        width = teachers[pair.source].hidden
+        check(cfg.projection != "none" or student.hidden == width,
+              "distill.projection", f"the student is {student.hidden} wide and the teacher "
+                                    f"{width}: activation pairs need per_pair or shared")
+    return pairs
+
+
+def _check_teacher_model(key: str, teacher: ModelConfig, student: ModelConfig, tp: int) -> None:
     try:
         check_model_layout(teacher, tp)
     except ConfigError as err:
-        raise ConfigError(f"distill.teacher({err.key})", err.message) from None
-    check(teacher.vocab_size == student.vocab_size, "distill.teacher",
+        raise ConfigError(f"{key}({err.key})", err.message) from None
+    check(teacher.vocab_size == student.vocab_size, key,
           f"the teacher's vocabulary has {teacher.vocab_size} tokens and the student's "
           f"{student.vocab_size}: distillation needs the same tokenizer (only padding may differ)")
-    pairs = resolve_pairs(cfg, student, teacher)
-    check(not pairs or cfg.projection != "none" or student.hidden == teacher.hidden,
-          "distill.projection", f"the student is {student.hidden} wide and the teacher "
-                                f"{teacher.hidden}: activation pairs need per_pair or shared")
-    return pairs

@@ -4,6 +4,10 @@
           + logit.weight * T^2 * D(teacher || student)                  next-token head only
           + activation_coef * (1/P) * sum_p weight_p * loss_p           P activation pairs
 
+With several teachers (`distill.teachers`) the logit term is sum_k w_k D(teacher_k || student)
+(teacher_mode sum) or D(sum_k w_k p_k || student) (mixture, w normalized; distill/mixture.py),
+and the activation pairs each read the teacher they name.
+
 lm_weight, logit.weight, T and activation_coef are the values in force at the step being trained
 (`DistillObjective.values`, which the trainer sets each step from `distill.schedules.Schedules`).
 A term that is on at some step of the run is computed at every step (times 0 where its weight is
@@ -42,18 +46,27 @@ import torch
 from torch import nn
 
 from distill.activation import activation_pair_means
-from distill.config import DistillConfig, ResolvedPair, check_compatibility
-from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
-from distill.fused import fused_lm_and_divergence
+from distill.config import (SINGLE_TEACHER, DistillConfig, ResolvedPair, check_compatibility,
+                            named_teachers)
+from distill.divergence import (cross_entropy, divergence, lm_and_divergence,
+                                topk_divergence)
+from distill.fused import FusedHeadLoss, fused_head_loss
+from distill.mixture import mixture_log_probs
 from distill.projection import ActivationProjection
 from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
+from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
 from layers.buffers import ActivationBuffer
 from layers.model import ModelOutput
+
+log = get_logger(__name__)
+
+# Per-token KDDiagnostics fields, logged as step means over the distilled positions.
+DIAGNOSTICS = ("teacher_entropy", "student_entropy", "top1_agreement")
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,8 @@ class ObjectiveOutput:
     kd_loss: torch.Tensor  # logit term, weight and temperature**2 included
     act_loss: torch.Tensor  # activation term, activation_coef included
     # further shares of step means to log, by metric name: `kd_divergence` (the logit term's mean
-    # divergence before its weight and T^2)
+    # divergence before its weight and T^2) and, with distill.diagnostics, DIAGNOSTICS (teacher
+    # and student entropy at the temperature in force, top-1 agreement), none for a top-k teacher
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -105,33 +119,64 @@ def _share(per_token: torch.Tensor, count: int) -> torch.Tensor:
     return per_token.sum() / max(count, 1)
 
 
+def _masked_share(per_token: torch.Tensor, mask: torch.Tensor | None,
+                  count: int) -> torch.Tensor:
+    """`_share` over the positions of `mask` (None: all)."""
+    if mask is not None:
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    return _share(per_token, count)
+
+
 def _detached(term: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros(()) if term is None else term.detach()
 
 
 class DistillObjective(nn.Module):
-    """The objective of one run; holds the trainable activation projection, if any.
+    """The objective of one run; holds the trainable activation projections, if any.
 
     Call once per micro-batch with the student's `ModelOutput` (asked for
     `student_buffer_names()`, logits unless `fused`), the teacher's outputs (asked for
     `teacher_buffer_names()`) or None, the next-token labels [batch, seq] or None, and the step's
     `count_tokens(...)`. The fused path also needs the student's `output_weight` shard.
+
+    Several teachers (`distill.teachers`): `teacher_config` maps each name to its config and the
+    teacher outputs come as a mapping of name to `TeacherOutputs`. `teacher_mode` sum adds
+    weight_k * D(teacher_k || student), each logged as `kd_loss/<name>`; mixture takes
+    D(sum_k w_k p_k || student) with the weights normalized (distill/mixture.py). Activation pairs
+    read the buffers of the teacher they name, through a projection of their own teacher's width.
     """
 
     def __init__(self, cfg: DistillConfig, student_config: ModelConfig,
-                 teacher_config: ModelConfig | None, layout: ParallelLayout, *, seed: int = 0):
+                 teacher_config: ModelConfig | Mapping[str, ModelConfig] | None,
+                 layout: ParallelLayout, *, seed: int = 0):
         super().__init__()
         self.cfg, self.layout = cfg, layout
-        self.pairs = check_compatibility(cfg, student_config, teacher_config, layout.tp)
+        self.pairs = check_compatibility(cfg, student_config, teacher_config,
+                                         layout.teacher_tp)
+        teachers = named_teachers(cfg, teacher_config)
+        self.teacher_names = list(teachers)
+        # sum: each divergence's weight (distill.teacher: 1); mixture: shares, normalized there
+        # (offline teachers have no model config here: their names come from the entries)
+        weights = {e.name: e.weight for e in cfg.teacher_entries}
+        several = len(cfg.teachers) > 1
+        self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
+                                for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
-        self.projection = None
+        # which path the fused head last ran ("grad_in_forward" in training; see fused_head_loss)
+        self.fused_path: str | None = None
+        self.projection = self.projections = None
         if self.pairs and cfg.projection != "none":
-            self.projection = ActivationProjection(
-                pairs=len(self.pairs), shared=cfg.projection == "shared",
-                student_width=student_config.hidden, teacher_width=teacher_config.hidden,
-                layout=layout, seed=seed)
+            by_source = {name: ActivationProjection(
+                pairs=sum(p.source == name for p in self.pairs),
+                shared=cfg.projection == "shared", student_width=student_config.hidden,
+                teacher_width=teachers[name].hidden, layout=layout, seed=seed)
+                for name in teachers if any(p.source == name for p in self.pairs)}
+            if len(teachers) == 1:  # its parameter names stay those of one-teacher checkpoints
+                self.projection = next(iter(by_source.values()))
+            else:
+                self.projections = nn.ModuleDict(by_source)
 
     @property
     def fused(self) -> bool:
@@ -141,19 +186,49 @@ class DistillObjective(nn.Module):
     def student_buffer_names(self) -> set[str]:
         return {p.student for p in self.pairs}
 
-    def teacher_buffer_names(self) -> set[str]:
-        return {p.teacher for p in self.pairs}
+    def teacher_buffer_names(self, name: str | None = None) -> set[str]:
+        """The buffers asked of teacher `name` (None: of the one teacher, or of all)."""
+        return {p.teacher for p in self.pairs if name is None or p.source == name}
 
-    def teacher_request(self) -> TeacherRequest:
-        """What a live teacher must produce per micro-batch for this objective."""
+    def teacher_request(self, name: str | None = None) -> TeacherRequest:
+        """What live teacher `name` (None: the one teacher) must produce per micro-batch."""
         head = "none" if not self.cfg.logit.on else "hidden" if self.fused else "logits"
-        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names())))
+        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
+
+    @property
+    def several(self) -> bool:
+        return len(self.teacher_names) > 1
 
     def metric_names(self) -> tuple[str, ...]:
-        """The `ObjectiveOutput.metrics` keys this run's micro-batches can produce."""
-        return ("kd_divergence",) if self.cfg.logit.on else ()
+        """Every `ObjectiveOutput.metrics` key this run's micro-batches produce (all ranks of a
+        pipeline sum them, in this order, though only the last stage computes them)."""
+        if not self.cfg.logit.on:
+            return ()
+        entries = [e.name for e in self.cfg.teacher_entries]
+        per_teacher = len(entries) > 1 and self.cfg.teacher_mode == "sum"
+        suffixes = [f"/{name}" for name in entries] if per_teacher else [""]
+        names = ["kd_divergence", *([f"kd_loss{s}" for s in suffixes] if per_teacher else [])]
+        if self.cfg.diagnostics and not self.fused and self.cfg.schedule != "offline":
+            names += ["student_entropy", *(f"{key}{s}" for s in suffixes
+                                           for key in DIAGNOSTICS if key != "student_entropy")]
+        return tuple(names)
 
-    def forward(self, student: ModelOutput, teacher: TeacherOutputs | None,
+    def _by_name(self, teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
+                 ) -> dict[str, TeacherOutputs]:
+        if teacher is None:
+            return {}
+        if isinstance(teacher, TeacherOutputs):
+            if self.several:
+                raise ValueError(f"{len(self.teacher_names)} teachers are configured: pass their "
+                                 "outputs as a mapping of name to TeacherOutputs")
+            return {self.teacher_names[0] if self.teacher_names else SINGLE_TEACHER: teacher}
+        missing = [n for n in self.teacher_names if n not in teacher]
+        if missing:
+            raise ValueError(f"no outputs of teacher {missing[0]!r}")
+        return dict(teacher)
+
+    def forward(self, student: ModelOutput,
+                teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None,
                 kd_mask: torch.Tensor | None = None,
@@ -162,8 +237,10 @@ class DistillObjective(nn.Module):
         pipeline stage's own, see `activation_share`)."""
         metrics: dict[str, torch.Tensor] = {}
         mask = distill_mask(labels, kd_mask)
+        teacher = self._by_name(teacher) or None
+        fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
-                                   mask)
+                                   mask, fused)
         act = self.activation_share(self.pairs if pairs is None else pairs, student.buffers,
                                     teacher, mask, tokens_norm)
         terms = [t for t in (lm, kd, act) if t is not None]
@@ -171,20 +248,23 @@ class DistillObjective(nn.Module):
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
                              "labels (LM) or teacher outputs (distillation), and neither was given")
         total = torch.stack(terms).sum()
-        return ObjectiveOutput(loss=total, total=_detached(total),
+        # Fused: lm and kd are detached values; the fused calls' losses carry their gradient.
+        loss = total if not fused else \
+            torch.stack(fused + ([] if act is None else [act.to(fused[0].dtype)])).sum()
+        return ObjectiveOutput(loss=loss, total=_detached(total),
                                lm_loss=_detached(lm), kd_loss=_detached(kd),
                                act_loss=_detached(act), metrics=metrics)
 
     # ---------------------------------------------------------------------------- logit terms
-    def _logit_terms(self, student: ModelOutput, teacher: TeacherOutputs | None,
+    def _logit_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs] | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
                      output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor],
-                     mask: torch.Tensor | None):
+                     mask: torch.Tensor | None, fused: list[torch.Tensor]):
         want_lm = labels is not None and self.cfg.lm_on
         want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
             return None, None
-        if want_kd and not teacher.has_logits:
+        if want_kd and not all(t.has_logits for t in teacher.values()):
             raise ValueError("distill.logit.weight > 0 but the teacher outputs carry no logits "
                              "(logits, head_hidden + output_weight, or top-k)")
         if want_lm and len(counts.heads) < 1 + len(self.mtp_weights):
@@ -192,27 +272,59 @@ class DistillObjective(nn.Module):
                              f"{1 + len(self.mtp_weights)}: pass mtp_heads= to count_tokens")
         if self.fused and output_weight is None:
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
-        ce, div = self._next_token(student, teacher if want_kd else None,
-                                   labels if want_lm else None, output_weight)
-        lm = self._lm_term(student, ce, labels, counts, output_weight) if want_lm else None
-        kd = self._kd_term(div, mask, counts, metrics) if want_kd else None
-        return lm, kd
+        labels = labels if want_lm else None
+        if not want_kd:
+            ce, _, _ = self._next_token(student, None, labels, output_weight, counts, mask, fused)
+            return self._lm_term(student, ce, labels, counts, output_weight, fused), None
+        lm, shares = None, []
+        targets = self._logit_targets(teacher)
+        for i, (name, weight, target) in enumerate(targets):
+            # the cross-entropy comes with the first divergence, from the same statistics
+            ce, div, diag = self._next_token(student, target, labels if i == 0 else None,
+                                             output_weight, counts, mask, fused, weight)
+            if i == 0 and labels is not None:
+                lm = self._lm_term(student, ce, labels, counts, output_weight, fused)
+            share = weight * _masked_share(div, mask, counts.distill)
+            shares.append(share)
+            suffix = f"/{name}" if len(targets) > 1 else ""
+            if suffix:
+                metrics[f"kd_loss{suffix}"] = (self.values.kd_scale * share).detach()
+            for key in DIAGNOSTICS if diag is not None else ():
+                if key != "student_entropy" or i == 0:  # the student's is the same for all
+                    metrics[key + ("" if key == "student_entropy" else suffix)] = \
+                        _masked_share(getattr(diag, key), mask, counts.distill)
+        divergence_sum = torch.stack(shares).sum()
+        metrics["kd_divergence"] = divergence_sum.detach()
+        return lm, self.values.kd_scale * divergence_sum
+
+    def _logit_targets(self, teacher: dict[str, TeacherOutputs],
+                       ) -> list[tuple[str, float, TeacherOutputs]]:
+        """(name, weight, outputs) of each distribution the student is distilled towards: each
+        teacher (sum mode, or the one teacher), or the teachers' mixture."""
+        if not self.several or self.cfg.teacher_mode == "sum":
+            # (an offline teacher has no model config, hence no name: its outputs still come)
+            return [(n, self.teacher_weights.get(n, 1.0), out) for n, out in teacher.items()]
+        logits = [teacher[n].logits for n in self.teacher_names]
+        if any(x is None for x in logits):
+            raise ValueError("teacher_mode mixture needs every teacher's logits")
+        for x in logits:
+            _check_teacher_logits(logits[0], x)
+        temperature = self.values.temperature
+        log_mix = mixture_log_probs(logits, [self.teacher_weights[n] for n in self.teacher_names],
+                                    temperature=temperature, **self._loss_kwargs())
+        # times T: the divergence divides the teacher's logits by T, giving back log m
+        return [("mixture", 1.0, TeacherOutputs(logits=log_mix * temperature))]
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
-                 counts: TokenCounts, output_weight: torch.Tensor | None) -> torch.Tensor:
+                 counts: TokenCounts, output_weight: torch.Tensor | None,
+                 fused: list[torch.Tensor]) -> torch.Tensor:
         heads = [_share(ce, counts.heads[0])]
         for j, weight in enumerate(self.mtp_weights, start=1):
-            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight)
+            scale = self.values.lm_weight * weight / max(counts.heads[j], 1)
+            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight,
+                                           scale, fused)
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.values.lm_weight * torch.stack(heads).sum()
-
-    def _kd_term(self, div: torch.Tensor, mask: torch.Tensor | None, counts: TokenCounts,
-                 metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        if mask is not None:
-            div = torch.where(mask, div, torch.zeros_like(div))
-        mean = _share(div, counts.distill)
-        metrics["kd_divergence"] = mean.detach()
-        return self.values.kd_scale * mean
 
     def _loss_kwargs(self) -> dict:
         return dict(vocab_size=self.vocab_size, group=self.layout.tp_group)
@@ -222,67 +334,103 @@ class DistillObjective(nn.Module):
         return dict(kind=logit.kind, temperature=self.values.temperature, beta=logit.beta,
                     skew=logit.skew, **self._loss_kwargs())
 
+    def _full_kwargs(self) -> dict:
+        """`_kd_kwargs` for the full-vocabulary losses, which also give the diagnostics."""
+        return dict(self._kd_kwargs(), diagnostics=self.cfg.diagnostics)
+
     def _next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                    labels: torch.Tensor | None, output_weight: torch.Tensor | None):
-        """Per-token (cross-entropy or None, divergence or None) of the next-token head."""
+                    labels: torch.Tensor | None, output_weight: torch.Tensor | None,
+                    counts: TokenCounts, mask: torch.Tensor | None, fused: list[torch.Tensor],
+                    weight: float = 1.0):
+        """Per-token (cross-entropy or None, divergence or None, KDDiagnostics or None) of the
+        next-token head (fused: detached, their weighted loss, the divergence's times `weight`,
+        appended to `fused`). A top-k teacher and the fused head give no diagnostics."""
         if self.fused:
-            return self._fused_next_token(student, teacher, labels, output_weight)
+            return self._fused_next_token(student, teacher, labels, output_weight, counts, mask,
+                                          fused, weight)
         logits = student.logits  # [batch, seq, padded_vocab/tp]
         if teacher is None:
-            return cross_entropy(logits, labels, **self._loss_kwargs()), None
+            return cross_entropy(logits, labels, **self._loss_kwargs()), None, None
         if teacher.topk_values is not None:
             ce = None if labels is None else cross_entropy(logits, labels, **self._loss_kwargs())
             div = topk_divergence(logits, teacher.topk_values, teacher.topk_indices,
                                   teacher.logsumexp, **self._kd_kwargs())
-            return ce, div
+            return ce, div, None
         _check_teacher_logits(logits, teacher.logits)
         if labels is None:
-            return None, divergence(logits, teacher.logits, **self._kd_kwargs())
-        return lm_and_divergence(logits, teacher.logits, labels, **self._kd_kwargs())
+            out = divergence(logits, teacher.logits, **self._full_kwargs())
+            return (None, *out) if self.cfg.diagnostics else (None, out, None)
+        out = lm_and_divergence(logits, teacher.logits, labels, **self._full_kwargs())
+        return out if self.cfg.diagnostics else (*out, None)
 
     def _fused_next_token(self, student: ModelOutput, teacher: TeacherOutputs | None,
-                          labels: torch.Tensor | None, output_weight: torch.Tensor):
+                          labels: torch.Tensor | None, output_weight: torch.Tensor,
+                          counts: TokenCounts, mask: torch.Tensor | None,
+                          fused: list[torch.Tensor], weight: float = 1.0):
         hidden = student.head_hidden  # [batch, seq, hidden]
         lead = hidden.shape[:-1]
         kwargs = self._kd_kwargs() if teacher is not None else self._loss_kwargs()
         if teacher is not None:
             kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
-                teacher.head_hidden), teacher_weight_shard=teacher.output_weight)
-        ce, div = fused_lm_and_divergence(
-            _flat(hidden), output_weight, labels=None if labels is None else labels.reshape(-1),
-            **kwargs)
-        return tuple(None if x is None else x.reshape(lead) for x in (ce, div))
+                teacher.head_hidden), teacher_weight_shard=teacher.output_weight,
+                div_weight=_token_weights(weight * self.values.kd_scale / max(counts.distill, 1),
+                                          mask, lead, hidden.device))
+        if labels is not None:  # ignored labels get no weight inside
+            kwargs.update(labels=labels.reshape(-1), ce_weight=_token_weights(
+                self.values.lm_weight / max(counts.heads[0], 1), None, lead, hidden.device))
+        out = self._fused_call(_flat(hidden), output_weight, kwargs, fused)
+        return (*(None if x is None else x.detach().reshape(lead) for x in (out.ce, out.div)),
+                None)
+
+    def _fused_call(self, hidden: torch.Tensor, output_weight: torch.Tensor, kwargs: dict,
+                    fused: list[torch.Tensor]) -> FusedHeadLoss:
+        out = fused_head_loss(hidden, output_weight, **kwargs)
+        fused.append(out.loss)
+        if out.path != self.fused_path:
+            log.info("fused LM head: %s%s", out.path, "" if out.block_rows is None else
+                     f" (row blocks of {out.block_rows} tokens)")
+            self.fused_path = out.path
+        return out
 
     def _mtp_cross_entropy(self, student: ModelOutput, head: int, labels: torch.Tensor,
-                           output_weight: torch.Tensor | None) -> torch.Tensor:
+                           output_weight: torch.Tensor | None, scale: float,
+                           fused: list[torch.Tensor]) -> torch.Tensor:
         if self.fused:
             hidden = student.mtp_hidden[head - 1]  # [batch, seq, hidden]
-            ce, _ = fused_lm_and_divergence(_flat(hidden), output_weight, labels=labels.reshape(-1),
-                                            **self._loss_kwargs())
-            return ce
+            weights = _token_weights(scale, None, hidden.shape[:-1], hidden.device)
+            out = self._fused_call(_flat(hidden), output_weight, dict(
+                labels=labels.reshape(-1), ce_weight=weights, **self._loss_kwargs()), fused)
+            return out.ce.detach()
         return cross_entropy(student.mtp_logits[head - 1], labels, **self._loss_kwargs())
 
     # ----------------------------------------------------------------------- activation term
     def activation_share(self, pairs: Sequence[ResolvedPair],
                          student_buffers: Mapping[str, ActivationBuffer],
-                         teacher: TeacherOutputs | None, mask: torch.Tensor | None,
-                         counts: TokenCounts) -> torch.Tensor | None:
+                         teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
+                         mask: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
         """The activation term's share from `pairs` (a subset of the run's, e.g. those of one
         pipeline stage: the shares of disjoint subsets add up to the term); None when off."""
-        if not pairs or teacher is None or not ever_positive(self.cfg.activation_coef):
+        if not pairs or not teacher or not ever_positive(self.cfg.activation_coef):
             return None
-        missing = sorted({p.teacher for p in pairs} - set(teacher.buffers))
-        if missing:
-            raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
-                             "teacher forward for objective.teacher_buffer_names()")
-        means = activation_pair_means(pairs, student_buffers, teacher.buffers,
-                                      token_mask=mask, num_tokens=counts.distill,
-                                      projection=self.projection,
-                                      pair_indices=[next(i for i, q in enumerate(self.pairs)
-                                                         if q is p) for p in pairs],
-                                      group=self.layout.tp_group)
-        weights = torch.tensor([p.weight for p in pairs], dtype=means.dtype, device=means.device)
-        return self.values.activation_coef * (means * weights).sum() / len(self.pairs)
+        teacher = self._by_name(teacher)
+        sums = []
+        for name in dict.fromkeys(p.source for p in pairs):  # teachers in pair order
+            everyone = [p for p in self.pairs if p.source == name]  # the projection's pairs
+            mine = [p for p in pairs if p.source == name]
+            buffers = teacher[name].buffers
+            missing = sorted({p.teacher for p in mine} - set(buffers))
+            if missing:
+                raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
+                                 "teacher forward for objective.teacher_buffer_names()")
+            projection = self.projection if self.projections is None else self.projections[name]
+            means = activation_pair_means(
+                mine, student_buffers, buffers, token_mask=mask, num_tokens=counts.distill,
+                projection=projection, group=self.layout.tp_group,
+                pair_indices=[next(i for i, q in enumerate(everyone) if q is p) for p in mine])
+            weights = torch.tensor([p.weight for p in mine], dtype=means.dtype,
+                                   device=means.device)
+            sums.append((means * weights).sum())
+        return self.values.activation_coef * torch.stack(sums).sum() / len(self.pairs)
 
 
 def distill_mask(labels: torch.Tensor | None, kd_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -290,6 +438,13 @@ def distill_mask(labels: torch.Tensor | None, kd_mask: torch.Tensor | None) -> t
     if kd_mask is not None:
         return kd_mask
     return None if labels is None else labels != IGNORE_INDEX
+
+
+def _token_weights(scale: float, mask: torch.Tensor | None, shape: torch.Size,
+                   device: torch.device) -> torch.Tensor:
+    """[tokens] weights of a fused head call: `scale` where `mask` (None: everywhere), else 0."""
+    weights = torch.full(shape, scale, dtype=torch.float64, device=device)  # cast inside
+    return (weights if mask is None else weights * mask).reshape(-1)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

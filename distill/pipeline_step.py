@@ -131,15 +131,16 @@ def pipeline_copies(objective: nn.Module, layout: ParallelLayout) -> None:
 
 
 def sync_pipeline_grads(module: nn.Module, student: TransformerLM, objective: nn.Module,
-                        layout: ParallelLayout) -> None:
-    """Sum gradients over DP (one flat all-reduce), the tied embedding's two copies over the
-    pipeline's embedding group, and the objective's copies over the pipeline group."""
+                        layout: ParallelLayout, *, sum_dp: bool = True) -> None:
+    """Sum gradients over DP (one flat all-reduce; `sum_dp` False: the distributed optimizer
+    reduce-scatters them itself), the tied embedding's two copies over the pipeline's embedding
+    group, and the objective's copies over the pipeline group."""
     for param in objective.parameters():
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         C.all_reduce(param.grad, layout.pp_group)
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if layout.dp > 1 and grads:
+    if sum_dp and layout.dp > 1 and grads:
         flat = C.all_reduce(_flatten_dense_tensors(grads), layout.dp_group)
         for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)

@@ -22,9 +22,11 @@ import yaml
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy
-from distill.runconfig import RunConfig, load_run_config, resolved_dict
-from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherSource, TeacherStreamError,
-                             load_teacher, serve_teacher, stage_request, student_dp)
+from distill.config import teacher_key
+from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
+from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherRequest,
+                             TeacherSource, TeacherStreamError, load_teacher, load_teacher_head,
+                             serve_teacher, stage_request, stream_request)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
@@ -43,6 +45,9 @@ from layers.model import TransformerLM
 from layers.stages import StagePlan
 
 log = get_logger(__name__)
+
+# The teacher's model config; with distill.teachers, each teacher's by name; None without one.
+TeacherConfigs = ModelConfig | dict[str, ModelConfig] | None
 
 EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
 EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C outside the training loop, or twice
@@ -83,11 +88,12 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
             lock.release()
 
 
-def _train(cfg: RunConfig, teacher_cfg: ModelConfig | None, launch: LaunchEnv) -> int:
+def _train(cfg: RunConfig, teacher_cfg: TeacherConfigs, launch: LaunchEnv) -> int:
     """Everything after start-up validation, with each failure mapped to its one line and code."""
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
                            virtual_stages=cfg.parallel.virtual_stages,
                            teacher_ranks=cfg.parallel.teacher_ranks,
+                           teacher_tp=cfg.parallel.teacher_tp,
                            timeout_s=cfg.parallel.timeout_s, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
     try:
@@ -116,7 +122,7 @@ def _lm_only_overrides() -> list[str]:
     return ["distill.logit.weight=0", "distill.activations=[]", "distill.schedule=colocated"]
 
 
-def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout) -> int:
+def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout) -> int:
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     if layout.is_rank0:
@@ -128,7 +134,7 @@ def _run(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout
         return _serve(cfg, teacher_cfg, layout, objective)
     student = _build_student(cfg, layout)
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
-                        vocab_size=cfg.model.vocab_size)
+                        vocab_size=cfg.model.vocab_size, order=curriculum(cfg))
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, layout, objective, data),
@@ -148,37 +154,64 @@ def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
     return model
 
 
-def _colocated(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
-               objective: DistillObjective) -> ColocatedTeacher:
-    """The frozen teacher at this layout, producing what the objective asks of it."""
-    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                         teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
-                         bf16=cfg.distill.teacher_bf16)
-    return ColocatedTeacher(model, objective.teacher_request())
+def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
+               request: TeacherRequest, objective: DistillObjective | None = None,
+               ) -> TeacherSource:
+    """The frozen teacher at this layout, producing `request`; with `distill.teachers`, each of
+    them, producing what `objective` asks of it."""
+    if not cfg.distill.teachers:
+        model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                             teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
+                             bf16=cfg.distill.teacher_bf16)
+        return ColocatedTeacher(model, request)
+    sources = {}
+    for entry in cfg.distill.teachers:
+        key = teacher_key(cfg.distill, entry.name)
+        model = load_teacher(resolve_checkpoint(entry.checkpoint, key=key), teacher_cfg[entry.name],
+                             cfg.model, layout, seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16,
+                             key=key)
+        sources[entry.name] = ColocatedTeacher(model, objective.teacher_request(entry.name))
+    return TeacherList(sources)
 
 
-def _teacher_source(cfg: RunConfig, teacher_cfg: ModelConfig | None, layout: ParallelLayout,
+def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
                     objective: DistillObjective, data: TokenBatches) -> TeacherSource | None:
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
         remaining = cfg.train.steps - resume_step(cfg.train)
+        # under PP each stage asks for its own part: the head on the last, its pairs' buffers
         request = stage_request(objective.teacher_request(), objective.pairs,
                                 StagePlan.of(cfg.model.layers, layout))
+        stream = cfg.distill.teacher_stream
+        head = None
+        if stream_request(request, stream).head == "hidden":
+            head = load_teacher_head(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                                     teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16)
         return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
-                             total=per_step * remaining)
+                             total=per_step * remaining, stream=stream, head=head)
     if schedule == "offline":
+        if cfg.distill.teachers:
+            return TeacherList({e.name: OfflineTeacher(e.offline_dir, data=data,
+                                                       device=layout.device)
+                                for e in cfg.distill.teachers})
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
-    return None if teacher_cfg is None else _colocated(cfg, teacher_cfg, layout, objective)
+    if teacher_cfg is None:
+        return None
+    return _colocated(cfg, teacher_cfg, layout, objective.teacher_request(), objective)
 
 
 def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
            objective: DistillObjective) -> int:
-    teacher = _colocated(cfg, teacher_cfg, layout, objective)
+    teacher = _colocated(cfg, teacher_cfg, layout, stream_request(objective.teacher_request(),
+                                                                   cfg.distill.teacher_stream))
+
+    order = curriculum(cfg)
 
     def batches_for(student_dp_rank: int):
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=student_dp(layout), vocab_size=cfg.model.vocab_size)
+                            dp=layout.student_dp, vocab_size=cfg.model.vocab_size,
+                            order=order)
         start = resume_step(cfg.train)  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()
@@ -191,7 +224,7 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
         stages = [StagePlan(layers=cfg.model.layers, pp=layout.student_pp, pp_rank=p,
                             chunks=cfg.parallel.virtual_stages) for p in range(layout.student_pp)]
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
-                             prefetch=cfg.distill.prefetch,
+                             prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp,
                              stage_requests=[stage_request(teacher.request, objective.pairs, plan)
                                              for plan in stages])
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)

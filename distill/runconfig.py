@@ -15,13 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import DistillConfig, ResolvedPair, check_compatibility
+import numpy as np
+
+from distill.config import (DistillConfig, ResolvedPair, check_compatibility, named_teachers,
+                            teacher_key)
 from distill.offline import check_offline_dir, export_key
 from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoints_after,
                                resolve_checkpoint)
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
+from engine.data.curriculum import curriculum_order, read_scores
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
 from engine.train_config import TrainConfig, resume_path
@@ -47,7 +51,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     par = cfg.parallel
     try:
         validate_layout(world_size=world_size, tp=par.tp, sp=par.sp,
-                        teacher_ranks=par.teacher_ranks, pp=par.pp)
+                        teacher_ranks=par.teacher_ranks, pp=par.pp, teacher_tp=par.teacher_tp)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check_model_layout(cfg.model, par.tp)
@@ -62,6 +66,8 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("parallel.teacher_ranks",
                           "must be > 0 exactly when distill.schedule is teacher_ranks "
                           f"(got {par.teacher_ranks} with schedule {cfg.distill.schedule})")
+    if wants_ranks:
+        check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
     check_checkpoints(cfg)
@@ -95,18 +101,25 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
     if distill.on_policy.on:
         raise ConfigError("distill.on_policy.fraction", "on-policy generation needs "
                                                         f"parallel.pp=1 (got {par.pp})")
+    if distill.teachers and distill.schedule == "colocated":
+        raise ConfigError("distill.teachers", "colocated distill.teachers need parallel.pp=1 (got "
+                                              f"{par.pp}): give one distill.teacher, or export "
+                                              "them (schedule offline)")
 
 
-def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | None,
+def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig] | None,
                          pairs: list[ResolvedPair]) -> None:
     """Under PP each activation pair lives on one virtual stage: the colocated teacher is cut at
-    the student's depth fractions, and both buffers must fall on the same stage."""
+    the student's depth fractions, and both buffers must fall on the same stage. (A teacher on its
+    own ranks sends each buffer to the stage that owns the student's.)"""
     par = cfg.parallel
-    if par.pp == 1 or teacher is None:
+    if par.pp == 1 or teacher is None or cfg.distill.schedule != "colocated":
         return
     student_plan = StagePlan(layers=cfg.model.layers, pp=par.pp, chunks=par.virtual_stages)
-    teacher_plan = StagePlan(layers=teacher.layers, pp=par.pp, chunks=par.virtual_stages)
+    teachers = named_teachers(cfg.distill, teacher)
     for pair in pairs:
+        teacher_plan = StagePlan(layers=teachers[pair.source].layers, pp=par.pp,
+                                 chunks=par.virtual_stages)
         stages = student_plan.buffer_stage(pair.student), teacher_plan.buffer_stage(pair.teacher)
         if stages[0] != stages[1]:
             raise ConfigError("distill.activations",
@@ -115,6 +128,19 @@ def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | None,
                               f"on virtual stage {stages[0]} and the teacher's on {stages[1]} "
                               "(the teacher's layers are cut at the student's depth fractions); "
                               "pair buffers of the same stage")
+
+
+def check_teacher_ranks(cfg: RunConfig) -> None:
+    """The teacher ranks' own TP degree against the sequence and the stream kind."""
+    par, teacher_tp = cfg.parallel, cfg.parallel.teacher_tp_degree
+    if par.sp and teacher_tp > 1 and cfg.data.seq_len % teacher_tp:
+        raise ConfigError("parallel.teacher_tp", f"data.seq_len={cfg.data.seq_len} does not split "
+                                                 f"over {teacher_tp} teacher ranks (sequence "
+                                                 "parallelism)")
+    if cfg.distill.teacher_stream == "logits" and teacher_tp != par.tp:
+        raise ConfigError("distill.teacher_stream", "logits streams logit shards, which needs "
+                                                    f"parallel.teacher_tp={teacher_tp} equal to "
+                                                    f"parallel.tp={par.tp}")
 
 
 def check_model_data(cfg: RunConfig) -> None:
@@ -180,35 +206,78 @@ def check_start_checkpoint(cfg: RunConfig, path: Path, *, key: str,
     return meta
 
 
-def teacher_model_config(cfg: RunConfig) -> ModelConfig | None:
-    """The teacher's architecture, read from its checkpoint's metadata (None without a teacher)."""
+def teacher_model_config(cfg: RunConfig) -> ModelConfig | dict[str, ModelConfig] | None:
+    """The teacher's architecture, read from its checkpoint's metadata (None without a teacher);
+    with `distill.teachers`, each teacher's by name."""
     if not cfg.distill.needs_teacher:
         return None
+    if cfg.distill.teachers:
+        return {e.name: _teacher_checkpoint_config(cfg, e.checkpoint,
+                                                   teacher_key(cfg.distill, e.name))
+                for e in cfg.distill.teachers}
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher", "a teacher checkpoint is needed for logit or "
                                              "activation distillation")
-    saved = checkpoint_run_config(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                                  key="distill.teacher")
-    teacher = from_dict(ModelConfig, saved["model"], prefix="distill.teacher(model)")
+    return _teacher_checkpoint_config(cfg, cfg.distill.teacher, "distill.teacher")
+
+
+def _teacher_checkpoint_config(cfg: RunConfig, checkpoint: str, key: str) -> ModelConfig:
+    saved = checkpoint_run_config(resolve_checkpoint(checkpoint, key=key), key=key)
+    teacher = from_dict(ModelConfig, saved["model"], prefix=f"{key}(model)")
     if cfg.data.seq_len > teacher.max_seq_len:
-        raise ConfigError("distill.teacher", f"the teacher's max_seq_len={teacher.max_seq_len} is "
-                                             f"shorter than data.seq_len={cfg.data.seq_len}")
+        raise ConfigError(key, f"the teacher's max_seq_len={teacher.max_seq_len} is "
+                               f"shorter than data.seq_len={cfg.data.seq_len}")
     return teacher
 
 
 def load_run_config(path: str | Path, overrides: list[str], *,
-                    world_size: int) -> tuple[RunConfig, ModelConfig | None]:
-    """Load, override, validate; return the run config and the teacher's model config."""
+                    world_size: int,
+                    ) -> tuple[RunConfig, ModelConfig | dict[str, ModelConfig] | None]:
+    """Load, override, validate; return the run config and the teacher's model config (with
+    `distill.teachers`, each teacher's by name)."""
     cfg = parse_run_config(apply_overrides(load_yaml(path), overrides))
     check_layout(cfg, world_size)
     teacher = teacher_model_config(cfg)
-    pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.tp)
+    pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
+    curriculum(cfg)
     if cfg.distill.schedule == "offline":
-        check_offline_dir(cfg.distill.offline_dir, wanted=run_export_key(cfg),
-                          samples=cfg.train.steps * cfg.data.global_batch,
-                          teacher=cfg.distill.teacher)
+        check_offline_dirs(cfg)
     return cfg, teacher
+
+
+def check_offline_dirs(cfg: RunConfig) -> None:
+    """Each offline export (`distill.offline_dir`, or each of `distill.teachers`) against the
+    run; an error names the teacher's key."""
+    samples, wanted = cfg.train.steps * cfg.data.global_batch, run_export_key(cfg)
+    if not cfg.distill.teachers:
+        check_offline_dir(cfg.distill.offline_dir, wanted=wanted, samples=samples,
+                          teacher=cfg.distill.teacher)
+    for i, entry in enumerate(cfg.distill.teachers):
+        try:
+            check_offline_dir(entry.offline_dir, wanted=wanted, samples=samples,
+                              teacher=entry.checkpoint or None)
+        except ConfigError as err:
+            raise ConfigError(f"distill.teachers[{i}].offline_dir", err.message) from None
+
+
+def curriculum_key(cfg: RunConfig) -> dict:
+    """The run settings curriculum scores must have been made with (the sample stream's)."""
+    return export_key(cfg.data, seed=cfg.train.seed, temperature=1.0,
+                      vocab_size=cfg.model.vocab_size)
+
+
+def curriculum(cfg: RunConfig) -> np.ndarray | None:
+    """The order of the curriculum's samples (TokenBatches' `order`), None without one; reads
+    and checks the scores (`ConfigError` naming data.curriculum_scores)."""
+    if cfg.data.curriculum == "none":
+        return None
+    if cfg.distill.schedule == "offline":  # the export's rows follow the stream's order
+        raise ConfigError("data.curriculum", "is not supported with distill.schedule offline "
+                                             "(the export's rows follow the plain stream)")
+    scores = read_scores(cfg.data.curriculum_scores, wanted=curriculum_key(cfg),
+                         samples=cfg.data.curriculum_samples)
+    return curriculum_order(scores, mode=cfg.data.curriculum_mode, seed=cfg.train.seed)
 
 
 def run_export_key(cfg: RunConfig) -> dict:

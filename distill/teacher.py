@@ -8,15 +8,22 @@ frozen output weight, or nothing of the head; and activation buffers by name. Im
 
 - `ColocatedTeacher`: the frozen teacher runs forward on the same ranks, right before the student.
 - `RemoteTeacher` (student side) and `serve_teacher` (teacher side): the teacher runs on its own
-  ranks (`parallel.teacher_ranks`) and streams each micro-batch's outputs to the matching student
-  rank with asynchronous point-to-point sends, up to `prefetch` micro-batches ahead. Only this
-  path knows a wire format (`_Wire`): outputs flattened to tensors, a header describing them, and
-  the constants (the frozen head weight) sent once per run rather than per micro-batch. Each
-  micro-batch carries a checksum of its token ids; a mismatch stops the run.
+  ranks (`parallel.teacher_ranks`, at its own TP degree `parallel.teacher_tp`) and streams each
+  micro-batch's outputs to the student ranks with asynchronous point-to-point sends, up to
+  `prefetch` micro-batches ahead. Only this path knows a wire format (`_Wire`): a header with the
+  shapes once, then per micro-batch a checksum of its token ids (a mismatch stops the run), the
+  teacher's final hidden states `[batch, seq, H_t]` in its compute dtype, and each activation
+  buffer in the layout of the receiving student rank. Never logits: each student rank holds its
+  vocabulary shard of the teacher's output weight (`load_teacher_head`, read once from the teacher
+  checkpoint at any saved TP) and forms the teacher's logits itself. (`distill.teacher_stream=
+  logits` sends logit shards instead: the older protocol, kept as the benchmark's baseline.)
 - `OfflineTeacher` (distill/offline.py): the teacher's top-k logits, exported beforehand.
+- `TeacherList`: several teachers (`distill.teachers`), each its own source, their outputs by
+  name: colocated teachers, or offline exports (one per teacher); teacher ranks serve one
+  teacher.
 
-Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t) in turn, so the
-teacher's DP degree must divide the students'.
+Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t + j * teacher_tp)
+for every k and j, so the teacher's DP degree must divide the students'.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from torch import nn
 
 from distill.config import aligned_teacher_config
-from distill.weights import load_weights
+from distill.weights import load_output_weight, load_weights
 from engine import collectives as C
 from engine.checkpoint import ranks_agree
 from engine.config import ConfigError
@@ -42,6 +49,7 @@ from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.stages import StagePlan
+from layers.tensor_parallel import SEQ_DIM, VocabParallelLMHead
 
 log = get_logger(__name__)
 
@@ -114,25 +122,44 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_teacher(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
-                 layout: ParallelLayout, *, seed: int, bf16: bool) -> TransformerLM:
+                 layout: ParallelLayout, *, seed: int, bf16: bool,
+                 key: str = "distill.teacher") -> TransformerLM:
     """The frozen teacher of a run at `layout`'s TP degree, padded like the student (so both logit
-    shards cover the same columns), in bfloat16 when `bf16`. Every entry point builds it here."""
+    shards cover the same columns), in bfloat16 when `bf16`. Every entry point builds it here;
+    `key` is the config key its errors name."""
     model = TransformerLM(aligned_teacher_config(student, teacher), layout, seed=seed)
     model = model.to(layout.device)
     load_weights(checkpoint, model, layout)
-    _check_finite(model, checkpoint, layout)
+    _check_finite(model, checkpoint, layout, key)
     if bf16:
         model.to(torch.bfloat16)
     return freeze(model)
 
 
-def _check_finite(model: nn.Module, checkpoint: Path, layout: ParallelLayout) -> None:
+def load_teacher_head(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
+                      layout: ParallelLayout, *, bf16: bool) -> VocabParallelLMHead:
+    """This student rank's frozen shard of the teacher's output layer: the rows of the teacher's
+    output weight for the student's vocabulary shard (padded like the student), read from the
+    teacher checkpoint at whatever TP it was saved, in the teacher's compute dtype."""
+    head = VocabParallelLMHead(vocab_size=student.vocab_size,
+                               padded_vocab=student.padded_vocab(layout.tp), hidden=teacher.hidden,
+                               layout=layout)
+    load_output_weight(checkpoint, head, layout, vocab_size=student.vocab_size,
+                       tied=teacher.tie_embeddings)
+    _check_finite(head, checkpoint, layout)
+    if bf16:
+        head.to(torch.bfloat16)
+    return freeze(head)
+
+
+def _check_finite(model: nn.Module, checkpoint: Path, layout: ParallelLayout,
+                  key: str = "distill.teacher") -> None:
     """NaN or inf in a frozen teacher would poison every loss (and look like a learning-rate
     problem): refuse it. Each rank checks the shard it holds; the ranks of the role agree."""
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if not ranks_agree(layout, bad is None):
         where = f"tensor {bad!r}" if bad else "a tensor shard on another rank"
-        raise ConfigError("distill.teacher", f"{checkpoint}: {where} holds non-finite values "
+        raise ConfigError(key, f"{checkpoint}: {where} holds non-finite values "
                                              "(NaN or inf)")
 
 
@@ -169,41 +196,75 @@ class ColocatedTeacher:
         pass
 
 
+class TeacherList:
+    """Several teachers as one source (`distill.teachers`): each call gives the micro-batch's
+    outputs as {name: TeacherOutputs}, in config order; the objective reads them by name."""
+
+    def __init__(self, sources: Mapping[str, TeacherSource]):
+        self.sources = dict(sources)
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        return {name: source(micro_batch) for name, source in self.sources.items()}
+
+    def end_step(self, *, stop: bool) -> None:
+        for source in self.sources.values():
+            source.end_step(stop=stop)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
+
+
 # ------------------------------------------------------------------------------ the wire format
+
+def stream_request(request: TeacherRequest, stream: Literal["hidden", "logits"]) -> TeacherRequest:
+    """What the teacher ranks compute for students that need `request`: with `hidden` streaming,
+    the head input whenever the objective needs the teacher's logits (fused or not)."""
+    if stream == "hidden" and request.head != "none":
+        return TeacherRequest(head="hidden", buffers=request.buffers)
+    return request
+
 
 @dataclass(frozen=True)
 class _Wire:
-    """How a teacher rank's outputs travel: which `TeacherOutputs` fields are constants (sent once
-    per run, before the first micro-batch) and which are sent per micro-batch, in order."""
+    """What travels per micro-batch after the checksum, in order: the teacher's head output (its
+    final hidden states `[batch, seq, H_t]`, or with `logits` streaming its logit shard), then each
+    activation buffer in the layout of the receiving student rank."""
 
-    constants: tuple[str, ...]  # TeacherOutputs field names
-    per_batch: tuple[str, ...]  # TeacherOutputs field names, then `buffer:{name}` entries
+    head: str | None  # TeacherOutputs field name
+    buffers: tuple[str, ...]  # teacher buffer names
 
     @classmethod
     def of(cls, request: TeacherRequest) -> _Wire:
-        head = {"logits": ((), ("logits",)), "hidden": (("output_weight",), ("head_hidden",)),
-                "none": ((), ())}[request.head]
-        return cls(constants=head[0], per_batch=head[1] + tuple(f"buffer:{n}"
-                                                                for n in request.buffers))
+        head = {"logits": "logits", "hidden": "head_hidden", "none": None}[request.head]
+        return cls(head=head, buffers=request.buffers)
 
-    @staticmethod
-    def _get(outputs: TeacherOutputs, name: str) -> torch.Tensor:
-        if name.startswith("buffer:"):
-            value = outputs.buffers[name[len("buffer:"):]]
-            return value.tensor if isinstance(value, ActivationBuffer) else value
-        return getattr(outputs, name)
+    def whole(self, outputs: TeacherOutputs, layout: ParallelLayout) -> list[torch.Tensor]:
+        """The head output and each buffer whole over the sequence (a sequence-parallel teacher's
+        shards are gathered: every TP rank of the teacher calls this for each micro-batch)."""
+        tensors = [] if self.head is None else [getattr(outputs, self.head).detach()]
+        for name in self.buffers:
+            buffer = outputs.buffers[name]
+            tensor = buffer.tensor.detach()
+            if buffer.seq_sharded:
+                tensor = C.all_gather(tensor, layout.tp_group, dim=buffer.seq_dim)
+            tensors.append(tensor)
+        return tensors
 
-    def flatten(self, outputs: TeacherOutputs, names: tuple[str, ...]) -> list[torch.Tensor]:
-        return [self._get(outputs, n).detach().contiguous() for n in names]
+    def for_student(self, whole: list[torch.Tensor], *, seq_shards: int,
+                    shard: int) -> list[torch.Tensor]:
+        """`whole` as student rank `shard` of `seq_shards` consumes it: the head output as is, each
+        buffer cut to that rank's sequence shard (`seq_shards` > 1 under the students' SP)."""
+        n_head = int(self.head is not None)
+        cut = [b.chunk(seq_shards, dim=SEQ_DIM)[shard] for b in whole[n_head:]]
+        return [t.contiguous() for t in whole[:n_head] + cut]
 
-    def unflatten(self, constants: list[torch.Tensor],
-                  per_batch: list[torch.Tensor]) -> TeacherOutputs:
+    def unflatten(self, tensors: list[torch.Tensor]) -> TeacherOutputs:
         out = TeacherOutputs()
-        for name, tensor in zip(self.constants + self.per_batch, constants + per_batch):
-            if name.startswith("buffer:"):
-                out.buffers[name[len("buffer:"):]] = tensor  # in the student's layout already
-            else:
-                setattr(out, name, tensor)
+        if self.head is not None:
+            setattr(out, self.head, tensors[0])
+        for name, tensor in zip(self.buffers, tensors[self.head is not None:]):
+            out.buffers[name] = tensor  # in the student's layout already
         return out
 
 
@@ -234,8 +295,9 @@ class _StudentLink:
     micro-batch j only after the acknowledgement of j - prefetch, so it runs at most `prefetch`
     ahead, and it learns at once when the students stop early (preemption)."""
 
-    def __init__(self, peer: int, device: torch.device):
-        self.peer, self.device = peer, device
+    def __init__(self, peer: int, device: torch.device, *, shard: int, stage: int = 0):
+        self.peer, self.device, self.shard = peer, device, shard  # shard: the student's TP rank
+        self.stage = stage  # the student's pipeline rank
         self.sent = self.acked = 0
         self.pending: collections.deque = collections.deque()  # (works, tensors) per micro-batch
         self.stopped = False
@@ -256,14 +318,11 @@ class _StudentLink:
             self._receive_ack()
         return not self.stopped
 
-    def announce(self, constants: list[torch.Tensor], per_batch: list[torch.Tensor]) -> None:
-        """Once per run: the header (its length, then the specs of both lists), then the
-        constants themselves."""
-        header = torch.cat([_encode_specs(constants), _encode_specs(per_batch)]).to(self.device)
+    def announce(self, per_batch: list[torch.Tensor]) -> None:
+        """Once per run: the header (its length, then the specs of the per-micro-batch tensors)."""
+        header = _encode_specs(per_batch).to(self.device)
         C.send(torch.tensor([header.numel()], dtype=torch.int64, device=self.device), dst=self.peer)
         C.send(header, dst=self.peer)
-        for tensor in constants:
-            C.send(tensor, dst=self.peer)
         self.announced = True
 
     def send(self, tensors: list[torch.Tensor]) -> None:
@@ -280,11 +339,6 @@ class _StudentLink:
         self.pending.clear()
 
 
-def student_dp(layout: ParallelLayout) -> int:
-    """The students' DP degree, seen from any rank."""
-    return layout.student_world // (layout.tp * layout.student_pp)
-
-
 def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> TeacherRequest:
     """What one student pipeline rank (`plan`) needs of the teacher: the head outputs on the last
     stage, and the teacher buffers of the activation pairs whose student buffer it publishes."""
@@ -293,64 +347,91 @@ def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> 
                           buffers=tuple(sorted(mine & set(request.buffers))))
 
 
+def _served_links(layout: ParallelLayout, stages: int) -> dict[int, list[_StudentLink]]:
+    """Teacher side: the links of this teacher rank, by student DP rank. Teacher replica d serves
+    student replicas d, d + teacher_dp, ...; within one, teacher TP rank t serves the student TP
+    ranks t, t + teacher_tp, ... of each of the replica's `stages` pipeline stages."""
+    return {d: [_StudentLink(layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=s, pp_rank=p),
+                             layout.device, shard=s, stage=p)
+                for p in range(stages) for s in range(layout.tp_rank, layout.student_tp, layout.tp)]
+            for d in range(layout.dp_rank, layout.student_dp, layout.dp)}
+
+
 def peer_teacher_rank(layout: ParallelLayout) -> int:
-    teacher_dp = layout.teacher_ranks // layout.tp
-    return layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank % teacher_dp,
-                              tp_rank=layout.tp_rank)
+    """Student side: the teacher rank that streams to this student rank."""
+    return layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank % layout.teacher_dp,
+                              tp_rank=layout.tp_rank % layout.teacher_tp)
+
+
+def _agree(ok: bool, layout: ParallelLayout) -> bool:
+    """Whether every TP rank of this teacher replica says go (they run each forward together)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=layout.device)
+    return bool(C.all_reduce(flag, layout.tp_group, op="min").item())
 
 
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                   batches_for: Callable[[int], Iterator[dict]], prefetch: int,
+                  student_sp: bool = False,
                   stage_requests: Sequence[TeacherRequest] | None = None) -> int:
-    """Teacher-rank loop: stream outputs for every micro-batch of each served student rank.
+    """Teacher-rank loop: stream outputs for every micro-batch of each served student replica.
 
-    `batches_for(student_dp_rank)` yields that student's micro-batches in training order. Students
-    are served in turn, at most `prefetch` micro-batches ahead of each; the loop ends when every
-    stream is done or its student stopped. Under student PP the teacher runs each micro-batch once
-    and sends each pipeline rank of the student's pipeline what `stage_requests[pp_rank]` asks.
-    Returns the number of micro-batches sent.
+    `batches_for(student_dp_rank)` yields that replica's micro-batches in training order;
+    `student_sp`: the students run sequence parallelism (each gets its sequence shard of the
+    buffers). Replicas are served in turn, at most `prefetch` micro-batches ahead of each; the
+    TP ranks of this teacher replica run each forward together and each sends to its own student
+    ranks. Under student PP the teacher runs each micro-batch once and sends each pipeline rank
+    of the replica what `stage_requests[pp_rank]` asks. The loop ends when every stream is done or
+    its students stopped. Returns the number of micro-batches sent (per stage).
     """
     wires = [_Wire.of(r) for r in (stage_requests or [teacher.request])]
-    groups = {d: [_StudentLink(layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=layout.tp_rank,
-                                                  pp_rank=p), layout.device)
-                  for p in range(len(wires))]
-              for d in range(layout.dp_rank, student_dp(layout), layout.dp)}
-    streams = {d: batches_for(d) for d in groups}
+    links = _served_links(layout, len(wires))
+    streams = {d: batches_for(d) for d in links}
+    seq_shards = layout.student_tp if student_sp else 1
     while streams:
         for d in list(streams):
-            ready = [link.ready(prefetch) for link in groups[d]]
-            batch = next(streams[d], None) if all(ready) else None
+            go = _agree(all([link.ready(prefetch) for link in links[d]]), layout)
+            batch = next(streams[d], None) if go else None
             if batch is None:
                 del streams[d]
                 continue
             batch = to_device(batch, layout.device)
             out = teacher(batch)
+            whole = [wire.whole(out, layout) for wire in wires]
             checksum = token_checksum(batch["input_ids"]).to(layout.device)
-            for link, wire in zip(groups[d], wires):
-                per_batch = wire.flatten(out, wire.per_batch)
+            for link in links[d]:
+                per_batch = wires[link.stage].for_student(whole[link.stage], seq_shards=seq_shards,
+                                                          shard=link.shard)
                 if not link.announced:
-                    link.announce(wire.flatten(out, wire.constants), per_batch)
+                    link.announce(per_batch)
                 link.send([checksum, *per_batch])
-    links = [link for group in groups.values() for link in group]
-    for link in links:
+    every = [link for served in links.values() for link in served]
+    for link in every:
         link.close()
-    if any(link.stopped for link in links):
+    if any(link.stopped for link in every):
         log.info("teacher rank %d: the students stopped early", layout.rank)
-    return sum(link.sent for link in links) // len(wires)
+    return sum(link.sent for link in every) // len(wires)
 
 
 class RemoteTeacher:
     """Student side of `serve_teacher`: receives the teacher outputs for each micro-batch, with
     receives posted up to `prefetch` micro-batches ahead so the teacher never waits on us, and
     acknowledges each consumed micro-batch (the last one of a step after the stop vote, through
-    `end_step`). The constants arrive once, with the header, before the first micro-batch."""
+    `end_step`). The header (the shapes) arrives once, before the first micro-batch.
+
+    With `hidden` streaming, `head` is this rank's frozen shard of the teacher's output layer
+    (`load_teacher_head`): the teacher's logits shard is formed here from the received hidden
+    states, or (fused `request`) the hidden states and the head's weight go to the fused loss."""
 
     def __init__(self, layout: ParallelLayout, request: TeacherRequest, *, prefetch: int,
-                 total: int):
-        self.layout, self.wire, self.prefetch = layout, _Wire.of(request), prefetch
+                 total: int, stream: Literal["hidden", "logits"] = "hidden",
+                 head: VocabParallelLMHead | None = None):
+        wire_request = stream_request(request, stream)
+        if wire_request.head == "hidden" and head is None:
+            raise ValueError("hidden streaming needs the teacher's output layer shard (head=)")
+        self.layout, self.request, self.head = layout, request, head
+        self.wire, self.prefetch = _Wire.of(wire_request), prefetch
         self.unposted = total  # micro-batches the teacher will still send us
         self.src = peer_teacher_rank(layout)
-        self.constants: list[torch.Tensor] | None = None
         self.specs: list | None = None  # (dtype, shape) of each per-micro-batch tensor
         self.posted: collections.deque = collections.deque()
         self.unacked = False  # the last micro-batch handed out awaits its acknowledgement
@@ -361,10 +442,7 @@ class RemoteTeacher:
         length = C.recv(torch.zeros(1, dtype=torch.int64, device=device), src=self.src)
         header = C.recv(torch.zeros(int(length.item()), dtype=torch.int64, device=device),
                         src=self.src).tolist()
-        constant_specs, pos = _decode_specs(header)
-        self.specs, _ = _decode_specs(header, pos)
-        self.constants = [C.recv(torch.empty(shape, dtype=dtype, device=device), src=self.src)
-                          for dtype, shape in constant_specs]
+        self.specs, _ = _decode_specs(header)
 
     def _post_one(self) -> None:
         checksum = torch.zeros(1, dtype=torch.int64, device=self.layout.device)
@@ -412,5 +490,16 @@ class RemoteTeacher:
                 f"teacher rank {self.src} sent outputs for other tokens (checksum "
                 f"{checksum.item()} != {expected.item()}): teacher and student data are misaligned")
         self.unacked = True
-        return self.wire.unflatten(self.constants, bufs)
+        return self._with_head(self.wire.unflatten(bufs))
+
+    @torch.no_grad()
+    def _with_head(self, out: TeacherOutputs) -> TeacherOutputs:
+        """The received hidden states as the objective asked for the teacher's head."""
+        if out.head_hidden is None:
+            return out
+        if self.request.head == "logits":
+            out.logits, out.head_hidden = self.head(out.head_hidden), None
+        else:
+            out.output_weight = self.head.weight_shard()
+        return out
 

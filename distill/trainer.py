@@ -6,17 +6,20 @@
 
 Data parallelism is torch's DistributedDataParallel over the DP group, wrapped around the student
 *and* the objective (its projections train with the student); gradient sync happens only on the
-last micro-batch of a step. Tensor- and sequence-parallel gradients need no fix-up afterwards: the
-layers produce complete gradients inside autograd (layers/tensor_parallel.py).
+last micro-batch of a step. With `train.distributed_optimizer` there is no DDP: the optimizer
+reduce-scatters the summed gradients over DP (engine/dist_optim.py). Tensor- and sequence-parallel
+gradients need no fix-up afterwards: the layers produce complete gradients inside autograd
+(layers/tensor_parallel.py).
 
 Pipeline parallelism (`parallel.pp > 1`): the step's micro-batches go through the 1F1B schedule
 (interleaved with `parallel.virtual_stages > 1`) of engine/pipeline.py (distill/pipeline_step.py):
 the LM and logit terms run on the last stage, each activation pair on the stage that owns it, a
 colocated teacher in lockstep on the same stages, a teacher on its own ranks streams each stage
 what it needs, an offline teacher's rows are read by the last stage. Gradients are summed over
-DP, over the tied embedding's two copies and over the projection's copies after the schedule (no
-DDP), the gradient norm covers every stage, and the step's loss terms are summed over the pipeline
-group so that every rank holds (and rank 0 logs) them.
+the tied embedding's two copies, over the projection's copies and (without the distributed
+optimizer, which reduce-scatters them itself) over DP after the schedule (no DDP); the gradient
+norm covers every stage, and the step's loss terms are summed over the pipeline group so that
+every rank holds (and rank 0 logs) them.
 """
 
 from __future__ import annotations
@@ -108,11 +111,13 @@ class DistillTrainer:
         self.module = StudentWithObjective(student, objective)
         # MTP heads get no gradient when their only loss (LM) is off; DDP must then look for them.
         unused = student.config.mtp_heads > 0 and not objective.cfg.lm_on
+        # The distributed optimizer reduce-scatters the gradients itself: no DDP then.
         self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
                                            find_unused_parameters=unused) \
-            if layout.dp > 1 and layout.pp == 1 else None
+            if layout.dp > 1 and layout.pp == 1 and not cfg.distributed_optimizer else None
         # The objective's loss is this rank's share of the step's global means, whose gradient is
-        # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate.
+        # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate
+        # (the distributed optimizer sums).
         self.dp_scale = layout.dp if self.ddp is not None else 1
         if layout.pp > 1:
             pipeline_copies(objective, layout)
@@ -195,7 +200,8 @@ class DistillTrainer:
                              autocast=self._autocast, teacher=colocated,
                              buffers=objective.student_buffer_names(), activations=activations)
         run_pipeline(stage, self.layout, train=True)
-        sync_pipeline_grads(self.module, self.student, self.objective, self.layout)
+        sync_pipeline_grads(self.module, self.student, self.objective, self.layout,
+                            sum_dp=not self.cfg.distributed_optimizer)
         return totals
 
     def _autocast(self):

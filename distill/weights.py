@@ -33,6 +33,24 @@ def load_weights(path: str | Path, model: TransformerLM, layout: ParallelLayout)
                            only_prefix=PREFIX)
 
 
+class _OutputLayer(nn.Module):
+    """The output layer alone, under the name a full model saves it as."""
+
+    def __init__(self, head: nn.Module, *, tied: bool):
+        super().__init__()
+        setattr(self, "embedding" if tied else "lm_head", head)
+
+
+def load_output_weight(path: str | Path, head: nn.Module, layout: ParallelLayout, *,
+                       vocab_size: int, tied: bool) -> None:
+    """Load only the output weight of the model checkpointed at `path` (any saved TP degree) into
+    `head.weight`, this rank's `[padded_vocab/tp, hidden]` vocabulary shard at `layout`; `tied`:
+    the checkpoint's model ties it to its embedding (which is where it is saved)."""
+    name = f"{PREFIX}{'embedding' if tied else 'lm_head'}.weight"
+    load_checkpoint(Path(path), layout=layout, model=_Saved(_OutputLayer(head, tied=tied)),
+                    vocab_size=vocab_size, restore_rng=False, only_prefix=name)
+
+
 def save_weights(root: str | Path, model: TransformerLM, layout: ParallelLayout, *,
                  config: dict, step: int = 0) -> Path:
     """Save `model` alone as a checkpoint `root/step_{step}` (every TP rank calls it).

@@ -12,7 +12,9 @@ A checkpoint is a directory `root/step_{step:08d}/`:
                                    `rank_tensors` (e.g. the states of private dropout generators)
 
 Model replicas over DP are identical (DDP), so model and optimizer are written once per TP rank;
-RNG and `state` (data position, counters) are per rank. Nothing is pickled.
+RNG and `state` (data position, counters) are per rank. Nothing is pickled. A distributed optimizer
+(engine/dist_optim.py) gathers its DP-sharded states into this same per-parameter form, so a
+checkpoint loads at any DP degree with the option on or off.
 
 Saving is atomic: every rank writes into `step_X.tmp/`, the ranks agree (one all_reduce) that all
 files are there, rank 0 writes `metadata.json` last, renames the directory into place, then moves
@@ -233,13 +235,15 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
                       rank_tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write this rank's files and its manifest; return the tensor metadata rank 0 publishes."""
     records, meta = {}, {}
+    # Every DP rank takes part: a distributed optimizer gathers its DP-sharded states here.
+    optim = optimizer_state(optimizer, model) if optimizer is not None else None
     if layout.dp_rank == 0:
         flat = model_state(model)
         name = _model_file(layout.tp_rank, layout.pp_rank, layout.pp)
         records[name] = write_tensors(tmp / name, flat.tensors)
         meta["model"] = flat.meta
-        if optimizer is not None:
-            flat = optimizer_state(optimizer, model)
+        if optim is not None:
+            flat = optim
             name = _optim_file(layout.tp_rank, layout.pp_rank, layout.pp)
             records[name] = write_tensors(tmp / name, flat.tensors)
             meta["optimizer"] = flat.meta

@@ -7,9 +7,12 @@ Parameters carry `tp_split_dim` (None when replicated over TP). The global norm 
 shard once: split parameters contribute their local shard and the partial sums are all-reduced over
 TP; replicated parameters (identical on every TP rank once their gradients are finalized) are counted
 once, on every rank, outside that reduction. Data-parallel replicas hold equal gradients after DDP, so
-no DP reduction is needed. Pipeline stages hold disjoint parameters: their sums of squares are
-added over the pipeline group; a parameter marked `pp_duplicate` (the last stage's copy of a tied
-embedding, whose gradient equals the first stage's) is left out.
+no DP reduction is needed. With `train.distributed_optimizer` the optimizer is `ShardedAdamW`
+(engine/dist_optim.py): gradients are reduce-scattered instead, each DP rank sums the squares of
+its slices, and the same rule applies to the sums over DP. Pipeline stages hold disjoint
+parameters: their sums of squares are added over the pipeline group; a parameter marked
+`pp_duplicate` (the last stage's copy of a tied embedding, whose gradient equals the first
+stage's) is left out, by both optimizers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from engine import collectives as C
+from engine.dist_optim import ShardedAdamW
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from engine.train_config import TrainConfig
@@ -29,16 +33,19 @@ from engine.train_config import TrainConfig
 log = get_logger(__name__)
 
 
+def adamw_groups(params: Iterable[torch.nn.Parameter], *, weight_decay: float) -> list[dict]:
+    """No weight decay on 1-D parameters (norms, biases), as is usual for LMs."""
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def build_adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float,
                 betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW with no weight decay on 1-D parameters (norms, biases), as is usual for LMs."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over `adamw_groups`."""
     # foreach=False keeps the update order, and so the bits, identical across runs and resumes.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+    return torch.optim.AdamW(adamw_groups(params, weight_decay=weight_decay), lr=lr, betas=betas,
+                             eps=eps, foreach=False)
 
 
 @dataclass(frozen=True)
@@ -69,30 +76,47 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> torch.Tensor:
-    """Global L2 norm of the gradients of the full (unsharded) model, in fp32, same on all ranks."""
+    """Global L2 norm of the gradients of the full (unsharded) model, same on all ranks.
+
+    Squares are summed in float64: the norm then does not depend on how the gradients are cut
+    (whole parameters here, DP slices in the distributed optimizer) beyond float64 round-off,
+    where fp32 sums in another order differ in the last bits and clipping passes that on."""
     device = layout.device
-    split_sq = torch.zeros((), dtype=torch.float32, device=device)
-    replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
+    split_sq = torch.zeros((), dtype=torch.float64, device=device)
+    replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is None or getattr(p, "pp_duplicate", False):
             continue
-        sq = p.grad.detach().float().pow(2).sum()
+        sq = p.grad.detach().double().pow(2).sum()
         if getattr(p, "tp_split_dim", None) is None:
             replicated_sq += sq
         else:
             split_sq += sq
+    return _combine(split_sq, replicated_sq, layout)
+
+
+def _combine(split_sq: torch.Tensor, replicated_sq: torch.Tensor,
+             layout: ParallelLayout) -> torch.Tensor:
+    """The global norm from the squares of TP-split (summed over TP here) and TP-replicated
+    gradients."""
     C.all_reduce(split_sq, layout.tp_group)
     total_sq = split_sq + replicated_sq
     C.all_reduce(total_sq, layout.pp_group)
     return total_sq.sqrt()
 
 
+def clip_scale(norm: torch.Tensor, max_norm: float) -> float | None:
+    """The factor that brings the global norm down to `max_norm`; None when nothing is scaled."""
+    if max_norm <= 0 or not torch.isfinite(norm):
+        return None
+    scale = max_norm / (norm.item() + 1e-6)
+    return scale if scale < 1.0 else None
+
+
 def clip_grads(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients in place so that their global norm is at most `max_norm` (0 = no clipping)."""
-    if max_norm <= 0 or not torch.isfinite(norm):
-        return
-    scale = max_norm / (norm.item() + 1e-6)
-    if scale < 1.0:
+    scale = clip_scale(norm, max_norm)
+    if scale is not None:
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
@@ -110,14 +134,21 @@ class StepStats:
 
 
 class OptimizerStep:
-    """AdamW + schedule + TP-correct clipping; a non-finite loss or gradient skips the step."""
+    """AdamW + schedule + TP-correct clipping; a non-finite loss or gradient skips the step.
+
+    With `cfg.distributed_optimizer` the AdamW is `ShardedAdamW`, which reduces the gradients
+    over DP itself (the trainer then uses no DDP)."""
 
     def __init__(self, cfg: TrainConfig, layout: ParallelLayout,
                  params: list[torch.nn.Parameter]):
         self.cfg, self.layout = cfg, layout
         self.params = [p for p in params if p.requires_grad]
-        self.optimizer = build_adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.sharded = cfg.distributed_optimizer
+        betas = (cfg.beta1, cfg.beta2)
+        self.optimizer = ShardedAdamW(
+            adamw_groups(self.params, weight_decay=cfg.weight_decay), lr=cfg.lr, betas=betas,
+            eps=cfg.eps, layout=layout) if self.sharded else build_adamw(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, eps=cfg.eps)
         self.schedule = LRSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                                    total_steps=cfg.steps, decay=cfg.decay)
         self.skipped_total = 0
@@ -125,12 +156,19 @@ class OptimizerStep:
 
     def __call__(self, step: int, *, loss: float) -> StepStats:
         """Apply the optimizer for `step` (0-based); `loss` must already agree across ranks."""
-        norm = grad_norm(self.params, self.layout)
+        if self.sharded:
+            self.optimizer.reduce_gradients()
+            norm = _combine(*self.optimizer.grad_squares(), self.layout)
+        else:
+            norm = grad_norm(self.params, self.layout)
         lr = self.schedule(step)
         if not (torch.isfinite(norm) and np.isfinite(loss)):
             return self._skip(step, loss, norm, lr)
         self.skipped_in_a_row = 0
-        clip_grads(self.params, norm, self.cfg.grad_clip)
+        if not self.sharded:
+            clip_grads(self.params, norm, self.cfg.grad_clip)
+        elif (scale := clip_scale(norm, self.cfg.grad_clip)) is not None:
+            self.optimizer.scale_grads(scale)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -9,8 +9,10 @@ coordinates (dp, pp, tp) is rank dp * (pp_size * tp_size) + pp * tp_size + tp: T
 contiguous ranks, pipeline (PP) groups are strided by TP, DP groups by TP * PP. Each pipeline also
 has an embedding group, its first and last stage (same TP rank), which keeps a tied embedding's two
 copies in sync. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the world run only the
-teacher, with the same TP degree, no pipeline and their own TP/DP groups; the first ranks are the
-students.
+teacher, at their own TP degree `teacher_tp` (default: the students'), with no pipeline, their own
+TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first ranks are the
+students. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the students' (one
+teacher replica serves several student replicas).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
+    teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
 
     def __post_init__(self):
@@ -49,6 +52,15 @@ class ParallelConfig:
         check(self.teacher_ranks >= 0, "parallel.teacher_ranks",
               f"must be >= 0 (got {self.teacher_ranks})")
         check(self.timeout_s > 0, "parallel.timeout_s", f"must be > 0 (got {self.timeout_s})")
+        check(self.teacher_tp is None or self.teacher_tp >= 1, "parallel.teacher_tp",
+              f"must be >= 1 (got {self.teacher_tp})")
+        check(self.teacher_tp is None or self.teacher_ranks > 0, "parallel.teacher_tp",
+              "only applies with parallel.teacher_ranks > 0")
+
+    @property
+    def teacher_tp_degree(self) -> int:
+        """The teacher ranks' TP degree: `teacher_tp`, or the students' `tp` when unset."""
+        return self.tp if self.teacher_tp is None else self.teacher_tp
 
 
 class LayoutError(ConfigError):
@@ -74,6 +86,8 @@ class ParallelLayout:
     pp_rank: int = 0
     virtual_stages: int = 1  # model chunks per pipeline rank
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
+    student_tp: int = 0  # the students' TP degree (0: `tp`)
+    teacher_tp: int = 0  # the teacher ranks' TP degree (0: `tp`)
     student_pp: int = 1  # the students' PP degree (= pp on a student; teacher ranks serve them)
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
@@ -82,6 +96,13 @@ class ParallelLayout:
     # the first and last stage of this pipeline (None without PP, and on the middle stages)
     embedding_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        for name in ("student_tp", "teacher_tp"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.tp)
+        if self.role == STUDENT:
+            object.__setattr__(self, "student_pp", self.pp)
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> ParallelLayout:
@@ -102,6 +123,15 @@ class ParallelLayout:
         return self.world_size - self.teacher_ranks
 
     @property
+    def student_dp(self) -> int:
+        """The students' DP degree, as the teacher ranks see it."""
+        return self.student_world // (self.student_tp * self.student_pp)
+
+    @property
+    def teacher_dp(self) -> int:
+        return self.teacher_ranks // self.teacher_tp
+
+    @property
     def is_teacher(self) -> bool:
         return self.role == TEACHER
 
@@ -113,13 +143,14 @@ class ParallelLayout:
         """Global rank of the process with these coordinates (students first, then teachers,
         which have no pipeline)."""
         if role == STUDENT:
-            return (dp_rank * self.student_pp + pp_rank) * self.tp + tp_rank
-        return self.student_world + dp_rank * self.tp + tp_rank
+            return (dp_rank * self.student_pp + pp_rank) * self.student_tp + tp_rank
+        return self.student_world + dp_rank * self.teacher_tp + tp_rank
 
 
 def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 0,
-                    pp: int = 1) -> None:
-    """Raise `LayoutError` for a layout that cannot be built; cheap, touches no process group."""
+                    pp: int = 1, teacher_tp: int | None = None) -> None:
+    """Raise `LayoutError` for a layout that cannot be built; cheap, touches no process group.
+    `teacher_tp` None: the teacher ranks run at the students' `tp`."""
     if tp < 1:
         raise LayoutError("parallel.tp", f"must be >= 1 (got {tp})")
     if pp < 1:
@@ -139,11 +170,27 @@ def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 
     if students % (tp * pp):
         raise LayoutError("parallel.pp", f"parallel.tp={tp} x parallel.pp={pp} does not divide "
                                          f"the {students} student ranks")
-    if teacher_ranks and teacher_ranks % tp:
-        raise LayoutError("parallel.tp", f"parallel.tp={tp} does not divide "
-                                         f"parallel.teacher_ranks={teacher_ranks}")
     if sp and tp == 1:
         raise LayoutError("parallel.sp", "parallel.sp=true needs parallel.tp > 1")
+    if teacher_ranks:
+        _validate_teacher_layout(students // (tp * pp), tp, teacher_ranks, teacher_tp)
+
+
+def _validate_teacher_layout(student_dp: int, tp: int, teacher_ranks: int,
+                             teacher_tp: int | None) -> None:
+    key = "parallel.tp" if teacher_tp is None else "parallel.teacher_tp"
+    teacher_tp = tp if teacher_tp is None else teacher_tp
+    if teacher_tp < 1:
+        raise LayoutError("parallel.teacher_tp", f"must be >= 1 (got {teacher_tp})")
+    if teacher_ranks % teacher_tp:
+        raise LayoutError(key, f"{key}={teacher_tp} does not divide "
+                               f"parallel.teacher_ranks={teacher_ranks}")
+    teacher_dp = teacher_ranks // teacher_tp
+    if student_dp % teacher_dp:
+        raise LayoutError("parallel.teacher_ranks",
+                          f"the teacher's data-parallel degree {teacher_dp} (parallel.teacher_ranks"
+                          f"={teacher_ranks} / {key}={teacher_tp}) does not divide the students' "
+                          f"{student_dp}: each teacher replica must serve whole student replicas")
 
 
 def _new_groups(ranks_lists: list[list[int]], my_rank: int,
@@ -187,24 +234,28 @@ def _find(lists: list[list[int]], rank: int) -> list[int]:
 
 
 def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: int = 1,
-                virtual_stages: int = 1, device: torch.device | str | None = None,
-                timeout_s: float | None = None) -> ParallelLayout:
+                virtual_stages: int = 1, teacher_tp: int | None = None,
+                device: torch.device | str | None = None, timeout_s: float | None = None) -> ParallelLayout:
     """Build the layout over the already-initialized default process group (or a single process).
-    `pp` and `virtual_stages` apply to the students (teacher ranks have no pipeline). Every group
+    `pp` and `virtual_stages` apply to the students (teacher ranks have no pipeline), `teacher_tp`
+    to the teacher ranks (None: `tp`). Every group
     it creates times out after `timeout_s` (None: torch's default)."""
     if not dist.is_available() or not dist.is_initialized():
-        validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp)
+        validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
+                        teacher_tp=teacher_tp)
         return ParallelLayout.single(device or "cpu")
     world, rank = dist.get_world_size(), dist.get_rank()
-    validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp)
+    validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
+                    teacher_tp=teacher_tp)
     students = world - teacher_ranks
+    teacher_tp = tp if teacher_tp is None else teacher_tp
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     groups: dict[str, tuple] = {}
-    for role, offset, size, role_pp in ((STUDENT, 0, students, pp),
-                                        (TEACHER, students, teacher_ranks, 1)):
+    for role, offset, size, role_tp, role_pp in ((STUDENT, 0, students, tp, pp),
+                                                 (TEACHER, students, teacher_ranks, teacher_tp, 1)):
         if size == 0:
             continue
-        lists = RankLists.of(offset, size, tp=tp, pp=role_pp)
+        lists = RankLists.of(offset, size, tp=role_tp, pp=role_pp)
         role_group = _new_groups([list(range(offset, offset + size))], rank, timeout)
         groups[role] = (lists, _new_groups(lists.tp, rank, timeout),
                         _new_groups(lists.dp, rank, timeout), role_group,
@@ -213,15 +264,15 @@ def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: in
     role = STUDENT if rank < students else TEACHER
     local = rank - (0 if role == STUDENT else students)
     lists, tp_group, dp_group, role_group, pp_group, embedding_group = groups[role]
-    role_pp = pp if role == STUDENT else 1
-    size = students if role == STUDENT else teacher_ranks
+    size, my_tp, role_pp = (students, tp, pp) if role == STUDENT else (teacher_ranks, teacher_tp, 1)
     return ParallelLayout(
-        world_size=world, rank=rank, tp=tp, dp=size // (tp * role_pp), sp=sp, tp_rank=local % tp,
-        dp_rank=local // (tp * role_pp), role=role, teacher_ranks=teacher_ranks, pp=role_pp,
-        pp_rank=(local // tp) % role_pp, virtual_stages=virtual_stages if role == STUDENT else 1,
-        pp_ranks=tuple(_find(lists.pp, rank)), student_pp=pp, tp_group=tp_group, dp_group=dp_group,
-        role_group=role_group, pp_group=pp_group, embedding_group=embedding_group,
-        device=torch.device(device or "cpu"))
+        world_size=world, rank=rank, tp=my_tp, dp=size // (my_tp * role_pp), sp=sp and my_tp > 1,
+        tp_rank=local % my_tp, dp_rank=local // (my_tp * role_pp), role=role,
+        teacher_ranks=teacher_ranks, pp=role_pp, pp_rank=(local // my_tp) % role_pp,
+        virtual_stages=virtual_stages if role == STUDENT else 1,
+        pp_ranks=tuple(_find(lists.pp, rank)), student_tp=tp, teacher_tp=teacher_tp, student_pp=pp,
+        tp_group=tp_group, dp_group=dp_group, role_group=role_group, pp_group=pp_group,
+        embedding_group=embedding_group, device=torch.device(device or "cpu"))
 
 
 ENV_KEY = "environment"  # the ConfigError key of a broken launcher environment
@@ -269,8 +320,8 @@ class LaunchEnv:
 
 
 def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: int = 1,
-                  virtual_stages: int = 1, timeout_s: float = 600.0, backend: str | None = None,
-                  launch: LaunchEnv | None = None) -> ParallelLayout:
+                  virtual_stages: int = 1, teacher_tp: int | None = None, timeout_s: float = 600.0,
+                  backend: str | None = None, launch: LaunchEnv | None = None) -> ParallelLayout:
     """Validate the layout, initialize torch.distributed from the launcher's environment (`launch`,
     parsed from os.environ when not given), build the layout.
 
@@ -278,7 +329,8 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: 
     no process group is created and the layout is local.
     """
     launch = launch or LaunchEnv.from_env()
-    validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp)
+    validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
+                    teacher_tp=teacher_tp)
     use_cuda = torch.cuda.is_available() if backend in (None, "nccl") else False
     device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}") if use_cuda \
         else torch.device("cpu")
@@ -292,7 +344,8 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: 
             world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if use_cuda else None)
     return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
-                       virtual_stages=virtual_stages, device=device, timeout_s=timeout_s)
+                       virtual_stages=virtual_stages, teacher_tp=teacher_tp, device=device,
+                       timeout_s=timeout_s)
 
 
 # How gloo and NCCL word a collective that failed because a peer died or stopped answering. DDP's

@@ -47,6 +47,8 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast for the forward when running on GPU (ignored on CPU)
     # student activations recomputed in the backward: none | selective (attention core) | full (blocks)
     recompute: Literal["none", "selective", "full"] = "none"
+    # ZeRO-1: AdamW states sharded over DP, gradients reduce-scattered, parameters all-gathered
+    distributed_optimizer: bool = False
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self):

@@ -316,6 +316,11 @@ def test_teacher_with_non_finite_weights_is_one_line(good, tmp_path, capsys):
     assert main(["--config", str(_distill_config(good, tmp_path, tmp_path / "nan_teacher"))]) == 2
     assert one_line(capsys) == (f"ConfigError: distill.teacher: {checkpoint}: tensor "
                                 "'decoder.1.mlp.down_proj.weight' holds non-finite values (NaN or inf)")
+    # one of several teachers: the line names its entry
+    config = _distill_config(good, tmp_path, tmp_path / "nan_teacher")
+    assert main(["--config", str(config), "distill.teacher=null", f"train.run_dir={tmp_path / 'r2'}",
+                 f"distill.teachers=[{{checkpoint: {tmp_path / 'nan_teacher'}, name: a}}]"]) == 2
+    assert one_line(capsys).startswith(f"ConfigError: distill.teachers[0].checkpoint: {checkpoint}")
 
 
 # ------------------------------------------------------------------------- run-directory lock

@@ -30,7 +30,8 @@ def files(tmp_path_factory):
     other_vocab["model"]["vocab_size"] = 400
     odd = make_teacher(tmp / "teacher400", other_vocab)
     cfg["distill"] = {"teacher": str(teacher)}
-    return {"config": write_config(tmp / "run.yaml", cfg), "teacher400": odd, "tmp": tmp}
+    return {"config": write_config(tmp / "run.yaml", cfg), "teacher": teacher, "teacher400": odd,
+            "tmp": tmp}
 
 
 CASES = [  # (world size, overrides, expected start of the message after "ConfigError: ")
@@ -51,6 +52,22 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (2, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks"],
      "parallel.teacher_ranks: parallel.teacher_ranks=2 leaves no student rank"),
     (2, ["distill.schedule=teacher_ranks"], "parallel.teacher_ranks: must be > 0 exactly when"),
+    (2, ["parallel.teacher_tp=2"], "parallel.teacher_tp: only applies with parallel.teacher_ranks > 0"),
+    (3, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks", "parallel.teacher_tp=0"],
+     "parallel.teacher_tp: must be >= 1"),
+    (3, ["parallel.teacher_ranks=1", "distill.schedule=teacher_ranks", "parallel.teacher_tp=2"],
+     "parallel.teacher_tp: parallel.teacher_tp=2 does not divide parallel.teacher_ranks=1"),
+    (5, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks", "parallel.teacher_tp=1"],
+     "parallel.teacher_ranks: the teacher's data-parallel degree 2 (parallel.teacher_ranks=2 / "
+     "parallel.teacher_tp=1) does not divide the students' 3"),
+    (6, ["parallel.teacher_ranks=4", "distill.schedule=teacher_ranks", "parallel.tp=2",
+         "parallel.teacher_tp=4", "parallel.sp=true", "data.seq_len=18"],
+     "parallel.teacher_tp: data.seq_len=18 does not split over 4 teacher ranks"),
+    (5, ["parallel.teacher_ranks=4", "distill.schedule=teacher_ranks", "parallel.teacher_tp=4"],
+     "distill.teacher(model.kv_heads): 2 key/value heads"),
+    (3, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks", "parallel.teacher_tp=2",
+         "distill.teacher_stream=logits"],
+     "distill.teacher_stream: logits streams logit shards, which needs parallel.teacher_tp=2"),
     (2, ["parallel.tp=2", "parallel.sp=true", "data.seq_len=15"], "data.seq_len: 15 does not split"),
     (1, ["data.global_batch=6", "data.micro_batch=4"], "data.global_batch: must be a multiple"),
     (2, ["data.global_batch=2", "data.micro_batch=2"], "data.global_batch: must be a multiple"),
@@ -129,6 +146,67 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
      "parallel.virtual_stages=1 the student buffer is on virtual stage 0 and the teacher's on 1"),
     (1, ["train.recompute=attention"],
      "train.recompute: must be one of 'none', 'selective', 'full' (got 'attention')"),
+    # Several teachers (@teacher, @teacher400: the fixture's checkpoints)
+    (1, ["distill.teachers=[{checkpoint: @teacher, name: a}]"],
+     "distill.teachers: give distill.teacher or distill.teachers, not both"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: a}]"], "distill.teachers[1].name: 'a' is used twice"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher}]"],
+     "distill.teachers[0].name: is required"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a, weight: -1}]"],
+     "distill.teachers[0].weight: must be >= 0"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a, weight: 0}]"],
+     "distill.teachers: every weight is 0"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: /nonexistent/t, name: a}]"],
+     "distill.teachers[0].checkpoint: no complete checkpoint at"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher400, name: b}]"],
+     "distill.teachers[1].checkpoint: the teacher's vocabulary has 400 tokens and the student's "
+     "320"),
+    (2, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}]",
+         "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"],
+     "distill.teachers: several teachers need schedule colocated or offline (teacher_ranks "
+     "serve one teacher)"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}]",
+         "distill.schedule=offline"],
+     "distill.teachers[0].offline_dir: is required with schedule offline"),
+    (1, ["distill.teacher=null", "distill.teachers=[{offline_dir: x, name: a}]",
+         "distill.schedule=offline", "distill.offline_dir=x"],
+     "distill.offline_dir: give each teacher's export as distill.teachers[i].offline_dir"),
+    (1, ["distill.teacher=null", "distill.teachers=[{offline_dir: x, name: a}]",
+         "distill.schedule=offline", "distill.teacher_mode=mixture"],
+     "distill.teacher_mode: mixture needs every teacher's full distribution"),
+    (1, ["distill.teacher=null", "distill.teachers=[{offline_dir: /nonexistent/e, name: a}]",
+         "distill.schedule=offline"],
+     "distill.teachers[0].offline_dir: no teacher export at /nonexistent/e"),
+    (1, ["distill.teacher=null", "distill.teachers=[{name: a}]"],
+     "distill.teachers[0].checkpoint: is required"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: b}]", "distill.teacher_mode=mixture",
+         "distill.fused_lm_head=true"],
+     "distill.teacher_mode: mixture needs every teacher's logits to mix: not with fused_lm_head"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
+         "distill.activations=[all_mlps]"],
+     "distill.activations[0].teacher_name: is required with several teachers"),
+    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
+         "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
+         "distill.activations=[{student: all_mlps, teacher_name: c}]"],
+     "distill.activations[0].teacher_name: 'c' is none of distill.teachers (a, b)"),
+    # Curriculum
+    (1, ["data.curriculum=teacher_confidence"],
+     "data.curriculum_steps: must be >= 1 with data.curriculum teacher_confidence"),
+    (1, ["data.curriculum=teacher_confidence", "data.curriculum_steps=2"],
+     "data.curriculum_scores: is required with data.curriculum teacher_confidence"),
+    (1, ["data.curriculum=teacher_confidence", "data.curriculum_steps=2",
+         "data.curriculum_scores=/nonexistent/scores"],
+     "data.curriculum_scores: no curriculum scores at /nonexistent/scores"),
+    (1, ["data.curriculum=by_length"], "data.curriculum: must be one of 'none', "
+     "'teacher_confidence'"),
+    (1, ["distill.teacher_mode=average"],
+     "distill.teacher_mode: must be one of 'sum', 'mixture'"),
+    (2, ["train.distributed_optimizer=maybe"],
+     "train.distributed_optimizer: must be true or false (got 'maybe')"),
 ]
 
 
@@ -137,6 +215,8 @@ def test_bad_config_is_one_clear_line(files, capsys, monkeypatch, world, overrid
     for name, value in {"WORLD_SIZE": str(world), "RANK": "0", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(name, value)
+    overrides = [o.replace("@teacher400", str(files["teacher400"]))
+                 .replace("@teacher", str(files["teacher"])) for o in overrides]
     assert main(["--config", str(files["config"]), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"ConfigError: {message}"), err[-1]
@@ -204,11 +284,13 @@ def test_shipped_configs_validate(tmp_path):
     for path in configs:
         data = yaml.safe_load(path.read_text())
         world = _world_for(data)
-        # Teachers and datasets named in GPU recipes do not exist here: validate everything else.
+        # Teachers, checkpoints and datasets the configs name do not exist here: validate the rest.
         overrides = []
         if data.get("distill", {}).get("teacher"):
             overrides += ["distill.teacher=null", "distill.logit.weight=0", "distill.activations=[]",
                           "distill.lm_weight=1"]
+        if data.get("train", {}).get("init"):  # the ternary demo starts from the demo teacher
+            overrides += ["train.init=null"]
         if str(data.get("data", {}).get("path", "default")).startswith("/"):
             overrides += ["data.path=default", f"data.vocab_size={min(data['model']['vocab_size'], 4096)}"]
         # Start-up checks the datasets, building the bundled corpus: a small one, not the whole stdlib.

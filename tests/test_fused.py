@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from distill import KINDS, fused_lm_and_divergence, lm_and_divergence
+from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp, scatter_to_tp
 from engine.spawn import run_ranks
@@ -55,7 +56,25 @@ def _reference(kind, temperature, hidden, weight, t_logits, labels, w_ce, w_div)
     return ce, div, grad_h, grad_w
 
 
+BLOCK = 3  # tokens per row block of the grad-in-forward path: 7 tokens make blocks of 3, 3, 1
+
+
+def _run_path(path, h, w_shard, teacher, labels, w_ce, w_div, **kwargs):
+    """(ce, div, loss) of one call through `path`, the loss being sum(w_ce * ce + w_div * div)."""
+    if path == "recompute":
+        ce, div = fused_lm_and_divergence(h, w_shard, **teacher, labels=labels, **kwargs)
+        return ce, div, sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div)) if x is not None)
+    models = 1 + bool(teacher)
+    out = fused_head_loss(h, w_shard, **teacher, labels=labels, **kwargs,
+                          ce_weight=None if labels is None else w_ce,
+                          div_weight=w_div if teacher else None,
+                          block_bytes=BLOCK * models * w_shard.shape[0] * 4)
+    assert (out.path, out.block_rows) == ("grad_in_forward", BLOCK)
+    return out.ce, out.div, out.loss
+
+
 def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
+    """Both paths against the float64 reference; returns their gradients (hidden, weight)."""
     hidden, weight, t_hidden, t_weight, labels = _inputs(dtype)
     t_logits = t_hidden.double() @ t_weight.double().T  # [tokens, FULL_V], NaN in the padding
     labels = labels if with_labels else None
@@ -64,21 +83,6 @@ def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
                None: {}}[teacher_as]
     w_ce, w_div = torch.rand(2, TOKENS, generator=torch.Generator().manual_seed(9),
                              dtype=torch.float64)  # the same on every rank
-    h = hidden.clone().requires_grad_()
-    w_shard = _rows(weight, group).requires_grad_()
-    with C.count_collectives() as fwd:
-        ce, div = fused_lm_and_divergence(
-            copy_to_tp(h, group), w_shard, **teacher, labels=labels, kind=kind,
-            temperature=temperature, vocab_size=VOCAB, group=group, chunk_tokens=3, chunk_vocab=5)
-    assert (ce is None) == (labels is None) and (div is None) == (teacher_as is None)
-    loss = sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div)) if x is not None)
-    with C.count_collectives() as bwd:
-        loss.backward()
-    one_pass = kind in ("forward_kl", "reverse_kl") or teacher_as is None
-    if C.group_size(group) > 1:
-        assert dict(fwd.calls) == ({"all_gather": 1} if one_pass else
-                                   {"all_gather": 1, "all_reduce": 1}), fwd.calls
-        assert dict(bwd.calls) == {"all_reduce": 1}  # copy_to_tp's, summing the partial grads
     ref_t = None if teacher_as is None else \
         (t_logits if teacher_as == "hidden" else t_logits.to(dtype).double())
     ref_ce, ref_div, ref_gh, ref_gw = _reference(kind, temperature, hidden, weight, ref_t, labels,
@@ -87,12 +91,37 @@ def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
     # with the partials, not with the (possibly cancelling) total.
     grad_tol = dict(rtol=8e-3, atol=8e-3 * ref_gh.abs().max().item()) if dtype == torch.bfloat16 \
         else dict(rtol=1e-5, atol=1e-5)
-    for out, ref in ((ce, ref_ce), (div, ref_div)):
-        if ref is not None:
-            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    assert h.grad.dtype == w_shard.grad.dtype == dtype
-    torch.testing.assert_close(h.grad.double(), ref_gh, **grad_tol)
-    torch.testing.assert_close(w_shard.grad.double(), _rows(ref_gw, group), **grad_tol)
+    one_pass = kind in ("forward_kl", "reverse_kl") or teacher_as is None
+    grads, gathered = {}, {}
+    for path in ("recompute", "grad_in_forward"):
+        h = hidden.clone().requires_grad_()
+        w_shard = _rows(weight, group).requires_grad_()
+        with C.count_collectives() as fwd:
+            ce, div, loss = _run_path(path, copy_to_tp(h, group), w_shard, teacher, labels, w_ce,
+                                      w_div, kind=kind, temperature=temperature, vocab_size=VOCAB,
+                                      group=group, chunk_tokens=3, chunk_vocab=5)
+        assert (ce is None) == (labels is None) and (div is None) == (teacher_as is None)
+        with C.count_collectives() as bwd:
+            loss.backward()
+        if C.group_size(group) > 1:  # one round per row block (3) on the grad-in-forward path
+            rounds = 1 if path == "recompute" else 3
+            assert dict(fwd.calls) == ({"all_gather": rounds} if one_pass else
+                                       {"all_gather": rounds, "all_reduce": rounds}), fwd.calls
+            assert dict(bwd.calls) == {"all_reduce": 1}  # copy_to_tp's, summing the partial grads
+            gathered[path] = dict(fwd.bytes)  # the same bytes in all, split over the blocks
+        for out, ref in ((ce, ref_ce), (div, ref_div)):
+            if ref is not None:
+                torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        ref_loss = sum((x * c).sum() for x, c in ((ref_ce, w_ce), (ref_div, w_div))
+                       if x is not None)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        assert h.grad.dtype == w_shard.grad.dtype == dtype
+        torch.testing.assert_close(h.grad.double(), ref_gh, **grad_tol)
+        torch.testing.assert_close(w_shard.grad.double(), _rows(ref_gw, group), **grad_tol)
+        grads[path] = h.grad, w_shard.grad
+    assert len(set(map(str, gathered.values()))) <= 1, gathered
+    for a, b in zip(grads["recompute"], grads["grad_in_forward"], strict=True):
+        torch.testing.assert_close(b.double(), a.double(), **grad_tol)
 
 
 def _fused_grid() -> int:
@@ -139,6 +168,80 @@ def _tp2_suite() -> list:
 
 def test_fused_tp2_and_gradcheck():
     assert run_ranks(_tp2_suite, 2, timeout_s=240) == [[6 * 2 * 2 + 3, True]] * 2
+
+
+def _tp4_suite() -> int:
+    group, checks = _group(), 0
+    for kind, temperature, teacher_as, with_labels in (
+            ("forward_kl", 2.0, "hidden", True), ("forward_kl", 1.0, "hidden", True),
+            ("reverse_kl", 1.0, "logits", False),
+            ("jsd", 0.5, "hidden", True), ("skew_reverse_kl", 4.0, "logits", True)):
+        _check(kind, temperature, teacher_as=teacher_as, with_labels=with_labels,
+               dtype=torch.float32, group=group)
+        checks += 1
+    _check("tvd", 1.0, teacher_as="hidden", with_labels=True, dtype=torch.bfloat16, group=group)
+    return checks + 1
+
+
+def test_fused_tp4():
+    """TP=4: the last rank's shard is 9 real columns and 3 of padding."""
+    assert run_ranks(_tp4_suite, 4, timeout_s=240) == [6] * 4
+
+
+def _weighted_call(fn, **kwargs):
+    """fn(h, w, **call) with h, w fresh float64 leaves and `call` a jsd + LM call at T=2."""
+    hidden, weight, t_hidden, t_weight, labels = _inputs(torch.float64)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    call = dict(teacher_hidden=t_hidden, teacher_weight_shard=t_weight, labels=labels, kind="jsd",
+                temperature=2.0, vocab_size=VOCAB, chunk_tokens=3, chunk_vocab=5)
+    return fn(h, w, **{**call, **kwargs}), h, w
+
+
+def test_grad_in_forward_other_upstreams():
+    """Any row block size; a scaled loss plus gradients reaching the per-token outputs directly
+    (exact); a second backward through `loss` (a clear error); the outputs alone afterwards."""
+    w_ce, w_div = torch.rand(2, TOKENS, generator=torch.Generator().manual_seed(3),
+                             dtype=torch.float64)
+    (ce, div), h_ref, w_ref = _weighted_call(fused_lm_and_divergence)
+
+    def ref_grads(loss):
+        return torch.autograd.grad(loss, (h_ref, w_ref), retain_graph=True)
+
+    announced = (w_ce * ce).sum() + (w_div * div).sum()
+    for block_bytes, rows in ((1, 1), (None, TOKENS)):
+        out, h, w = _weighted_call(fused_head_loss, ce_weight=w_ce, div_weight=w_div,
+                                   block_bytes=block_bytes)
+        assert (out.path, out.block_rows) == ("grad_in_forward", rows)
+        out.loss.backward()
+        for got, want in zip((h.grad, w.grad), ref_grads(announced), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    out, h, w = _weighted_call(fused_head_loss, ce_weight=w_ce, div_weight=w_div)
+    (2.5 * out.loss + out.ce.sum() + 3 * out.div[0]).backward(retain_graph=True)
+    want = ref_grads(2.5 * announced + ce.sum() + 3 * div[0])
+    for got, want_one in zip((h.grad, w.grad), want, strict=True):
+        torch.testing.assert_close(got, want_one, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+    h.grad = w.grad = None
+    out.div.sum().backward()
+    for got, want_one in zip((h.grad, w.grad), ref_grads(div.sum()), strict=True):
+        torch.testing.assert_close(got, want_one, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_head_loss_picks_its_path():
+    """Without a gradient to compute it runs the plain forward; bad weights are named."""
+    w_ce = torch.ones(TOKENS, dtype=torch.float64)
+    with torch.no_grad():
+        out, _, _ = _weighted_call(fused_head_loss, ce_weight=w_ce)
+    (ce, _), _, _ = _weighted_call(fused_lm_and_divergence)
+    assert (out.path, out.block_rows) == ("recompute", None)
+    torch.testing.assert_close(out.loss, ce.detach().sum())
+    for kwargs, message in ((dict(ce_weight=torch.ones(3)), "ce_weight shape"),
+                            (dict(div_weight=torch.ones(TOKENS), teacher_hidden=None,
+                                  teacher_weight_shard=None), "div_weight given")):
+        with pytest.raises(ValueError, match=message):
+            _weighted_call(fused_head_loss, **kwargs)
 
 
 def test_fused_bad_arguments():
@@ -248,3 +351,14 @@ def test_memory_is_bounded_by_tiles():
         with _Allocations() as bwd:
             (ce + div).sum().backward()
         assert max(fwd.sizes + bwd.sizes) < full / 4, kind
+
+        # grad-in-forward, row blocks of 8 tokens: the largest block allocation is [8, vocab]
+        with _Allocations() as fwd:
+            out = fused_head_loss(
+                hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
+                labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1],
+                ce_weight=torch.ones(tokens), div_weight=torch.ones(tokens),
+                block_bytes=8 * 2 * vocab * 4)
+        with _Allocations() as bwd:
+            out.loss.backward()
+        assert out.block_rows == 8 and max(fwd.sizes + bwd.sizes) <= full / 8, kind

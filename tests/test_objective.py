@@ -1,6 +1,7 @@
 """The whole objective: distributed against the TP=1 reference, each term against its definition.
 
-- TP=2 with SP and DP=2 (4 spawned ranks), LM head unfused and fused, against the single-process
+- TP=2 with SP and DP=2 (4 spawned ranks), LM head unfused and fused (its gradient computed in
+  the forward from the objective's per-token weights), against the single-process
   TP=1 objective over the same global batch: the logged terms and the gradient of every student
   parameter (gathered) and of every projection weight, summed over DP (what the trainer's
   DP-scaled DDP average gives).
@@ -28,6 +29,7 @@ from engine.config import from_dict
 from engine.data import IGNORE_INDEX, shift_labels
 from engine.parallel import ParallelLayout, make_layout
 from engine.spawn import run_ranks
+from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.sharding import gather_full
@@ -118,6 +120,7 @@ def _step(layout, cfg, micro_batches, *, with_teacher=True):
                   for name, p in student.named_parameters()},
         "projection": [w.grad.clone() for w in objective.parameters()],
         "counts": counts,
+        "fused_path": objective.fused_path,
     }
 
 
@@ -148,6 +151,9 @@ def test_tp2_sp_dp2_objective_matches_tp1_reference():
     assert ref["counts"].heads[0] != 4 * 16 and all(ref["terms"][1:] > 0)
     for rank, per_fused in enumerate(run_ranks(_tp_sp_dp_run, 4, timeout_s=120)):
         assert per_fused[False]["counts"] == ref["counts"]
+        # training computes the fused head's gradient in its forward (no recomputed logits)
+        assert (per_fused[False]["fused_path"], per_fused[True]["fused_path"]) == \
+            (None, "grad_in_forward")
         for fused, result in per_fused.items():
             _assert_same_step(result, ref, f"rank {rank} fused={fused}")
 
@@ -321,20 +327,52 @@ def test_count_tokens_per_head():
 
 
 def test_teacher_wire_format_round_trip():
-    """The remote path's flattening: the fused head's weight is a constant (sent once), the head
-    input and buffers travel per micro-batch, and unflattening restores the outputs."""
-    hidden, weight, buf = torch.zeros(1, 2, 3), torch.ones(5, 3), torch.ones(1, 2, 4)
+    """The remote path's per-micro-batch tensors: the head input whole, each buffer cut to the
+    receiving student rank's sequence shard (under the students' SP), restored by unflatten."""
+    hidden, buf = torch.randn(2, 4, 3), torch.randn(2, 4, 5)
     wire = _Wire.of(TeacherRequest(head="hidden", buffers=("decoder.0.mlp_output",)))
-    assert wire.constants == ("output_weight",)
-    assert wire.per_batch == ("head_hidden", "buffer:decoder.0.mlp_output")
-    out = TeacherOutputs(head_hidden=hidden, output_weight=weight,
-                         buffers={"decoder.0.mlp_output": buf})
-    back = wire.unflatten(wire.flatten(out, wire.constants), wire.flatten(out, wire.per_batch))
-    assert back.head_hidden is not None and torch.equal(back.head_hidden, hidden)
-    assert torch.equal(back.output_weight, weight)
-    assert torch.equal(back.buffers["decoder.0.mlp_output"], buf) and back.logits is None
-    assert _Wire.of(TeacherRequest(head="logits")).per_batch == ("logits",)
-    assert _Wire.of(TeacherRequest(head="none", buffers=("final_hidden",))).constants == ()
+    out = TeacherOutputs(head_hidden=hidden, buffers={
+        "decoder.0.mlp_output": ActivationBuffer(buf, seq_sharded=False)})
+    whole = wire.whole(out, ParallelLayout.single())
+    for shard in range(2):
+        back = wire.unflatten(wire.for_student(whole, seq_shards=2, shard=shard))
+        assert torch.equal(back.head_hidden, hidden) and back.logits is None
+        assert torch.equal(back.buffers["decoder.0.mlp_output"], buf[:, 2 * shard: 2 * shard + 2])
+    back = wire.unflatten(wire.for_student(whole, seq_shards=1, shard=0))
+    assert torch.equal(back.buffers["decoder.0.mlp_output"], buf)
+    assert _Wire.of(TeacherRequest(head="logits")).head == "logits"
+    assert _Wire.of(TeacherRequest(head="none", buffers=("final_hidden",))).head is None
+
+
+def _save_teacher_at_tp2(root, config: ModelConfig):
+    from distill.weights import save_weights
+
+    layout = make_layout(tp=2)
+    model = TransformerLM(config, layout, seed=5)
+    return save_weights(root, model, layout, config={"model": dataclasses.asdict(config)})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_teacher_head_loads_the_output_rows_of_any_saved_tp(tmp_path, tied):
+    """A student rank's frozen teacher head holds exactly the teacher's output-weight rows of its
+    vocabulary shard, padded like the student, from a checkpoint saved at another TP degree (here
+    saved at TP 2, read at TP 1; the end-to-end tests read TP 1 checkpoints at TP 2)."""
+    from distill.teacher import load_teacher_head
+
+    teacher = ModelConfig(family="llama", vocab_size=300, hidden=16, layers=1, heads=2,
+                          kv_heads=2, ffn_hidden=32, max_seq_len=8, tie_embeddings=tied)
+    student = dataclasses.replace(teacher, hidden=8, heads=1, kv_heads=1, vocab_pad_multiple=64,
+                                  tie_embeddings=False)
+    path = run_ranks(_save_teacher_at_tp2, 2, tmp_path / "teacher", teacher, timeout_s=60)[0]
+    layout = ParallelLayout.single()
+    head = load_teacher_head(path, teacher, student, layout, bf16=False)
+    reference = TransformerLM(teacher, layout, seed=5).output_weight  # same seeded full values
+    assert head.weight.shape == (student.padded_vocab(1), 16) and not head.weight.requires_grad
+    assert torch.equal(head.weight[:300], reference[:300])
+    assert not head.weight[300:].any()  # the student's padding rows
+    logits = head(torch.randn(2, 3, 16))
+    assert logits.shape[-1] == student.padded_vocab(1)
+    assert (logits[..., 300:] == torch.finfo(logits.dtype).min).all()
 
 
 # --------------------------------------------------------------------------- run-time errors

@@ -2,9 +2,10 @@
 
 Softmax ignores a constant added to a row, so a teacher whose logits sit near -2250 and a student
 near +750 are ordinary distributions. `divergence`, `lm_and_divergence`, the fused LM-head path
-and `topk_divergence` (k = the whole vocabulary, its log-sum-exp given in float64) must give the
-float64 full-vocabulary reference's values and gradients at a gap of 0, 100 and 3000 between the
-models, TP 1, 2 and 4, temperatures 1 and 1.7: rtol 1e-5 + atol 1e-6.
+(both: recomputing, gradient in the forward) and `topk_divergence` (k = the whole vocabulary, its
+log-sum-exp given in float64) must give the float64 full-vocabulary reference's values and
+gradients at a gap of 0, 100 and 3000 between the models, TP 1, 2 and 4, temperatures 1 and 1.7:
+rtol 1e-5 + atol 1e-6.
 
 Inputs are exact in fp32 at every offset: the logits are multiples of 1/256 below 2^12, and the
 fused path's hidden states and weights are multiples of 1/16 whose products sum exactly in fp32
@@ -21,6 +22,7 @@ import torch
 from test_divergence import _group, _shard, reference, reference_ce
 
 from distill import divergence, fused_lm_and_divergence, lm_and_divergence, topk_divergence
+from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp
 from engine.spawn import run_ranks
@@ -136,18 +138,25 @@ def _check_fused(kind: str, gap: int, temperature: float, group) -> None:
         (reference(kind, s_full, t_full, temperature=temperature) * w_div).sum()
     ref_gh, ref_gw = torch.autograd.grad(loss, (h, w))
 
-    h32 = hidden.float().requires_grad_()
-    w32 = C.split_along(weight.float(), group, dim=0).clone().requires_grad_()
-    ce, div = fused_lm_and_divergence(
-        copy_to_tp(h32, group), w32, teacher_hidden=t_hidden.float(),
-        teacher_weight_shard=C.split_along(t_weight.float(), group, dim=0).clone(), labels=labels,
-        kind=kind, temperature=temperature, vocab_size=VOCAB, group=group, chunk_tokens=4,
-        chunk_vocab=5)
-    ((ce * w_ce).sum() + (div * w_div).sum()).backward()
-    torch.testing.assert_close(ce.double(), ref_ce, **TOL)
-    torch.testing.assert_close(div.double(), ref_div, **TOL)
-    torch.testing.assert_close(h32.grad[:, :-1].double(), ref_gh[:, :-1], **TOL)
-    torch.testing.assert_close(w32.grad.double(), C.split_along(ref_gw, group, dim=0), **TOL)
+    for path in ("recompute", "grad_in_forward"):
+        h32 = hidden.float().requires_grad_()
+        w32 = C.split_along(weight.float(), group, dim=0).clone().requires_grad_()
+        kwargs = dict(teacher_hidden=t_hidden.float(), teacher_weight_shard=C.split_along(
+            t_weight.float(), group, dim=0).clone(), labels=labels, kind=kind,
+            temperature=temperature, vocab_size=VOCAB, group=group, chunk_tokens=4, chunk_vocab=5)
+        if path == "recompute":
+            ce, div = fused_lm_and_divergence(copy_to_tp(h32, group), w32, **kwargs)
+            ((ce * w_ce).sum() + (div * w_div).sum()).backward()
+        else:  # row blocks of 2 tokens
+            out = fused_head_loss(copy_to_tp(h32, group), w32, ce_weight=w_ce, div_weight=w_div,
+                                  block_bytes=2 * 2 * w32.shape[0] * 4, **kwargs)
+            assert (out.path, out.block_rows) == (path, 2)
+            out.loss.backward()
+            ce, div = out.ce, out.div
+        torch.testing.assert_close(ce.double(), ref_ce, **TOL)
+        torch.testing.assert_close(div.double(), ref_div, **TOL)
+        torch.testing.assert_close(h32.grad[:, :-1].double(), ref_gh[:, :-1], **TOL)
+        torch.testing.assert_close(w32.grad.double(), C.split_along(ref_gw, group, dim=0), **TOL)
 
 
 def _offset_grid() -> int:

@@ -16,9 +16,10 @@ def _members(group):
     return C.all_gather(me, group).tolist()
 
 
-def _describe(tp, teacher_ranks=0, sp=False):
-    layout = make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks)
+def _describe(tp, teacher_ranks=0, sp=False, teacher_tp=None):
+    layout = make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, teacher_tp=teacher_tp)
     return dict(role=layout.role, tp_rank=layout.tp_rank, dp_rank=layout.dp_rank, dp=layout.dp,
+                tp=layout.tp, sp=layout.sp,
                 tp_members=_members(layout.tp_group), dp_members=_members(layout.dp_group),
                 role_members=_members(layout.role_group),
                 self_rank=layout.global_rank(role=layout.role, dp_rank=layout.dp_rank,
@@ -89,6 +90,21 @@ def test_pipeline_groups_megatron_order():
     assert all(i["pp_members"] is None and i["embedding"] is None for i in teachers)
 
 
+def test_teacher_ranks_at_their_own_tp():
+    # Students at TP 2 with SP, the teacher rank at TP 1 (so without SP).
+    info = run_ranks(_describe, 3, 2, teacher_ranks=1, sp=True, teacher_tp=1)
+    assert [(i["role"], i["tp"], i["sp"]) for i in info] == \
+        [("student", 2, True)] * 2 + [("teacher", 1, False)]
+    assert info[2]["tp_members"] == [2] and info[0]["tp_members"] == [0, 1]
+    # Students at TP 1 (DP 2), one teacher replica at TP 2 serving both.
+    info = run_ranks(_describe, 4, 1, teacher_ranks=2, teacher_tp=2)
+    assert [(i["role"], i["tp"], i["dp"]) for i in info] == \
+        [("student", 1, 2)] * 2 + [("teacher", 2, 1)] * 2
+    assert info[2]["tp_members"] == [2, 3] and info[3]["dp_members"] == [3]
+    assert [(i["tp_rank"], i["dp_rank"]) for i in info] == [(0, 0), (0, 1), (0, 0), (1, 0)]
+    assert [i["self_rank"] for i in info] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("world,tp,sp,teacher,message", [
     (3, 2, False, 0, "does not divide the 3 student ranks"),
     (2, 4, False, 0, "larger than the 2 student ranks"),
@@ -97,6 +113,7 @@ def test_pipeline_groups_megatron_order():
     (4, 2, False, 1, "does not divide the 3 student ranks"),
     (7, 2, False, 3, "does not divide parallel.teacher_ranks=3"),
     (2, 0, False, 0, "must be >= 1"),
+    (5, 1, False, 2, "data-parallel degree 2 .* does not divide the students' 3"),
 ])
 def test_layout_errors(world, tp, sp, teacher, message):
     with pytest.raises(LayoutError, match=message):
@@ -110,6 +127,20 @@ def test_pipeline_layout_errors():
     assert err.value.key == "parallel.pp"
     with pytest.raises(LayoutError, match="must be >= 1"):
         validate_layout(world_size=2, tp=1, sp=False, pp=0)
+
+
+@pytest.mark.parametrize("world,tp,teacher,teacher_tp,key,message", [
+    (3, 1, 1, 2, "parallel.teacher_tp", "parallel.teacher_tp=2 does not divide"),
+    (4, 2, 2, 0, "parallel.teacher_tp", "must be >= 1"),
+    (7, 1, 4, 2, "parallel.teacher_ranks", r"data-parallel degree 2 \(parallel.teacher_ranks=4 / "
+                                           r"parallel.teacher_tp=2\) does not divide the students' 3"),
+    (8, 2, 2, 1, "parallel.teacher_ranks", "degree 2 .* does not divide the students' 3"),
+])
+def test_teacher_tp_errors_carry_their_key(world, tp, teacher, teacher_tp, key, message):
+    with pytest.raises(LayoutError, match=message) as err:
+        validate_layout(world_size=world, tp=tp, sp=False, teacher_ranks=teacher,
+                        teacher_tp=teacher_tp)
+    assert err.value.key == key
 
 
 def test_layout_errors_carry_their_key():

@@ -112,6 +112,10 @@ def test_values_in_force_are_logged_and_resume_exactly(scheduled_run):
     assert [r["logit_weight"] for r in straight] == [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
     assert straight[0]["lm_weight"] == 1.0 and straight[5]["lm_weight"] == 0.25
     assert all(r["kd_divergence"] > 0 for r in straight)
+    # KD diagnostics every step: entropies within [0, log V], agreement a fraction
+    for r in straight:
+        assert 0 < r["teacher_entropy"] < math.log(320) and 0 < r["student_entropy"] < math.log(320)
+        assert 0 <= r["top1_agreement"] <= 1
     # The logged kd_loss is the divergence times the weight and T^2 in force.
     for r in straight:
         assert math.isclose(r["kd_loss"], r["kd_divergence"] * r["logit_weight"]
@@ -122,5 +126,5 @@ def test_values_in_force_are_logged_and_resume_exactly(scheduled_run):
     assert run_main(str(cfg), [f"train.run_dir={resumed}", "train.resume=auto"]) == 0
     again = read_metrics(resumed)
     keys = ("loss", "lm_loss", "kd_loss", "kd_divergence", "grad_norm", "temperature",
-            "logit_weight", "lm_weight")
+            "logit_weight", "lm_weight", "teacher_entropy", "student_entropy", "top1_agreement")
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in straight]

@@ -57,12 +57,22 @@ def test_accumulation_equals_one_big_micro_batch(setup):
 
 
 TEACHER_RANKS = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"]
+TEACHER_TP2 = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=2", "parallel.teacher_tp=2"]
+TP2_SP = ["parallel.tp=2", "parallel.sp=true"]
 ACTIVATIONS = ["distill.activations=[all_mlps]", "distill.projection=shared"]
+FUSED = ["distill.fused_lm_head=true"]
 LAYOUTS = [  # (world size, overrides of the parallel run only, overrides of both runs)
     pytest.param(2, [], ["data.micro_batch=2"], id="dp2-vs-accumulation"),
-    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], ACTIVATIONS, id="tp2-sp"),
+    pytest.param(2, TP2_SP, ACTIVATIONS, id="tp2-sp"),
     pytest.param(2, TEACHER_RANKS, [], id="teacher-rank-1+1"),
     pytest.param(3, TEACHER_RANKS, [], id="teacher-rank-serving-dp2"),
+    pytest.param(2, [*TEACHER_RANKS, "distill.teacher_stream=logits"], [],
+                 id="teacher-rank-1+1-logits-stream"),
+    # the teacher ranks at their own TP degree, streaming hidden states
+    pytest.param(3, TEACHER_TP2, [], id="teacher-tp2-to-student-tp1"),
+    pytest.param(3, TEACHER_TP2, FUSED, id="teacher-tp2-to-student-tp1-fused"),
+    pytest.param(4, [*TEACHER_TP2, *TP2_SP], ACTIVATIONS, id="teacher-tp2-sp-to-student-tp2-sp"),
+    pytest.param(4, TEACHER_TP2, [*FUSED, *ACTIVATIONS], id="teacher-tp2-serving-dp2-fused"),
 ]
 
 
@@ -91,7 +101,7 @@ def test_teacher_ranks_resume(setup):
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
 
 
-def _preempted_teacher_ranks_run(cfg, run_dir):
+def _preempted_teacher_ranks_run(cfg, run_dir, *extra):
     """The student (rank 0) sends itself SIGTERM once step 2 is logged, as SLURM would."""
     import os
     import signal
@@ -107,22 +117,34 @@ def _preempted_teacher_ranks_run(cfg, run_dir):
     if dist.get_rank() == 0:
         threading.Thread(target=preempt, daemon=True).start()
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *TEACHER_RANKS,
-                               f"train.steps={PREEMPT_STEPS}"])
+                               f"train.steps={PREEMPT_STEPS}", *extra])
 
 
-def test_teacher_ranks_preemption_stops_both_roles_cleanly(setup):
+@pytest.mark.parametrize("world,extra", [
+    pytest.param(2, [], id="1+1"),
+    pytest.param(3, ["parallel.teacher_ranks=2", "parallel.teacher_tp=2"],
+                 id="teacher-tp2-to-student-tp1")])
+def test_teacher_ranks_preemption_stops_both_roles_cleanly(setup, world, extra):
     # The students stop at a step boundary and save; the teacher learns it from their
-    # acknowledgement and exits cleanly instead of waiting on sends nobody will receive.
+    # acknowledgement and exits cleanly instead of waiting on sends nobody will receive. The
+    # resumed run equals an uninterrupted one: colocated when the teacher runs at the students' TP
+    # (bit for bit), else the same layout uninterrupted (a teacher at another TP degree differs
+    # from the colocated one by round-off, which 40 training steps amplify past rtol 1e-5).
     tmp, cfg = setup
-    colocated = _run(cfg, tmp / "colocated", f"train.steps={PREEMPT_STEPS}")
-    codes = run_ranks(_preempted_teacher_ranks_run, 2, cfg, tmp / "remote", timeout_s=120)
-    assert codes == [124, 0]
+    if extra:
+        run_ranks(_teacher_ranks_run, world, cfg, tmp / "reference", f"train.steps={PREEMPT_STEPS}",
+                  *extra, timeout_s=120)
+        reference = read_metrics(tmp / "reference")
+    else:
+        reference = _run(cfg, tmp / "colocated", f"train.steps={PREEMPT_STEPS}")
+    codes = run_ranks(_preempted_teacher_ranks_run, world, cfg, tmp / "remote", *extra,
+                      timeout_s=120)
+    assert codes == [124] + [0] * (world - 1)
     stopped_at = len(read_metrics(tmp / "remote"))
     assert 2 <= stopped_at < PREEMPT_STEPS
-    run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", f"train.steps={PREEMPT_STEPS}",
-              "train.resume=auto",
-              timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+    run_ranks(_teacher_ranks_run, world, cfg, tmp / "remote", f"train.steps={PREEMPT_STEPS}",
+              "train.resume=auto", *extra, timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), reference)
 
 
 def test_distillation_drives_kd_loss_down(tmp_path):
@@ -161,7 +183,7 @@ def _stream_with_corruption():
         corrupted[1]["input_ids"][0, 3] += 1
         serve_teacher(_FakeTeacher(), layout, batches_for=lambda _: iter(corrupted), prefetch=2)
         return "served"
-    remote = RemoteTeacher(layout, _FakeTeacher.request, prefetch=2, total=3)
+    remote = RemoteTeacher(layout, _FakeTeacher.request, prefetch=2, total=3, stream="logits")
     first = remote(batches[0])
     assert torch.equal(first.logits[..., 0], batches[0]["input_ids"].float())
     with pytest.raises(TeacherStreamError, match="misaligned"):
@@ -184,21 +206,39 @@ def _counted_teacher_ranks_run(cfg, run_dir, *extra):
     return dict(counts.calls), dict(counts.bytes)
 
 
-def test_fused_teacher_ranks_send_the_head_weight_once(setup):
-    """The frozen output-weight shard is a constant of the run: it crosses the wire once, before
-    the first micro-batch; each micro-batch carries only its checksum and the head input."""
+def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
+    """Teacher TP 1 -> students at TP 2 with SP, fused head and activation pairs: the losses are
+    the colocated ones, and each student rank receives per micro-batch exactly its checksum, the
+    teacher's final hidden states and its sequence shard of each buffer: nothing vocabulary-sized,
+    no output weight (each student read its shard of it from the checkpoint)."""
     tmp, cfg = setup
-    colocated = _run(cfg, tmp / "colocated", "distill.fused_lm_head=true")
+    colocated = _run(cfg, tmp / "colocated", *FUSED, *ACTIVATIONS)
+    results = run_ranks(_counted_teacher_ranks_run, 3, cfg, tmp / "remote", *FUSED, *ACTIVATIONS,
+                        *TP2_SP, "parallel.teacher_tp=1", timeout_s=120)
+    _assert_same_run(read_metrics(tmp / "remote"), colocated,
+                     keys=("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm"))
+    micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)  # 3 steps x 2; fp32 teacher
+    buffers = 2  # all_mlps: student layers 0, 1 -> teacher layers 0, 2
+    per_micro_batch = 8 + mb * seq * hidden_t * 4 + buffers * mb * (seq // 2) * hidden_t * 4
+    header = 8 + (1 + 3 * 5) * 8  # its length, then (3, then dtype, ndim, mb, seq, H per tensor)
+    for calls, received in results[:2]:  # the two student ranks
+        assert received["recv"] == header + micro_batches * per_micro_batch
+        assert calls["recv"] == 2 + micro_batches * (1 + 1 + buffers)
+    _, teacher_sent = results[2]
+    assert teacher_sent["send"] == 2 * (header + micro_batches * per_micro_batch)
+
+
+def test_bf16_teacher_streams_bf16_hidden_states(setup):
+    """With distill.teacher_bf16 the hidden states cross the wire in bfloat16 (2 bytes each) and
+    the student forms the teacher's logits in bfloat16 as the teacher's own head would."""
+    tmp, cfg = setup
+    colocated = _run(cfg, tmp / "colocated", "distill.teacher_bf16=true")
     results = run_ranks(_counted_teacher_ranks_run, 2, cfg, tmp / "remote",
-                        "distill.fused_lm_head=true", timeout_s=120)
+                        "distill.teacher_bf16=true", timeout_s=120)
     _assert_same_run(read_metrics(tmp / "remote"), colocated)
-    calls, received = results[0]  # the student
-    micro_batches, (mb, seq, hidden_t, padded_vocab) = 6, (2, 16, 48, 320)  # 3 steps x 2; fp32
-    weight = padded_vocab * hidden_t * 4
-    per_micro_batch = 8 + mb * seq * hidden_t * 4  # checksum + head_hidden
-    header = 8 + 11 * 8  # its length, then (1, dtype, 2, V, H) and (1, dtype, 3, mb, seq, H)
-    assert received["recv"] == header + weight + micro_batches * per_micro_batch
-    assert calls["recv"] == 2 + 1 + micro_batches * 2
+    micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)
+    header = 8 + (1 + 5) * 8
+    assert results[0][1]["recv"] == header + micro_batches * (8 + mb * seq * hidden_t * 2)
 
 
 def _exit_code(cfg, run_dir, *extra):

@@ -94,6 +94,8 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
         validate_layout(world_size=world_size, tp=cfg.parallel.tp, sp=False)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
+    check(not cfg.distill.teachers, "distill.teachers",
+          "an export holds one teacher: give it as distill.teacher")
     # The teacher a colocated run of this config would load (an offline run loads none).
     live = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated"))
     teacher = teacher_model_config(live)

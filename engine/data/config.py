@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from engine.config import ConfigError, check
 from engine.data.corpus import default_corpus
@@ -28,6 +28,13 @@ class DataConfig:
     vocab_size: int = 2048  # vocabulary of the BPE trained for the default corpus
     cache_dir: str = "~/.cache/megadistill"  # where the default corpus is built and kept
     corpus_max_bytes: int | None = None  # cap on the default corpus's text (None: whole stdlib)
+    # none, or teacher_confidence: the first curriculum_steps steps take their samples in the
+    # order of the teacher's confidence (scores from tools/curriculum_scores.py)
+    curriculum: Literal["none", "teacher_confidence"] = "none"
+    curriculum_steps: int = 0  # steps whose samples the curriculum orders (then the usual stream)
+    # order: most confident first | weight: seeded random order, confident samples drawn earlier
+    curriculum_mode: Literal["order", "weight"] = "order"
+    curriculum_scores: str | None = None  # directory written by tools/curriculum_scores.py
 
     def __post_init__(self):
         if not isinstance(self.path, str):
@@ -43,6 +50,19 @@ class DataConfig:
               f"must be in 257..{1 << 20} (256 bytes + end of document; got {self.vocab_size})")
         check(self.corpus_max_bytes is None or self.corpus_max_bytes > 0, "data.corpus_max_bytes",
               f"must be > 0 or null (got {self.corpus_max_bytes})")
+        check(self.curriculum_steps >= 0, "data.curriculum_steps",
+              f"must be >= 0 (got {self.curriculum_steps})")
+        if self.curriculum != "none":
+            check(self.curriculum_steps >= 1, "data.curriculum_steps",
+                  f"must be >= 1 with data.curriculum {self.curriculum}")
+            check(bool(self.curriculum_scores), "data.curriculum_scores",
+                  f"is required with data.curriculum {self.curriculum} (make it with "
+                  "tools/curriculum_scores.py)")
+
+    @property
+    def curriculum_samples(self) -> int:
+        """Global samples the curriculum rearranges (0 without one)."""
+        return 0 if self.curriculum == "none" else self.curriculum_steps * self.global_batch
 
     @property
     def has_validation(self) -> bool:

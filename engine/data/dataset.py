@@ -175,13 +175,17 @@ class TokenBatches:
     micro-batch m of DP rank r holds the global_batch-relative samples m*mb*dp + r*mb + [0, mb)
     (Megatron's order): ranks get disjoint samples and DP=1 sees exactly their union. The
     position is global, the same on every rank; `state_dict()` saves it and `load_state_dict`
-    resumes exactly. For evaluation, a fresh `TokenBatches(..., split="valid")` replays the same
-    batches every time. With `vocab_size`, every window read is checked to hold ids below it (a
-    `DataError` naming the dataset and document otherwise).
+    resumes exactly. `order` (a curriculum, engine/data/curriculum.py) rearranges the stream's
+    first len(order) samples: global sample i is the stream's sample order[i]; later ones are
+    unchanged. It must cover whole steps. For evaluation, a fresh
+    `TokenBatches(..., split="valid")` replays the same batches every time. With `vocab_size`,
+    every window read is checked to hold ids below it (a `DataError` naming the dataset and
+    document otherwise).
     """
 
     def __init__(self, cfg: DataConfig, *, seed: int, dp_rank: int = 0, dp: int = 1,
-                 split: str = "train", vocab_size: int | None = None):
+                 split: str = "train", vocab_size: int | None = None,
+                 order: np.ndarray | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
         if not 0 <= dp_rank < dp:
@@ -199,6 +203,11 @@ class TokenBatches:
                                               seed=(seed, index, SPLITS.index(split)), split=split,
                                               vocab_size=vocab_size))
         self.blend = Blend([weight for weight, _ in pairs])
+        # A curriculum (engine/data/curriculum.py): global sample i < len(order) is the stream's
+        # sample order[i]; `early` holds the stream's first len(order) draws to pick them from.
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)
+        self.early = None if order is None else \
+            Blend([weight for weight, _ in pairs]).take(len(self.order))
         self.consumed_samples = 0
         self.micro_batches_per_step = cfg.global_batch // (cfg.micro_batch * dp)
         for (weight, prefix), source in zip(pairs, self.sources):
@@ -208,7 +217,10 @@ class TokenBatches:
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global step: {"input_ids", "labels"}, [mb, seq]."""
-        drawn = self.blend.take(self.cfg.global_batch)
+        first = self.consumed_samples
+        drawn = self.blend.take(self.cfg.global_batch)  # (kept in step: its counts are the position)
+        if self.order is not None and first < len(self.order):
+            drawn = [self.early[i] for i in self.order[first:first + self.cfg.global_batch]]
         self.consumed_samples += self.cfg.global_batch
         mb = self.cfg.micro_batch
         firsts = range(self.dp_rank * mb, self.cfg.global_batch, mb * self.dp)

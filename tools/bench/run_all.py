@@ -20,6 +20,8 @@ FULL = {
     "kd_loss.py": ["--vocab", "65536", "131072", "--tp", "1", "2"],
     "schedule.py": [],
     "on_policy.py": [],
+    "teachers.py": [],
+    "memory.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
@@ -27,6 +29,10 @@ QUICK = {
     "schedule.py": ["--steps", "6", "--warmup", "2"],
     "on_policy.py": ["--teacher-steps", "20", "--student-steps", "10", "--eval-prompts", "8",
                      "--out", "runs/bench_on_policy_quick"],
+    "teachers.py": ["--teacher-steps", "10", "--student-steps", "5", "--eval-batches", "2",
+                    "--out", "runs/bench_teachers_quick"],
+    "memory.py": ["--layers", "2", "--hidden", "64", "--vocab", "512", "--seq", "64", "--batch", "2",
+                  "--steps", "1", "--dp", "1", "2"],
 }
 
 

@@ -1,0 +1,102 @@
+"""Score a run's first training samples by teacher confidence, for a curriculum.
+
+    python tools/curriculum_scores.py --config FILE --out DIR [section.key=value ...]
+
+The pre-pass of `data.curriculum: teacher_confidence`: runs the teacher `distill.teacher` over the
+first `data.curriculum_steps * data.global_batch` samples of the run's training stream, in global
+order (the stream without a curriculum, as `train.seed` and `data.*` give it), and writes for each
+sample the teacher's mean max-probability: the mean over the sample's positions with a label of
+max_v softmax(teacher logits)_v, at temperature 1. One process at TP 1 (a teacher checkpoint of
+any TP degree loads); it reads a teacher forward's worth of samples at a time (`data.micro_batch`).
+Output: DIR/scores.npy and DIR/metadata.json (engine/data/curriculum.py), valid for the data,
+`data.seq_len`, `train.seed` and `model.vocab_size` it was made with; train with
+`data.curriculum=teacher_confidence data.curriculum_scores=DIR`. A bad config is one
+`ConfigError:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.runconfig import (RunConfig, check_data, curriculum_key, parse_run_config,  # noqa: E402
+                               teacher_model_config)
+from distill.teacher import load_teacher  # noqa: E402
+from engine.checkpoint import resolve_checkpoint  # noqa: E402
+from engine.config import ConfigError, apply_overrides, check, load_yaml  # noqa: E402
+from engine.data import IGNORE_INDEX, TokenBatches  # noqa: E402
+from engine.data.curriculum import write_scores  # noqa: E402
+from engine.log import error_line, get_logger, setup_logging  # noqa: E402
+from engine.parallel import ParallelLayout  # noqa: E402
+
+log = get_logger("curriculum_scores")
+
+
+def load_config(args: argparse.Namespace) -> RunConfig:
+    """The run config, checked for what the pre-pass needs; raises `ConfigError`."""
+    cfg = parse_run_config(apply_overrides(load_yaml(args.config), args.overrides))
+    check(cfg.data.curriculum_steps >= 1, "data.curriculum_steps",
+          f"must be >= 1: the steps whose samples are scored (got {cfg.data.curriculum_steps})")
+    check(bool(cfg.distill.teacher), "distill.teacher",
+          "the confidence is one teacher's: give its checkpoint as distill.teacher")
+    out = Path(args.out).expanduser()
+    check(not out.exists(), "--out", f"{out} exists; refusing to overwrite scores")
+    check_data(cfg)
+    return cfg
+
+
+def confidence(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per sample [mb]: mean over positions with a label of the largest probability."""
+    top = torch.softmax(logits[..., :vocab_size].double(), -1).amax(-1)  # [mb, seq]
+    mask = (labels != IGNORE_INDEX).double()
+    mask = torch.where(mask.sum(-1, keepdim=True) > 0, mask, torch.ones_like(mask))
+    return (top * mask).sum(-1) / mask.sum(-1)
+
+
+@torch.no_grad()
+def scores(cfg: RunConfig) -> np.ndarray:
+    """The scores of the first curriculum_steps * global_batch samples, in global order."""
+    layout = ParallelLayout.single()
+    teacher_cfg = teacher_model_config(dataclasses.replace(
+        cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated")))
+    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
+                         teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
+                         bf16=cfg.distill.teacher_bf16)
+    # the plain stream (no `order`): the samples the curriculum will rearrange
+    data = TokenBatches(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
+    out = []
+    for _ in range(cfg.data.curriculum_steps):
+        for mb in data.next_step():
+            logits = model(mb["input_ids"]).logits
+            out.append(confidence(logits, mb["labels"], cfg.model.vocab_size))
+    return torch.cat(out).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's YAML configuration")
+    parser.add_argument("--out", required=True, help="scores directory (must not exist)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args)
+        values = scores(cfg)
+    except ConfigError as err:
+        error_line(err, prefix="ConfigError")
+        return 2
+    write_scores(Path(args.out).expanduser(), values, curriculum_key(cfg))
+    log.info("scored %d samples (mean confidence %.4f) into %s", len(values), values.mean(),
+             args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
