@@ -185,9 +185,10 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: Paralle
                                 StagePlan.of(cfg.model.layers, layout))
         stream = cfg.distill.teacher_stream
         head = None
-        if stream_request(request, stream).head == "hidden":
+        if stream_request(objective.teacher_request(), stream).head == "hidden":
             head = load_teacher_head(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                                     teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16)
+                                     teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16,
+                                     here=stream_request(request, stream).head == "hidden")
         return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
                              total=per_step * remaining, stream=stream, head=head)
     if schedule == "offline":

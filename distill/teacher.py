@@ -137,16 +137,22 @@ def load_teacher(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
 
 
 def load_teacher_head(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
-                      layout: ParallelLayout, *, bf16: bool) -> VocabParallelLMHead:
+                      layout: ParallelLayout, *, bf16: bool,
+                      here: bool = True) -> VocabParallelLMHead | None:
     """This student rank's frozen shard of the teacher's output layer: the rows of the teacher's
     output weight for the student's vocabulary shard (padded like the student), read from the
-    teacher checkpoint at whatever TP it was saved, in the teacher's compute dtype."""
+    teacher checkpoint at whatever TP it was saved, in the teacher's compute dtype.
+
+    Every student rank calls it (the ranks agree the checkpoint is sound); under PP only the last
+    stage holds the head, the others pass `here=False`, read nothing and get None."""
     head = VocabParallelLMHead(vocab_size=student.vocab_size,
                                padded_vocab=student.padded_vocab(layout.tp), hidden=teacher.hidden,
-                               layout=layout)
+                               layout=layout) if here else nn.Module()
     load_output_weight(checkpoint, head, layout, vocab_size=student.vocab_size,
                        tied=teacher.tie_embeddings)
     _check_finite(head, checkpoint, layout)
+    if not here:
+        return None
     if bf16:
         head.to(torch.bfloat16)
     return freeze(head)

@@ -193,7 +193,7 @@ class DistillTrainer:
                 distill_mask(mb.get("labels"), mb.get("kd_mask")), counts)
             if share is not None:
                 for key in ("loss", "act_loss"):
-                    totals[key] += float(share)
+                    totals[key] += float(share.detach())
             return share
 
         stage = StudentStage(self.student, micro_batches, last=last, compute_logits=not fused,

@@ -16,9 +16,12 @@ virtual stage; the same tolerances on every logged term (kd_loss and act_loss in
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distill.weights import load_weights
 from engine.parallel import ParallelLayout
@@ -26,6 +29,9 @@ from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import convert_hf  # noqa: E402
 
 RTOL = 1e-5
 # Adam (lr 1e-2) turns fp32 round-off in near-zero gradient entries into parameter differences of a
@@ -107,6 +113,17 @@ def test_pipeline_equals_single_process(setup, world, dp, parallel):
     got = _final_weights(cfg, run_dir)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=RTOL, atol=PARAM_ATOL, msg=name)
+    if "parallel.tp=2" in parallel:  # Hugging Face export of a checkpoint saved per stage and TP rank
+        exported = {}
+        for name, source in (("pp", run_dir), ("single", tmp / "single")):
+            out = tmp / f"hf_{name}_{run_dir.name}"
+            assert convert_hf.main(["export", "--ckpt", str(source / "checkpoints"), "--out",
+                                    str(out), "--verify"]) == 0
+            exported[name] = load_file(out / "model.safetensors")
+        assert exported["pp"].keys() == exported["single"].keys()
+        for name, tensor in exported["single"].items():
+            torch.testing.assert_close(exported["pp"][name], tensor, rtol=RTOL, atol=PARAM_ATOL,
+                                       msg=name)
 
 
 def test_resume_at_pp2_from_pp2_and_from_pp1(setup):
@@ -122,7 +139,14 @@ def test_resume_at_pp2_from_pp2_and_from_pp1(setup):
     _assert_same_run(read_metrics(tmp / "pp1_to_pp2")[-1:], single[-1:])
 
 
-@pytest.mark.parametrize("world,dp,parallel", LAYOUTS)
+DISTILL_LAYOUTS = [*LAYOUTS[:2],
+                   # and the distributed optimizer, which reduce-scatters the pipeline's gradients
+                   pytest.param(4, 2, ["parallel.pp=2", "train.distributed_optimizer=true"],
+                                id="pp2-dp2-distributed-optimizer"),
+                   LAYOUTS[3]]
+
+
+@pytest.mark.parametrize("world,dp,parallel", DISTILL_LAYOUTS)
 def test_pipeline_distillation_equals_single_process(distill_setup, world, dp, parallel):
     tmp, path, single = distill_setup
     run_dir = tmp / ("distill_" + "_".join(parallel).replace("=", "") + f"_dp{dp}")
@@ -130,12 +154,23 @@ def test_pipeline_distillation_equals_single_process(distill_setup, world, dp, p
     _assert_same_run(read_metrics(run_dir), single, val=dp == 1)
 
 
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_teacher_ranks_feed_a_pp2_student(distill_setup, chunks):
-    """The teacher on its own rank (no pipeline) runs each micro-batch once and streams the logits
-    to the last stage and each paired buffer to the stage that owns the student layer."""
+TEACHER_RANK_LAYOUTS = [  # (world size, overrides): one teacher rank after the students
+    pytest.param(3, ["parallel.virtual_stages=1"], id="hidden-stream"),
+    pytest.param(3, ["parallel.virtual_stages=2", "distill.teacher_stream=logits"],
+                 id="interleaved-logits-stream"),
+    # the teacher at its own TP degree (1) feeding a PP=2 x TP=2 (+SP) student
+    pytest.param(5, ["parallel.tp=2", "parallel.sp=true", "parallel.teacher_tp=1"],
+                 id="student-tp2-sp-teacher-tp1"),
+]
+
+
+@pytest.mark.parametrize("world,extra", TEACHER_RANK_LAYOUTS)
+def test_teacher_ranks_feed_a_pp2_student(distill_setup, world, extra):
+    """The teacher on its own rank (no pipeline) runs each micro-batch once and streams its head
+    input (or logits) to the last stage and each paired buffer to the stage that owns the student
+    layer."""
     tmp, path, single = distill_setup
-    run_dir = tmp / f"distill_teacher_ranks_pp2_v{chunks}"
-    run_ranks(_distill_run, 3, path, run_dir, "parallel.pp=2", f"parallel.virtual_stages={chunks}",
-              "parallel.teacher_ranks=1", "distill.schedule=teacher_ranks", timeout_s=180)
+    run_dir = tmp / ("distill_teacher_ranks_pp2_" + "_".join(extra).replace("=", ""))
+    run_ranks(_distill_run, world, path, run_dir, "parallel.pp=2", "parallel.teacher_ranks=1",
+              "distill.schedule=teacher_ranks", *extra, timeout_s=180)
     _assert_same_run(read_metrics(run_dir), single)
