@@ -4,8 +4,10 @@ Each layout row trains a tiny tied-embedding Llama with an MTP head for three st
 the single-process run's losses, gradient norms and validation loss at rtol 1e-5 (fp32 round-off
 of a few hundred operations, as tests/test_trainer.py); its final checkpoint, written per stage
 and loaded at PP=1, must hold the single-process run's parameters (to PARAM_ATOL, below).
-Resuming at PP=2 from a PP=2 checkpoint, and at PP=2 from a PP=1 checkpoint, must continue like
-the uninterrupted single-process run (its step-3 record at rtol 1e-5).
+Resuming at PP=2 from a PP=2 checkpoint, at PP=2 from a PP=1 checkpoint and at PP=1 from a PP=2
+checkpoint must continue like the uninterrupted single-process run (its step-3 record at rtol
+1e-5). The PP=2 x TP=2 row's checkpoint exports to Hugging Face (verified against transformers)
+with the single run's weights.
 
 Distillation rows: a colocated teacher deeper and wider than the student (6 layers of 48 against 4
 of 32, cut at the same depth fractions), logit distillation and one activation pair (with its own
@@ -126,7 +128,7 @@ def test_pipeline_equals_single_process(setup, world, dp, parallel):
                                        msg=name)
 
 
-def test_resume_at_pp2_from_pp2_and_from_pp1(setup):
+def test_resume_across_pipeline_degrees(setup):
     tmp, path, cfg, single = setup
     run_ranks(_run, 2, path, tmp / "pp2_resume", "parallel.pp=2", "train.steps=2",
               timeout_s=180)
@@ -137,6 +139,10 @@ def test_resume_at_pp2_from_pp2_and_from_pp1(setup):
     run_ranks(_run, 2, path, tmp / "pp1_to_pp2", "parallel.pp=2", f"train.resume={from_pp1}",
               timeout_s=180)
     _assert_same_run(read_metrics(tmp / "pp1_to_pp2")[-1:], single[-1:])
+    # and back: the PP=2 run's step-2 checkpoint (model and optimizer per stage) resumed at PP=1
+    from_pp2 = tmp / "pp2_resume" / "checkpoints" / "step_00000002"
+    _run(path, tmp / "pp2_to_pp1", f"train.resume={from_pp2}")
+    _assert_same_run(read_metrics(tmp / "pp2_to_pp1")[-1:], single[-1:])
 
 
 DISTILL_LAYOUTS = [*LAYOUTS[:2],

@@ -97,8 +97,9 @@ def test_sigkill_then_resume_is_bitwise_identical(config, reference, tmp_path):
     assert _losses(run_dir) == reference  # exact float equality, every step
 
 
-def test_sigterm_checkpoints_and_resumes(config, reference, tmp_path):
-    run_dir = tmp_path / "preempted"
+def _sigterm_and_resume(config, run_dir) -> list:
+    """SIGTERM every rank after step 3; the run must have checkpointed where it stopped (its
+    metrics end there) and resume to the end. Returns the losses of the whole run."""
     proc = _torchrun(config, run_dir)
     _wait_for_step(run_dir, 3, proc)
     for pid in _worker_pids(run_dir):
@@ -109,7 +110,11 @@ def test_sigterm_checkpoints_and_resumes(config, reference, tmp_path):
     assert 3 <= stopped_at < STEPS, saved
     assert len(read_metrics(run_dir)) == stopped_at
     assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
-    assert _losses(run_dir) == reference
+    return _losses(run_dir)
+
+
+def test_sigterm_checkpoints_and_resumes(config, reference, tmp_path):
+    assert _sigterm_and_resume(config, tmp_path / "preempted") == reference
 
 
 def test_sigterm_at_pp2_checkpoints_and_resumes_exactly(tmp_path):
@@ -128,13 +133,4 @@ def test_sigterm_at_pp2_checkpoints_and_resumes_exactly(tmp_path):
     assert _finish(_torchrun(config, tmp_path / "reference")) == 0
     reference = _losses(tmp_path / "reference")
     assert [s for s, _, _ in reference] == list(range(1, STEPS + 1))
-    run_dir = tmp_path / "preempted"
-    proc = _torchrun(config, run_dir)
-    _wait_for_step(run_dir, 3, proc)
-    for pid in _worker_pids(run_dir):
-        os.kill(pid, signal.SIGTERM)
-    _finish(proc)
-    stopped_at = int(sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1][5:])
-    assert 3 <= stopped_at < STEPS
-    assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
-    assert _losses(run_dir) == reference
+    assert _sigterm_and_resume(config, tmp_path / "preempted") == reference
