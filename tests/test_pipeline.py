@@ -176,3 +176,19 @@ def test_schedules_reach_the_analytic_bubble(pp, chunks, micro_batches):
     want = P.bubble_fraction(pp=pp, micro_batches=micro_batches, chunks=chunks)
     for idle in _simulated_idle(pp, chunks, micro_batches):
         assert idle == pytest.approx(want, abs=1e-12)
+
+
+def test_bubble_benchmark_prints_its_table(capsys):
+    """tools/bench/pipeline.py runs the real executor over spawned ranks and prints one row per
+    layout with the analytic bubble (the measured columns are timings: only their range is
+    checked)."""
+    from tools.bench import pipeline as bench  # importable by the spawned ranks
+
+    assert bench.main(["--pp", "2", "--micro-batches", "2", "--chunks", "1", "--forward-ms", "2",
+                       "--repeats", "1"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 1 | 2 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    idle = [float(x) for x in cells[3].split()]
+    assert len(idle) == 2 and all(0.0 <= x < 1.0 for x in idle)
+    assert cells[5] == "0.333"  # (pp - 1) / (m + pp - 1)

@@ -7,9 +7,10 @@ Each pipeline rank is a spawned process running `engine.pipeline.PipelineExecuto
 stage whose backward costs twice its forward. `--work sleep` makes the stage cost exactly
 `--forward-ms` (3x for forward + backward), so what is measured is the schedule and its
 communication, independent of how many cores the machine has; `--work matmul` does real
-[rows, H] x [H, H] products of about that cost instead (then pp ranks need pp free cores). A
-stage's idle fraction is the time it spent blocked on receives divided by its step time; the
-table compares the mean over stages (and the worst stage) with the analytic bubble
+[rows, H] x [H, H] products of about that cost instead (then pp ranks need pp free cores). The
+step spans from a barrier before the schedule to a barrier after it (when the last stage is
+done: a stage that finishes early idles until then); a stage's idle fraction is 1 - its compute
+time / the step. The table compares each stage's and their mean with the analytic bubble
 (pp - 1) / (chunks * m + pp - 1) of the schedule, in one run.
 """
 
@@ -83,10 +84,12 @@ def _measure(*, pp: int, chunks: int, micro_batches: int, work: str, forward_s: 
     best = None
     for _ in range(repeats):
         dist.barrier()
+        began = time.perf_counter()
         stats = executor.run(actions, stage)
-        step = stats.compute_s + stats.wait_s
+        dist.barrier()  # the step ends for every stage when the last one is done
+        step = time.perf_counter() - began
         if best is None or step < best[0]:
-            best = (step, stats.wait_s / step)
+            best = (step, 1.0 - stats.compute_s / step)
     return best[1]
 
 

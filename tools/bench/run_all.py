@@ -22,6 +22,7 @@ FULL = {
     "on_policy.py": [],
     "teachers.py": [],
     "memory.py": [],
+    "pipeline.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
@@ -33,6 +34,7 @@ QUICK = {
                     "--out", "runs/bench_teachers_quick"],
     "memory.py": ["--layers", "2", "--hidden", "64", "--vocab", "512", "--seq", "64", "--batch", "2",
                   "--steps", "1", "--dp", "1", "2"],
+    "pipeline.py": ["--pp", "2", "--micro-batches", "4", "--forward-ms", "5", "--repeats", "1"],
 }
 
 
