@@ -114,6 +114,8 @@ def test_schedules_equal_the_single_process_chain(world):
             assert kinds.count("F") == kinds.count("B") == chunks * micro_batches
             if chunks == 1:  # 1F1B memory bound: at most pp - rank micro-batches held
                 assert r[i]["in_flight"] <= min(pp - rank, micro_batches)
+            elif micro_batches >= 2 * pp:  # interleaved: (chunks + 1) pp - 1 - 2 rank chunks
+                assert r[i]["in_flight"] == (chunks + 1) * pp - 1 - 2 * rank
 
 
 def test_one_f_one_b_shape():
@@ -192,3 +194,4 @@ def test_bubble_benchmark_prints_its_table(capsys):
     idle = [float(x) for x in cells[3].split()]
     assert len(idle) == 2 and all(0.0 <= x < 1.0 for x in idle)
     assert cells[5] == "0.333"  # (pp - 1) / (m + pp - 1)
+    assert cells[7] == "2"  # 1F1B holds pp micro-batches' activations on the first stage

@@ -11,7 +11,9 @@ communication, independent of how many cores the machine has; `--work matmul` do
 step spans from a barrier before the schedule to a barrier after it (when the last stage is
 done: a stage that finishes early idles until then); a stage's idle fraction is 1 - its compute
 time / the step. The table compares each stage's and their mean with the analytic bubble
-(pp - 1) / (chunks * m + pp - 1) of the schedule, in one run.
+(pp - 1) / (chunks * m + pp - 1) of the schedule, in one run, and gives the most micro-batches'
+activations the first stage held at once (in whole-stage units: an interleaved chunk holds
+1 / chunks of a stage's layers), the schedule's memory cost.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class _SleepyBackward(torch.autograd.Function):
 
 
 def _measure(*, pp: int, chunks: int, micro_batches: int, work: str, forward_s: float,
-             layers: int, repeats: int) -> list[float]:
-    """On every rank: the idle fraction of its best-of-`repeats` step."""
+             layers: int, repeats: int) -> tuple[float, int]:
+    """On every rank: (the idle fraction of its best-of-`repeats` step, the most micro-batch
+    chunks whose activations it held at once)."""
     rank = dist.get_rank()
     stage = _Stage(chunks=chunks, work=work, forward_s=forward_s, layers=layers)
     executor = P.PipelineExecutor(ranks=list(range(pp)), rank=rank, chunks=chunks,
@@ -89,8 +92,8 @@ def _measure(*, pp: int, chunks: int, micro_batches: int, work: str, forward_s: 
         dist.barrier()  # the step ends for every stage when the last one is done
         step = time.perf_counter() - began
         if best is None or step < best[0]:
-            best = (step, 1.0 - stats.compute_s / step)
-    return best[1]
+            best = (step, 1.0 - stats.compute_s / step, stats.max_in_flight)
+    return best[1:]
 
 
 def _layers_for(forward_s: float) -> int:
@@ -116,22 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     layers = _layers_for(args.forward_ms / 1000) if args.work == "matmul" else 0
     print(f"work: {args.work}, forward {args.forward_ms:.0f} ms per chunk-stage, backward 2x"
           + (f" ({layers} products of [{ROWS}, {WIDTH}] x [{WIDTH}, {WIDTH}])" if layers else ""))
-    print("\n| pp | chunks | m | idle per stage | mean idle | analytic | mean / analytic |")
-    print("|---:|---:|---:|---|---:|---:|---:|")
+    print("\n| pp | chunks | m | idle per stage | mean idle | analytic | mean / analytic "
+          "| held on the first stage |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for pp in args.pp:
         for chunks in args.chunks:
             for m in args.micro_batches:
                 if chunks > 1 and m % pp:
                     continue  # interleaving needs whole groups of pp micro-batches
-                idle = run_ranks(_measure, pp, pp=pp, chunks=chunks, micro_batches=m,
-                                 work=args.work, forward_s=args.forward_ms / 1000 / chunks,
-                                 layers=max(1, layers // chunks), repeats=args.repeats,
-                                 timeout_s=600)
+                measured = run_ranks(_measure, pp, pp=pp, chunks=chunks, micro_batches=m,
+                                     work=args.work, forward_s=args.forward_ms / 1000 / chunks,
+                                     layers=max(1, layers // chunks), repeats=args.repeats,
+                                     timeout_s=600)
+                idle = [x for x, _ in measured]
+                # activations held, in units of one stage's (a chunk holds 1 / chunks of them)
+                held = measured[0][1] / chunks
                 analytic = P.bubble_fraction(pp=pp, micro_batches=m, chunks=chunks)
                 mean = statistics.mean(idle)
                 per_stage = " ".join(f"{x:.3f}" for x in idle)
                 print(f"| {pp} | {chunks} | {m} | {per_stage} | {mean:.3f} | {analytic:.3f} | "
-                      f"{mean / analytic:.2f} |", flush=True)
+                      f"{mean / analytic:.2f} | {held:g} |", flush=True)
     return 0
 
 
