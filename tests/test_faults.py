@@ -145,9 +145,13 @@ def _worker_tracebacks(err: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------- hangs
 
-def test_a_hung_rank_ends_every_rank_within_the_timeout(config, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["parallel.pp=2"]], ids=["dp2", "pp2"])
+def test_a_hung_rank_ends_every_rank_within_the_timeout(config, tmp_path, layout):
+    """DP=2 (the peer waits in a collective) and PP=2 (it waits on a point-to-point receive of
+    the pipeline's activations or gradients)."""
     run_dir = tmp_path / "run"
-    launcher = _start(_command(config, run_dir, f"parallel.timeout_s={TIMEOUT_S}", nproc=2))
+    launcher = _start(_command(config, run_dir, f"parallel.timeout_s={TIMEOUT_S}", *layout,
+                               nproc=2))
     _wait_for_step(run_dir, 2, launcher)
     stopped = _rank_pid(launcher, 1)
     os.kill(stopped, signal.SIGSTOP)  # a frozen node: alive, silent
