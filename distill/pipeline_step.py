@@ -8,7 +8,10 @@ gradient, backward. The last virtual stage turns its output into the micro-batch
 
 A colocated teacher (`teacher`) is split into the same virtual stages (layers/stages.py, at the
 same depth fractions) and runs forward in lockstep on the same ranks: its residual stream travels
-with the student's as a second tensor that carries no gradient. Every virtual stage hands the
+with the student's as a second tensor that carries no gradient. Several colocated teachers
+(`distill.teachers`, a `TeacherList`) are each split the same way, their residual streams
+travelling in config order after the student's; their outputs reach `activations` and `last` as
+{name: TeacherOutputs}. Every virtual stage hands the
 activation buffers both models published there to `activations` (the activation pairs of that
 stage, whose loss shares join the step's loss on the stage that owns them); the last one also
 hands the teacher's head outputs to `last`.
@@ -32,7 +35,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from engine import collectives as C
-from distill.teacher import ColocatedTeacher, TeacherOutputs
+from distill.teacher import ColocatedTeacher, TeacherList, TeacherOutputs
 from engine.parallel import ParallelLayout
 from engine.pipeline import (PipelineExecutor, StageOutput, TensorSpec, forward_only,
                              interleaved_one_f_one_b)
@@ -50,14 +53,18 @@ class StudentStage:
     def __init__(self, student: TransformerLM, micro_batches: Sequence[dict], *, last: LastStage,
                  buffers: Sequence[str] = (), compute_logits: bool = True,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 teacher: ColocatedTeacher | None = None, activations: StageTerms | None = None):
+                 teacher: ColocatedTeacher | TeacherList | None = None,
+                 activations: StageTerms | None = None):
         self.student, self.micro_batches, self.last = student, micro_batches, last
         self.buffers, self.compute_logits, self.autocast = buffers, compute_logits, autocast
-        self.teacher, self.activations = teacher, activations
+        self.activations = activations
+        # the colocated teachers by name (outputs as a mapping when they come as a TeacherList)
+        self.several = isinstance(teacher, TeacherList)
+        self.teachers: dict[str, ColocatedTeacher] = \
+            dict(teacher.sources) if self.several else {} if teacher is None else {"": teacher}
         layout = student.layout
         self.last_virtual = layout.pp * layout.virtual_stages - 1
         self.dtype = next(student.parameters()).dtype
-        self.teacher_dtype = next(teacher.model.parameters()).dtype if teacher else None
 
     def _virtual(self, chunk: int) -> int:
         return chunk * self.student.layout.pp + self.student.layout.pp_rank
@@ -69,9 +76,9 @@ class StudentStage:
         layout = self.student.layout
         rows = (batch, seq // layout.tp if layout.sp else seq)
         specs = [TensorSpec((*rows, self.student.config.hidden), self.dtype)]
-        if self.teacher is not None:
-            width = self.teacher.model.config.hidden
-            specs.append(TensorSpec((*rows, width), self.teacher_dtype, requires_grad=False))
+        for teacher in self.teachers.values():
+            specs.append(TensorSpec((*rows, teacher.model.config.hidden), _dtype(teacher.model),
+                                    requires_grad=False))
         return specs
 
     def forward(self, chunk: int, micro_batch: int, inputs: list[torch.Tensor]) -> StageOutput:
@@ -92,20 +99,30 @@ class StudentStage:
         return StageOutput([], self.last(micro_batch, out, teacher_out))
 
     @torch.no_grad()
-    def _teacher(self, chunk: int, ids: torch.Tensor, inputs: list[torch.Tensor], *,
-                 last: bool) -> tuple[list[torch.Tensor], TeacherOutputs | None]:
-        """The teacher's chunk: ([its residual stream for the next stage], its outputs here)."""
-        if self.teacher is None:
+    def _teacher(self, chunk: int, ids: torch.Tensor, inputs: list[torch.Tensor], *, last: bool,
+                 ) -> tuple[list[torch.Tensor], TeacherOutputs | dict[str, TeacherOutputs] | None]:
+        """The teachers' chunk: ([their residual streams for the next stage], their outputs
+        here); `inputs`: their residual streams from the previous stage ([] on the first)."""
+        if not self.teachers:
             return [], None
-        model, request = self.teacher.model, self.teacher.request
-        record = model.recorder(request.buffers)
-        hidden = model.embed(ids, record) if not inputs else inputs[0]
-        rope = model.rope(ids, self.teacher_dtype)
-        hidden = model.run_chunk(chunk, hidden, rope, record)
-        if not last:
-            return [hidden], TeacherOutputs(buffers=record.buffers)
-        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
-        return [], self.teacher.outputs(out)
+        streams, outputs = [], {}
+        for i, (name, teacher) in enumerate(self.teachers.items()):
+            model, request = teacher.model, teacher.request
+            record = model.recorder(request.buffers)
+            hidden = model.embed(ids, record) if not inputs else inputs[i]
+            rope = model.rope(ids, _dtype(model))
+            hidden = model.run_chunk(chunk, hidden, rope, record)
+            if not last:
+                streams.append(hidden)
+                outputs[name] = TeacherOutputs(buffers=record.buffers)
+                continue
+            out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
+            outputs[name] = teacher.outputs(out)
+        return streams, outputs if self.several else outputs[""]
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def run_pipeline(stage: StudentStage, layout: ParallelLayout, *, train: bool) -> None:

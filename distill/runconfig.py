@@ -101,10 +101,6 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
     if distill.on_policy.on:
         raise ConfigError("distill.on_policy.fraction", "on-policy generation needs "
                                                         f"parallel.pp=1 (got {par.pp})")
-    if distill.teachers and distill.schedule == "colocated":
-        raise ConfigError("distill.teachers", "colocated distill.teachers need parallel.pp=1 (got "
-                                              f"{par.pp}): give one distill.teacher, or export "
-                                              "them (schedule offline)")
 
 
 def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig] | None,

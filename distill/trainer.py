@@ -39,7 +39,7 @@ from distill.on_policy import OnPolicy
 from distill.pipeline_step import (StudentStage, pipeline_copies, run_pipeline,
                                    sync_pipeline_grads)
 from distill.schedules import Schedules
-from distill.teacher import ColocatedTeacher, RemoteTeacher, TeacherSource
+from distill.teacher import ColocatedTeacher, RemoteTeacher, TeacherList, TeacherSource
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data import DataConfig, to_device
@@ -87,6 +87,13 @@ def _accumulate(totals: dict[str, float], out) -> None:
         totals[key] += float(getattr(out, "total" if key == "loss" else key))
     for key, value in out.metrics.items():
         totals[key] = totals.get(key, 0.0) + float(value)
+
+
+def _colocated(teacher: TeacherSource | None) -> bool:
+    """A teacher (or several) running on the student's ranks."""
+    if isinstance(teacher, TeacherList):
+        return all(isinstance(t, ColocatedTeacher) for t in teacher.sources.values())
+    return isinstance(teacher, ColocatedTeacher)
 
 
 class DistillTrainer:
@@ -163,7 +170,7 @@ class DistillTrainer:
         pairs = {v: [p for p in objective.pairs if plan.buffer_stage(p.student) == v]
                  for v in range(plan.virtual_stages)}
 
-        colocated = self.teacher if isinstance(self.teacher, ColocatedTeacher) else None
+        colocated = self.teacher if _colocated(self.teacher) else None  # cut into stages
         fetched: dict[int, object] = {}
 
         def fetch(i: int, teacher_out):

@@ -140,9 +140,6 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
      "ranks (got 1)"),
     (2, ["parallel.pp=2", "distill.on_policy.fraction=0.5"],
      "distill.on_policy.fraction: on-policy generation needs parallel.pp=1 (got 2)"),
-    (2, ["parallel.pp=2", "distill.teacher=null",
-         "distill.teachers=[{checkpoint: @teacher, name: a}, {checkpoint: @teacher, name: b}]"],
-     "distill.teachers: colocated distill.teachers need parallel.pp=1 (got 2)"),
     (2, ["parallel.pp=2", "model.hidden=48",
          "distill.activations=[{student: decoder.0.output, teacher: decoder.2.output}]"],
      "distill.activations: decoder.0.output -> decoder.2.output: with parallel.pp=2 x "

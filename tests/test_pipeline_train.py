@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from distill.weights import load_weights
@@ -158,6 +159,38 @@ def test_pipeline_distillation_equals_single_process(distill_setup, world, dp, p
     run_dir = tmp / ("distill_" + "_".join(parallel).replace("=", "") + f"_dp{dp}")
     run_ranks(_distill_run, world, path, run_dir, *parallel, timeout_s=180)
     _assert_same_run(read_metrics(run_dir), single, val=dp == 1)
+
+
+def test_two_colocated_teachers_cut_into_stages(distill_setup):
+    """distill.teachers (sum mode): the 6-layer wide teacher and a narrow 4-layer one, each cut at
+    the student's depth fractions and run in lockstep, a pair with each on a different virtual
+    stage, under interleaved PP=2 x 2: every term (kd_loss per teacher and the diagnostics
+    included) equals the single-process run at rtol 1e-5."""
+    tmp, path, _ = distill_setup
+    cfg = yaml.safe_load(path.read_text())
+    narrow = {**cfg, "model": {**cfg["model"], "hidden": 24, "ffn_hidden": 48, "init_std": 0.3,
+                               "mtp_heads": 0, "tie_embeddings": False}}
+    teachers = {"wide": cfg["distill"]["teacher"],
+                "narrow": str(make_teacher(tmp / "teacher_narrow", narrow))}
+    cfg["distill"] = {**{k: v for k, v in cfg["distill"].items() if k != "teacher"},
+                      "teachers": [{"checkpoint": c, "name": n, "weight": w}
+                                   for (n, c), w in zip(teachers.items(), (0.7, 0.3))],
+                      "activations": [{**PAIRS[0], "teacher_name": "wide"},
+                                      {"student": "decoder.3.output", "teacher": "decoder.3.output",
+                                       "teacher_name": "narrow"}]}
+    two = write_config(tmp / "two_teachers.yaml", cfg)
+    single = _distill_run(two, tmp / "two_teachers_single")
+    extra = ["kd_loss/wide", "kd_loss/narrow", "teacher_entropy/wide", "teacher_entropy/narrow",
+             "top1_agreement/wide", "student_entropy"]
+    assert all(single[0][k] > 0 for k in extra if not k.startswith("top1"))
+    run_dir = tmp / "two_teachers_pp2_v2"
+    run_ranks(_distill_run, 2, two, run_dir, "parallel.pp=2", "parallel.virtual_stages=2",
+              timeout_s=180)
+    got = read_metrics(run_dir)
+    _assert_same_run(got, single)
+    for ra, rb in zip(got, single):
+        for key in extra:
+            assert math.isclose(ra[key], rb[key], rel_tol=RTOL), (key, ra[key], rb[key])
 
 
 TEACHER_RANK_LAYOUTS = [  # (world size, overrides): one teacher rank after the students
