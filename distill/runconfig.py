@@ -98,9 +98,6 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
         raise ConfigError("distill.prefetch", f"must be >= the {micro_batches} micro-batches of a "
                                               f"step with parallel.pp={par.pp} and teacher ranks "
                                               f"(got {distill.prefetch})")
-    if distill.on_policy.on:
-        raise ConfigError("distill.on_policy.fraction", "on-policy generation needs "
-                                                        f"parallel.pp=1 (got {par.pp})")
 
 
 def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig] | None,

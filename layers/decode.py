@@ -20,6 +20,12 @@ same). No query attends to a padding column; padding columns attend to themselve
 outputs are never used, this keeps them finite). Sliding windows (`model.sliding_window`) are a
 mask over the full cache, as in training: the cache is not a ring buffer.
 
+Pipeline parallelism. Every rank of a pipeline calls `forward_step` and `generate` together: the
+new columns' hidden states go through the virtual stages in order (virtual stage k on pipeline rank
+k % pp, as in training), one blocking point-to-point hop per stage boundary, each stage caching
+the keys and values of the blocks it holds; the last stage forms the logits and chooses the tokens,
+which it broadcasts over the pipeline group, so every stage appends the same ones.
+
 Choosing tokens. Each step gathers the last position's logits over TP (`[batch, vocab]`, one row
 per sequence; the training losses never do this) and every TP rank draws the same token from the
 same generator, so ranks agree without a broadcast. Greedy is argmax (first index on ties, like
@@ -63,22 +69,24 @@ class Sampling:
 
 
 class KVCache:
-    """Keys and values of every decoder layer for `capacity` columns of a left-padded batch."""
+    """Keys and values of every decoder layer of this rank (by the block's global index) for
+    `capacity` columns of a left-padded batch."""
 
     def __init__(self, model: TransformerLM, *, batch: int, capacity: int, pad: torch.Tensor,
                  dtype: torch.dtype):
-        attention: Attention = model.decoder["0"].attention
+        attention: Attention = next(iter(model.decoder.values())).attention
         shape = (batch, capacity, attention.kv_heads, attention.head_dim)
         device = model.layout.device
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.decoder]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.decoder]
+        self.keys = {name: torch.zeros(shape, dtype=dtype, device=device) for name in model.decoder}
+        self.values = {name: torch.zeros(shape, dtype=dtype, device=device)
+                       for name in model.decoder}
         self.pad = pad.to(device=device, dtype=torch.int64)  # [batch] left-padding columns
         self.window = model.config.sliding_window
         self.length = 0  # columns filled so far (the same in every row)
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return next(iter(self.keys.values())).shape[1]
 
     def positions(self, new: int) -> torch.Tensor:
         """`[batch, new]` positions of the next `new` columns (0 on padding columns)."""
@@ -95,7 +103,7 @@ class KVCache:
             allowed = allowed & (query - key < self.window)
         return allowed[:, None]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def append(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store `[batch, new, kv_heads/tp, head_dim]` keys/values; all of the layer's so far."""
         end = self.length + k.shape[1]
         self.keys[layer][:, self.length:end] = k
@@ -124,31 +132,45 @@ def decoding(model: TransformerLM) -> Iterator[TransformerLM]:
 
 
 def forward_step(model: TransformerLM, ids: torch.Tensor, cache: KVCache, *,
-                 last_only: bool = False) -> torch.Tensor:
+                 last_only: bool = False) -> torch.Tensor | None:
     """The next `ids` `[batch, new]` of every row -> logits shard `[batch, new, padded_vocab/tp]`
     (`[batch, 1, ...]` with `last_only`), appending their keys and values to `cache`.
-    Call inside `decoding(model)`."""
+    Call inside `decoding(model)`. Under PP every pipeline rank calls it; the last stage returns
+    the logits, the others None."""
     new = ids.shape[1]
     if cache.length + new > cache.capacity:
         raise ValueError(f"{cache.length + new} columns exceed the cache's {cache.capacity}")
+    layout, plan = model.layout, model.plan
+    dtype = next(model.parameters()).dtype
     positions = cache.positions(new)  # [batch, new]
-    hidden = model.embedding(ids)  # [batch, new, hidden]
-    if model.position_embedding is not None:
-        hidden = hidden + model.position_embedding.weight[positions]
-    rope = model.rotary.at(positions, hidden.dtype) if model.rotary is not None else None
+    rope = model.rotary.at(positions, dtype) if model.rotary is not None else None
     mask = cache.mask(new)
-    for layer, block in enumerate(model.decoder.values()):
-        hidden = hidden + _attention_step(block.attention, block.attn_norm(hidden), rope, mask,
-                                          cache, layer)
-        hidden = hidden + block.mlp(block.mlp_norm(hidden))
+    hidden = torch.empty(ids.shape[0], new, model.config.hidden, dtype=dtype, device=layout.device)
+    for chunk in range(plan.chunks):
+        virtual = chunk * plan.pp + plan.pp_rank
+        if virtual == 0:
+            hidden = model.embedding(ids)  # [batch, new, hidden]
+            if model.position_embedding is not None:
+                hidden = hidden + model.position_embedding.weight[positions]
+        else:
+            C.recv(hidden, src=layout.pp_ranks[(virtual - 1) % plan.pp])
+        for layer in plan.chunk_layers(chunk):
+            block = model.decoder[str(layer)]
+            hidden = hidden + _attention_step(block.attention, block.attn_norm(hidden), rope, mask,
+                                              cache, str(layer))
+            hidden = hidden + block.mlp(block.mlp_norm(hidden))
+        if virtual < plan.virtual_stages - 1:
+            C.send(hidden, dst=layout.pp_ranks[(virtual + 1) % plan.pp])
     cache.length += new
+    if not plan.has_head:
+        return None
     if last_only:
         hidden = hidden[:, -1:]
     return model.lm_head(model.lm_head.head_input(model.final_norm(hidden)))
 
 
 def _attention_step(attn: Attention, x: torch.Tensor, rope, mask: torch.Tensor, cache: KVCache,
-                    layer: int) -> torch.Tensor:
+                    layer: str) -> torch.Tensor:
     """`Attention.forward` for new columns: q/k/v of `x` `[batch, new, hidden]`, keys and values
     of all columns so far from the cache."""
     x_full = enter_tp_region(x, attn.layout)  # [batch, new, hidden]
@@ -179,6 +201,19 @@ def full_logits(logits_shard: torch.Tensor, model: TransformerLM) -> torch.Tenso
     """`[batch, padded_vocab/tp]` shards -> `[batch, vocab]` real columns, the same on every rank."""
     gathered = C.all_gather(logits_shard, model.layout.tp_group, dim=-1)
     return gathered[..., :model.config.vocab_size]
+
+
+def next_tokens(model: TransformerLM, logits_shard: torch.Tensor | None, sampling: Sampling,
+                generator: torch.Generator | None, *, batch: int) -> torch.Tensor:
+    """`[batch]` token ids chosen from the last column of `forward_step`'s logits; under PP the
+    last stage chooses (the only one that draws from `generator`) and broadcasts them over the
+    pipeline group."""
+    layout = model.layout
+    if logits_shard is None:  # a stage before the last
+        chosen = torch.empty(batch, dtype=torch.int64, device=layout.device)
+    else:
+        chosen = choose_tokens(full_logits(logits_shard[:, -1], model), sampling, generator)
+    return C.broadcast(chosen, layout.pp_group, src=layout.pp_ranks[-1])
 
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling,
@@ -222,8 +257,9 @@ def generate(model: TransformerLM, prompt_ids: torch.Tensor, *, max_new_tokens: 
              fill_id: int | None = None) -> Generated:
     """Continue left-padded prompts `[batch, P]` (every row full when `prompt_lengths` is None) by
     up to `max_new_tokens` tokens. A row stops after its `eos_id`; its later columns hold `fill_id`
-    (default: `eos_id`, else 0). Every TP rank passes the same prompts and an identically seeded
-    `generator`, and gets the same tokens. The model's mode and layout are left as they were."""
+    (default: `eos_id`, else 0). Every TP rank (and under PP every pipeline rank) passes the same
+    prompts and an identically seeded `generator`, and gets the same tokens. The model's mode and
+    layout are left as they were."""
     batch, width = prompt_ids.shape
     if width + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt length {width} + {max_new_tokens} new tokens exceed "
@@ -240,7 +276,7 @@ def generate(model: TransformerLM, prompt_ids: torch.Tensor, *, max_new_tokens: 
                         pad=width - lengths.to(device), dtype=dtype)
         logits_shard = forward_step(model, prompt_ids.to(device), cache, last_only=True)
         for step in range(max_new_tokens):
-            next_ids = choose_tokens(full_logits(logits_shard[:, -1], model), sampling, generator)
+            next_ids = next_tokens(model, logits_shard, sampling, generator, batch=batch)
             tokens[:, step] = next_ids.masked_fill(done, fill)
             if eos_id is not None:
                 ended = (next_ids == eos_id) & ~done

@@ -138,8 +138,6 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
          "distill.prefetch=1"],
      "distill.prefetch: must be >= the 2 micro-batches of a step with parallel.pp=2 and teacher "
      "ranks (got 1)"),
-    (2, ["parallel.pp=2", "distill.on_policy.fraction=0.5"],
-     "distill.on_policy.fraction: on-policy generation needs parallel.pp=1 (got 2)"),
     (2, ["parallel.pp=2", "model.hidden=48",
          "distill.activations=[{student: decoder.0.output, teacher: decoder.2.output}]"],
      "distill.activations: decoder.0.output -> decoder.2.output: with parallel.pp=2 x "

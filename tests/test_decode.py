@@ -4,8 +4,11 @@ Each row of the table decodes a left-padded batch (rows of different prompt leng
 cache: a prefill of the prompts, then one given token at a time; the logits of every real column
 must equal those of the TP=1 full forward of that row's tokens alone. Llama with GQA, q/k/v bias,
 Llama-3 RoPE scaling and a sliding window shorter than the sequence; GPT-2 with learned positions,
-biases and tied embeddings. TP=2 models built with SP decode without it, from the same weights.
+biases and tied embeddings. TP=2 models built with SP decode without it, from the same weights;
+PP=2 models (and interleaved ones) decode stage by stage.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -37,10 +40,17 @@ def _tokens() -> list[torch.Tensor]:
     return [torch.randint(0, 90, (TOTAL - (max(LENGTHS) - n),), generator=g) for n in LENGTHS]
 
 
-def _cached_logits(name: str, tp: int, sp: bool) -> list[torch.Tensor]:
-    """Per row, the full-vocabulary logits of its real columns, decoded through the cache."""
-    layout = make_layout(tp=tp, sp=sp)
-    model = TransformerLM(CONFIGS[name], layout, seed=SEED).double().train()
+def _config(name: str, layers: int | None) -> ModelConfig:
+    cfg = CONFIGS[name]
+    return cfg if layers is None else dataclasses.replace(cfg, layers=layers)
+
+
+def _cached_logits(name: str, tp: int, sp: bool, pp: int = 1, chunks: int = 1,
+                   layers: int | None = None) -> list[torch.Tensor] | None:
+    """Per row, the full-vocabulary logits of its real columns, decoded through the cache (None
+    on a pipeline stage before the last)."""
+    layout = make_layout(tp=tp, sp=sp, pp=pp, virtual_stages=chunks)
+    model = TransformerLM(_config(name, layers), layout, seed=SEED).double().train()
     rows = _tokens()
     width = max(LENGTHS)
     prompts, lengths = left_pad([r[:n] for r, n in zip(rows, LENGTHS)], pad_id=7)
@@ -52,12 +62,15 @@ def _cached_logits(name: str, tp: int, sp: bool) -> list[torch.Tensor]:
             step_ids = torch.stack([r[column - (width - n)] for r, n in zip(rows, LENGTHS)])
             steps.append(forward_step(model, step_ids[:, None], cache))
     assert model.training and model.layout.sp == sp  # restored
+    if not layout.is_last_stage:
+        assert all(step is None for step in steps)
+        return None
     logits = gather_from_tp(torch.cat(steps, dim=1), layout.tp_group)[..., :90]
     return [logits[b, width - n:] for b, n in enumerate(LENGTHS)]
 
 
-def _reference(name: str) -> list[torch.Tensor]:
-    model = TransformerLM(CONFIGS[name], ParallelLayout.single(), seed=SEED).double().eval()
+def _reference(name: str, layers: int | None = None) -> list[torch.Tensor]:
+    model = TransformerLM(_config(name, layers), ParallelLayout.single(), seed=SEED).double().eval()
     with torch.no_grad():
         return [model(r[None]).logits[0, :, :90] for r in _tokens()]
 
@@ -69,15 +82,17 @@ def test_cached_decoding_equals_full_forward_tp1(name):
         torch.testing.assert_close(got, expected, **TOL)
 
 
-def _both_families(tp: int, sp: bool) -> dict:
-    return {name: _cached_logits(name, tp, sp) for name in CONFIGS}
+def _both_families(tp: int, sp: bool, **pipeline) -> dict:
+    return {name: _cached_logits(name, tp, sp, **pipeline) for name in CONFIGS}
 
 
-def _generate_both(tp: int, sp: bool) -> dict:
+def _generate_both(tp: int, sp: bool, pp: int = 1, chunks: int = 1,
+                   layers: int | None = None) -> dict:
     """Greedy and sampled continuations of both families at this layout."""
     out = {}
-    for name, cfg in CONFIGS.items():
-        model = TransformerLM(cfg, make_layout(tp=tp, sp=sp), seed=SEED).double()
+    for name in CONFIGS:
+        layout = make_layout(tp=tp, sp=sp, pp=pp, virtual_stages=chunks)
+        model = TransformerLM(_config(name, layers), layout, seed=SEED).double()
         prompts, lengths = left_pad([r[:n] for r, n in zip(_tokens(), LENGTHS)])
         for mode, sampling in (("greedy", Sampling(greedy=True)),
                                ("sample", Sampling(temperature=0.8, top_k=20, top_p=0.9))):
@@ -101,6 +116,31 @@ def test_generation_tp2_equals_tp1():
     for results in run_ranks(_generate_both, 2, 2, True, timeout_s=120):
         for key, tokens in results.items():
             assert torch.equal(tokens, expected[key]), key
+
+
+def _pipeline_case(chunks: int) -> tuple[dict, dict]:
+    pipeline = dict(pp=2, chunks=chunks, layers=4)
+    return _both_families(1, False, **pipeline), _generate_both(1, False, **pipeline)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_pipeline_decoding_equals_the_whole_model(chunks):
+    """A 4-layer model over PP=2 (chunks=2: interleaved, blocks 0 and 2 on rank 0): the last
+    stage's cached logits equal the whole model's full forward in float64, and every stage gets
+    the tokens a single process generates (greedy and sampled: only the last stage draws, then
+    broadcasts)."""
+    expected = {name: _reference(name, layers=4) for name in CONFIGS}
+    tokens = _generate_both(1, False, layers=4)
+    for rank, (logits, generated) in enumerate(run_ranks(_pipeline_case, 2, chunks,
+                                                         timeout_s=120)):
+        for name, rows in logits.items():
+            if rank == 0:
+                assert rows is None
+                continue
+            for got, want in zip(rows, expected[name]):
+                torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{name}: {m}")
+        for key, got in generated.items():
+            assert torch.equal(got, tokens[key]), (rank, key)
 
 
 def test_generate_equals_argmax_of_full_forward_and_stops_at_eos():

@@ -161,7 +161,7 @@ def _run(cfg, run_dir, *extra) -> int:
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
 
 
-def test_entry_point_resumes_exactly_and_tp2_sp_equals_tp1(run_setup):
+def test_entry_point_resumes_exactly_and_tp2_sp_and_pp2_equal_tp1(run_setup):
     tmp, cfg = run_setup
     assert _run(cfg, tmp / "full") == 0
     assert run_main(str(cfg), [f"train.run_dir={tmp / 'cut'}", "train.steps=2"]) == 0
@@ -172,9 +172,11 @@ def test_entry_point_resumes_exactly_and_tp2_sp_equals_tp1(run_setup):
         for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
             assert a[key] == b[key], (key, a["step"])
     assert all(r["kd_loss"] > 0 for r in full)
-    run_ranks(_run, 2, cfg, tmp / "tp2", "parallel.tp=2", "parallel.sp=true", timeout_s=180)
-    for a, b in zip(full, read_metrics(tmp / "tp2")):  # fp32 round-off of the TP reductions
-        for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["step"])
+    for name, layout in (("tp2", ["parallel.tp=2", "parallel.sp=true"]),
+                         ("pp2", ["parallel.pp=2"])):  # PP: the samples decoded stage by stage
+        run_ranks(_run, 2, cfg, tmp / name, *layout, timeout_s=180)
+        for a, b in zip(full, read_metrics(tmp / name)):  # fp32 round-off of the reductions
+            for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (name, key, a["step"])
     bad = run_main(str(cfg), [f"train.run_dir={tmp / 'bad'}", "distill.on_policy.max_new_tokens=16"])
     assert bad == 2
