@@ -318,19 +318,22 @@ class LossPlan:
                                                       or self.temperature == 1.0)
 
     def tile_stats_exp_(self, s: torch.Tensor, t: torch.Tensor | None,
-                        label_cols: torch.Tensor) -> torch.Tensor:
+                        label_cols: torch.Tensor, first_col: int = 0) -> torch.Tensor:
         """`tile_stats` of a keeps_exps plan, leaving exp(a') in s and exp(b') in t: with
         the tile's maxima (its statistics) and the global normalizers they are p and q."""
         col: dict[str, torch.Tensor] = {}
         if self.with_ce:
             owned, at = owned_columns(label_cols, s.shape[-1])
             col["y"] = torch.where(owned, s.gather(-1, at[:, None])[:, 0], 0.0)
-        col["a_max"] = s.amax(-1)
+        col["a_max"] = self._max(s, "a", col, first_col)
         a = shift_(s, col["a_max"], self.temperature)
         if self.kind is not None:
-            col["b_max"] = t.amax(-1)
+            col["b_max"] = self._max(t, "b", col, first_col)
             b = shift_(t, col["b_max"], self.temperature)
             diff = torch.sub(b, a)  # b' - a'
+            if self.diagnostics:  # sum exp(x') x', before the exponentials overwrite a', b'
+                col["a_ent"] = torch.nansum(a.exp().mul_(a), -1)
+                col["b_ent"] = torch.nansum(b.exp().mul_(b), -1)
         col["a_sum"] = a.exp_().sum(-1)
         if self.kind is not None:
             col["b_sum"] = b.exp_().sum(-1)

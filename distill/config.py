@@ -166,7 +166,7 @@ class DistillConfig:
     activation_coef: Scheduled = 1.0
     projection: Literal["none", "per_pair", "shared"] = "none"  # learned student->teacher width map
     fused_lm_head: bool = False  # LM head and losses fused: never materialize [tokens, vocab]
-    # log teacher/student entropy and top-1 agreement (no extra collective; not fused or top-k)
+    # log teacher/student entropy and top-1 agreement (no extra collective; not with a top-k teacher)
     diagnostics: bool = True
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # student-generated batches
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distill._plan import (LossPlan, TokenStats, Upstream, global_stats, label_columns, make_plan,
-                          reduce_stats)
+from distill._plan import (KDDiagnostics, LossPlan, TokenStats, Upstream, global_stats,
+                          label_columns, make_plan, reduce_stats)
 from engine.collectives import Group
 
 
@@ -105,10 +105,11 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, teacher_logits,
                               label_cols, ignored, *tok.tensors())
-        return tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype))
+        diag = _diagnostics_output(ctx, tok, hidden, plan)
+        return (*tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype)), diag)
 
     @staticmethod
-    def backward(ctx, g_ce, g_div):
+    def backward(ctx, g_ce, g_div, _g_diag):
         plan: LossPlan = ctx.plan
         hidden, weight, t_hidden, t_weight, t_logits, label_cols, ignored, *saved = \
             ctx.saved_tensors
@@ -119,6 +120,14 @@ class _FusedHeadLoss(torch.autograd.Function):
                                                      t_logits, label_cols, TokenStats(*saved),
                                                      upstream)
         return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
+
+
+def _diagnostics_output(ctx, tok: TokenStats, hidden: torch.Tensor,
+                        plan: LossPlan) -> torch.Tensor:
+    """The per-token diagnostics [tokens, 3] as an output without gradient ([0, 3] if none)."""
+    diag = tok.diag if tok.diag is not None else hidden.new_empty(0, 3, dtype=plan.compute_dtype)
+    ctx.mark_non_differentiable(diag)
+    return diag
 
 
 # Bytes per rank that one row block of the grad-in-forward path may keep: its [rows, V/tp]
@@ -201,7 +210,7 @@ def _exp_block_grad_(plan: LossPlan, s: list[torch.Tensor], t: list[torch.Tensor
     n = s[0].shape[0] if s else label_cols.shape[0]
     stats = plan.identity(plan.n_col_tiles(), n, device=label_cols.device)
     for j, cols in enumerate(plan.col_tiles()):
-        stats[j] = plan.tile_stats_exp_(s[j], t[j], label_cols - cols.start)
+        stats[j] = plan.tile_stats_exp_(s[j], t[j], label_cols - cols.start, cols.start)
     tok = global_stats(plan, stats, ignored, group)
     for j, cols in enumerate(plan.col_tiles()):
         plan.tile_grad_exp_(s[j], t[j], label_cols - cols.start, stats[j], tok, upstream)
@@ -230,10 +239,11 @@ class _GradInForward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, teacher_logits,
                               label_cols, ignored, *tok.tensors())
-        return (loss, *tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype)))
+        diag = _diagnostics_output(ctx, tok, hidden, plan)
+        return (loss, *tok.outputs(hidden.new_empty(0, dtype=plan.compute_dtype)), diag)
 
     @staticmethod
-    def backward(ctx, g_loss, g_ce, g_div):
+    def backward(ctx, g_loss, g_ce, g_div, _g_diag):
         grad_hidden = grad_weight = None
         if g_loss is not None:
             if ctx.grads is None:
@@ -299,7 +309,7 @@ class _Call:
 
 def _prepare(student_hidden, student_weight_shard, *, teacher_hidden, teacher_weight_shard,
              teacher_logits, labels, kind, temperature, beta, skew, ignore_index, vocab_size,
-             group, chunk_tokens, chunk_vocab) -> _Call:
+             group, chunk_tokens, chunk_vocab, diagnostics) -> _Call:
     _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
                 teacher_logits, labels)
     has_teacher = teacher_hidden is not None or teacher_logits is not None
@@ -309,7 +319,7 @@ def _prepare(student_hidden, student_weight_shard, *, teacher_hidden, teacher_we
                      shard_vocab=student_weight_shard.shape[0], dtype=student_weight_shard.dtype,
                      vocab_size=vocab_size, group=group, device=student_hidden.device,
                      temperature=temperature, beta=beta, skew=skew, tile_tokens=chunk_tokens,
-                     tile_vocab=chunk_vocab)
+                     tile_vocab=chunk_vocab, diagnostics=diagnostics)
     if labels is None:
         label_cols = ignored = torch.zeros(0, dtype=torch.long, device=student_hidden.device)
     else:
@@ -327,9 +337,12 @@ def fused_lm_and_divergence(
         kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
         ignore_index: int = -100, vocab_size: int | None = None, group: Group = None,
         chunk_tokens: int | None = None, chunk_vocab: int | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        diagnostics: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
     """(per-token LM cross-entropy or None without labels, per-token divergence or None without
-    a teacher) of the head `student_hidden [tokens, H] @ student_weight_shard[V/tp, H].T`.
+    a teacher) of the head `student_hidden [tokens, H] @ student_weight_shard[V/tp, H].T`; with
+    `diagnostics` (and a teacher) a third element, the per-token `KDDiagnostics`, from the same
+    statistics (no extra collective).
 
     The teacher is `teacher_hidden [tokens, H_t]` with `teacher_weight_shard [V/tp, H_t]`, or its
     logits shard `teacher_logits [tokens, V/tp]`; it gets no gradient. Gradients go to
@@ -342,10 +355,16 @@ def fused_lm_and_divergence(
                     teacher_weight_shard=teacher_weight_shard, teacher_logits=teacher_logits,
                     labels=labels, kind=kind, temperature=temperature, beta=beta, skew=skew,
                     ignore_index=ignore_index, vocab_size=vocab_size, group=group,
-                    chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-    ce, div = _FusedHeadLoss.apply(student_hidden, student_weight_shard, *call.teacher,
-                                   call.label_cols, call.ignored, call.plan, group)
-    return (ce if call.has_labels else None), (div if call.has_teacher else None)
+                    chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
+                    diagnostics=diagnostics)
+    ce, div, diag = _FusedHeadLoss.apply(student_hidden, student_weight_shard, *call.teacher,
+                                         call.label_cols, call.ignored, call.plan, group)
+    out = (ce if call.has_labels else None), (div if call.has_teacher else None)
+    return (*out, _diagnostics(call, diag)) if diagnostics else out
+
+
+def _diagnostics(call: _Call, diag: torch.Tensor) -> KDDiagnostics | None:
+    return KDDiagnostics.of(diag, diag.shape[:1]) if call.plan.diagnostics else None
 
 
 @dataclass
@@ -357,6 +376,7 @@ class FusedHeadLoss:
     div: torch.Tensor | None  # per-token divergence [tokens] (differentiable too), or None
     path: str  # "grad_in_forward" or "recompute" (see fused_head_loss)
     block_rows: int | None  # tokens per row block of the grad-in-forward path
+    diag: KDDiagnostics | None = None  # per-token, with `diagnostics=True` and a teacher
 
 
 def _token_weight(weight: torch.Tensor | None, n: int, name: str, needed: bool):
@@ -397,22 +417,24 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight_shard: torch.Te
     wants_grad = torch.is_grad_enabled() and (student_hidden.requires_grad
                                               or student_weight_shard.requires_grad)
     if not wants_grad:
-        ce, div = _FusedHeadLoss.apply(student_hidden, student_weight_shard, *call.teacher,
-                                       call.label_cols, call.ignored, plan, kwargs.get("group"))
+        ce, div, diag = _FusedHeadLoss.apply(student_hidden, student_weight_shard,
+                                             *call.teacher, call.label_cols, call.ignored, plan,
+                                             kwargs.get("group"))
         ce, div = (ce if call.has_labels else None), (div if call.has_teacher else None)
         loss = sum(((w * x.to(w.dtype)).sum() for w, x in ((w_ce, ce), (w_div, div))
                     if w is not None), student_hidden.new_zeros((), dtype=plan.compute_dtype))
-        return FusedHeadLoss(loss, ce, div, "recompute", None)
+        return FusedHeadLoss(loss, ce, div, "recompute", None, _diagnostics(call, diag))
     budget = DEFAULT_BLOCK_BYTES.get(student_hidden.device.type, DEFAULT_BLOCK_BYTES["cpu"]) \
         if block_bytes is None else block_bytes
     rows = block_rows(n_tokens=n, shard_vocab=student_weight_shard.shape[0],
                       models=1 + call.has_teacher, budget=budget,
                       itemsize=torch.empty(0, dtype=plan.compute_dtype).element_size())
-    loss, ce, div = _GradInForward.apply(student_hidden, student_weight_shard, *call.teacher,
-                                         call.label_cols, call.ignored, w_ce, w_div, plan,
-                                         kwargs.get("group"), rows)
+    loss, ce, div, diag = _GradInForward.apply(student_hidden, student_weight_shard,
+                                               *call.teacher, call.label_cols, call.ignored, w_ce,
+                                               w_div, plan, kwargs.get("group"), rows)
     return FusedHeadLoss(loss, ce if call.has_labels else None,
-                         div if call.has_teacher else None, "grad_in_forward", rows)
+                         div if call.has_teacher else None, "grad_in_forward", rows,
+                         _diagnostics(call, diag))
 
 
 # The keyword arguments of fused_lm_and_divergence and their defaults (fused_head_loss forwards

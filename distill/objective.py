@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import (SINGLE_TEACHER, DistillConfig, ResolvedPair, check_compatibility,
                             named_teachers)
@@ -208,7 +209,7 @@ class DistillObjective(nn.Module):
         per_teacher = len(entries) > 1 and self.cfg.teacher_mode == "sum"
         suffixes = [f"/{name}" for name in entries] if per_teacher else [""]
         names = ["kd_divergence", *([f"kd_loss{s}" for s in suffixes] if per_teacher else [])]
-        if self.cfg.diagnostics and not self.fused and self.cfg.schedule != "offline":
+        if self.cfg.diagnostics and self.cfg.schedule != "offline":
             names += ["student_entropy", *(f"{key}{s}" for s in suffixes
                                            for key in DIAGNOSTICS if key != "student_entropy")]
         return tuple(names)
@@ -344,7 +345,7 @@ class DistillObjective(nn.Module):
                     weight: float = 1.0):
         """Per-token (cross-entropy or None, divergence or None, KDDiagnostics or None) of the
         next-token head (fused: detached, their weighted loss, the divergence's times `weight`,
-        appended to `fused`). A top-k teacher and the fused head give no diagnostics."""
+        appended to `fused`). A top-k teacher gives no diagnostics."""
         if self.fused:
             return self._fused_next_token(student, teacher, labels, output_weight, counts, mask,
                                           fused, weight)
@@ -374,13 +375,17 @@ class DistillObjective(nn.Module):
             kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
                 teacher.head_hidden), teacher_weight_shard=teacher.output_weight,
                 div_weight=_token_weights(weight * self.values.kd_scale / max(counts.distill, 1),
-                                          mask, lead, hidden.device))
+                                          mask, lead, hidden.device),
+                diagnostics=self.cfg.diagnostics)
         if labels is not None:  # ignored labels get no weight inside
             kwargs.update(labels=labels.reshape(-1), ce_weight=_token_weights(
                 self.values.lm_weight / max(counts.heads[0], 1), None, lead, hidden.device))
         out = self._fused_call(_flat(hidden), output_weight, kwargs, fused)
+        diag = None if out.diag is None else KDDiagnostics(
+            out.diag.teacher_entropy.reshape(lead), out.diag.student_entropy.reshape(lead),
+            out.diag.top1_agreement.reshape(lead))
         return (*(None if x is None else x.detach().reshape(lead) for x in (out.ce, out.div)),
-                None)
+                diag)
 
     def _fused_call(self, hidden: torch.Tensor, output_weight: torch.Tensor, kwargs: dict,
                     fused: list[torch.Tensor]) -> FusedHeadLoss:

@@ -7,7 +7,8 @@
   bitwise those of the call without diagnostics, and the collectives are the same calls.
 - Through the objective at TP 1 and TP 2 with SP (float64 models): the logged means over the
   distilled positions (masked labels excluded) equal the reference to 1e-9 (forward and
-  reverse KL with labels, jsd without).
+  reverse KL with labels, jsd without; each with and without the fused LM head).
+- The fused head's per-token diagnostics, both paths, every kind, TP 1/2/4: tests/test_fused.py.
 """
 
 from __future__ import annotations
@@ -114,6 +115,13 @@ CASES = {  # name: (distill section, labels?)
     "forward_kl": ({"logit": {"temperature": 2.0}}, True),
     "reverse_kl": ({"logit": {"kind": "reverse_kl", "temperature": 0.5}}, True),
     "jsd_pure_kd": ({"lm_weight": 0.0, "logit": {"kind": "jsd", "temperature": 1.5}}, False),
+    # the fused LM head (grad-in-forward): forward KL at T = 1 keeps the exponentials, the others
+    # take the general row-block path
+    "forward_kl_fused": ({"fused_lm_head": True, "logit": {"temperature": 1.0}}, True),
+    "reverse_kl_fused": ({"fused_lm_head": True,
+                          "logit": {"kind": "reverse_kl", "temperature": 0.5}}, True),
+    "jsd_pure_kd_fused": ({"fused_lm_head": True, "lm_weight": 0.0,
+                           "logit": {"kind": "jsd", "temperature": 1.5}}, False),
 }
 
 

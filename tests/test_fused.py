@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_diagnostics import reference_diagnostics
 from test_divergence import _group, _shard, reference, reference_ce
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -60,17 +61,19 @@ BLOCK = 3  # tokens per row block of the grad-in-forward path: 7 tokens make blo
 
 
 def _run_path(path, h, w_shard, teacher, labels, w_ce, w_div, **kwargs):
-    """(ce, div, loss) of one call through `path`, the loss being sum(w_ce * ce + w_div * div)."""
+    """(ce, div, loss, KD diagnostics or None) of one call through `path`, the loss being
+    sum(w_ce * ce + w_div * div)."""
     if path == "recompute":
-        ce, div = fused_lm_and_divergence(h, w_shard, **teacher, labels=labels, **kwargs)
-        return ce, div, sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div)) if x is not None)
+        ce, div, *diag = fused_lm_and_divergence(h, w_shard, **teacher, labels=labels, **kwargs)
+        return ce, div, sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div))
+                            if x is not None), (diag or [None])[0]
     models = 1 + bool(teacher)
     out = fused_head_loss(h, w_shard, **teacher, labels=labels, **kwargs,
                           ce_weight=None if labels is None else w_ce,
                           div_weight=w_div if teacher else None,
                           block_bytes=BLOCK * models * w_shard.shape[0] * 4)
     assert (out.path, out.block_rows) == ("grad_in_forward", BLOCK)
-    return out.ce, out.div, out.loss
+    return out.ce, out.div, out.loss, out.diag
 
 
 def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
@@ -96,10 +99,11 @@ def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
     for path in ("recompute", "grad_in_forward"):
         h = hidden.clone().requires_grad_()
         w_shard = _rows(weight, group).requires_grad_()
+        args = dict(kind=kind, temperature=temperature, vocab_size=VOCAB, group=group,
+                    chunk_tokens=3, chunk_vocab=5)
         with C.count_collectives() as fwd:
-            ce, div, loss = _run_path(path, copy_to_tp(h, group), w_shard, teacher, labels, w_ce,
-                                      w_div, kind=kind, temperature=temperature, vocab_size=VOCAB,
-                                      group=group, chunk_tokens=3, chunk_vocab=5)
+            ce, div, loss, _ = _run_path(path, copy_to_tp(h, group), w_shard, teacher, labels,
+                                         w_ce, w_div, **args)
         assert (ce is None) == (labels is None) and (div is None) == (teacher_as is None)
         with C.count_collectives() as bwd:
             loss.backward()
@@ -119,9 +123,34 @@ def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
         torch.testing.assert_close(h.grad.double(), ref_gh, **grad_tol)
         torch.testing.assert_close(w_shard.grad.double(), _rows(ref_gw, group), **grad_tol)
         grads[path] = h.grad, w_shard.grad
+        if teacher_as is not None and dtype == torch.float32:
+            _check_diagnostics(path, hidden, weight, teacher, labels, w_ce, w_div, ref_t, args,
+                               (ce, div, loss, h.grad, w_shard.grad), fwd.calls)
     assert len(set(map(str, gathered.values()))) <= 1, gathered
     for a, b in zip(grads["recompute"], grads["grad_in_forward"], strict=True):
         torch.testing.assert_close(b.double(), a.double(), **grad_tol)
+
+
+def _check_diagnostics(path, hidden, weight, teacher, labels, w_ce, w_div, ref_t, args, plain,
+                       plain_calls) -> None:
+    """The same call with `diagnostics=True`: the KD diagnostics equal the float64 definitions
+    on the full vocabulary (tests/test_diagnostics.py), from the same collectives, and every
+    output and gradient is bitwise the call's without them."""
+    group = args["group"]
+    h = hidden.clone().requires_grad_()
+    w_shard = _rows(weight, group).requires_grad_()
+    with C.count_collectives() as fwd:
+        ce, div, loss, diag = _run_path(path, copy_to_tp(h, group), w_shard, teacher, labels,
+                                        w_ce, w_div, **args, diagnostics=True)
+    loss.backward()
+    assert dict(fwd.calls) == dict(plain_calls), (fwd.calls, plain_calls)
+    for got, want in zip((ce, div, loss, h.grad, w_shard.grad), plain, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want), path
+    ref = reference_diagnostics(hidden.double() @ weight.double().T, ref_t, args["temperature"],
+                                VOCAB)
+    got = torch.stack([diag.teacher_entropy, diag.student_entropy, diag.top1_agreement], -1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"{path} {args['kind']}: {m}")
 
 
 def _fused_grid() -> int:
