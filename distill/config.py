@@ -230,10 +230,10 @@ class DistillConfig:
         return len(self.teachers) > 1
 
     def _check_on_policy(self) -> None:
-        # The teacher must score the student's fresh samples: teacher ranks (which read the data
-        # themselves) and offline exports cannot; teacher ranks are left for a later issue.
-        check(self.schedule == "colocated", "on_policy.fraction",
-              f"needs schedule colocated (got {self.schedule})")
+        # The teacher must score the student's fresh samples: an offline export cannot (teacher
+        # ranks receive them from the students).
+        check(self.schedule != "offline", "on_policy.fraction",
+              f"needs schedule colocated or teacher_ranks (got {self.schedule})")
         check(self.logit.on or bool(self.activations), "on_policy.fraction",
               "needs a distillation term (logit.weight > 0 or activations): on-policy "
               "micro-batches have no LM loss")

@@ -15,13 +15,14 @@ can act on is one line on stderr, printed by one rank (a lost peer: by each rank
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
-from distill.on_policy import OnPolicy
+from distill.on_policy import OnPolicy, is_on_policy
 from distill.config import teacher_key
 from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
 from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherRequest,
@@ -190,7 +191,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: Paralle
                                      teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16,
                                      here=stream_request(request, stream).head == "hidden")
         return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
-                             total=per_step * remaining, stream=stream, head=head)
+                             total=per_step * remaining, stream=stream, head=head,
+                             on_policy=_on_policy_stream(cfg, per_step))
     if schedule == "offline":
         if cfg.distill.teachers:
             return TeacherList({e.name: OfflineTeacher(e.offline_dir, data=data,
@@ -200,6 +202,15 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: Paralle
     if teacher_cfg is None:
         return None
     return _colocated(cfg, teacher_cfg, layout, objective.teacher_request(), objective)
+
+
+def _on_policy_stream(cfg: RunConfig, per_step: int) -> Callable[[int], bool] | None:
+    """Whether the k-th micro-batch of a replica's stream (counted from where this run starts)
+    is one the students continue themselves (OnPolicy's choice); None without on-policy."""
+    if not cfg.distill.on_policy.on:
+        return None
+    first, fraction = resume_step(cfg.train) * per_step, cfg.distill.on_policy.fraction
+    return lambda k: is_on_policy(first + k, fraction)
 
 
 def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
@@ -227,6 +238,8 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
                              prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp,
                              stage_requests=[stage_request(teacher.request, objective.pairs, plan)
-                                             for plan in stages])
+                                             for plan in stages],
+                             on_policy=_on_policy_stream(cfg, cfg.data.global_batch // (
+                                 cfg.data.micro_batch * layout.student_dp)))
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

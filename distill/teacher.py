@@ -318,6 +318,16 @@ class _StudentLink:
             work.wait()
         self.stopped = int(ack.item()) == ACK_STOP
 
+    def receive_samples(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The token ids of an on-policy micro-batch, which the student sends right after
+        acknowledging the one before (so every acknowledgement is taken first); None once the
+        student has stopped."""
+        while not self.stopped and self.acked < self.sent:
+            self._receive_ack()
+        if self.stopped:
+            return None
+        return C.recv(torch.empty_like(like), src=self.peer)
+
     def ready(self, prefetch: int) -> bool:
         """Wait until another micro-batch may be sent; False once the student has stopped."""
         while not self.stopped and self.sent - self.acked >= prefetch:
@@ -378,7 +388,8 @@ def _agree(ok: bool, layout: ParallelLayout) -> bool:
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                   batches_for: Callable[[int], Iterator[dict]], prefetch: int,
                   student_sp: bool = False,
-                  stage_requests: Sequence[TeacherRequest] | None = None) -> int:
+                  stage_requests: Sequence[TeacherRequest] | None = None,
+                  on_policy: Callable[[int], bool] | None = None) -> int:
     """Teacher-rank loop: stream outputs for every micro-batch of each served student replica.
 
     `batches_for(student_dp_rank)` yields that replica's micro-batches in training order;
@@ -386,12 +397,17 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
     buffers). Replicas are served in turn, at most `prefetch` micro-batches ahead of each; the
     TP ranks of this teacher replica run each forward together and each sends to its own student
     ranks. Under student PP the teacher runs each micro-batch once and sends each pipeline rank
-    of the replica what `stage_requests[pp_rank]` asks. The loop ends when every stream is done or
-    its students stopped. Returns the number of micro-batches sent (per stage).
+    of the replica what `stage_requests[pp_rank]` asks. `on_policy(k)`: whether a replica's k-th
+    micro-batch (counted from the stream's start) is one the students continue themselves; its
+    token ids then come from the replica's first rank (TP rank 0 of stage 0, received by this
+    replica's TP rank 0 and broadcast over its TP group), so the teacher cannot run ahead of it.
+    The loop ends when every stream is done or its students stopped. Returns the number of
+    micro-batches sent (per stage).
     """
     wires = [_Wire.of(r) for r in (stage_requests or [teacher.request])]
     links = _served_links(layout, len(wires))
     streams = {d: batches_for(d) for d in links}
+    served = dict.fromkeys(links, 0)  # micro-batches taken from each stream
     seq_shards = layout.student_tp if student_sp else 1
     while streams:
         for d in list(streams):
@@ -401,6 +417,12 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                 del streams[d]
                 continue
             batch = to_device(batch, layout.device)
+            if on_policy is not None and on_policy(served[d]):
+                batch = _with_samples(batch, links[d], layout)
+                if batch is None:  # the students stopped before sending them
+                    del streams[d]
+                    continue
+            served[d] += 1
             out = teacher(batch)
             whole = [wire.whole(out, layout) for wire in wires]
             checksum = token_checksum(batch["input_ids"]).to(layout.device)
@@ -418,6 +440,17 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
     return sum(link.sent for link in every) // len(wires)
 
 
+def _with_samples(batch: dict, links: list[_StudentLink], layout: ParallelLayout) -> dict | None:
+    """`batch` with the students' own token ids (see `serve_teacher`); None if they stopped."""
+    first = layout.tp_rank == 0  # its first link is the replica's TP rank 0 of stage 0
+    ids = links[0].receive_samples(batch["input_ids"]) if first else None
+    if not _agree(ids is not None or not first, layout):
+        return None
+    ids = batch["input_ids"].clone() if ids is None else ids
+    src = layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank, tp_rank=0)
+    return {**batch, "input_ids": C.broadcast(ids, layout.tp_group, src=src)}
+
+
 class RemoteTeacher:
     """Student side of `serve_teacher`: receives the teacher outputs for each micro-batch, with
     receives posted up to `prefetch` micro-batches ahead so the teacher never waits on us, and
@@ -430,7 +463,8 @@ class RemoteTeacher:
 
     def __init__(self, layout: ParallelLayout, request: TeacherRequest, *, prefetch: int,
                  total: int, stream: Literal["hidden", "logits"] = "hidden",
-                 head: VocabParallelLMHead | None = None):
+                 head: VocabParallelLMHead | None = None,
+                 on_policy: Callable[[int], bool] | None = None):
         wire_request = stream_request(request, stream)
         if wire_request.head == "hidden" and head is None:
             raise ValueError("hidden streaming needs the teacher's output layer shard (head=)")
@@ -438,6 +472,10 @@ class RemoteTeacher:
         self.wire, self.prefetch = _Wire.of(wire_request), prefetch
         self.unposted = total  # micro-batches the teacher will still send us
         self.src = peer_teacher_rank(layout)
+        # on_policy(k): whether our k-th micro-batch holds our own samples, which the replica's
+        # first rank (TP rank 0 of stage 0) sends the teacher (see serve_teacher)
+        self.on_policy, self.calls = on_policy, 0
+        self.sends_samples = on_policy is not None and layout.tp_rank == 0 and layout.pp_rank == 0
         self.specs: list | None = None  # (dtype, shape) of each per-micro-batch tensor
         self.posted: collections.deque = collections.deque()
         self.unacked = False  # the last micro-batch handed out awaits its acknowledgement
@@ -479,6 +517,9 @@ class RemoteTeacher:
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
         self._acknowledge(ACK_CONTINUE)
+        if self.sends_samples and self.on_policy(self.calls):  # after the acknowledgement
+            C.send(micro_batch["input_ids"], dst=self.src)
+        self.calls += 1
         if self.specs is None:
             self._receive_header()
         while len(self.posted) < self.prefetch and self.unposted > 0:

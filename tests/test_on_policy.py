@@ -161,7 +161,9 @@ def _run(cfg, run_dir, *extra) -> int:
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
 
 
-def test_entry_point_resumes_exactly_and_tp2_sp_and_pp2_equal_tp1(run_setup):
+def test_entry_point_resumes_exactly_and_other_layouts_equal_tp1(run_setup):
+    """TP=2 + SP, PP=2, a teacher rank (also resumed mid-run, and feeding a PP=2 student) log
+    the single-process colocated run's losses."""
     tmp, cfg = run_setup
     assert _run(cfg, tmp / "full") == 0
     assert run_main(str(cfg), [f"train.run_dir={tmp / 'cut'}", "train.steps=2"]) == 0
@@ -172,11 +174,19 @@ def test_entry_point_resumes_exactly_and_tp2_sp_and_pp2_equal_tp1(run_setup):
         for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
             assert a[key] == b[key], (key, a["step"])
     assert all(r["kd_loss"] > 0 for r in full)
-    for name, layout in (("tp2", ["parallel.tp=2", "parallel.sp=true"]),
-                         ("pp2", ["parallel.pp=2"])):  # PP: the samples decoded stage by stage
-        run_ranks(_run, 2, cfg, tmp / name, *layout, timeout_s=180)
+    ranks = ["parallel.teacher_ranks=1", "distill.schedule=teacher_ranks"]
+    for name, world, layout in (
+            ("tp2", 2, ["parallel.tp=2", "parallel.sp=true"]),
+            ("pp2", 2, ["parallel.pp=2"]),  # the samples decoded stage by stage
+            # a teacher rank scores the samples the students send it
+            ("teacher_rank", 2, ranks),
+            ("teacher_rank_cut", 2, [*ranks, "train.steps=2"]),
+            ("teacher_rank_cut", 2, [*ranks, "train.resume=auto"]),  # counts from step 2 on
+            ("pp2_teacher_rank", 3, [*ranks, "parallel.pp=2", "distill.prefetch=8"])):
+        run_ranks(_run, world, cfg, tmp / name, *layout, timeout_s=180)
         for a, b in zip(full, read_metrics(tmp / name)):  # fp32 round-off of the reductions
             for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (name, key, a["step"])
+    assert len(read_metrics(tmp / "teacher_rank_cut")) == len(full)
     bad = run_main(str(cfg), [f"train.run_dir={tmp / 'bad'}", "distill.on_policy.max_new_tokens=16"])
     assert bad == 2
