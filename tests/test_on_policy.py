@@ -162,8 +162,8 @@ def _run(cfg, run_dir, *extra) -> int:
 
 
 def test_entry_point_resumes_exactly_and_other_layouts_equal_tp1(run_setup):
-    """TP=2 + SP, PP=2, a teacher rank (also resumed mid-run, and feeding a PP=2 student) log
-    the single-process colocated run's losses."""
+    """TP=2 + SP, PP=2, a teacher rank (also resumed mid-run, and feeding a PP=2 student) and
+    two teacher ranks at TP=2 log the single-process colocated run's losses."""
     tmp, cfg = run_setup
     assert _run(cfg, tmp / "full") == 0
     assert run_main(str(cfg), [f"train.run_dir={tmp / 'cut'}", "train.steps=2"]) == 0
@@ -182,7 +182,10 @@ def test_entry_point_resumes_exactly_and_other_layouts_equal_tp1(run_setup):
             ("teacher_rank", 2, ranks),
             ("teacher_rank_cut", 2, [*ranks, "train.steps=2"]),
             ("teacher_rank_cut", 2, [*ranks, "train.resume=auto"]),  # counts from step 2 on
-            ("pp2_teacher_rank", 3, [*ranks, "parallel.pp=2", "distill.prefetch=8"])):
+            ("pp2_teacher_rank", 3, [*ranks, "parallel.pp=2", "distill.prefetch=8"]),
+            # two teacher ranks at TP=2: the one that receives the samples broadcasts them
+            ("teacher_tp2", 3, ["parallel.teacher_ranks=2", "distill.schedule=teacher_ranks",
+                                "parallel.teacher_tp=2"])):
         run_ranks(_run, world, cfg, tmp / name, *layout, timeout_s=180)
         for a, b in zip(full, read_metrics(tmp / name)):  # fp32 round-off of the reductions
             for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
