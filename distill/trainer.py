@@ -209,6 +209,9 @@ class DistillTrainer:
         run_pipeline(stage, self.layout, train=True)
         sync_pipeline_grads(self.module, self.student, self.objective, self.layout,
                             sum_dp=not self.cfg.distributed_optimizer)
+        unlisted = sorted(set(totals) - {*TERMS, *objective.metric_names()})
+        if unlisted:  # the stages would sum different lists over the pipeline group
+            raise RuntimeError(f"objective metrics {unlisted} are missing from metric_names()")
         return totals
 
     def _autocast(self):
