@@ -4,7 +4,8 @@ launch/pretrain_distill.py on a tiny TP=2 + SP config:
 
 - one node (this host, one torchrun with 2 processes) and two nodes (two network namespaces with
   their own addresses and slurmd each, one torchrun per node, TP split across them) both run to
-  the end, and log the same losses bit for bit;
+  the end, and log the same losses bit for bit; PP=2 with a stage on each node logs them to fp32
+  round-off;
 - a job that gets SIGUSR1 mid-run (what `--signal=B:USR1@120` sends before the time limit) must
   checkpoint, requeue itself and resume where it stopped.
 
@@ -134,6 +135,8 @@ def wait_for_step(cluster: Cluster, job: int, run_dir: Path, step: int, *, submi
 
 
 def test_sbatch_one_node_and_two_nodes_distill_alike(cluster, two_node_cluster, config, tmp_path):
+    """TP=2 + SP on one node and on two nodes (one rank each) log the same losses; PP=2 over the
+    two nodes logs them to fp32 round-off."""
     runs = {"one": tmp_path / "one", "two": tmp_path / "two"}
     jobs = {"one": cluster.submit(runs["one"], "--config", str(config), "train.steps=3",
                                   f"train.run_dir={runs['one'] / 'run'}"),
@@ -156,6 +159,20 @@ def test_sbatch_one_node_and_two_nodes_distill_alike(cluster, two_node_cluster, 
     assert [m["step"] for m in one] == [1, 2, 3] and all(m.keys() >= METRIC_KEYS for m in one)
     assert all(m["kd_loss"] > 0 and m["act_loss"] > 0 for m in one)
     assert [[m[k] for k in LOSS_KEYS] for m in two] == [[m[k] for k in LOSS_KEYS] for m in one]
+    # PP=2 with a stage on each node (the colocated teacher cut the same way, an activation pair
+    # on each stage): activations and gradients cross the link between the nodes; the losses are
+    # the one-node TP=2 + SP run's, both being the single-process run's to fp32 round-off.
+    pp_dir = tmp_path / "pp"
+    job = two_node_cluster.submit(pp_dir, "--config", str(config), "train.steps=3",
+                                  f"train.run_dir={pp_dir / 'run'}", "parallel.tp=1",
+                                  "parallel.sp=false", "parallel.pp=2", nodes=2, cpus=1)
+    fields = two_node_cluster.wait_for_end(job, pp_dir, timeout_s=240)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), job_log(pp_dir, job)
+    pp = read_metrics(pp_dir / "run")
+    assert [m["step"] for m in pp] == [1, 2, 3]
+    for a, b in zip(pp, one, strict=True):
+        for key in LOSS_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-7), (key, a["step"])
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, config, tmp_path):
