@@ -83,16 +83,18 @@ def test_left_padded_batch_equals_transformers(models, arch):
     assert torch.equal(got, expected)
 
 
-def test_torchrun_tp2_equals_transformers(models, tmp_path):
+@pytest.mark.parametrize("layout,reported", [([], "tp=2, dp=1"), (["--pp", "2"], "tp=1, pp=2, dp=1")],
+                         ids=["tp2", "pp2"])
+def test_torchrun_tp2_and_pp2_equal_transformers(models, tmp_path, layout, reported):
     (hf_dir, ckpt), prompts = models[0]["qwen2"], models[1]
     out = tmp_path / "out.npy"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tools" / "generate.py"), "--ckpt", str(ckpt), "--tokens", str(prompts),
-           "--out", str(out), "--greedy", "--max-new-tokens", str(NEW)]
+           "--out", str(out), "--greedy", "--max-new-tokens", str(NEW), *layout]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "tokens/s (tp=2, dp=1)" in result.stderr
+    assert f"tokens/s ({reported})" in result.stderr
     expected = hf_greedy(hf_dir, torch.from_numpy(np.load(prompts)))
     assert torch.equal(torch.from_numpy(np.load(out)), expected)
 
@@ -221,6 +223,8 @@ def test_bad_arguments(models, text_model, tmp_path, capsys):
         (["--ckpt", str(ckpt), "--prompts", str(prompts), "--max-new-tokens", "2"],
          "records no tokenizer"),
         ([*base, "--max-new-tokens", "2", "--eos-id", "500"], "--eos-id: must be in [0, 96)"),
+        ([*base, "--max-new-tokens", "2", "--pp", "2"], "--pp: parallel.tp=1 x parallel.pp=2"),
+        ([*base, "--max-new-tokens", "2", "--pp", "0"], "--pp: must be >= 1"),
         (["--ckpt", str(ckpt), "--prompts", str(tmp_path / "none.txt"), "--max-new-tokens", "2",
           "--tokenizer", str(tmp_path / "none.json")], "--tokenizer: no such file"),
     ]

@@ -1,4 +1,4 @@
-"""Continue prompts with a checkpoint (KV-cached, greedy or sampled, any TP), or write a
+"""Continue prompts with a checkpoint (KV-cached, greedy or sampled, any TP and PP), or write a
 sequence-level distillation dataset of a teacher's continuations.
 
     torchrun --nproc_per_node N tools/generate.py --ckpt CKPT_DIR --tokens PROMPTS.npy --out OUT.npy \\
@@ -30,9 +30,11 @@ every token, optional logit KD on the same tokens). The work is done in chunks o
 prompts saved under `OUT_PREFIX.partial/`; a rerun with the same arguments resumes after the last
 saved chunk, and the dataset appears (atomically) only when all are done.
 
-Rows are split over data-parallel ranks in chunks of `--micro-batch` (world = TP x DP); a sampled
-chunk draws from its own generator seeded by (`--seed`, chunk), so the output does not depend on
-TP or DP. Reports tokens/s (generated tokens over the generation's wall time) on stderr.
+Rows are split over data-parallel ranks in chunks of `--micro-batch` (world = TP x PP x DP; with
+`--pp` the blocks are split over pipeline stages and decoded stage by stage, layers/decode.py); a
+sampled chunk draws from its own generator seeded by (`--seed`, chunk), so the output does not
+depend on TP, PP or DP. Reports tokens/s (generated tokens over the generation's wall time) on
+stderr.
 
 Exit codes: 0 done, 2 bad input (one `error: ...` line on stderr, nothing written).
 """
@@ -57,7 +59,7 @@ from engine.config import ConfigError, check, from_dict
 from engine.data import (DataConfig, IndexedWriter, TokenBatches, document_text, dtype_for_vocab,
                          file_records, find_eod_id, load_tokenizer, resolve_data_path)
 from engine.log import get_logger, setup_logging
-from engine.parallel import LaunchEnv, ParallelLayout, validate_layout
+from engine.parallel import LaunchEnv, LayoutError, ParallelLayout, validate_layout
 from layers.config import ModelConfig, check_model_layout
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
@@ -242,14 +244,18 @@ def seq_kd_key(args: argparse.Namespace) -> dict:
 
 def report_speed(tokens: int, seconds: float, layout: ParallelLayout) -> None:
     if layout.is_rank0:
-        log.info("generated %d tokens in %.2f s: %.1f tokens/s (tp=%d, dp=%d)", tokens, seconds,
-                 tokens / max(seconds, 1e-9), layout.tp, layout.dp)
+        log.info("generated %d tokens in %.2f s: %.1f tokens/s (tp=%d, %sdp=%d)", tokens,
+                 seconds, tokens / max(seconds, 1e-9), layout.tp,
+                 f"pp={layout.pp}, " if layout.pp > 1 else "", layout.dp)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: all ranks)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel degree (default: all ranks over --pp)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (model.layers must "
+                                                          "divide by it)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", type=Path, help=".npy of int prompt ids [batch, prompt_len]")
     source.add_argument("--prompts", type=Path, help="text file: one prompt per non-blank line")
@@ -289,8 +295,13 @@ def sampling_of(args: argparse.Namespace) -> Sampling:
 
 def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     """Every check that needs no process group (run identically on every rank)."""
-    validate_layout(world_size=world, tp=args.tp, sp=False)
+    try:
+        validate_layout(world_size=world, tp=args.tp, sp=False, pp=args.pp)
+    except LayoutError as err:  # named by this tool's flags
+        raise ConfigError("--" + err.key.removeprefix("parallel."), err.message) from None
     check_model_layout(cfg, args.tp)
+    check(cfg.layers % args.pp == 0, "--pp", f"{args.pp} does not divide the model's "
+                                             f"{cfg.layers} decoder blocks")
     for key in ("max_new_tokens", "micro_batch", "num_prompts", "prompt_len"):
         check(getattr(args, key) >= 1, "--" + key.replace("_", "-"),
               f"must be >= 1 (got {getattr(args, key)})")
@@ -312,7 +323,8 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
 
 def prepare_inputs(args: argparse.Namespace, world: int) -> dict:
     """Everything read and checked before any process group exists."""
-    args.tp = world if args.tp is None else args.tp
+    check(args.pp >= 1, "--pp", f"must be >= 1 (got {args.pp})")
+    args.tp = max(1, world // args.pp) if args.tp is None else args.tp
     step_dir, run_config, cfg = checkpoint_model_config(args.ckpt)
     _check_args(args, cfg, world)
     sampling = sampling_of(args)
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def prepare(launch: LaunchEnv) -> tuple[int, Callable[[ParallelLayout], None]]:
         found = prepare_inputs(args, launch.world_size)
-        return args.tp, lambda layout: run(args, found, layout)
+        return dict(tp=args.tp, pp=args.pp), lambda layout: run(args, found, layout)
 
     return run_tool(prepare)
 

@@ -214,17 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(prepare)
 
 
-def run_tool(prepare: Callable[[LaunchEnv], tuple[int, Callable[[ParallelLayout], None]]]) -> int:
+def run_tool(prepare: Callable[[LaunchEnv], tuple[int | dict, Callable[[ParallelLayout], None]]],
+             ) -> int:
     """A tool's life: `prepare(launch)` reads and checks every input, on every rank alike, before
-    any process group exists, and returns (TP degree, work); `work(layout)` runs in the groups.
-    Bad input at either stage: one `error:` line, exit 2."""
+    any process group exists, and returns (TP degree, or `init_parallel`'s layout arguments, work);
+    `work(layout)` runs in the groups. Bad input at either stage: one `error:` line, exit 2."""
     launch = None
     try:
         launch = LaunchEnv.from_env()
-        tp, work = prepare(launch)
+        degrees, work = prepare(launch)
     except USER_ERRORS as err:
         return report_error(err, rank=None if launch is None else launch.rank)
-    layout = init_parallel(tp=tp, launch=launch)
+    layout = init_parallel(**({"tp": degrees} if isinstance(degrees, int) else degrees),
+                           launch=launch)
     try:
         work(layout)
     except USER_ERRORS as err:
