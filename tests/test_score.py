@@ -97,25 +97,25 @@ def test_torchrun_tp2_equals_transformers(setup, tmp_path):
 
 
 def _layouts(ckpt: str, ids: torch.Tensor, prefix: str) -> dict:
-    """In 2 ranks: log-probs and validation loss at TP 1 x DP 2, then at TP 2 x DP 1."""
+    """In 2 ranks: log-probs and validation loss at TP 1 x DP 2, at TP 2 x DP 1 and at PP 2."""
     step_dir, _, cfg = score.checkpoint_model_config(ckpt)
     results = {}
-    for tp in (1, 2):
-        model = score.load_model(step_dir, cfg, make_layout(tp=tp))
-        loss, tokens = validation_loss(model, data_config(prefix, dp=2 // tp),
+    for name, tp, pp in (("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)):
+        model = score.load_model(step_dir, cfg, make_layout(tp=tp, pp=pp))
+        loss, tokens = validation_loss(model, data_config(prefix, dp=2 // (tp * pp)),
                                        micro_batches=BATCHES, seed=SEED)
-        results[tp] = (score.score_tokens(model, ids, micro_batch=2), loss, tokens)
+        results[name] = (score.score_tokens(model, ids, micro_batch=2), loss, tokens)
     return results
 
 
-def test_dp_and_tp_layouts_equal_transformers(setup):
+def test_dp_tp_and_pp_layouts_equal_transformers(setup):
     hf_dir, ckpt, tokens, prefix = setup
     ids = torch.from_numpy(np.load(tokens))
     expected = reference_log_probs(hf_dir, ids)
     expected_loss = reference_validation_loss(hf_dir, prefix)
     for rank, results in enumerate(run_ranks(_layouts, 2, str(ckpt), ids, prefix, timeout_s=120)):
-        for tp, (log_probs, loss, tokens) in results.items():
-            where = f"rank {rank}, tp {tp}"
+        for layout, (log_probs, loss, tokens) in results.items():
+            where = f"rank {rank}, {layout}"
             torch.testing.assert_close(log_probs, expected, **TOL, msg=lambda m: f"{where}: {m}")
             assert tokens == BATCHES * BATCH_SIZE * SEQ_LEN, where
             assert loss == pytest.approx(expected_loss, abs=1e-4), where
@@ -179,6 +179,8 @@ def test_bad_arguments(setup, tmp_path, capsys):
         ([*score_args(ckpt, prefix), "--seq-len", "64"], "--seq-len: 64 exceeds model.max_seq_len=32"),
         ([*score_args(ckpt, str(tmp_path / "nodata"))], "data.path: no indexed dataset at"),
         (["--ckpt", str(ckpt), "--data", prefix, "--tp", "3"], "parallel.tp=3 is larger than"),
+        (["--ckpt", str(ckpt), "--data", prefix, "--pp", "2"], "--pp: parallel.tp=1 x parallel.pp=2"),
+        (["--ckpt", str(ckpt), "--data", prefix, "--pp", "0"], "--pp: must be >= 1"),
     ]
     for argv, message in cases:
         assert score.main(argv) == 2, argv

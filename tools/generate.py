@@ -59,12 +59,12 @@ from engine.config import ConfigError, check, from_dict
 from engine.data import (DataConfig, IndexedWriter, TokenBatches, document_text, dtype_for_vocab,
                          file_records, find_eod_id, load_tokenizer, resolve_data_path)
 from engine.log import get_logger, setup_logging
-from engine.parallel import LaunchEnv, LayoutError, ParallelLayout, validate_layout
-from layers.config import ModelConfig, check_model_layout
+from engine.parallel import LaunchEnv, ParallelLayout
+from layers.config import ModelConfig
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
-from tools.score import (checkpoint_model_config, ensure_new_output, load_model, read_tokens,
-                         run_tool, save_npy)
+from tools.score import (check_tool_layout, checkpoint_model_config, ensure_new_output,
+                         load_model, read_tokens, run_tool, save_npy, tool_degrees)
 
 log = get_logger("generate")
 TOKENIZER_DIR = "tokenizer"  # inside an imported checkpoint's step directory (tools/convert_hf.py)
@@ -295,13 +295,7 @@ def sampling_of(args: argparse.Namespace) -> Sampling:
 
 def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     """Every check that needs no process group (run identically on every rank)."""
-    try:
-        validate_layout(world_size=world, tp=args.tp, sp=False, pp=args.pp)
-    except LayoutError as err:  # named by this tool's flags
-        raise ConfigError("--" + err.key.removeprefix("parallel."), err.message) from None
-    check_model_layout(cfg, args.tp)
-    check(cfg.layers % args.pp == 0, "--pp", f"{args.pp} does not divide the model's "
-                                             f"{cfg.layers} decoder blocks")
+    check_tool_layout(args, cfg, world)
     for key in ("max_new_tokens", "micro_batch", "num_prompts", "prompt_len"):
         check(getattr(args, key) >= 1, "--" + key.replace("_", "-"),
               f"must be >= 1 (got {getattr(args, key)})")
@@ -323,8 +317,6 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
 
 def prepare_inputs(args: argparse.Namespace, world: int) -> dict:
     """Everything read and checked before any process group exists."""
-    check(args.pp >= 1, "--pp", f"must be >= 1 (got {args.pp})")
-    args.tp = max(1, world // args.pp) if args.tp is None else args.tp
     step_dir, run_config, cfg = checkpoint_model_config(args.ckpt)
     _check_args(args, cfg, world)
     sampling = sampling_of(args)
@@ -407,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def prepare(launch: LaunchEnv) -> tuple[int, Callable[[ParallelLayout], None]]:
+        degrees = tool_degrees(args, launch.world_size)
         found = prepare_inputs(args, launch.world_size)
-        return dict(tp=args.tp, pp=args.pp), lambda layout: run(args, found, layout)
+        return degrees, lambda layout: run(args, found, layout)
 
     return run_tool(prepare)
 

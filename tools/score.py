@@ -10,8 +10,9 @@ next-token loss and the perplexity over `--batches` batches of its validation sp
 as training draws them (engine.data.TokenBatches), so teacher, student and baseline scored with the
 same flags see the same tokens whatever their TP degree.
 
-The model runs at TP = `--tp` (default: every rank) and data parallel over the remaining ranks;
-plain `python tools/score.py` is one process. Logits stay sharded over the vocabulary: log p is
+The model runs at TP = `--tp` (default: every rank over `--pp`), in `--pp` pipeline stages
+(default 1; the sequences go through the pipeline's forwards) and data parallel over the remaining
+ranks; plain `python tools/score.py` is one process. Logits stay sharded over the vocabulary: log p is
 `-distill.cross_entropy` on the shards (no vocabulary gather). Checkpoints saved at any TP degree
 load (they are resharded on the fly).
 
@@ -35,13 +36,15 @@ import torch
 
 from distill import cross_entropy
 from distill.evaluate import validation_loss
+from distill.pipeline_step import StudentStage, run_pipeline
 from distill.weights import load_weights
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, checkpoint_run_config, resolve_checkpoint
 from engine.config import ConfigError, from_dict
 from engine.data import DataConfig, DataError
 from engine.log import error_line, get_logger, setup_logging
-from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, validate_layout
+from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_parallel, init_parallel,
+                             validate_layout)
 from layers.config import ModelConfig, check_model_layout
 from layers.model import TransformerLM
 
@@ -96,9 +99,37 @@ def score_tokens(model: TransformerLM, ids: torch.Tensor, *, micro_batch: int) -
     per_rank = -(-rows // layout.dp)
     padded = torch.cat([ids, ids.new_zeros(per_rank * layout.dp - rows, ids.shape[1])])
     mine = padded[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank].to(layout.device)
-    parts = [token_log_probs(model, chunk) for chunk in mine.split(micro_batch)]
-    local = torch.cat(parts) if parts else mine.new_zeros(0, ids.shape[1] - 1, dtype=torch.float32)
+    if layout.pp > 1:
+        local = _pipeline_log_probs(model, mine, micro_batch)
+    else:
+        parts = [token_log_probs(model, chunk) for chunk in mine.split(micro_batch)]
+        local = torch.cat(parts) if parts else \
+            mine.new_zeros(0, ids.shape[1] - 1, dtype=torch.float32)
     return C.all_gather(local, layout.dp_group, dim=0)[:rows].cpu()
+
+
+def _pipeline_log_probs(model: TransformerLM, ids: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """`token_log_probs` of `ids` through the pipeline's forwards (micro-batches of equal size:
+    the rows padded with copies of the first); the last stage's result, broadcast over the
+    pipeline group."""
+    layout, rows = model.layout, ids.shape[0]
+    result = torch.zeros(rows, ids.shape[1] - 1, dtype=torch.float32, device=layout.device)
+    if rows == 0:
+        return result
+    chunks = -(-rows // micro_batch)
+    padded = torch.cat([ids, ids[:1].expand(chunks * micro_batch - rows, -1)])
+    batches = [{"input_ids": chunk} for chunk in padded.split(micro_batch)]
+    parts: dict[int, torch.Tensor] = {}
+
+    def last(i: int, out, _teacher) -> None:
+        ids_i = batches[i]["input_ids"]
+        parts[i] = -cross_entropy(out.logits[:, :-1], ids_i[:, 1:], vocab_size=model.config.vocab_size,
+                                  group=layout.tp_group).float()
+
+    run_pipeline(StudentStage(model, batches, last=last), layout, train=False)
+    if parts:  # the last stage
+        result.copy_(torch.cat([parts[i] for i in range(chunks)])[:rows])
+    return C.broadcast(result, layout.pp_group, src=layout.pp_ranks[-1])
 
 
 def read_tokens(path: Path, cfg: ModelConfig, *, min_seq: int = 2) -> torch.Tensor:
@@ -141,7 +172,10 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: all ranks)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel degree (default: all ranks over --pp)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (model.layers must "
+                                                          "divide by it)")
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward on one DP rank")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--tokens", type=Path, help=".npy of int ids [batch, seq] to score")
@@ -160,8 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     """Every check that needs no process group (run identically on every rank)."""
-    validate_layout(world_size=world, tp=args.tp, sp=False)
-    check_model_layout(cfg, args.tp)
+    check_tool_layout(args, cfg, world)
     for key in ("micro_batch", "batches", "batch_size", "seq_len"):
         if getattr(args, key) < 1:
             raise ConfigError("--" + key.replace("_", "-"), f"must be >= 1 (got {getattr(args, key)})")
@@ -171,9 +204,29 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
         ensure_new_output(args.out, force=args.force)
     elif args.seq_len > cfg.max_seq_len:
         raise ConfigError("--seq-len", f"{args.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    elif args.batch_size % (world // args.tp):
+    elif args.batch_size % (world // (args.tp * args.pp)):
         raise ConfigError("--batch-size", f"{args.batch_size} does not split over "
-                                          f"{world // args.tp} data-parallel ranks")
+                                          f"{world // (args.tp * args.pp)} data-parallel ranks")
+
+
+def tool_degrees(args: argparse.Namespace, world: int) -> dict:
+    """`--tp` (default: every rank over `--pp`) and `--pp` as `init_parallel`'s arguments."""
+    if args.pp < 1:
+        raise ConfigError("--pp", f"must be >= 1 (got {args.pp})")
+    args.tp = max(1, world // args.pp) if args.tp is None else args.tp
+    return dict(tp=args.tp, pp=args.pp)
+
+
+def check_tool_layout(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
+    """`--tp` x `--pp` against the world and the model; errors name the flags."""
+    try:
+        validate_layout(world_size=world, tp=args.tp, sp=False, pp=args.pp)
+    except LayoutError as err:
+        raise ConfigError("--" + err.key.removeprefix("parallel."), err.message) from None
+    check_model_layout(cfg, args.tp)
+    if cfg.layers % args.pp:
+        raise ConfigError("--pp", f"{args.pp} does not divide the model's {cfg.layers} decoder "
+                                  "blocks")
 
 
 def _data_config(args: argparse.Namespace, dp: int) -> DataConfig:
@@ -204,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
 
-    def prepare(launch: LaunchEnv) -> tuple[int, Callable[[ParallelLayout], None]]:
-        args.tp = launch.world_size if args.tp is None else args.tp
+    def prepare(launch: LaunchEnv) -> tuple[dict, Callable[[ParallelLayout], None]]:
+        degrees = tool_degrees(args, launch.world_size)
         step_dir, _, cfg = checkpoint_model_config(args.ckpt)
         _check_args(args, cfg, launch.world_size)
         ids = read_tokens(args.tokens, cfg) if args.tokens is not None else None
-        return args.tp, lambda layout: run(args, step_dir, cfg, layout, ids=ids)
+        return degrees, lambda layout: run(args, step_dir, cfg, layout, ids=ids)
 
     return run_tool(prepare)
 
