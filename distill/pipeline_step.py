@@ -11,10 +11,9 @@ same depth fractions) and runs forward in lockstep on the same ranks: its residu
 with the student's as a second tensor that carries no gradient. Several colocated teachers
 (`distill.teachers`, a `TeacherList`) are each split the same way, their residual streams
 travelling in config order after the student's; their outputs reach `activations` and `last` as
-{name: TeacherOutputs}. Every virtual stage hands the
-activation buffers both models published there to `activations` (the activation pairs of that
-stage, whose loss shares join the step's loss on the stage that owns them); the last one also
-hands the teacher's head outputs to `last`.
+{name: TeacherOutputs}. Every virtual stage hands the activation buffers both models published
+there to `activations` (the activation pairs of that stage, whose loss shares join the step's loss
+on the stage that owns them); the last one also hands the teacher's head outputs to `last`.
 
 Gradients after the schedule (`sync_pipeline_grads`): summed over DP (each rank's losses are its
 shares of the step's global means, so the sum is the gradient of the means; no DDP under PP), and,
