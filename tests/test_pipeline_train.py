@@ -1,6 +1,7 @@
 """Pipeline-parallel training through the real entry point (`launch/pretrain.py`'s `main`).
 
-Each layout row trains a tiny tied-embedding Llama with an MTP head for three steps and must log
+Each layout row (PP=2; PP=2 x TP=2 + SP; PP=2 x DP=2; interleaved PP=2 x 2 chunks with full
+activation recompute) trains a tiny tied-embedding Llama with an MTP head for three steps and must log
 the single-process run's losses, gradient norms and validation loss at rtol 1e-5 (fp32 round-off
 of a few hundred operations, as tests/test_trainer.py); its final checkpoint, written per stage
 and loaded at PP=1, must hold the single-process run's parameters (to PARAM_ATOL, below).
@@ -12,7 +13,9 @@ with the single run's weights.
 Distillation rows: a colocated teacher deeper and wider than the student (6 layers of 48 against 4
 of 32, cut at the same depth fractions), logit distillation and one activation pair (with its own
 learned projection, whose copies on the stages are kept in sync) on each of the first and the last
-virtual stage; the same tolerances on every logged term (kd_loss and act_loss included).
+virtual stage; the same tolerances on every logged term (kd_loss and act_loss included); the
+PP=2 x DP=2 row with the distributed optimizer. Two colocated teachers under interleaved PP; a
+teacher on its own rank(s) feeding a PP=2 student (hidden and logits streams, its own TP).
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ LAYOUTS = [  # (world size, DP degree, overrides of the pipeline run)
     pytest.param(2, 1, ["parallel.pp=2"], id="pp2"),
     pytest.param(4, 1, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], id="pp2-tp2-sp"),
     pytest.param(4, 2, ["parallel.pp=2"], id="pp2-dp2"),
-    pytest.param(2, 1, ["parallel.pp=2", "parallel.virtual_stages=2"], id="pp2-interleaved-v2"),
+    # interleaved, with full activation recompute inside each chunk's backward
+    pytest.param(2, 1, ["parallel.pp=2", "parallel.virtual_stages=2", "train.recompute=full"],
+                 id="pp2-interleaved-v2-recompute"),
 ]
 
 
