@@ -1,8 +1,8 @@
 """Pipeline-parallel training through the real entry point (`launch/pretrain.py`'s `main`).
 
 Each layout row (PP=2; PP=2 x TP=2 + SP; PP=2 x DP=2; interleaved PP=2 x 2 chunks with full
-activation recompute) trains a tiny tied-embedding Llama with an MTP head for three steps and must log
-the single-process run's losses, gradient norms and validation loss at rtol 1e-5 (fp32 round-off
+activation recompute) trains a tiny tied-embedding Llama with an MTP head for three steps and must
+log the single-process run's losses, gradient norms and validation loss at rtol 1e-5 (fp32 round-off
 of a few hundred operations, as tests/test_trainer.py); its final checkpoint, written per stage
 and loaded at PP=1, must hold the single-process run's parameters (to PARAM_ATOL, below).
 Resuming at PP=2 from a PP=2 checkpoint, at PP=2 from a PP=1 checkpoint and at PP=1 from a PP=2
