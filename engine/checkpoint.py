@@ -54,6 +54,7 @@ from engine.checkpoint_state import (ShardReader, load_model_state, load_optimiz
                                      merge_stage_meta, model_state, optimizer_state, parse_header,
                                      rng_state, set_rng_state)
 from engine.config import ConfigError
+from engine.dist_optim import ShardedAdamW
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
 
@@ -235,8 +236,13 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
                       rank_tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write this rank's files and its manifest; return the tensor metadata rank 0 publishes."""
     records, meta = {}, {}
-    # Every DP rank takes part: a distributed optimizer gathers its DP-sharded states here.
-    optim = optimizer_state(optimizer, model) if optimizer is not None else None
+    optim = None
+    if optimizer is not None:
+        # Every DP rank takes part: a distributed optimizer gathers its DP-sharded states to DP
+        # rank 0, the writer (the others never hold them whole).
+        saved = optimizer.state_dict(to_dp_rank=0) if isinstance(optimizer, ShardedAdamW) else None
+        if layout.dp_rank == 0:
+            optim = optimizer_state(optimizer, model, saved=saved)
     if layout.dp_rank == 0:
         flat = model_state(model)
         name = _model_file(layout.tp_rank, layout.pp_rank, layout.pp)

@@ -269,11 +269,13 @@ def _json_value(value: Any, where: str) -> Any:
     return value
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> FlatState:
-    """Optimizer state keyed by parameter NAME: tensors `name/key`, other values and groups in JSON."""
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, *,
+                    saved: dict | None = None) -> FlatState:
+    """Optimizer state keyed by parameter NAME: tensors `name/key`, other values and groups in JSON.
+    `saved`: the optimizer's state dict when the caller has it (None: `optimizer.state_dict()`)."""
     names = _param_names(optimizer, model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved = optimizer.state_dict()
+    saved = optimizer.state_dict() if saved is None else saved
     tensors, specs, scalars = {}, {}, {}
     for index, entry in saved["state"].items():
         for key, value in entry.items():

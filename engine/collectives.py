@@ -105,6 +105,19 @@ def all_gather(tensor: torch.Tensor, group: Group, *, dim: int = 0) -> torch.Ten
     return torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
+def gather(tensor: torch.Tensor, group: Group, *, dst: int) -> torch.Tensor | None:
+    """Every rank's `tensor` (all the same shape) concatenated along dim 0, in rank order, on
+    global rank `dst` only (None on the others, which allocate nothing)."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    _record("gather", tensor)
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(world)] if dist.get_rank() == dst else None
+    dist.gather(tensor, parts, dst=dst, group=group)
+    return None if parts is None else torch.cat(parts)
+
+
 def split_along(tensor: torch.Tensor, group: Group, *, dim: int) -> torch.Tensor:
     """This rank's equal slice of `tensor` along `dim` (no communication)."""
     world = group_size(group)

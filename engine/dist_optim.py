@@ -26,7 +26,8 @@ parameter whose `.grad` is None (no moment update, no weight decay, no step coun
 
 Checkpoints use the replicated optimizer's per-parameter form: `state_dict()` all-gathers the
 moments over DP (a collective: every DP rank calls it) and returns what `torch.optim.AdamW` over the
-model's parameters would return; `load_state_dict()` takes that form and keeps this rank's slice.
+model's parameters would return (a save gathers them to DP rank 0 only, `to_dp_rank=0`, so the
+other ranks never hold the full state); `load_state_dict()` takes that form and keeps this rank's slice.
 A checkpoint therefore loads at any DP degree, with the option on or off.
 """
 
@@ -212,13 +213,17 @@ class ShardedAdamW:
                 steps[seg.index] = float(self.inner.state[seg.tensor]["step"])
         return C.all_reduce(steps, self.layout.dp_group, op="max").tolist()
 
-    def state_dict(self) -> dict:
-        """torch AdamW's state dict over the model's parameters (collective over DP)."""
+    def state_dict(self, *, to_dp_rank: int | None = None) -> dict:
+        """torch AdamW's state dict over the model's parameters (collective over DP). With
+        `to_dp_rank`, only that DP rank gets the moments (the others get none, and allocate no
+        full-size buffer): what a checkpoint save, written by DP rank 0, needs."""
         steps = self._steps()
         state: dict[int, dict] = {}
         for bucket in self._all_buckets():
-            moments = {key: C.all_gather(getattr(bucket, key), self.layout.dp_group)
+            moments = {key: self._gathered(getattr(bucket, key), to_dp_rank)
                        for key in ("exp_avg", "exp_avg_sq")}
+            if moments["exp_avg"] is None:  # not the receiving rank
+                continue
             for (index, p), start in zip(bucket.params, bucket.offsets):
                 if steps[index] > 0:
                     state[index] = {"step": torch.tensor(steps[index], dtype=torch.float32), **{
@@ -229,6 +234,15 @@ class ShardedAdamW:
             groups.append(dict(group, params=list(range(index, index + len(group["params"])))))
             index += len(group["params"])
         return {"state": state, "param_groups": groups}
+
+    def _gathered(self, flat: torch.Tensor, to_dp_rank: int | None) -> torch.Tensor | None:
+        """A bucket's flat moment over every DP rank's slice (on `to_dp_rank` only, if given)."""
+        if to_dp_rank is None:
+            return C.all_gather(flat, self.layout.dp_group)
+        layout = self.layout
+        dst = layout.global_rank(role=layout.role, dp_rank=to_dp_rank, tp_rank=layout.tp_rank,
+                                 pp_rank=layout.pp_rank)
+        return C.gather(flat, layout.dp_group, dst=dst)
 
     def load_state_dict(self, saved: dict) -> None:
         """Keep this rank's slice of a per-parameter AdamW state dict (any DP degree saved it)."""

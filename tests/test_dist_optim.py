@@ -174,6 +174,15 @@ def _toy_rank() -> dict:
     fresh.load_state_dict(theirs)
     again = fresh.state_dict()["state"]
     assert all(torch.equal(again[i][k], v) for i, e in theirs["state"].items() for k, v in e.items())
+    # gathered to one DP rank (a checkpoint save): that rank gets all of it, the others nothing
+    to_last = sharded.state_dict(to_dp_rank=layout.dp - 1)
+    if layout.dp_rank == layout.dp - 1:
+        assert to_last["state"].keys() == mine["state"].keys()
+        assert all(torch.equal(to_last["state"][i][k], v) for i, e in mine["state"].items()
+                   for k, v in e.items())
+    else:
+        assert to_last["state"] == {}
+    assert to_last["param_groups"] == mine["param_groups"]
     return {"moments": sum(b.exp_avg.nbytes + b.exp_avg_sq.nbytes for b in sharded._all_buckets())}
 
 
