@@ -1,4 +1,5 @@
-"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on; and PP=2).
+"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on; PP=2; on-policy
+samples scored by a teacher rank).
 
 An uninterrupted run is compared bit for bit with (a) a run SIGKILLed mid-training and resumed
 with `train.resume=auto`, and (b) a run whose ranks get SIGTERM (as SLURM preemption sends), which
@@ -129,6 +130,24 @@ def test_sigterm_at_pp2_checkpoints_and_resumes_exactly(tmp_path):
     cfg["distill"] = {"teacher": str(make_teacher(tmp_path / "teacher", teacher)),
                       "activations": [{"student": "decoder.1.output", "teacher": "decoder.0.output"},
                                       {"student": "decoder.3.output", "teacher": "decoder.2.output"}]}
+    _check_preemption(cfg, tmp_path)
+
+
+def test_sigterm_with_on_policy_samples_on_a_teacher_rank(tmp_path):
+    """On-policy micro-batches scored by a teacher rank (the student sends its samples): SIGTERM
+    mid-run ends both ranks, the checkpoint resumes equal bit for bit (the on-policy choice
+    counted from the resumed step on both sides)."""
+    cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    cfg["parallel"]["teacher_ranks"] = 1
+    cfg["train"].update(steps=STEPS, save_interval=2, keep=2)
+    cfg["distill"] = {"teacher": str(make_teacher(tmp_path / "teacher", teacher_config(cfg))),
+                      "schedule": "teacher_ranks", "logit": {"kind": "reverse_kl"},
+                      "on_policy": {"fraction": 0.5, "max_new_tokens": 6}}
+    _check_preemption(cfg, tmp_path)
+
+
+def _check_preemption(cfg: dict, tmp_path: Path) -> None:
+    """The uninterrupted run of `cfg` against one preempted by SIGTERM and resumed."""
     config = write_config(tmp_path / "run.yaml", cfg)
     assert _finish(_torchrun(config, tmp_path / "reference")) == 0
     reference = _losses(tmp_path / "reference")
