@@ -208,8 +208,6 @@ class DistillConfig:
         check(self.schedule != "offline" or self.teacher_mode == "sum", "teacher_mode",
               "mixture needs every teacher's full distribution: not with top-k exports "
               "(schedule offline)")
-        check(self.teacher_mode == "sum" or not self.fused_lm_head, "teacher_mode",
-              "mixture needs every teacher's logits to mix: not with fused_lm_head")
         for i, entry in enumerate(self.pair_configs):
             check(len(self.teachers) == 1 or entry.teacher_name is not None,
                   f"activations[{i}].teacher_name", "is required with several teachers")

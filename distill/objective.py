@@ -192,8 +192,12 @@ class DistillObjective(nn.Module):
         return {p.teacher for p in self.pairs if name is None or p.source == name}
 
     def teacher_request(self, name: str | None = None) -> TeacherRequest:
-        """What live teacher `name` (None: the one teacher) must produce per micro-batch."""
-        head = "none" if not self.cfg.logit.on else "hidden" if self.fused else "logits"
+        """What live teacher `name` (None: the one teacher) must produce per micro-batch: its
+        logits, or with the fused head its head input (a mixture mixes the teachers' logits, so
+        the fused head then takes the mixture's)."""
+        mixes = self.several and self.cfg.teacher_mode == "mixture"
+        head = "none" if not self.cfg.logit.on else \
+            "hidden" if self.fused and not mixes else "logits"
         return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
 
     @property

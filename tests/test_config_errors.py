@@ -180,10 +180,6 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (1, ["distill.teacher=null", "distill.teachers=[{name: a}]"],
      "distill.teachers[0].checkpoint: is required"),
     (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
-         "{checkpoint: @teacher, name: b}]", "distill.teacher_mode=mixture",
-         "distill.fused_lm_head=true"],
-     "distill.teacher_mode: mixture needs every teacher's logits to mix: not with fused_lm_head"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
          "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
          "distill.activations=[all_mlps]"],
      "distill.activations[0].teacher_name: is required with several teachers"),

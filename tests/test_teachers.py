@@ -6,7 +6,7 @@
 - The objective with two teachers of different depths and widths, sum and mixture, against a
   direct float64 torch computation of the whole LM + KD objective over the step (terms, the
   per-teacher `kd_loss/<name>`, and the gradient of every student parameter) at TP 1 and TP 2
-  with SP (rtol=atol=1e-9); sum mode fused as well. With activation pairs naming each teacher
+  with SP (rtol=atol=1e-9); both modes fused as well. With activation pairs naming each teacher
   (each through its own projection), TP 2 + SP equals TP 1 (terms and every gradient).
 - Two identical teachers, in either mode, equal one teacher (terms and gradients, 1e-12).
 - The entry point trains a student from two colocated teachers and logs kd_loss/<name>; sum
@@ -136,10 +136,10 @@ def _teachers(layout, configs=TEACHERS):
 
 
 def _outputs(teacher, objective, name, ids):
+    hidden = objective.teacher_request(name).head == "hidden"
     with torch.no_grad():
-        out = teacher(ids, buffers=objective.teacher_buffer_names(name),
-                      compute_logits=not objective.fused)
-    if objective.fused:
+        out = teacher(ids, buffers=objective.teacher_buffer_names(name), compute_logits=not hidden)
+    if hidden:
         return TeacherOutputs(head_hidden=out.head_hidden, output_weight=teacher.output_weight,
                               buffers=out.buffers)
     return TeacherOutputs(logits=out.logits, buffers=out.buffers)
@@ -215,7 +215,9 @@ def _assert_same(got, want, *, tol=TOL, label=""):
 
 
 CASES = {"sum": ("sum", {}), "mixture": ("mixture", {}),
-         "sum_fused": ("sum", {"fused_lm_head": True})}
+         "sum_fused": ("sum", {"fused_lm_head": True}),
+         # the fused head distils towards the mixture of the teachers' logits
+         "mixture_fused": ("mixture", {"fused_lm_head": True})}
 
 
 def _all_cases(layout) -> dict:
