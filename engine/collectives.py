@@ -1,12 +1,14 @@
 """The one collective module: every byte that crosses processes goes through here.
 
-Works on both backends. gloo has all_reduce, all_gather, broadcast and send/recv but no
-reduce_scatter (calling it aborts the process), so reduce_scatter falls back to all_reduce + slice
-there and uses the native op on NCCL. A `group` of `None` or of size 1 means "no communication":
-every function then returns its input unchanged (or a view of it).
+Works on both backends with the native op on each: with torch 2.13 gloo (CPU) runs all_reduce,
+all_gather, gather, broadcast, send/recv, reduce_scatter and all_to_all_single, as NCCL does, so
+nothing here is emulated. A `group` of `None` or of size 1 means "no communication": every function
+then returns its input unchanged (or a view of it).
 
 `count_collectives()` records calls and bytes per kind while it is active; bytes are the payload
-this rank contributes (the input tensor's size), whatever the backend does underneath.
+this rank hands to the collective (its input tensor's size: for reduce_scatter the full tensor it
+contributes to the sum, for all_to_all_single everything it sends, its own part included), whatever
+the backend does underneath.
 """
 
 from __future__ import annotations
@@ -77,10 +79,6 @@ def group_rank(group: Group) -> int:
     return dist.get_rank(group)
 
 
-def is_nccl(group: Group) -> bool:
-    return dist.get_backend(group) == "nccl"
-
-
 def all_reduce(tensor: torch.Tensor, group: Group, *, op: str = "sum") -> torch.Tensor:
     """Reduce `tensor` in place over `group` (`op` in sum|max|min) and return it."""
     if group_size(group) == 1:
@@ -137,16 +135,35 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, *, dim: int = 0) -> torch
     if tensor.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} does not split over {world} ranks")
     _record("reduce_scatter", tensor)
-    if not is_nccl(group):
-        # gloo has no reduce_scatter: reduce everything, keep our slice.
-        summed = tensor.clone()
-        dist.all_reduce(summed, group=group)
-        return split_along(summed, group, dim=dim).contiguous()
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // world, *moved.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
     _reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim).contiguous()
+
+
+def all_to_all_single(tensor: torch.Tensor, group: Group, *, send_splits: list[int] | None = None,
+                      recv_splits: list[int] | None = None) -> torch.Tensor:
+    """Send rows `send_splits[r]` of `tensor` (dim 0, in order) to group rank r and return the rows
+    received, concatenated in rank order (`recv_splits[r]` from rank r). Without splits every rank
+    sends and receives equal parts of dim 0."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    if (send_splits is None) != (recv_splits is None):
+        raise ValueError("give both send_splits and recv_splits, or neither")
+    if send_splits is None and tensor.shape[0] % world:
+        raise ValueError(f"dimension 0 of size {tensor.shape[0]} does not split over {world} ranks")
+    if send_splits is not None and (len(send_splits) != world or len(recv_splits) != world
+                                    or sum(send_splits) != tensor.shape[0]):
+        raise ValueError(f"splits {send_splits} / {recv_splits} do not fit dimension 0 of size "
+                         f"{tensor.shape[0]} over {world} ranks")
+    _record("all_to_all", tensor)
+    rows = tensor.shape[0] if recv_splits is None else sum(recv_splits)
+    out = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes=recv_splits,
+                           input_split_sizes=send_splits, group=group)
+    return out
 
 
 def broadcast(tensor: torch.Tensor, group: Group, *, src: int) -> torch.Tensor:

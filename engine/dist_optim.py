@@ -12,8 +12,8 @@ identical bucket layouts (their shards have equal shapes), so a DP group always 
 parameter elements.
 
 A step: every rank's accumulated gradients (local micro-batches only: no DDP) are flattened per
-bucket and reduce-scattered (summed) over DP through `engine.collectives` (native on NCCL,
-all_reduce + slice on gloo); the global norm is the sum of squares over the slices, reduced over DP
+bucket and reduce-scattered (summed) over DP through `engine.collectives` (the native op on NCCL
+and on gloo); the global norm is the sum of squares over the slices, reduced over DP
 and, for TP-split parameters, over TP (the replicated optimizer's rule, `engine.optim.grad_norm`);
 clipping scales the slices; AdamW updates the rank's slice in place through one *segment* per
 parameter (the part of a parameter inside the slice, with that parameter's own step count, so the

@@ -1,4 +1,4 @@
-"""The collective module on gloo (including its reduce_scatter fallback) and the counters."""
+"""The collective module on gloo (native reduce_scatter and all_to_all_single) and the counters."""
 
 import pytest
 import torch
@@ -37,10 +37,12 @@ def _check_collectives():
         C.all_reduce(mine.clone(), group)
         C.all_gather(mine, group, dim=0)
         C.all_gather(mine, group, dim=1)
-    if world > 1:
-        assert counts.calls == {"all_reduce": 1, "all_gather": 2}
+        C.reduce_scatter(mine, group, dim=1)
+    if world > 1:  # one native reduce_scatter of the whole input, no all_reduce underneath
+        assert counts.calls == {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 1}
         assert counts.bytes["all_gather"] == 2 * mine.numel() * 8
-        assert counts.total_calls == 3
+        assert counts.bytes["reduce_scatter"] == mine.numel() * 8
+        assert counts.total_calls == 4
     else:
         assert counts.total_calls == 0  # size-1 groups never communicate
 
@@ -65,11 +67,45 @@ def test_collectives_match_definitions(world):
     assert run_ranks(_check_collectives, world) == list(range(world))
 
 
+def _splits(src: int, world: int) -> list[int]:
+    """Rows rank `src` sends to each rank: uneven, some zero."""
+    return [(src + 2 * dst) % 3 for dst in range(world)]
+
+
+def _check_all_to_all_single():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(11)
+    per_rank = [torch.randn(sum(_splits(src, world)), 5, generator=g) for src in range(world)]
+    pieces = [list(x.split(_splits(src, world))) for src, x in enumerate(per_rank)]
+    expected = torch.cat([pieces[src][rank] for src in range(world)])
+    recv_splits = [_splits(src, world)[rank] for src in range(world)]
+    with C.count_collectives() as counts:
+        got = C.all_to_all_single(per_rank[rank], group, send_splits=_splits(rank, world),
+                                  recv_splits=recv_splits)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert counts.calls == {"all_to_all": 1}
+    assert counts.bytes["all_to_all"] == per_rank[rank].numel() * 4
+
+    even = torch.arange(world * 6, dtype=torch.int64).view(world * 2, 3) + 100 * rank
+    got = C.all_to_all_single(even, group)  # 2 rows to each rank
+    expected = torch.cat([(torch.arange(world * 6).view(world * 2, 3) + 100 * src)[2 * rank:2 * rank + 2]
+                          for src in range(world)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    return rank
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_to_all_single_matches_reference(world):
+    assert run_ranks(_check_all_to_all_single, world) == list(range(world))
+
+
 def test_local_group_is_identity():
     x = torch.randn(3, 4)
     assert C.all_reduce(x, None) is x
     assert C.all_gather(x, None, dim=1) is x
     assert C.reduce_scatter(x, None, dim=0) is x
+    assert C.all_to_all_single(x, None) is x
     assert C.group_size(None) == 1 and C.group_rank(None) == 0
 
 
