@@ -36,6 +36,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from engine import collectives as C
 from distill.teacher import ColocatedTeacher, TeacherList, TeacherOutputs
 from engine.parallel import ParallelLayout
+from engine.param_tags import tag
 from engine.pipeline import (PipelineExecutor, StageOutput, TensorSpec, forward_only,
                              interleaved_one_f_one_b)
 from layers.model import ModelOutput, TransformerLM
@@ -143,7 +144,7 @@ def pipeline_copies(objective: nn.Module, layout: ParallelLayout) -> None:
     """Mark the objective's parameters past the first stage as copies (engine/optim.py's norm
     counts them once)."""
     for param in objective.parameters():
-        param.pp_duplicate = layout.pp_rank > 0
+        tag(param, pp_duplicate=layout.pp_rank > 0)
 
 
 def sync_pipeline_grads(module: nn.Module, student: TransformerLM, objective: nn.Module,

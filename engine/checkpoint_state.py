@@ -3,7 +3,7 @@
 A tensor is described by a `TensorSpec`: this shard's shape and dtype, the dimension it is split
 along over TP ranks (`None`: replicated) and whether it is vocab-parallel (split and padded to a
 TP-dependent size; rows at or past the real vocabulary are padding). The split comes from the
-parameter attributes `tp_split_dim` / `vocab_parallel` that the model layers set.
+parameter tags `tp_split_dim` / `vocab_parallel` that the model layers set (engine/param_tags.py).
 
 Loading at another TP degree happens here, per tensor: this rank's slice of the full tensor is cut
 from the saved shards that overlap it (so only those are read), vocabulary padding is dropped and
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint_files import CheckpointError, TensorFile, to_json_text
+from engine.param_tags import param_tags
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -42,11 +43,11 @@ class TensorSpec:
     @classmethod
     def of(cls, tensor: torch.Tensor, *, like: torch.Tensor | None = None) -> TensorSpec:
         """The spec of `tensor`, taking split attributes from `like` (default: the tensor itself)."""
-        owner = tensor if like is None else like
-        split = getattr(owner, "tp_split_dim", None)
+        tags = param_tags(tensor if like is None else like)
+        split = tags.tp_split_dim
         return cls(shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
                    split_dim=None if split is None else split % tensor.dim(),
-                   vocab_parallel=bool(getattr(owner, "vocab_parallel", False)))
+                   vocab_parallel=tags.vocab_parallel)
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype, "split_dim": self.split_dim,

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from engine import collectives as C
+from engine.param_tags import param_tags
 from engine.parallel import ParallelLayout
 
 
@@ -164,9 +165,10 @@ class ShardedAdamW:
         for bucket in self._all_buckets():
             for seg in bucket.segments:
                 param = self.params[seg.index]
-                if getattr(param, "pp_duplicate", False):
+                tags = param_tags(param)
+                if tags.pp_duplicate:
                     continue  # the last stage's copy of a tied embedding: counted on the first
-                split = getattr(param, "tp_split_dim", None) is not None
+                split = tags.tp_split_dim is not None
                 sq[0 if split else 1] += seg.of(bucket.grad).double().pow(2).sum()
         C.all_reduce(sq, self.layout.dp_group)
         return sq[0], sq[1]

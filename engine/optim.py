@@ -3,16 +3,16 @@
 `OptimizerStep` is what the trainer calls once per step: AdamW, the schedule, clipping by the global
 norm, and skipping of non-finite steps.
 
-Parameters carry `tp_split_dim` (None when replicated over TP). The global norm sums squares of every
-shard once: split parameters contribute their local shard and the partial sums are all-reduced over
-TP; replicated parameters (identical on every TP rank once their gradients are finalized) are counted
-once, on every rank, outside that reduction. Data-parallel replicas hold equal gradients after DDP, so
-no DP reduction is needed. With `train.distributed_optimizer` the optimizer is `ShardedAdamW`
-(engine/dist_optim.py): gradients are reduce-scattered instead, each DP rank sums the squares of
-its slices, and the same rule applies to the sums over DP. Pipeline stages hold disjoint
-parameters: their sums of squares are added over the pipeline group; a parameter marked
-`pp_duplicate` (the last stage's copy of a tied embedding, whose gradient equals the first
-stage's) is left out, by both optimizers.
+Parameters carry the tag `tp_split_dim` (engine/param_tags.py; None when replicated over TP). The
+global norm sums squares of every shard once: split parameters contribute their local shard and the
+partial sums are all-reduced over TP; replicated parameters (identical on every TP rank once their
+gradients are finalized) are counted once, on every rank, outside that reduction. Data-parallel
+replicas hold equal gradients after DDP, so no DP reduction is needed. With
+`train.distributed_optimizer` the optimizer is `ShardedAdamW` (engine/dist_optim.py): gradients are
+reduce-scattered instead, each DP rank sums the squares of its slices, and the same rule applies to
+the sums over DP. Pipeline stages hold disjoint parameters: their sums of squares are added over the
+pipeline group; a parameter tagged `pp_duplicate` (the last stage's copy of a tied embedding, whose
+gradient equals the first stage's) is left out, by both optimizers.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from engine import collectives as C
 from engine.dist_optim import ShardedAdamW
 from engine.log import get_logger
+from engine.param_tags import param_tags
 from engine.parallel import ParallelLayout
 from engine.train_config import TrainConfig
 
@@ -85,10 +86,10 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> t
     split_sq = torch.zeros((), dtype=torch.float64, device=device)
     replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
-        if p.grad is None or getattr(p, "pp_duplicate", False):
+        if p.grad is None or param_tags(p).pp_duplicate:
             continue
         sq = p.grad.detach().double().pow(2).sum()
-        if getattr(p, "tp_split_dim", None) is None:
+        if param_tags(p).tp_split_dim is None:
             replicated_sq += sq
         else:
             split_sq += sq

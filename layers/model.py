@@ -42,6 +42,7 @@ from torch import nn
 
 from engine import collectives as C
 from engine.parallel import ParallelLayout
+from engine.param_tags import tag
 from layers.block import DecoderBlock
 from layers.buffers import ActivationBuffer, BufferRecorder, buffer_names
 from layers.config import ModelConfig, check_model_layout
@@ -99,7 +100,7 @@ class TransformerLM(nn.Module):
         if last and not first and self.embedding is not None:
             # the tied output layer's copy: its gradient is summed with the first stage's, so the
             # global gradient norm must not count it twice (engine/optim.py)
-            self.embedding.weight.pp_duplicate = True
+            tag(self.embedding.weight, pp_duplicate=True)
         self.reset_parameters()
 
     @property

@@ -1,6 +1,7 @@
 """Parameters that carry their own sharding and init, and the TP-independent initialization.
 
-Every parameter of the model is made by `new_param` and carries three attributes:
+Every parameter of the model is made by `new_param` and carries three attributes (the first two
+are `engine.param_tags` tags, read with `param_tags(param)`):
 
 - `tp_split_dim`: the dim split over the TP group (this rank holds the `tp_rank`-th equal slice),
   or `None` when the parameter is replicated on every TP rank;
@@ -19,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from engine.param_tags import tag
+
 Init = float | Literal["ones", "zeros"]
 
 
@@ -26,8 +29,7 @@ def new_param(*shape: int, tp_split_dim: int | None, init: Init, vocab_parallel:
               device: torch.device | None = None) -> nn.Parameter:
     """An uninitialized parameter of this rank's `shape`, tagged with how it is split and filled."""
     param = nn.Parameter(torch.empty(shape, device=device))
-    param.tp_split_dim = tp_split_dim
-    param.vocab_parallel = vocab_parallel
+    tag(param, tp_split_dim=tp_split_dim, vocab_parallel=vocab_parallel)
     param.init = init
     return param
 

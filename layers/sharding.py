@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from engine import collectives as C
+from engine.param_tags import param_tags
 from engine.parallel import ParallelLayout
 
 
 def full_shape(param: nn.Parameter, *, tp: int, vocab_size: int) -> tuple[int, ...]:
     """Shape of `param`'s full tensor (vocabulary rows unpadded)."""
-    shape = list(param.shape)
-    if param.tp_split_dim is not None:
-        shape[param.tp_split_dim] *= tp
-    if param.vocab_parallel:
+    shape, tags = list(param.shape), param_tags(param)
+    if tags.tp_split_dim is not None:
+        shape[tags.tp_split_dim] *= tp
+    if tags.vocab_parallel:
         shape[0] = vocab_size
     return tuple(shape)
 
@@ -29,21 +30,22 @@ def full_shape(param: nn.Parameter, *, tp: int, vocab_size: int) -> tuple[int, .
 def shard_of(param: nn.Parameter, full: torch.Tensor, *, layout: ParallelLayout,
              padded_vocab: int) -> torch.Tensor:
     """This rank's slice of `full` for `param` (vocabulary rows zero-padded to `padded_vocab` first)."""
-    if param.vocab_parallel:
+    tags = param_tags(param)
+    if tags.vocab_parallel:
         full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
-    if param.tp_split_dim is None:
+    if tags.tp_split_dim is None:
         return full
-    return C.split_along(full, layout.tp_group, dim=param.tp_split_dim)
+    return C.split_along(full, layout.tp_group, dim=tags.tp_split_dim)
 
 
 def gather_full(param: nn.Parameter, *, layout: ParallelLayout, vocab_size: int,
                 tensor: torch.Tensor | None = None) -> torch.Tensor:
     """The full tensor of `param` (or of `tensor`, sharded like it: its gradient, an optimizer
     state), gathered over TP. A collective: every TP rank must call it."""
-    full = (param if tensor is None else tensor).detach()
-    if param.tp_split_dim is not None:
-        full = C.all_gather(full, layout.tp_group, dim=param.tp_split_dim)
-    if param.vocab_parallel:
+    full, tags = (param if tensor is None else tensor).detach(), param_tags(param)
+    if tags.tp_split_dim is not None:
+        full = C.all_gather(full, layout.tp_group, dim=tags.tp_split_dim)
+    if tags.vocab_parallel:
         full = full[:vocab_size]
     return full.clone()
 
