@@ -26,6 +26,7 @@ from distill._plan import (KDDiagnostics, LossPlan, TokenStats, Upstream, label_
 from distill.kinds import KINDS
 from distill._topk import topk_divergence
 from engine.collectives import Group
+from engine.data import IGNORE_INDEX
 
 __all__ = ["KDDiagnostics", "KINDS", "cross_entropy", "divergence", "lm_and_divergence",
            "topk_divergence"]
@@ -121,13 +122,13 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     """
     _check_pair(student_logits, teacher_logits)
     _, div, diag = _run(student_logits, teacher_logits, None, kind=kind, temperature=temperature,
-                        beta=beta, skew=skew, ignore_index=-100, vocab_size=vocab_size,
+                        beta=beta, skew=skew, ignore_index=IGNORE_INDEX, vocab_size=vocab_size,
                         group=group, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
                         diagnostics=diagnostics)
     return (div, diag) if diagnostics else div
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
                   vocab_size: int | None = None, group: Group = None,
                   chunk_tokens: int | None = None,
                   chunk_vocab: int | None = None) -> torch.Tensor:
@@ -140,7 +141,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
 
 def lm_and_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       labels: torch.Tensor, *, kind: str = "forward_kl", temperature: float = 1.0,
-                      beta: float = 0.5, skew: float = 0.1, ignore_index: int = -100,
+                      beta: float = 0.5, skew: float = 0.1, ignore_index: int = IGNORE_INDEX,
                       vocab_size: int | None = None, group: Group = None,
                       chunk_tokens: int | None = None, chunk_vocab: int | None = None,
                       diagnostics: bool = False) -> tuple[torch.Tensor, ...]:

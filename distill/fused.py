@@ -33,6 +33,7 @@ import torch
 from distill._plan import (KDDiagnostics, LossPlan, TokenStats, Upstream, global_stats,
                           label_columns, make_plan, reduce_stats)
 from engine.collectives import Group
+from engine.data import IGNORE_INDEX
 
 
 def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -335,7 +336,7 @@ def fused_lm_and_divergence(
         teacher_weight_shard: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-        ignore_index: int = -100, vocab_size: int | None = None, group: Group = None,
+        ignore_index: int = IGNORE_INDEX, vocab_size: int | None = None, group: Group = None,
         chunk_tokens: int | None = None, chunk_vocab: int | None = None,
         diagnostics: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
