@@ -2,7 +2,9 @@
 
 Works on both backends with the native op on each: with torch 2.13 gloo (CPU) runs all_reduce,
 all_gather, gather, broadcast, send/recv, reduce_scatter and all_to_all_single, as NCCL does, so
-nothing here is emulated. A `group` of `None` or of size 1 means "no communication": every function
+nothing here is emulated (torch's gloo backend itself runs reduce_scatter_tensor as a clone of the
+input, an all_reduce and a copy of the chunk, so on CPU it costs what all_reduce does; NCCL's
+writes only the slice). A `group` of `None` or of size 1 means "no communication": every function
 then returns its input unchanged (or a view of it).
 
 `count_collectives()` records calls and bytes per kind while it is active; bytes are the payload

@@ -24,7 +24,7 @@ class DataConfig:
     global_batch: int = 8  # samples per optimizer step over all data-parallel ranks
     # relative sizes "train,valid" of the split, by documents of each dataset (first part train)
     split: str = "98,2"
-    mask_across_documents: bool = False  # labels that cross into the next document become IGNORE_INDEX (-100)
+    mask_across_documents: bool = False  # labels that cross into the next document become -100
     vocab_size: int = 2048  # vocabulary of the BPE trained for the default corpus
     cache_dir: str = "~/.cache/megadistill"  # where the default corpus is built and kept
     corpus_max_bytes: int | None = None  # cap on the default corpus's text (None: whole stdlib)
