@@ -24,34 +24,32 @@ from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy, is_on_policy
 from distill.config import teacher_key
-from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
+from distill.runconfig import (RunCheckpoints, RunConfig, StartUp, TeacherConfigs, curriculum,
+                               load_run_config, resolved_dict)
 from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherRequest,
                              TeacherSource, TeacherStreamError, load_teacher, load_teacher_head,
                              serve_teacher, stage_request, stream_request)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
-from engine.checkpoint import CheckpointError, resolve_checkpoint
+from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.data import DataError, TokenBatches
+from engine.entry import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RUNTIME,
+                          peer_lost, report, start_up)
 from engine.log import error_line, get_logger, setup_logging
 from engine.metrics import MetricsError
 from engine.optim import NonFiniteError
 from engine.parallel import (LaunchEnv, ParallelLayout, destroy_parallel, init_parallel,
                              is_peer_failure)
-from engine.rundir import claim_run_dir
-from engine.signals import EXIT_ABORTED, PreemptionFlag
-from engine.train_config import resume_step, seed_everything
+from engine.rundir import RunDirLock, claim_run_dir
+from engine.signals import PreemptionFlag
+from engine.train_config import seed_everything
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.stages import StagePlan
 
 log = get_logger(__name__)
 
-# The teacher's model config; with distill.teachers, each teacher's by name; None without one.
-TeacherConfigs = ModelConfig | dict[str, ModelConfig] | None
-
-EXIT_RUNTIME, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 1, 2, 3, 124
-EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C outside the training loop, or twice
 # Run-time failures that every rank of a role meets alike (the stop votes, checksums and data are
 # the same on all of them), or that only its first rank can meet (metrics.jsonl is rank 0's):
 # reported once, by the role's first rank.
@@ -69,28 +67,37 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
 def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
     setup_logging()
     args = parse_args(argv, description="distill a student" if distill else "train an LM")
-    launch = lock = None
+    started = start_up(lambda launch: _start(args, launch, distill=distill))
+    if isinstance(started, int):
+        return started
+    launch, (start, lock) = started
     try:
-        launch = LaunchEnv.from_env()
-        overrides = list(args.overrides) + ([] if distill else _lm_only_overrides())
-        cfg, teacher_cfg = load_run_config(args.config, overrides, world_size=launch.world_size)
-        if launch.rank == 0:  # one run per directory, decided before any process group exists
-            lock = claim_run_dir(cfg.train.run_dir, overwrite=cfg.train.overwrite)
-        return _train(cfg, teacher_cfg, launch)  # reports its own failures
-    except ConfigError as err:  # start-up: every rank validates alike; rank 0 speaks
-        error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
-        return EXIT_CONFIG
+        return _train(start, launch)  # reports its own failures
+    except ConfigError as err:  # the layout, checked again as the groups are made
+        return report(err, EXIT_CONFIG, show=launch.rank == 0)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, which saves before stopping
         error_line(KeyboardInterrupt("outside the training loop, nothing saved"),
-                   show=launch is None or launch.rank == 0, prefix="interrupted")
+                   show=launch.rank == 0, prefix="interrupted")
         return EXIT_INTERRUPTED
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: RunConfig, teacher_cfg: TeacherConfigs, launch: LaunchEnv) -> int:
+def _start(args: argparse.Namespace, launch: LaunchEnv, *, distill: bool,
+           ) -> tuple[StartUp, RunDirLock | None]:
+    """The validated run (config, teacher's model config, checkpoints), and rank 0's claim on
+    the run directory (one run per directory, decided before any process group exists)."""
+    overrides = list(args.overrides) + ([] if distill else _lm_only_overrides())
+    start = load_run_config(args.config, overrides, world_size=launch.world_size)
+    if launch.rank != 0:
+        return start, None
+    return start, claim_run_dir(start.cfg.train.run_dir, overwrite=start.cfg.train.overwrite)
+
+
+def _train(start: StartUp, launch: LaunchEnv) -> int:
     """Everything after start-up validation, with each failure mapped to its one line and code."""
+    cfg = start.cfg
     layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
                            virtual_stages=cfg.parallel.virtual_stages,
                            teacher_ranks=cfg.parallel.teacher_ranks,
@@ -98,22 +105,18 @@ def _train(cfg: RunConfig, teacher_cfg: TeacherConfigs, launch: LaunchEnv) -> in
                            timeout_s=cfg.parallel.timeout_s, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
     try:
-        return _run(cfg, teacher_cfg, layout)
+        return _run(*start, layout)
     except ConfigError as err:  # bad input only reading the files shows (e.g. NaN teacher weights)
-        error_line(err, show=first_of_role, prefix="ConfigError")
-        return EXIT_CONFIG
+        return report(err, EXIT_CONFIG, show=first_of_role)
     except DataError as err:  # a bad window of a dataset too large to scan at start-up
-        error_line(err, show=layout.tp_rank == 0)  # DP ranks read different windows
-        return EXIT_CONFIG
+        return report(err, EXIT_CONFIG, show=layout.tp_rank == 0)  # DP ranks read different windows
     except RUN_ERRORS as err:
-        error_line(err, show=first_of_role)
-        return EXIT_NONFINITE if isinstance(err, NonFiniteError) else EXIT_RUNTIME
+        code = EXIT_NONFINITE if isinstance(err, NonFiniteError) else EXIT_RUNTIME
+        return report(err, code, show=first_of_role)
     except RuntimeError as err:
         if not is_peer_failure(err):
             raise
-        # Every rank that waited on the lost peer says so (it cannot know who else did).
-        error_line(err, prefix=f"lost a peer (rank {layout.rank})")
-        return EXIT_RUNTIME
+        return peer_lost(err, layout)
     finally:
         destroy_parallel()
 
@@ -123,7 +126,8 @@ def _lm_only_overrides() -> list[str]:
     return ["distill.logit.weight=0", "distill.activations=[]", "distill.schedule=colocated"]
 
 
-def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout) -> int:
+def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
+         layout: ParallelLayout) -> int:
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     if layout.is_rank0:
@@ -132,13 +136,14 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout) ->
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
                                  seed=cfg.train.seed).to(layout.device)
     if layout.is_teacher:
-        return _serve(cfg, teacher_cfg, layout, objective)
-    student = _build_student(cfg, layout)
+        return _serve(cfg, teacher_cfg, ckpts, layout, objective)
+    student = _build_student(cfg, ckpts, layout)
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
                         vocab_size=cfg.model.vocab_size, order=curriculum(cfg))
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
-                             teacher=_teacher_source(cfg, teacher_cfg, layout, objective, data),
+                             teacher=_teacher_source(cfg, teacher_cfg, ckpts, layout, objective,
+                                                     data),
                              run_config=resolved_dict(cfg), vocab_size=cfg.model.vocab_size,
                              on_policy=OnPolicy(cfg.distill.on_policy, student, layout,
                                                 seed=cfg.train.seed)
@@ -147,52 +152,52 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout) ->
     return 0 if last >= cfg.train.steps else EXIT_PREEMPTED
 
 
-def _build_student(cfg: RunConfig, layout: ParallelLayout) -> TransformerLM:
+def _build_student(cfg: RunConfig, ckpts: RunCheckpoints, layout: ParallelLayout) -> TransformerLM:
     model = TransformerLM(cfg.model, layout, seed=cfg.train.seed,
                           recompute=cfg.train.recompute).to(layout.device)
-    if cfg.train.init:
-        load_weights(resolve_checkpoint(cfg.train.init, key="train.init"), model, layout)
+    if ckpts.init is not None:
+        load_weights(ckpts.init.path, model, layout)
     return model
 
 
-def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
-               request: TeacherRequest, objective: DistillObjective | None = None,
-               ) -> TeacherSource:
+def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
+               layout: ParallelLayout, request: TeacherRequest,
+               objective: DistillObjective | None = None) -> TeacherSource:
     """The frozen teacher at this layout, producing `request`; with `distill.teachers`, each of
     them, producing what `objective` asks of it."""
     if not cfg.distill.teachers:
-        model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                             teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
-                             bf16=cfg.distill.teacher_bf16)
+        model = load_teacher(ckpts.teachers[""].path, teacher_cfg, cfg.model, layout,
+                             seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16)
         return ColocatedTeacher(model, request)
     sources = {}
     for entry in cfg.distill.teachers:
         key = teacher_key(cfg.distill, entry.name)
-        model = load_teacher(resolve_checkpoint(entry.checkpoint, key=key), teacher_cfg[entry.name],
+        model = load_teacher(ckpts.teachers[entry.name].path, teacher_cfg[entry.name],
                              cfg.model, layout, seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16,
                              key=key)
         sources[entry.name] = ColocatedTeacher(model, objective.teacher_request(entry.name))
     return TeacherList(sources)
 
 
-def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: ParallelLayout,
-                    objective: DistillObjective, data: TokenBatches) -> TeacherSource | None:
+def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
+                    layout: ParallelLayout, objective: DistillObjective,
+                    data: TokenBatches) -> TeacherSource | None:
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
         per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
-        remaining = cfg.train.steps - resume_step(cfg.train)
+        remaining = cfg.train.steps - ckpts.resume_step
         # under PP each stage asks for its own part: the head on the last, its pairs' buffers
         request = stage_request(objective.teacher_request(), objective.pairs,
                                 StagePlan.of(cfg.model.layers, layout))
         stream = cfg.distill.teacher_stream
         head = None
         if stream_request(objective.teacher_request(), stream).head == "hidden":
-            head = load_teacher_head(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                                     teacher_cfg, cfg.model, layout, bf16=cfg.distill.teacher_bf16,
+            head = load_teacher_head(ckpts.teachers[""].path, teacher_cfg, cfg.model, layout,
+                                     bf16=cfg.distill.teacher_bf16,
                                      here=stream_request(request, stream).head == "hidden")
         return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
                              total=per_step * remaining, stream=stream, head=head,
-                             on_policy=_on_policy_stream(cfg, per_step))
+                             on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step))
     if schedule == "offline":
         if cfg.distill.teachers:
             return TeacherList({e.name: OfflineTeacher(e.offline_dir, data=data,
@@ -201,22 +206,23 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, layout: Paralle
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
     if teacher_cfg is None:
         return None
-    return _colocated(cfg, teacher_cfg, layout, objective.teacher_request(), objective)
+    return _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
 
 
-def _on_policy_stream(cfg: RunConfig, per_step: int) -> Callable[[int], bool] | None:
+def _on_policy_stream(cfg: RunConfig, per_step: int, resume_step: int,
+                      ) -> Callable[[int], bool] | None:
     """Whether the k-th micro-batch of a replica's stream (counted from where this run starts)
     is one the students continue themselves (OnPolicy's choice); None without on-policy."""
     if not cfg.distill.on_policy.on:
         return None
-    first, fraction = resume_step(cfg.train) * per_step, cfg.distill.on_policy.fraction
+    first, fraction = resume_step * per_step, cfg.distill.on_policy.fraction
     return lambda k: is_on_policy(first + k, fraction)
 
 
-def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
+def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layout: ParallelLayout,
            objective: DistillObjective) -> int:
-    teacher = _colocated(cfg, teacher_cfg, layout, stream_request(objective.teacher_request(),
-                                                                   cfg.distill.teacher_stream))
+    teacher = _colocated(cfg, teacher_cfg, ckpts, layout,
+                         stream_request(objective.teacher_request(), cfg.distill.teacher_stream))
 
     order = curriculum(cfg)
 
@@ -224,7 +230,7 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
                             dp=layout.student_dp, vocab_size=cfg.model.vocab_size,
                             order=order)
-        start = resume_step(cfg.train)  # the students resume here: skip what they have seen
+        start = ckpts.resume_step  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()
         for _ in range(start, cfg.train.steps):
@@ -240,6 +246,6 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
                              stage_requests=[stage_request(teacher.request, objective.pairs, plan)
                                              for plan in stages],
                              on_policy=_on_policy_stream(cfg, cfg.data.global_batch // (
-                                 cfg.data.micro_batch * layout.student_dp)))
+                                 cfg.data.micro_batch * layout.student_dp), ckpts.resume_step))
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

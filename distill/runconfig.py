@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from distill.config import (DistillConfig, ResolvedPair, check_compatibility, named_teachers,
                             teacher_key)
 from distill.offline import check_offline_dir, export_key
-from engine.checkpoint import (checked_metadata, checkpoint_run_config, checkpoints_after,
-                               resolve_checkpoint)
+from engine.checkpoint import ResolvedCheckpoint, checkpoints_after, open_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
@@ -29,7 +29,7 @@ from engine.data.curriculum import curriculum_order, read_scores
 from engine.parallel import LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
 from engine.train_config import TrainConfig, resume_path
-from layers.config import ModelConfig, check_model_layout, shape_differences
+from layers.config import ModelConfig, check_model_layout, saved_model_config, shape_differences
 from layers.stages import StagePlan
 
 
@@ -40,6 +40,34 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # corpus and batch sizes
     distill: DistillConfig = field(default_factory=DistillConfig)  # loss terms and teacher
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, run dir
+
+
+# The teacher's model config; with distill.teachers, each teacher's by name; None without one.
+TeacherConfigs = ModelConfig | dict[str, ModelConfig] | None
+
+
+@dataclass(frozen=True)
+class RunCheckpoints:
+    """Every checkpoint a run reads, each resolved and checked once at start-up."""
+
+    init: ResolvedCheckpoint | None = None  # train.init
+    resume: ResolvedCheckpoint | None = None  # train.resume
+    teachers: dict[str, ResolvedCheckpoint] = field(default_factory=dict)
+    """The teachers' by name (distill.teachers), {"": ...} for distill.teacher, {} without one."""
+
+    @property
+    def resume_step(self) -> int:
+        """The step training resumes at (0 for a fresh run)."""
+        return 0 if self.resume is None else self.resume.step
+
+
+class StartUp(NamedTuple):
+    """What start-up hands the run: the validated config, the teacher's architecture and the
+    checkpoints, all read before any process group exists."""
+
+    cfg: RunConfig
+    teacher: TeacherConfigs
+    checkpoints: RunCheckpoints
 
 
 def parse_run_config(data: dict) -> RunConfig:
@@ -70,7 +98,6 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
-    check_checkpoints(cfg)
 
 
 def check_pipeline(cfg: RunConfig, dp: int) -> None:
@@ -161,82 +188,90 @@ def check_data(cfg: RunConfig) -> None:
         raise ConfigError("data.path", str(err)) from None
 
 
-def check_checkpoints(cfg: RunConfig) -> None:
-    """The run directory, and the checkpoints the run starts from (train.init, train.resume):
-    complete, files at their recorded sizes, a model of this run's shape, and a resume point that
-    has optimizer state and would not overwrite later checkpoints. Reads metadata and stats only."""
+def check_checkpoints(cfg: RunConfig) -> tuple[ResolvedCheckpoint | None, ResolvedCheckpoint | None]:
+    """The run directory, and the checkpoints the run starts from (train.init, train.resume),
+    resolved once: complete, files at their recorded sizes, a model of this run's shape, and a
+    resume point that has optimizer state and would not overwrite later checkpoints. Reads
+    metadata and stats only."""
     train = cfg.train
     check_run_dir(train.run_dir, resume=train.resume, overwrite=train.overwrite)
-    if train.init:
-        check_start_checkpoint(cfg, resolve_checkpoint(train.init, key="train.init"), key="train.init")
+    init = open_checkpoint(train.init, key="train.init") if train.init else None
+    if init is not None:
+        check_start_checkpoint(cfg, init)
     path = resume_path(train)
     if path is None:
-        return
-    meta = check_start_checkpoint(cfg, path, key="train.resume", needs_optimizer=True)
-    later = checkpoints_after(Path(train.run_dir) / "checkpoints", meta["step"])
+        return init, None
+    resume = open_checkpoint(path, key="train.resume")
+    check_start_checkpoint(cfg, resume, needs_optimizer=True)
+    later = checkpoints_after(Path(train.run_dir) / "checkpoints", resume.step)
     if later and train.resume != "auto":  # auto resumes from `latest`, which nothing follows
-        raise ConfigError("train.resume", f"{path} is at step {meta['step']}, but {train.run_dir} "
+        raise ConfigError("train.resume", f"{path} is at step {resume.step}, but {train.run_dir} "
                                           f"holds later checkpoints ({later[-1].name}) that this "
                                           "run would replace: move them away or choose another "
                                           "train.run_dir")
+    return init, resume
 
 
-def check_start_checkpoint(cfg: RunConfig, path: Path, *, key: str,
-                           needs_optimizer: bool = False) -> dict:
-    """`checked_metadata` of a checkpoint the student starts from, its optimizer state (to
-    resume), and its model's shape."""
-    meta = checked_metadata(path, key=key)
-    if needs_optimizer and meta["optimizer"] is None:
+def check_start_checkpoint(cfg: RunConfig, checkpoint: ResolvedCheckpoint, *,
+                           needs_optimizer: bool = False) -> None:
+    """A checkpoint the student starts from: its optimizer state (to resume) and its model's
+    shape."""
+    path, key = checkpoint.path, checkpoint.key
+    if needs_optimizer and not checkpoint.has_optimizer:
         raise ConfigError(key, f"{path} holds model weights only (no optimizer state, like an "
                                f"imported model): start from it with train.init={path}")
-    saved = meta["config"].get("model") if isinstance(meta["config"], dict) else None
-    if not isinstance(saved, dict):
-        raise ConfigError(key, f"{path} records no model config")
-    differences = shape_differences(from_dict(ModelConfig, saved, prefix=f"{key}(model)"), cfg.model)
+    differences = shape_differences(saved_model_config(checkpoint), cfg.model)
     if differences:
         raise ConfigError(key, f"{path} holds a model of another shape than this run's "
                                f"({', '.join(differences)})")
-    return meta
 
 
-def teacher_model_config(cfg: RunConfig) -> ModelConfig | dict[str, ModelConfig] | None:
-    """The teacher's architecture, read from its checkpoint's metadata (None without a teacher);
-    with `distill.teachers`, each teacher's by name."""
+def teacher_checkpoints(cfg: RunConfig) -> dict[str, ResolvedCheckpoint]:
+    """The teachers' checkpoints, resolved and checked once: by name with `distill.teachers`,
+    {"": ...} for `distill.teacher`, {} when the run needs no teacher."""
     if not cfg.distill.needs_teacher:
-        return None
+        return {}
     if cfg.distill.teachers:
-        return {e.name: _teacher_checkpoint_config(cfg, e.checkpoint,
-                                                   teacher_key(cfg.distill, e.name))
+        return {e.name: open_checkpoint(e.checkpoint, key=teacher_key(cfg.distill, e.name))
                 for e in cfg.distill.teachers}
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher", "a teacher checkpoint is needed for logit or "
                                              "activation distillation")
-    return _teacher_checkpoint_config(cfg, cfg.distill.teacher, "distill.teacher")
+    return {"": open_checkpoint(cfg.distill.teacher, key="distill.teacher")}
 
 
-def _teacher_checkpoint_config(cfg: RunConfig, checkpoint: str, key: str) -> ModelConfig:
-    saved = checkpoint_run_config(resolve_checkpoint(checkpoint, key=key), key=key)
-    teacher = from_dict(ModelConfig, saved["model"], prefix=f"{key}(model)")
+def teacher_model_config(cfg: RunConfig, teachers: dict[str, ResolvedCheckpoint]) -> TeacherConfigs:
+    """The teacher's architecture from its checkpoint (None without a teacher); with
+    `distill.teachers`, each teacher's by name."""
+    if not teachers:
+        return None
+    configs = {name: teacher_config(cfg, checkpoint) for name, checkpoint in teachers.items()}
+    return configs if cfg.distill.teachers else configs[""]
+
+
+def teacher_config(cfg: RunConfig, checkpoint: ResolvedCheckpoint) -> ModelConfig:
+    """One teacher's architecture, checked against the run's sequence length."""
+    teacher = saved_model_config(checkpoint)
     if cfg.data.seq_len > teacher.max_seq_len:
-        raise ConfigError(key, f"the teacher's max_seq_len={teacher.max_seq_len} is "
-                               f"shorter than data.seq_len={cfg.data.seq_len}")
+        raise ConfigError(checkpoint.key, f"the teacher's max_seq_len={teacher.max_seq_len} is "
+                                          f"shorter than data.seq_len={cfg.data.seq_len}")
     return teacher
 
 
-def load_run_config(path: str | Path, overrides: list[str], *,
-                    world_size: int,
-                    ) -> tuple[RunConfig, ModelConfig | dict[str, ModelConfig] | None]:
-    """Load, override, validate; return the run config and the teacher's model config (with
-    `distill.teachers`, each teacher's by name)."""
+def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) -> StartUp:
+    """Load, override, validate; the run config, the teacher's model config (with
+    `distill.teachers`, each teacher's by name) and the checkpoints the run reads."""
     cfg = parse_run_config(apply_overrides(load_yaml(path), overrides))
     check_layout(cfg, world_size)
-    teacher = teacher_model_config(cfg)
+    init, resume = check_checkpoints(cfg)
+    teachers = teacher_checkpoints(cfg)
+    teacher = teacher_model_config(cfg, teachers)
     pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
     curriculum(cfg)
     if cfg.distill.schedule == "offline":
         check_offline_dirs(cfg)
-    return cfg, teacher
+    return StartUp(cfg, teacher, RunCheckpoints(init=init, resume=resume, teachers=teachers))
 
 
 def check_offline_dirs(cfg: RunConfig) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ from engine.log import get_logger
 from engine.parallel import ParallelLayout
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "checkpoint_metadata", "resolve_checkpoint", "checkpoint_run_config", "checked_metadata",
+           "checkpoint_metadata", "resolve_checkpoint", "ResolvedCheckpoint", "open_checkpoint",
+           "checked_metadata",
            "checkpoints_after", "newest_intact_checkpoint", "ranks_agree", "safe_torch_load"]
 
 log = get_logger(__name__)
@@ -182,13 +184,37 @@ def _check_files(path: Path, meta: dict[str, Any],
         check(safe_child(path, name), record)
 
 
-def checkpoint_run_config(path: Path, *, key: str) -> dict[str, Any]:
-    """The resolved run config stored in a checkpoint's metadata, once `checked_metadata` passes
-    (no tensor file is read)."""
-    config = checked_metadata(path, key=key).get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ConfigError(key, f"{path / METADATA} records no model config")
-    return config
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint a command reads, found and checked once at start-up (`open_checkpoint`); the
+    later checks and the loading read this instead of the files again."""
+
+    path: Path  # the step directory
+    key: str  # the setting or flag that named it: what errors about it name
+    meta: dict[str, Any]  # its validated metadata (every file present at its recorded size)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def has_optimizer(self) -> bool:
+        return self.meta["optimizer"] is not None
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """The resolved run config it was saved with (a ConfigError naming `key` when it records
+        no model config)."""
+        config = self.meta.get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise ConfigError(self.key, f"{self.path / METADATA} records no model config")
+        return config
+
+
+def open_checkpoint(path: str | Path, *, key: str) -> ResolvedCheckpoint:
+    """`resolve_checkpoint` and `checked_metadata` of `path`, once (no tensor file is read)."""
+    step_dir = resolve_checkpoint(path, key=key)
+    return ResolvedCheckpoint(step_dir, key, checked_metadata(step_dir, key=key))
 
 
 def newest_intact_checkpoint(root: Path, *, before: int) -> Path | None:

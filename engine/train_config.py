@@ -96,12 +96,6 @@ def resume_path(cfg: TrainConfig) -> Path | None:
     return resolve_checkpoint(cfg.resume, key="train.resume")
 
 
-def resume_step(cfg: TrainConfig) -> int:
-    """The step training resumes at (0 for a fresh run), read from the checkpoint's metadata."""
-    path = resume_path(cfg)
-    return 0 if path is None else int(checkpoint_metadata(path)["step"])
-
-
 def resume_failure(path: Path, err: CheckpointError, *, search: bool) -> ConfigError:
     """The error for a resume checkpoint that fails to load (a file that fails its digest, ...):
     with `search` (on the rank that reports it), it also names the newest older checkpoint that

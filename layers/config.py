@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.config import ConfigError, check
+from engine.checkpoint import ResolvedCheckpoint
+from engine.config import ConfigError, check, from_dict
 from layers.quant import QUANT_KINDS, LinearQuant
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -131,6 +132,12 @@ class ModelConfig:
         """Rows of the full embedding/output weight: vocab_size rounded up to tp * pad multiple."""
         multiple = tp * self.vocab_pad_multiple
         return -(-self.vocab_size // multiple) * multiple
+
+
+def saved_model_config(checkpoint: ResolvedCheckpoint) -> ModelConfig:
+    """The model config `checkpoint` was saved with: the one place a `ModelConfig` is read from
+    a checkpoint (errors name the checkpoint's key)."""
+    return from_dict(ModelConfig, checkpoint.run_config["model"], prefix=f"{checkpoint.key}(model)")
 
 
 def shape_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:

@@ -2,9 +2,11 @@
 at TP 1 and 2 with --verify (float64 logits within 1e-6 + 4 x transformers' own fp32 rounding of
 them), export back to the very same tensors (torch.equal, same dtype) that transformers loads; a
 deep (30-layer) model whose fp32 noise exceeds any fixed useful bound verifies, and a perturbed one
-does not; bad inputs fail with one `error:` line, exit 2 and leave nothing behind."""
+does not; bad inputs fail with one `ConfigError:` (or other `...Error:`) line, exit 2 and leave
+nothing behind."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,15 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from engine.checkpoint import checkpoint_run_config, resolve_checkpoint
+from engine.checkpoint import open_checkpoint, resolve_checkpoint
 from engine.config import to_dict
 from layers.hf import hf_config_to_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_hf  # noqa: E402
+
+ERROR_LINE = re.compile(r"\w+Error: ")  # one failure line: `Kind: message`
 
 VOCAB = 96
 _LLAMA_LAYOUT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -83,10 +87,11 @@ def test_import_verify_export_round_trip(hf_dirs, tmp_path, arch, tp):
     hf_dir = hf_dirs[arch]
     ckpt, exported = tmp_path / "ckpt", tmp_path / "exported"
     assert convert("import", "--hf", hf_dir, "--out", ckpt, "--tp", tp, "--verify") == 0
-    step_dir = resolve_checkpoint(str(ckpt), key="test")
+    checkpoint = open_checkpoint(ckpt, key="test")
+    step_dir = checkpoint.path
     hf_config = json.loads((hf_dir / "config.json").read_text())
     cfg = hf_config_to_model_config(hf_config)
-    assert checkpoint_run_config(step_dir, key="test")["model"] == to_dict(cfg)
+    assert checkpoint.run_config["model"] == to_dict(cfg)
     assert json.loads((step_dir / "metadata.json").read_text())["layout"]["tp"] == tp
 
     assert convert("export", "--ckpt", ckpt, "--out", exported) == 0
@@ -119,7 +124,7 @@ def test_verify_fails_above_tolerance_and_writes_nothing(hf_dirs, tmp_path, monk
     monkeypatch.setattr(convert_hf, "load_reference", perturbed)
     out = tmp_path / "ckpt"
     assert convert("import", "--hf", hf_dirs["qwen2"], "--out", out, "--verify") == 1
-    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("VerifyError:")]
     assert len(error) == 1 and "--verify" in error[0] and "bound" in error[0]
     assert "both compared in float64" in error[0]
     assert not out.exists() and leftovers(tmp_path) == []
@@ -148,7 +153,7 @@ def test_verify_passes_a_deep_model_and_catches_a_small_error(tmp_path, monkeypa
     monkeypatch.setattr(convert_hf, "load_reference", perturbed)
     capsys.readouterr()
     assert convert("import", "--hf", hf_dir, "--out", tmp_path / "bad", "--verify") == 1
-    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("VerifyError:")]
     assert len(error) == 1 and "bound" in error[0], error
     assert not (tmp_path / "bad").exists()
 
@@ -225,7 +230,7 @@ def test_bad_imports_fail_with_one_line_and_no_output(hf_dirs, tmp_path, capsys,
     hf_dir = hf_dirs["llama"] if kind == "good" else _broken(kind, tmp_path, hf_dirs)
     out = tmp_path / "out" / "ckpt"
     assert convert("import", "--hf", hf_dir, "--out", out, "--tp", tp) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if ERROR_LINE.match(line)]
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
     assert not out.parent.exists() or leftovers(out.parent) == []
@@ -249,6 +254,6 @@ def test_command_line_reports_one_line_and_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --hf: unsupported Hugging Face architecture 'bert' (supported: llama, mistral, "
+        "ConfigError: --hf: unsupported Hugging Face architecture 'bert' (supported: llama, mistral, "
         "qwen2, gpt2)"]
     assert not (tmp_path / "ckpt").exists()

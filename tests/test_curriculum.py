@@ -96,7 +96,7 @@ def test_scores_tool_and_runs_resumed_inside_the_curriculum(setup):
     scores = np.load(scores_dir / "scores.npy")
     assert scores.shape == (12,) and (scores > 1 / 320).all() and (scores < 1).all()
     # against a direct computation: the teacher's mean max-probability of sample 5
-    run_cfg, _ = load_run_config(path, [], world_size=1)
+    run_cfg = load_run_config(path, [], world_size=1).cfg
     teacher = load_teacher(Path(cfg["distill"]["teacher"]), ModelConfig(**teacher_config(cfg)["model"]),
                            run_cfg.model, ParallelLayout.single(), seed=7, bf16=False)
     sample = [r for step in _rows(TokenBatches(run_cfg.data, seed=7), 3) for r in step][5]
@@ -106,7 +106,7 @@ def test_scores_tool_and_runs_resumed_inside_the_curriculum(setup):
 
     cfg["data"].update(curriculum="teacher_confidence", curriculum_scores=str(scores_dir))
     path = write_config(tmp / "curriculum.yaml", cfg)
-    run_cfg, _ = load_run_config(path, [], world_size=1)
+    run_cfg = load_run_config(path, [], world_size=1).cfg
     order = curriculum(run_cfg)
     assert sorted(scores[order[:4]]) == sorted(scores)[-4:]  # step 1: the most confident
     weighted = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data,

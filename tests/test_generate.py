@@ -5,7 +5,7 @@ at TP=2 under torchrun; rows of a left-padded batch equal transformers on each r
 generated tokens) is what greedy generation of training-drawn prompts gives, an interrupted run
 resumes without redoing saved chunks and writes the same dataset, and a student trains on it with
 the ordinary entry point; bad inputs fail with one
-`error:` line and exit 2."""
+`ConfigError:` line and exit 2."""
 
 import json
 import os

@@ -107,7 +107,7 @@ def test_teacher_topk_over_vocab_shards_matches_full_vocabulary():
 
 def _objective_terms(cfg_path: Path, export_dir: Path) -> list[tuple[torch.Tensor, list]]:
     """KD term and student gradients of one micro-batch, colocated teacher vs exported rows."""
-    cfg, teacher_cfg = load_run_config(cfg_path, [], world_size=1)
+    cfg, teacher_cfg, _ = load_run_config(cfg_path, [], world_size=1)
     layout = ParallelLayout.single()
     student = TransformerLM(cfg.model, layout, seed=1)
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout)
@@ -282,7 +282,7 @@ def test_entry_point_stops_with_exit_code_2_on_a_mismatch(setup, capsys):
 
 def test_rows_of_other_tokens_stop_the_run(setup):
     tmp, cfg_path = setup
-    cfg, _ = load_run_config(cfg_path, _offline(tmp / "full"), world_size=1)
+    cfg = load_run_config(cfg_path, _offline(tmp / "full"), world_size=1).cfg
     data = TokenBatches(cfg.data, seed=cfg.train.seed + 1)  # another sample order
     teacher = OfflineTeacher(tmp / "full", data=data)
     with pytest.raises(OfflineTeacherError, match="misaligned"):

@@ -1,7 +1,7 @@
 """tools/score.py: per-token log-probabilities at TP 2 under torchrun, and at TP 1 x DP 2, equal
 transformers' log-probabilities on the same tokens (atol 1e-4, fp32); validation perplexity equals
 transformers' mean loss over the same validation windows at every layout; bad inputs fail with one
-`error:` line and exit 2, writing nothing."""
+`ConfigError:` line and exit 2, writing nothing."""
 
 import json
 import math
@@ -159,7 +159,7 @@ def test_bad_tokens(setup, tmp_path, capsys, bad, message):
         np.save(path, bad)
     out = tmp_path / "out.npy"
     assert score.main(["--ckpt", str(ckpt), "--tokens", str(path), "--out", str(out)]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if re.match(r"\w+Error: ", line)]
     assert len(errors) == 1 and re.search(message, errors[0]), errors
     assert not out.exists()
 

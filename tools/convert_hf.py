@@ -41,7 +41,7 @@ and reports its size; `unpack` turns that file back into the same Hugging Face d
 All commands build their output in a temporary directory next to `--out` and rename it into
 place at the end, so a failure leaves nothing behind; an existing non-empty `--out` is refused
 unless `--force`. Exit codes: 0 done, 1 `--verify` found a larger difference, 2 bad input or a
-failed conversion (one `error: ...` line on stderr).
+failed conversion (one `ConfigError: ...` line, or the error's own kind, on stderr).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # score.py, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import torch  # noqa: E402
@@ -67,6 +66,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from distill.weights import save_weights  # noqa: E402
 from engine.config import ConfigError, from_dict, to_dict  # noqa: E402
+from engine.entry import EXIT_CONFIG, EXIT_RUNTIME, USER_ERRORS, ensure_new_output, report  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout, make_layout  # noqa: E402
 from engine.spawn import RankFailure, run_ranks  # noqa: E402
@@ -76,12 +76,11 @@ from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config,  # no
 from layers.model import TransformerLM  # noqa: E402
 from layers.quant import quantized_full_state_dict  # noqa: E402
 from layers.sharding import load_full_state_dict  # noqa: E402
-from score import USER_ERRORS, checkpoint_model_config, ensure_new_output, load_model  # noqa: E402
-from ternary_pack import read_packed, write_packed  # noqa: E402
+from tools.score import checkpoint_model_config, load_model  # noqa: E402
+from tools.ternary_pack import read_packed, write_packed  # noqa: E402
 
 log = get_logger("convert_hf")
 
-EXIT_VERIFY, EXIT_ERROR = 1, 2
 # --verify: max |logit difference| to transformers, both in float64, is
 # VERIFY_TOL + VERIFY_NOISE_FACTOR x transformers' own fp32-vs-float64 difference
 VERIFY_TOL, VERIFY_NOISE_FACTOR = 1e-6, 4.0
@@ -494,11 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"import": import_hf, "export": export_hf, "unpack": unpack_hf}[args.command](args)
     except VerifyError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_VERIFY
+        return report(err, EXIT_RUNTIME)
     except (*USER_ERRORS, ConversionError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+        return report(err, EXIT_CONFIG)
     return 0
 
 

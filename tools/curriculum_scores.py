@@ -17,23 +17,23 @@ Output: DIR/scores.npy and DIR/metadata.json (engine/data/curriculum.py), valid 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from distill.runconfig import (RunConfig, check_data, curriculum_key, parse_run_config,  # noqa: E402
-                               teacher_model_config)
+                               teacher_config)
 from distill.teacher import load_teacher  # noqa: E402
-from engine.checkpoint import resolve_checkpoint  # noqa: E402
-from engine.config import ConfigError, apply_overrides, check, load_yaml  # noqa: E402
+from engine.checkpoint import open_checkpoint  # noqa: E402
+from engine.config import apply_overrides, check, load_yaml  # noqa: E402
 from engine.data import IGNORE_INDEX, TokenBatches  # noqa: E402
 from engine.data.curriculum import write_scores  # noqa: E402
-from engine.log import error_line, get_logger, setup_logging  # noqa: E402
+from engine.entry import ensure_new_output, start_up  # noqa: E402
+from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
 
 log = get_logger("curriculum_scores")
@@ -46,8 +46,7 @@ def load_config(args: argparse.Namespace) -> RunConfig:
           f"must be >= 1: the steps whose samples are scored (got {cfg.data.curriculum_steps})")
     check(bool(cfg.distill.teacher), "distill.teacher",
           "the confidence is one teacher's: give its checkpoint as distill.teacher")
-    out = Path(args.out).expanduser()
-    check(not out.exists(), "--out", f"{out} exists; refusing to overwrite scores")
+    ensure_new_output(Path(args.out).expanduser(), force=None)
     check_data(cfg)
     return cfg
 
@@ -64,11 +63,9 @@ def confidence(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> t
 def scores(cfg: RunConfig) -> np.ndarray:
     """The scores of the first curriculum_steps * global_batch samples, in global order."""
     layout = ParallelLayout.single()
-    teacher_cfg = teacher_model_config(dataclasses.replace(
-        cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated")))
-    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                         teacher_cfg, cfg.model, layout, seed=cfg.train.seed,
-                         bf16=cfg.distill.teacher_bf16)
+    checkpoint = open_checkpoint(cfg.distill.teacher, key="distill.teacher")
+    model = load_teacher(checkpoint.path, teacher_config(cfg, checkpoint), cfg.model, layout,
+                         seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16)
     # the plain stream (no `order`): the samples the curriculum will rearrange
     data = TokenBatches(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
     out = []
@@ -79,6 +76,11 @@ def scores(cfg: RunConfig) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def _scored(args: argparse.Namespace) -> tuple[RunConfig, np.ndarray]:
+    cfg = load_config(args)
+    return cfg, scores(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -86,12 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="scores directory (must not exist)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args)
-        values = scores(cfg)
-    except ConfigError as err:
-        error_line(err, prefix="ConfigError")
-        return 2
+    started = start_up(lambda _launch: _scored(args))
+    if isinstance(started, int):
+        return started
+    _, (cfg, values) = started
     write_scores(Path(args.out).expanduser(), values, curriculum_key(cfg))
     log.info("scored %d samples (mean confidence %.4f) into %s", len(values), values.mean(),
              args.out)

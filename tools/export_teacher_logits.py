@@ -25,28 +25,28 @@ import dataclasses
 import itertools
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from distill.config import check_compatibility
 from distill.offline import (FORMAT, METADATA, VERSION, sample_checksums, shard_name,
                              teacher_digest, teacher_topk, tokenizer_record)
 from distill.runconfig import (RunConfig, check_data, parse_run_config, run_export_key,
-                               teacher_model_config)
+                               teacher_checkpoints, teacher_model_config)
 from distill.teacher import ColocatedTeacher, TeacherRequest, load_teacher
 from engine import collectives as C
-from engine.checkpoint import CheckpointError, ranks_agree, resolve_checkpoint
+from engine.checkpoint import CheckpointError, ResolvedCheckpoint, ranks_agree
 from engine.checkpoint_files import file_record, fsync_dir, write_json, write_tensors
 from engine.config import ConfigError, apply_overrides, check, load_yaml
 from engine.data import TokenBatches, resolve_data_path
-from engine.log import error_line, get_logger, setup_logging
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_parallel,
-                             init_parallel, validate_layout)
+from engine.entry import EXIT_CONFIG, EXIT_RUNTIME, ensure_new_output, run_tool
+from engine.log import get_logger, setup_logging
+from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, validate_layout)
 from layers.config import ModelConfig
 
 log = get_logger("export_teacher_logits")
@@ -60,6 +60,7 @@ class ExportError(RuntimeError):
 class ExportPlan:
     cfg: RunConfig  # the run config the export serves
     teacher: ModelConfig  # the teacher's architecture, from its checkpoint
+    checkpoint: ResolvedCheckpoint  # the teacher's checkpoint, resolved and checked at start-up
     k: int  # logits kept per position
     out: Path  # the export directory (must not exist)
     shard_samples: int  # samples per shard file
@@ -98,7 +99,8 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
           "an export holds one teacher: give it as distill.teacher")
     # The teacher a colocated run of this config would load (an offline run loads none).
     live = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated"))
-    teacher = teacher_model_config(live)
+    teachers = teacher_checkpoints(live)
+    teacher = teacher_model_config(live, teachers)
     check(teacher is not None, "distill.logit.weight", "is 0: there are no logits to export")
     check(not cfg.distill.logit.varying_temperature, "distill.logit.temperature",
           "must be a constant: the export stores the teacher's log-normalizer at one temperature")
@@ -107,16 +109,15 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     check(1 <= args.top_k <= vocab, "--top-k", f"must be in [1, {vocab}] (got {args.top_k})")
     check(args.shard_samples >= 1, "--shard-samples", f"must be >= 1 (got {args.shard_samples})")
     out = Path(args.out).expanduser()
-    check(not out.exists(), "--out", f"{out} exists; refusing to overwrite an export")
+    ensure_new_output(out, force=None)
     check_data(cfg)  # a missing or bad dataset stops here; builds the bundled corpus once
-    return ExportPlan(cfg=cfg, teacher=teacher, k=args.top_k, out=out,
+    return ExportPlan(cfg=cfg, teacher=teacher, checkpoint=teachers[""], k=args.top_k, out=out,
                       shard_samples=args.shard_samples)
 
 
 def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
     cfg = plan.cfg
-    model = load_teacher(resolve_checkpoint(cfg.distill.teacher, key="distill.teacher"),
-                         plan.teacher, cfg.model, layout, seed=cfg.train.seed,
+    model = load_teacher(plan.checkpoint.path, plan.teacher, cfg.model, layout, seed=cfg.train.seed,
                          bf16=cfg.distill.teacher_bf16)
     return ColocatedTeacher(model, TeacherRequest(head="logits"))
 
@@ -186,7 +187,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> str | None:
 
 def metadata(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> dict:
     cfg = plan.cfg
-    checkpoint = resolve_checkpoint(cfg.distill.teacher, key="distill.teacher")
+    checkpoint = plan.checkpoint.path
     key = run_export_key(cfg)
     shards = [{"file": shard_name(i), "first": s.start, "count": len(s),
                **file_record(tmp / shard_name(i))} for i, s in enumerate(plan.shards)]
@@ -235,26 +236,15 @@ def _publish(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    launch = None
-    try:
-        launch = LaunchEnv.from_env()
+
+    def prepare(launch: LaunchEnv) -> tuple[dict, Callable[[ParallelLayout], None]]:
         plan = load_plan(args, world_size=launch.world_size)
-    except ConfigError as err:
-        error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
-        return 2
-    layout = init_parallel(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s,
-                           launch=launch)
-    try:
-        export(plan, layout, progress=not args.no_progress)
-    except ConfigError as err:  # found reading the teacher (NaN weights)
-        error_line(err, show=layout.is_rank0, prefix="ConfigError")
-        return 2
-    except (ExportError, CheckpointError, OSError) as err:
-        error_line(err, show=layout.is_rank0)
-        return 1
-    finally:
-        destroy_parallel()
-    return 0
+        layout_args = dict(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s)
+        return layout_args, lambda layout: export(plan, layout, progress=not args.no_progress)
+
+    # Reading the teacher can still find bad input (NaN weights); a failed write is a run-time error.
+    return run_tool(prepare, failures=((ConfigError, EXIT_CONFIG),
+                                       ((ExportError, CheckpointError, OSError), EXIT_RUNTIME)))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ sampled chunk draws from its own generator seeded by (`--seed`, chunk), so the o
 depend on TP, PP or DP. Reports tokens/s (generated tokens over the generation's wall time) on
 stderr.
 
-Exit codes: 0 done, 2 bad input (one `error: ...` line on stderr, nothing written).
+Exit codes (engine/entry.py): 0 done, 2 bad input (one `ConfigError: ...` line, or the error's own
+kind, on stderr; nothing written).
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ from engine import collectives as C
 from engine.config import ConfigError, check, from_dict
 from engine.data import (DataConfig, IndexedWriter, TokenBatches, document_text, dtype_for_vocab,
                          file_records, find_eod_id, load_tokenizer, resolve_data_path)
+from engine.entry import ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
 from engine.parallel import LaunchEnv, ParallelLayout
 from layers.config import ModelConfig
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
-from tools.score import (check_tool_layout, checkpoint_model_config, ensure_new_output,
-                         load_model, read_tokens, run_tool, save_npy, tool_degrees)
+from tools.score import (check_tool_layout, checkpoint_model_config, load_model, read_tokens,
+                         save_npy, tool_degrees)
 
 log = get_logger("generate")
 TOKENIZER_DIR = "tokenizer"  # inside an imported checkpoint's step directory (tools/convert_hf.py)
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
 
-    def prepare(launch: LaunchEnv) -> tuple[int, Callable[[ParallelLayout], None]]:
+    def prepare(launch: LaunchEnv) -> tuple[dict, Callable[[ParallelLayout], None]]:
         degrees = tool_degrees(args, launch.world_size)
         found = prepare_inputs(args, launch.world_size)
         return degrees, lambda layout: run(args, found, layout)

@@ -16,7 +16,8 @@ ranks; plain `python tools/score.py` is one process. Logits stay sharded over th
 `-distill.cross_entropy` on the shards (no vocabulary gather). Checkpoints saved at any TP degree
 load (they are resharded on the fly).
 
-Exit codes: 0 done, 2 bad input (one `error: ...` line on stderr, nothing written).
+Exit codes (engine/entry.py): 0 done, 2 bad input (one `ConfigError: ...` line, or the error's own
+kind, on stderr; nothing written).
 """
 
 from __future__ import annotations
@@ -39,29 +40,24 @@ from distill.evaluate import validation_loss
 from distill.pipeline_step import StudentStage, run_pipeline
 from distill.weights import load_weights
 from engine import collectives as C
-from engine.checkpoint import CheckpointError, checkpoint_run_config, resolve_checkpoint
-from engine.config import ConfigError, from_dict
-from engine.data import DataConfig, DataError
-from engine.log import error_line, get_logger, setup_logging
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_parallel, init_parallel,
-                             validate_layout)
-from layers.config import ModelConfig, check_model_layout
+from engine.checkpoint import open_checkpoint
+from engine.config import ConfigError
+from engine.data import DataConfig
+from engine.entry import ensure_new_output, run_tool
+from engine.log import get_logger, setup_logging
+from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, validate_layout)
+from layers.config import ModelConfig, check_model_layout, saved_model_config
 from layers.model import TransformerLM
 
 log = get_logger("score")
-
-EXIT_ERROR = 2
-# What a bad input raises on its way out: each carries one line that names the culprit.
-USER_ERRORS = (ConfigError, CheckpointError, DataError, OSError)
 
 
 # ------------------------------------------------------------------------------ checkpoints
 
 def checkpoint_model_config(path: str | Path, *, key: str = "--ckpt") -> tuple[Path, dict, ModelConfig]:
     """(step directory, saved run config, model config) of a checkpoint or a root of them."""
-    step_dir = resolve_checkpoint(str(path), key=key)
-    run_config = checkpoint_run_config(step_dir, key=key)
-    return step_dir, run_config, from_dict(ModelConfig, run_config["model"], prefix=f"{key}(model)")
+    checkpoint = open_checkpoint(path, key=key)
+    return checkpoint.path, checkpoint.run_config, saved_model_config(checkpoint)
 
 
 def load_model(step_dir: Path, cfg: ModelConfig, layout: ParallelLayout, *,
@@ -70,15 +66,6 @@ def load_model(step_dir: Path, cfg: ModelConfig, layout: ParallelLayout, *,
     model = TransformerLM(cfg, layout).to(device=layout.device, dtype=dtype)
     load_weights(step_dir, model, layout)
     return model.eval()
-
-
-def ensure_new_output(path: Path, *, force: bool, key: str = "--out") -> None:
-    """Refuse to replace an existing file or non-empty directory unless `force`."""
-    if force or not path.exists():
-        return
-    if path.is_dir() and not any(path.iterdir()):
-        return
-    raise ConfigError(key, f"{path} already exists (pass --force to replace it)")
 
 
 # ------------------------------------------------------------------------------ log-probs
@@ -265,34 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         return degrees, lambda layout: run(args, step_dir, cfg, layout, ids=ids)
 
     return run_tool(prepare)
-
-
-def run_tool(prepare: Callable[[LaunchEnv], tuple[int | dict, Callable[[ParallelLayout], None]]],
-             ) -> int:
-    """A tool's life: `prepare(launch)` reads and checks every input, on every rank alike, before
-    any process group exists, and returns (TP degree, or `init_parallel`'s layout arguments, work);
-    `work(layout)` runs in the groups. Bad input at either stage: one `error:` line, exit 2."""
-    launch = None
-    try:
-        launch = LaunchEnv.from_env()
-        degrees, work = prepare(launch)
-    except USER_ERRORS as err:
-        return report_error(err, rank=None if launch is None else launch.rank)
-    layout = init_parallel(**({"tp": degrees} if isinstance(degrees, int) else degrees),
-                           launch=launch)
-    try:
-        work(layout)
-    except USER_ERRORS as err:
-        return report_error(err, rank=layout.rank)
-    finally:
-        destroy_parallel()
-    return 0
-
-
-def report_error(err: BaseException, *, rank: int | None) -> int:
-    """One `error: ...` line on stderr, from rank 0 only (every rank hits the same input)."""
-    error_line(err, show=rank in (None, 0), prefix="error")
-    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""The one way into a command: start-up, the parallel groups, and what a failure prints and returns.
+
+Every entry point (`distill/run.py` and the tools) does the same: read and check every input on
+every rank alike before any process group exists (`start_up`), then run in the groups. A failure a
+user can act on is ONE line on stderr, `Kind: message` (`report`; every `ConfigError`, layout
+errors included, reads `ConfigError: <key>: ...`), printed by the rank that speaks for the others,
+and ends the command with one of the documented exit codes below. `run_tool` is the whole life of
+a tool; the trainer, whose failures differ by role, builds its own second stage from the same
+pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError
+from engine.data import DataError
+from engine.log import error_line
+from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, is_peer_failure
+from engine.signals import EXIT_ABORTED
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1  # a failure while running: a write that failed, a lost peer, a broken stream
+EXIT_CONFIG = 2  # bad input (config, arguments, data, checkpoint): nothing was written
+EXIT_NONFINITE = 3  # training stopped on non-finite losses
+EXIT_PREEMPTED = 124  # stopped by a signal after saving a checkpoint
+EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C during start-up, or a second Ctrl-C
+
+# What bad input raises on its way out: each carries one line that names the culprit.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, DataError, OSError)
+
+T = TypeVar("T")
+ExitCodes = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], int]]
+
+
+def report(err: BaseException, code: int, *, show: bool = True) -> int:
+    """Print `err` as one `Kind: message` line on stderr when `show`; return `code`."""
+    kind = "ConfigError" if isinstance(err, ConfigError) else type(err).__name__
+    error_line(err, show=show, prefix=kind)
+    return code
+
+
+def ensure_new_output(path: Path, *, force: bool | None, key: str = "--out") -> None:
+    """Refuse to replace an existing file or non-empty directory unless `force`; `force=None` is
+    a tool without `--force`, whose output must not exist at all."""
+    if force or not path.exists():
+        return
+    if force is None:
+        raise ConfigError(key, f"{path} exists; refusing to overwrite it")
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    raise ConfigError(key, f"{path} already exists (pass --force to replace it)")
+
+
+def start_up(prepare: Callable[[LaunchEnv], T]) -> tuple[LaunchEnv, T] | int:
+    """(launch, `prepare(launch)`), run before any process group exists; or, on bad input or
+    Ctrl-C, the exit code after rank 0 printed the one line (every rank meets the same input)."""
+    launch = None
+    try:
+        launch = LaunchEnv.from_env()
+        return launch, prepare(launch)
+    except USER_ERRORS as err:
+        return report(err, EXIT_CONFIG, show=launch is None or launch.rank == 0)
+    except KeyboardInterrupt:
+        error_line(KeyboardInterrupt("during start-up, nothing written"), prefix="interrupted",
+                   show=launch is None or launch.rank == 0)
+        return EXIT_INTERRUPTED
+
+
+def run_tool(prepare: Callable[[LaunchEnv], tuple[dict[str, Any], Callable[[ParallelLayout], None]]],
+             *, failures: ExitCodes = ((USER_ERRORS, EXIT_CONFIG),)) -> int:
+    """A tool's life: `prepare(launch)` reads and checks every input (see `start_up`) and returns
+    (`init_parallel`'s layout arguments, work); `work(layout)` runs in the groups. A failure of
+    the work that matches `failures` (first match) is one line from rank 0 and that exit code; a
+    lost peer is one line from each rank that waited on it, exit 1."""
+    started = start_up(prepare)
+    if isinstance(started, int):
+        return started
+    launch, (layout_args, work) = started
+    layout = init_parallel(**layout_args, launch=launch)
+    try:
+        work(layout)
+    except BaseException as err:
+        return _work_failure(err, failures, layout)
+    finally:
+        destroy_parallel()
+    return EXIT_OK
+
+
+def _work_failure(err: BaseException, failures: ExitCodes, layout: ParallelLayout) -> int:
+    for kinds, code in failures:
+        if isinstance(err, kinds):
+            return report(err, code, show=layout.is_rank0)
+    if is_peer_failure(err):
+        return peer_lost(err, layout)
+    raise err
+
+
+def peer_lost(err: BaseException, layout: ParallelLayout) -> int:
+    """A collective failed on a dead or hung peer: every rank that waited on it says so (it
+    cannot know who else did); exit 1."""
+    error_line(err, prefix=f"lost a peer (rank {layout.rank})")
+    return EXIT_RUNTIME
