@@ -26,23 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.parallel import ParallelLayout  # noqa: E402
 from layers.decode import generate, left_pad  # noqa: E402
-from layers.hf import hf_config_to_model_config, hf_to_engine_state_dict  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
-from layers.sharding import load_full_state_dict  # noqa: E402
+from tools.bench.llama import add_shape_args, llama_pair  # noqa: E402
 
 PAD_ID = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--heads", type=int, default=9)
-    parser.add_argument("--kv-heads", type=int, default=3)
-    parser.add_argument("--ffn", type=int, default=1536, help="MLP inner width")
-    parser.add_argument("--vocab", type=int, default=49152)
+    add_shape_args(parser, layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=48, help="longest prompt")
     parser.add_argument("--ragged", action="store_true",
@@ -51,22 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and length")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
-
-
-def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, TransformerLM]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=2048, rope_theta=100000.0,
-        tie_word_embeddings=True, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_config).eval()
-    cfg = hf_config_to_model_config(hf_config.to_dict())
-    ours = TransformerLM(cfg, ParallelLayout.single()).eval()
-    load_full_state_dict(ours, hf_to_engine_state_dict(hf.state_dict(), cfg))
-    return hf, ours
 
 
 def make_prompts(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +81,7 @@ def timed(fn: Callable[[int], torch.Tensor], new: int) -> tuple[float, torch.Ten
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    hf, ours = build_models(args)
+    hf, ours = llama_pair(args, rope_theta=100000.0, tie_word_embeddings=True)
     ids, lengths = make_prompts(args)
     fns = runners(hf, ours, ids, lengths)
     times = {(name, new): [] for name in fns for new in (1, args.new_tokens)}

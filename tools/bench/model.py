@@ -22,20 +22,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.parallel import ParallelLayout  # noqa: E402
-from layers.hf import hf_config_to_model_config, hf_to_engine_state_dict  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
-from layers.sharding import load_full_state_dict  # noqa: E402
+from tools.bench.llama import add_shape_args, llama_pair  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=1408, help="MLP inner width")
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(parser, layers=8, hidden=512, heads=8, kv_heads=4, ffn=1408, vocab=32000)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
@@ -45,19 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, TransformerLM]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 2048),
-        attn_implementation="sdpa")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_config).train()
-    cfg = hf_config_to_model_config(hf_config.to_dict())
-    ours = TransformerLM(cfg, ParallelLayout.single()).train()
-    load_full_state_dict(ours, hf_to_engine_state_dict(hf.state_dict(), cfg))
-    return hf, ours
+    hf, ours = llama_pair(args, max_positions=max(args.seq, 2048))
+    return hf.train(), ours.train()
 
 
 def train_step(logits_fn: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
