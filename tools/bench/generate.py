@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from layers.decode import generate, left_pad  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
-from tools.bench.llama import add_shape_args, llama_pair  # noqa: E402
+from tools.bench.llama import add_shape_args, llama_pair, synchronize  # noqa: E402
 
 PAD_ID = 0
 
@@ -57,7 +57,8 @@ def runners(hf: torch.nn.Module, ours: TransformerLM, ids: torch.Tensor,
             lengths: torch.Tensor) -> dict[str, Callable[[int], torch.Tensor]]:
     """name -> function(new tokens) -> `[batch, new tokens]` generated ids."""
     width = ids.shape[1]
-    attention_mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+    attention_mask = (torch.arange(width, device=ids.device)[None, :]
+                      >= (width - lengths)[:, None]).long()
 
     def theirs(new: int) -> torch.Tensor:
         out = hf.generate(ids, attention_mask=attention_mask, max_new_tokens=new,
@@ -75,7 +76,8 @@ def timed(fn: Callable[[int], torch.Tensor], new: int) -> tuple[float, torch.Ten
     start = time.perf_counter()
     with torch.no_grad():
         tokens = fn(new)
-    return time.perf_counter() - start, tokens
+    synchronize(tokens.device)
+    return time.perf_counter() - start, tokens.cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     hf, ours = llama_pair(args, rope_theta=100000.0, tie_word_embeddings=True)
     ids, lengths = make_prompts(args)
-    fns = runners(hf, ours, ids, lengths)
+    fns = runners(hf, ours, ids.to(args.device), lengths.to(args.device))
     times = {(name, new): [] for name in fns for new in (1, args.new_tokens)}
     tokens = {}
     for fn in fns.values():  # warm-up: first calls allocate and pick kernels
@@ -101,8 +103,8 @@ def report(args: argparse.Namespace, fns: dict, times: dict, tokens: dict) -> No
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} "
           f"kv, ffn {args.ffn}, vocab {args.vocab}; {args.prompts} prompts of "
           f"{'up to ' if args.ragged else ''}{args.prompt_len} tokens, {n} new tokens each, "
-          f"greedy; fp32, CPU, {args.threads} thread(s), TP=1; median of {args.repeats} runs, "
-          f"alternating\n")
+          f"greedy; {args.dtype}, {args.device}, {args.threads} thread(s), TP=1; median of "
+          f"{args.repeats} runs, alternating\n")
     print("| implementation | prefill (ms) | decode per step (ms) | whole generation (s) "
           "| generated tokens/s |")
     print("|---|---:|---:|---:|---:|")

@@ -1,9 +1,10 @@
 """Forward+backward throughput of the engine's model against transformers' LlamaForCausalLM.
 
-One student-sized Llama config, TP=1, CPU, fp32. Both models hold the same weights (ours are loaded
-from the Hugging Face model through layers/hf.py, and the logits are checked to agree), run the same
-loss (cross-entropy over the full vocabulary) and are timed alternately in the same process, so
-drift of the machine hits both. Prints a markdown table and the ratio ours / transformers.
+One student-sized Llama config, TP=1, CPU and fp32 unless `--device cuda --dtype bf16`. Both models
+hold the same weights (ours are loaded from the Hugging Face model through layers/hf.py, and the
+logits are checked to agree), run the same loss (cross-entropy over the full vocabulary) and are
+timed alternately in the same process, so drift of the machine hits both. Prints a markdown table
+and the ratio ours / transformers.
 
     python tools/bench/model.py [--layers 8 --hidden 512 --seq 256 --batch 2 --steps 5 --threads 2]
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from layers.model import TransformerLM  # noqa: E402
-from tools.bench.llama import add_shape_args, llama_pair  # noqa: E402
+from tools.bench.llama import add_shape_args, llama_pair, synchronize  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,11 +46,13 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, Transformer
 def train_step(logits_fn: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
                ids: torch.Tensor, labels: torch.Tensor, vocab: int) -> float:
     """One forward+backward; returns its wall time in seconds."""
+    synchronize(ids.device)
     start = time.perf_counter()
     logits = logits_fn(ids)[..., :vocab]
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     loss.backward()
     model.zero_grad(set_to_none=True)
+    synchronize(ids.device)
     return time.perf_counter() - start
 
 
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     hf, ours = build_models(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
     labels = ids.roll(-1, dims=1)
     with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids).logits[..., :args.vocab]).abs().max().item()
+        diff = (hf(ids).logits.float() - ours(ids).logits[..., :args.vocab].float()).abs().max().item()
     runners = {"megadistill TransformerLM": (lambda x: ours(x).logits, ours),
                "transformers LlamaForCausalLM": (lambda x: hf(x).logits, hf)}
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -80,8 +83,8 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], diff: float,
     best = {name: min(t) for name, t in times.items()}
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} kv, "
           f"ffn {args.ffn}, vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x "
-          f"seq {args.seq}; fp32, CPU, {args.threads} threads, TP=1; {args.steps} timed steps "
-          f"each, alternating; max |logit diff| {diff:.1e}\n")
+          f"seq {args.seq}; {args.dtype}, {args.device}, {args.threads} threads, TP=1; "
+          f"{args.steps} timed steps each, alternating; max |logit diff| {diff:.1e}\n")
     print("| model | median step (ms) | best step (ms) | tokens/s (median) | tokens/s (best) |")
     print("|---|---:|---:|---:|---:|")
     for name in times:
