@@ -32,11 +32,11 @@ from distill.kinds import DivergenceArgumentError, Kind, check_divergence_args
 from distill.schedules import (AdaptiveTemperatureConfig, ScheduleConfig, Scheduled,
                                check_scheduled, ever_positive, scheduled_ends)
 from engine.config import ConfigError, check
-from layers.buffers import BLOCK_BUFFERS, buffer_names
+from layers.buffers import (BLOCK_BUFFERS, block_buffer, block_name, buffer_names,
+                            parse_block_buffer)
 from layers.config import ModelConfig, check_model_layout
 
 SHORTCUTS = {"all_mixers": "mixer_output", "all_mlps": "mlp_output", "all_outputs": "output"}
-_BLOCK_NAME = re.compile(r"(decoder|mtp)\.(\d+)\.(\w+)")
 
 
 @dataclass(frozen=True)
@@ -288,13 +288,14 @@ def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
 def _check_buffer(name: str, model: ModelConfig, key: str, side: str) -> None:
     if name in buffer_names(model.layers, model.mtp_heads):
         return
-    match = _BLOCK_NAME.fullmatch(name)
-    if match and match.group(3) in BLOCK_BUFFERS:
-        if match.group(1) == "decoder":
-            where = f"layer {match.group(2)}, but the {side} has {model.layers} layers " \
+    parsed = parse_block_buffer(name)
+    if parsed and parsed[2] in BLOCK_BUFFERS:
+        trunk, index, _ = parsed
+        if trunk == "decoder":
+            where = f"layer {index}, but the {side} has {model.layers} layers " \
                     f"(0..{model.layers - 1})"
         else:
-            where = f"MTP head {match.group(2)}, but the {side} has {model.mtp_heads} (1..)"
+            where = f"MTP head {index}, but the {side} has {model.mtp_heads} (1..)"
         raise ConfigError(key, f"{side} buffer {name!r} names {where}")
     raise ConfigError(key, f"unknown {side} buffer {name!r} (buffers are embedding, "
                            f"decoder.{{i}}.{{{'|'.join(BLOCK_BUFFERS)}}}, final_hidden and "
@@ -307,8 +308,9 @@ def _expand_shortcut(entry: ActivationPairConfig, student_layers: int, teacher_l
           f"shortcut {entry.student!r} needs a teacher at least as deep as the student "
           f"(student {student_layers} layers, teacher {teacher_layers})")
     kind = SHORTCUTS[entry.student]
-    return [ResolvedPair(f"decoder.{i}.{kind}",
-                         f"decoder.{teacher_layer(i, student_layers, teacher_layers)}.{kind}",
+    return [ResolvedPair(block_buffer(block_name(i), kind),
+                         block_buffer(block_name(teacher_layer(i, student_layers, teacher_layers)),
+                                      kind),
                          entry.loss, entry.weight, source) for i in range(student_layers)]
 
 

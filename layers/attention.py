@@ -5,6 +5,10 @@ projections, so checkpoints reshard by plain concatenation), attends over this r
 `heads/tp` query heads and `kv_heads/tp` key/value heads with `scaled_dot_product_attention`, and
 leaves through the row-parallel output projection.
 
+Decoding passes the block's `LayerCache` (layers/kv_cache.py): the new columns' keys and values
+(after RoPE) are appended to it and the queries attend over everything cached so far, under the
+cache's mask. The projections, RoPE and the attention call are the ones training runs.
+
 With `recompute_core` (`train.recompute=selective`) RoPE and the attention core (scores, softmax,
 dropout, probabilities times values) are one recomputed region (layers/recompute.py): the
 projections' outputs q, k, v are kept for the backward, the `[batch, heads, seq, seq]` scores and
@@ -22,6 +26,7 @@ from torch import nn
 
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
+from layers.kv_cache import LayerCache
 from layers.recompute import recomputed
 from layers.rng import SHARDED, DropoutRNG
 from layers.rope import apply_rope
@@ -55,33 +60,46 @@ class Attention(nn.Module):
                                         bias=config.bias, init_std=out_std,
                                         quant=config.linear_quant)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """Residual stream `[batch, seq(/tp), hidden]` -> attention output, same layout."""
+    def forward(self, x: torch.Tensor, rope: Rope, cache: LayerCache | None = None) -> torch.Tensor:
+        """Residual stream `[batch, seq(/tp), hidden]` -> attention output, same layout. With
+        `cache`, `x` holds the new columns only and the keys/values of earlier ones come from it."""
         x_full = enter_tp_region(x, self.layout)  # [batch, seq, hidden]
         batch, seq, _ = x_full.shape
         q = self.q_proj(x_full).view(batch, seq, self.heads, self.head_dim)
         k = self.k_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
-        if self.recompute_core:
+        if self.recompute_core and cache is None:
             context = recomputed(self._core, q, k, v, rope, rng=self.rng)
         else:
-            context = self._core(q, k, v, rope)  # [batch, seq, heads/tp * head_dim]
+            context = self._core(q, k, v, rope, cache)  # [batch, seq, heads/tp * head_dim]
         return self.o_proj(context)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope,
+              cache: LayerCache | None = None) -> torch.Tensor:
         """Projected q `[batch, seq, heads/tp, head_dim]`, k and v (`kv_heads/tp`) -> context."""
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self._attend(q, k, v)
+        # SDPA's layout: heads before the sequence
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is None:
+            mask = self._window_mask(q.shape[2], q.device)
+            causal = mask is None
+        else:
+            k, v = cache.extend(k, v)  # [batch, kv_heads/tp, cached + seq, head_dim]
+            mask, causal = cache.mask, cache.causal
+        return self._attend(q, k, v, mask, causal=causal)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        batch, seq = q.shape[:2]
-        mask = self._window_mask(seq, q.device)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
+        """q `[batch, heads/tp, seq, head_dim]`, k/v `[batch, kv_heads/tp, keys, head_dim]` ->
+        context `[batch, seq, heads/tp * head_dim]`. `mask` (True = attend) or `causal`; neither:
+        every query sees every key."""
+        batch, _, seq, _ = q.shape
         dropout = self.dropout if self.training else 0.0
         with self.rng.fork(SHARDED) if dropout else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                dropout_p=dropout, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=causal,
+                                                 enable_gqa=self.kv_heads != self.heads)
         return out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
 
     def _window_mask(self, seq: int, device: torch.device) -> torch.Tensor | None:

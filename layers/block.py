@@ -18,7 +18,9 @@ from torch import nn
 
 from engine.parallel import ParallelLayout
 from layers.attention import Attention, Rope
+from layers.buffers import BLOCK_BUFFERS, block_buffer
 from layers.config import ModelConfig
+from layers.kv_cache import KVCache, LayerCache
 from layers.mlp import MLP
 from layers.norm import make_norm
 from layers.recompute import Recompute, recomputed
@@ -39,22 +41,25 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = make_norm(config, layout)
         self.mlp = MLP(config, layout)
 
-    def forward(self, hidden: torch.Tensor, rope: Rope, record: Record) -> torch.Tensor:
-        """Residual stream `[batch, seq(/tp), hidden]` -> the same after this block."""
-        if self.recompute_block:
+    def forward(self, hidden: torch.Tensor, rope: Rope, record: Record,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Residual stream `[batch, seq(/tp), hidden]` -> the same after this block. With `cache`
+        (decoding) `hidden` holds the new columns and attention reads the earlier ones from it."""
+        if self.recompute_block and cache is None:
             hidden, mixer_output, mlp_output = recomputed(self._block, hidden, rope, rng=self.rng)
         else:
-            hidden, mixer_output, mlp_output = self._block(hidden, rope)
-        record(f"{self.name}.mixer_output", mixer_output)
-        record(f"{self.name}.mlp_output", mlp_output)
-        record(f"{self.name}.output", hidden)
+            layer_cache = cache.layer(self.name) if cache is not None else None
+            hidden, mixer_output, mlp_output = self._block(hidden, rope, layer_cache)
+        for kind, tensor in zip(BLOCK_BUFFERS, (mixer_output, mlp_output, hidden)):
+            record(block_buffer(self.name, kind), tensor)
         return hidden
 
-    def _block(self, hidden: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+    def _block(self, hidden: torch.Tensor, rope: Rope,
+               cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """The block's output and the two branch outputs it publishes, all in the SP layout.
         Returning the branches (not recording them in here) makes them outputs of a recomputed
         region; unless a caller keeps them they are freed like any intermediate."""
-        mixer_output = self.attention(self.attn_norm(hidden), rope)
+        mixer_output = self.attention(self.attn_norm(hidden), rope, cache)
         hidden = hidden + self._residual_dropout(mixer_output)
         mlp_output = self.mlp(self.mlp_norm(hidden))
         hidden = hidden + self._residual_dropout(mlp_output)

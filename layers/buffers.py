@@ -19,6 +19,7 @@ trains the model); detach it to only read it. Nothing is kept when nothing is as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -27,18 +28,39 @@ import torch
 from layers.tensor_parallel import SEQ_DIM
 
 BLOCK_BUFFERS = ("mixer_output", "mlp_output", "output")  # what every decoder block publishes
+# "{trunk}.{index}.{kind}": the trunk is "decoder" (index from 0) or "mtp" (head index from 1)
+_BLOCK_BUFFER = re.compile(r"(decoder|mtp)\.(\d+)\.(\w+)")
 
 
-def block_buffer_names(prefix: str) -> list[str]:
-    """The buffers of one block: `{prefix}.mixer_output`, `.mlp_output`, `.output`."""
-    return [f"{prefix}.{suffix}" for suffix in BLOCK_BUFFERS]
+def block_name(index: int, *, mtp: bool = False) -> str:
+    """The name of decoder block `index` (`decoder.{i}`) or of MTP head `index` (`mtp.{j}`): the
+    prefix of its buffers and of its parameters."""
+    return f"{'mtp' if mtp else 'decoder'}.{index}"
+
+
+def block_buffer(block: str, kind: str) -> str:
+    """`{block}.{kind}`, e.g. `decoder.3.mlp_output`."""
+    return f"{block}.{kind}"
+
+
+def parse_block_buffer(name: str) -> tuple[str, int, str] | None:
+    """`decoder.{i}.{kind}` -> ("decoder", i, kind); `mtp.{j}.{kind}` -> ("mtp", j, kind); any
+    other name (`embedding`, `final_hidden`, a malformed one) -> None. The kind is not checked."""
+    match = _BLOCK_BUFFER.fullmatch(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def block_buffer_names(block: str) -> list[str]:
+    """The buffers of one block: `{block}.mixer_output`, `.mlp_output`, `.output`."""
+    return [block_buffer(block, kind) for kind in BLOCK_BUFFERS]
 
 
 def buffer_names(layers: int, mtp_heads: int = 0) -> list[str]:
     """Every buffer name a model of `layers` decoder blocks and `mtp_heads` MTP heads publishes,
     in forward order."""
-    trunk = [name for i in range(layers) for name in block_buffer_names(f"decoder.{i}")]
-    heads = [name for j in range(1, mtp_heads + 1) for name in block_buffer_names(f"mtp.{j}")]
+    trunk = [name for i in range(layers) for name in block_buffer_names(block_name(i))]
+    heads = [name for j in range(1, mtp_heads + 1)
+             for name in block_buffer_names(block_name(j, mtp=True))]
     return ["embedding", *trunk, "final_hidden", *heads]
 
 

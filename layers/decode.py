@@ -1,24 +1,17 @@
-"""Incremental decoding: a KV cache and token-by-token forwards through the training model's layers.
+"""Incremental decoding: token-by-token forwards through the training model's own modules.
 
-No second model. `forward_step` runs new tokens through the very modules `TransformerLM.forward`
-uses (embedding, learned positions or RoPE, each block's norms, q/k/v/o projections and MLP, final
-norm, vocab-parallel head); only the attention core differs: keys and values of earlier tokens come
-from the cache instead of being recomputed. Blocks are pre-norm residual
-(`h + attention(norm(h))`, then `h + mlp(norm(h))`) exactly as layers/block.py, without dropout:
-decoding is always in eval mode.
+No second model. `forward_step` runs new columns through `TransformerLM`'s `embed`, `run_chunk` and
+`finish` with a `KVCache` (layers/kv_cache.py), an option of the model's own blocks and attention:
+keys and values of earlier columns come from the cache instead of being recomputed. Decoding is
+always in eval mode (no dropout) and without autograd (`decoding(model)`).
 
-Tensor parallelism. The cache of each layer holds this rank's `kv_heads/tp` key/value heads
-`[batch, capacity, kv_heads/tp, head_dim]`; the collectives are the model's own (the embedding and
-row-parallel outputs sum over TP). Sequence parallelism is a training layout (a single new token
-cannot be split over the sequence): `decoding(model)` runs the same weights without it.
+Tensor parallelism. The cache of each block holds this rank's `kv_heads/tp` key/value heads; the
+collectives are the model's own (the embedding and row-parallel outputs sum over TP). Sequence
+parallelism is a training layout (a single new token cannot be split over the sequence):
+`decoding(model)` runs the same weights without it.
 
-Batching with per-row prompt lengths: *left padding*. A batch of prompts is `[batch, P]`, row b
-holding `pad[b] = P - prompt_lengths[b]` filler ids first and its prompt right-aligned, so every
-row's next token is column P, then P+1, ... Row b's real token at column c has position
-`c - pad[b]` (what learned positions and RoPE see; Hugging Face's left-padded generate computes the
-same). No query attends to a padding column; padding columns attend to themselves only (their
-outputs are never used, this keeps them finite). Sliding windows (`model.sliding_window`) are a
-mask over the full cache, as in training: the cache is not a ring buffer.
+Batching with per-row prompt lengths: *left padding* (see layers/kv_cache.py for the positions and
+the mask).
 
 Pipeline parallelism. Every rank of a pipeline calls `forward_step` and `generate` together: the
 new columns' hidden states go through the virtual stages in order (virtual stage k on pipeline rank
@@ -41,15 +34,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine import collectives as C
 from engine.config import check
 from engine.parallel import ParallelLayout
-from layers.attention import Attention
+from layers.kv_cache import KVCache
 from layers.model import TransformerLM
-from layers.rope import apply_rope
-from layers.tensor_parallel import enter_tp_region
 
 
 @dataclass(frozen=True)
@@ -66,49 +56,6 @@ class Sampling:
         check(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 (got {self.top_k})")
         check(self.top_p is None or 0 < self.top_p <= 1, "top_p",
               f"must be in (0, 1] (got {self.top_p})")
-
-
-class KVCache:
-    """Keys and values of every decoder layer of this rank (by the block's global index) for
-    `capacity` columns of a left-padded batch."""
-
-    def __init__(self, model: TransformerLM, *, batch: int, capacity: int, pad: torch.Tensor,
-                 dtype: torch.dtype):
-        attention: Attention = next(iter(model.decoder.values())).attention
-        shape = (batch, capacity, attention.kv_heads, attention.head_dim)
-        device = model.layout.device
-        self.keys = {name: torch.zeros(shape, dtype=dtype, device=device) for name in model.decoder}
-        self.values = {name: torch.zeros(shape, dtype=dtype, device=device)
-                       for name in model.decoder}
-        self.pad = pad.to(device=device, dtype=torch.int64)  # [batch] left-padding columns
-        self.window = model.config.sliding_window
-        self.length = 0  # columns filled so far (the same in every row)
-
-    @property
-    def capacity(self) -> int:
-        return next(iter(self.keys.values())).shape[1]
-
-    def positions(self, new: int) -> torch.Tensor:
-        """`[batch, new]` positions of the next `new` columns (0 on padding columns)."""
-        columns = torch.arange(self.length, self.length + new, device=self.pad.device)
-        return (columns[None, :] - self.pad[:, None]).clamp(min=0)
-
-    def mask(self, new: int) -> torch.Tensor:
-        """`[batch, 1, new, length + new]` True where the next columns' queries may attend."""
-        query = torch.arange(self.length, self.length + new, device=self.pad.device)[:, None]
-        key = torch.arange(self.length + new, device=self.pad.device)[None, :]
-        real_key = key[None] >= self.pad[:, None, None]  # [batch, 1, total]
-        allowed = (key <= query) & (real_key | (key == query))
-        if self.window is not None:
-            allowed = allowed & (query - key < self.window)
-        return allowed[:, None]
-
-    def append(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store `[batch, new, kv_heads/tp, head_dim]` keys/values; all of the layer's so far."""
-        end = self.length + k.shape[1]
-        self.keys[layer][:, self.length:end] = k
-        self.values[layer][:, self.length:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
 
 
 @contextlib.contextmanager
@@ -137,54 +84,27 @@ def forward_step(model: TransformerLM, ids: torch.Tensor, cache: KVCache, *,
     (`[batch, 1, ...]` with `last_only`), appending their keys and values to `cache`.
     Call inside `decoding(model)`. Under PP every pipeline rank calls it; the last stage returns
     the logits, the others None."""
-    new = ids.shape[1]
-    if cache.length + new > cache.capacity:
-        raise ValueError(f"{cache.length + new} columns exceed the cache's {cache.capacity}")
     layout, plan = model.layout, model.plan
+    positions = cache.begin(ids.shape[1])  # [batch, new]
+    record = model.recorder(())
     dtype = next(model.parameters()).dtype
-    positions = cache.positions(new)  # [batch, new]
-    rope = model.rotary.at(positions, dtype) if model.rotary is not None else None
-    mask = cache.mask(new)
-    hidden = torch.empty(ids.shape[0], new, model.config.hidden, dtype=dtype, device=layout.device)
+    rope = model.rope(ids, dtype, positions)
+    hidden = torch.empty(*ids.shape, model.config.hidden, dtype=dtype, device=layout.device)
     for chunk in range(plan.chunks):
         virtual = chunk * plan.pp + plan.pp_rank
         if virtual == 0:
-            hidden = model.embedding(ids)  # [batch, new, hidden]
-            if model.position_embedding is not None:
-                hidden = hidden + model.position_embedding.weight[positions]
+            hidden = model.embed(ids, record, positions)  # [batch, new, hidden]
         else:
             C.recv(hidden, src=layout.pp_ranks[(virtual - 1) % plan.pp])
-        for layer in plan.chunk_layers(chunk):
-            block = model.decoder[str(layer)]
-            hidden = hidden + _attention_step(block.attention, block.attn_norm(hidden), rope, mask,
-                                              cache, str(layer))
-            hidden = hidden + block.mlp(block.mlp_norm(hidden))
+        hidden = model.run_chunk(chunk, hidden, rope, record, cache)
         if virtual < plan.virtual_stages - 1:
             C.send(hidden, dst=layout.pp_ranks[(virtual + 1) % plan.pp])
-    cache.length += new
+    cache.commit()
     if not plan.has_head:
         return None
     if last_only:
         hidden = hidden[:, -1:]
-    return model.lm_head(model.lm_head.head_input(model.final_norm(hidden)))
-
-
-def _attention_step(attn: Attention, x: torch.Tensor, rope, mask: torch.Tensor, cache: KVCache,
-                    layer: str) -> torch.Tensor:
-    """`Attention.forward` for new columns: q/k/v of `x` `[batch, new, hidden]`, keys and values
-    of all columns so far from the cache."""
-    x_full = enter_tp_region(x, attn.layout)  # [batch, new, hidden]
-    batch, new, _ = x_full.shape
-    q = attn.q_proj(x_full).view(batch, new, attn.heads, attn.head_dim)
-    k = attn.k_proj(x_full).view(batch, new, attn.kv_heads, attn.head_dim)
-    v = attn.v_proj(x_full).view(batch, new, attn.kv_heads, attn.head_dim)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    keys, values = cache.append(layer, k, v)  # [batch, length + new, kv_heads/tp, head_dim]
-    context = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
-        enable_gqa=attn.kv_heads != attn.heads)  # [batch, heads/tp, new, head_dim]
-    return attn.o_proj(context.transpose(1, 2).reshape(batch, new, attn.heads * attn.head_dim))
+    return model.finish(hidden, rope, record, mtp=False).logits
 
 
 # ------------------------------------------------------------------------------ generation

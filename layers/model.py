@@ -27,6 +27,10 @@ the same parameters and buffers on any layout. The pipeline drives `embed` (firs
 holds its own copy of `embedding.weight` for the output layer; the trainer keeps the two copies'
 gradients summed over the pipeline's embedding group.
 
+Decoding (layers/decode.py) runs these same modules over new columns with a `KVCache`
+(layers/kv_cache.py): `embed` and `rope` take the columns' positions, `run_chunk` the cache, and
+`finish(mtp=False)` skips the MTP heads (a training objective).
+
 Activation recomputation (`recompute=`, the run's `train.recompute`) is a way of training the model,
 not part of its architecture: it is chosen when the model is built for training, changes no
 parameter and no result, and applies only to forwards that record autograd (layers/recompute.py).
@@ -44,8 +48,9 @@ from engine import collectives as C
 from engine.parallel import ParallelLayout
 from engine.param_tags import tag
 from layers.block import DecoderBlock
-from layers.buffers import ActivationBuffer, BufferRecorder, buffer_names
+from layers.buffers import ActivationBuffer, BufferRecorder, block_name, buffer_names
 from layers.config import ModelConfig, check_model_layout
+from layers.kv_cache import KVCache
 from layers.norm import make_norm
 from layers.params import full_init, new_param
 from layers.recompute import Recompute
@@ -87,10 +92,10 @@ class TransformerLM(nn.Module):
             if first and config.family == "gpt2" else None
         self.rotary = Rotary(config, layout.device) if config.family == "llama" else None
         self.decoder = nn.ModuleDict({
-            str(i): DecoderBlock(config, layout, self.rng, name=f"decoder.{i}", recompute=recompute)
+            str(i): DecoderBlock(config, layout, self.rng, name=block_name(i), recompute=recompute)
             for i in plan.layers_here()})
         self.mtp = nn.ModuleDict({
-            str(j): DecoderBlock(config, layout, self.rng, name=f"mtp.{j}", recompute=recompute)
+            str(j): DecoderBlock(config, layout, self.rng, name=block_name(j, mtp=True), recompute=recompute)
             for j in range(1, config.mtp_heads + 1)} if last else {})
         self.final_norm = make_norm(config, layout) if last else None
         self.lm_head = VocabParallelLMHead(
@@ -138,35 +143,46 @@ class TransformerLM(nn.Module):
         """Keeps the asked-for buffers of one forward (of the parts this stage runs)."""
         return BufferRecorder(buffers, self.buffer_names(), seq_sharded=self.layout.sp)
 
-    def rope(self, input_ids: torch.Tensor, dtype: torch.dtype):
-        """Rotary tables for `input_ids`' length (None for learned positions)."""
-        return self.rotary(input_ids.shape[1], dtype) if self.rotary is not None else None
+    def rope(self, input_ids: torch.Tensor, dtype: torch.dtype,
+             positions: torch.Tensor | None = None):
+        """Rotary tables for `input_ids`' length, or for `[batch, seq]` `positions` (decoding);
+        None for learned positions."""
+        if self.rotary is None:
+            return None
+        if positions is not None:
+            return self.rotary.at(positions, dtype)
+        return self.rotary(input_ids.shape[1], dtype)
 
-    def embed(self, input_ids: torch.Tensor, record) -> torch.Tensor:
-        """First stage: token ids `[batch, seq]` -> residual stream `[batch, seq(/tp), hidden]`."""
+    def embed(self, input_ids: torch.Tensor, record,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: token ids `[batch, seq]` -> residual stream `[batch, seq(/tp), hidden]`.
+        `positions` `[batch, seq]`: those of decoded columns (default 0..seq-1)."""
         self._check_input(input_ids)
         hidden = self.embedding(input_ids)
         if self.position_embedding is not None:
-            hidden = hidden + self.position_embedding(input_ids.shape[1])
+            hidden = hidden + self.position_embedding(input_ids.shape[1], positions)
         hidden = self.rng.dropout(hidden, self.config.dropout, sharded=self.layout.sp,
                                   training=self.training)
         record("embedding", hidden)
         return hidden
 
-    def run_chunk(self, chunk: int, hidden: torch.Tensor, rope, record) -> torch.Tensor:
+    def run_chunk(self, chunk: int, hidden: torch.Tensor, rope, record,
+                  cache: KVCache | None = None) -> torch.Tensor:
         """The residual stream through this rank's blocks of `chunk` (all blocks without PP)."""
         for i in self.plan.chunk_layers(chunk):
-            hidden = self.decoder[str(i)](hidden, rope, record)
+            hidden = self.decoder[str(i)](hidden, rope, record, cache)
         return hidden
 
-    def finish(self, hidden: torch.Tensor, rope, record, *,
-               compute_logits: bool = True) -> ModelOutput:
-        """Last stage: the trunk's last residual stream -> final norm, MTP heads, logits shards."""
+    def finish(self, hidden: torch.Tensor, rope, record, *, compute_logits: bool = True,
+               mtp: bool = True) -> ModelOutput:
+        """Last stage: the trunk's last residual stream -> final norm, MTP heads (unless `mtp` is
+        False), logits shards."""
         final_hidden = self.final_norm(hidden)
         record("final_hidden", final_hidden)
         head_hidden = self.lm_head.head_input(final_hidden)  # [batch, seq, hidden]
+        heads = self.mtp.values() if mtp else ()
         mtp_hidden = [self.lm_head.head_input(self.final_norm(block(hidden, rope, record)))
-                      for block in self.mtp.values()]
+                      for block in heads]
         return ModelOutput(
             logits=self.lm_head(head_hidden) if compute_logits else None,
             mtp_logits=[self.lm_head(h) for h in mtp_hidden] if compute_logits else [],
@@ -194,8 +210,11 @@ class LearnedPositions(nn.Module):
         self.weight = new_param(config.max_seq_len, config.hidden, tp_split_dim=None,
                                 init=config.init_std, device=layout.device)
 
-    def forward(self, seq: int) -> torch.Tensor:
-        """Rows for positions 0..seq-1, this rank's sequence shard of them under SP."""
+    def forward(self, seq: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows for positions 0..seq-1, this rank's sequence shard of them under SP; or the rows of
+        `[batch, seq]` `positions` (decoding, never SP)."""
+        if positions is not None:
+            return self.weight[positions]  # [batch, seq, hidden]
         rows = sp_shared(self.weight[:seq], self.layout)  # [seq, hidden]
         if self.layout.sp:
             rows = C.split_along(rows, self.layout.tp_group, dim=0)  # [seq/tp, hidden]

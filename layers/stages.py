@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.parallel import ParallelLayout
+from layers.buffers import parse_block_buffer
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class StagePlan:
         """The virtual stage that publishes activation buffer `name` (layers/buffers.py)."""
         if name == "embedding":
             return 0
-        if name.startswith("decoder."):
-            return self.virtual_of(int(name.split(".")[1]))
+        parsed = parse_block_buffer(name)
+        if parsed is not None and parsed[0] == "decoder":
+            return self.virtual_of(parsed[1])
         return self.virtual_stages - 1  # final_hidden and the MTP heads' buffers

@@ -21,8 +21,12 @@ numbers are per rank (the larger of the ranks). Prints one markdown table per (V
 targets: fused peak <= 10% of naive (and below Liger), fused time <= 0.8x naive and <= 1.5x the
 essential products (and below Liger).
 
+On a GPU (`--device cuda`, TP=1 in this process, `--dtype bf16` for bf16 inputs and weights): peak
+= `torch.cuda.max_memory_allocated` above the inputs, time = best of --repeats, synchronized.
+
     python tools/bench/kd_loss.py [--tokens 2048] [--vocab 65536 131072] [--hidden 256]
                                   [--tp 1 2] [--threads 2] [--repeats 2] [--methods ...]
+                                  [--device cpu|cuda] [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -48,22 +52,26 @@ from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp, gather_from_tp
 from engine.spawn import run_ranks
+from tools.bench.llama import DTYPES
 
 METHODS = ("naive", "liger", "ours_unfused", "ours_fused", "ours_fused_recompute", "essential")
 MB = 2**20
 
 
-def _inputs(tokens: int, vocab: int, hidden: int, group) -> dict[str, torch.Tensor]:
+def _inputs(tokens: int, vocab: int, hidden: int, group, *, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Student and teacher hidden states [T, H] and this rank's weight shards [V/tp, H]."""
     replicated = torch.Generator().manual_seed(0)
     sharded = torch.Generator().manual_seed(1 + C.group_rank(group))
     shard = vocab // C.group_size(group)
-    return dict(
-        hidden=torch.randn(tokens, hidden, generator=replicated).requires_grad_(),
-        teacher_hidden=torch.randn(tokens, hidden, generator=replicated),
-        weight=(torch.randn(shard, hidden, generator=sharded) * hidden**-0.5).requires_grad_(),
-        teacher_weight=torch.randn(shard, hidden, generator=sharded) * hidden**-0.5,
-    )
+    x = dict(hidden=torch.randn(tokens, hidden, generator=replicated),
+             teacher_hidden=torch.randn(tokens, hidden, generator=replicated),
+             weight=torch.randn(shard, hidden, generator=sharded) * hidden**-0.5,
+             teacher_weight=torch.randn(shard, hidden, generator=sharded) * hidden**-0.5)
+    x = {name: t.to(device, dtype) for name, t in x.items()}
+    x["hidden"].requires_grad_()
+    x["weight"].requires_grad_()
+    return x
 
 
 def _naive(x: dict, group) -> torch.Tensor:
@@ -79,7 +87,7 @@ def _liger(x: dict, _group) -> torch.Tensor:
 
     loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,
                                    compiled=False)
-    labels = torch.zeros(x["hidden"].shape[0], dtype=torch.long)
+    labels = torch.zeros(x["hidden"].shape[0], dtype=torch.long, device=x["hidden"].device)
     # Liger averages over tokens; scale back to the sum the others return.
     return loss(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], labels) \
         * x["hidden"].shape[0]
@@ -96,7 +104,7 @@ def _ours_fused(x: dict, group) -> torch.Tensor:
     out = fused_head_loss(copy_to_tp(x["hidden"], group), x["weight"],
                           teacher_hidden=x["teacher_hidden"],
                           teacher_weight_shard=x["teacher_weight"], group=group,
-                          div_weight=torch.ones(x["hidden"].shape[0]))
+                          div_weight=torch.ones(x["hidden"].shape[0], device=x["hidden"].device))
     assert out.path == "grad_in_forward"
     return out.loss
 
@@ -155,11 +163,11 @@ class _PeakRSS:
             self.peak = max(self.peak, hwm)
 
 
-def _measure(method: str, tokens: int, vocab: int, hidden: int,
-             repeats: int) -> tuple[float, float]:
+def _measure(method: str, tokens: int, vocab: int, hidden: int, repeats: int,
+             dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(peak MB above the inputs, best seconds) of forward+backward on this rank."""
     group = dist.group.WORLD if dist.get_world_size() > 1 else None
-    x = _inputs(tokens, vocab, hidden, group)
+    x = _inputs(tokens, vocab, hidden, group, dtype=dtype)
     gc.collect()
     base = psutil.Process().memory_info().rss
     best = float("inf")
@@ -173,17 +181,44 @@ def _measure(method: str, tokens: int, vocab: int, hidden: int,
     return (rss.peak - base) / MB, best
 
 
+def _measure_cuda(method: str, tokens: int, vocab: int, hidden: int, repeats: int,
+                  dtype: torch.dtype) -> tuple[float, float]:
+    """`_measure` on the GPU, in this process at TP=1: the allocator's peak above the inputs."""
+    x = _inputs(tokens, vocab, hidden, None, device="cuda", dtype=dtype)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _RUN[method](x, None).backward()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+        x["hidden"].grad = x["weight"].grad = None
+    return (torch.cuda.max_memory_allocated() - base) / MB, best
+
+
+def _liger_missing() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def _table(args: argparse.Namespace, vocab: int, tp: int,
            rows: dict[str, tuple[float, float] | None]) -> list[str]:
     naive_mb, naive_s = rows["naive"]
     essential_s = rows["essential"][1] if rows.get("essential") else None
     out = [f"\nT={args.tokens} V={vocab} H={args.hidden} TP={tp}"
-           f"{' (per rank)' if tp > 1 else ''}, fp32, CPU, {args.threads} thread(s) in all\n",
+           f"{' (per rank)' if tp > 1 else ''}, {args.dtype}, "
+           f"{'GPU' if args.device == 'cuda' else f'CPU, {args.threads} thread(s) in all'}\n",
            "| method | peak MB above inputs | time s | memory / naive | time / naive "
            "| time / essential |", "|---|---:|---:|---:|---:|---:|"]
     for method, value in rows.items():
         if value is None:
-            out.append(f"| {method} | n/a (no tensor parallelism) | | | | |")
+            why = "no tensor parallelism" if tp > 1 else "liger-kernel not installed"
+            out.append(f"| {method} | n/a ({why}) | | | | |")
             continue
         mb, sec = value
         vs_essential = "" if essential_s is None else f"{sec / essential_s:.2f}"
@@ -211,7 +246,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="threads in all, split over ranks")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (best kept)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    return parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and args.tp != [1]:
+        parser.error("--device cuda measures TP=1 only (one GPU): pass --tp 1")
+    return args
+
+
+def _row(args: argparse.Namespace, method: str, vocab: int, tp: int) -> tuple[float, float] | None:
+    if method == "liger" and (tp > 1 or _liger_missing()):
+        return None
+    if args.device == "cuda":
+        return _measure_cuda(method, args.tokens, vocab, args.hidden, args.repeats,
+                             DTYPES[args.dtype])
+    per_rank = run_ranks(_measure, tp, method, args.tokens, vocab, args.hidden, args.repeats,
+                         DTYPES[args.dtype], threads=max(1, args.threads // tp), timeout_s=1800)
+    return max(r[0] for r in per_rank), max(r[1] for r in per_rank)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,13 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         for vocab in args.vocab:
             rows: dict[str, tuple[float, float] | None] = {}
             for method in args.methods:
-                if method == "liger" and tp > 1:
-                    rows[method] = None
+                rows[method] = _row(args, method, vocab, tp)
+                if rows[method] is None:
                     continue
-                per_rank = run_ranks(_measure, tp, method, args.tokens, vocab, args.hidden,
-                                     args.repeats, threads=max(1, args.threads // tp),
-                                     timeout_s=1800)
-                rows[method] = (max(r[0] for r in per_rank), max(r[1] for r in per_rank))
                 print(f"  {method} V={vocab} TP={tp}: {rows[method][0]:.0f} MB, "
                       f"{rows[method][1]:.2f} s", flush=True)
             print("\n".join(_table(args, vocab, tp, rows)), flush=True)

@@ -1,9 +1,10 @@
 """Forward+backward throughput of the engine's model against transformers' LlamaForCausalLM.
 
-One student-sized Llama config, TP=1, CPU, fp32. Both models hold the same weights (ours are loaded
-from the Hugging Face model through layers/hf.py, and the logits are checked to agree), run the same
-loss (cross-entropy over the full vocabulary) and are timed alternately in the same process, so
-drift of the machine hits both. Prints a markdown table and the ratio ours / transformers.
+One student-sized Llama config, TP=1, CPU and fp32 unless `--device cuda --dtype bf16`. Both models
+hold the same weights (ours are loaded from the Hugging Face model through layers/hf.py, and the
+logits are checked to agree), run the same loss (cross-entropy over the full vocabulary) and are
+timed alternately in the same process, so drift of the machine hits both. Prints a markdown table
+and the ratio ours / transformers.
 
     python tools/bench/model.py [--layers 8 --hidden 512 --seq 256 --batch 2 --steps 5 --threads 2]
 """
@@ -22,20 +23,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.parallel import ParallelLayout  # noqa: E402
-from layers.hf import hf_config_to_model_config, hf_to_engine_state_dict  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
-from layers.sharding import load_full_state_dict  # noqa: E402
+from tools.bench.llama import add_shape_args, llama_pair, synchronize  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=1408, help="MLP inner width")
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(parser, layers=8, hidden=512, heads=8, kv_heads=4, ffn=1408, vocab=32000)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
@@ -45,29 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, TransformerLM]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 2048),
-        attn_implementation="sdpa")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_config).train()
-    cfg = hf_config_to_model_config(hf_config.to_dict())
-    ours = TransformerLM(cfg, ParallelLayout.single()).train()
-    load_full_state_dict(ours, hf_to_engine_state_dict(hf.state_dict(), cfg))
-    return hf, ours
+    hf, ours = llama_pair(args, max_positions=max(args.seq, 2048))
+    return hf.train(), ours.train()
 
 
 def train_step(logits_fn: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
                ids: torch.Tensor, labels: torch.Tensor, vocab: int) -> float:
     """One forward+backward; returns its wall time in seconds."""
+    synchronize(ids.device)
     start = time.perf_counter()
     logits = logits_fn(ids)[..., :vocab]
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     loss.backward()
     model.zero_grad(set_to_none=True)
+    synchronize(ids.device)
     return time.perf_counter() - start
 
 
@@ -76,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     hf, ours = build_models(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
     labels = ids.roll(-1, dims=1)
     with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids).logits[..., :args.vocab]).abs().max().item()
+        diff = (hf(ids).logits.float() - ours(ids).logits[..., :args.vocab].float()).abs().max().item()
     runners = {"megadistill TransformerLM": (lambda x: ours(x).logits, ours),
                "transformers LlamaForCausalLM": (lambda x: hf(x).logits, hf)}
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -98,8 +83,8 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], diff: float,
     best = {name: min(t) for name, t in times.items()}
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} kv, "
           f"ffn {args.ffn}, vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x "
-          f"seq {args.seq}; fp32, CPU, {args.threads} threads, TP=1; {args.steps} timed steps "
-          f"each, alternating; max |logit diff| {diff:.1e}\n")
+          f"seq {args.seq}; {args.dtype}, {args.device}, {args.threads} threads, TP=1; "
+          f"{args.steps} timed steps each, alternating; max |logit diff| {diff:.1e}\n")
     print("| model | median step (ms) | best step (ms) | tokens/s (median) | tokens/s (best) |")
     print("|---|---:|---:|---:|---:|")
     for name in times:
