@@ -19,8 +19,7 @@ from engine.parallel import ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
-                                 write_config)
+from tests.trainer_utils import dropout_tp2_sp_distill_config, read_metrics, run_main, write_config
 from tools.bench.memory import kept_bytes
 
 MODES = ("none", "selective", "full")
@@ -109,11 +108,7 @@ def test_recompute_keeps_less_and_nothing_without_grad():
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recompute")
-    cfg = base_config(tmp, cache=tmp / "cache")
-    cfg["model"]["dropout"] = 0.1
-    cfg["parallel"].update(tp=2, sp=True)
-    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher_config(cfg))),
-                      "activations": ["all_mixers", "all_mlps"], "projection": "shared"}
+    cfg = dropout_tp2_sp_distill_config(tmp, activations=["all_mixers", "all_mlps"])
     return tmp, write_config(tmp / "run.yaml", cfg)
 
 
