@@ -81,19 +81,19 @@ def start(cmd: list[str], *, env: dict[str, str] | None = None, **kwargs) -> sub
 
 
 def finish(proc: subprocess.Popen, limit: float = RUN_LIMIT_S) -> tuple[int, str]:
-    """(exit code, stderr) of a started command; one still running after `limit` is killed with
-    everything it started and fails the test."""
+    """(exit code, what it wrote to its pipes) of a started command; one still running after
+    `limit` is killed with everything it started and fails the test."""
     try:
-        _, err = proc.communicate(timeout=limit)
+        output = "".join(x or "" for x in proc.communicate(timeout=limit))
     except subprocess.TimeoutExpired:
         # torchrun starts each worker in a session of its own: kill them one by one (a stopped
         # one too), or they keep stderr open and this process waiting.
         for pid in [*descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        raise AssertionError(f"still running after {limit} s:\n{(err or '')[-3000:]}") from None
-    return proc.returncode, err or ""
+        output = "".join(x or "" for x in proc.communicate())
+        raise AssertionError(f"still running after {limit} s:\n{output[-3000:]}") from None
+    return proc.returncode, output
 
 
 def children(pid: int) -> list[tuple[int, list[bytes]]]:
@@ -124,31 +124,31 @@ def last_logged_step(run_dir: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def _stderr_of(procs: Sequence[subprocess.Popen]) -> str:
-    ended = [p for p in procs if p.poll() is not None and p.stderr is not None]
-    return "".join(p.stderr.read()[-3000:] for p in ended)
-
-
-def wait_until(reached: Callable[[], bool], procs: Sequence[subprocess.Popen], *, what: str,
-               timeout_s: float = STEP_WAIT_S, output: Callable[[], str] | None = None) -> None:
-    """Poll until `reached()`; fail at once if any of `procs` ended first, or after timeout_s.
-    The failure shows `output()` (default: the ended processes' stderr)."""
-    show = output or (lambda: _stderr_of(procs))
+def wait_until(reached: Callable[[], bool], *, alive: Callable[[], bool], what: str,
+               output: Callable[[], str], timeout_s: float = STEP_WAIT_S) -> None:
+    """Poll until `reached()`; fail at once when the run is no longer `alive()`, or after
+    timeout_s, showing `output()`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if reached():
             return
-        if any(p.poll() is not None for p in procs):
-            pytest.fail(f"a run ended before {what}:\n{show()}")
+        if not alive():
+            pytest.fail(f"the run ended before {what}:\n{output()}")
         time.sleep(POLL_S)
-    pytest.fail(f"{what} not reached in {timeout_s} s:\n{show()}")
+    pytest.fail(f"{what} not reached in {timeout_s} s:\n{output()}")
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, *,
                   timeout_s: float = STEP_WAIT_S) -> None:
-    """Wait until the run has logged `step`."""
-    wait_until(lambda: last_logged_step(run_dir) >= step, [proc], what=f"step {step}",
-               timeout_s=timeout_s)
+    """Wait until the run started as `proc` has logged `step`."""
+    wait_until(lambda: last_logged_step(run_dir) >= step, alive=lambda: proc.poll() is None,
+               what=f"step {step}", output=lambda: _stderr_tail(proc), timeout_s=timeout_s)
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:  # reading a running process's stderr would wait for its end
+        return "(still running)"
+    return proc.stderr.read()[-3000:] if proc.stderr else ""
 
 
 # ---- comparing runs ------------------------------------------------------------------------------
