@@ -35,6 +35,7 @@ from engine.data import TokenBatches, write_indexed
 from engine.parallel import ParallelLayout
 from engine.spawn import run_ranks
 from layers.model import TransformerLM
+from tests.helpers import assert_same_run
 from tests.trainer_utils import (VOCAB, base_config, make_teacher, read_metrics, run_main,
                                  teacher_config, write_config)
 
@@ -139,16 +140,10 @@ def test_full_vocabulary_rows_give_the_colocated_objective_and_gradients(setup):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _close(a: float, b: float, *, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
-
-
 def _assert_same_run(got: list[dict], want: list[dict]) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
-    for a, b in zip(got, want):
-        for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
-            assert _close(a.get(key, 0.0), b.get(key, 0.0)), (key, a["step"], a, b)
-        assert _close(a["kd_loss"], b["kd_loss"], atol=1e-6), (a["step"], a, b)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert_same_run(got, want, keys=("loss", "lm_loss", "grad_norm", "kd_loss"), optional=["val_loss"],
+                    key_atol={"kd_loss": 1e-6})
 
 
 def _dp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
