@@ -65,6 +65,8 @@ def _assert_close(a: dict, b: dict, rtol: float, where: str) -> None:
 
 
 def _assert_equal(a: dict, b: dict, where: str) -> None:
+    """Bit for bit: for a run resumed at its own layout, which restores every state and so runs
+    the same operations in the same order."""
     assert a.keys() == b.keys() and a, where
     for name in a:
         assert torch.equal(a[name], b[name]), f"{where} {name}"
@@ -162,6 +164,8 @@ def _toy_rank() -> dict:
         sharded.step()
         sharded.zero_grad()
         replicated.step()
+        # exact: a DP-2 sum has two addends (the same in either order), and the shards run the
+        # replicated optimizer's per-tensor arithmetic (foreach=False)
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
     theirs, mine = replicated.state_dict(), sharded.state_dict()
     # optimizer order: matrices (5, 3), (4, 2), then vectors (7,), (3,); (4, 2) never had a gradient

@@ -143,6 +143,7 @@ def _check_diagnostics(path, hidden, weight, teacher, labels, w_ce, w_div, ref_t
                                         w_ce, w_div, **args, diagnostics=True)
     loss.backward()
     assert dict(fwd.calls) == dict(plain_calls), (fwd.calls, plain_calls)
+    # exact: the diagnostics only read the loss's intermediates, which run as without them
     for got, want in zip((ce, div, loss, h.grad, w_shard.grad), plain, strict=True):
         assert (got is None and want is None) or torch.equal(got, want), path
     ref = reference_diagnostics(hidden.double() @ weight.double().T, ref_t, args["temperature"],

@@ -98,7 +98,7 @@ def test_teacher_topk_over_vocab_shards_matches_full_vocabulary():
         want_lse = torch.logsumexp(real / TEMPERATURE, dim=-1)
         for (values, indices, lse), calls, nbytes in ranks:
             assert values.dtype == torch.float32 and indices.dtype == torch.int32
-            assert torch.equal(values.double(), want_values)
+            assert torch.equal(values.double(), want_values)  # exact: picked, not computed
             assert torch.equal(indices.long(), want_indices)
             torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=1e-6)
             assert calls == {"all_gather": 1} and nbytes == {"all_gather": 15 * (2 * k + 1) * 8}
