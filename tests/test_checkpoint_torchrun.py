@@ -13,8 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from engine.checkpoint import latest_checkpoint
 from tests.helpers import command, finish, start
+
+pytestmark = pytest.mark.slow  # chains of torchrun runs, killed and resumed
 
 KILL_TO_EXIT_S = 60  # the bound: from one rank's SIGKILL to the end of every rank
 

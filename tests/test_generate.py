@@ -82,6 +82,7 @@ def test_left_padded_batch_equals_transformers(models, arch):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("layout,reported", [([], "tp=2, dp=1"), (["--pp", "2"], "tp=1, pp=2, dp=1")],
                          ids=["tp2", "pp2"])
 def test_torchrun_tp2_and_pp2_equal_transformers(models, tmp_path, layout, reported):

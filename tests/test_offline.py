@@ -151,6 +151,7 @@ def _dp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
                                     *_offline(export_dir)])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_full_vocabulary_training_equals_colocated(setup):
     tmp, cfg_path = setup
     assert run_main(str(cfg_path), [f"train.run_dir={tmp / 'colocated'}"]) == 0
@@ -166,6 +167,7 @@ def _pp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
                                     *_offline(export_dir)])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_offline_at_pp2_equals_single_process(setup):
     """The last pipeline stage reads the exported rows of its micro-batches, in order."""
     tmp, cfg_path = setup
@@ -186,6 +188,7 @@ def _all_rows(export_dir: Path) -> dict[str, torch.Tensor]:
     return ShardedRows(export_dir, meta).rows(range(meta["samples"]))
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_export_at_tp2_dp2_holds_the_top_k_of_the_full_export(setup):
     tmp, cfg_path = setup
     assert run_ranks(_parallel_export, 4, cfg_path, tmp / "tp2dp2", timeout_s=120) == [0] * 4

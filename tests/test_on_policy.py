@@ -163,6 +163,7 @@ def _run(cfg, run_dir, *extra) -> int:
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_entry_point_resumes_exactly_and_other_layouts_equal_tp1(run_setup):
     """TP=2 + SP, PP=2, a teacher rank (also resumed mid-run, and feeding a PP=2 student) and
     two teacher ranks at TP=2 log the single-process colocated run's losses."""

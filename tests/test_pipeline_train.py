@@ -39,6 +39,8 @@ from tests.trainer_utils import base_config, make_teacher, read_metrics, run_mai
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_hf  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-rank end-to-end runs through the entry point
+
 RTOL = 1e-5
 # Adam (lr 1e-2) turns fp32 round-off in near-zero gradient entries into parameter differences of a
 # small fraction of lr (measured: 1.1e-5 at most, the embedding at TP=2+SP); other rows agree to 1e-6.

@@ -118,6 +118,7 @@ def _train(cfg, run_dir, mode):
     assert run_main(str(cfg), [f"train.run_dir={run_dir}", f"train.recompute={mode}"]) == 0
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_training_with_recompute_equals_none(run_config):
     tmp, cfg = run_config
     metrics = {}

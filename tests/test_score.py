@@ -79,6 +79,7 @@ def score_args(ckpt: Path, prefix: str) -> list[str]:
             str(BATCHES), "--batch-size", str(BATCH_SIZE), "--split", "50,50", "--seed", str(SEED)]
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_torchrun_tp2_equals_transformers(setup, tmp_path):
     hf_dir, ckpt, tokens, _ = setup
     out = tmp_path / "logprobs.npy"

@@ -64,6 +64,7 @@ LAYOUTS = [  # (world size, overrides of the parallel run only, overrides of bot
 ]
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("world,parallel,common", LAYOUTS)
 def test_parallel_layout_equals_single_process(setup, world, parallel, common):
     """Each row: a distributed layout against the single-process colocated run on the same data,
@@ -79,6 +80,7 @@ def _teacher_ranks_run(cfg, run_dir, *extra):
     return _run(cfg, run_dir, *TEACHER_RANKS, *extra)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_teacher_ranks_resume(setup):
     # The schedule is constant, so stopping after 2 of 3 steps changes nothing but the stop: the
     # teacher ranks must skip what the students already trained on when the run resumes.
@@ -108,6 +110,7 @@ def _preempted_teacher_ranks_run(cfg, run_dir, *extra):
                                f"train.steps={PREEMPT_STEPS}", *extra])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("world,extra", [
     pytest.param(2, [], id="1+1"),
     pytest.param(3, ["parallel.teacher_ranks=2", "parallel.teacher_tp=2"],
@@ -194,6 +197,7 @@ def _counted_teacher_ranks_run(cfg, run_dir, *extra):
     return dict(counts.calls), dict(counts.bytes)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     """Teacher TP 1 -> students at TP 2 with SP, fused head and activation pairs: the losses are
     the colocated ones, and each student rank receives per micro-batch exactly its checksum, the
@@ -216,6 +220,7 @@ def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     assert teacher_sent["send"] == 2 * (header + micro_batches * per_micro_batch)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_bf16_teacher_streams_bf16_hidden_states(setup):
     """With distill.teacher_bf16 the hidden states cross the wire in bfloat16 (2 bytes each) and
     the student forms the teacher's logits in bfloat16 as the teacher's own head would."""
