@@ -4,7 +4,7 @@ wait with, the float tolerances they compare at, and the network-namespace "node
 multi-node tests.
 
 Config builders for tiny runs stay in tests/trainer_utils.py; float64 references shared by several
-test modules are in tests/references.py.
+test modules are in tests/references.py, tiny transformers models in tests/hf_models.py.
 """
 
 from __future__ import annotations
