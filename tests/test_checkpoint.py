@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import engine.checkpoint as ckpt_mod
-from ckpt_worker import VOCAB, TinyTP, adamw, seed_all, train_step
 from engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                safe_torch_load, save_checkpoint)
 from engine.checkpoint_files import sha256_of
 from engine.parallel import ParallelLayout
 from engine.signals import PreemptionFlag
+from tests.ckpt_worker import VOCAB, TinyTP, adamw, seed_all, train_step
 
 SINGLE = ParallelLayout.single()
 
