@@ -238,6 +238,7 @@ def _exit_code(cfg, run_dir, *extra):
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_runtime_failure_is_one_line_from_one_rank_and_non_zero_on_all(setup, capfd):
     """A run-time failure every rank meets alike (here: the learning rate blows the weights up
     and the run stops on non-finite steps) is one line, printed once, and exit 3 everywhere."""
