@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use
-# and reuse it afterwards (the stamp file is rebuilt only when pyproject.toml changes).
+# Two commands on a fresh machine: `make demo` and `make test` (`make test-fast`: the tests not marked
+# slow). They create .venv on first use and reuse it afterwards (the stamp file is rebuilt only when
+# pyproject.toml changes).
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ export MKL_NUM_THREADS ?= 1
 # Tests spawn ranks that each set their own thread count; the xdist worker count is sized for CI's 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,12 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) -q tests
+
+# The inner loop: everything but the tests marked slow (real SLURM, network namespaces, fault
+# injection, multi-rank end-to-end runs, the demo configs); `make test` runs those too.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -n $(TEST_WORKERS) -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) launch/demo.py

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import engine.checkpoint as ckpt_mod
-from ckpt_worker import VOCAB, TinyTP, adamw, seed_all, train_step
 from engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                safe_torch_load, save_checkpoint)
 from engine.checkpoint_files import sha256_of
 from engine.parallel import ParallelLayout
 from engine.signals import PreemptionFlag
+from tests.ckpt_worker import VOCAB, TinyTP, adamw, seed_all, train_step
 
 SINGLE = ParallelLayout.single()
 
@@ -71,7 +71,8 @@ def test_resume_reproduces_losses_bitwise(tmp_path, device, restore_rng):
     assert torch.equal(out["rank_tensors"]["gen"], torch.arange(4))
     resumed = [train_step(resumed_model, resumed_opt, layout, pos) for pos in range(3, 6)]
     if restore_rng:
-        assert resumed == losses[3:]  # float equality: bit for bit
+        # bit for bit: the same layout, and every state and RNG restored: the same operations
+        assert resumed == losses[3:]
         for (name, p), q in zip(model.named_parameters(), resumed_model.parameters()):
             assert torch.equal(p, q), name
     else:  # the losses draw from torch, Python and NumPy generators: without them, no match

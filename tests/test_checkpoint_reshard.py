@@ -13,11 +13,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import engine.checkpoint as ckpt_mod
-from ckpt_worker import SPLITS, VOCAB, TinyTP, adamw, batch, seed_all, shard_of, train_step
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.parallel import ParallelLayout, make_layout
 from engine.signals import PreemptionFlag
 from engine.spawn import run_ranks
+from tests.ckpt_worker import SPLITS, VOCAB, TinyTP, adamw, batch, seed_all, shard_of, train_step
 
 LOSS_TOL = dict(rtol=1e-12, atol=0.0)
 PAD = 99.0  # the saving model's vocabulary padding rows: must never reach another TP degree

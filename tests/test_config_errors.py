@@ -34,6 +34,15 @@ def files(tmp_path_factory):
             "tmp": tmp}
 
 
+def _teachers(entries: str, *extra: str) -> list[str]:
+    """Overrides that replace the config's one teacher by `distill.teachers=[entries]`."""
+    return ["distill.teacher=null", f"distill.teachers=[{entries}]", *extra]
+
+
+A = "{checkpoint: @teacher, name: a}"  # @teacher, @teacher400: the fixture's checkpoints
+AB = f"{A}, {{checkpoint: @teacher, name: b}}"
+
+
 CASES = [  # (world size, overrides, expected start of the message after "ConfigError: ")
     (1, ["train.stpes=3"], "train.stpes: unknown key (did you mean 'train.steps'?)"),
     (1, ["trian.steps=3"], "trian: unknown key (did you mean 'train'?)"),
@@ -147,45 +156,34 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     # Several teachers (@teacher, @teacher400: the fixture's checkpoints)
     (1, ["distill.teachers=[{checkpoint: @teacher, name: a}]"],
      "distill.teachers: give distill.teacher or distill.teachers, not both"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
-         "{checkpoint: @teacher, name: a}]"], "distill.teachers[1].name: 'a' is used twice"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher}]"],
-     "distill.teachers[0].name: is required"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a, weight: -1}]"],
+    (1, _teachers(f"{A}, {A}"), "distill.teachers[1].name: 'a' is used twice"),
+    (1, _teachers("{checkpoint: @teacher}"), "distill.teachers[0].name: is required"),
+    (1, _teachers("{checkpoint: @teacher, name: a, weight: -1}"),
      "distill.teachers[0].weight: must be >= 0"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a, weight: 0}]"],
+    (1, _teachers("{checkpoint: @teacher, name: a, weight: 0}"),
      "distill.teachers: every weight is 0"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: /nonexistent/t, name: a}]"],
+    (1, _teachers("{checkpoint: /nonexistent/t, name: a}"),
      "distill.teachers[0].checkpoint: no complete checkpoint at"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
-         "{checkpoint: @teacher400, name: b}]"],
+    (1, _teachers(f"{A}, {{checkpoint: @teacher400, name: b}}"),
      "distill.teachers[1].checkpoint: the teacher's vocabulary has 400 tokens and the student's "
      "320"),
-    (2, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}]",
-         "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"],
+    (2, _teachers(A, "distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"),
      "distill.teachers: several teachers need schedule colocated or offline (teacher_ranks "
      "serve one teacher)"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}]",
-         "distill.schedule=offline"],
+    (1, _teachers(A, "distill.schedule=offline"),
      "distill.teachers[0].offline_dir: is required with schedule offline"),
-    (1, ["distill.teacher=null", "distill.teachers=[{offline_dir: x, name: a}]",
-         "distill.schedule=offline", "distill.offline_dir=x"],
+    (1, _teachers("{offline_dir: x, name: a}", "distill.schedule=offline", "distill.offline_dir=x"),
      "distill.offline_dir: give each teacher's export as distill.teachers[i].offline_dir"),
-    (1, ["distill.teacher=null", "distill.teachers=[{offline_dir: x, name: a}]",
-         "distill.schedule=offline", "distill.teacher_mode=mixture"],
+    (1, _teachers("{offline_dir: x, name: a}", "distill.schedule=offline",
+                  "distill.teacher_mode=mixture"),
      "distill.teacher_mode: mixture needs every teacher's full distribution"),
-    (1, ["distill.teacher=null", "distill.teachers=[{offline_dir: /nonexistent/e, name: a}]",
-         "distill.schedule=offline"],
+    (1, _teachers("{offline_dir: /nonexistent/e, name: a}", "distill.schedule=offline"),
      "distill.teachers[0].offline_dir: no teacher export at /nonexistent/e"),
-    (1, ["distill.teacher=null", "distill.teachers=[{name: a}]"],
-     "distill.teachers[0].checkpoint: is required"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
-         "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
-         "distill.activations=[all_mlps]"],
+    (1, _teachers("{name: a}"), "distill.teachers[0].checkpoint: is required"),
+    (1, _teachers(AB, "distill.projection=per_pair", "distill.activations=[all_mlps]"),
      "distill.activations[0].teacher_name: is required with several teachers"),
-    (1, ["distill.teacher=null", "distill.teachers=[{checkpoint: @teacher, name: a}, "
-         "{checkpoint: @teacher, name: b}]", "distill.projection=per_pair",
-         "distill.activations=[{student: all_mlps, teacher_name: c}]"],
+    (1, _teachers(AB, "distill.projection=per_pair",
+                  "distill.activations=[{student: all_mlps, teacher_name: c}]"),
      "distill.activations[0].teacher_name: 'c' is none of distill.teachers (a, b)"),
     # Curriculum
     (1, ["data.curriculum=teacher_confidence"],

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from tests.helpers import ROOT, command, run, run_ok
 from tests.trainer_utils import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the shipped configs' runs, several torchrun launches in all
+
+DEMO_LIMIT_S = 600  # launch/demo.py --ternary: a corpus, three trainings and their evaluations
 KEYS = {"step", "loss", "lm_loss", "kd_loss", "act_loss", "lr", "tokens_per_s", "grad_norm",
         "skipped_steps"}
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -35,11 +36,7 @@ def _tiny(tmp_path: Path) -> list[str]:
 
 
 def _torchrun(script: str, config: str, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "launch" / script), "--config", str(ROOT / "launch" / "configs" / config),
-           *overrides]
-    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ok(command(f"launch/{script}", "--config", ROOT / "launch" / "configs" / config, *overrides))
 
 
 def _table(stdout: str) -> dict[str, tuple[float, float]]:
@@ -78,9 +75,8 @@ def _check_ternary_demo(out: Path, done: subprocess.CompletedProcess) -> None:
 
 def test_demo_configs_run_under_torchrun(tmp_path):
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--ternary",
-                           "--out", str(out), "--eval-steps", "1", *_tiny(tmp_path)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    done = run(command("launch/demo.py", "--ternary", "--out", out, "--eval-steps", "1",
+                       *_tiny(tmp_path), nproc=0), timeout=DEMO_LIMIT_S)
     _check_ternary_demo(out, done)
 
     teacher = out / "teacher"

@@ -27,20 +27,10 @@ from engine.parallel import ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
-from test_divergence import NEG, VOCAB, _group, _shard, make_labels, make_logits
+from tests.references import (VOCAB, make_labels, make_logits, reference_diagnostics, vocab_shard,
+                              world_group)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def reference_diagnostics(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                          vocab_size: int = VOCAB) -> torch.Tensor:
-    """[tokens, 3] (teacher entropy, student entropy, top-1 agreement) in float64."""
-    def entropy(x):
-        logp = torch.log_softmax(x / temperature, -1)
-        return -torch.where(logp.exp() > 0, logp.exp() * logp, 0.0).sum(-1)
-
-    s, t = (x[..., :vocab_size].double().nan_to_num(neginf=NEG) for x in (student, teacher))
-    return torch.stack([entropy(t), entropy(s), (s.argmax(-1) == t.argmax(-1)).double()], -1)
 
 
 def _stack(diag) -> torch.Tensor:
@@ -53,9 +43,9 @@ def _check_sharded_logits(kind: str, temperature: float, extreme: bool, group) -
     ref = reference_diagnostics(s_full, t_full, temperature)
     results = {}
     for diagnostics in (False, True):
-        s = _shard(s_full, group).requires_grad_()
+        s = vocab_shard(s_full, group).requires_grad_()
         with C.count_collectives() as counts:
-            out = lm_and_divergence(s, _shard(t_full, group), labels, kind=kind,
+            out = lm_and_divergence(s, vocab_shard(t_full, group), labels, kind=kind,
                                     temperature=temperature, vocab_size=VOCAB, group=group,
                                     chunk_tokens=3, chunk_vocab=5, diagnostics=diagnostics)
         (out[0] + out[1]).sum().backward()
@@ -63,17 +53,18 @@ def _check_sharded_logits(kind: str, temperature: float, extreme: bool, group) -
     (ce, div, diag), grad, calls = results[True]
     (ce0, div0), grad0, calls0 = results[False]
     assert calls == calls0, (kind, calls, calls0)
+    # exact: the diagnostics only read the loss's intermediates, which run as without them
     assert torch.equal(ce, ce0) and torch.equal(div, div0) and torch.equal(grad, grad0)
     torch.testing.assert_close(_stack(diag), ref, **TOL, msg=lambda m: f"{kind} T={temperature}"
                                f" extreme={extreme}: {m}")
-    div_only, diag_only = divergence(_shard(s_full, group), _shard(t_full, group), kind=kind,
+    div_only, diag_only = divergence(vocab_shard(s_full, group), vocab_shard(t_full, group), kind=kind,
                                      temperature=temperature, vocab_size=VOCAB, group=group,
                                      diagnostics=True)
     torch.testing.assert_close(_stack(diag_only), ref, **TOL)
 
 
 def _all_function_checks() -> int:
-    group = _group()
+    group = world_group()
     checks = 0
     for kind in KINDS:
         for temperature in (0.5, 2.0):

@@ -65,6 +65,8 @@ def _assert_close(a: dict, b: dict, rtol: float, where: str) -> None:
 
 
 def _assert_equal(a: dict, b: dict, where: str) -> None:
+    """Bit for bit: for a run resumed at its own layout, which restores every state and so runs
+    the same operations in the same order."""
     assert a.keys() == b.keys() and a, where
     for name in a:
         assert torch.equal(a[name], b[name]), f"{where} {name}"
@@ -86,6 +88,7 @@ def runs(cfg, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("world,common", ROWS)
 def test_sharded_equals_replicated(cfg, runs, tmp_path, world, common):
     if world == 2:
@@ -106,6 +109,7 @@ def test_sharded_equals_replicated(cfg, runs, tmp_path, world, common):
         assert a["grad_norm"] > CLIP or not common[0].startswith("train.grad_clip")
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_resume_exact(cfg, runs, tmp_path):
     run_ranks(_run, 2, cfg, tmp_path / "resumed", f"train.grad_clip={CLIP}",
               "train.distributed_optimizer=true", f"train.resume={_step(runs / 'sharded', 2)}",
@@ -115,6 +119,7 @@ def test_resume_exact(cfg, runs, tmp_path):
                       _tensors(runs / "sharded", STEPS, kind), kind)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("world,flag,rtol", [
     pytest.param(2, "false", RTOL, id="on-to-off"),
     pytest.param(1, "true", RTOL_DP, id="dp2-to-dp1"),
@@ -131,6 +136,7 @@ def test_sharded_checkpoint_loads_elsewhere(cfg, runs, tmp_path, world, flag, rt
                       _tensors(runs / "sharded", STEPS, kind), rtol, kind)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_dp1_checkpoint_loads_sharded_at_dp2(cfg, tmp_path):
     single = tmp_path / "single"
     _run(cfg, single, f"train.grad_clip={CLIP}")
@@ -162,6 +168,8 @@ def _toy_rank() -> dict:
         sharded.step()
         sharded.zero_grad()
         replicated.step()
+        # exact: a DP-2 sum has two addends (the same in either order), and the shards run the
+        # replicated optimizer's per-tensor arithmetic (foreach=False)
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
     theirs, mine = replicated.state_dict(), sharded.state_dict()
     # optimizer order: matrices (5, 3), (4, 2), then vectors (7,), (3,); (4, 2) never had a gradient

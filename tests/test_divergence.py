@@ -10,7 +10,6 @@ and bf16 round-off (rtol 8e-3) for bf16 inputs, whose gradients come back in bf1
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -21,110 +20,15 @@ from distill import KINDS, cross_entropy, divergence, lm_and_divergence, topk_di
 from engine import collectives as C
 from engine.mappings import scatter_to_tp
 from engine.spawn import run_ranks
+from tests.references import (NEG, ROWS, VOCAB, log_probs, make_labels, make_logits,
+                              reference, reference_ce, reference_grad, vocab_shard, world_group)
 
-ROWS, FULL_V, VOCAB = 8, 48, 45  # 48 columns split over 1, 2 or 4 ranks; the last 3 are padding
 TEMPERATURES = (0.5, 1.0, 4.0)
-NEG = -1e30  # what the reference puts for -inf, so that its autograd never meets inf - inf
-
-
-# ---- reference: the definitions, on the full vocabulary, in float64, through autograd --------
-
-def _log_probs(logits: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
-    x = logits[..., :vocab_size].double().nan_to_num(neginf=NEG)
-    return torch.log_softmax(x / temperature, -1)
-
-
-def _kl(logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
-    return (logx.exp() * (logx - logy)).sum(-1)
-
-
-def _log_mix(logx, logy, wx):  # log(wx x + (1 - wx) y)
-    return torch.logaddexp(logx + math.log(wx), logy + math.log(1 - wx))
-
-
-def reference(kind: str, student: torch.Tensor, teacher: torch.Tensor, *, temperature=1.0,
-              beta=0.5, skew=0.1, vocab_size=VOCAB) -> torch.Tensor:
-    logp = _log_probs(student, temperature, vocab_size)
-    logq = _log_probs(teacher, temperature, vocab_size)
-    if kind == "forward_kl":
-        return _kl(logq, logp)
-    if kind == "reverse_kl":
-        return _kl(logp, logq)
-    if kind == "jsd":
-        logm = _log_mix(logq, logp, beta)
-        return beta * _kl(logq, logm) + (1 - beta) * _kl(logp, logm)
-    if kind == "tvd":
-        return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
-    if kind == "skew_forward_kl":
-        return _kl(logq, _log_mix(logq, logp, skew))
-    if kind == "skew_reverse_kl":
-        return _kl(logp, _log_mix(logp, logq, skew))
-    raise AssertionError(kind)
-
-
-def reference_ce(logits: torch.Tensor, labels: torch.Tensor, vocab_size=VOCAB) -> torch.Tensor:
-    x = logits[..., :vocab_size].double().nan_to_num(neginf=NEG)
-    return F.cross_entropy(x, labels, ignore_index=-100, reduction="none")
-
-
-def reference_grad(fn, full: torch.Tensor, weights: torch.Tensor):
-    """(fn(full) in float64, d(sum weights * fn)/d full)."""
-    x = full.double().requires_grad_()
-    out = fn(x)
-    (grad,) = torch.autograd.grad((out * weights).sum(), x)
-    return out.detach(), grad
-
-
-# ---- inputs -----------------------------------------------------------------------------------
-
-def make_logits(kind: str, *, extreme: bool, dtype=torch.float32, seed=0):
-    """Full [ROWS, FULL_V] student and teacher logits; NaN in the padding columns.
-
-    `extreme` adds +-1e4 peaks (on one rank and across ranks), -inf columns shared by both models,
-    a row whose whole TP-4 shard is -inf, and one-sided -inf columns wherever `kind` stays finite
-    (forward KL allows them in the teacher, reverse KL in the student, the others anywhere).
-    """
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(ROWS, FULL_V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(ROWS, FULL_V, generator=g, dtype=torch.float64) * 2
-    if extreme:
-        neg = float("-inf")
-        s[0, 1] = t[0, 1] = neg
-        s[4, 12:24] = t[4, 12:24] = neg
-        s[2, 4], t[2, 4] = 1e4 - 3, 1e4
-        s[6, 40], t[6, 10] = 1e4, 1e4
-        s[7, ::5], t[7, 3::7] = -1e4, -1e4
-        if kind != "reverse_kl":
-            t[1, 2] = neg
-            t[3, 30:40] = neg
-        if kind != "forward_kl":
-            s[1, 7] = neg
-            s[5, 0:12] = neg
-    s[:, VOCAB:] = t[:, VOCAB:] = float("nan")
-    return s.to(dtype), t.to(dtype)
-
-
-def make_labels(student: torch.Tensor, seed=0) -> torch.Tensor:
-    """Labels on finite student columns of the real vocabulary, two of them ignored."""
-    g = torch.Generator().manual_seed(seed + 1)
-    scores = torch.rand(student.shape, generator=g, dtype=torch.float64)
-    scores[~torch.isfinite(student.double())] = -1
-    labels = scores[:, :VOCAB].argmax(-1)
-    labels[[2, 5]] = -100
-    return labels
 
 
 def _weights(seed=0) -> torch.Tensor:
     return 0.5 + torch.rand(ROWS, generator=torch.Generator().manual_seed(seed + 2),
                             dtype=torch.float64)
-
-
-def _shard(x: torch.Tensor, group) -> torch.Tensor:
-    return C.split_along(x, group, dim=-1).clone()
-
-
-def _group():
-    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def _tols(dtype):
@@ -144,9 +48,9 @@ def _expected_calls(kind: str | None, world: int) -> dict:
 def _check_divergence(kind, temperature, dtype, extreme, group, world):
     s_full, t_full = make_logits(kind, extreme=extreme, dtype=dtype)
     w = _weights()
-    s = _shard(s_full, group).requires_grad_()
+    s = vocab_shard(s_full, group).requires_grad_()
     with C.count_collectives() as fwd:
-        out = divergence(s, _shard(t_full, group), kind=kind, temperature=temperature,
+        out = divergence(s, vocab_shard(t_full, group), kind=kind, temperature=temperature,
                          vocab_size=VOCAB, group=group, chunk_tokens=3, chunk_vocab=5)
     with C.count_collectives() as bwd:
         (out * w.to(out.dtype)).sum().backward()
@@ -158,7 +62,7 @@ def _check_divergence(kind, temperature, dtype, extreme, group, world):
     assert out.dtype == torch.float32 and s.grad.dtype == dtype
     assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
     torch.testing.assert_close(out.double(), ref, **out_tol)
-    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **grad_tol)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), **grad_tol)
 
 
 def _check_lm_and_divergence(kind, temperature, group, world):
@@ -169,9 +73,9 @@ def _check_lm_and_divergence(kind, temperature, group, world):
     ref_div, ref_div_grad = reference_grad(
         lambda x: reference(kind, x, t_full, temperature=temperature), s_full, w)
     for a, b in ((1.0, 0.0), (0.0, 1.0), (0.7, 0.3)):  # CE alone, divergence alone, both
-        s = _shard(s_full, group).requires_grad_()
+        s = vocab_shard(s_full, group).requires_grad_()
         with C.count_collectives() as fwd:
-            ce, div = lm_and_divergence(s, _shard(t_full, group), labels, kind=kind,
+            ce, div = lm_and_divergence(s, vocab_shard(t_full, group), labels, kind=kind,
                                         temperature=temperature, vocab_size=VOCAB, group=group,
                                         chunk_tokens=5)
         assert dict(fwd.calls) == _expected_calls(kind, world), (kind, fwd.calls)
@@ -179,14 +83,14 @@ def _check_lm_and_divergence(kind, temperature, group, world):
         sum(terms).sum().backward()
         torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(div.double(), ref_div, rtol=1e-5, atol=1e-5)
-        expected = _shard(a * ref_ce_grad + b * ref_div_grad, group)
+        expected = vocab_shard(a * ref_ce_grad + b * ref_div_grad, group)
         torch.testing.assert_close(s.grad.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def _check_cross_entropy(dtype, group, world):
     s_full, _ = make_logits("forward_kl", extreme=True, dtype=dtype)
     labels, w = make_labels(s_full), _weights()
-    s = _shard(s_full, group).requires_grad_()
+    s = vocab_shard(s_full, group).requires_grad_()
     with C.count_collectives() as fwd:
         ce = cross_entropy(s, labels, vocab_size=VOCAB, group=group, chunk_vocab=7)
     with C.count_collectives() as bwd:
@@ -196,11 +100,11 @@ def _check_cross_entropy(dtype, group, world):
     out_tol, grad_tol = _tols(dtype)
     assert (ce[labels == -100] == 0).all()
     torch.testing.assert_close(ce.double(), ref, **out_tol)
-    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **grad_tol)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), **grad_tol)
 
 
 def _exactness_grid() -> int:
-    group = _group()
+    group = world_group()
     world = C.group_size(group)
     checks = 0
     for kind in KINDS:
@@ -223,15 +127,15 @@ def _check_all_padding_shard(group):
     s_full, t_full = make_logits("jsd", extreme=False)
     labels = make_labels(s_full) % 10
     for kind in KINDS:
-        s = _shard(s_full, group).requires_grad_()
-        ce, div = lm_and_divergence(s, _shard(t_full, group), labels, kind=kind, vocab_size=10,
+        s = vocab_shard(s_full, group).requires_grad_()
+        ce, div = lm_and_divergence(s, vocab_shard(t_full, group), labels, kind=kind, vocab_size=10,
                                     group=group, temperature=2.0)
         (ce + div).sum().backward()
         ref, grad = reference_grad(
             lambda x: reference(kind, x, t_full, temperature=2.0, vocab_size=10)
             + reference_ce(x, labels, vocab_size=10), s_full, torch.ones(ROWS, dtype=torch.float64))
         torch.testing.assert_close((ce + div).double(), ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(s.grad.double(), _shard(grad, group), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.grad.double(), vocab_shard(grad, group), rtol=1e-5, atol=1e-5)
 
 
 def test_exact_tp1():
@@ -241,12 +145,12 @@ def test_exact_tp1():
 # ---- gradcheck in float64 (the full input scattered over TP, so every rank perturbs alike) ----
 
 def _gradcheck_all() -> bool:
-    group = _group()
+    group = world_group()
     g = torch.Generator().manual_seed(3)
     s_full = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
     t_full = torch.randn(3, 8, generator=g, dtype=torch.float64)
     labels = torch.tensor([4, -100, 6])
-    t = _shard(t_full, group)
+    t = vocab_shard(t_full, group)
 
     def shard(x):  # backward all-gathers the shard gradients, so gradcheck sees the full input
         return scatter_to_tp(x, group)
@@ -279,7 +183,7 @@ def test_gradcheck_float64_tp1():
 def _against_libraries() -> bool:
     from megatron.core import parallel_state, tensor_parallel
 
-    group = _group()
+    group = world_group()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
     try:
         g = torch.Generator().manual_seed(5)
@@ -288,10 +192,10 @@ def _against_libraries() -> bool:
         teacher = torch.randn(seq, batch, vocab, generator=g) * 3
         target = torch.randint(0, vocab, (seq, batch), generator=g)
 
-        mine = _shard(logits, group).requires_grad_()
+        mine = vocab_shard(logits, group).requires_grad_()
         ce = cross_entropy(mine, target, group=group)
         ce.sum().backward()
-        theirs = _shard(logits, group).requires_grad_()
+        theirs = vocab_shard(logits, group).requires_grad_()
         ref = tensor_parallel.vocab_parallel_cross_entropy(theirs.clone(), target)
         ref.sum().backward()
         torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-5)
@@ -301,11 +205,11 @@ def _against_libraries() -> bool:
         F.cross_entropy(full.reshape(-1, vocab), target.reshape(-1), reduction="sum").backward()
         torch.testing.assert_close(ce, F.cross_entropy(logits.permute(0, 2, 1), target,
                                                        reduction="none"), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(mine.grad, _shard(full.grad, group), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.grad, vocab_shard(full.grad, group), rtol=1e-5, atol=1e-6)
 
         for temperature in TEMPERATURES:
-            mine = _shard(logits, group).requires_grad_()
-            kl = divergence(mine, _shard(teacher, group), temperature=temperature, group=group)
+            mine = vocab_shard(logits, group).requires_grad_()
+            kl = divergence(mine, vocab_shard(teacher, group), temperature=temperature, group=group)
             kl.sum().backward()
             full = logits.clone().requires_grad_()
             ref = F.kl_div(F.log_softmax(full / temperature, -1),
@@ -313,7 +217,7 @@ def _against_libraries() -> bool:
                            reduction="none").sum(-1)
             ref.sum().backward()
             torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(mine.grad, _shard(full.grad, group), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine.grad, vocab_shard(full.grad, group), rtol=1e-5, atol=1e-6)
     finally:
         parallel_state.destroy_model_parallel()
     return True
@@ -324,7 +228,7 @@ def _against_libraries() -> bool:
 # ---- top-k teacher ------------------------------------------------------------------------------
 
 def _check_topk() -> bool:
-    group = _group()
+    group = world_group()
     world = C.group_size(group)
     for kind in KINDS:
         s_full, t_full = make_logits(kind, extreme=True)
@@ -335,7 +239,7 @@ def _check_topk() -> bool:
             lse = (t_real / temperature).logsumexp(-1)
             # k = the whole vocabulary: exactly `divergence`.
             values, indices = t_full[:, :VOCAB].sort(-1, descending=True)
-            s = _shard(s_full, group).requires_grad_()
+            s = vocab_shard(s_full, group).requires_grad_()
             with C.count_collectives() as fwd:
                 out = topk_divergence(s, values, indices, lse, kind=kind, temperature=temperature,
                                       vocab_size=VOCAB, group=group, chunk_tokens=3, chunk_vocab=5)
@@ -344,20 +248,20 @@ def _check_topk() -> bool:
             ref, ref_grad = reference_grad(
                 lambda x: reference(kind, x, t_full, temperature=temperature), s_full, w)
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), rtol=1e-5,
+            torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), rtol=1e-5,
                                        atol=1e-5)
             # k = 6: k + 1 buckets, the teacher's leftover mass in the last. (Not on the extreme
             # logits: a leftover of exp(-1e4) is below what 1 - sum(top-k) can resolve.)
             values, indices = t_mild[:, :VOCAB].topk(6, -1)
             lse = (t_mild[:, :VOCAB].double() / temperature).logsumexp(-1)
-            s = _shard(s_mild, group).requires_grad_()
+            s = vocab_shard(s_mild, group).requires_grad_()
             out = topk_divergence(s, values, indices, lse, kind=kind, temperature=temperature,
                                   vocab_size=VOCAB, group=group, chunk_vocab=7)
             (out * w).sum().backward()
             ref, ref_grad = reference_grad(
                 lambda x: _bucket_reference(kind, x, t_mild, indices, temperature), s_mild, w)
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), rtol=1e-5,
+            torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), rtol=1e-5,
                                        atol=1e-5)
     return True
 
@@ -365,7 +269,7 @@ def _check_topk() -> bool:
 def _bucket_reference(kind, student, teacher, indices, temperature):
     """The divergence between the (k + 1)-bucket distributions, built by summing probabilities."""
     def buckets(logits):
-        p = _log_probs(logits, temperature, VOCAB).exp()
+        p = log_probs(logits, temperature, VOCAB).exp()
         top = p.gather(-1, indices)
         return torch.cat([top, (p.sum(-1) - top.sum(-1)).clamp_min(0)[:, None]], -1)
 

@@ -21,7 +21,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,17 +30,17 @@ import yaml
 from engine.checkpoint import latest_checkpoint, newest_intact_checkpoint
 from engine.data import default_corpus, resolve_data_path
 from engine.data.config import DataConfig
+from tests.helpers import (ROOT, children, command, finish, run, start, subprocess_env,
+                           wait_for_step)
 from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 8  # parallel.timeout_s of the hung-peer run
 SHUTDOWN_S = 5  # torchrun --shutdown-timeout: its grace after forwarding a signal
 # torchrun's grace between SIGTERM and SIGKILL of the other ranks once one failed: fixed at 30 s
 # in torch 2.13 (--shutdown-timeout applies only to forwarded signals). A stopped rank needs it.
 FAILED_WORKER_GRACE_S = 30
-RUN_LIMIT_S = 240  # a hang guard for any one command on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -56,70 +55,22 @@ def config(tmp_path_factory) -> Path:
     return write_config(tmp / "run.yaml", cfg)
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-                PYTHONPATH=str(ROOT))
+# The children write no .pyc files into the checkout (some run under a file-size limit).
+ENV = subprocess_env(PYTHONDONTWRITEBYTECODE="1")
 
 
 def _command(config: Path, run_dir: Path, *overrides: str, nproc: int = 0) -> list[str]:
-    launcher = [] if nproc == 0 else ["-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc_per_node={nproc}",
-                                      f"--shutdown-timeout={SHUTDOWN_S}"]
-    return [sys.executable, *launcher, str(ROOT / "launch" / "pretrain.py"), "--config",
-            str(config), f"train.run_dir={run_dir}", *overrides]
+    return command("launch/pretrain.py", "--config", config, f"train.run_dir={run_dir}", *overrides,
+                   nproc=nproc, launcher_args=[f"--shutdown-timeout={SHUTDOWN_S}"])
 
 
-def _start(command: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
-
-
-def _finish(proc: subprocess.Popen, limit: float = RUN_LIMIT_S) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        # torchrun starts each worker in a session of its own: kill them one by one (a stopped
-        # one too), or they keep stderr open and this process waiting.
-        for pid in [*_descendants(proc.pid), proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        raise AssertionError(f"still running after {limit} s:\n{err[-3000:]}") from None
-    return proc.returncode, err
-
-
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + RUN_LIMIT_S
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early:\n{proc.communicate()[1][-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {RUN_LIMIT_S} s")
-
-
-def _children(pid: int) -> list[tuple[int, list[bytes]]]:
-    """(pid, environment) of the processes whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            parent = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if parent == pid:
-                found.append((int(entry.name), Path(entry, "environ").read_bytes().split(b"\0")))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def _descendants(pid: int) -> list[int]:
-    children = [child for child, _ in _children(pid)]
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
+def _start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    return start(cmd, env=ENV, **kwargs)
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The pid of torchrun's worker with RANK=rank (a child of the launcher)."""
-    for pid, environ in _children(launcher.pid):
+    for pid, environ in children(launcher.pid):
         if f"RANK={rank}".encode() in environ:
             return pid
     raise AssertionError(f"torchrun {launcher.pid} has no worker with RANK={rank}")
@@ -152,12 +103,12 @@ def test_a_hung_rank_ends_every_rank_within_the_timeout(config, tmp_path, layout
     run_dir = tmp_path / "run"
     launcher = _start(_command(config, run_dir, f"parallel.timeout_s={TIMEOUT_S}", *layout,
                                nproc=2))
-    _wait_for_step(run_dir, 2, launcher)
+    wait_for_step(run_dir, 2, launcher)
     stopped = _rank_pid(launcher, 1)
     os.kill(stopped, signal.SIGSTOP)  # a frozen node: alive, silent
     began = time.monotonic()
     try:
-        code, err = _finish(launcher)
+        code, err = finish(launcher)
     finally:
         _resume(stopped)
     took = time.monotonic() - began
@@ -176,9 +127,9 @@ def test_first_interrupt_saves_and_exits_124_then_the_run_resumes(config, tmp_pa
     rank (its workers run in sessions of their own)."""
     run_dir = tmp_path / "run"
     launcher = _start(_command(config, run_dir, "train.steps=400", nproc=2))
-    _wait_for_step(run_dir, 2, launcher)
+    wait_for_step(run_dir, 2, launcher)
     os.killpg(launcher.pid, signal.SIGINT)
-    code, err = _finish(launcher)
+    code, err = finish(launcher)
     assert code != 0  # torchrun reports a launch it stopped on a signal as 1
     assert _worker_tracebacks(err) == []
     assert err.count("interrupted: finishing this step, saving a checkpoint and stopping") == 1
@@ -186,7 +137,7 @@ def test_first_interrupt_saves_and_exits_124_then_the_run_resumes(config, tmp_pa
     saved = latest_checkpoint(run_dir / "checkpoints")
     last = read_metrics(run_dir)[-1]["step"]
     assert saved.name == f"step_{last:08d}"
-    code, err = _finish(_start(_command(config, run_dir, f"train.steps={last + 2}")))
+    code, err = finish(_start(_command(config, run_dir, f"train.steps={last + 2}")))
     assert code == 0, err[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 3))
 
@@ -194,9 +145,9 @@ def test_first_interrupt_saves_and_exits_124_then_the_run_resumes(config, tmp_pa
 def test_interrupt_of_one_process_exits_124(config, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(_command(config, run_dir, "train.steps=400"))
-    _wait_for_step(run_dir, 2, proc)
+    wait_for_step(run_dir, 2, proc)
     proc.send_signal(signal.SIGINT)
-    code, err = _finish(proc)
+    code, err = finish(proc)
     assert code == 124, err[-3000:]
     assert "Traceback" not in err
     assert latest_checkpoint(run_dir / "checkpoints").name == \
@@ -206,7 +157,7 @@ def test_interrupt_of_one_process_exits_124(config, tmp_path):
 def test_second_interrupt_aborts_at_once_even_inside_a_collective(config, tmp_path):
     run_dir = tmp_path / "run"
     launcher = _start(_command(config, run_dir, "parallel.timeout_s=300", nproc=2))
-    _wait_for_step(run_dir, 2, launcher)
+    wait_for_step(run_dir, 2, launcher)
     rank0, rank1 = _rank_pid(launcher, 0), _rank_pid(launcher, 1)
     os.kill(rank1, signal.SIGSTOP)  # rank 0 is about to wait in a collective for 300 s
     time.sleep(2)
@@ -215,7 +166,7 @@ def test_second_interrupt_aborts_at_once_even_inside_a_collective(config, tmp_pa
     time.sleep(1.5)  # a person's second Ctrl-C, not torchrun's echo of the first
     os.kill(rank0, signal.SIGINT)
     try:
-        code, err = _finish(launcher)
+        code, err = finish(launcher)
     finally:
         _resume(rank1)
     took = time.monotonic() - began
@@ -230,9 +181,9 @@ def test_second_interrupt_aborts_at_once_even_inside_a_collective(config, tmp_pa
 def test_a_second_run_on_the_same_directory_is_refused(config, tmp_path):
     run_dir = tmp_path / "run"
     first = _start(_command(config, run_dir, "train.save_interval=5", nproc=2))
-    _wait_for_step(run_dir, 2, first)
+    wait_for_step(run_dir, 2, first)
     began = time.monotonic()
-    code, err = _finish(_start(_command(config, run_dir, nproc=2)))
+    code, err = finish(_start(_command(config, run_dir, nproc=2)))
     assert code != 0
     refused = [line for line in err.splitlines() if line.startswith("ConfigError: ")]
     assert refused == [f"ConfigError: train.run_dir: in use by host {os.uname().nodename} pid "
@@ -241,7 +192,7 @@ def test_a_second_run_on_the_same_directory_is_refused(config, tmp_path):
     assert time.monotonic() - began < 90
     assert first.poll() is None  # untouched, still training
     os.killpg(first.pid, signal.SIGTERM)  # stop it as SLURM would: checkpoint, exit
-    _finish(first)
+    finish(first)
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, steps[-1] + 1))
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{steps[-1]:08d}"
@@ -263,11 +214,11 @@ def _limit_file_size(limit: int):
 
 def test_checkpoint_save_on_a_full_disk(config, tmp_path):
     run_dir = tmp_path / "run"
-    code, err = _finish(_start(_command(config, run_dir, "train.steps=2")))
+    code, err = finish(_start(_command(config, run_dir, "train.steps=2")))
     assert code == 0, err[-3000:]
     before = latest_checkpoint(run_dir / "checkpoints")
     # The model file (~160 kB) fits, the optimizer's (~320 kB) does not.
-    code, err = _finish(_start(_command(config, run_dir, "train.steps=4"),
+    code, err = finish(_start(_command(config, run_dir, "train.steps=4"),
                                preexec_fn=_limit_file_size(200_000)))
     assert code == 1, err[-3000:]
     final = run_dir / "checkpoints" / "step_00000004"
@@ -287,17 +238,15 @@ def test_preprocess_on_a_full_disk_keeps_the_old_dataset_and_leaves_nothing(conf
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i}: " + "some words to tokenize " * 8 for i in range(4000)))
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus),
-               "--tokenizer", str(tokenizer), "--text-docs", "line", "--no-progress",
-               "--output-prefix", str(out / "data")]
+    cmd = command("tools/preprocess_data.py", "--input", corpus, "--tokenizer", tokenizer,
+                  "--text-docs", "line", "--no-progress", "--output-prefix", out / "data", nproc=0)
     for existing in (False, True):
         if existing:
             small = tmp_path / "small.txt"
             small.write_text("an earlier, smaller dataset\n")
-            assert subprocess.run([*command[:3], str(small), *command[4:]], env=_env()).returncode == 0
+            assert run([*cmd[:3], str(small), *cmd[4:]], env=ENV).returncode == 0
             before = {p.name: p.read_bytes() for p in out.iterdir()}
-        done = subprocess.run([*command, "--force"], env=_env(), capture_output=True, text=True,
-                              timeout=RUN_LIMIT_S, preexec_fn=_limit_file_size(64_000))
+        done = run([*cmd, "--force"], env=ENV, preexec_fn=_limit_file_size(64_000))
         assert done.returncode == 1, done.stderr[-3000:]
         assert _not_logged(done.stderr) == [
             f"error: writing {out / 'data'}.bin/.idx failed: File too large"], done.stderr
@@ -309,12 +258,9 @@ def test_preprocess_on_a_full_disk_keeps_the_old_dataset_and_leaves_nothing(conf
 
 def test_teacher_logit_export_on_a_full_disk_leaves_nothing(config, tmp_path):
     out = tmp_path / "export"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tools" / "export_teacher_logits.py"), "--config", str(config),
-               "--top-k", "8", "--out", str(out), "--shard-samples", "64", "--no-progress",
-               "train.steps=40", "parallel.timeout_s=60"]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=RUN_LIMIT_S,
-                          preexec_fn=_limit_file_size(20_000))
+    cmd = command("tools/export_teacher_logits.py", "--config", config, "--top-k", "8", "--out", out,
+                  "--shard-samples", "64", "--no-progress", "train.steps=40", "parallel.timeout_s=60")
+    done = run(cmd, env=ENV, preexec_fn=_limit_file_size(20_000))
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("ExportError: ")]
     assert len(lines) == 1 and "File too large" in lines[0], done.stderr[-3000:]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_diagnostics import reference_diagnostics
-from test_divergence import _group, _shard, reference, reference_ce
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -24,6 +22,7 @@ from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp, scatter_to_tp
 from engine.spawn import run_ranks
+from tests.references import reference, reference_ce, reference_diagnostics, vocab_shard, world_group
 
 TOKENS, HIDDEN, T_HIDDEN, FULL_V, VOCAB = 7, 6, 5, 48, 45
 
@@ -82,7 +81,7 @@ def _check(kind, temperature, *, teacher_as, with_labels, dtype, group):
     t_logits = t_hidden.double() @ t_weight.double().T  # [tokens, FULL_V], NaN in the padding
     labels = labels if with_labels else None
     teacher = {"hidden": dict(teacher_hidden=t_hidden, teacher_weight_shard=_rows(t_weight, group)),
-               "logits": dict(teacher_logits=_shard(t_logits.to(dtype), group)),
+               "logits": dict(teacher_logits=vocab_shard(t_logits.to(dtype), group)),
                None: {}}[teacher_as]
     w_ce, w_div = torch.rand(2, TOKENS, generator=torch.Generator().manual_seed(9),
                              dtype=torch.float64)  # the same on every rank
@@ -144,6 +143,7 @@ def _check_diagnostics(path, hidden, weight, teacher, labels, w_ce, w_div, ref_t
                                         w_ce, w_div, **args, diagnostics=True)
     loss.backward()
     assert dict(fwd.calls) == dict(plain_calls), (fwd.calls, plain_calls)
+    # exact: the diagnostics only read the loss's intermediates, which run as without them
     for got, want in zip((ce, div, loss, h.grad, w_shard.grad), plain, strict=True):
         assert (got is None and want is None) or torch.equal(got, want), path
     ref = reference_diagnostics(hidden.double() @ weight.double().T, ref_t, args["temperature"],
@@ -154,7 +154,7 @@ def _check_diagnostics(path, hidden, weight, teacher, labels, w_ce, w_div, ref_t
 
 
 def _fused_grid() -> int:
-    group, checks = _group(), 0
+    group, checks = world_group(), 0
     for kind in KINDS:
         for temperature in (0.5, 4.0):
             for teacher_as in ("hidden", "logits"):
@@ -169,7 +169,7 @@ def _fused_grid() -> int:
 
 
 def _gradcheck() -> bool:
-    group = _group()
+    group = world_group()
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -200,7 +200,7 @@ def test_fused_tp2_and_gradcheck():
 
 
 def _tp4_suite() -> int:
-    group, checks = _group(), 0
+    group, checks = world_group(), 0
     for kind, temperature, teacher_as, with_labels in (
             ("forward_kl", 2.0, "hidden", True), ("forward_kl", 1.0, "hidden", True),
             ("reverse_kl", 1.0, "logits", False),

@@ -8,8 +8,6 @@ the ordinary entry point; bad inputs fail with one
 `ConfigError:` line and exit 2."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +26,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import convert_hf  # noqa: E402
 import generate as generate_tool  # noqa: E402
 import score  # noqa: E402
-from test_convert_hf import save_hf_model  # noqa: E402
+from tests.helpers import command, run_ok  # noqa: E402
+from tests.hf_models import save_hf_model  # noqa: E402
 
 VOCAB = 96
 NEW = 8
@@ -83,17 +82,14 @@ def test_left_padded_batch_equals_transformers(models, arch):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("layout,reported", [([], "tp=2, dp=1"), (["--pp", "2"], "tp=1, pp=2, dp=1")],
                          ids=["tp2", "pp2"])
 def test_torchrun_tp2_and_pp2_equal_transformers(models, tmp_path, layout, reported):
     (hf_dir, ckpt), prompts = models[0]["qwen2"], models[1]
     out = tmp_path / "out.npy"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools" / "generate.py"), "--ckpt", str(ckpt), "--tokens", str(prompts),
-           "--out", str(out), "--greedy", "--max-new-tokens", str(NEW), *layout]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(command("tools/generate.py", "--ckpt", ckpt, "--tokens", prompts, "--out", out,
+                            "--greedy", "--max-new-tokens", NEW, *layout))
     assert f"tokens/s ({reported})" in result.stderr
     expected = hf_greedy(hf_dir, torch.from_numpy(np.load(prompts)))
     assert torch.equal(torch.from_numpy(np.load(out)), expected)

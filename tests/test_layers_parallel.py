@@ -108,6 +108,7 @@ def _run_rows(rows):
 
 
 def _assert_matches_reference(row, result, ref):
+    # Exact: every TP degree initializes its shard by slicing the same full tensor.
     torch.testing.assert_close(result["params"], ref["params"], rtol=0, atol=0,
                                msg=lambda m: f"{row}: init depends on TP: {m}")
     for got, want in zip(result["logits"], ref["logits"], strict=True):
@@ -131,6 +132,7 @@ def test_layouts_match_tp1_reference(world):
             _assert_matches_reference((*row, f"rank {rank}"), results[i], ref)
         tp = row[1]
         for rank, results in enumerate(per_rank):
+            # exact: every rank of a TP group holds the result of the same all-reduce
             first = per_rank[rank - rank % tp][i]["replicated_grads"]  # rank 0 of this TP group
             for name, grad in results[i]["replicated_grads"].items():
                 torch.testing.assert_close(grad, first[name], rtol=0, atol=0,

@@ -13,59 +13,23 @@ saying why, where the machine does not allow that.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM_DIR = REPO / "launch" / "slurm"
-WORKER = REPO / "tests" / "multinode_worker.py"
+from tests.helpers import ROOT, SLURM_DIR, Node, install_or_skip, netns_nodes, wait_until
+
+WORKER = ROOT / "tests" / "multinode_worker.py"
 RDZV_PORT = 29400  # inside private namespaces: no other process can hold it
 COLLECTIVE_TIMEOUT_S = 15
-_names = itertools.count()
 
 pytestmark = pytest.mark.slow
-
-
-def install_or_skip() -> None:
-    """Install slurm-wlm, munge and iproute2 when missing; skip, saying why, where not allowed."""
-    proc = subprocess.run(["bash", str(SLURM_DIR / "install_deps.sh")], capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode == 3:
-        pytest.skip(f"cannot install the multi-node test packages here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, f"install_deps.sh failed:\n{proc.stderr[-3000:]}"
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, SLURM daemons)")
-
-
-@dataclass(frozen=True)
-class Node:
-    namespace: str
-    address: str
-    device: str
-
-
-@contextlib.contextmanager
-def netns_nodes() -> Iterator[tuple[str, list[Node]]]:
-    """Two namespaces joined by a veth pair (a name unique to this process), removed afterwards."""
-    name = f"md{os.getpid() % 100000}x{next(_names)}"
-    script = str(SLURM_DIR / "netns_nodes.sh")
-    try:
-        out = subprocess.run(["bash", script, "up", name], check=True, capture_output=True,
-                             text=True).stdout
-        yield name, [Node(*line.split()) for line in out.splitlines()]
-    finally:
-        subprocess.run(["bash", script, "down", name], capture_output=True)
 
 
 @pytest.fixture
@@ -87,7 +51,7 @@ def start_node(nodes: list[Node], k: int, *, rdzv_id: str, log: Path,
     env = os.environ | {"GLOO_SOCKET_IFNAME": node.device, "OMP_NUM_THREADS": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def wait_all(procs: list[subprocess.Popen], deadline_s: float) -> list[int | None]:
@@ -140,7 +104,9 @@ def test_cut_off_node_ends_job_with_clear_error(two_nodes, tmp_path):
     procs = [start_node(nodes, k, rdzv_id=name, log=node_logs[k], command=command)
              for k in range(2)]
     try:
-        _wait_for_step(tmp_path, procs, node_logs, step=3, timeout_s=180)
+        wait_until(lambda: _progress_steps(tmp_path) >= 3, what="step 3 on both nodes",
+                   alive=lambda: all(p.poll() is None for p in procs),
+                   output=lambda: logs(node_logs))
         subprocess.run(["bash", str(SLURM_DIR / "netns_nodes.sh"), "cut", name], check=True)
         # The collective timeout, plus torchrun noticing its worker and closing the rendezvous.
         codes = wait_all(procs, COLLECTIVE_TIMEOUT_S + 45)
@@ -154,18 +120,10 @@ def test_cut_off_node_ends_job_with_clear_error(two_nodes, tmp_path):
                          path.read_text()), logs(node_logs)
 
 
-def _wait_for_step(run_dir: Path, procs: list[subprocess.Popen], node_logs: list[Path], *,
-                   step: int, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        assert all(p.poll() is None for p in procs), \
-            "a node exited before the cut\n" + logs(node_logs)
-        try:
-            steps = [json.loads((run_dir / f"progress-rank{r}.json").read_text())["step"]
-                     for r in range(2)]
-            if min(steps) >= step:
-                return
-        except (OSError, json.JSONDecodeError):
-            pass  # not written yet
-        time.sleep(0.5)
-    pytest.fail(f"the nodes did not reach step {step} within {timeout_s}s\n" + logs(node_logs))
+def _progress_steps(run_dir: Path) -> int:
+    """The step both ranks have reported reaching (0 before both have reported)."""
+    try:
+        return min(json.loads((run_dir / f"progress-rank{r}.json").read_text())["step"]
+                   for r in range(2))
+    except (OSError, json.JSONDecodeError):
+        return 0  # not written yet, or caught mid-write

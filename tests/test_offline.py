@@ -35,6 +35,7 @@ from engine.data import TokenBatches, write_indexed
 from engine.parallel import ParallelLayout
 from engine.spawn import run_ranks
 from layers.model import TransformerLM
+from tests.helpers import assert_same_run
 from tests.trainer_utils import (VOCAB, base_config, make_teacher, read_metrics, run_main,
                                  teacher_config, write_config)
 
@@ -97,7 +98,7 @@ def test_teacher_topk_over_vocab_shards_matches_full_vocabulary():
         want_lse = torch.logsumexp(real / TEMPERATURE, dim=-1)
         for (values, indices, lse), calls, nbytes in ranks:
             assert values.dtype == torch.float32 and indices.dtype == torch.int32
-            assert torch.equal(values.double(), want_values)
+            assert torch.equal(values.double(), want_values)  # exact: picked, not computed
             assert torch.equal(indices.long(), want_indices)
             torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=1e-6)
             assert calls == {"all_gather": 1} and nbytes == {"all_gather": 15 * (2 * k + 1) * 8}
@@ -139,16 +140,10 @@ def test_full_vocabulary_rows_give_the_colocated_objective_and_gradients(setup):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _close(a: float, b: float, *, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
-
-
 def _assert_same_run(got: list[dict], want: list[dict]) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
-    for a, b in zip(got, want):
-        for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
-            assert _close(a.get(key, 0.0), b.get(key, 0.0)), (key, a["step"], a, b)
-        assert _close(a["kd_loss"], b["kd_loss"], atol=1e-6), (a["step"], a, b)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert_same_run(got, want, keys=("loss", "lm_loss", "grad_norm", "kd_loss"), optional=["val_loss"],
+                    key_atol={"kd_loss": 1e-6})
 
 
 def _dp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
@@ -156,6 +151,7 @@ def _dp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
                                     *_offline(export_dir)])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_full_vocabulary_training_equals_colocated(setup):
     tmp, cfg_path = setup
     assert run_main(str(cfg_path), [f"train.run_dir={tmp / 'colocated'}"]) == 0
@@ -171,6 +167,7 @@ def _pp_offline_run(cfg_path: Path, run_dir: Path, export_dir: Path) -> int:
                                     *_offline(export_dir)])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_offline_at_pp2_equals_single_process(setup):
     """The last pipeline stage reads the exported rows of its micro-batches, in order."""
     tmp, cfg_path = setup
@@ -191,6 +188,7 @@ def _all_rows(export_dir: Path) -> dict[str, torch.Tensor]:
     return ShardedRows(export_dir, meta).rows(range(meta["samples"]))
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_export_at_tp2_dp2_holds_the_top_k_of_the_full_export(setup):
     tmp, cfg_path = setup
     assert run_ranks(_parallel_export, 4, cfg_path, tmp / "tp2dp2", timeout_s=120) == [0] * 4

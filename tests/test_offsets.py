@@ -19,13 +19,13 @@ gradient are checked).
 from __future__ import annotations
 
 import torch
-from test_divergence import _group, _shard, reference, reference_ce
 
 from distill import divergence, fused_lm_and_divergence, lm_and_divergence, topk_divergence
 from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp
 from engine.spawn import run_ranks
+from tests.references import reference, reference_ce, vocab_shard, world_group
 
 TOKENS, HIDDEN, FULL_V, VOCAB = 6, 8, 48, 45  # 48 columns over 1, 2 or 4 ranks; 3 of padding
 GAPS = (0, 100, 3000)
@@ -80,22 +80,22 @@ def _check_logits(kind: str, gap: int, temperature: float, group) -> None:
     s_full, t_full = _logits(gap)
     labels, w_ce, w_div = _labels(), _weights(1), _weights(2)
     _, ref_div, ref_grad = _reference(kind, temperature, s_full, t_full, None, w_ce, w_div)
-    s = _shard(s_full, group).requires_grad_()
-    div = divergence(s, _shard(t_full, group), kind=kind, temperature=temperature,
+    s = vocab_shard(s_full, group).requires_grad_()
+    div = divergence(s, vocab_shard(t_full, group), kind=kind, temperature=temperature,
                      vocab_size=VOCAB, group=group, chunk_tokens=4, chunk_vocab=5)
     (div * w_div).sum().backward()
     torch.testing.assert_close(div.double(), ref_div, **TOL)
-    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **TOL)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), **TOL)
 
     ref_ce, ref_div, ref_grad = _reference(kind, temperature, s_full, t_full, labels, w_ce, w_div)
-    s = _shard(s_full, group).requires_grad_()
-    ce, div = lm_and_divergence(s, _shard(t_full, group), labels, kind=kind,
+    s = vocab_shard(s_full, group).requires_grad_()
+    ce, div = lm_and_divergence(s, vocab_shard(t_full, group), labels, kind=kind,
                                 temperature=temperature, vocab_size=VOCAB, group=group,
                                 chunk_tokens=4, chunk_vocab=5)
     ((ce * w_ce).sum() + (div * w_div).sum()).backward()
     torch.testing.assert_close(ce.double(), ref_ce, **TOL)
     torch.testing.assert_close(div.double(), ref_div, **TOL)
-    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **TOL)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), **TOL)
 
 
 def _check_topk(kind: str, gap: int, temperature: float, group) -> None:
@@ -105,12 +105,12 @@ def _check_topk(kind: str, gap: int, temperature: float, group) -> None:
     _, ref_div, ref_grad = _reference(kind, temperature, s_full, t_full, None, w_div, w_div)
     values, indices = t_full[:, :VOCAB].sort(-1, descending=True)
     lse = (t_full[:, :VOCAB].double() / temperature).logsumexp(-1)
-    s = _shard(s_full, group).requires_grad_()
+    s = vocab_shard(s_full, group).requires_grad_()
     div = topk_divergence(s, values, indices, lse, kind=kind, temperature=temperature,
                           vocab_size=VOCAB, group=group, chunk_tokens=4, chunk_vocab=5)
     (div * w_div).sum().backward()
     torch.testing.assert_close(div.double(), ref_div, **TOL)
-    torch.testing.assert_close(s.grad.double(), _shard(ref_grad, group), **TOL)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group), **TOL)
 
 
 def _head(gen, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +160,7 @@ def _check_fused(kind: str, gap: int, temperature: float, group) -> None:
 
 
 def _offset_grid() -> int:
-    group, checks = _group(), 0
+    group, checks = world_group(), 0
     for kind in KL_KINDS:
         for gap in GAPS:
             for temperature in TEMPERATURES:

@@ -20,7 +20,6 @@ teacher on its own rank(s) feeding a PP=2 student (hidden and logits streams, it
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -34,10 +33,13 @@ from engine.parallel import ParallelLayout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
+from tests.helpers import assert_same_run
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_hf  # noqa: E402
+
+pytestmark = pytest.mark.slow  # multi-rank end-to-end runs through the entry point
 
 RTOL = 1e-5
 # Adam (lr 1e-2) turns fp32 round-off in near-zero gradient entries into parameter differences of a
@@ -85,12 +87,9 @@ def distill_setup(setup):
     return tmp, path, single
 
 
-def _assert_same_run(a: list[dict], b: list[dict], *, val: bool = True) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in [*KEYS, *(["val_loss"] if val and "val_loss" in rb else [])]:
-            assert math.isclose(ra[key], rb[key], rel_tol=RTOL, abs_tol=1e-7), \
-                (key, ra["step"], ra[key], rb[key])
+def _assert_same_run(got: list[dict], want: list[dict], *, val: bool = True,
+                     keys: tuple[str, ...] = KEYS) -> None:
+    assert_same_run(got, want, keys=keys, optional=["val_loss"] if val else [])
 
 
 def _final_weights(cfg: dict, run_dir) -> dict[str, torch.Tensor]:
@@ -192,10 +191,7 @@ def test_two_colocated_teachers_cut_into_stages(distill_setup):
     run_ranks(_distill_run, 2, two, run_dir, "parallel.pp=2", "parallel.virtual_stages=2",
               timeout_s=180)
     got = read_metrics(run_dir)
-    _assert_same_run(got, single)
-    for ra, rb in zip(got, single):
-        for key in extra:
-            assert math.isclose(ra[key], rb[key], rel_tol=RTOL), (key, ra[key], rb[key])
+    _assert_same_run(got, single, keys=(*KEYS, *extra))
 
 
 TEACHER_RANK_LAYOUTS = [  # (world size, overrides): one teacher rank after the students

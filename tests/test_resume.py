@@ -3,67 +3,46 @@ samples scored by a teacher rank).
 
 An uninterrupted run is compared bit for bit with (a) a run SIGKILLed mid-training and resumed
 with `train.resume=auto`, and (b) a run whose ranks get SIGTERM (as SLURM preemption sends), which
-must checkpoint and stop, then resume.
+must checkpoint and stop, then resume. Bit for bit is the right bound: the resumed run has the
+same layout and restores every parameter, optimizer moment, RNG stream and data position, so it
+runs the same operations in the same order as the uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
+from tests.helpers import command, finish, start, wait_for_step
+from tests.trainer_utils import (base_config, dropout_tp2_sp_distill_config, make_teacher,
+                                 read_metrics, teacher_config, write_config)
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end-to-end runs under torchrun, killed and resumed
+
 STEPS = 16  # enough steps that the signals land mid-run even on a loaded machine
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    cfg = base_config(tmp, cache=tmp / "cache")
-    cfg["model"]["dropout"] = 0.1
-    cfg["parallel"].update(tp=2, sp=True)
-    cfg["train"].update(steps=STEPS, save_interval=2, keep=2)
-    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher_config(cfg))),
-                      "activations": ["all_mlps"], "projection": "shared"}
+    cfg = dropout_tp2_sp_distill_config(tmp, activations=["all_mlps"], steps=STEPS,
+                                        save_interval=2, keep=2)
     return write_config(tmp / "run.yaml", cfg)
 
 
 def _torchrun(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "launch" / "pretrain_distill.py"), "--config", str(config),
-           f"train.run_dir={run_dir}", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start(command("launch/pretrain_distill.py", "--config", config,
+                         f"train.run_dir={run_dir}", *extra))
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
-    _, err = proc.communicate(timeout=timeout)
-    if proc.returncode not in (0, 1):  # 1: torchrun's code when a worker stopped early
-        raise AssertionError(err[-2000:])
-    return proc.returncode
-
-
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists():
-            steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()]
-            if steps and steps[-1] >= step:
-                return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+def _finish(proc: subprocess.Popen) -> int:
+    code, err = finish(proc)
+    assert code in (0, 1), err[-2000:]  # 1: torchrun's code when a worker stopped early
+    return code
 
 
 def _worker_pids(run_dir: Path) -> list[int]:
@@ -90,7 +69,7 @@ def reference(config, tmp_path_factory):
 def test_sigkill_then_resume_is_bitwise_identical(config, reference, tmp_path):
     run_dir = tmp_path / "killed"
     proc = _torchrun(config, run_dir)
-    _wait_for_step(run_dir, 5, proc)
+    wait_for_step(run_dir, 5, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert (run_dir / "checkpoints" / "latest").is_file()
@@ -102,7 +81,7 @@ def _sigterm_and_resume(config, run_dir) -> list:
     """SIGTERM every rank after step 3; the run must have checkpointed where it stopped (its
     metrics end there) and resume to the end. Returns the losses of the whole run."""
     proc = _torchrun(config, run_dir)
-    _wait_for_step(run_dir, 3, proc)
+    wait_for_step(run_dir, 3, proc)
     for pid in _worker_pids(run_dir):
         os.kill(pid, signal.SIGTERM)
     _finish(proc)

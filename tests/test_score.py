@@ -5,9 +5,7 @@ transformers' mean loss over the same validation windows at every layout; bad in
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_hf  # noqa: E402
 import score  # noqa: E402
+
+from tests.helpers import command, run_ok  # noqa: E402
 
 VOCAB = 80
 TOL = dict(rtol=0, atol=1e-4)
@@ -79,15 +79,11 @@ def score_args(ckpt: Path, prefix: str) -> list[str]:
             str(BATCHES), "--batch-size", str(BATCH_SIZE), "--split", "50,50", "--seed", str(SEED)]
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_torchrun_tp2_equals_transformers(setup, tmp_path):
     hf_dir, ckpt, tokens, _ = setup
     out = tmp_path / "logprobs.npy"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools" / "score.py"), "--ckpt", str(ckpt), "--tokens", str(tokens),
-           "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok(command("tools/score.py", "--ckpt", ckpt, "--tokens", tokens, "--out", out))
     got = np.load(out)
     ids = torch.from_numpy(np.load(tokens))
     assert got.dtype == np.float32 and got.shape == (3, 9)

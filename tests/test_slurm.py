@@ -29,11 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_multinode import install_or_skip, netns_nodes
+from tests.helpers import (ROOT as REPO, SLURM_DIR, assert_same_run, install_or_skip,
+                           last_logged_step, netns_nodes, wait_until)
 from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM_DIR = REPO / "launch" / "slurm"
 SBATCH = SLURM_DIR / "pretrain_distill.sbatch"
 METRIC_KEYS = {"step", "loss", "lm_loss", "kd_loss", "act_loss", "lr", "tokens_per_s"}
 LOSS_KEYS = ("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm")
@@ -123,15 +122,9 @@ def job_log(submit_dir: Path, job: int) -> str:
 
 def wait_for_step(cluster: Cluster, job: int, run_dir: Path, step: int, *, submit_dir: Path,
                   timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-        if metrics and metrics[-1]["step"] >= step:
-            return
-        assert cluster.job(job)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), \
-            job_log(submit_dir, job)
-        time.sleep(0.2)
-    pytest.fail(f"job {job} did not reach step {step} in {timeout_s}s\n{job_log(submit_dir, job)}")
+    wait_until(lambda: last_logged_step(run_dir) >= step, what=f"job {job} step {step}",
+               alive=lambda: cluster.job(job)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"),
+               output=lambda: job_log(submit_dir, job), timeout_s=timeout_s)
 
 
 def test_sbatch_one_node_and_two_nodes_distill_alike(cluster, two_node_cluster, config, tmp_path):
@@ -158,6 +151,8 @@ def test_sbatch_one_node_and_two_nodes_distill_alike(cluster, two_node_cluster, 
     one, two = read_metrics(runs["one"] / "run"), read_metrics(runs["two"] / "run")
     assert [m["step"] for m in one] == [1, 2, 3] and all(m.keys() >= METRIC_KEYS for m in one)
     assert all(m["kd_loss"] > 0 and m["act_loss"] > 0 for m in one)
+    # Bit for bit: the same layout and ranks; the gloo sums are of two addends (the same in
+    # either order), wherever the ranks run.
     assert [[m[k] for k in LOSS_KEYS] for m in two] == [[m[k] for k in LOSS_KEYS] for m in one]
     # PP=2 with a stage on each node (the colocated teacher cut the same way, an activation pair
     # on each stage): activations and gradients cross the link between the nodes; the losses are
@@ -168,11 +163,7 @@ def test_sbatch_one_node_and_two_nodes_distill_alike(cluster, two_node_cluster, 
                                   "parallel.sp=false", "parallel.pp=2", nodes=2, cpus=1)
     fields = two_node_cluster.wait_for_end(job, pp_dir, timeout_s=240)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), job_log(pp_dir, job)
-    pp = read_metrics(pp_dir / "run")
-    assert [m["step"] for m in pp] == [1, 2, 3]
-    for a, b in zip(pp, one, strict=True):
-        for key in LOSS_KEYS:
-            assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-7), (key, a["step"])
+    assert_same_run(read_metrics(pp_dir / "run"), one, keys=LOSS_KEYS, rtol=2e-5)
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, config, tmp_path):

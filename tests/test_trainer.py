@@ -6,7 +6,6 @@ tolerance is fp32 round-off of a few hundred operations (rtol 1e-5 on losses and
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,22 +13,11 @@ import torch.distributed as dist
 
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine.spawn import run_ranks
+from tests.helpers import assert_same_run
 from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
                                  write_config)
 
-RTOL = 1e-5
 PREEMPT_STEPS = 40  # long enough that the signal lands before the end even on a loaded machine
-
-
-def _close(a: float, b: float, rtol: float = RTOL) -> bool:
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-7)
-
-
-def _assert_same_run(a: list[dict], b: list[dict], keys=("loss", "lm_loss", "kd_loss", "grad_norm")):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in keys:
-            assert _close(ra[key], rb[key]), (key, ra["step"], ra[key], rb[key])
 
 
 @pytest.fixture
@@ -52,7 +40,7 @@ def test_accumulation_equals_one_big_micro_batch(setup):
     tmp, cfg = setup
     small = _run(cfg, tmp / "mb1", "data.micro_batch=1", "data.global_batch=4")
     big = _run(cfg, tmp / "mb4", "data.micro_batch=4", "data.global_batch=4")
-    _assert_same_run(small, big)
+    assert_same_run(small, big)
     assert small[0]["kd_loss"] > 0 and small[0]["lm_loss"] > 0
 
 
@@ -76,6 +64,7 @@ LAYOUTS = [  # (world size, overrides of the parallel run only, overrides of bot
 ]
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("world,parallel,common", LAYOUTS)
 def test_parallel_layout_equals_single_process(setup, world, parallel, common):
     """Each row: a distributed layout against the single-process colocated run on the same data,
@@ -83,7 +72,7 @@ def test_parallel_layout_equals_single_process(setup, world, parallel, common):
     tmp, cfg = setup
     single = _run(cfg, tmp / "single", *common)
     run_ranks(_run, world, cfg, tmp / "parallel", *common, *parallel, timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "parallel"), single,
+    assert_same_run(read_metrics(tmp / "parallel"), single,
                      keys=("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm"))
 
 
@@ -91,6 +80,7 @@ def _teacher_ranks_run(cfg, run_dir, *extra):
     return _run(cfg, run_dir, *TEACHER_RANKS, *extra)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_teacher_ranks_resume(setup):
     # The schedule is constant, so stopping after 2 of 3 steps changes nothing but the stop: the
     # teacher ranks must skip what the students already trained on when the run resumes.
@@ -98,7 +88,7 @@ def test_teacher_ranks_resume(setup):
     colocated = _run(cfg, tmp / "colocated")
     run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.steps=2", timeout_s=120)
     run_ranks(_teacher_ranks_run, 2, cfg, tmp / "remote", "train.resume=auto", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+    assert_same_run(read_metrics(tmp / "remote"), colocated)
 
 
 def _preempted_teacher_ranks_run(cfg, run_dir, *extra):
@@ -120,6 +110,7 @@ def _preempted_teacher_ranks_run(cfg, run_dir, *extra):
                                f"train.steps={PREEMPT_STEPS}", *extra])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 @pytest.mark.parametrize("world,extra", [
     pytest.param(2, [], id="1+1"),
     pytest.param(3, ["parallel.teacher_ranks=2", "parallel.teacher_tp=2"],
@@ -144,7 +135,7 @@ def test_teacher_ranks_preemption_stops_both_roles_cleanly(setup, world, extra):
     assert 2 <= stopped_at < PREEMPT_STEPS
     run_ranks(_teacher_ranks_run, world, cfg, tmp / "remote", f"train.steps={PREEMPT_STEPS}",
               "train.resume=auto", *extra, timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), reference)
+    assert_same_run(read_metrics(tmp / "remote"), reference)
 
 
 def test_distillation_drives_kd_loss_down(tmp_path):
@@ -206,6 +197,7 @@ def _counted_teacher_ranks_run(cfg, run_dir, *extra):
     return dict(counts.calls), dict(counts.bytes)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     """Teacher TP 1 -> students at TP 2 with SP, fused head and activation pairs: the losses are
     the colocated ones, and each student rank receives per micro-batch exactly its checksum, the
@@ -215,7 +207,7 @@ def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     colocated = _run(cfg, tmp / "colocated", *FUSED, *ACTIVATIONS)
     results = run_ranks(_counted_teacher_ranks_run, 3, cfg, tmp / "remote", *FUSED, *ACTIVATIONS,
                         *TP2_SP, "parallel.teacher_tp=1", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), colocated,
+    assert_same_run(read_metrics(tmp / "remote"), colocated,
                      keys=("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm"))
     micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)  # 3 steps x 2; fp32 teacher
     buffers = 2  # all_mlps: student layers 0, 1 -> teacher layers 0, 2
@@ -228,6 +220,7 @@ def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     assert teacher_sent["send"] == 2 * (header + micro_batches * per_micro_batch)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_bf16_teacher_streams_bf16_hidden_states(setup):
     """With distill.teacher_bf16 the hidden states cross the wire in bfloat16 (2 bytes each) and
     the student forms the teacher's logits in bfloat16 as the teacher's own head would."""
@@ -235,7 +228,7 @@ def test_bf16_teacher_streams_bf16_hidden_states(setup):
     colocated = _run(cfg, tmp / "colocated", "distill.teacher_bf16=true")
     results = run_ranks(_counted_teacher_ranks_run, 2, cfg, tmp / "remote",
                         "distill.teacher_bf16=true", timeout_s=120)
-    _assert_same_run(read_metrics(tmp / "remote"), colocated)
+    assert_same_run(read_metrics(tmp / "remote"), colocated)
     micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)
     header = 8 + (1 + 5) * 8
     assert results[0][1]["recv"] == header + micro_batches * (8 + mb * seq * hidden_t * 2)
@@ -245,6 +238,7 @@ def _exit_code(cfg, run_dir, *extra):
     return run_main(str(cfg), [f"train.run_dir={run_dir}", *extra])
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
 def test_runtime_failure_is_one_line_from_one_rank_and_non_zero_on_all(setup, capfd):
     """A run-time failure every rank meets alike (here: the learning rate blows the weights up
     and the run stops on non-finite steps) is one line, printed once, and exit 3 everywhere."""

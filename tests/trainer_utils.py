@@ -34,6 +34,18 @@ def teacher_config(cfg: dict) -> dict:
     return teacher
 
 
+def dropout_tp2_sp_distill_config(tmp: Path, *, activations: list, **train) -> dict:
+    """A TP=2 + SP student with dropout on, a colocated teacher and activation pairs through one
+    shared projection: the run the exactness tests (resume, recompute) compare bit for bit."""
+    cfg = base_config(tmp, cache=tmp / "cache")
+    cfg["model"]["dropout"] = 0.1
+    cfg["parallel"].update(tp=2, sp=True)
+    cfg["train"].update(train)
+    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher_config(cfg))),
+                      "activations": activations, "projection": "shared"}
+    return cfg
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
