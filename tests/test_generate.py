@@ -8,7 +8,6 @@ the ordinary entry point; bad inputs fail with one
 `ConfigError:` line and exit 2."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,9 @@ from layers.decode import generate, left_pad
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_hf  # noqa: E402
-import generate as generate_tool  # noqa: E402
-import score  # noqa: E402
+from tools import convert_hf  # noqa: E402
+from tools import generate as generate_tool  # noqa: E402
+from tools import score  # noqa: E402
 from tests.helpers import command, run_ok  # noqa: E402
 from tests.hf_models import save_hf_model  # noqa: E402
 

@@ -20,8 +20,6 @@ teacher on its own rank(s) feeding a PP=2 student (hidden and logits streams, it
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +34,7 @@ from layers.model import TransformerLM
 from tests.helpers import assert_same_run
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import convert_hf  # noqa: E402
+from tools import convert_hf  # noqa: E402
 
 pytestmark = pytest.mark.slow  # multi-rank end-to-end runs through the entry point
 

@@ -13,8 +13,7 @@ from engine.data import EOD_TOKEN, IndexedTokens
 from engine.data.corpus import train_byte_level_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import preprocess_data  # noqa: E402
+from tools import preprocess_data  # noqa: E402
 
 megatron_indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 

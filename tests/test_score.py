@@ -6,7 +6,6 @@ transformers' mean loss over the same validation windows at every layout; bad in
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,8 @@ from distill.evaluate import validation_loss
 from engine.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_hf  # noqa: E402
-import score  # noqa: E402
+from tools import convert_hf  # noqa: E402
+from tools import score  # noqa: E402
 
 from tests.helpers import command, run_ok  # noqa: E402
 

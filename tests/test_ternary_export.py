@@ -11,7 +11,6 @@
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,9 @@ from layers.model import TransformerLM
 from layers.quant import absmax_scale, quantize_activations, quantized_full_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_hf  # noqa: E402
-from score import load_model  # noqa: E402
-from ternary_pack import read_packed  # noqa: E402
+from tools import convert_hf  # noqa: E402
+from tools.score import load_model  # noqa: E402
+from tools.ternary_pack import read_packed  # noqa: E402
 
 CONFIGS = {
     "llama": ModelConfig(family="llama", vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2,
