@@ -29,8 +29,9 @@ class RankFailure(RuntimeError):
 
 
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, kwargs: dict,
-            results, timeout_s: float, threads: int) -> None:
-    torch.set_num_threads(threads)
+            results, timeout_s: float, threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -46,8 +47,10 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
-              threads: int = 1, **kwargs: Any) -> list[Any]:
+              threads: int | None = None, **kwargs: Any) -> list[Any]:
     """Call `fn(*args, **kwargs)` on `world_size` gloo ranks; return the results in rank order.
+    Each rank runs `threads` intra-op threads (None: torch's default in a new process, which
+    follows the OMP_NUM_THREADS the ranks inherit).
 
     `fn` must be importable (a module-level function). Inside it, `torch.distributed` is
     initialized, so `engine.parallel.make_layout(...)` builds the layout.

@@ -184,7 +184,6 @@ def _kill_during_save(step: int, die) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
     layout = make_layout(tp=args.tp)
     victim = layout.rank == args.victim
