@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     "model.py": [],
+    "generate.py": [],
     "kd_loss.py": ["--vocab", "65536", "131072", "--tp", "1", "2"],
     "schedule.py": [],
     "on_policy.py": [],
@@ -26,6 +27,8 @@ FULL = {
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
+    "generate.py": ["--layers", "2", "--hidden", "128", "--heads", "4", "--kv-heads", "2",
+                    "--vocab", "2048", "--new-tokens", "4", "--repeats", "1"],
     "kd_loss.py": ["--tokens", "256", "--vocab", "4096", "--tp", "1", "--repeats", "1"],
     "schedule.py": ["--steps", "6", "--warmup", "2"],
     "on_policy.py": ["--teacher-steps", "20", "--student-steps", "10", "--eval-prompts", "8",
