@@ -147,7 +147,7 @@ def forward_step(model: TransformerLM, ids: torch.Tensor, cache: KVCache, *,
     mask = cache.mask(new)
     hidden = torch.empty(ids.shape[0], new, model.config.hidden, dtype=dtype, device=layout.device)
     for chunk in range(plan.chunks):
-        virtual = chunk * plan.pp + plan.pp_rank
+        virtual = plan.virtual_stage(chunk)
         if virtual == 0:
             hidden = model.embedding(ids)  # [batch, new, hidden]
             if model.position_embedding is not None:

@@ -38,15 +38,17 @@ from distill.offline import (FORMAT, METADATA, VERSION, sample_checksums, shard_
                              teacher_digest, teacher_topk, tokenizer_record)
 from distill.runconfig import (RunConfig, check_data, parse_run_config, run_export_key,
                                teacher_model_config)
-from distill.teacher import ColocatedTeacher, TeacherRequest, load_teacher
+from distill.teacher import TeacherRequest
+from distill.teacher_load import load_teacher
+from distill.teacher_sources import ColocatedTeacher
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, ranks_agree, resolve_checkpoint
 from engine.checkpoint_files import file_record, fsync_dir, write_json, write_tensors
 from engine.config import ConfigError, apply_overrides, check, load_yaml
 from engine.data import TokenBatches, resolve_data_path
 from engine.log import error_line, get_logger, setup_logging
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_parallel,
-                             init_parallel, validate_layout)
+from engine.parallel import (LaunchEnv, LayoutError, ParallelConfig, ParallelLayout,
+                             destroy_parallel, init_parallel, validate_layout)
 from layers.config import ModelConfig
 
 log = get_logger("export_teacher_logits")
@@ -63,6 +65,11 @@ class ExportPlan:
     k: int  # logits kept per position
     out: Path  # the export directory (must not exist)
     shard_samples: int  # samples per shard file
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The export's layout: the teacher alone at the run's TP degree, without SP."""
+        return ParallelConfig(tp=self.cfg.parallel.tp, timeout_s=self.cfg.parallel.timeout_s)
 
     @property
     def samples(self) -> int:
@@ -91,7 +98,7 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     """Validate everything before any process group exists; raises `ConfigError`."""
     cfg = parse_run_config(apply_overrides(load_yaml(args.config), args.overrides))
     try:
-        validate_layout(world_size=world_size, tp=cfg.parallel.tp, sp=False)
+        validate_layout(ParallelConfig(tp=cfg.parallel.tp), world_size)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check(not cfg.distill.teachers, "distill.teachers",
@@ -242,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         error_line(err, show=launch is None or launch.rank == 0, prefix="ConfigError")
         return 2
-    layout = init_parallel(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s,
-                           launch=launch)
+    layout = init_parallel(plan.parallel, launch=launch)
     try:
         export(plan, layout, progress=not args.no_progress)
     except ConfigError as err:  # found reading the teacher (NaN weights)

@@ -43,8 +43,8 @@ from engine.checkpoint import CheckpointError, checkpoint_run_config, resolve_ch
 from engine.config import ConfigError, from_dict
 from engine.data import DataConfig, DataError
 from engine.log import error_line, get_logger, setup_logging
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, destroy_parallel, init_parallel,
-                             validate_layout)
+from engine.parallel import (STUDENT, LaunchEnv, LayoutError, ParallelConfig, ParallelLayout,
+                             destroy_parallel, init_parallel, validate_layout)
 from layers.config import ModelConfig, check_model_layout
 from layers.model import TransformerLM
 
@@ -204,25 +204,38 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
         ensure_new_output(args.out, force=args.force)
     elif args.seq_len > cfg.max_seq_len:
         raise ConfigError("--seq-len", f"{args.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    elif args.batch_size % (world // (args.tp * args.pp)):
-        raise ConfigError("--batch-size", f"{args.batch_size} does not split over "
-                                          f"{world // (args.tp * args.pp)} data-parallel ranks")
+    elif args.batch_size % (dp := tool_parallel(args).rank_order(STUDENT, world).dp):
+        raise ConfigError("--batch-size", f"{args.batch_size} does not split over {dp} "
+                                          "data-parallel ranks")
 
 
-def tool_degrees(args: argparse.Namespace, world: int) -> dict:
-    """`--tp` (default: every rank over `--pp`) and `--pp` as `init_parallel`'s arguments."""
+def tool_degrees(args: argparse.Namespace, world: int) -> ParallelConfig:
+    """`--tp` (default: every rank over `--pp`) and `--pp` as `init_parallel`'s layout."""
     if args.pp < 1:
         raise ConfigError("--pp", f"must be >= 1 (got {args.pp})")
     args.tp = max(1, world // args.pp) if args.tp is None else args.tp
-    return dict(tp=args.tp, pp=args.pp)
+    return tool_parallel(args)
+
+
+def tool_parallel(args: argparse.Namespace) -> ParallelConfig:
+    """The layout of `--tp` and `--pp`; a bad degree is an error naming its flag."""
+    try:
+        return ParallelConfig(tp=args.tp, pp=args.pp)
+    except ConfigError as err:
+        raise _as_flag(err) from None
+
+
+def _as_flag(err: ConfigError) -> ConfigError:
+    """A layout error named by the tool's flag (`parallel.tp` -> `--tp`)."""
+    return ConfigError("--" + err.key.removeprefix("parallel."), err.message)
 
 
 def check_tool_layout(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     """`--tp` x `--pp` against the world and the model; errors name the flags."""
     try:
-        validate_layout(world_size=world, tp=args.tp, sp=False, pp=args.pp)
+        validate_layout(tool_parallel(args), world)
     except LayoutError as err:
-        raise ConfigError("--" + err.key.removeprefix("parallel."), err.message) from None
+        raise _as_flag(err) from None
     check_model_layout(cfg, args.tp)
     if cfg.layers % args.pp:
         raise ConfigError("--pp", f"{args.pp} does not divide the model's {cfg.layers} decoder "
@@ -267,19 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(prepare)
 
 
-def run_tool(prepare: Callable[[LaunchEnv], tuple[int | dict, Callable[[ParallelLayout], None]]],
+def run_tool(prepare: Callable[[LaunchEnv], tuple[ParallelConfig, Callable[[ParallelLayout], None]]],
              ) -> int:
     """A tool's life: `prepare(launch)` reads and checks every input, on every rank alike, before
-    any process group exists, and returns (TP degree, or `init_parallel`'s layout arguments, work);
+    any process group exists, and returns (the layout for `init_parallel`, work);
     `work(layout)` runs in the groups. Bad input at either stage: one `error:` line, exit 2."""
     launch = None
     try:
         launch = LaunchEnv.from_env()
-        degrees, work = prepare(launch)
+        parallel, work = prepare(launch)
     except USER_ERRORS as err:
         return report_error(err, rank=None if launch is None else launch.rank)
-    layout = init_parallel(**({"tp": degrees} if isinstance(degrees, int) else degrees),
-                           launch=launch)
+    layout = init_parallel(parallel, launch=launch)
     try:
         work(layout)
     except USER_ERRORS as err:
