@@ -59,8 +59,7 @@ class StudentStage:
         self.buffers, self.compute_logits, self.autocast = buffers, compute_logits, autocast
         self.activations = activations
         self.teachers = teachers or {}
-        layout = student.layout
-        self.last_virtual = layout.pp * layout.virtual_stages - 1
+        self.last_virtual = student.plan.virtual_stages - 1
         self.dtype = next(student.parameters()).dtype
 
     def _virtual(self, chunk: int) -> int:

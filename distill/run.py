@@ -25,10 +25,11 @@ from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy, on_policy_at
 from distill.config import teacher_key
 from distill.runconfig import RunConfig, curriculum, load_run_config, resolved_dict
-from distill.teacher import TeacherRequest, TeacherSource, TeacherStreamError
+from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
 from distill.teacher_sources import ColocatedTeacher, TeacherList
-from distill.teacher_wire import RemoteTeacher, serve_teacher, stage_request, stream_request
+from distill.teacher_wire import (RemoteTeacher, TeacherStreamError, serve_teacher, stage_request,
+                                  stream_request)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError, resolve_checkpoint
@@ -230,8 +231,7 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, layout: ParallelLayout,
     # SLURM signals every task: the teacher only records it and follows the students' decision,
     # which arrives with their acknowledgements.
     with PreemptionFlag():
-        stages = [StagePlan(layers=cfg.model.layers, pp=layout.students.pp, pp_rank=p,
-                            chunks=cfg.parallel.virtual_stages) for p in range(layout.students.pp)]
+        stages = StagePlan.every_rank(cfg.model.layers, cfg.parallel)
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
                              prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp,
                              stage_requests=[stage_request(teacher.request, objective.pairs, plan)

@@ -107,11 +107,11 @@ def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelC
     par = cfg.parallel
     if par.pp == 1 or teacher is None or cfg.distill.schedule != "colocated":
         return
-    student_plan = StagePlan(layers=cfg.model.layers, pp=par.pp, chunks=par.virtual_stages)
+    # (any rank's plan: where a buffer is published does not depend on the rank asking)
+    student_plan = StagePlan.every_rank(cfg.model.layers, par)[0]
     teachers = named_teachers(cfg.distill, teacher)
     for pair in pairs:
-        teacher_plan = StagePlan(layers=teachers[pair.source].layers, pp=par.pp,
-                                 chunks=par.virtual_stages)
+        teacher_plan = StagePlan.every_rank(teachers[pair.source].layers, par)[0]
         stages = student_plan.buffer_stage(pair.student), teacher_plan.buffer_stage(pair.teacher)
         if stages[0] != stages[1]:
             raise ConfigError("distill.activations",

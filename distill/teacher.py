@@ -31,10 +31,6 @@ from engine.pipeline import TensorSpec
 from layers.buffers import ActivationBuffer
 
 
-class TeacherStreamError(RuntimeError):
-    """The teacher's stream does not match what the student is training on."""
-
-
 @dataclass
 class TeacherOutputs:
     """What the objective reads from the teacher for one micro-batch; every field is optional.

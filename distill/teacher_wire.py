@@ -25,8 +25,7 @@ from typing import Literal
 import torch
 
 from distill.config import SINGLE_TEACHER
-from distill.teacher import (StageTeacher, TeacherOutputs, TeacherRequest, TeacherStreamError,
-                             token_checksum)
+from distill.teacher import StageTeacher, TeacherOutputs, TeacherRequest, token_checksum
 from distill.teacher_sources import ColocatedTeacher
 from engine import collectives as C
 from engine.data import to_device
@@ -38,6 +37,10 @@ from layers.tensor_parallel import SEQ_DIM, VocabParallelLMHead
 log = get_logger(__name__)
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+class TeacherStreamError(RuntimeError):
+    """The teacher's stream does not match what the student is training on."""
 
 
 def stream_request(request: TeacherRequest, stream: Literal["hidden", "logits"]) -> TeacherRequest:

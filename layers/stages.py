@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.parallel import ParallelLayout, stage_owner, virtual_stage
+from engine.parallel import ParallelConfig, ParallelLayout, stage_owner, virtual_stage
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class StagePlan:
         """The plan of this rank of `layout`'s pipeline (the whole model without PP)."""
         return cls(layers=layers, pp=layout.pp, pp_rank=layout.pp_rank,
                    chunks=layout.virtual_stages)
+
+    @classmethod
+    def every_rank(cls, layers: int, parallel: ParallelConfig) -> list[StagePlan]:
+        """The plan of each of the students' pipeline ranks under `parallel`, stage 0 first."""
+        return [cls(layers=layers, pp=parallel.pp, pp_rank=p, chunks=parallel.virtual_stages)
+                for p in range(parallel.pp)]
 
     @property
     def virtual_stages(self) -> int:

@@ -174,8 +174,7 @@ class _FakeTeacher:
 
 def _stream_with_corruption():
     """Teacher rank 1 streams for token ids that differ from student rank 0's in one place."""
-    from distill.teacher import TeacherStreamError
-    from distill.teacher_wire import RemoteTeacher, serve_teacher
+    from distill.teacher_wire import RemoteTeacher, TeacherStreamError, serve_teacher
     from engine.parallel import ParallelConfig, make_layout
 
     layout = make_layout(ParallelConfig(tp=1, teacher_ranks=1))
