@@ -47,8 +47,7 @@ from torch import nn
 
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
-from distill.config import (SINGLE_TEACHER, DistillConfig, ResolvedPair, check_compatibility,
-                            named_teachers)
+from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
 from distill.divergence import (cross_entropy, divergence, lm_and_divergence,
                                 topk_divergence)
 from distill.fused import FusedHeadLoss, fused_head_loss
@@ -136,12 +135,13 @@ class DistillObjective(nn.Module):
     """The objective of one run; holds the trainable activation projections, if any.
 
     Call once per micro-batch with the student's `ModelOutput` (asked for
-    `student_buffer_names()`, logits unless `fused`), the teacher's outputs (asked for
-    `teacher_buffer_names()`) or None, the next-token labels [batch, seq] or None, and the step's
-    `count_tokens(...)`. The fused path also needs the student's `output_weight` shard.
+    `student_buffer_names()`, logits unless `fused`), the teachers' outputs by name (asked for
+    `teacher_buffer_names()`; a teacher source's, distill/teacher.py) or None, the next-token
+    labels [batch, seq] or None, and the step's `count_tokens(...)`. The fused path also needs the
+    student's `output_weight` shard.
 
-    Several teachers (`distill.teachers`): `teacher_config` maps each name to its config and the
-    teacher outputs come as a mapping of name to `TeacherOutputs`. `teacher_mode` sum adds
+    Several teachers (`distill.teachers`): `teacher_config` maps each name to its config.
+    `teacher_mode` sum adds
     weight_k * D(teacher_k || student), each logged as `kd_loss/<name>`; mixture takes
     D(sum_k w_k p_k || student) with the weights normalized (distill/mixture.py). Activation pairs
     read the buffers of the teacher they name, through a projection of their own teacher's width.
@@ -218,22 +218,15 @@ class DistillObjective(nn.Module):
                                            for key in DIAGNOSTICS if key != "student_entropy")]
         return tuple(names)
 
-    def _by_name(self, teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
-                 ) -> dict[str, TeacherOutputs]:
+    def _by_name(self, teacher: Mapping[str, TeacherOutputs] | None) -> dict[str, TeacherOutputs]:
         if teacher is None:
             return {}
-        if isinstance(teacher, TeacherOutputs):
-            if self.several:
-                raise ValueError(f"{len(self.teacher_names)} teachers are configured: pass their "
-                                 "outputs as a mapping of name to TeacherOutputs")
-            return {self.teacher_names[0] if self.teacher_names else SINGLE_TEACHER: teacher}
         missing = [n for n in self.teacher_names if n not in teacher]
         if missing:
             raise ValueError(f"no outputs of teacher {missing[0]!r}")
         return dict(teacher)
 
-    def forward(self, student: ModelOutput,
-                teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
+    def forward(self, student: ModelOutput, teacher: Mapping[str, TeacherOutputs] | None,
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None,
                 kd_mask: torch.Tensor | None = None,
@@ -415,7 +408,7 @@ class DistillObjective(nn.Module):
     # ----------------------------------------------------------------------- activation term
     def activation_share(self, pairs: Sequence[ResolvedPair],
                          student_buffers: Mapping[str, ActivationBuffer],
-                         teacher: TeacherOutputs | Mapping[str, TeacherOutputs] | None,
+                         teacher: Mapping[str, TeacherOutputs] | None,
                          mask: torch.Tensor | None, counts: TokenCounts) -> torch.Tensor | None:
         """The activation term's share from `pairs` (a subset of the run's, e.g. those of one
         pipeline stage: the shares of disjoint subsets add up to the term); None when off."""

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from distill.teacher import TeacherOutputs, token_checksum
+from distill.config import SINGLE_TEACHER
+from distill.teacher import StageTeacher, TeacherOutputs, token_checksum
 from engine import collectives as C
 from engine.checkpoint import METADATA as CHECKPOINT_METADATA
 from engine.checkpoint import resolve_checkpoint
@@ -247,7 +248,7 @@ class ShardedRows:
 class OfflineTeacher:
     """Teacher source (`distill.teacher.TeacherSource`) of the `offline` schedule:
     `teacher(micro_batch)` returns the exported top-k values, indices and logsumexp of that
-    micro-batch's samples.
+    micro-batch's samples, as teacher `name`'s outputs. Under PP the last stage reads them.
 
     Which samples: `data` (this rank's TokenBatches) has just drawn the step being trained, so
     the step starts at global sample `data.consumed_samples - global_batch`, and the trainer asks
@@ -256,8 +257,11 @@ class OfflineTeacher:
     must match the micro-batch, so a stream that drifted from the export stops the run.
     """
 
+    reaches_every_stage = False
+
     def __init__(self, directory: str | Path, *, data: TokenBatches,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", name: str = SINGLE_TEACHER):
+        self.name = name
         self.store = ShardedRows(directory, read_metadata(directory))
         self.data, self.device = data, torch.device(device)
         self._step_first = -1  # first global sample of the step being served
@@ -272,7 +276,7 @@ class OfflineTeacher:
         self._micro += 1
         return range(first, first + batch)
 
-    def __call__(self, micro_batch: dict[str, torch.Tensor]) -> TeacherOutputs:
+    def __call__(self, micro_batch: dict[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
         input_ids = micro_batch["input_ids"]  # [mb, seq]
         samples = self._samples(input_ids.shape[0])
         rows = self.store.rows(samples)
@@ -281,9 +285,12 @@ class OfflineTeacher:
             raise OfflineTeacherError(
                 f"exported rows of samples [{samples.start}, {samples.stop}) hold other tokens "
                 "than this micro-batch: the export and the training data are misaligned")
-        return TeacherOutputs(topk_values=rows["values"].to(self.device),
-                              topk_indices=rows["indices"].to(self.device, torch.int64),
-                              logsumexp=rows["logsumexp"].to(self.device))
+        return {self.name: TeacherOutputs(topk_values=rows["values"].to(self.device),
+                                          topk_indices=rows["indices"].to(self.device, torch.int64),
+                                          logsumexp=rows["logsumexp"].to(self.device))}
+
+    def stage_parts(self) -> dict[str, StageTeacher]:
+        return {}
 
     def end_step(self, *, stop: bool) -> None:
         pass  # rows are read on demand; nothing runs ahead

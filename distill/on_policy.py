@@ -2,9 +2,11 @@
 
     distill.on_policy: {fraction, max_new_tokens, temperature, top_p}
 
-Which micro-batches. Micro-batch i of step s has the global index g = s * per_step + i; it is
-on-policy when floor((g + 1) * fraction) > floor(g * fraction). That is exactly `fraction` of the
-micro-batches over any stretch of the run, spread evenly, the same on every rank, and no random draw.
+Which micro-batches. Micro-batch i of step s has the global index g = s * per_step + i (per_step:
+a step's micro-batches on one DP rank); it is on-policy when floor((g + 1) * fraction) >
+floor(g * fraction). That is exactly `fraction` of the micro-batches over any stretch of the run,
+spread evenly, the same on every rank, and no random draw. Students and teacher ranks both ask
+`on_policy_at`, so they agree on the choice.
 
 What they hold. Of a data micro-batch `[micro_batch, seq_len]`, the first
 P = seq_len - max_new_tokens tokens of each row are the prompt; the student continues each row by
@@ -19,10 +21,11 @@ one stays in distribution. The micro-batch keeps its shape (SP splits it as befo
     kd_mask    True at positions P-1 .. seq_len-2, whose next-token distributions produced the
                generated tokens: the logit (and activation) terms count these positions only
 
-The colocated teacher then scores prompt + continuation like any micro-batch (distill/teacher.py),
-and the objective's divergence (any `distill.logit.kind`; reverse KL is the usual on-policy choice)
-is taken over `kd_mask` (distill/objective.py). Teacher ranks and offline exports cannot score
-fresh samples, so on-policy distillation needs `distill.schedule: colocated`.
+The teacher then scores prompt + continuation like any micro-batch: a colocated teacher directly,
+teacher ranks once the students have sent them the samples (distill/teacher_wire.py). The
+objective's divergence (any `distill.logit.kind`; reverse KL is the usual on-policy choice) is
+taken over `kd_mask` (distill/objective.py). An offline export cannot score fresh samples, so
+on-policy distillation needs `distill.schedule` colocated or teacher_ranks.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def is_on_policy(index: int, fraction: float) -> bool:
     return math.floor((index + 1) * fraction) > math.floor(index * fraction)
 
 
+def on_policy_at(step: int, micro_batch: int, *, per_step: int, fraction: float) -> bool:
+    """Whether micro-batch `micro_batch` of `step` (counted from the step's first; it may run
+    past the step) is student-generated, with `per_step` micro-batches a step on each DP rank."""
+    return is_on_policy(step * per_step + micro_batch, fraction)
+
+
 class OnPolicy:
     """Turns a step's chosen micro-batches into student continuations of their prompts."""
 
@@ -57,7 +66,7 @@ class OnPolicy:
                  step: int) -> list[dict[str, torch.Tensor]]:
         per_step = len(micro_batches)
         return [self.continued(mb, step=step, index=i)
-                if is_on_policy(step * per_step + i, self.cfg.fraction) else mb
+                if on_policy_at(step, i, per_step=per_step, fraction=self.cfg.fraction) else mb
                 for i, mb in enumerate(micro_batches)]
 
     def generator(self, step: int, index: int) -> torch.Generator:

@@ -6,14 +6,14 @@ only the residual stream `[micro_batch, seq(/tp), hidden]` travels between stage
 gradient, backward. The last virtual stage turns its output into the micro-batch's loss share
 (`last`), which the executor backwards there.
 
-A colocated teacher (`teacher`) is split into the same virtual stages (layers/stages.py, at the
-same depth fractions) and runs forward in lockstep on the same ranks: its residual stream travels
-with the student's as a second tensor that carries no gradient. Several colocated teachers
-(`distill.teachers`, a `TeacherList`) are each split the same way, their residual streams
-travelling in config order after the student's; their outputs reach `activations` and `last` as
-{name: TeacherOutputs}. Every virtual stage hands the activation buffers both models published
-there to `activations` (the activation pairs of that stage, whose loss shares join the step's loss
-on the stage that owns them); the last one also hands the teacher's head outputs to `last`.
+The teachers that run inside the stages (`teachers`: a source's `stage_parts()`, colocated
+teachers) are split into the same virtual stages (layers/stages.py, at the same depth fractions)
+and run forward in lockstep on the same ranks: their residual streams travel with the student's,
+in config order after it, as tensors that carry no gradient. Their outputs reach `activations` and
+`last` as {name: TeacherOutputs}. Every virtual stage hands the activation buffers both models
+published there to `activations` (the activation pairs of that stage, whose loss shares join the
+step's loss on the stage that owns them); the last one also hands the teachers' head outputs to
+`last`.
 
 Gradients after the schedule (`sync_pipeline_grads`): summed over DP (each rank's losses are its
 shares of the step's global means, so the sum is the gradient of the means; no DDP under PP), and,
@@ -34,17 +34,18 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from engine import collectives as C
-from distill.teacher import ColocatedTeacher, TeacherList, TeacherOutputs
+from distill.teacher import StageTeacher, TeacherOutputs
 from engine.parallel import ParallelLayout
 from engine.param_tags import tag
 from engine.pipeline import (PipelineExecutor, StageOutput, TensorSpec, forward_only,
                              interleaved_one_f_one_b)
 from layers.model import ModelOutput, TransformerLM
 
-# (micro-batch, the last stage's output, the teacher's outputs there or None) -> loss share or None
-LastStage = Callable[[int, ModelOutput, TeacherOutputs | None], torch.Tensor | None]
-# (micro-batch, virtual stage, student buffers, teacher outputs) of a stage before the last
-StageTerms = Callable[[int, int, dict, TeacherOutputs], torch.Tensor | None]
+# (micro-batch, the last stage's output, the teachers' outputs there by name or None) -> loss
+# share or None
+LastStage = Callable[[int, ModelOutput, dict[str, TeacherOutputs] | None], torch.Tensor | None]
+# (micro-batch, virtual stage, student buffers, teachers' outputs) of a stage before the last
+StageTerms = Callable[[int, int, dict, dict[str, TeacherOutputs] | None], torch.Tensor | None]
 
 
 class StudentStage:
@@ -53,21 +54,17 @@ class StudentStage:
     def __init__(self, student: TransformerLM, micro_batches: Sequence[dict], *, last: LastStage,
                  buffers: Sequence[str] = (), compute_logits: bool = True,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 teacher: ColocatedTeacher | TeacherList | None = None,
+                 teachers: dict[str, StageTeacher] | None = None,
                  activations: StageTerms | None = None):
         self.student, self.micro_batches, self.last = student, micro_batches, last
         self.buffers, self.compute_logits, self.autocast = buffers, compute_logits, autocast
         self.activations = activations
-        # the colocated teachers by name (outputs as a mapping when they come as a TeacherList)
-        self.several = isinstance(teacher, TeacherList)
-        self.teachers: dict[str, ColocatedTeacher] = \
-            dict(teacher.sources) if self.several else {} if teacher is None else {"": teacher}
-        layout = student.layout
-        self.last_virtual = layout.pp * layout.virtual_stages - 1
+        self.teachers = teachers or {}
+        self.last_virtual = student.plan.virtual_stages - 1
         self.dtype = next(student.parameters()).dtype
 
     def _virtual(self, chunk: int) -> int:
-        return chunk * self.student.layout.pp + self.student.layout.pp_rank
+        return self.student.layout.virtual_stage(chunk)
 
     def input_specs(self, chunk: int) -> list[TensorSpec]:
         if self._virtual(chunk) == 0:
@@ -76,10 +73,7 @@ class StudentStage:
         layout = self.student.layout
         rows = (batch, seq // layout.tp if layout.sp else seq)
         specs = [TensorSpec((*rows, self.student.config.hidden), self.dtype)]
-        for teacher in self.teachers.values():
-            specs.append(TensorSpec((*rows, teacher.model.config.hidden), _dtype(teacher.model),
-                                    requires_grad=False))
-        return specs
+        return specs + [teacher.residual_spec(rows) for teacher in self.teachers.values()]
 
     def forward(self, chunk: int, micro_batch: int, inputs: list[torch.Tensor]) -> StageOutput:
         student, ids = self.student, self.micro_batches[micro_batch]["input_ids"]
@@ -98,31 +92,19 @@ class StudentStage:
             out = student.finish(hidden, rope, record, compute_logits=self.compute_logits)
         return StageOutput([], self.last(micro_batch, out, teacher_out))
 
-    @torch.no_grad()
     def _teacher(self, chunk: int, ids: torch.Tensor, inputs: list[torch.Tensor], *, last: bool,
-                 ) -> tuple[list[torch.Tensor], TeacherOutputs | dict[str, TeacherOutputs] | None]:
+                 ) -> tuple[list[torch.Tensor], dict[str, TeacherOutputs] | None]:
         """The teachers' chunk: ([their residual streams for the next stage], their outputs
-        here); `inputs`: their residual streams from the previous stage ([] on the first)."""
+        here by name); `inputs`: their residual streams from the previous stage ([] on the
+        first)."""
         if not self.teachers:
             return [], None
         streams, outputs = [], {}
         for i, (name, teacher) in enumerate(self.teachers.items()):
-            model, request = teacher.model, teacher.request
-            record = model.recorder(request.buffers)
-            hidden = model.embed(ids, record) if not inputs else inputs[i]
-            rope = model.rope(ids, _dtype(model))
-            hidden = model.run_chunk(chunk, hidden, rope, record)
-            if not last:
-                streams.append(hidden)
-                outputs[name] = TeacherOutputs(buffers=record.buffers)
-                continue
-            out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
-            outputs[name] = teacher.outputs(out)
-        return streams, outputs if self.several else outputs[""]
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+            hidden, outputs[name] = teacher.run_chunk(chunk, ids, inputs[i] if inputs else None,
+                                                      last=last)
+            streams += [] if hidden is None else [hidden]
+        return streams, outputs
 
 
 def run_pipeline(stage: StudentStage, layout: ParallelLayout, *, train: bool) -> None:

@@ -22,13 +22,15 @@ import yaml
 
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
-from distill.on_policy import OnPolicy, is_on_policy
+from distill.on_policy import OnPolicy, on_policy_at
 from distill.config import teacher_key
 from distill.runconfig import (RunCheckpoints, RunConfig, StartUp, TeacherConfigs, curriculum,
                                load_run_config, resolved_dict)
-from distill.teacher import (ColocatedTeacher, RemoteTeacher, TeacherList, TeacherRequest,
-                             TeacherSource, TeacherStreamError, load_teacher, load_teacher_head,
-                             serve_teacher, stage_request, stream_request)
+from distill.teacher import TeacherRequest, TeacherSource
+from distill.teacher_load import load_teacher, load_teacher_head
+from distill.teacher_sources import ColocatedTeacher, TeacherList
+from distill.teacher_wire import (RemoteTeacher, TeacherStreamError, serve_teacher, stage_request,
+                                  stream_request)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError
@@ -98,11 +100,7 @@ def _start(args: argparse.Namespace, launch: LaunchEnv, *, distill: bool,
 def _train(start: StartUp, launch: LaunchEnv) -> int:
     """Everything after start-up validation, with each failure mapped to its one line and code."""
     cfg = start.cfg
-    layout = init_parallel(tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp,
-                           virtual_stages=cfg.parallel.virtual_stages,
-                           teacher_ranks=cfg.parallel.teacher_ranks,
-                           teacher_tp=cfg.parallel.teacher_tp,
-                           timeout_s=cfg.parallel.timeout_s, launch=launch)
+    layout = init_parallel(cfg.parallel, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
     try:
         return _run(*start, layout)
@@ -169,13 +167,14 @@ def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoint
         model = load_teacher(ckpts.teachers[""].path, teacher_cfg, cfg.model, layout,
                              seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16)
         return ColocatedTeacher(model, request)
-    sources = {}
+    sources = []
     for entry in cfg.distill.teachers:
         key = teacher_key(cfg.distill, entry.name)
         model = load_teacher(ckpts.teachers[entry.name].path, teacher_cfg[entry.name],
                              cfg.model, layout, seed=cfg.train.seed, bf16=cfg.distill.teacher_bf16,
                              key=key)
-        sources[entry.name] = ColocatedTeacher(model, objective.teacher_request(entry.name))
+        sources.append(ColocatedTeacher(model, objective.teacher_request(entry.name),
+                                        name=entry.name))
     return TeacherList(sources)
 
 
@@ -184,7 +183,7 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                     data: TokenBatches) -> TeacherSource | None:
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
-        per_step = cfg.data.global_batch // (cfg.data.micro_batch * layout.dp)
+        per_step = cfg.data.micro_batches(layout.dp)
         remaining = cfg.train.steps - ckpts.resume_step
         # under PP each stage asks for its own part: the head on the last, its pairs' buffers
         request = stage_request(objective.teacher_request(), objective.pairs,
@@ -200,9 +199,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                              on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step))
     if schedule == "offline":
         if cfg.distill.teachers:
-            return TeacherList({e.name: OfflineTeacher(e.offline_dir, data=data,
-                                                       device=layout.device)
-                                for e in cfg.distill.teachers})
+            return TeacherList([OfflineTeacher(e.offline_dir, data=data, device=layout.device,
+                                               name=e.name) for e in cfg.distill.teachers])
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
     if teacher_cfg is None:
         return None
@@ -215,8 +213,8 @@ def _on_policy_stream(cfg: RunConfig, per_step: int, resume_step: int,
     is one the students continue themselves (OnPolicy's choice); None without on-policy."""
     if not cfg.distill.on_policy.on:
         return None
-    first, fraction = resume_step * per_step, cfg.distill.on_policy.fraction
-    return lambda k: is_on_policy(first + k, fraction)
+    start, fraction = resume_step, cfg.distill.on_policy.fraction
+    return lambda k: on_policy_at(start, k, per_step=per_step, fraction=fraction)
 
 
 def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layout: ParallelLayout,
@@ -228,7 +226,7 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layo
 
     def batches_for(student_dp_rank: int):
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
-                            dp=layout.student_dp, vocab_size=cfg.model.vocab_size,
+                            dp=layout.students.dp, vocab_size=cfg.model.vocab_size,
                             order=order)
         start = ckpts.resume_step  # the students resume here: skip what they have seen
         for _ in range(start):
@@ -239,13 +237,12 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layo
     # SLURM signals every task: the teacher only records it and follows the students' decision,
     # which arrives with their acknowledgements.
     with PreemptionFlag():
-        stages = [StagePlan(layers=cfg.model.layers, pp=layout.student_pp, pp_rank=p,
-                            chunks=cfg.parallel.virtual_stages) for p in range(layout.student_pp)]
+        stages = StagePlan.every_rank(cfg.model.layers, cfg.parallel)
         sent = serve_teacher(teacher, layout, batches_for=batches_for,
                              prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp,
                              stage_requests=[stage_request(teacher.request, objective.pairs, plan)
                                              for plan in stages],
-                             on_policy=_on_policy_stream(cfg, cfg.data.global_batch // (
-                                 cfg.data.micro_batch * layout.student_dp), ckpts.resume_step))
+                             on_policy=_on_policy_stream(
+                                 cfg, cfg.data.micro_batches(layout.students.dp), ckpts.resume_step))
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
     return 0

@@ -26,7 +26,7 @@ from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to
 from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
 from engine.data.curriculum import curriculum_order, read_scores
-from engine.parallel import LayoutError, ParallelConfig, validate_layout
+from engine.parallel import STUDENT, LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
 from engine.train_config import TrainConfig, resume_path
 from layers.config import ModelConfig, check_model_layout, saved_model_config, shape_differences
@@ -78,15 +78,14 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     """Every check that needs the world size but no process group."""
     par = cfg.parallel
     try:
-        validate_layout(world_size=world_size, tp=par.tp, sp=par.sp,
-                        teacher_ranks=par.teacher_ranks, pp=par.pp, teacher_tp=par.teacher_tp)
+        validate_layout(par, world_size)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check_model_layout(cfg.model, par.tp)
     if par.sp and cfg.data.seq_len % par.tp:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} does not split over parallel.tp="
                                           f"{par.tp} ranks (sequence parallelism)")
-    dp = (world_size - par.teacher_ranks) // (par.tp * par.pp)
+    dp = par.rank_order(STUDENT, world_size).dp
     check_batch_layout(cfg.data, dp)
     check_pipeline(cfg, dp)
     wants_ranks = cfg.distill.schedule == "teacher_ranks"
@@ -111,7 +110,7 @@ def check_pipeline(cfg: RunConfig, dp: int) -> None:
                           f"parallel.virtual_stages={par.virtual_stages} does not divide the "
                           f"{layers // par.pp} decoder blocks of each of the parallel.pp={par.pp} "
                           "stages")
-    micro_batches = cfg.data.global_batch // (cfg.data.micro_batch * dp)
+    micro_batches = cfg.data.micro_batches(dp)
     if par.virtual_stages > 1 and micro_batches % par.pp:
         raise ConfigError("parallel.virtual_stages",
                           f"the interleaved schedule needs the {micro_batches} micro-batches of a "
@@ -135,11 +134,11 @@ def check_pipeline_pairs(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelC
     par = cfg.parallel
     if par.pp == 1 or teacher is None or cfg.distill.schedule != "colocated":
         return
-    student_plan = StagePlan(layers=cfg.model.layers, pp=par.pp, chunks=par.virtual_stages)
+    # (any rank's plan: where a buffer is published does not depend on the rank asking)
+    student_plan = StagePlan.every_rank(cfg.model.layers, par)[0]
     teachers = named_teachers(cfg.distill, teacher)
     for pair in pairs:
-        teacher_plan = StagePlan(layers=teachers[pair.source].layers, pp=par.pp,
-                                 chunks=par.virtual_stages)
+        teacher_plan = StagePlan.every_rank(teachers[pair.source].layers, par)[0]
         stages = student_plan.buffer_stage(pair.student), teacher_plan.buffer_stage(pair.teacher)
         if stages[0] != stages[1]:
             raise ConfigError("distill.activations",

@@ -1,63 +1,34 @@
-"""Teacher sources: where the teacher's outputs for each micro-batch come from.
+"""The teacher contract: what a run asks of its teacher, and what it gets back.
 
-The contract is `TeacherSource`: call it with a micro-batch to get its `TeacherOutputs`, tell it
-`end_step(stop=...)` once per optimizer step after the step's stop vote, and `close()` it at the
-end of training. What a run needs from its teacher is a `TeacherRequest` (the objective's
-`teacher_request()`): the logits, or for the fused LM-head path the output layer's input and the
-frozen output weight, or nothing of the head; and activation buffers by name. Implementations:
+What a run needs from its teacher is a `TeacherRequest` (the objective's `teacher_request()`): the
+logits, or for the fused LM-head path the output layer's input and the frozen output weight, or
+nothing of the head; and activation buffers by name. A `TeacherSource` gives, for each
+micro-batch, the teachers' `TeacherOutputs` by teacher name (one entry for one teacher: the names
+are those of `distill.teachers`, or SINGLE_TEACHER for `distill.teacher`), is told
+`end_step(stop=...)` once per optimizer step after the step's stop vote, and is `close()`d at the
+end of training. Under pipeline parallelism a source also says how the stages meet it (see
+`TeacherSource`). Sources:
 
-- `ColocatedTeacher`: the frozen teacher runs forward on the same ranks, right before the student.
-- `RemoteTeacher` (student side) and `serve_teacher` (teacher side): the teacher runs on its own
-  ranks (`parallel.teacher_ranks`, at its own TP degree `parallel.teacher_tp`) and streams each
-  micro-batch's outputs to the student ranks with asynchronous point-to-point sends, up to
-  `prefetch` micro-batches ahead. Only this path knows a wire format (`_Wire`): a header with the
-  shapes once, then per micro-batch a checksum of its token ids (a mismatch stops the run), the
-  teacher's final hidden states `[batch, seq, H_t]` in its compute dtype, and each activation
-  buffer in the layout of the receiving student rank. Never logits: each student rank holds its
-  vocabulary shard of the teacher's output weight (`load_teacher_head`, read once from the teacher
-  checkpoint at any saved TP) and forms the teacher's logits itself. (`distill.teacher_stream=
-  logits` sends logit shards instead: the older protocol, kept as the benchmark's baseline.)
+- in-process (distill/teacher_sources.py): `ColocatedTeacher`, the frozen teacher running forward
+  on the students' ranks right before the student (cut into the same pipeline stages), and
+  `TeacherList`, several sources as one (`distill.teachers`);
+- `RemoteTeacher` (distill/teacher_wire.py): the student side of teacher ranks
+  (`parallel.teacher_ranks`), which stream each micro-batch's outputs to the students;
 - `OfflineTeacher` (distill/offline.py): the teacher's top-k logits, exported beforehand.
-- `TeacherList`: several teachers (`distill.teachers`), each its own source, their outputs by
-  name: colocated teachers, or offline exports (one per teacher); teacher ranks serve one
-  teacher.
 
-Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t + j * teacher_tp)
-for every k and j, so the teacher's DP degree must divide the students'.
+Loading a frozen teacher, or only its output layer, is distill/teacher_load.py's.
 """
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from torch import nn
 
-from distill.config import aligned_teacher_config
-from distill.weights import load_output_weight, load_weights
-from engine import collectives as C
-from engine.checkpoint import ranks_agree
-from engine.config import ConfigError
-from engine.data import to_device
-from engine.log import get_logger
-from engine.parallel import STUDENT, TEACHER, ParallelLayout
+from engine.pipeline import TensorSpec
 from layers.buffers import ActivationBuffer
-from layers.config import ModelConfig
-from layers.model import TransformerLM
-from layers.stages import StagePlan
-from layers.tensor_parallel import SEQ_DIM, VocabParallelLMHead
-
-log = get_logger(__name__)
-
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-class TeacherStreamError(RuntimeError):
-    """The teacher's stream does not match what the student is training on."""
 
 
 @dataclass
@@ -90,11 +61,38 @@ class TeacherRequest:
     buffers: tuple[str, ...] = ()  # teacher activation buffer names, sorted
 
 
+class StageTeacher(Protocol):
+    """A teacher cut into the student's pipeline stages (at the same depth fractions) that runs
+    each chunk in lockstep with the student's, on the same ranks (distill/pipeline_step.py)."""
+
+    def residual_spec(self, rows: tuple[int, int]) -> TensorSpec:
+        """What its residual stream between stages looks like, `rows` = (batch, seq or seq/tp);
+        it carries no gradient."""
+        ...
+
+    def run_chunk(self, chunk: int, input_ids: torch.Tensor, hidden: torch.Tensor | None, *,
+                  last: bool) -> tuple[torch.Tensor | None, TeacherOutputs]:
+        """This rank's `chunk` of the teacher on `hidden` from the previous stage (None on the
+        first): (its residual stream for the next stage, or None on the `last` stage; the
+        outputs published here, the head's included on the last)."""
+        ...
+
+
 class TeacherSource(Protocol):
     """Where a run's teacher outputs come from (see the module docstring)."""
 
-    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
-        """The teacher's outputs for `micro_batch` ({"input_ids", "labels"?}), in training order."""
+    # Under PP: True when every stage calls the source for each micro-batch (each receives its
+    # own part, as from teacher ranks); False when only the last stage does.
+    reaches_every_stage: bool
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        """The teachers' outputs for `micro_batch` ({"input_ids", "labels"?}) by teacher name, in
+        training order."""
+        ...
+
+    def stage_parts(self) -> dict[str, StageTeacher]:
+        """Under PP, the teachers that run inside the student's stages, by name; empty when the
+        source is called per micro-batch instead."""
         ...
 
     def end_step(self, *, stop: bool) -> None:
@@ -111,442 +109,3 @@ def token_checksum(input_ids: torch.Tensor) -> torch.Tensor:
     flat = input_ids.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
     return ((flat + 1) * (weights % 1_000_003)).sum().reshape(1) % 2_147_483_647
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode, no gradients: the teacher is never trained."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def load_teacher(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
-                 layout: ParallelLayout, *, seed: int, bf16: bool,
-                 key: str = "distill.teacher") -> TransformerLM:
-    """The frozen teacher of a run at `layout`'s TP degree, padded like the student (so both logit
-    shards cover the same columns), in bfloat16 when `bf16`. Every entry point builds it here;
-    `key` is the config key its errors name."""
-    model = TransformerLM(aligned_teacher_config(student, teacher), layout, seed=seed)
-    model = model.to(layout.device)
-    load_weights(checkpoint, model, layout)
-    _check_finite(model, checkpoint, layout, key)
-    if bf16:
-        model.to(torch.bfloat16)
-    return freeze(model)
-
-
-def load_teacher_head(checkpoint: Path, teacher: ModelConfig, student: ModelConfig,
-                      layout: ParallelLayout, *, bf16: bool,
-                      here: bool = True) -> VocabParallelLMHead | None:
-    """This student rank's frozen shard of the teacher's output layer: the rows of the teacher's
-    output weight for the student's vocabulary shard (padded like the student), read from the
-    teacher checkpoint at whatever TP it was saved, in the teacher's compute dtype.
-
-    Every student rank calls it (the ranks agree the checkpoint is sound); under PP only the last
-    stage holds the head, the others pass `here=False`, read nothing and get None."""
-    head = VocabParallelLMHead(vocab_size=student.vocab_size,
-                               padded_vocab=student.padded_vocab(layout.tp), hidden=teacher.hidden,
-                               layout=layout) if here else nn.Module()
-    load_output_weight(checkpoint, head, layout, vocab_size=student.vocab_size,
-                       tied=teacher.tie_embeddings)
-    _check_finite(head, checkpoint, layout)
-    if not here:
-        return None
-    if bf16:
-        head.to(torch.bfloat16)
-    return freeze(head)
-
-
-def _check_finite(model: nn.Module, checkpoint: Path, layout: ParallelLayout,
-                  key: str = "distill.teacher") -> None:
-    """NaN or inf in a frozen teacher would poison every loss (and look like a learning-rate
-    problem): refuse it. Each rank checks the shard it holds; the ranks of the role agree."""
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    if not ranks_agree(layout, bad is None):
-        where = f"tensor {bad!r}" if bad else "a tensor shard on another rank"
-        raise ConfigError(key, f"{checkpoint}: {where} holds non-finite values "
-                                             "(NaN or inf)")
-
-
-class ColocatedTeacher:
-    """Runs the teacher forward on these ranks for each micro-batch (no grad, eval mode)."""
-
-    def __init__(self, model: nn.Module, request: TeacherRequest):
-        self.model, self.request = freeze(model), request
-
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor):
-        """The teacher's `ModelOutput` for input ids [batch, seq]."""
-        return self.model(input_ids, buffers=self.request.buffers,
-                          compute_logits=self.request.head == "logits")
-
-    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
-        return self.outputs(self.forward(micro_batch["input_ids"]))
-
-    def outputs(self, out) -> TeacherOutputs:
-        """What the objective reads of the teacher's `ModelOutput` (the last pipeline stage's,
-        whose buffers are that stage's)."""
-        result = TeacherOutputs(buffers={name: out.buffers[name] for name in self.request.buffers
-                                         if name in out.buffers})
-        if self.request.head == "logits":
-            result.logits = out.logits
-        elif self.request.head == "hidden":
-            result.head_hidden, result.output_weight = out.head_hidden, self.model.output_weight
-        return result
-
-    def end_step(self, *, stop: bool) -> None:
-        pass  # nothing runs ahead of the students
-
-    def close(self) -> None:
-        pass
-
-
-class TeacherList:
-    """Several teachers as one source (`distill.teachers`): each call gives the micro-batch's
-    outputs as {name: TeacherOutputs}, in config order; the objective reads them by name."""
-
-    def __init__(self, sources: Mapping[str, TeacherSource]):
-        self.sources = dict(sources)
-
-    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
-        return {name: source(micro_batch) for name, source in self.sources.items()}
-
-    def end_step(self, *, stop: bool) -> None:
-        for source in self.sources.values():
-            source.end_step(stop=stop)
-
-    def close(self) -> None:
-        for source in self.sources.values():
-            source.close()
-
-
-# ------------------------------------------------------------------------------ the wire format
-
-def stream_request(request: TeacherRequest, stream: Literal["hidden", "logits"]) -> TeacherRequest:
-    """What the teacher ranks compute for students that need `request`: with `hidden` streaming,
-    the head input whenever the objective needs the teacher's logits (fused or not)."""
-    if stream == "hidden" and request.head != "none":
-        return TeacherRequest(head="hidden", buffers=request.buffers)
-    return request
-
-
-@dataclass(frozen=True)
-class _Wire:
-    """What travels per micro-batch after the checksum, in order: the teacher's head output (its
-    final hidden states `[batch, seq, H_t]`, or with `logits` streaming its logit shard), then each
-    activation buffer in the layout of the receiving student rank."""
-
-    head: str | None  # TeacherOutputs field name
-    buffers: tuple[str, ...]  # teacher buffer names
-
-    @classmethod
-    def of(cls, request: TeacherRequest) -> _Wire:
-        head = {"logits": "logits", "hidden": "head_hidden", "none": None}[request.head]
-        return cls(head=head, buffers=request.buffers)
-
-    def whole(self, outputs: TeacherOutputs, layout: ParallelLayout) -> list[torch.Tensor]:
-        """The head output and each buffer whole over the sequence (a sequence-parallel teacher's
-        shards are gathered: every TP rank of the teacher calls this for each micro-batch)."""
-        tensors = [] if self.head is None else [getattr(outputs, self.head).detach()]
-        for name in self.buffers:
-            buffer = outputs.buffers[name]
-            tensor = buffer.tensor.detach()
-            if buffer.seq_sharded:
-                tensor = C.all_gather(tensor, layout.tp_group, dim=buffer.seq_dim)
-            tensors.append(tensor)
-        return tensors
-
-    def for_student(self, whole: list[torch.Tensor], *, seq_shards: int,
-                    shard: int) -> list[torch.Tensor]:
-        """`whole` as student rank `shard` of `seq_shards` consumes it: the head output as is, each
-        buffer cut to that rank's sequence shard (`seq_shards` > 1 under the students' SP)."""
-        n_head = int(self.head is not None)
-        cut = [b.chunk(seq_shards, dim=SEQ_DIM)[shard] for b in whole[n_head:]]
-        return [t.contiguous() for t in whole[:n_head] + cut]
-
-    def unflatten(self, tensors: list[torch.Tensor]) -> TeacherOutputs:
-        out = TeacherOutputs()
-        if self.head is not None:
-            setattr(out, self.head, tensors[0])
-        for name, tensor in zip(self.buffers, tensors[self.head is not None:]):
-            out.buffers[name] = tensor  # in the student's layout already
-        return out
-
-
-def _encode_specs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    values = [len(tensors)]
-    for t in tensors:
-        values += [_DTYPES.index(t.dtype), t.ndim, *t.shape]
-    return torch.tensor(values, dtype=torch.int64)
-
-
-def _decode_specs(values: list[int], pos: int = 0) -> tuple[list[tuple[torch.dtype, tuple]], int]:
-    specs = []
-    count, pos = values[pos], pos + 1
-    for _ in range(count):
-        dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
-        specs.append((dtype, tuple(values[pos + 2: pos + 2 + ndim])))
-        pos += 2 + ndim
-    return specs, pos
-
-
-ACK_STOP, ACK_CONTINUE = 0, 1
-
-
-class _StudentLink:
-    """The teacher's side of one student: sends in flight, and the student's acknowledgements.
-
-    The student acknowledges every micro-batch it has consumed (stop or continue); the teacher sends
-    micro-batch j only after the acknowledgement of j - prefetch, so it runs at most `prefetch`
-    ahead, and it learns at once when the students stop early (preemption)."""
-
-    def __init__(self, peer: int, device: torch.device, *, shard: int, stage: int = 0):
-        self.peer, self.device, self.shard = peer, device, shard  # shard: the student's TP rank
-        self.stage = stage  # the student's pipeline rank
-        self.sent = self.acked = 0
-        self.pending: collections.deque = collections.deque()  # (works, tensors) per micro-batch
-        self.stopped = False
-        self.announced = False
-
-    def _receive_ack(self) -> None:
-        ack = torch.zeros(1, dtype=torch.int64, device=self.device)
-        C.recv(ack, src=self.peer)
-        self.acked += 1
-        works, _ = self.pending.popleft()  # the student had it before acknowledging
-        for work in works:
-            work.wait()
-        self.stopped = int(ack.item()) == ACK_STOP
-
-    def receive_samples(self, like: torch.Tensor) -> torch.Tensor | None:
-        """The token ids of an on-policy micro-batch, which the student sends right after
-        acknowledging the one before (so every acknowledgement is taken first); None once the
-        student has stopped."""
-        while not self.stopped and self.acked < self.sent:
-            self._receive_ack()
-        if self.stopped:
-            return None
-        return C.recv(torch.empty_like(like), src=self.peer)
-
-    def ready(self, prefetch: int) -> bool:
-        """Wait until another micro-batch may be sent; False once the student has stopped."""
-        while not self.stopped and self.sent - self.acked >= prefetch:
-            self._receive_ack()
-        return not self.stopped
-
-    def announce(self, per_batch: list[torch.Tensor]) -> None:
-        """Once per run: the header (its length, then the specs of the per-micro-batch tensors)."""
-        header = _encode_specs(per_batch).to(self.device)
-        C.send(torch.tensor([header.numel()], dtype=torch.int64, device=self.device), dst=self.peer)
-        C.send(header, dst=self.peer)
-        self.announced = True
-
-    def send(self, tensors: list[torch.Tensor]) -> None:
-        self.pending.append(([C.isend(t, dst=self.peer) for t in tensors], tensors))
-        self.sent += 1
-
-    def close(self) -> None:
-        """Collect the outstanding acknowledgements, then wait for every send to complete."""
-        while not self.stopped and self.acked < self.sent:
-            self._receive_ack()
-        for works, _ in self.pending:  # after a stop the student drains what it had posted
-            for work in works:
-                work.wait()
-        self.pending.clear()
-
-
-def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> TeacherRequest:
-    """What one student pipeline rank (`plan`) needs of the teacher: the head outputs on the last
-    stage, and the teacher buffers of the activation pairs whose student buffer it publishes."""
-    mine = {p.teacher for p in pairs if plan.buffer_stage(p.student) % plan.pp == plan.pp_rank}
-    return TeacherRequest(head=request.head if plan.has_head else "none",
-                          buffers=tuple(sorted(mine & set(request.buffers))))
-
-
-def _served_links(layout: ParallelLayout, stages: int) -> dict[int, list[_StudentLink]]:
-    """Teacher side: the links of this teacher rank, by student DP rank. Teacher replica d serves
-    student replicas d, d + teacher_dp, ...; within one, teacher TP rank t serves the student TP
-    ranks t, t + teacher_tp, ... of each of the replica's `stages` pipeline stages."""
-    return {d: [_StudentLink(layout.global_rank(role=STUDENT, dp_rank=d, tp_rank=s, pp_rank=p),
-                             layout.device, shard=s, stage=p)
-                for p in range(stages) for s in range(layout.tp_rank, layout.student_tp, layout.tp)]
-            for d in range(layout.dp_rank, layout.student_dp, layout.dp)}
-
-
-def peer_teacher_rank(layout: ParallelLayout) -> int:
-    """Student side: the teacher rank that streams to this student rank."""
-    return layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank % layout.teacher_dp,
-                              tp_rank=layout.tp_rank % layout.teacher_tp)
-
-
-def _agree(ok: bool, layout: ParallelLayout) -> bool:
-    """Whether every TP rank of this teacher replica says go (they run each forward together)."""
-    flag = torch.tensor([int(ok)], dtype=torch.int64, device=layout.device)
-    return bool(C.all_reduce(flag, layout.tp_group, op="min").item())
-
-
-def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
-                  batches_for: Callable[[int], Iterator[dict]], prefetch: int,
-                  student_sp: bool = False,
-                  stage_requests: Sequence[TeacherRequest] | None = None,
-                  on_policy: Callable[[int], bool] | None = None) -> int:
-    """Teacher-rank loop: stream outputs for every micro-batch of each served student replica.
-
-    `batches_for(student_dp_rank)` yields that replica's micro-batches in training order;
-    `student_sp`: the students run sequence parallelism (each gets its sequence shard of the
-    buffers). Replicas are served in turn, at most `prefetch` micro-batches ahead of each; the
-    TP ranks of this teacher replica run each forward together and each sends to its own student
-    ranks. Under student PP the teacher runs each micro-batch once and sends each pipeline rank
-    of the replica what `stage_requests[pp_rank]` asks. `on_policy(k)`: whether a replica's k-th
-    micro-batch (counted from the stream's start) is one the students continue themselves; its
-    token ids then come from the replica's first rank (TP rank 0 of stage 0, received by this
-    replica's TP rank 0 and broadcast over its TP group), so the teacher cannot run ahead of it.
-    The loop ends when every stream is done or its students stopped. Returns the number of
-    micro-batches sent (per stage).
-    """
-    wires = [_Wire.of(r) for r in (stage_requests or [teacher.request])]
-    links = _served_links(layout, len(wires))
-    streams = {d: batches_for(d) for d in links}
-    served = dict.fromkeys(links, 0)  # micro-batches taken from each stream
-    seq_shards = layout.student_tp if student_sp else 1
-    while streams:
-        for d in list(streams):
-            go = _agree(all([link.ready(prefetch) for link in links[d]]), layout)
-            batch = next(streams[d], None) if go else None
-            if batch is None:
-                del streams[d]
-                continue
-            batch = to_device(batch, layout.device)
-            if on_policy is not None and on_policy(served[d]):
-                batch = _with_samples(batch, links[d], layout)
-                if batch is None:  # the students stopped before sending them
-                    del streams[d]
-                    continue
-            served[d] += 1
-            out = teacher(batch)
-            whole = [wire.whole(out, layout) for wire in wires]
-            checksum = token_checksum(batch["input_ids"]).to(layout.device)
-            for link in links[d]:
-                per_batch = wires[link.stage].for_student(whole[link.stage], seq_shards=seq_shards,
-                                                          shard=link.shard)
-                if not link.announced:
-                    link.announce(per_batch)
-                link.send([checksum, *per_batch])
-    every = [link for served in links.values() for link in served]
-    for link in every:
-        link.close()
-    if any(link.stopped for link in every):
-        log.info("teacher rank %d: the students stopped early", layout.rank)
-    return sum(link.sent for link in every) // len(wires)
-
-
-def _with_samples(batch: dict, links: list[_StudentLink], layout: ParallelLayout) -> dict | None:
-    """`batch` with the students' own token ids (see `serve_teacher`); None if they stopped."""
-    first = layout.tp_rank == 0  # its first link is the replica's TP rank 0 of stage 0
-    ids = links[0].receive_samples(batch["input_ids"]) if first else None
-    if not _agree(ids is not None or not first, layout):
-        return None
-    ids = batch["input_ids"].clone() if ids is None else ids
-    src = layout.global_rank(role=TEACHER, dp_rank=layout.dp_rank, tp_rank=0)
-    return {**batch, "input_ids": C.broadcast(ids, layout.tp_group, src=src)}
-
-
-class RemoteTeacher:
-    """Student side of `serve_teacher`: receives the teacher outputs for each micro-batch, with
-    receives posted up to `prefetch` micro-batches ahead so the teacher never waits on us, and
-    acknowledges each consumed micro-batch (the last one of a step after the stop vote, through
-    `end_step`). The header (the shapes) arrives once, before the first micro-batch.
-
-    With `hidden` streaming, `head` is this rank's frozen shard of the teacher's output layer
-    (`load_teacher_head`): the teacher's logits shard is formed here from the received hidden
-    states, or (fused `request`) the hidden states and the head's weight go to the fused loss."""
-
-    def __init__(self, layout: ParallelLayout, request: TeacherRequest, *, prefetch: int,
-                 total: int, stream: Literal["hidden", "logits"] = "hidden",
-                 head: VocabParallelLMHead | None = None,
-                 on_policy: Callable[[int], bool] | None = None):
-        wire_request = stream_request(request, stream)
-        if wire_request.head == "hidden" and head is None:
-            raise ValueError("hidden streaming needs the teacher's output layer shard (head=)")
-        self.layout, self.request, self.head = layout, request, head
-        self.wire, self.prefetch = _Wire.of(wire_request), prefetch
-        self.unposted = total  # micro-batches the teacher will still send us
-        self.src = peer_teacher_rank(layout)
-        # on_policy(k): whether our k-th micro-batch holds our own samples, which the replica's
-        # first rank (TP rank 0 of stage 0) sends the teacher (see serve_teacher)
-        self.on_policy, self.calls = on_policy, 0
-        self.sends_samples = on_policy is not None and layout.tp_rank == 0 and layout.pp_rank == 0
-        self.specs: list | None = None  # (dtype, shape) of each per-micro-batch tensor
-        self.posted: collections.deque = collections.deque()
-        self.unacked = False  # the last micro-batch handed out awaits its acknowledgement
-        self.acks: list[tuple[object, torch.Tensor]] = []
-
-    def _receive_header(self) -> None:
-        device = self.layout.device
-        length = C.recv(torch.zeros(1, dtype=torch.int64, device=device), src=self.src)
-        header = C.recv(torch.zeros(int(length.item()), dtype=torch.int64, device=device),
-                        src=self.src).tolist()
-        self.specs, _ = _decode_specs(header)
-
-    def _post_one(self) -> None:
-        checksum = torch.zeros(1, dtype=torch.int64, device=self.layout.device)
-        bufs = [torch.empty(shape, dtype=dtype, device=self.layout.device)
-                for dtype, shape in self.specs]
-        works = [C.irecv(checksum, src=self.src)] + [C.irecv(b, src=self.src) for b in bufs]
-        self.posted.append((works, checksum, bufs))
-
-    def _acknowledge(self, flag: int) -> None:
-        if self.unacked:
-            ack = torch.full((1,), flag, dtype=torch.int64, device=self.layout.device)
-            self.acks.append((C.isend(ack, dst=self.src), ack))
-            self.unacked = False
-
-    def end_step(self, *, stop: bool) -> None:
-        """After the step's stop vote: acknowledge the step's last micro-batch. On a stop, first
-        receive what was posted ahead (the teacher is sending it) so nothing is left in flight."""
-        if stop:
-            while self.posted:
-                for work in self.posted.popleft()[0]:
-                    work.wait()
-        self._acknowledge(ACK_STOP if stop else ACK_CONTINUE)
-
-    def close(self) -> None:
-        for work, _ in self.acks:
-            work.wait()
-        self.acks.clear()
-
-    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> TeacherOutputs:
-        self._acknowledge(ACK_CONTINUE)
-        if self.sends_samples and self.on_policy(self.calls):  # after the acknowledgement
-            C.send(micro_batch["input_ids"], dst=self.src)
-        self.calls += 1
-        if self.specs is None:
-            self._receive_header()
-        while len(self.posted) < self.prefetch and self.unposted > 0:
-            self._post_one()
-            self.unposted -= 1
-        if not self.posted:
-            raise TeacherStreamError("the student asked for more micro-batches than the teacher "
-                                     "sends")
-        works, checksum, bufs = self.posted.popleft()
-        for work in works:
-            work.wait()
-        expected = token_checksum(micro_batch["input_ids"]).to(checksum.device)
-        if not torch.equal(checksum, expected):
-            raise TeacherStreamError(
-                f"teacher rank {self.src} sent outputs for other tokens (checksum "
-                f"{checksum.item()} != {expected.item()}): teacher and student data are misaligned")
-        self.unacked = True
-        return self._with_head(self.wire.unflatten(bufs))
-
-    @torch.no_grad()
-    def _with_head(self, out: TeacherOutputs) -> TeacherOutputs:
-        """The received hidden states as the objective asked for the teacher's head."""
-        if out.head_hidden is None:
-            return out
-        if self.request.head == "logits":
-            out.logits, out.head_hidden = self.head(out.head_hidden), None
-        else:
-            out.output_weight = self.head.weight_shard()
-        return out
-

@@ -39,7 +39,7 @@ from distill.on_policy import OnPolicy
 from distill.pipeline_step import (StudentStage, pipeline_copies, run_pipeline,
                                    sync_pipeline_grads)
 from distill.schedules import Schedules
-from distill.teacher import ColocatedTeacher, RemoteTeacher, TeacherList, TeacherSource
+from distill.teacher import TeacherSource
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data import DataConfig, to_device
@@ -87,13 +87,6 @@ def _accumulate(totals: dict[str, float], out) -> None:
         totals[key] += float(getattr(out, "total" if key == "loss" else key))
     for key, value in out.metrics.items():
         totals[key] = totals.get(key, 0.0) + float(value)
-
-
-def _colocated(teacher: TeacherSource | None) -> bool:
-    """A teacher (or several) running on the student's ranks."""
-    if isinstance(teacher, TeacherList):
-        return all(isinstance(t, ColocatedTeacher) for t in teacher.sources.values())
-    return isinstance(teacher, ColocatedTeacher)
 
 
 class DistillTrainer:
@@ -170,13 +163,13 @@ class DistillTrainer:
         pairs = {v: [p for p in objective.pairs if plan.buffer_stage(p.student) == v]
                  for v in range(plan.virtual_stages)}
 
-        colocated = self.teacher if _colocated(self.teacher) else None  # cut into stages
+        in_stages = self.teacher.stage_parts() if self.teacher is not None else {}
         fetched: dict[int, object] = {}
 
         def fetch(i: int, teacher_out):
             """A teacher that is not cut into stages: one call per micro-batch on this rank, in
             order (the stream from teacher ranks reaches every stage; offline rows the last)."""
-            if colocated is not None or self.teacher is None:
+            if in_stages or self.teacher is None:
                 return teacher_out
             if i not in fetched:
                 fetched[i] = self.teacher(micro_batches[i])
@@ -193,7 +186,7 @@ class DistillTrainer:
 
         def activations(i: int, virtual: int, buffers: dict, teacher_out) -> torch.Tensor | None:
             mb = micro_batches[i]
-            if isinstance(self.teacher, RemoteTeacher):
+            if self.teacher is not None and self.teacher.reaches_every_stage:
                 teacher_out = fetch(i, teacher_out)
             share = objective.activation_share(
                 pairs[virtual], buffers, teacher_out,
@@ -204,7 +197,7 @@ class DistillTrainer:
             return share
 
         stage = StudentStage(self.student, micro_batches, last=last, compute_logits=not fused,
-                             autocast=self._autocast, teacher=colocated,
+                             autocast=self._autocast, teachers=in_stages,
                              buffers=objective.student_buffer_names(), activations=activations)
         run_pipeline(stage, self.layout, train=True)
         sync_pipeline_grads(self.module, self.student, self.objective, self.layout,

@@ -57,7 +57,7 @@ from engine.checkpoint_state import (ShardReader, load_model_state, load_optimiz
 from engine.config import ConfigError
 from engine.dist_optim import ShardedAdamW
 from engine.log import get_logger
-from engine.parallel import ParallelLayout
+from engine.parallel import ParallelLayout, RankOrder
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "checkpoint_metadata", "resolve_checkpoint", "ResolvedCheckpoint", "open_checkpoint",
@@ -496,7 +496,9 @@ def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:
     the same DP coordinate (TP rank 0, first stage), else rank 0."""
     if _same_layout(saved, layout):
         return layout.rank
-    return layout.dp_rank * saved["tp"] * _saved_pp(saved) if layout.dp_rank < saved["dp"] else 0
+    saved_order = RankOrder(size=saved["tp"] * _saved_pp(saved) * saved["dp"], tp=saved["tp"],
+                            pp=_saved_pp(saved))
+    return saved_order.rank(dp=layout.dp_rank) if layout.dp_rank < saved["dp"] else 0
 
 
 def load_checkpoint(path: Path | str, *, layout: ParallelLayout, model: nn.Module,

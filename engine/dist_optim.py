@@ -142,8 +142,7 @@ class ShardedAdamW:
     def _broadcast_buckets(self) -> None:
         """Start from DP rank 0's parameters, as DDP does."""
         layout = self.layout
-        src = layout.global_rank(role=layout.role, dp_rank=0, tp_rank=layout.tp_rank,
-                                 pp_rank=layout.pp_rank)
+        src = layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=0)
         for bucket in self._all_buckets():
             C.broadcast(bucket.buffer, self.layout.dp_group, src=src)
 
@@ -242,8 +241,7 @@ class ShardedAdamW:
         if to_dp_rank is None:
             return C.all_gather(flat, self.layout.dp_group)
         layout = self.layout
-        dst = layout.global_rank(role=layout.role, dp_rank=to_dp_rank, tp_rank=layout.tp_rank,
-                                 pp_rank=layout.pp_rank)
+        dst = layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=to_dp_rank)
         return C.gather(flat, layout.dp_group, dst=dst)
 
     def load_state_dict(self, saved: dict) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.data import DataError
 from engine.log import error_line
-from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, is_peer_failure
+from engine.parallel import (LaunchEnv, ParallelConfig, ParallelLayout, destroy_parallel, init_parallel,
+                             is_peer_failure)
 from engine.signals import EXIT_ABORTED
 
 EXIT_OK = 0
@@ -70,17 +71,17 @@ def start_up(prepare: Callable[[LaunchEnv], T]) -> tuple[LaunchEnv, T] | int:
         return EXIT_INTERRUPTED
 
 
-def run_tool(prepare: Callable[[LaunchEnv], tuple[dict[str, Any], Callable[[ParallelLayout], None]]],
+def run_tool(prepare: Callable[[LaunchEnv], tuple[ParallelConfig, Callable[[ParallelLayout], None]]],
              *, failures: ExitCodes = ((USER_ERRORS, EXIT_CONFIG),)) -> int:
     """A tool's life: `prepare(launch)` reads and checks every input (see `start_up`) and returns
-    (`init_parallel`'s layout arguments, work); `work(layout)` runs in the groups. A failure of
+    (the `ParallelConfig` to build, work); `work(layout)` runs in the groups. A failure of
     the work that matches `failures` (first match) is one line from rank 0 and that exit code; a
     lost peer is one line from each rank that waited on it, exit 1."""
     started = start_up(prepare)
     if isinstance(started, int):
         return started
-    launch, (layout_args, work) = started
-    layout = init_parallel(**layout_args, launch=launch)
+    launch, (parallel, work) = started
+    layout = init_parallel(parallel, launch=launch)
     try:
         work(layout)
     except BaseException as err:

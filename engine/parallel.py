@@ -2,17 +2,17 @@
 
 One `ParallelLayout` is built per process (by `init_parallel` from torchrun's environment, or by
 `make_layout` once the default process group exists) and passed explicitly to every layer, loss and
-trainer. There is no module-level parallel state.
+trainer. There is no module-level parallel state. It answers every rank question: a chunk's
+virtual stage (`virtual_stage`), a peer's global rank (`global_rank`), either role's degrees
+(`students`, `teachers`: their `RankOrder`s, e.g. `layout.students.dp`). The rank order itself is
+`RankOrder`'s, defined once.
 
-Rank numbering follows Megatron: within a role, TP is fastest, then PP, then DP. The student of
-coordinates (dp, pp, tp) is rank dp * (pp_size * tp_size) + pp * tp_size + tp: TP groups are
-contiguous ranks, pipeline (PP) groups are strided by TP, DP groups by TP * PP. Each pipeline also
-has an embedding group, its first and last stage (same TP rank), which keeps a tied embedding's two
-copies in sync. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the world run only the
-teacher, at their own TP degree `teacher_tp` (default: the students'), with no pipeline, their own
-TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first ranks are the
-students. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the students' (one
-teacher replica serves several student replicas).
+Each pipeline also has an embedding group, its first and last stage (same TP rank), which keeps a
+tied embedding's two copies in sync. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the
+world run only the teacher, at their own TP degree `teacher_tp` (default: the students'), with no
+pipeline, their own TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first
+ranks are the students. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the
+students' (one teacher replica serves several student replicas).
 """
 
 from __future__ import annotations
@@ -29,6 +29,46 @@ from engine.config import ConfigError, check
 
 STUDENT = "student"
 TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class RankOrder:
+    """How the ranks of one role are numbered: TP fastest, then PP, then DP, from `offset` (the
+    students start at 0, the teacher ranks follow them). Megatron's order, for a reason: the more
+    often a degree's ranks talk, the closer they sit. TP exchanges activations in every layer, so
+    its groups are contiguous ranks (one node, its fastest links); PP sends once per stage boundary;
+    DP reduces gradients once per step and may span nodes. A new degree takes its place in the
+    order here and only here (context parallelism would sit next to TP, expert parallelism inside
+    DP); `RankLists` and the layout follow."""
+
+    size: int  # ranks of the role
+    tp: int = 1
+    pp: int = 1
+    offset: int = 0  # global rank of the role's first process
+
+    @property
+    def dp(self) -> int:
+        return self.size // (self.tp * self.pp)
+
+    def rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0) -> int:
+        """Global rank of the process with these coordinates."""
+        return self.offset + (dp * self.pp + pp) * self.tp + tp
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(tp, pp, dp) coordinates of global `rank`, one of this role's."""
+        local = rank - self.offset
+        return local % self.tp, local // self.tp % self.pp, local // (self.tp * self.pp)
+
+
+def virtual_stage(chunk: int, *, pp: int, pp_rank: int) -> int:
+    """Megatron's interleaved placement: chunk c of pipeline rank r runs virtual stage c * pp + r,
+    so a micro-batch visits ranks 0, 1, .., pp-1 once per chunk (engine/pipeline.py)."""
+    return chunk * pp + pp_rank
+
+
+def stage_owner(virtual: int, *, pp: int) -> tuple[int, int]:
+    """(pipeline rank, chunk) that runs `virtual` stage: the inverse of `virtual_stage`."""
+    return virtual % pp, virtual // pp
 
 
 @dataclass(frozen=True)
@@ -62,6 +102,13 @@ class ParallelConfig:
         """The teacher ranks' TP degree: `teacher_tp`, or the students' `tp` when unset."""
         return self.tp if self.teacher_tp is None else self.teacher_tp
 
+    def rank_order(self, role: str, world_size: int) -> RankOrder:
+        """How `role`'s ranks are numbered in a world of `world_size` (students first)."""
+        students = world_size - self.teacher_ranks
+        if role == STUDENT:
+            return RankOrder(size=students, tp=self.tp, pp=self.pp)
+        return RankOrder(size=self.teacher_ranks, tp=self.teacher_tp_degree, offset=students)
+
 
 class LayoutError(ConfigError):
     """A parallel layout that cannot work (raised before any process group is created); `key` is
@@ -81,14 +128,12 @@ class ParallelLayout:
     tp_rank: int
     dp_rank: int
     role: str = STUDENT
-    teacher_ranks: int = 0
     pp: int = 1
     pp_rank: int = 0
     virtual_stages: int = 1  # model chunks per pipeline rank
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
-    student_tp: int = 0  # the students' TP degree (0: `tp`)
-    teacher_tp: int = 0  # the teacher ranks' TP degree (0: `tp`)
-    student_pp: int = 1  # the students' PP degree (= pp on a student; teacher ranks serve them)
+    students: RankOrder | None = None  # the students' numbering (None: the whole world, tp, pp)
+    teachers: RankOrder | None = None  # the teacher ranks' numbering (None: none)
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     role_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
@@ -98,11 +143,12 @@ class ParallelLayout:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
-        for name in ("student_tp", "teacher_tp"):
-            if not getattr(self, name):
-                object.__setattr__(self, name, self.tp)
-        if self.role == STUDENT:
-            object.__setattr__(self, "student_pp", self.pp)
+        if self.students is None:
+            object.__setattr__(self, "students",
+                               RankOrder(size=self.world_size, tp=self.tp, pp=self.pp))
+        if self.teachers is None:
+            object.__setattr__(self, "teachers",
+                               RankOrder(size=0, tp=self.tp, offset=self.world_size))
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> ParallelLayout:
@@ -119,17 +165,16 @@ class ParallelLayout:
         return self.pp_rank == self.pp - 1
 
     @property
+    def teacher_ranks(self) -> int:
+        return self.teachers.size
+
+    @property
     def student_world(self) -> int:
-        return self.world_size - self.teacher_ranks
+        return self.students.size
 
     @property
-    def student_dp(self) -> int:
-        """The students' DP degree, as the teacher ranks see it."""
-        return self.student_world // (self.student_tp * self.student_pp)
-
-    @property
-    def teacher_dp(self) -> int:
-        return self.teacher_ranks // self.teacher_tp
+    def teacher_tp(self) -> int:
+        return self.teachers.tp
 
     @property
     def is_teacher(self) -> bool:
@@ -139,25 +184,23 @@ class ParallelLayout:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def global_rank(self, *, role: str, dp_rank: int, tp_rank: int, pp_rank: int = 0) -> int:
-        """Global rank of the process with these coordinates (students first, then teachers,
-        which have no pipeline)."""
-        if role == STUDENT:
-            return (dp_rank * self.student_pp + pp_rank) * self.student_tp + tp_rank
-        return self.student_world + dp_rank * self.teacher_tp + tp_rank
+    def global_rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0, role: str | None = None) -> int:
+        """Global rank of the process of `role` (None: this process's) with these coordinates."""
+        return (self.teachers if (role or self.role) == TEACHER else self.students).rank(
+            tp=tp, pp=pp, dp=dp)
+
+    def virtual_stage(self, chunk: int) -> int:
+        """The virtual stage this rank's model `chunk` runs."""
+        return virtual_stage(chunk, pp=self.pp, pp_rank=self.pp_rank)
 
 
-def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 0,
-                    pp: int = 1, teacher_tp: int | None = None) -> None:
-    """Raise `LayoutError` for a layout that cannot be built; cheap, touches no process group.
-    `teacher_tp` None: the teacher ranks run at the students' `tp`."""
-    if tp < 1:
-        raise LayoutError("parallel.tp", f"must be >= 1 (got {tp})")
-    if pp < 1:
-        raise LayoutError("parallel.pp", f"must be >= 1 (got {pp})")
-    if teacher_ranks < 0:
-        raise LayoutError("parallel.teacher_ranks", f"must be >= 0 (got {teacher_ranks})")
-    students = world_size - teacher_ranks
+def validate_layout(parallel: ParallelConfig, world_size: int) -> None:
+    """Raise `LayoutError` where `parallel` does not fit a world of `world_size` ranks; the
+    degrees themselves are ParallelConfig's to check. Cheap, touches no process group: the edge
+    that reads the config (or a tool's flags) runs it once, before `init_parallel`, which trusts
+    its layout."""
+    tp, pp, teacher_ranks = parallel.tp, parallel.pp, parallel.teacher_ranks
+    students = parallel.rank_order(STUDENT, world_size).size
     if students < 1:
         raise LayoutError("parallel.teacher_ranks", f"parallel.teacher_ranks={teacher_ranks} "
                                                     f"leaves no student rank in a world of {world_size}")
@@ -170,22 +213,18 @@ def validate_layout(*, world_size: int, tp: int, sp: bool, teacher_ranks: int = 
     if students % (tp * pp):
         raise LayoutError("parallel.pp", f"parallel.tp={tp} x parallel.pp={pp} does not divide "
                                          f"the {students} student ranks")
-    if sp and tp == 1:
-        raise LayoutError("parallel.sp", "parallel.sp=true needs parallel.tp > 1")
     if teacher_ranks:
-        _validate_teacher_layout(students // (tp * pp), tp, teacher_ranks, teacher_tp)
+        _validate_teacher_layout(parallel, world_size)
 
 
-def _validate_teacher_layout(student_dp: int, tp: int, teacher_ranks: int,
-                             teacher_tp: int | None) -> None:
-    key = "parallel.tp" if teacher_tp is None else "parallel.teacher_tp"
-    teacher_tp = tp if teacher_tp is None else teacher_tp
-    if teacher_tp < 1:
-        raise LayoutError("parallel.teacher_tp", f"must be >= 1 (got {teacher_tp})")
+def _validate_teacher_layout(parallel: ParallelConfig, world_size: int) -> None:
+    key = "parallel.tp" if parallel.teacher_tp is None else "parallel.teacher_tp"
+    teacher_tp, teacher_ranks = parallel.teacher_tp_degree, parallel.teacher_ranks
     if teacher_ranks % teacher_tp:
         raise LayoutError(key, f"{key}={teacher_tp} does not divide "
                                f"parallel.teacher_ranks={teacher_ranks}")
-    teacher_dp = teacher_ranks // teacher_tp
+    student_dp = parallel.rank_order(STUDENT, world_size).dp
+    teacher_dp = parallel.rank_order(TEACHER, world_size).dp
     if student_dp % teacher_dp:
         raise LayoutError("parallel.teacher_ranks",
                           f"the teacher's data-parallel degree {teacher_dp} (parallel.teacher_ranks"
@@ -208,7 +247,7 @@ def _new_groups(ranks_lists: list[list[int]], my_rank: int,
 
 @dataclass(frozen=True)
 class RankLists:
-    """Every group of one role as lists of global ranks (TP fastest, then PP, then DP)."""
+    """Every group of one role as lists of global ranks (numbered by `RankOrder`)."""
 
     tp: list[list[int]]
     pp: list[list[int]]
@@ -216,63 +255,65 @@ class RankLists:
     embedding: list[list[int]]  # first and last stage of each pipeline ([] without PP)
 
     @classmethod
-    def of(cls, offset: int, size: int, *, tp: int, pp: int = 1) -> RankLists:
-        dp = size // (tp * pp)
-
-        def rank(d: int, p: int, t: int) -> int:
-            return offset + (d * pp + p) * tp + t
-
-        pipelines = [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
-        return cls(tp=[[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)],
+    def of(cls, order: RankOrder) -> RankLists:
+        tps, pps, dps = range(order.tp), range(order.pp), range(order.dp)
+        pipelines = [[order.rank(tp=t, pp=p, dp=d) for p in pps] for d in dps for t in tps]
+        return cls(tp=[[order.rank(tp=t, pp=p, dp=d) for t in tps] for d in dps for p in pps],
                    pp=pipelines,
-                   dp=[[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
-                   embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if pp > 1 else [])
+                   dp=[[order.rank(tp=t, pp=p, dp=d) for d in dps] for p in pps for t in tps],
+                   embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if order.pp > 1 else [])
 
 
 def _find(lists: list[list[int]], rank: int) -> list[int]:
     return next((ranks for ranks in lists if rank in ranks), [rank])
 
 
-def make_layout(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: int = 1,
-                virtual_stages: int = 1, teacher_tp: int | None = None,
-                device: torch.device | str | None = None, timeout_s: float | None = None) -> ParallelLayout:
-    """Build the layout over the already-initialized default process group (or a single process).
-    `pp` and `virtual_stages` apply to the students (teacher ranks have no pipeline), `teacher_tp`
-    to the teacher ranks (None: `tp`). Every group
-    it creates times out after `timeout_s` (None: torch's default)."""
+@dataclass(frozen=True)
+class _RoleGroups:
+    """One role's groups, as this process sees them (None where it is not a member)."""
+
+    lists: RankLists
+    tp: dist.ProcessGroup | None
+    dp: dist.ProcessGroup | None
+    role: dist.ProcessGroup | None
+    pp: dist.ProcessGroup | None
+    embedding: dist.ProcessGroup | None
+
+    @classmethod
+    def create(cls, order: RankOrder, rank: int, timeout: datetime.timedelta) -> _RoleGroups:
+        """Every rank of the world calls it for every role (group creation is collective)."""
+        lists = RankLists.of(order)
+        return cls(lists, tp=_new_groups(lists.tp, rank, timeout),
+                   dp=_new_groups(lists.dp, rank, timeout),
+                   role=_new_groups([list(range(order.offset, order.offset + order.size))], rank,
+                                    timeout),
+                   pp=_new_groups(lists.pp, rank, timeout) if order.pp > 1 else None,
+                   embedding=_new_groups(lists.embedding, rank, timeout))
+
+
+def make_layout(parallel: ParallelConfig, *,
+                device: torch.device | str | None = None) -> ParallelLayout:
+    """Build `parallel`'s layout over the already-initialized default process group (or a single
+    process); `validate_layout` has checked it against the world. `pp` and `virtual_stages` apply
+    to the students (teacher ranks have no pipeline). Every group it creates times out after
+    `parallel.timeout_s`."""
     if not dist.is_available() or not dist.is_initialized():
-        validate_layout(world_size=1, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
-                        teacher_tp=teacher_tp)
         return ParallelLayout.single(device or "cpu")
     world, rank = dist.get_world_size(), dist.get_rank()
-    validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
-                    teacher_tp=teacher_tp)
-    students = world - teacher_ranks
-    teacher_tp = tp if teacher_tp is None else teacher_tp
-    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-    groups: dict[str, tuple] = {}
-    for role, offset, size, role_tp, role_pp in ((STUDENT, 0, students, tp, pp),
-                                                 (TEACHER, students, teacher_ranks, teacher_tp, 1)):
-        if size == 0:
-            continue
-        lists = RankLists.of(offset, size, tp=role_tp, pp=role_pp)
-        role_group = _new_groups([list(range(offset, offset + size))], rank, timeout)
-        groups[role] = (lists, _new_groups(lists.tp, rank, timeout),
-                        _new_groups(lists.dp, rank, timeout), role_group,
-                        _new_groups(lists.pp, rank, timeout) if role_pp > 1 else None,
-                        _new_groups(lists.embedding, rank, timeout))
-    role = STUDENT if rank < students else TEACHER
-    local = rank - (0 if role == STUDENT else students)
-    lists, tp_group, dp_group, role_group, pp_group, embedding_group = groups[role]
-    size, my_tp, role_pp = (students, tp, pp) if role == STUDENT else (teacher_ranks, teacher_tp, 1)
+    orders = {role: parallel.rank_order(role, world) for role in (STUDENT, TEACHER)}
+    timeout = datetime.timedelta(seconds=parallel.timeout_s)
+    groups = {role: _RoleGroups.create(order, rank, timeout)
+              for role, order in orders.items() if order.size}
+    role = STUDENT if rank < orders[TEACHER].offset else TEACHER
+    mine, order = groups[role], orders[role]
+    tp_rank, pp_rank, dp_rank = order.coords(rank)
     return ParallelLayout(
-        world_size=world, rank=rank, tp=my_tp, dp=size // (my_tp * role_pp), sp=sp and my_tp > 1,
-        tp_rank=local % my_tp, dp_rank=local // (my_tp * role_pp), role=role,
-        teacher_ranks=teacher_ranks, pp=role_pp, pp_rank=(local // my_tp) % role_pp,
-        virtual_stages=virtual_stages if role == STUDENT else 1,
-        pp_ranks=tuple(_find(lists.pp, rank)), student_tp=tp, teacher_tp=teacher_tp, student_pp=pp,
-        tp_group=tp_group, dp_group=dp_group, role_group=role_group, pp_group=pp_group,
-        embedding_group=embedding_group, device=torch.device(device or "cpu"))
+        world_size=world, rank=rank, tp=order.tp, dp=order.dp, sp=parallel.sp and order.tp > 1,
+        tp_rank=tp_rank, dp_rank=dp_rank, role=role, pp=order.pp, pp_rank=pp_rank,
+        virtual_stages=parallel.virtual_stages if role == STUDENT else 1,
+        pp_ranks=tuple(_find(mine.lists.pp, rank)), students=orders[STUDENT],
+        teachers=orders[TEACHER], tp_group=mine.tp, dp_group=mine.dp, role_group=mine.role,
+        pp_group=mine.pp, embedding_group=mine.embedding, device=torch.device(device or "cpu"))
 
 
 ENV_KEY = "environment"  # the ConfigError key of a broken launcher environment
@@ -319,18 +360,15 @@ class LaunchEnv:
         return cls(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: int = 1,
-                  virtual_stages: int = 1, teacher_tp: int | None = None, timeout_s: float = 600.0,
-                  backend: str | None = None, launch: LaunchEnv | None = None) -> ParallelLayout:
-    """Validate the layout, initialize torch.distributed from the launcher's environment (`launch`,
-    parsed from os.environ when not given), build the layout.
+def init_parallel(parallel: ParallelConfig, *, backend: str | None = None,
+                  launch: LaunchEnv | None = None) -> ParallelLayout:
+    """Initialize torch.distributed from the launcher's environment (`launch`, parsed from
+    os.environ when not given) and build `parallel`'s layout (checked by `validate_layout`).
 
     NCCL when CUDA is present, gloo otherwise. With WORLD_SIZE unset or 1 and no explicit backend,
     no process group is created and the layout is local.
     """
     launch = launch or LaunchEnv.from_env()
-    validate_layout(world_size=launch.world_size, tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
-                    teacher_tp=teacher_tp)
     use_cuda = torch.cuda.is_available() if backend in (None, "nccl") else False
     device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}") if use_cuda \
         else torch.device("cpu")
@@ -341,11 +379,9 @@ def init_parallel(*, tp: int = 1, sp: bool = False, teacher_ranks: int = 0, pp: 
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend or ("nccl" if use_cuda else "gloo"), rank=launch.rank,
-            world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+            world_size=launch.world_size, timeout=datetime.timedelta(seconds=parallel.timeout_s),
             device_id=device if use_cuda else None)
-    return make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, pp=pp,
-                       virtual_stages=virtual_stages, teacher_tp=teacher_tp, device=device,
-                       timeout_s=timeout_s)
+    return make_layout(parallel, device=device)
 
 
 # How gloo and NCCL word a collective that failed because a peer died or stopped answering. DDP's

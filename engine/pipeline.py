@@ -1,8 +1,8 @@
 """Pipeline-parallel schedules over model-agnostic stage callables: 1F1B and interleaved 1F1B.
 
 Terms. `pp` ranks form a pipeline group (rank order is the group's); each holds `chunks` model
-chunks (1 without interleaving). Virtual stage k = chunk * pp + pp_rank: chunk c of pipeline rank r
-runs the layers of virtual stage c * pp + r (Megatron's placement), so a micro-batch visits ranks
+chunks (1 without interleaving). Chunk c of pipeline rank r runs the layers of virtual stage
+c * pp + r (Megatron's placement, engine.parallel.virtual_stage), so a micro-batch visits ranks
 0, 1, .., pp-1 once per chunk. A step has `m` micro-batches.
 
 What a caller provides (`PipelineStage`): for each chunk, the specs of the tensors it receives from
@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from engine import collectives as C
+from engine.parallel import stage_owner, virtual_stage
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,10 @@ class PipelineExecutor:
         self._wait_s = 0.0
 
     def _virtual(self, chunk: int) -> int:
-        return chunk * self.pp + self.pp_rank
+        return virtual_stage(chunk, pp=self.pp, pp_rank=self.pp_rank)
 
     def _rank_of(self, virtual: int) -> int:
-        return self.ranks[virtual % self.pp]
+        return self.ranks[stage_owner(virtual, pp=self.pp)[0]]
 
     # -- communication --
     def _exchange(self, receives: list[tuple[torch.Tensor, int]]) -> None:

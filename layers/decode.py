@@ -91,7 +91,7 @@ def forward_step(model: TransformerLM, ids: torch.Tensor, cache: KVCache, *,
     rope = model.rope(ids, dtype, positions)
     hidden = torch.empty(*ids.shape, model.config.hidden, dtype=dtype, device=layout.device)
     for chunk in range(plan.chunks):
-        virtual = chunk * plan.pp + plan.pp_rank
+        virtual = plan.virtual_stage(chunk)
         if virtual == 0:
             hidden = model.embed(ids, record, positions)  # [batch, new, hidden]
         else:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from engine import checkpoint
 from engine.mappings import copy_to_tp, reduce_from_tp
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.signals import PreemptionFlag
 
 VOCAB, HIDDEN, FFN = 10, 4, 8
@@ -185,7 +185,7 @@ def _kill_during_save(step: int, die) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
-    layout = make_layout(tp=args.tp)
+    layout = make_layout(ParallelConfig(tp=args.tp))
     victim = layout.rank == args.victim
     log = _Log(Path(args.out) / f"rank{layout.rank}.jsonl")
     model = TinyTP(layout, dropout=0.2)

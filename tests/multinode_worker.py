@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from engine import collectives  # noqa: E402
-from engine.parallel import destroy_parallel, init_parallel  # noqa: E402
+from engine.parallel import ParallelConfig, destroy_parallel, init_parallel  # noqa: E402
 
 EXIT_COLLECTIVE_FAILED = 1
 
@@ -75,7 +75,7 @@ def train(args: argparse.Namespace, *, rank: int, world: int, group) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    layout = init_parallel(backend="gloo", timeout_s=args.timeout_s)
+    layout = init_parallel(ParallelConfig(timeout_s=args.timeout_s), backend="gloo")
     try:
         return train(args, rank=layout.rank, world=layout.world_size, group=dist.group.WORLD)
     finally:

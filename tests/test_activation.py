@@ -12,7 +12,7 @@ from distill.activation import activation_pair_means, token_loss
 from distill.config import ResolvedPair
 from distill.projection import ActivationProjection
 from engine import collectives as C
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.buffers import ActivationBuffer
 
@@ -76,7 +76,7 @@ CASES = [  # sp, seq_dim, teacher sharded, bare teacher tensor, projection, (stu
 
 def _check_layouts():
     for sp, seq_dim, teacher_sharded, bare, proj_kind, widths in CASES:
-        layout = make_layout(tp=2, sp=sp)
+        layout = make_layout(ParallelConfig(tp=2, sp=sp))
         students, teachers, mask = _data(seq_dim=seq_dim, student_width=widths[0],
                                          teacher_width=widths[1])
         ref_vals, ref_grads, ref_proj, _ = _run(

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import engine.checkpoint as ckpt_mod
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.signals import PreemptionFlag
 from engine.spawn import run_ranks
 from tests.ckpt_worker import SPLITS, VOCAB, TinyTP, adamw, batch, seed_all, shard_of, train_step
@@ -89,7 +89,7 @@ def _load(root, layout) -> dict:
 
 
 def _save_then_load_at_tp2_and_tp4(root: str) -> dict:
-    tp2, tp4 = make_layout(tp=2), make_layout(tp=4)
+    tp2, tp4 = make_layout(ParallelConfig(tp=2)), make_layout(ParallelConfig(tp=4))
     return {"saved": _save_tp2_dp2(root, tp2), "tp2": _load(root, tp2), "tp4": _load(root, tp4)}
 
 

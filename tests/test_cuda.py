@@ -52,12 +52,12 @@ def test_cuda_bf16_autocast_is_finite(config):
 
 
 def test_nccl_single_rank(monkeypatch, tmp_path):
-    from engine.parallel import LaunchEnv, destroy_parallel, init_parallel
+    from engine.parallel import LaunchEnv, ParallelConfig, destroy_parallel, init_parallel
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29531")
     env = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
-    layout = init_parallel(backend="nccl", launch=LaunchEnv.from_env(env))
+    layout = init_parallel(ParallelConfig(), backend="nccl", launch=LaunchEnv.from_env(env))
     try:
         assert dist.get_backend() == "nccl" and layout.device.type == "cuda"
         x = torch.arange(4.0, device=layout.device)

@@ -84,7 +84,7 @@ def test_token_batches_follow_the_order_then_the_plain_stream(setup):
 
 def test_scores_tool_and_runs_resumed_inside_the_curriculum(setup):
     from distill.runconfig import curriculum, load_run_config
-    from distill.teacher import load_teacher
+    from distill.teacher_load import load_teacher
     from engine.parallel import ParallelLayout
     from layers.config import ModelConfig
     from tools.curriculum_scores import main as scores_main

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.mappings import gather_from_tp
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig, RopeScaling
 from layers.decode import (KVCache, Sampling, choose_tokens, decoding, forward_step, generate,
@@ -49,7 +49,7 @@ def _cached_logits(name: str, tp: int, sp: bool, pp: int = 1, chunks: int = 1,
                    layers: int | None = None) -> list[torch.Tensor] | None:
     """Per row, the full-vocabulary logits of its real columns, decoded through the cache (None
     on a pipeline stage before the last)."""
-    layout = make_layout(tp=tp, sp=sp, pp=pp, virtual_stages=chunks)
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp, pp=pp, virtual_stages=chunks))
     model = TransformerLM(_config(name, layers), layout, seed=SEED).double().train()
     rows = _tokens()
     width = max(LENGTHS)
@@ -91,7 +91,7 @@ def _generate_both(tp: int, sp: bool, pp: int = 1, chunks: int = 1,
     """Greedy and sampled continuations of both families at this layout."""
     out = {}
     for name in CONFIGS:
-        layout = make_layout(tp=tp, sp=sp, pp=pp, virtual_stages=chunks)
+        layout = make_layout(ParallelConfig(tp=tp, sp=sp, pp=pp, virtual_stages=chunks))
         model = TransformerLM(_config(name, layers), layout, seed=SEED).double()
         prompts, lengths = left_pad([r[:n] for r, n in zip(_tokens(), LENGTHS)])
         for mode, sampling in (("greedy", Sampling(greedy=True)),

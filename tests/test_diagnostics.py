@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from distill import KINDS, divergence, lm_and_divergence
-from distill.config import DistillConfig
+from distill.config import SINGLE_TEACHER, DistillConfig
 from distill.objective import DIAGNOSTICS, DistillObjective, count_tokens
 from distill.teacher import TeacherOutputs
 from engine import collectives as C
 from engine.config import from_dict
 from engine.data import IGNORE_INDEX
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
@@ -144,7 +144,7 @@ def _objective_metrics(layout: ParallelLayout) -> dict[str, list[float]]:
             t_out = TeacherOutputs(head_hidden=t.head_hidden, output_weight=teacher.output_weight) \
                 if cfg.fused_lm_head else TeacherOutputs(logits=t.logits)
             s = student(mb["input_ids"], compute_logits=not cfg.fused_lm_head)
-            result = objective(s, t_out, mb.get("labels"), tokens_norm=counts,
+            result = objective(s, {SINGLE_TEACHER: t_out}, mb.get("labels"), tokens_norm=counts,
                                output_weight=student.output_weight)
             totals += torch.stack([result.metrics[k].double() for k in DIAGNOSTICS])
         out[name] = totals.tolist()
@@ -170,7 +170,7 @@ def _reference_metrics() -> dict[str, list[float]]:
 
 
 def _tp2_sp_metrics():
-    return _objective_metrics(make_layout(tp=2, sp=True))
+    return _objective_metrics(make_layout(ParallelConfig(tp=2, sp=True)))
 
 
 def test_objective_logs_masked_means_equal_to_reference_at_tp1_and_tp2_sp():

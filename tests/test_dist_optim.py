@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from engine import collectives as C
 from engine.dist_optim import ShardedAdamW
 from engine.optim import adamw_groups, build_adamw
-from engine.parallel import make_layout
+from engine.parallel import ParallelConfig, make_layout
 from engine.spawn import run_ranks
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 
@@ -149,7 +149,7 @@ def test_dp1_checkpoint_loads_sharded_at_dp2(cfg, tmp_path):
 
 def _toy_rank() -> dict:
     """ShardedAdamW against torch's AdamW on the DP-summed gradients, bit for bit, at DP 2."""
-    layout = make_layout(tp=1)
+    layout = make_layout(ParallelConfig(tp=1))
     torch.manual_seed(0)
     shapes = [(5, 3), (7,), (4, 2), (3,)]  # 23 matrix and 10 vector elements: slices cut both
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from engine.mappings import gather_from_tp
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config, hf_to_engine_state_dict,
@@ -75,7 +75,7 @@ def test_logits_match_transformers_at_tp1(arch):
 
 
 def _tp2_logits(models):
-    layout = make_layout(tp=2)
+    layout = make_layout(ParallelConfig(tp=2))
     return {arch: _engine_logits(cfg, sd, layout) for arch, (cfg, sd) in models.items()}
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from engine import collectives as C
 from engine.mappings import gather_from_tp
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig, RopeScaling
 from layers.model import TransformerLM
@@ -102,7 +102,7 @@ def _reference(name: str) -> dict:
 def _run_rows(rows):
     results = []
     for name, tp, sp in rows:
-        layout = make_layout(tp=tp, sp=sp)
+        layout = make_layout(ParallelConfig(tp=tp, sp=sp))
         results.append(_forward_backward(_model(name, layout), layout.tp_group))
     return results
 
@@ -143,7 +143,7 @@ def _tp2_checks():
     rank = dist.get_rank()
     out = {}
     for sp in (False, True):
-        layout = make_layout(tp=2, sp=sp)
+        layout = make_layout(ParallelConfig(tp=2, sp=sp))
         model = TransformerLM(CONFIGS["gpt2"], layout, seed=SEED)
         ids, _ = _batch()
         with C.count_collectives() as counts:
@@ -152,7 +152,7 @@ def _tp2_checks():
         out[f"bad_seq_sp={sp}"] = _error_of(lambda: model(ids[:, :7]))
 
     # Dropout streams: replicated masks agree over TP, sharded ones differ; the global RNG is untouched.
-    layout = make_layout(tp=2, sp=False)
+    layout = make_layout(ParallelConfig(tp=2, sp=False))
     model = TransformerLM(CONFIGS["llama"], layout, seed=SEED)
     torch.manual_seed(123)
     with model.rng.fork(REPLICATED):
@@ -177,7 +177,7 @@ def _tp2_checks():
     eval_out = model.eval()(_batch()[0], buffers=["embedding"])
     out["eval_embedding"] = eval_out.buffers["embedding"].tensor.detach()
 
-    out["column_gathered"] = _column_parallel_gathered(make_layout(tp=2))
+    out["column_gathered"] = _column_parallel_gathered(make_layout(ParallelConfig(tp=2)))
 
     # Loading a full state dict at TP=2 and reading it back is the identity.
     full = {k: v + 0.5 for k, v in full_state_dict(model).items()}

@@ -20,14 +20,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.config import DistillConfig, aligned_teacher_config
+from distill.config import SINGLE_TEACHER, DistillConfig, aligned_teacher_config
 from distill.evaluate import next_token_loss
 from distill.objective import DistillObjective, TokenCounts, count_tokens
-from distill.teacher import TeacherOutputs, TeacherRequest, _Wire
+from distill.teacher import TeacherOutputs, TeacherRequest
+from distill.teacher_wire import _Wire
 from engine import collectives as C
 from engine.config import from_dict
 from engine.data import IGNORE_INDEX, shift_labels
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
@@ -102,7 +103,8 @@ def _step(layout, cfg, micro_batches, *, with_teacher=True):
     counts = count_tokens(micro_batches, layout, mtp_heads=STUDENT.mtp_heads)
     terms = torch.zeros(len(TERMS), dtype=torch.float64)
     for mb in micro_batches:
-        teacher_out = _teacher_outputs(teacher, objective, mb["input_ids"]) if teacher else None
+        teacher_out = {SINGLE_TEACHER: _teacher_outputs(teacher, objective, mb["input_ids"])} \
+            if teacher else None
         out = student(mb["input_ids"], buffers=objective.student_buffer_names(),
                       compute_logits=not objective.fused)
         result = objective(out, teacher_out, mb.get("labels"), tokens_norm=counts,
@@ -130,7 +132,7 @@ def _reference(**overrides):
 
 
 def _tp_sp_dp_run():
-    layout = make_layout(tp=2, sp=True)
+    layout = make_layout(ParallelConfig(tp=2, sp=True))
     mine = _micro_batches()[2 * layout.dp_rank: 2 * layout.dp_rank + 2]
     return {fused: _step(layout, _cfg(fused_lm_head=fused), mine) for fused in (False, True)}
 
@@ -194,7 +196,7 @@ def test_activation_term_by_its_definition():
     counts = count_tokens([mb], layout, mtp_heads=1)
     s_out = student(mb["input_ids"], buffers=objective.student_buffer_names())
     t_out = _teacher_outputs(teacher, objective, mb["input_ids"])
-    result = objective(s_out, t_out, mb["labels"], tokens_norm=counts)
+    result = objective(s_out, {SINGLE_TEACHER: t_out}, mb["labels"], tokens_norm=counts)
     valid = mb["labels"] != IGNORE_INDEX
     weights = objective.projection.weights
     pairs = [("decoder.0.mixer_output", "decoder.0.mixer_output", "mse", 1.0),
@@ -264,7 +266,8 @@ def test_offline_topk_teacher_with_full_k_equals_full_logits():
     results = []
     for teacher_out in (TeacherOutputs(logits=teacher(mb["input_ids"]).logits), topk):
         student.zero_grad()
-        out = objective(student(mb["input_ids"]), teacher_out, mb["labels"], tokens_norm=counts)
+        out = objective(student(mb["input_ids"]), {SINGLE_TEACHER: teacher_out}, mb["labels"],
+                        tokens_norm=counts)
         out.loss.backward()
         results.append((out.kd_loss, [p.grad.clone() for p in student.parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], **TOL)
@@ -283,7 +286,8 @@ def test_fused_teacher_as_logits_or_as_hidden_states():
                         TeacherOutputs(head_hidden=t_out.head_hidden,
                                        output_weight=teacher.output_weight)):
         student.zero_grad()
-        out = objective(student(mb["input_ids"], compute_logits=False), teacher_out, mb["labels"],
+        out = objective(student(mb["input_ids"], compute_logits=False), {SINGLE_TEACHER: teacher_out},
+                        mb["labels"],
                         tokens_norm=counts, output_weight=student.output_weight)
         out.loss.backward()
         results.append((out.total, [p.grad.clone() for p in student.parameters()]))
@@ -347,7 +351,7 @@ def test_teacher_wire_format_round_trip():
 def _save_teacher_at_tp2(root, config: ModelConfig):
     from distill.weights import save_weights
 
-    layout = make_layout(tp=2)
+    layout = make_layout(ParallelConfig(tp=2))
     model = TransformerLM(config, layout, seed=5)
     return save_weights(root, model, layout, config={"model": dataclasses.asdict(config)})
 
@@ -357,7 +361,7 @@ def test_teacher_head_loads_the_output_rows_of_any_saved_tp(tmp_path, tied):
     """A student rank's frozen teacher head holds exactly the teacher's output-weight rows of its
     vocabulary shard, padded like the student, from a checkpoint saved at another TP degree (here
     saved at TP 2, read at TP 1; the end-to-end tests read TP 1 checkpoints at TP 2)."""
-    from distill.teacher import load_teacher_head
+    from distill.teacher_load import load_teacher_head
 
     teacher = ModelConfig(family="llama", vocab_size=300, hidden=16, layers=1, heads=2,
                           kv_heads=2, ffn_hidden=32, max_seq_len=8, tie_embeddings=tied)
@@ -413,4 +417,5 @@ def test_run_time_errors_are_clear(case, message):
         objective = DistillObjective(_cfg(fused_lm_head=True), STUDENT, TEACHER,
                                      ParallelLayout.single())
     with pytest.raises(ValueError, match=message):
-        objective(s_out, t_out, labels, tokens_norm=counts)
+        objective(s_out, None if t_out is None else {SINGLE_TEACHER: t_out}, labels,
+                  tokens_norm=counts)

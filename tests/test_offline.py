@@ -27,12 +27,13 @@ from distill.config import aligned_teacher_config
 from distill.objective import DistillObjective, count_tokens
 from distill.offline import OfflineTeacher, OfflineTeacherError, ShardedRows, read_metadata, teacher_topk
 from distill.runconfig import load_run_config
-from distill.teacher import ColocatedTeacher, TeacherRequest
+from distill.teacher import TeacherRequest
+from distill.teacher_sources import ColocatedTeacher
 from distill.weights import load_weights
 from engine import collectives as C
 from engine.config import ConfigError
 from engine.data import TokenBatches, write_indexed
-from engine.parallel import ParallelLayout
+from engine.parallel import ParallelConfig, ParallelLayout
 from engine.spawn import run_ranks
 from layers.model import TransformerLM
 from tests.helpers import assert_same_run
@@ -76,7 +77,7 @@ def _offline(export_dir: Path) -> list[str]:
 def _topk_ranks(cases):
     from engine.parallel import make_layout
 
-    layout = make_layout(tp=2)
+    layout = make_layout(ParallelConfig(tp=2))
     out = []
     for full, vocab, k in cases:
         shard = full.chunk(2, dim=-1)[layout.tp_rank]

@@ -18,13 +18,13 @@ import math
 import pytest
 import torch
 
-from distill.config import DistillConfig, LogitKDConfig, OnPolicyConfig
+from distill.config import SINGLE_TEACHER, DistillConfig, LogitKDConfig, OnPolicyConfig
 from distill.objective import DistillObjective, count_tokens
 from distill.on_policy import OnPolicy, is_on_policy
 from distill.teacher import TeacherOutputs
 from engine.config import ConfigError
 from engine.data import IGNORE_INDEX, shift_labels
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import ModelOutput, TransformerLM
@@ -55,7 +55,7 @@ def _micro_batches() -> list[dict[str, torch.Tensor]]:
 
 def _one_step(tp: int, sp: bool) -> dict:
     """One accumulated step (2 micro-batches, STEP-th of the run) at this layout, float64."""
-    layout = make_layout(tp=tp, sp=sp)
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp))
     student = TransformerLM(STUDENT, layout, seed=1).double()
     teacher = TransformerLM(TEACHER, layout, seed=2).double().eval()
     objective = DistillObjective(DISTILL, STUDENT, TEACHER, layout).double()
@@ -65,7 +65,7 @@ def _one_step(tp: int, sp: bool) -> dict:
     terms = []
     for mb in micro_batches:
         with torch.no_grad():
-            teacher_out = TeacherOutputs(logits=teacher(mb["input_ids"]).logits)
+            teacher_out = {SINGLE_TEACHER: TeacherOutputs(logits=teacher(mb["input_ids"]).logits)}
         out = objective(student(mb["input_ids"]), teacher_out, mb["labels"], tokens_norm=counts,
                         kd_mask=mb.get("kd_mask"))
         out.loss.backward()
@@ -108,7 +108,8 @@ def test_prompt_positions_carry_no_loss():
 
     def loss_and_grad(s_logits, t_logits):
         s_logits = s_logits.clone().requires_grad_()
-        out = objective(ModelOutput(logits=s_logits), TeacherOutputs(logits=t_logits), mb["labels"],
+        out = objective(ModelOutput(logits=s_logits), {SINGLE_TEACHER: TeacherOutputs(logits=t_logits)},
+                        mb["labels"],
                         tokens_norm=counts, kd_mask=mb["kd_mask"])
         out.loss.backward()
         return out, s_logits.grad

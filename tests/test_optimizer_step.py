@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from engine.optim import LRSchedule, grad_norm
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from engine.optim import NonFiniteError, OptimizerStep
 from engine.train_config import TrainConfig
@@ -48,7 +48,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run():
 
 
 def _tp_norm():
-    layout = make_layout(tp=2)
+    layout = make_layout(ParallelConfig(tp=2))
     rank = dist.get_rank()
     full = torch.arange(8.0)
     shard = torch.nn.Parameter(torch.zeros(4))

@@ -6,8 +6,8 @@ import torch.distributed as dist
 
 from engine import collectives as C
 from engine.config import ConfigError
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, RankLists, init_parallel,
-                             make_layout, validate_layout)
+from engine.parallel import (STUDENT, LaunchEnv, LayoutError, ParallelConfig, ParallelLayout,
+                             RankLists, RankOrder, init_parallel, make_layout, validate_layout)
 from engine.spawn import RankFailure, run_ranks
 
 
@@ -17,13 +17,13 @@ def _members(group):
 
 
 def _describe(tp, teacher_ranks=0, sp=False, teacher_tp=None):
-    layout = make_layout(tp=tp, sp=sp, teacher_ranks=teacher_ranks, teacher_tp=teacher_tp)
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp, teacher_ranks=teacher_ranks,
+                                        teacher_tp=teacher_tp))
     return dict(role=layout.role, tp_rank=layout.tp_rank, dp_rank=layout.dp_rank, dp=layout.dp,
                 tp=layout.tp, sp=layout.sp,
                 tp_members=_members(layout.tp_group), dp_members=_members(layout.dp_group),
                 role_members=_members(layout.role_group),
-                self_rank=layout.global_rank(role=layout.role, dp_rank=layout.dp_rank,
-                                             tp_rank=layout.tp_rank))
+                self_rank=layout.global_rank(tp=layout.tp_rank, dp=layout.dp_rank))
 
 
 def test_tp_groups_contiguous_dp_groups_strided():
@@ -44,18 +44,29 @@ def test_teacher_ranks_get_their_own_groups():
 
 
 def test_rank_lists_tp_fastest_then_pp_then_dp():
-    lists = RankLists.of(0, 8, tp=2, pp=2)  # rank = (dp * 2 + pp) * 2 + tp
+    lists = RankLists.of(RankOrder(size=8, tp=2, pp=2))  # rank = (dp * 2 + pp) * 2 + tp
     assert lists.tp == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert lists.pp == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert lists.dp == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert lists.embedding == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    four = RankLists.of(2, 4, tp=1, pp=4)  # offset: teacher ranks come first here
+    four = RankLists.of(RankOrder(size=4, pp=4, offset=2))  # offset: teacher ranks come first here
     assert four.pp == [[2, 3, 4, 5]] and four.embedding == [[2, 5]] and four.dp == [[2], [3], [4], [5]]
-    assert RankLists.of(0, 4, tp=2).embedding == []
+    assert RankLists.of(RankOrder(size=4, tp=2)).embedding == []
+
+
+def test_rank_order_coordinates_round_trip():
+    order = RankOrder(size=8, tp=2, pp=2, offset=3)
+    assert order.dp == 2
+    assert [order.coords(order.rank(tp=t, pp=p, dp=d)) for d in range(2) for p in range(2)
+            for t in range(2)] == [(t, p, d) for d in range(2) for p in range(2) for t in range(2)]
+    teachers = ParallelConfig(tp=2, teacher_ranks=2, teacher_tp=1).rank_order("teacher", 6)
+    assert (teachers.offset, teachers.tp, teachers.dp) == (4, 1, 2)
+    assert ParallelConfig(tp=2, pp=2, teacher_ranks=2).rank_order(STUDENT, 10).dp == 2
 
 
 def _describe_pp(tp, pp, teacher_ranks=0):
-    layout = make_layout(tp=tp, pp=pp, virtual_stages=2, teacher_ranks=teacher_ranks)
+    layout = make_layout(ParallelConfig(tp=tp, pp=pp, virtual_stages=2,
+                                        teacher_ranks=teacher_ranks))
     embedding = _members(layout.embedding_group) if layout.embedding_group is not None else None
     return dict(tp_rank=layout.tp_rank, pp_rank=layout.pp_rank, dp_rank=layout.dp_rank,
                 dp=layout.dp, pp=layout.pp, role=layout.role, pp_ranks=list(layout.pp_ranks),
@@ -64,8 +75,9 @@ def _describe_pp(tp, pp, teacher_ranks=0):
                 dp_members=_members(layout.dp_group),
                 pp_members=_members(layout.pp_group) if layout.pp_group is not None else None,
                 embedding=embedding,
-                self_rank=layout.global_rank(role=layout.role, dp_rank=layout.dp_rank,
-                                             tp_rank=layout.tp_rank, pp_rank=layout.pp_rank))
+                virtual_stages=[layout.virtual_stage(c) for c in range(layout.virtual_stages)],
+                self_rank=layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank,
+                                             dp=layout.dp_rank))
 
 
 def test_pipeline_groups_megatron_order():
@@ -84,6 +96,7 @@ def test_pipeline_groups_megatron_order():
     assert [i["last"] for i in students] == [False, False, True, True]
     assert all(i["dp"] == 1 and i["pp"] == 2 and i["virtual"] == 2 for i in students)
     assert [i["self_rank"] for i in info] == list(range(6))
+    assert [i["virtual_stages"] for i in students] == [[0, 2], [0, 2], [1, 3], [1, 3]]
     teachers = info[4:]
     assert all(i["role"] == "teacher" and i["pp"] == 1 and i["virtual"] == 1 for i in teachers)
     assert [i["tp_members"] for i in teachers] == [[4, 5]] * 2
@@ -108,56 +121,54 @@ def test_teacher_ranks_at_their_own_tp():
 @pytest.mark.parametrize("world,tp,sp,teacher,message", [
     (3, 2, False, 0, "does not divide the 3 student ranks"),
     (2, 4, False, 0, "larger than the 2 student ranks"),
-    (2, 1, True, 0, "sp=true needs parallel.tp > 1"),
     (2, 1, False, 2, "leaves no student rank"),
     (4, 2, False, 1, "does not divide the 3 student ranks"),
     (7, 2, False, 3, "does not divide parallel.teacher_ranks=3"),
-    (2, 0, False, 0, "must be >= 1"),
     (5, 1, False, 2, "data-parallel degree 2 .* does not divide the students' 3"),
 ])
 def test_layout_errors(world, tp, sp, teacher, message):
     with pytest.raises(LayoutError, match=message):
-        validate_layout(world_size=world, tp=tp, sp=sp, teacher_ranks=teacher)
+        validate_layout(ParallelConfig(tp=tp, sp=sp, teacher_ranks=teacher), world)
+
+
+@pytest.mark.parametrize("degrees,message", [
+    (dict(tp=1, sp=True), "sequence parallelism needs parallel.tp > 1"),
+    (dict(tp=0), "must be >= 1"),
+    (dict(pp=0), "must be >= 1"),
+    (dict(tp=2, teacher_ranks=2, teacher_tp=0), "must be >= 1"),
+])
+def test_degree_errors_are_the_configs(degrees, message):
+    """The degrees are checked once, by ParallelConfig; validate_layout fits them to the world."""
+    with pytest.raises(ConfigError, match=message):
+        ParallelConfig(**degrees)
 
 
 def test_pipeline_layout_errors():
     with pytest.raises(LayoutError, match=r"parallel.tp=2 x parallel.pp=2 does not divide the 6") \
             as err:
-        validate_layout(world_size=6, tp=2, sp=False, pp=2)
+        validate_layout(ParallelConfig(tp=2, pp=2), 6)
     assert err.value.key == "parallel.pp"
-    with pytest.raises(LayoutError, match="must be >= 1"):
-        validate_layout(world_size=2, tp=1, sp=False, pp=0)
 
 
 @pytest.mark.parametrize("world,tp,teacher,teacher_tp,key,message", [
     (3, 1, 1, 2, "parallel.teacher_tp", "parallel.teacher_tp=2 does not divide"),
-    (4, 2, 2, 0, "parallel.teacher_tp", "must be >= 1"),
     (7, 1, 4, 2, "parallel.teacher_ranks", r"data-parallel degree 2 \(parallel.teacher_ranks=4 / "
                                            r"parallel.teacher_tp=2\) does not divide the students' 3"),
     (8, 2, 2, 1, "parallel.teacher_ranks", "degree 2 .* does not divide the students' 3"),
 ])
 def test_teacher_tp_errors_carry_their_key(world, tp, teacher, teacher_tp, key, message):
     with pytest.raises(LayoutError, match=message) as err:
-        validate_layout(world_size=world, tp=tp, sp=False, teacher_ranks=teacher,
-                        teacher_tp=teacher_tp)
+        validate_layout(ParallelConfig(tp=tp, teacher_ranks=teacher, teacher_tp=teacher_tp), world)
     assert err.value.key == key
 
 
 def test_layout_errors_carry_their_key():
     with pytest.raises(LayoutError) as err:
-        validate_layout(world_size=4, tp=2, sp=False, teacher_ranks=1)
+        validate_layout(ParallelConfig(tp=2, teacher_ranks=1), 4)
     assert err.value.key == "parallel.tp"
     with pytest.raises(LayoutError) as err:
-        validate_layout(world_size=2, tp=1, sp=False, teacher_ranks=2)
+        validate_layout(ParallelConfig(tp=1, teacher_ranks=2), 2)
     assert err.value.key == "parallel.teacher_ranks"
-
-
-def test_init_parallel_rejects_before_creating_groups():
-    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
-           "MASTER_PORT": "1"}
-    with pytest.raises(LayoutError, match="parallel.tp=2 does not divide"):
-        init_parallel(tp=2, launch=LaunchEnv.from_env(env))
-    assert not dist.is_initialized()
 
 
 RENDEZVOUS = {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
@@ -187,7 +198,7 @@ def test_launch_env_of_one_process_and_of_torchrun():
 
 
 def test_single_process_layout_has_no_groups():
-    layout = init_parallel(launch=LaunchEnv.from_env({}))
+    layout = init_parallel(ParallelConfig(), launch=LaunchEnv.from_env({}))
     assert layout == ParallelLayout.single()
     assert layout.tp_group is None and layout.dp_group is None and not dist.is_initialized()
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine import collectives as C
 from engine.config import ConfigError, from_dict
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
@@ -171,7 +171,7 @@ def test_tp2_quantized_pair_equals_tp1_with_one_small_all_reduce_per_scale():
 
 
 def _tp2_pair():
-    return _row_and_column_layers(make_layout(tp=2))
+    return _row_and_column_layers(make_layout(ParallelConfig(tp=2)))
 
 
 def test_ternary_model_differs_from_full_precision_and_trains_its_master_weights():

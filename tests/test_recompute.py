@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
@@ -60,7 +60,7 @@ def _forward_backward(model: TransformerLM) -> dict:
 def _rows():
     results = []
     for family, tp, sp in ROWS:
-        layout = make_layout(tp=tp, sp=sp)
+        layout = make_layout(ParallelConfig(tp=tp, sp=sp))
         row = {}
         for mode in MODES:
             model = TransformerLM(CONFIGS[family], layout, seed=3, recompute=mode).train()

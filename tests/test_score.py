@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from engine.data import DataConfig, TokenBatches, write_indexed
-from engine.parallel import make_layout
+from engine.parallel import ParallelConfig, make_layout
 from distill.evaluate import validation_loss
 from engine.spawn import run_ranks
 
@@ -95,7 +95,7 @@ def _layouts(ckpt: str, ids: torch.Tensor, prefix: str) -> dict:
     step_dir, _, cfg = score.checkpoint_model_config(ckpt)
     results = {}
     for name, tp, pp in (("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)):
-        model = score.load_model(step_dir, cfg, make_layout(tp=tp, pp=pp))
+        model = score.load_model(step_dir, cfg, make_layout(ParallelConfig(tp=tp, pp=pp)))
         loss, tokens = validation_loss(model, data_config(prefix, dp=2 // (tp * pp)),
                                        micro_batches=BATCHES, seed=SEED)
         results[name] = (score.score_tokens(model, ids, micro_batch=2), loss, tokens)

@@ -32,7 +32,7 @@ from distill.teacher import TeacherOutputs
 from engine import collectives as C
 from engine.config import from_dict
 from engine.data import IGNORE_INDEX
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
@@ -228,7 +228,7 @@ def _all_cases(layout) -> dict:
 
 
 def _tp2_sp_cases():
-    layout = make_layout(tp=2, sp=True)
+    layout = make_layout(ParallelConfig(tp=2, sp=True))
     return _all_cases(layout)
 
 
@@ -265,7 +265,7 @@ def _activation_steps(layout) -> dict:
 
 
 def _tp2_sp_activation_steps():
-    return _activation_steps(make_layout(tp=2, sp=True))
+    return _activation_steps(make_layout(ParallelConfig(tp=2, sp=True)))
 
 
 def test_activation_pairs_name_their_teacher_tp2_sp_equals_tp1():

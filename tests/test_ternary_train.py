@@ -15,7 +15,7 @@ import yaml
 from engine.checkpoint import resolve_checkpoint
 from engine.config import from_dict
 from engine.mappings import gather_from_tp
-from engine.parallel import ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.quant import quantized_full_state_dict
@@ -41,7 +41,7 @@ def _config(tmp_path):
 
 
 def _logits_and_weights(step_dir: str, model_dict: dict, tp: int):
-    layout = make_layout(tp=tp) if tp > 1 else ParallelLayout.single()
+    layout = make_layout(ParallelConfig(tp=tp)) if tp > 1 else ParallelLayout.single()
     cfg = from_dict(ModelConfig, model_dict)
     model = load_model(step_dir, cfg, layout, dtype=torch.float64)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))

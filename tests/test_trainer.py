@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from distill.config import SINGLE_TEACHER
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine.spawn import run_ranks
 from tests.helpers import assert_same_run
@@ -158,15 +159,16 @@ class _FakeTeacher:
     request = TeacherRequest(head="logits")
 
     def __call__(self, mb):
-        return TeacherOutputs(logits=mb["input_ids"].float().unsqueeze(-1).repeat(1, 1, 4))
+        return {SINGLE_TEACHER: TeacherOutputs(
+            logits=mb["input_ids"].float().unsqueeze(-1).repeat(1, 1, 4))}
 
 
 def _stream_with_corruption():
     """Teacher rank 1 streams for token ids that differ from student rank 0's in one place."""
-    from distill.teacher import RemoteTeacher, TeacherStreamError, serve_teacher
-    from engine.parallel import make_layout
+    from distill.teacher_wire import RemoteTeacher, TeacherStreamError, serve_teacher
+    from engine.parallel import ParallelConfig, make_layout
 
-    layout = make_layout(tp=1, teacher_ranks=1)
+    layout = make_layout(ParallelConfig(tp=1, teacher_ranks=1))
     batches = [{"input_ids": torch.arange(12).reshape(2, 6) + i} for i in range(3)]
     if layout.is_teacher:
         corrupted = [dict(b) for b in batches]
@@ -175,7 +177,7 @@ def _stream_with_corruption():
         serve_teacher(_FakeTeacher(), layout, batches_for=lambda _: iter(corrupted), prefetch=2)
         return "served"
     remote = RemoteTeacher(layout, _FakeTeacher.request, prefetch=2, total=3, stream="logits")
-    first = remote(batches[0])
+    first = remote(batches[0])[SINGLE_TEACHER]
     assert torch.equal(first.logits[..., 0], batches[0]["input_ids"].float())
     with pytest.raises(TeacherStreamError, match="misaligned"):
         remote(batches[1])

@@ -68,7 +68,7 @@ from distill.weights import save_weights  # noqa: E402
 from engine.config import ConfigError, from_dict, to_dict  # noqa: E402
 from engine.entry import EXIT_CONFIG, EXIT_RUNTIME, USER_ERRORS, ensure_new_output, report  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
-from engine.parallel import ParallelLayout, make_layout  # noqa: E402
+from engine.parallel import ParallelConfig, ParallelLayout, make_layout  # noqa: E402
 from engine.spawn import RankFailure, run_ranks  # noqa: E402
 from layers.config import ModelConfig, check_model_layout  # noqa: E402
 from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config,  # noqa: E402
@@ -239,7 +239,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
 def _write_shard(files: list[str], cfg: ModelConfig, root: str, *, tp: int, dtype: torch.dtype,
                  run_config: dict) -> str:
     """One TP rank (or the only process at TP 1): load its shard of the weights and save it."""
-    layout = make_layout(tp=tp)
+    layout = make_layout(ParallelConfig(tp=tp))
     model = TransformerLM(cfg, layout).to(dtype)
     full = hf_to_engine_state_dict(read_hf_tensors([Path(f) for f in files]), cfg)
     try:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from distill.runconfig import (RunConfig, check_data, curriculum_key, parse_run_config,  # noqa: E402
                                teacher_config)
-from distill.teacher import load_teacher  # noqa: E402
+from distill.teacher_load import load_teacher  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import apply_overrides, check, load_yaml  # noqa: E402
 from engine.data import IGNORE_INDEX, TokenBatches  # noqa: E402

@@ -38,7 +38,9 @@ from distill.offline import (FORMAT, METADATA, VERSION, sample_checksums, shard_
                              teacher_digest, teacher_topk, tokenizer_record)
 from distill.runconfig import (RunConfig, check_data, parse_run_config, run_export_key,
                                teacher_checkpoints, teacher_model_config)
-from distill.teacher import ColocatedTeacher, TeacherRequest, load_teacher
+from distill.teacher import TeacherRequest
+from distill.teacher_load import load_teacher
+from distill.teacher_sources import ColocatedTeacher
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, ResolvedCheckpoint, ranks_agree
 from engine.checkpoint_files import file_record, fsync_dir, write_json, write_tensors
@@ -46,7 +48,7 @@ from engine.config import ConfigError, apply_overrides, check, load_yaml
 from engine.data import TokenBatches, resolve_data_path
 from engine.entry import EXIT_CONFIG, EXIT_RUNTIME, ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, validate_layout)
+from engine.parallel import LaunchEnv, LayoutError, ParallelConfig, ParallelLayout, validate_layout
 from layers.config import ModelConfig
 
 log = get_logger("export_teacher_logits")
@@ -64,6 +66,11 @@ class ExportPlan:
     k: int  # logits kept per position
     out: Path  # the export directory (must not exist)
     shard_samples: int  # samples per shard file
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The export's layout: the teacher alone at the run's TP degree, without SP."""
+        return ParallelConfig(tp=self.cfg.parallel.tp, timeout_s=self.cfg.parallel.timeout_s)
 
     @property
     def samples(self) -> int:
@@ -92,7 +99,7 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     """Validate everything before any process group exists; raises `ConfigError`."""
     cfg = parse_run_config(apply_overrides(load_yaml(args.config), args.overrides))
     try:
-        validate_layout(world_size=world_size, tp=cfg.parallel.tp, sp=False)
+        validate_layout(ParallelConfig(tp=cfg.parallel.tp), world_size)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check(not cfg.distill.teachers, "distill.teachers",
@@ -237,10 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
 
-    def prepare(launch: LaunchEnv) -> tuple[dict, Callable[[ParallelLayout], None]]:
+    def prepare(launch: LaunchEnv) -> tuple[ParallelConfig, Callable[[ParallelLayout], None]]:
         plan = load_plan(args, world_size=launch.world_size)
-        layout_args = dict(tp=plan.cfg.parallel.tp, timeout_s=plan.cfg.parallel.timeout_s)
-        return layout_args, lambda layout: export(plan, layout, progress=not args.no_progress)
+        return plan.parallel, lambda layout: export(plan, layout, progress=not args.no_progress)
 
     # Reading the teacher can still find bad input (NaN weights); a failed write is a run-time error.
     return run_tool(prepare, failures=((ConfigError, EXIT_CONFIG),

@@ -61,7 +61,7 @@ from engine.data import (DataConfig, IndexedWriter, TokenBatches, document_text,
                          file_records, find_eod_id, load_tokenizer, resolve_data_path)
 from engine.entry import ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
-from engine.parallel import LaunchEnv, ParallelLayout
+from engine.parallel import LaunchEnv, ParallelConfig, ParallelLayout
 from layers.config import ModelConfig
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
 
-    def prepare(launch: LaunchEnv) -> tuple[dict, Callable[[ParallelLayout], None]]:
+    def prepare(launch: LaunchEnv) -> tuple[ParallelConfig, Callable[[ParallelLayout], None]]:
         degrees = tool_degrees(args, launch.world_size)
         found = prepare_inputs(args, launch.world_size)
         return degrees, lambda layout: run(args, found, layout)

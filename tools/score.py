@@ -45,7 +45,7 @@ from engine.config import ConfigError
 from engine.data import DataConfig
 from engine.entry import ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
-from engine.parallel import (LaunchEnv, LayoutError, ParallelLayout, validate_layout)
+from engine.parallel import STUDENT, LaunchEnv, LayoutError, ParallelConfig, ParallelLayout, validate_layout
 from layers.config import ModelConfig, check_model_layout, saved_model_config
 from layers.model import TransformerLM
 
@@ -191,25 +191,38 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
         ensure_new_output(args.out, force=args.force)
     elif args.seq_len > cfg.max_seq_len:
         raise ConfigError("--seq-len", f"{args.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    elif args.batch_size % (world // (args.tp * args.pp)):
-        raise ConfigError("--batch-size", f"{args.batch_size} does not split over "
-                                          f"{world // (args.tp * args.pp)} data-parallel ranks")
+    elif args.batch_size % (dp := tool_parallel(args).rank_order(STUDENT, world).dp):
+        raise ConfigError("--batch-size", f"{args.batch_size} does not split over {dp} "
+                                          "data-parallel ranks")
 
 
-def tool_degrees(args: argparse.Namespace, world: int) -> dict:
-    """`--tp` (default: every rank over `--pp`) and `--pp` as `init_parallel`'s arguments."""
+def tool_degrees(args: argparse.Namespace, world: int) -> ParallelConfig:
+    """`--tp` (default: every rank over `--pp`) and `--pp` as `init_parallel`'s layout."""
     if args.pp < 1:
         raise ConfigError("--pp", f"must be >= 1 (got {args.pp})")
     args.tp = max(1, world // args.pp) if args.tp is None else args.tp
-    return dict(tp=args.tp, pp=args.pp)
+    return tool_parallel(args)
+
+
+def tool_parallel(args: argparse.Namespace) -> ParallelConfig:
+    """The layout of `--tp` and `--pp`; a bad degree is an error naming its flag."""
+    try:
+        return ParallelConfig(tp=args.tp, pp=args.pp)
+    except ConfigError as err:
+        raise _as_flag(err) from None
+
+
+def _as_flag(err: ConfigError) -> ConfigError:
+    """A layout error named by the tool's flag (`parallel.tp` -> `--tp`)."""
+    return ConfigError("--" + err.key.removeprefix("parallel."), err.message)
 
 
 def check_tool_layout(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     """`--tp` x `--pp` against the world and the model; errors name the flags."""
     try:
-        validate_layout(world_size=world, tp=args.tp, sp=False, pp=args.pp)
+        validate_layout(tool_parallel(args), world)
     except LayoutError as err:
-        raise ConfigError("--" + err.key.removeprefix("parallel."), err.message) from None
+        raise _as_flag(err) from None
     check_model_layout(cfg, args.tp)
     if cfg.layers % args.pp:
         raise ConfigError("--pp", f"{args.pp} does not divide the model's {cfg.layers} decoder "
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
 
-    def prepare(launch: LaunchEnv) -> tuple[dict, Callable[[ParallelLayout], None]]:
+    def prepare(launch: LaunchEnv) -> tuple[ParallelConfig, Callable[[ParallelLayout], None]]:
         degrees = tool_degrees(args, launch.world_size)
         step_dir, _, cfg = checkpoint_model_config(args.ckpt)
         _check_args(args, cfg, launch.world_size)

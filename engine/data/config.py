@@ -59,6 +59,10 @@ class DataConfig:
                   f"is required with data.curriculum {self.curriculum} (make it with "
                   "tools/curriculum_scores.py)")
 
+    def micro_batches(self, dp: int) -> int:
+        """Micro-batches of one optimizer step on each of `dp` data-parallel ranks."""
+        return self.global_batch // (self.micro_batch * dp)
+
     @property
     def curriculum_samples(self) -> int:
         """Global samples the curriculum rearranges (0 without one)."""

@@ -209,7 +209,7 @@ class TokenBatches:
         self.early = None if order is None else \
             Blend([weight for weight, _ in pairs]).take(len(self.order))
         self.consumed_samples = 0
-        self.micro_batches_per_step = cfg.global_batch // (cfg.micro_batch * dp)
+        self.micro_batches_per_step = cfg.micro_batches(dp)
         for (weight, prefix), source in zip(pairs, self.sources):
             log.info("%s data: %s (weight %g): %d documents, %d samples of %d tokens per epoch",
                      split, prefix, weight, len(source.documents), source.samples_per_epoch,

@@ -100,12 +100,12 @@ def measure_rank(args: argparse.Namespace, recompute: str, sharded: bool) -> dic
     """One row on this rank (inside `run_ranks`): see the module docstring."""
     from distill import cross_entropy
     from engine.optim import OptimizerStep
-    from engine.parallel import make_layout
+    from engine.parallel import ParallelConfig, make_layout
     from engine.train_config import TrainConfig
     from layers.config import ModelConfig
     from layers.model import TransformerLM
 
-    layout = make_layout(tp=1)
+    layout = make_layout(ParallelConfig())
     config = ModelConfig(family="llama", vocab_size=args.vocab, hidden=args.hidden,
                          layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                          ffn_hidden=args.ffn, max_seq_len=args.seq, dropout=0.1)

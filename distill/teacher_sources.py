@@ -1,0 +1,99 @@
+"""In-process teacher sources: the frozen teacher running on the students' own ranks, and several
+sources as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from distill.config import SINGLE_TEACHER
+from distill.teacher import StageTeacher, TeacherOutputs, TeacherRequest, TeacherSource
+from distill.teacher_load import freeze
+from engine.pipeline import TensorSpec
+
+
+class ColocatedTeacher:
+    """Runs the teacher forward on these ranks for each micro-batch (no grad, eval mode); under
+    PP it runs inside the student's stages instead (`stage_parts`)."""
+
+    reaches_every_stage = False
+
+    def __init__(self, model: nn.Module, request: TeacherRequest, *, name: str = SINGLE_TEACHER):
+        self.model, self.request, self.name = freeze(model), request, name
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor):
+        """The teacher's `ModelOutput` for input ids [batch, seq]."""
+        return self.model(input_ids, buffers=self.request.buffers,
+                          compute_logits=self.request.head == "logits")
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        return {self.name: self._outputs(self.forward(micro_batch["input_ids"]))}
+
+    def stage_parts(self) -> dict[str, StageTeacher]:
+        return {self.name: self}
+
+    def residual_spec(self, rows: tuple[int, int]) -> TensorSpec:
+        return TensorSpec((*rows, self.model.config.hidden), _dtype(self.model),
+                          requires_grad=False)
+
+    @torch.no_grad()
+    def run_chunk(self, chunk: int, input_ids: torch.Tensor, hidden: torch.Tensor | None, *,
+                  last: bool) -> tuple[torch.Tensor | None, TeacherOutputs]:
+        model, request = self.model, self.request
+        record = model.recorder(request.buffers)
+        hidden = model.embed(input_ids, record) if hidden is None else hidden
+        rope = model.rope(input_ids, _dtype(model))
+        hidden = model.run_chunk(chunk, hidden, rope, record)
+        if not last:
+            return hidden, TeacherOutputs(buffers=record.buffers)
+        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
+        return None, self._outputs(out)
+
+    def _outputs(self, out) -> TeacherOutputs:
+        """What the objective reads of the teacher's `ModelOutput` (the last pipeline stage's,
+        whose buffers are that stage's)."""
+        result = TeacherOutputs(buffers={name: out.buffers[name] for name in self.request.buffers
+                                         if name in out.buffers})
+        if self.request.head == "logits":
+            result.logits = out.logits
+        elif self.request.head == "hidden":
+            result.head_hidden, result.output_weight = out.head_hidden, self.model.output_weight
+        return result
+
+    def end_step(self, *, stop: bool) -> None:
+        pass  # nothing runs ahead of the students
+
+    def close(self) -> None:
+        pass
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+class TeacherList:
+    """Several teachers as one source (`distill.teachers`): each call gives every source's
+    outputs, by name in config order; the objective reads them by name. The sources are of one
+    kind (colocated, or offline exports)."""
+
+    def __init__(self, sources: Sequence[TeacherSource]):
+        self.sources = list(sources)
+        self.reaches_every_stage = any(s.reaches_every_stage for s in self.sources)
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        return {name: out for source in self.sources for name, out in source(micro_batch).items()}
+
+    def stage_parts(self) -> dict[str, StageTeacher]:
+        return {name: part for source in self.sources for name, part in source.stage_parts().items()}
+
+    def end_step(self, *, stop: bool) -> None:
+        for source in self.sources:
+            source.end_step(stop=stop)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
