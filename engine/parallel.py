@@ -71,6 +71,9 @@ def stage_owner(virtual: int, *, pp: int) -> tuple[int, int]:
     return virtual % pp, virtual // pp
 
 
+BACKENDS = ("auto", "nccl", "gloo")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (contiguous ranks)
@@ -80,6 +83,8 @@ class ParallelConfig:
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
+    # auto: NCCL with CUDA, else gloo, no group for one process; nccl/gloo: always a group
+    backend: str = "auto"
 
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
@@ -92,6 +97,8 @@ class ParallelConfig:
         check(self.teacher_ranks >= 0, "parallel.teacher_ranks",
               f"must be >= 0 (got {self.teacher_ranks})")
         check(self.timeout_s > 0, "parallel.timeout_s", f"must be > 0 (got {self.timeout_s})")
+        check(self.backend in BACKENDS, "parallel.backend",
+              f"must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         check(self.teacher_tp is None or self.teacher_tp >= 1, "parallel.teacher_tp",
               f"must be >= 1 (got {self.teacher_tp})")
         check(self.teacher_tp is None or self.teacher_ranks > 0, "parallel.teacher_tp",
@@ -365,10 +372,15 @@ def init_parallel(parallel: ParallelConfig, *, backend: str | None = None,
     """Initialize torch.distributed from the launcher's environment (`launch`, parsed from
     os.environ when not given) and build `parallel`'s layout (checked by `validate_layout`).
 
-    NCCL when CUDA is present, gloo otherwise. With WORLD_SIZE unset or 1 and no explicit backend,
-    no process group is created and the layout is local.
+    The backend is `backend`, else `parallel.backend`; "auto" (or None) is NCCL when CUDA is
+    present, gloo otherwise, and with WORLD_SIZE unset or 1 no process group is created and the
+    layout is local. A named backend always creates a group, a world of one included (how a single
+    GPU exercises NCCL through the real entry point).
     """
     launch = launch or LaunchEnv.from_env()
+    backend = backend or (None if parallel.backend == "auto" else parallel.backend)
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend", "nccl needs a CUDA GPU, and none is visible")
     use_cuda = torch.cuda.is_available() if backend in (None, "nccl") else False
     device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}") if use_cuda \
         else torch.device("cpu")

@@ -1,5 +1,7 @@
 """Layout construction: Megatron rank order for TP/DP groups, teacher ranks, and layout errors."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -223,3 +225,28 @@ def test_harness_reports_failing_rank():
 def test_harness_times_out_hung_ranks():
     with pytest.raises(TimeoutError, match=r"ranks \[0(, 1)?\] did not finish"):
         run_ranks(_hang, 2, timeout_s=10)
+
+
+def test_named_backend_makes_a_group_of_one(monkeypatch, tmp_path):
+    """parallel.backend=gloo builds a process group even for one process (as nccl does on a GPU:
+    the GPU check's way to run NCCL through the real entry point); auto makes none."""
+    from engine.parallel import destroy_parallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    env = LaunchEnv.from_env({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
+    assert not init_parallel(ParallelConfig(), launch=env).tp_group and not dist.is_initialized()
+    layout = init_parallel(ParallelConfig(backend="gloo"), launch=env)
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and layout.world_size == 1
+    finally:
+        destroy_parallel()
+
+
+def test_bad_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="parallel.backend"):
+        ParallelConfig(backend="mpi")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="parallel.backend.*CUDA"):
+            init_parallel(ParallelConfig(backend="nccl"),
+                          launch=LaunchEnv.from_env({"WORLD_SIZE": "1", "RANK": "0"}))
