@@ -84,7 +84,9 @@ step machine "torch" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ve
 if [[ $DEVICE == cuda ]]; then
     step cuda_tests "passed|failed|error" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 fi
-step entry_point "fused_lm_head=true" entry_point
+export -f entry_point metrics  # `timeout` runs commands, not shell functions: a child bash runs it
+export PY DEVICE BF16 TRAIN_STEPS WORK
+step entry_point "fused_lm_head=true" bash -c entry_point
 step kd_loss "fused peak" "$PY" tools/bench/kd_loss.py --device "$DEVICE" --dtype "$DTYPE" --tp 1 "${KD_SIZES[@]}"
 step model "ratio" "$PY" tools/bench/model.py --device "$DEVICE" --dtype "$DTYPE" "${MODEL_SIZES[@]}"
 step generate "ratio" "$PY" tools/bench/generate.py --device "$DEVICE" --dtype "$DTYPE" "${GEN_SIZES[@]}"
