@@ -29,11 +29,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distill.kinds import DivergenceArgumentError, Kind, check_divergence_args
-from distill.schedules import (AdaptiveTemperatureConfig, ScheduleConfig, Scheduled,
-                               check_scheduled, ever_positive, scheduled_ends)
+from distill.schedules import (
+    AdaptiveTemperatureConfig,
+    ScheduleConfig,
+    Scheduled,
+    check_scheduled,
+    ever_positive,
+    scheduled_ends,
+)
 from engine.config import ConfigError, check
-from layers.buffers import (BLOCK_BUFFERS, block_buffer, block_name, buffer_names,
-                            parse_block_buffer)
+from layers.buffers import BLOCK_BUFFERS, block_buffer, block_name, buffer_names, parse_block_buffer
 from layers.config import ModelConfig, check_model_layout
 
 SHORTCUTS = {"all_mixers": "mixer_output", "all_mlps": "mlp_output", "all_outputs": "output"}

@@ -21,10 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from distill._plan import (KDDiagnostics, LossPlan, TokenStats, Upstream, label_columns,
-                          make_plan, reduce_stats)
-from distill.kinds import KINDS
+from distill._plan import (
+    KDDiagnostics,
+    LossPlan,
+    TokenStats,
+    Upstream,
+    label_columns,
+    make_plan,
+    reduce_stats,
+)
 from distill._topk import topk_divergence
+from distill.kinds import KINDS
 from engine.collectives import Group
 from engine.data import IGNORE_INDEX
 

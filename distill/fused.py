@@ -30,8 +30,16 @@ from dataclasses import dataclass
 
 import torch
 
-from distill._plan import (KDDiagnostics, LossPlan, TokenStats, Upstream, global_stats,
-                          label_columns, make_plan, reduce_stats)
+from distill._plan import (
+    KDDiagnostics,
+    LossPlan,
+    TokenStats,
+    Upstream,
+    global_stats,
+    label_columns,
+    make_plan,
+    reduce_stats,
+)
 from engine.collectives import Group
 from engine.data import IGNORE_INDEX
 

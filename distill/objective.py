@@ -48,8 +48,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
-from distill.divergence import (cross_entropy, divergence, lm_and_divergence,
-                                topk_divergence)
+from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
 from distill.projection import ActivationProjection
@@ -59,8 +58,8 @@ from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
-from layers.config import ModelConfig
 from layers.buffers import ActivationBuffer
+from layers.config import ModelConfig
 from layers.model import ModelOutput
 
 log = get_logger(__name__)

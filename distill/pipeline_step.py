@@ -33,12 +33,11 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from engine import collectives as C
 from distill.teacher import StageTeacher, TeacherOutputs
+from engine import collectives as C
 from engine.parallel import ParallelLayout
 from engine.param_tags import tag
-from engine.pipeline import (PipelineExecutor, StageOutput, TensorSpec, forward_only,
-                             interleaved_one_f_one_b)
+from engine.pipeline import PipelineExecutor, StageOutput, TensorSpec, forward_only, interleaved_one_f_one_b
 from layers.model import ModelOutput, TransformerLM
 
 # (micro-batch, the last stage's output, the teachers' outputs there by name or None) -> loss

@@ -20,29 +20,48 @@ from pathlib import Path
 
 import yaml
 
+from distill.config import teacher_key
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy, on_policy_at
-from distill.config import teacher_key
-from distill.runconfig import (RunCheckpoints, RunConfig, StartUp, TeacherConfigs, curriculum,
-                               load_run_config, resolved_dict)
+from distill.runconfig import (
+    RunCheckpoints,
+    RunConfig,
+    StartUp,
+    TeacherConfigs,
+    curriculum,
+    load_run_config,
+    resolved_dict,
+)
 from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
 from distill.teacher_sources import ColocatedTeacher, TeacherList
-from distill.teacher_wire import (RemoteTeacher, TeacherStreamError, serve_teacher, stage_request,
-                                  stream_request)
+from distill.teacher_wire import (
+    RemoteTeacher,
+    TeacherStreamError,
+    serve_teacher,
+    stage_request,
+    stream_request,
+)
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.data import DataError, TokenBatches
-from engine.entry import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RUNTIME,
-                          peer_lost, report, start_up)
+from engine.entry import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_RUNTIME,
+    peer_lost,
+    report,
+    start_up,
+)
 from engine.log import error_line, get_logger, setup_logging
 from engine.metrics import MetricsError
 from engine.optim import NonFiniteError
-from engine.parallel import (LaunchEnv, ParallelLayout, destroy_parallel, init_parallel,
-                             is_peer_failure)
+from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, is_peer_failure
 from engine.rundir import RunDirLock, claim_run_dir
 from engine.signals import PreemptionFlag
 from engine.train_config import seed_everything

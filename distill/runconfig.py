@@ -18,8 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from distill.config import (DistillConfig, ResolvedPair, check_compatibility, named_teachers,
-                            teacher_key)
+from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers, teacher_key
 from distill.offline import check_offline_dir, export_key
 from engine.checkpoint import ResolvedCheckpoint, checkpoints_after, open_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict

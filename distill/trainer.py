@@ -36,8 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distill.evaluate import validation_loss
 from distill.objective import DistillObjective, count_tokens, distill_mask
 from distill.on_policy import OnPolicy
-from distill.pipeline_step import (StudentStage, pipeline_copies, run_pipeline,
-                                   sync_pipeline_grads)
+from distill.pipeline_step import StudentStage, pipeline_copies, run_pipeline, sync_pipeline_grads
 from distill.schedules import Schedules
 from distill.teacher import TeacherSource
 from engine import collectives as C

@@ -48,12 +48,30 @@ import torch
 from torch import nn
 
 from engine import collectives
-from engine.checkpoint_files import (CheckpointError, TensorFile, check_size, fsync_dir, read_json,
-                                     safe_child, safe_torch_load, to_json_text, verify_file,
-                                     write_json, write_tensors)
-from engine.checkpoint_state import (ShardReader, load_model_state, load_optimizer_state,
-                                     merge_stage_meta, model_state, optimizer_state, parse_header,
-                                     rng_state, set_rng_state)
+from engine.checkpoint_files import (
+    CheckpointError,
+    TensorFile,
+    check_size,
+    fsync_dir,
+    read_json,
+    safe_child,
+    safe_torch_load,
+    to_json_text,
+    verify_file,
+    write_json,
+    write_tensors,
+)
+from engine.checkpoint_state import (
+    ShardReader,
+    load_model_state,
+    load_optimizer_state,
+    merge_stage_meta,
+    model_state,
+    optimizer_state,
+    parse_header,
+    rng_state,
+    set_rng_state,
+)
 from engine.config import ConfigError
 from engine.dist_optim import ShardedAdamW
 from engine.log import get_logger

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from engine import collectives as C
-from engine.param_tags import param_tags
 from engine.parallel import ParallelLayout
+from engine.param_tags import param_tags
 
 
 @dataclass

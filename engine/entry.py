@@ -19,8 +19,14 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.data import DataError
 from engine.log import error_line
-from engine.parallel import (LaunchEnv, ParallelConfig, ParallelLayout, destroy_parallel, init_parallel,
-                             is_peer_failure)
+from engine.parallel import (
+    LaunchEnv,
+    ParallelConfig,
+    ParallelLayout,
+    destroy_parallel,
+    init_parallel,
+    is_peer_failure,
+)
 from engine.signals import EXIT_ABORTED
 
 EXIT_OK = 0

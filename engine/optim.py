@@ -27,8 +27,8 @@ import torch
 from engine import collectives as C
 from engine.dist_optim import ShardedAdamW
 from engine.log import get_logger
-from engine.param_tags import param_tags
 from engine.parallel import ParallelLayout
+from engine.param_tags import param_tags
 from engine.train_config import TrainConfig
 
 log = get_logger(__name__)

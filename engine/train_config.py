@@ -15,8 +15,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engine.checkpoint import (CheckpointError, checkpoint_metadata, latest_checkpoint,
-                               newest_intact_checkpoint, resolve_checkpoint)
+from engine.checkpoint import (
+    CheckpointError,
+    checkpoint_metadata,
+    latest_checkpoint,
+    newest_intact_checkpoint,
+    resolve_checkpoint,
+)
 from engine.config import ConfigError, check
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from engine import collectives as C
-from engine.param_tags import param_tags
 from engine.parallel import ParallelLayout
+from engine.param_tags import param_tags
 
 
 def full_shape(param: nn.Parameter, *, tp: int, vocab_size: int) -> tuple[int, ...]:

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
-                             reduce_scatter_to_sp)
+from engine.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 from engine.parallel import ParallelLayout
 from layers.params import new_param
 from layers.quant import LinearQuant

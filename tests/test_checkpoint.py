@@ -10,8 +10,13 @@ import pytest
 import torch
 
 import engine.checkpoint as ckpt_mod
-from engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                               safe_torch_load, save_checkpoint)
+from engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    safe_torch_load,
+    save_checkpoint,
+)
 from engine.checkpoint_files import sha256_of
 from engine.parallel import ParallelLayout
 from engine.signals import PreemptionFlag

@@ -20,9 +20,8 @@ from engine.config import to_dict
 from layers.hf import hf_config_to_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
-from tools import convert_hf  # noqa: E402
-
 from tests.hf_models import HF_MODELS, TOKENIZER, save_hf_model  # noqa: E402
+from tools import convert_hf  # noqa: E402
 
 ERROR_LINE = re.compile(r"\w+Error: ")  # one failure line: `Kind: message`
 

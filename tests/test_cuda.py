@@ -12,8 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
-                                 write_config)
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -22,8 +22,14 @@ import torch
 from engine.data import TokenBatches
 from engine.data.config import DataConfig
 from engine.data.curriculum import curriculum_order
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
-                                 write_config)
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 
 
 def test_order_mode_sorts_by_score_highest_first_ties_by_index():

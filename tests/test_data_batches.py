@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from engine.config import ConfigError, from_dict, to_dict
-from engine.data import (IGNORE_INDEX, Blend, DataConfig, TokenBatches, check_batch_layout,
-                         split_documents, write_indexed)
+from engine.data import (
+    IGNORE_INDEX,
+    Blend,
+    DataConfig,
+    TokenBatches,
+    check_batch_layout,
+    split_documents,
+    write_indexed,
+)
 
 
 def _dataset(prefix, dataset_id, num_docs, seed):

@@ -17,8 +17,7 @@ from engine.mappings import gather_from_tp
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig, RopeScaling
-from layers.decode import (KVCache, Sampling, choose_tokens, decoding, forward_step, generate,
-                           left_pad)
+from layers.decode import KVCache, Sampling, choose_tokens, decoding, forward_step, generate, left_pad
 from layers.model import TransformerLM
 
 TOL = dict(rtol=1e-10, atol=1e-10)

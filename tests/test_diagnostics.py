@@ -27,8 +27,7 @@ from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
-from tests.references import (VOCAB, make_labels, make_logits, reference_diagnostics, vocab_shard,
-                              world_group)
+from tests.references import VOCAB, make_labels, make_logits, reference_diagnostics, vocab_shard, world_group
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -5,10 +5,17 @@ import dataclasses
 import pytest
 import torch
 
-from distill.config import (ActivationPairConfig, DistillConfig, LogitKDConfig, ResolvedPair,
-                            aligned_teacher_config, check_compatibility, resolve_pairs,
-                            teacher_layer)
 from distill import KINDS, divergence
+from distill.config import (
+    ActivationPairConfig,
+    DistillConfig,
+    LogitKDConfig,
+    ResolvedPair,
+    aligned_teacher_config,
+    check_compatibility,
+    resolve_pairs,
+    teacher_layer,
+)
 from distill.schedules import Schedules
 from engine.config import ConfigError, apply_overrides, from_dict, to_dict
 from engine.parallel import ParallelLayout

@@ -10,7 +10,6 @@ and bf16 round-off (rtol 8e-3) for bf16 inputs, whose gradients come back in bf1
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,8 +19,19 @@ from distill import KINDS, cross_entropy, divergence, lm_and_divergence, topk_di
 from engine import collectives as C
 from engine.mappings import scatter_to_tp
 from engine.spawn import run_ranks
-from tests.references import (NEG, ROWS, VOCAB, log_probs, make_labels, make_logits,
-                              reference, reference_ce, reference_grad, vocab_shard, world_group)
+from tests.references import (
+    NEG,
+    ROWS,
+    VOCAB,
+    log_probs,
+    make_labels,
+    make_logits,
+    reference,
+    reference_ce,
+    reference_grad,
+    vocab_shard,
+    world_group,
+)
 
 TEMPERATURES = (0.5, 1.0, 4.0)
 

@@ -30,8 +30,7 @@ import yaml
 from engine.checkpoint import latest_checkpoint, newest_intact_checkpoint
 from engine.data import default_corpus, resolve_data_path
 from engine.data.config import DataConfig
-from tests.helpers import (ROOT, children, command, finish, run, start, subprocess_env,
-                           wait_for_step)
+from tests.helpers import ROOT, children, command, finish, run, start, subprocess_env, wait_for_step
 from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
 
 pytestmark = pytest.mark.slow

@@ -14,18 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import IndexedTokens, TokenBatches, DataConfig, write_indexed
+from engine.data import DataConfig, IndexedTokens, TokenBatches, write_indexed
 from engine.data.corpus import train_byte_level_bpe
 from engine.parallel import ParallelLayout
 from layers.decode import generate, left_pad
+from tests.helpers import command, run_ok
+from tests.hf_models import save_hf_model
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
+from tools import convert_hf, score
+from tools import generate as generate_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-from tools import convert_hf  # noqa: E402
-from tools import generate as generate_tool  # noqa: E402
-from tools import score  # noqa: E402
-from tests.helpers import command, run_ok  # noqa: E402
-from tests.hf_models import save_hf_model  # noqa: E402
 
 VOCAB = 96
 NEW = 8

@@ -12,8 +12,12 @@ from engine.mappings import gather_from_tp
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
-from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config, hf_to_engine_state_dict,
-                       model_config_to_hf_config)
+from layers.hf import (
+    engine_to_hf_state_dict,
+    hf_config_to_model_config,
+    hf_to_engine_state_dict,
+    model_config_to_hf_config,
+)
 from layers.model import TransformerLM
 from layers.sharding import full_state_dict, load_full_state_dict
 

@@ -37,8 +37,15 @@ from engine.parallel import ParallelConfig, ParallelLayout
 from engine.spawn import run_ranks
 from layers.model import TransformerLM
 from tests.helpers import assert_same_run
-from tests.trainer_utils import (VOCAB, base_config, make_teacher, read_metrics, run_main,
-                                 teacher_config, write_config)
+from tests.trainer_utils import (
+    VOCAB,
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import export_teacher_logits

@@ -30,8 +30,14 @@ from layers.config import ModelConfig
 from layers.model import ModelOutput, TransformerLM
 from layers.sharding import gather_full
 from tests.helpers import assert_same_run
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
-                                 write_config)
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 VOCAB, SEQ, NEW, STEP = 70, 12, 5, 3

@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from engine.optim import LRSchedule, grad_norm
+from engine.optim import LRSchedule, NonFiniteError, OptimizerStep, grad_norm
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
-from engine.optim import NonFiniteError, OptimizerStep
 from engine.train_config import TrainConfig
 
 

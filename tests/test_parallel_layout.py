@@ -8,8 +8,18 @@ import torch.distributed as dist
 
 from engine import collectives as C
 from engine.config import ConfigError
-from engine.parallel import (STUDENT, LaunchEnv, LayoutError, ParallelConfig, ParallelLayout,
-                             RankLists, RankOrder, init_parallel, make_layout, validate_layout)
+from engine.parallel import (
+    STUDENT,
+    LaunchEnv,
+    LayoutError,
+    ParallelConfig,
+    ParallelLayout,
+    RankLists,
+    RankOrder,
+    init_parallel,
+    make_layout,
+    validate_layout,
+)
 from engine.spawn import RankFailure, run_ranks
 
 

@@ -20,7 +20,6 @@ teacher on its own rank(s) feeding a PP=2 student (hidden and logits streams, it
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import yaml
@@ -33,7 +32,6 @@ from layers.config import ModelConfig
 from layers.model import TransformerLM
 from tests.helpers import assert_same_run
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
-
 from tools import convert_hf  # noqa: E402
 
 pytestmark = pytest.mark.slow  # multi-rank end-to-end runs through the entry point

@@ -17,9 +17,18 @@ from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
-from layers.quant import (LinearQuant, absmax_scale, absmean_scale, pack_ternary,
-                          quantize_activations, quantized_activations, split_ternary,
-                          ternary_codes, ternary_weight, unpack_ternary)
+from layers.quant import (
+    LinearQuant,
+    absmax_scale,
+    absmean_scale,
+    pack_ternary,
+    quantize_activations,
+    quantized_activations,
+    split_ternary,
+    ternary_codes,
+    ternary_weight,
+    unpack_ternary,
+)
 from layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
 QUANT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import command, finish, start, wait_for_step
-from tests.trainer_utils import (base_config, dropout_tp2_sp_distill_config, make_teacher,
-                                 read_metrics, teacher_config, write_config)
+from tests.trainer_utils import (
+    base_config,
+    dropout_tp2_sp_distill_config,
+    make_teacher,
+    read_metrics,
+    teacher_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # end-to-end runs under torchrun, killed and resumed
 

@@ -10,8 +10,14 @@ from distill.config import DistillConfig
 from distill.schedules import AdaptiveTemperatureConfig, ScheduleConfig, Schedules
 from engine.config import ConfigError, from_dict
 from tests.helpers import FP32_ATOL, FP32_RTOL
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main,
-                                 teacher_config, write_config)
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 
 
 def _parse(data: dict) -> DistillConfig:

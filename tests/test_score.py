@@ -13,16 +13,14 @@ import pytest
 import torch
 import transformers
 
+from distill.evaluate import validation_loss
 from engine.data import DataConfig, TokenBatches, write_indexed
 from engine.parallel import ParallelConfig, make_layout
-from distill.evaluate import validation_loss
 from engine.spawn import run_ranks
+from tests.helpers import command, run_ok
+from tools import convert_hf, score
 
 ROOT = Path(__file__).resolve().parents[1]
-from tools import convert_hf  # noqa: E402
-from tools import score  # noqa: E402
-
-from tests.helpers import command, run_ok  # noqa: E402
 
 VOCAB = 80
 TOL = dict(rtol=0, atol=1e-4)

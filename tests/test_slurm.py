@@ -29,8 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (ROOT as REPO, SLURM_DIR, assert_same_run, install_or_skip,
-                           last_logged_step, netns_nodes, wait_until)
+from tests.helpers import ROOT as REPO
+from tests.helpers import (
+    SLURM_DIR,
+    assert_same_run,
+    install_or_skip,
+    last_logged_step,
+    netns_nodes,
+    wait_until,
+)
 from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
 
 SBATCH = SLURM_DIR / "pretrain_distill.sbatch"

@@ -38,8 +38,7 @@ from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.sharding import gather_full
 from tests.helpers import FP32_ATOL, FP32_RTOL
-from tests.references import (VOCAB, make_logits, reference, reference_grad, vocab_shard,
-                              world_group)
+from tests.references import VOCAB, make_logits, reference, reference_grad, vocab_shard, world_group
 
 # ---- the mixture on vocabulary shards ---------------------------------------------------------
 
@@ -317,8 +316,14 @@ def test_two_identical_teachers_equal_one_teacher():
 
 
 def test_entry_point_trains_from_two_colocated_teachers(tmp_path):
-    from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main,
-                                     teacher_config, write_config)
+    from tests.trainer_utils import (
+        base_config,
+        make_teacher,
+        read_metrics,
+        run_main,
+        teacher_config,
+        write_config,
+    )
 
     cfg = base_config(tmp_path, cache=tmp_path / "cache")
     wide = teacher_config(cfg)
@@ -351,8 +356,15 @@ def test_offline_exports_of_two_teachers_equal_colocated_sum(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import export_teacher_logits
 
-    from tests.trainer_utils import (VOCAB as CORPUS_VOCAB, base_config, make_teacher,
-                                     read_metrics, run_main, teacher_config, write_config)
+    from tests.trainer_utils import VOCAB as CORPUS_VOCAB
+    from tests.trainer_utils import (
+        base_config,
+        make_teacher,
+        read_metrics,
+        run_main,
+        teacher_config,
+        write_config,
+    )
 
     cfg = base_config(tmp_path, cache=tmp_path / "cache")
     narrow = teacher_config(cfg)

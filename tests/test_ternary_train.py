@@ -19,8 +19,14 @@ from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.quant import quantized_full_state_dict
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
-                                 write_config)
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 from tools.score import load_model
 
 TP2_SP = ["parallel.tp=2", "parallel.sp=true"]

@@ -6,7 +6,6 @@ tolerance is fp32 round-off of a few hundred operations (rtol 1e-5 on losses and
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,8 +14,14 @@ from distill.config import SINGLE_TEACHER
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine.spawn import run_ranks
 from tests.helpers import assert_same_run
-from tests.trainer_utils import (base_config, make_teacher, read_metrics, run_main, teacher_config,
-                                 write_config)
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
 
 PREEMPT_STEPS = 40  # long enough that the signal lands before the end even on a loaded machine
 

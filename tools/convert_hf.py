@@ -71,8 +71,12 @@ from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout  # noqa: E402
 from engine.spawn import RankFailure, run_ranks  # noqa: E402
 from layers.config import ModelConfig, check_model_layout  # noqa: E402
-from layers.hf import (engine_to_hf_state_dict, hf_config_to_model_config,  # noqa: E402
-                       hf_to_engine_state_dict, model_config_to_hf_config)
+from layers.hf import (  # noqa: E402
+    engine_to_hf_state_dict,
+    hf_config_to_model_config,
+    hf_to_engine_state_dict,
+    model_config_to_hf_config,
+)
 from layers.model import TransformerLM  # noqa: E402
 from layers.quant import quantized_full_state_dict  # noqa: E402
 from layers.sharding import load_full_state_dict  # noqa: E402

@@ -25,8 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from distill.runconfig import (RunConfig, check_data, curriculum_key, parse_run_config,  # noqa: E402
-                               teacher_config)
+from distill.runconfig import RunConfig, check_data, curriculum_key, parse_run_config, teacher_config  # noqa: E402
 from distill.teacher_load import load_teacher  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import apply_overrides, check, load_yaml  # noqa: E402

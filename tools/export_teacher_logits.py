@@ -34,10 +34,24 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from distill.config import check_compatibility
-from distill.offline import (FORMAT, METADATA, VERSION, sample_checksums, shard_name,
-                             teacher_digest, teacher_topk, tokenizer_record)
-from distill.runconfig import (RunConfig, check_data, parse_run_config, run_export_key,
-                               teacher_checkpoints, teacher_model_config)
+from distill.offline import (
+    FORMAT,
+    METADATA,
+    VERSION,
+    sample_checksums,
+    shard_name,
+    teacher_digest,
+    teacher_topk,
+    tokenizer_record,
+)
+from distill.runconfig import (
+    RunConfig,
+    check_data,
+    parse_run_config,
+    run_export_key,
+    teacher_checkpoints,
+    teacher_model_config,
+)
 from distill.teacher import TeacherRequest
 from distill.teacher_load import load_teacher
 from distill.teacher_sources import ColocatedTeacher

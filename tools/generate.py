@@ -57,16 +57,31 @@ import torch
 
 from engine import collectives as C
 from engine.config import ConfigError, check, from_dict
-from engine.data import (DataConfig, IndexedWriter, TokenBatches, document_text, dtype_for_vocab,
-                         file_records, find_eod_id, load_tokenizer, resolve_data_path)
+from engine.data import (
+    DataConfig,
+    IndexedWriter,
+    TokenBatches,
+    document_text,
+    dtype_for_vocab,
+    file_records,
+    find_eod_id,
+    load_tokenizer,
+    resolve_data_path,
+)
 from engine.entry import ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
 from engine.parallel import LaunchEnv, ParallelConfig, ParallelLayout
 from layers.config import ModelConfig
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
-from tools.score import (check_tool_layout, checkpoint_model_config, load_model, read_tokens,
-                         save_npy, tool_degrees)
+from tools.score import (
+    check_tool_layout,
+    checkpoint_model_config,
+    load_model,
+    read_tokens,
+    save_npy,
+    tool_degrees,
+)
 
 log = get_logger("generate")
 TOKENIZER_DIR = "tokenizer"  # inside an imported checkpoint's step directory (tools/convert_hf.py)

@@ -22,8 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.data import (EOD_CANDIDATES, DataError, Record, check_inputs,  # noqa: E402
-                         encode_to_indexed, file_records, find_eod_id, load_tokenizer)
+from engine.data import (  # noqa: E402
+    EOD_CANDIDATES,
+    DataError,
+    Record,
+    check_inputs,
+    encode_to_indexed,
+    file_records,
+    find_eod_id,
+    load_tokenizer,
+)
 from engine.log import get_logger, setup_logging  # noqa: E402
 
 log = get_logger("preprocess_data")

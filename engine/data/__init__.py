@@ -9,10 +9,27 @@
 
 from engine.data.config import DataConfig, check_batch_layout, resolve_data_path, split_fractions
 from engine.data.corpus import EOD_TOKEN, default_corpus
-from engine.data.dataset import (EAGER_SCAN_BYTES, IGNORE_INDEX, Blend, PackedSamples, TokenBatches,
-                                 check_datasets, shift_labels, split_documents, to_device)
-from engine.data.encode import (EOD_CANDIDATES, Record, check_inputs, document_text,
-                                encode_to_indexed, file_records, find_eod_id, load_tokenizer)
+from engine.data.dataset import (
+                                 EAGER_SCAN_BYTES,
+                                 IGNORE_INDEX,
+                                 Blend,
+                                 PackedSamples,
+                                 TokenBatches,
+                                 check_datasets,
+                                 shift_labels,
+                                 split_documents,
+                                 to_device,
+)
+from engine.data.encode import (
+                                 EOD_CANDIDATES,
+                                 Record,
+                                 check_inputs,
+                                 document_text,
+                                 encode_to_indexed,
+                                 file_records,
+                                 find_eod_id,
+                                 load_tokenizer,
+)
 from engine.data.indexed import DataError, IndexedTokens, IndexedWriter, dtype_for_vocab, write_indexed
 
 __all__ = [

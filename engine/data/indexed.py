@@ -20,8 +20,8 @@ as megatron-core's GPTDataset does.
 from __future__ import annotations
 
 import os
-import struct
 import secrets
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType

@@ -12,7 +12,6 @@ from layers.hf import hf_config_to_model_config, hf_to_engine_state_dict
 from layers.model import TransformerLM
 from layers.sharding import load_full_state_dict
 
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
