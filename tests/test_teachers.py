@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +37,16 @@ from layers.model import TransformerLM
 from layers.sharding import gather_full
 from tests.helpers import FP32_ATOL, FP32_RTOL
 from tests.references import VOCAB, make_logits, reference, reference_grad, vocab_shard, world_group
+from tests.trainer_utils import VOCAB as CORPUS_VOCAB
+from tests.trainer_utils import (
+    base_config,
+    make_teacher,
+    read_metrics,
+    run_main,
+    teacher_config,
+    write_config,
+)
+from tools import export_teacher_logits
 
 # ---- the mixture on vocabulary shards ---------------------------------------------------------
 
@@ -316,15 +324,6 @@ def test_two_identical_teachers_equal_one_teacher():
 
 
 def test_entry_point_trains_from_two_colocated_teachers(tmp_path):
-    from tests.trainer_utils import (
-        base_config,
-        make_teacher,
-        read_metrics,
-        run_main,
-        teacher_config,
-        write_config,
-    )
-
     cfg = base_config(tmp_path, cache=tmp_path / "cache")
     wide = teacher_config(cfg)
     narrow = teacher_config(cfg)
@@ -353,19 +352,6 @@ def test_entry_point_trains_from_two_colocated_teachers(tmp_path):
 def test_offline_exports_of_two_teachers_equal_colocated_sum(tmp_path):
     """Sum mode from two full-vocabulary offline exports logs what two colocated teachers log
     (fp32 round-off of the two formulas: rtol 1e-5, kd terms atol 1e-6)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import export_teacher_logits
-
-    from tests.trainer_utils import VOCAB as CORPUS_VOCAB
-    from tests.trainer_utils import (
-        base_config,
-        make_teacher,
-        read_metrics,
-        run_main,
-        teacher_config,
-        write_config,
-    )
-
     cfg = base_config(tmp_path, cache=tmp_path / "cache")
     narrow = teacher_config(cfg)
     narrow["model"].update(hidden=24, layers=1, ffn_hidden=48)

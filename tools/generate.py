@@ -75,6 +75,7 @@ from layers.config import ModelConfig
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
 from tools.score import (
+    add_model_args,
     check_tool_layout,
     checkpoint_model_config,
     load_model,
@@ -268,11 +269,7 @@ def report_speed(tokens: int, seconds: float, layout: ParallelLayout) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
-    parser.add_argument("--tp", type=int, default=None,
-                        help="tensor-parallel degree (default: all ranks over --pp)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (model.layers must "
-                                                          "divide by it)")
+    add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", type=Path, help=".npy of int prompt ids [batch, prompt_len]")
     source.add_argument("--prompts", type=Path, help="text file: one prompt per non-blank line")

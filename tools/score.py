@@ -158,11 +158,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
-    parser.add_argument("--tp", type=int, default=None,
-                        help="tensor-parallel degree (default: all ranks over --pp)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (model.layers must "
-                                                          "divide by it)")
+    add_model_args(parser)
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward on one DP rank")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--tokens", type=Path, help=".npy of int ids [batch, seq] to score")
@@ -194,6 +190,15 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     elif args.batch_size % (dp := tool_parallel(args).rank_order(STUDENT, world).dp):
         raise ConfigError("--batch-size", f"{args.batch_size} does not split over {dp} "
                                           "data-parallel ranks")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """`--ckpt`, `--tp` and `--pp`: the checkpoint a tool runs and its layout (`tool_degrees`)."""
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a root with `latest`)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel degree (default: all ranks over --pp)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (model.layers must "
+                                                          "divide by it)")
 
 
 def tool_degrees(args: argparse.Namespace, world: int) -> ParallelConfig:
