@@ -44,13 +44,19 @@ KEY = "train.run_dir"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard")  # what a run writes
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of process `pid` in clock ticks since boot (Linux /proc), or None."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of process `pid`'s /proc stat line (Linux), or None where there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the command name may hold spaces
+    return stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux /proc), or None."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None  # field 22
 
 
 def _launcher_job(env: dict[str, str]) -> tuple[str, list[int]]:
@@ -103,7 +109,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    # A killed rank stays a zombie until its parent (or, once torchrun is gone too, init) reaps
+    # it: signals still reach its pid, but it has ended and holds nothing.
+    fields = _stat_fields(pid)
+    return not (fields and fields[0] in ("Z", "X"))
 
 
 def _read_owner(path: Path) -> Owner | None:

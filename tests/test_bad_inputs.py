@@ -366,6 +366,29 @@ def test_stale_lock_is_taken_over_and_released(good, tmp_path, monkeypatch, capl
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".lock")) == []
 
 
+@pytest.fixture
+def zombie_pid():
+    """The pid of a process that has exited but is not reaped yet: what a SIGKILLed rank leaves
+    behind until its parent (or init) collects it."""
+    import os
+    import time
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield pid
+    os.waitpid(pid, 0)
+
+
+def test_lock_of_an_unreaped_process_is_taken_over(good, tmp_path, caplog, zombie_pid):
+    lock = _lock(tmp_path / "run", pid=zombie_pid)
+    assert run_main(good["config"], f"train.run_dir={tmp_path / 'run'}", "train.steps=1") == 0
+    assert "its process has exited" in caplog.text and not lock.exists()
+
+
 def test_live_lock_on_this_host_refuses(good, tmp_path, capsys):
     import os
     lock = _lock(tmp_path / "run", pid=os.getppid())

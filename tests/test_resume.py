@@ -45,9 +45,11 @@ def _torchrun(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
                          f"train.run_dir={run_dir}", *extra))
 
 
-def _finish(proc: subprocess.Popen) -> int:
+def _finish(proc: subprocess.Popen, *, ok: bool = True) -> int:
+    """The run's exit code: 0 when `ok` (its output in the failure message otherwise), else 0 or
+    1 (torchrun's code when a worker stopped early)."""
     code, err = finish(proc)
-    assert code in (0, 1), err[-2000:]  # 1: torchrun's code when a worker stopped early
+    assert code == 0 if ok else code in (0, 1), err[-3000:]
     return code
 
 
@@ -66,7 +68,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float, float]]:
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    assert _finish(_torchrun(config, run_dir)) == 0
+    _finish(_torchrun(config, run_dir))
     losses = _losses(run_dir)
     assert [s for s, _, _ in losses] == list(range(1, STEPS + 1))
     return losses
@@ -79,7 +81,7 @@ def test_sigkill_then_resume_is_bitwise_identical(config, reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert (run_dir / "checkpoints" / "latest").is_file()
-    assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
+    _finish(_torchrun(config, run_dir, "train.resume=auto"))
     assert _losses(run_dir) == reference  # exact float equality, every step
 
 
@@ -90,12 +92,12 @@ def _sigterm_and_resume(config, run_dir) -> list:
     wait_for_step(run_dir, 3, proc)
     for pid in _worker_pids(run_dir):
         os.kill(pid, signal.SIGTERM)
-    _finish(proc)
+    _finish(proc, ok=False)
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     stopped_at = int(saved[-1].removeprefix("step_"))
     assert 3 <= stopped_at < STEPS, saved
     assert len(read_metrics(run_dir)) == stopped_at
-    assert _finish(_torchrun(config, run_dir, "train.resume=auto")) == 0
+    _finish(_torchrun(config, run_dir, "train.resume=auto"))
     return _losses(run_dir)
 
 
@@ -134,7 +136,7 @@ def test_sigterm_with_on_policy_samples_on_a_teacher_rank(tmp_path):
 def _check_preemption(cfg: dict, tmp_path: Path) -> None:
     """The uninterrupted run of `cfg` against one preempted by SIGTERM and resumed."""
     config = write_config(tmp_path / "run.yaml", cfg)
-    assert _finish(_torchrun(config, tmp_path / "reference")) == 0
+    _finish(_torchrun(config, tmp_path / "reference"))
     reference = _losses(tmp_path / "reference")
     assert [s for s, _, _ in reference] == list(range(1, STEPS + 1))
     assert _sigterm_and_resume(config, tmp_path / "preempted") == reference
