@@ -144,13 +144,23 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of `pack_ternary`: int8 codes in {-1, 0, 1} of `shape`."""
+    """The inverse of `pack_ternary`: int8 codes in {-1, 0, 1} of `shape`. ValueError when
+    `packed` is not uint8 `[ceil(numel / 4)]` or holds the field 3, which no ternary value packs to
+    (it would unpack to +2: a corrupt file)."""
     numel = 1
     for size in shape:
         numel *= size
+    expected = -(-numel // CODES_PER_BYTE)
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(f"expected {expected} uint8 code bytes for shape {list(shape)}, found "
+                         f"{packed.numel()} {str(packed.dtype).removeprefix('torch.')}")
     shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
-    fields = (packed.reshape(-1, 1) >> shifts) & 3  # [bytes, 4]
-    return (fields.reshape(-1)[:numel].to(torch.int8) - 1).reshape(shape)
+    fields = ((packed.reshape(-1, 1) >> shifts) & 3).reshape(-1)[:numel]  # [numel]
+    bad = (fields == 3).nonzero()
+    if bad.numel():
+        raise ValueError(f"code 3 (not a ternary value) at weight {bad[0].item()} of {numel}, "
+                         f"{bad.numel()} in all")
+    return (fields.to(torch.int8) - 1).reshape(shape)
 
 
 def split_ternary(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
