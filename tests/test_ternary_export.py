@@ -29,7 +29,7 @@ from layers.quant import absmax_scale, quantize_activations, quantized_full_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools import convert_hf  # noqa: E402
-from tools.score import load_model  # noqa: E402
+from tools.score import checkpoint_model_config, load_model  # noqa: E402
 from tools.ternary_pack import read_packed  # noqa: E402
 
 CONFIGS = {
@@ -203,3 +203,24 @@ def test_unpack_refuses_corrupt_codes_and_scales(checkpoints, tmp_path, capsys, 
     assert message in err[0], err
     assert not (tmp_path / "back").exists()
     assert not list(tmp_path.glob(".back*"))  # no staging directory left either
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_import_of_an_export_keeps_the_quantization(checkpoints, tmp_path, arch):
+    """Import used to drop `megadistill_quant`: a `quant=none` checkpoint without the 8-bit
+    inputs, which `export --packed` refused. Now it is ternary again, computes the same logits
+    (quantization on) and exports the same files."""
+    cfg, step_dir = CONFIGS[arch], checkpoints[arch]
+    hf, imported, again = tmp_path / "hf", tmp_path / "imported", tmp_path / "again"
+    assert convert("export", "--ckpt", step_dir, "--out", hf) == 0
+    assert convert("import", "--hf", hf, "--out", imported, "--tp", 2, "--verify") == 0
+    _, _, got_cfg = checkpoint_model_config(str(imported))
+    assert (got_cfg.quant, got_cfg.quant_activation_bits) == ("ternary", 8)
+    with torch.no_grad():
+        want = _ours(step_dir, cfg, torch.float32)(_ids()).logits
+        got = _ours(imported / "step_00000000", got_cfg, torch.float32)(_ids()).logits
+    assert torch.equal(got, want)
+    packed = tmp_path / "model.ternary.safetensors"
+    assert convert("export", "--ckpt", imported, "--out", again, "--packed", packed) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (hf / name).read_bytes(), name
