@@ -29,8 +29,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh"}
 _EXPORT_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-# Non-parameter entries some checkpoints carry (attention masks, rotary caches).
 QUANT_KEY = "megadistill_quant"  # config.json: {weights, activation_bits} of a ternary export
+# Non-parameter entries some checkpoints carry (attention masks, rotary caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
