@@ -19,7 +19,11 @@ Rows are keyed by GLOBAL sample index: the training stream's sample g depends on
 `data.seq_len` and `train.seed` (`engine.data.TokenBatches` draws samples one at a time), so one
 export serves any DP degree, micro-batch size or global batch, as long as it covers
 `train.steps * data.global_batch` samples. `check_offline_dir` compares the metadata with the run
-at start-up; `OfflineTeacher` serves each micro-batch's rows and checks their token checksums.
+at start-up (each shard's size: a stat, no read); `OfflineTeacher` serves each micro-batch's rows
+and checks their token checksums. Each shard's sha256 is checked against metadata.json before the
+first row is read from it (`ShardedRows`), for the whole step at its first micro-batch, so that
+every rank that reads rows (the last stage's, all TP and DP ranks) meets an altered shard at the
+same step, before the step's collectives, and stops with the same ConfigError (exit 2).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from distill.teacher import StageTeacher, TeacherOutputs, token_checksum
 from engine import collectives as C
 from engine.checkpoint import METADATA as CHECKPOINT_METADATA
 from engine.checkpoint import resolve_checkpoint
-from engine.checkpoint_files import CheckpointError, read_json, safe_child, sha256_of
+from engine.checkpoint_files import CheckpointError, read_json, safe_child, sha256_of, verify_file
 from engine.config import ConfigError
 from engine.data import DataConfig, TokenBatches, resolve_data_path
 
@@ -211,19 +215,41 @@ def _check_shards(directory: Path, meta: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ serving rows
 
 class ShardedRows:
-    """Rows of an export by global sample index, read lazily from memory-mapped shards."""
+    """Rows of an export by global sample index, read lazily from memory-mapped shards, each
+    verified against its metadata record (size and sha256) before its first read: an altered
+    shard is a `ConfigError(key)` naming the file."""
 
-    def __init__(self, directory: str | Path, meta: dict[str, Any]):
-        self.directory = Path(directory).expanduser()
+    def __init__(self, directory: str | Path, meta: dict[str, Any], *, key: str = KEY):
+        self.directory, self.key = Path(directory).expanduser(), key
         self.per_shard, self.samples = meta["samples_per_shard"], meta["samples"]
-        self.files = [record["file"] for record in meta["shards"]]
+        self.records = meta["shards"]  # file, first, count, size, sha256 of each shard
         self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> safe_open handle
+        self._verified: set[int] = set()
+
+    def verify(self, samples: range) -> None:
+        """Check the digest of every shard holding some of `samples` (each shard once)."""
+        last = min(samples.stop, self.samples) - 1
+        for shard in range(max(samples.start, 0) // self.per_shard, last // self.per_shard + 1):
+            self._verify(shard)
+
+    def _verify(self, shard: int) -> None:
+        if shard in self._verified:
+            return
+        record = self.records[shard]
+        try:
+            verify_file(safe_child(self.directory, record["file"]), record)
+        except CheckpointError as err:
+            raise ConfigError(self.key, f"{err}; export it again with "
+                                        "tools/export_teacher_logits.py") from None
+        self._verified.add(shard)
 
     def _handle(self, shard: int):
         if shard not in self._open:
+            self._verify(shard)
             if len(self._open) == _OPEN_SHARDS:
                 self._open.popitem(last=False)
-            self._open[shard] = safe_open(str(self.directory / self.files[shard]), framework="pt")
+            self._open[shard] = safe_open(str(self.directory / self.records[shard]["file"]),
+                                          framework="pt")
         self._open.move_to_end(shard)
         return self._open[shard]
 
@@ -260,9 +286,9 @@ class OfflineTeacher:
     reaches_every_stage = False
 
     def __init__(self, directory: str | Path, *, data: TokenBatches,
-                 device: torch.device | str = "cpu", name: str = SINGLE_TEACHER):
+                 device: torch.device | str = "cpu", name: str = SINGLE_TEACHER, key: str = KEY):
         self.name = name
-        self.store = ShardedRows(directory, read_metadata(directory))
+        self.store = ShardedRows(directory, read_metadata(directory), key=key)
         self.data, self.device = data, torch.device(device)
         self._step_first = -1  # first global sample of the step being served
         self._micro = 0  # micro-batches of that step served so far
@@ -272,6 +298,8 @@ class OfflineTeacher:
         step_first = data.consumed_samples - cfg.global_batch
         if step_first != self._step_first:
             self._step_first, self._micro = step_first, 0
+            # the whole step's shards, not this rank's: every rank fails at the same step or none
+            self.store.verify(range(step_first, step_first + cfg.global_batch))
         first = step_first + (self._micro * data.dp + data.dp_rank) * cfg.micro_batch
         self._micro += 1
         return range(first, first + batch)

@@ -219,7 +219,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
     if schedule == "offline":
         if cfg.distill.teachers:
             return TeacherList([OfflineTeacher(e.offline_dir, data=data, device=layout.device,
-                                               name=e.name) for e in cfg.distill.teachers])
+                                               name=e.name, key=f"distill.teachers[{i}].offline_dir")
+                                for i, e in enumerate(cfg.distill.teachers)])
         return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
     if teacher_cfg is None:
         return None

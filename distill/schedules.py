@@ -46,10 +46,7 @@ class ScheduleConfig:
     schedule: Literal["linear", "cosine", "step"] = "linear"  # shape of the change
     steps: int = 1  # linear/cosine: length of the ramp; step: the step from which `end` holds
 
-    def __post_init__(self) -> None:
-        for key in ("start", "end"):
-            value = getattr(self, key)
-            check(math.isfinite(value), key, f"must be a finite number (got {value})")
+    def __post_init__(self) -> None:  # start and end are finite: engine/config.py checks every float
         check(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
 
     def at(self, step: int) -> float:

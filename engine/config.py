@@ -3,12 +3,17 @@
 Each concern declares its own frozen dataclass (fields with one-line docstrings as comments, and a
 `__post_init__` that validates with `check`). `from_dict` builds a tree of them from plain data and
 reports every problem as one `ConfigError` whose message starts with the full key path.
+
+Every `float` field must be finite: `.inf` or `.nan` (from YAML or an override) is refused here,
+for constants and schedules alike, since no setting means anything at infinity and a NaN
+compares false with every range check its `__post_init__` would make.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -49,6 +54,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if float in args and isinstance(value, float):  # the one error: not finite
+            return _coerce(value, float, key)
         structs = [a for a in args if dataclasses.is_dataclass(a)]
         if isinstance(value, Mapping) and len(structs) == 1:
             # Only one member takes a mapping: its error names the exact sub-key.
@@ -85,6 +92,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
               f"must be a number (got {value!r})")
+        check(math.isfinite(value), key, f"must be a finite number (got {value})")
         return float(value)
     if hint is str:
         check(isinstance(value, str), key, f"must be a string (got {value!r})")

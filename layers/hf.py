@@ -29,6 +29,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh"}
 _EXPORT_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+QUANT_KEY = "megadistill_quant"  # config.json: {weights, activation_bits} of a ternary export
 # Non-parameter entries some checkpoints carry (attention masks, rotary caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -52,7 +53,17 @@ def hf_config_to_model_config(hf_config: Mapping[str, Any]) -> ModelConfig:
     """A `ModelConfig` for a Hugging Face `config.json` dict (llama, mistral, qwen2, gpt2)."""
     kind = hf_model_type(hf_config)
     fields = _gpt2_fields(hf_config) if kind == "gpt2" else _llama_fields(hf_config, kind)
-    return ModelConfig(**fields, hf_model_type=kind)
+    return ModelConfig(**fields, **_quant_fields(hf_config), hf_model_type=kind)
+
+
+def _quant_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The quantization a ternary export recorded under QUANT_KEY (none without the key)."""
+    quant = hf.get(QUANT_KEY)
+    if quant is None:
+        return {}
+    if not isinstance(quant, Mapping) or set(quant) != {"weights", "activation_bits"}:
+        raise ValueError(f"{QUANT_KEY} must be {{weights, activation_bits}} (got {quant!r})")
+    return dict(quant=quant["weights"], quant_activation_bits=quant["activation_bits"])
 
 
 def _activation(name: str) -> str:
@@ -165,15 +176,25 @@ def _export_problem(cfg: ModelConfig, kind: str) -> str | None:
 
 
 def model_config_to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A Hugging Face `config.json` dict for `cfg` (architectures and model_type set)."""
+    """A Hugging Face `config.json` dict for `cfg` (architectures and model_type set); a quantized
+    model's settings go under QUANT_KEY, which runtimes ignore and import reads back."""
     kind = export_model_type(cfg)
-    if kind == "gpt2":
-        return dict(architectures=[ARCHITECTURES[kind]], model_type=kind,
-                    vocab_size=cfg.vocab_size, n_embd=cfg.hidden, n_layer=cfg.layers,
-                    n_head=cfg.heads, n_inner=cfg.ffn_hidden, n_positions=cfg.max_seq_len,
-                    layer_norm_epsilon=cfg.norm_eps,
-                    activation_function="gelu_new" if cfg.mlp_activation == "gelu_tanh" else "gelu",
-                    tie_word_embeddings=cfg.tie_embeddings)
+    hf = _gpt2_config(cfg) if kind == "gpt2" else _llama_config(cfg, kind)
+    if cfg.quant != "none":
+        hf[QUANT_KEY] = {"weights": cfg.quant, "activation_bits": cfg.quant_activation_bits}
+    return hf
+
+
+def _gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(architectures=[ARCHITECTURES["gpt2"]], model_type="gpt2",
+                vocab_size=cfg.vocab_size, n_embd=cfg.hidden, n_layer=cfg.layers,
+                n_head=cfg.heads, n_inner=cfg.ffn_hidden, n_positions=cfg.max_seq_len,
+                layer_norm_epsilon=cfg.norm_eps,
+                activation_function="gelu_new" if cfg.mlp_activation == "gelu_tanh" else "gelu",
+                tie_word_embeddings=cfg.tie_embeddings)
+
+
+def _llama_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
     hf = dict(architectures=[ARCHITECTURES[kind]], model_type=kind, vocab_size=cfg.vocab_size,
               hidden_size=cfg.hidden, intermediate_size=cfg.ffn_hidden,
               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,

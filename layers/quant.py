@@ -29,7 +29,7 @@ from torch import nn
 
 from engine import collectives as C
 from engine.collectives import Group
-from layers.sharding import full_state_dict, gather_full
+from layers.sharding import full_state_dict, gather_full, load_full_state_dict
 
 QUANT_KINDS = ("none", "ternary")
 SCALE_EPS = 1e-5  # floor of both scales: an all-zero weight or token row stays zero, not NaN
@@ -122,14 +122,49 @@ def quantized_full_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor]
     of the TP group (a collective); a model without quantization returns its full state dict."""
     full = full_state_dict(model)
     names = []
-    for name, module in model.named_modules():
-        quant = getattr(module, "quant", None)
-        if isinstance(quant, LinearQuant):
-            shard = quant.weight(module.weight, model.layout.tp_group)
-            full[f"{name}.weight"] = gather_full(module.weight, layout=model.layout,
-                                                 vocab_size=model.config.vocab_size, tensor=shard)
-            names.append(f"{name}.weight")
+    for name, module in _quantized_linears(model):
+        shard = module.quant.weight(module.weight, model.layout.tp_group)
+        full[f"{name}.weight"] = gather_full(module.weight, layout=model.layout,
+                                             vocab_size=model.config.vocab_size, tensor=shard)
+        names.append(f"{name}.weight")
     return full, names
+
+
+def load_quantized_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """The way back from `quantized_full_state_dict`: load `full`, whose quantized linears hold
+    `s * {-1, 0, 1}`, so that the model's forward multiplies exactly those values (their master
+    weights become `ternary_master`s). ValueError names a weight that is not ternary."""
+    full = dict(full)
+    for name, _ in _quantized_linears(model):
+        try:
+            full[f"{name}.weight"] = ternary_master(full[f"{name}.weight"])
+        except ValueError as err:
+            raise ValueError(f"{name}.weight: {err}") from None
+    load_full_state_dict(model, full)
+
+
+def _quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(getattr(module, "quant", None), LinearQuant)]
+
+
+@torch.no_grad()
+def ternary_master(values: torch.Tensor) -> torch.Tensor:
+    """fp32 master weights whose ternary quantization (`ternary_weight`) is exactly `values`,
+    the `s * {-1, 0, 1}` of an export, s a bf16 number.
+
+    `values` themselves would not do: their absmean is s times the share of non-zero codes, a
+    smaller scale. Dividing the non-zeros by that share gives absmean s to fp32 round-off (far
+    inside half a bf16 step, so the bf16-rounded scale is s again) and codes / share, which round
+    and clamp back to the same codes. ValueError for values that are not ternary with a bf16 s."""
+    codes, scale = split_ternary(values)
+    nonzero = int(codes.count_nonzero())
+    if not nonzero:
+        return torch.zeros(values.shape, dtype=torch.float32)
+    if not torch.equal(scale.to(torch.bfloat16).to(scale.dtype), scale):
+        raise ValueError(f"scale {scale.item()} is not a bfloat16 number (not a ternary export)")
+    magnitude = scale.double() * codes.numel() / nonzero
+    return codes.to(torch.float32) * magnitude.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------- packing
@@ -144,13 +179,23 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of `pack_ternary`: int8 codes in {-1, 0, 1} of `shape`."""
+    """The inverse of `pack_ternary`: int8 codes in {-1, 0, 1} of `shape`. ValueError when
+    `packed` is not uint8 `[ceil(numel / 4)]` or holds the field 3, which no ternary value packs to
+    (it would unpack to +2: a corrupt file)."""
     numel = 1
     for size in shape:
         numel *= size
+    expected = -(-numel // CODES_PER_BYTE)
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(f"expected {expected} uint8 code bytes for shape {list(shape)}, found "
+                         f"{packed.numel()} {str(packed.dtype).removeprefix('torch.')}")
     shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
-    fields = (packed.reshape(-1, 1) >> shifts) & 3  # [bytes, 4]
-    return (fields.reshape(-1)[:numel].to(torch.int8) - 1).reshape(shape)
+    fields = ((packed.reshape(-1, 1) >> shifts) & 3).reshape(-1)[:numel]  # [numel]
+    bad = (fields == 3).nonzero()
+    if bad.numel():
+        raise ValueError(f"code 3 (not a ternary value) at weight {bad[0].item()} of {numel}, "
+                         f"{bad.numel()} in all")
+    return (fields.to(torch.int8) - 1).reshape(shape)
 
 
 def split_ternary(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

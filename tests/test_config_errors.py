@@ -222,6 +222,30 @@ def test_teacher_with_another_vocabulary(files, capsys, monkeypatch):
     assert err.startswith("ConfigError: distill.teacher: the teacher's vocabulary has 400 tokens")
 
 
+NON_FINITE = [  # (override, the line after "ConfigError: ")
+    ("distill.logit.temperature=.inf", "distill.logit.temperature: must be a finite number (got inf)"),
+    ("distill.logit.weight=.inf", "distill.logit.weight: must be a finite number (got inf)"),
+    ("distill.lm_weight=.inf", "distill.lm_weight: must be a finite number (got inf)"),
+    ("distill.lm_weight=-.inf", "distill.lm_weight: must be a finite number (got -inf)"),
+    ("distill.logit.temperature=.nan", "distill.logit.temperature: must be a finite number (got nan)"),
+    ("train.lr=1e999", "train.lr: must be a finite number (got inf)"),  # a string YAML leaves
+    ("distill.logit.weight={start: .inf, end: 1}",
+     "distill.logit.weight.start: must be a finite number (got inf)"),
+]
+
+
+@pytest.mark.parametrize("override,message", NON_FINITE, ids=[c[0] for c in NON_FINITE])
+def test_non_finite_float_settings_are_refused(files, capsys, monkeypatch, tmp_path, override,
+                                               message):
+    """Constants used to pass start-up and end the run with NonFiniteError, or with exit 0 and
+    every step skipped; schedules were already refused."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(files["config"]), f"train.run_dir={run_dir}", override]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"ConfigError: {message}"]
+    assert not run_dir.exists() and not dist.is_initialized()
+
+
 def test_missing_and_malformed_config_files(files, capsys, tmp_path):
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "ConfigError: config: file not found" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from distill.config import aligned_teacher_config
 from distill.objective import DistillObjective, count_tokens
@@ -284,6 +285,53 @@ def test_entry_point_stops_with_exit_code_2_on_a_mismatch(setup, capsys):
     tmp, cfg_path = setup
     assert run_main(str(cfg_path), [*_offline(tmp / "full"), "train.seed=9"]) == 2
     assert capsys.readouterr().err.strip().startswith("ConfigError: distill.offline_dir: ")
+
+
+def _alter_in_place(export_dir: Path, shard: str, alter) -> None:
+    """Rewrite one shard with `alter(tensors)` applied: the same size, another sha256."""
+    path = export_dir / shard
+    size = path.stat().st_size
+    tensors = load_file(path)
+    alter(tensors)
+    save_file(tensors, path)
+    assert path.stat().st_size == size
+
+
+def _values_40(tensors: dict) -> None:
+    tensors["values"].fill_(40.0)  # trained to a step-1 loss of 1.7e14 with exit 0
+
+
+def _one_nan(tensors: dict) -> None:
+    tensors["values"][0, 0, 0] = float("nan")  # trained on with slightly other losses
+
+
+@pytest.mark.parametrize("alter", [_values_40, _one_nan])
+def test_a_shard_altered_in_place_stops_the_run_before_its_rows_are_used(setup, capsys, alter):
+    """Shard 1 holds samples 5..9: the second step (samples 4..7) is the first to need it, and
+    stops before training, with one line naming the shard; the first step was trained."""
+    tmp, cfg_path = setup
+    export, run_dir = tmp / f"altered_{alter.__name__}", tmp / f"run_{alter.__name__}"
+    shutil.copytree(tmp / "full", export)
+    _alter_in_place(export, "shard_00001.safetensors", alter)
+    capsys.readouterr()
+    assert run_main(str(cfg_path), [f"train.run_dir={run_dir}", *_offline(export)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ConfigError: distill.offline_dir: {export / 'shard_00001.safetensors'} is corrupted or "
+        "altered: its sha256 does not match metadata; export it again with "
+        "tools/export_teacher_logits.py"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+
+
+@pytest.mark.slow  # a multi-rank end-to-end run
+def test_an_altered_shard_stops_every_dp_rank_with_exit_2(setup):
+    """Each DP rank checks the shards of the whole step, not only of its own rows, so both meet
+    the altered shard at the same step and neither is left waiting for the other."""
+    tmp, cfg_path = setup
+    export = tmp / "altered_dp2"
+    shutil.copytree(tmp / "full", export)
+    _alter_in_place(export, "shard_00001.safetensors", _values_40)
+    assert run_ranks(_dp_offline_run, 2, cfg_path, tmp / "altered_dp2_run", export,
+                     timeout_s=120) == [2, 2]
 
 
 def test_rows_of_other_tokens_stop_the_run(setup):

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from distill.weights import save_weights
 from engine.config import to_dict
@@ -28,7 +29,7 @@ from layers.quant import absmax_scale, quantize_activations, quantized_full_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools import convert_hf  # noqa: E402
-from tools.score import load_model  # noqa: E402
+from tools.score import checkpoint_model_config, load_model  # noqa: E402
 from tools.ternary_pack import read_packed  # noqa: E402
 
 CONFIGS = {
@@ -163,3 +164,63 @@ def test_packed_needs_a_ternary_checkpoint_and_unpack_a_packed_file(checkpoints,
     assert convert("unpack", "--packed", tmp_path / "hf" / "model.safetensors",
                    "--out", tmp_path / "back") == 2
     assert "is not a megadistill-ternary-2bit-v1 file" in capsys.readouterr().err
+
+
+def _corrupt(packed: Path, out: Path, alter) -> None:
+    """A copy of `packed` with `alter(tensors)` applied, its metadata kept."""
+    with safe_open(packed, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    alter(tensors)
+    save_file(tensors, out, metadata=metadata)
+
+
+def _set_first_code_byte(tensors: dict) -> None:
+    name = min(n for n in tensors if n.endswith(".ternary_codes"))
+    tensors[name][0] = 0xFF  # four fields of 3: +2 each when unpacked
+
+
+def _set_a_scale_to_nan(tensors: dict) -> None:
+    name = min(n for n in tensors if n.endswith(".ternary_scale"))
+    tensors[name] = torch.tensor(float("nan"), dtype=tensors[name].dtype)
+
+
+@pytest.mark.parametrize("alter, message", [
+    (_set_first_code_byte, "code 3 (not a ternary value) at weight 0 of"),
+    (_set_a_scale_to_nan, "scale must be one finite float > 0 (got nan)"),
+])
+def test_unpack_refuses_corrupt_codes_and_scales(checkpoints, tmp_path, capsys, alter, message):
+    """Both used to exit 0 and write weights of 2s, or NaN."""
+    packed, bad = tmp_path / "model.ternary.safetensors", tmp_path / "bad.safetensors"
+    assert convert("export", "--ckpt", checkpoints["llama"], "--out", tmp_path / "hf",
+                   "--packed", packed) == 0
+    _corrupt(packed, bad, alter)
+    capsys.readouterr()
+    assert convert("unpack", "--packed", bad, "--out", tmp_path / "back") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ConfigError: --packed: {bad}: ternary weight "
+                                               "'decoder.0."), err
+    assert message in err[0], err
+    assert not (tmp_path / "back").exists()
+    assert not list(tmp_path.glob(".back*"))  # no staging directory left either
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_import_of_an_export_keeps_the_quantization(checkpoints, tmp_path, arch):
+    """Import used to drop `megadistill_quant`: a `quant=none` checkpoint without the 8-bit
+    inputs, which `export --packed` refused. Now it is ternary again, computes the same logits
+    (quantization on) and exports the same files."""
+    cfg, step_dir = CONFIGS[arch], checkpoints[arch]
+    hf, imported, again = tmp_path / "hf", tmp_path / "imported", tmp_path / "again"
+    assert convert("export", "--ckpt", step_dir, "--out", hf) == 0
+    assert convert("import", "--hf", hf, "--out", imported, "--tp", 2, "--verify") == 0
+    _, _, got_cfg = checkpoint_model_config(str(imported))
+    assert (got_cfg.quant, got_cfg.quant_activation_bits) == ("ternary", 8)
+    with torch.no_grad():
+        want = _ours(step_dir, cfg, torch.float32)(_ids()).logits
+        got = _ours(imported / "step_00000000", got_cfg, torch.float32)(_ids()).logits
+    assert torch.equal(got, want)
+    packed = tmp_path / "model.ternary.safetensors"
+    assert convert("export", "--ckpt", imported, "--out", again, "--packed", packed) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (hf / name).read_bytes(), name

@@ -34,7 +34,11 @@ values its forward multiplies, `s * {-1, 0, 1}` (exact in bf16), so any Llama ru
 training also quantized each linear's input to 8 bits per token, which config.json records under
 `megadistill_quant` and runtimes ignore. `--verify` runs transformers on the written directory
 against our model on exactly the written tensors (quantization off: the ternary values are in the
-weights already), in float64, with the bound of import's `--verify`.
+weights already), in float64, with the bound of import's `--verify`. Importing such a directory
+reads `megadistill_quant` back into `model.quant` and `model.quant_activation_bits`, and stores
+each ternary weight as fp32 master weights that quantize to exactly the exported `s * {-1, 0, 1}`
+(layers/quant.py `ternary_master`), so the imported model computes what the exported one did and
+exports, `--packed` too, the same values again.
 `--packed FILE` also writes the ternary weights at 2 bits each plus a scale (tools/ternary_pack.py)
 and reports its size; `unpack` turns that file back into the same Hugging Face directory.
 
@@ -78,7 +82,7 @@ from layers.hf import (  # noqa: E402
     model_config_to_hf_config,
 )
 from layers.model import TransformerLM  # noqa: E402
-from layers.quant import quantized_full_state_dict  # noqa: E402
+from layers.quant import load_quantized_full_state_dict, quantized_full_state_dict  # noqa: E402
 from layers.sharding import load_full_state_dict  # noqa: E402
 from tools.score import checkpoint_model_config, load_model  # noqa: E402
 from tools.ternary_pack import read_packed, write_packed  # noqa: E402
@@ -247,7 +251,7 @@ def _write_shard(files: list[str], cfg: ModelConfig, root: str, *, tp: int, dtyp
     model = TransformerLM(cfg, layout).to(dtype)
     full = hf_to_engine_state_dict(read_hf_tensors([Path(f) for f in files]), cfg)
     try:
-        load_full_state_dict(model, full)
+        load_quantized_full_state_dict(model, full)
     except ValueError as err:
         raise ConfigError("--hf", f"weights do not fit config.json ({err})") from None
     return str(save_weights(root, model, layout, config=run_config))
@@ -309,8 +313,10 @@ class LogitCheck:
 
 @torch.no_grad()
 def verify_logits(hf_dir: Path, step_dir: Path, cfg: ModelConfig) -> LogitCheck:
-    """The checkpoint at TP 1 against transformers on `hf_dir`, on `sample_ids`."""
-    return compare_logits(hf_dir, cfg, lambda: load_model(step_dir, cfg, ParallelLayout.single(),
+    """The checkpoint at TP 1 against transformers on `hf_dir`, on `sample_ids`; a ternary one
+    without its 8-bit inputs, which runtimes do not quantize (its weights are the exported ones)."""
+    ours = dataclasses.replace(cfg, quant_activation_bits=None)
+    return compare_logits(hf_dir, cfg, lambda: load_model(step_dir, ours, ParallelLayout.single(),
                                                           dtype=torch.float64))
 
 
@@ -342,6 +348,8 @@ def import_hf(args: argparse.Namespace) -> None:
         raise ConfigError("--tp", str(err)) from None
     files = hf_weight_files(args.hf)
     dtype = storage_dtype(files, cfg)
+    if cfg.quant != "none":  # master weights that quantize to the exported values need fp32
+        dtype = torch.float32
     run_config = {"model": to_dict(cfg), "hf_import": {
         "source": str(args.hf.resolve()), "dtype": str(dtype).removeprefix("torch."),
         **{key: hf_config[key] for key in SPECIAL_TOKEN_KEYS if hf_config.get(key) is not None}}}
@@ -400,9 +408,6 @@ def export_hf(args: argparse.Namespace) -> None:
     saved_dtype = DTYPES[(run_config.get("hf_import") or {}).get("dtype", "float32")]
     dtype = DTYPES[args.dtype] if args.dtype else saved_dtype
     config = export_config(cfg, run_config, dtype)
-    if cfg.quant != "none":
-        config["megadistill_quant"] = {"weights": cfg.quant,
-                                       "activation_bits": cfg.quant_activation_bits}
     config_text = json.dumps(config, indent=2) + "\n"
     tokenizer = export_tokenizer_files(args.tokenizer, step_dir)
     # Load in the stored dtype so that the exported tensors are exactly the stored ones.

@@ -13,7 +13,9 @@ The file holds the model's *full* state dict (layers/sharding.py names) as expor
   text) and `shapes` (of the packed weights), all JSON.
 
 `codes * scale` gives each weight back bit for bit (`split_ternary` refuses anything else), so
-unpacking writes the same `model.safetensors` and `config.json` as the export did.
+unpacking writes the same `model.safetensors` and `config.json` as the export did. Reading refuses
+(one `ConfigError: --packed: ...` line, nothing written) a 2-bit field of 3, which no ternary value
+packs to, and a scale that is not one finite number > 0: either would unpack to wrong weights.
 """
 
 from __future__ import annotations
@@ -94,7 +96,20 @@ def read_packed(path: Path) -> tuple[dict, str, dict[str, torch.Tensor]]:
         raise ConfigError("--packed", f"cannot read {path} ({err})") from None
     full = {}
     for name, shape in json.loads(metadata["shapes"]).items():
-        codes, scale = raw.pop(name + CODES), raw.pop(name + SCALE)
-        full[name] = unpack_ternary(codes, tuple(shape)).to(scale.dtype) * scale
+        if name + CODES not in raw or name + SCALE not in raw:
+            raise ConfigError("--packed", f"{path}: ternary weight {name!r} has no codes or scale")
+        try:
+            full[name] = _unpacked(raw.pop(name + CODES), raw.pop(name + SCALE), tuple(shape))
+        except ValueError as err:
+            raise ConfigError("--packed", f"{path}: ternary weight {name!r}: {err}") from None
     full.update(raw)
     return json.loads(metadata["model"]), metadata["hf_config"], full
+
+
+def _unpacked(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`codes * scale` of one weight; ValueError for a corrupt code or scale, which would write
+    weights of 2s or NaN without a word."""
+    if scale.numel() != 1 or not scale.is_floating_point() or \
+            not (torch.isfinite(scale).all() and scale > 0):
+        raise ValueError(f"scale must be one finite float > 0 (got {scale.tolist()})")
+    return unpack_ternary(codes, shape).to(scale.dtype) * scale
