@@ -37,6 +37,8 @@ differs (see engine/checkpoint_state.py); RNG states are restored only when the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -218,6 +220,14 @@ class ResolvedCheckpoint:
     @property
     def has_optimizer(self) -> bool:
         return self.meta["optimizer"] is not None
+
+    @property
+    def weights_digest(self) -> str:
+        """sha256 over the model files' recorded digests: which weights these are, without
+        reading them (a copy of the checkpoint has the same)."""
+        records = {name: self.meta["files"].get(name, {}).get("sha256")
+                   for name in _flat_files(self.meta["model"]["files"])}
+        return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 
     @property
     def run_config(self) -> dict[str, Any]:
