@@ -21,7 +21,7 @@ from engine.data import DataConfig, IndexedTokens, TokenBatches, write_indexed
 from engine.data.corpus import train_byte_level_bpe
 from engine.parallel import ParallelLayout
 from layers.decode import generate, left_pad
-from tests.helpers import command, run_ok
+from tests.helpers import command, run, run_ok, subprocess_env
 from tests.hf_models import save_hf_model
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 from tools import convert_hf, score
@@ -246,6 +246,31 @@ def test_sequence_level_kd_resumes_only_with_the_same_weights(text_model, tmp_pa
     assert generate_tool.main(argv) == 0
     assert saves == [0, "failed", 1, 2]
     assert Path(f"{out}.bin").is_file()
+
+
+@pytest.mark.slow  # torchrun
+def test_rerun_with_other_arguments_is_one_line_on_every_rank(text_model, tmp_path, monkeypatch):
+    """The resume check runs before any process group: every rank exits 2 on its own, none
+    waits on a peer that has left (no gloo "Connection closed" traceback)."""
+    ckpt, _, data = text_model
+    out = tmp_path / "seqkd"
+    _stop_after_chunk_0(monkeypatch)
+    assert generate_tool.main(seq_kd_args(ckpt, data, out)) == 2
+    argv = seq_kd_args(ckpt, data, out, "--seed", "10")
+    line = (f"ConfigError: --out: {tmp_path / 'seqkd.partial'} holds chunks of a run with other "
+            "arguments (remove it, or rerun with the same arguments)")
+    done = run(command("tools/generate.py", *argv))  # the issue's reproduction
+    assert {text for text in done.stderr.splitlines() if text.startswith("ConfigError:")} == \
+        {line}, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr, done.stderr[-3000:]  # torchrun's report
+    assert "Connection closed" not in done.stderr and f'File "{ROOT}/' not in done.stderr
+    # Each rank alone, as torchrun starts it: it must end by itself (torchrun ends the others
+    # once one has exited); one that created a process group would wait for its peer.
+    launch = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    ranks = [run(command("tools/generate.py", *argv, nproc=0), timeout=120,
+                 env=subprocess_env(RANK=str(rank), **launch)) for rank in (0, 1)]
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert [r.stderr.strip().splitlines() for r in ranks] == [[line], []]
 
 
 def test_bad_arguments(models, text_model, tmp_path, capsys):
