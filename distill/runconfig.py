@@ -20,16 +20,19 @@ import numpy as np
 
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers, teacher_key
 from distill.offline import check_offline_dir, export_key
-from engine.checkpoint import ResolvedCheckpoint, checkpoints_after, open_checkpoint
+from engine.checkpoint import ResolvedCheckpoint, checkpoints_after, is_intact, open_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
 from engine.data.config import DEFAULT_PATH
 from engine.data.curriculum import curriculum_order, read_scores
+from engine.log import get_logger
 from engine.parallel import STUDENT, LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
 from engine.train_config import TrainConfig, resume_path
 from layers.config import ModelConfig, check_model_layout, saved_model_config, shape_differences
 from layers.stages import StagePlan
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,9 @@ def check_data(cfg: RunConfig) -> None:
 def check_checkpoints(cfg: RunConfig) -> tuple[ResolvedCheckpoint | None, ResolvedCheckpoint | None]:
     """The run directory, and the checkpoints the run starts from (train.init, train.resume),
     resolved once: complete, files at their recorded sizes, a model of this run's shape, and a
-    resume point that has optimizer state and would not overwrite later checkpoints. Reads
-    metadata and stats only."""
+    resume point that has optimizer state and would not overwrite later intact checkpoints.
+    Reads metadata and stats only, except the files of later checkpoints an explicit resume
+    point would replace."""
     train = cfg.train
     check_run_dir(train.run_dir, resume=train.resume, overwrite=train.overwrite)
     init = open_checkpoint(train.init, key="train.init") if train.init else None
@@ -201,13 +205,26 @@ def check_checkpoints(cfg: RunConfig) -> tuple[ResolvedCheckpoint | None, Resolv
         return init, None
     resume = open_checkpoint(path, key="train.resume")
     check_start_checkpoint(cfg, resume, needs_optimizer=True)
-    later = checkpoints_after(Path(train.run_dir) / "checkpoints", resume.step)
-    if later and train.resume != "auto":  # auto resumes from `latest`, which nothing follows
-        raise ConfigError("train.resume", f"{path} is at step {resume.step}, but {train.run_dir} "
-                                          f"holds later checkpoints ({later[-1].name}) that this "
-                                          "run would replace: move them away or choose another "
-                                          "train.run_dir")
+    if train.resume != "auto":  # auto resumes from `latest`, which nothing follows
+        check_later_checkpoints(train, resume)
     return init, resume
+
+
+def check_later_checkpoints(train: TrainConfig, resume: ResolvedCheckpoint) -> None:
+    """An explicit `train.resume` older than the run directory's newest checkpoints replaces
+    them, which is refused unless every one of them is damaged (fails its size or digest: the
+    advice after a damaged newest checkpoint is to resume from the newest intact one)."""
+    later = checkpoints_after(Path(train.run_dir) / "checkpoints", resume.step)
+    if not later:
+        return
+    intact = [path for path in later if is_intact(path)]
+    if intact:
+        raise ConfigError("train.resume", f"{resume.path} is at step {resume.step}, but "
+                                          f"{train.run_dir} holds later checkpoints "
+                                          f"({intact[-1].name}) that this run would replace: move "
+                                          "them away or choose another train.run_dir")
+    log.warning("train.resume: the later checkpoints %s fail their digests; resuming from %s, "
+                "this run's saves replace them", ", ".join(p.name for p in later), resume.path)
 
 
 def check_start_checkpoint(cfg: RunConfig, checkpoint: ResolvedCheckpoint, *,

@@ -37,6 +37,8 @@ differs (see engine/checkpoint_state.py); RNG states are restored only when the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -80,7 +82,7 @@ from engine.parallel import ParallelLayout, RankOrder
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "checkpoint_metadata", "resolve_checkpoint", "ResolvedCheckpoint", "open_checkpoint",
            "checked_metadata",
-           "checkpoints_after", "newest_intact_checkpoint", "ranks_agree", "safe_torch_load"]
+           "checkpoints_after", "is_intact", "newest_intact_checkpoint", "ranks_agree", "safe_torch_load"]
 
 log = get_logger(__name__)
 
@@ -220,6 +222,14 @@ class ResolvedCheckpoint:
         return self.meta["optimizer"] is not None
 
     @property
+    def weights_digest(self) -> str:
+        """sha256 over the model files' recorded digests: which weights these are, without
+        reading them (a copy of the checkpoint has the same)."""
+        records = {name: self.meta["files"].get(name, {}).get("sha256")
+                   for name in _flat_files(self.meta["model"]["files"])}
+        return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+    @property
     def run_config(self) -> dict[str, Any]:
         """The resolved run config it was saved with (a ConfigError naming `key` when it records
         no model config)."""
@@ -235,18 +245,20 @@ def open_checkpoint(path: str | Path, *, key: str) -> ResolvedCheckpoint:
     return ResolvedCheckpoint(step_dir, key, checked_metadata(step_dir, key=key))
 
 
+def is_intact(path: Path) -> bool:
+    """Whether every file of the checkpoint at `path` matches its size and digest (reads them
+    all: for the paths that handle a damaged checkpoint, not for the normal one)."""
+    try:
+        _check_files(path, _read_metadata(path), verify_file)
+    except CheckpointError:
+        return False
+    return True
+
+
 def newest_intact_checkpoint(root: Path, *, before: int) -> Path | None:
-    """The newest complete checkpoint under `root` older than step `before` whose every file
-    matches its digest (reads them all: for error messages, not for the normal path)."""
-    for step, path in reversed(_complete_steps(root)):
-        if step >= before:
-            continue
-        try:
-            _check_files(path, _read_metadata(path), verify_file)
-        except CheckpointError:
-            continue
-        return path
-    return None
+    """The newest complete checkpoint under `root` older than step `before` that `is_intact`."""
+    return next((path for step, path in reversed(_complete_steps(root))
+                 if step < before and is_intact(path)), None)
 
 
 # ----------------------------------------------------------------------------- saving

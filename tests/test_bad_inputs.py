@@ -267,6 +267,29 @@ def test_newest_checkpoint_failing_its_digest_names_the_newest_intact_one(good, 
         f"train.resume={intact}")
 
 
+def test_the_advice_after_an_altered_optimizer_file_works_as_printed(good, finished, tmp_path,
+                                                                     capsys, caplog):
+    """The error's `train.resume=X` resumes from X; the damaged later checkpoint, which it
+    replaces, is named in a warning (an intact later one is still refused, above)."""
+    from engine.checkpoint import is_intact
+    run_dir = _copy_run(finished, tmp_path)
+    optim = run_dir / "checkpoints" / "step_00000003" / "optim_tp000.safetensors"
+    raw = bytearray(optim.read_bytes())
+    raw[-3] ^= 0xFF
+    optim.write_bytes(bytes(raw))
+    assert run_main(good["config"], f"train.run_dir={run_dir}", "train.steps=5") == 2
+    advice = one_line(capsys).rsplit("resume from it with ", 1)[1]
+    intact = run_dir / "checkpoints" / "step_00000002"
+    assert advice == f"train.resume={intact}"
+    assert run_main(good["config"], f"train.run_dir={run_dir}", advice, "train.steps=5",
+                    "train.save_interval=1", "train.keep=3") == 0
+    assert f"resumed from {intact} at step 2" in caplog.text
+    assert ("the later checkpoints step_00000003 fail their digests; resuming from "
+            f"{intact}, this run's saves replace them") in caplog.text
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+    assert all(is_intact(run_dir / "checkpoints" / f"step_0000000{s}") for s in (3, 4, 5))
+
+
 def test_truncated_checkpoint_is_found_at_start_up(good, finished, tmp_path, capsys):
     run_dir = _copy_run(finished, tmp_path)
     optim = run_dir / "checkpoints" / "step_00000003" / "optim_tp000.safetensors"

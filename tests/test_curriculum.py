@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -86,6 +87,24 @@ def test_token_batches_follow_the_order_then_the_plain_stream(setup):
     resumed.load_state_dict(first.state_dict())
     rest = _rows(resumed, 3)
     assert all(torch.equal(a, b) for s in range(3) for a, b in zip(rest[s], got[2 + s]))
+
+
+def test_scores_tool_takes_the_run_config_before_it_names_its_scores(setup, tmp_path):
+    """The tool writes `data.curriculum_scores`: the run's config need not name it yet, and
+    its curriculum settings leave the scores (of the plain stream) unchanged."""
+    from tools.curriculum_scores import main as scores_main
+
+    _, cfg = setup
+    plain = copy.deepcopy(cfg)
+    plain["data"].update(curriculum="none")
+    plain["data"].pop("curriculum_scores", None)
+    planned = copy.deepcopy(plain)
+    planned["data"].update(curriculum="teacher_confidence")
+    for name, config in (("plain", plain), ("planned", planned)):
+        path = write_config(tmp_path / f"{name}.yaml", config)
+        assert scores_main(["--config", str(path), "--out", str(tmp_path / name)]) == 0
+    assert np.array_equal(np.load(tmp_path / "planned" / "scores.npy"),
+                          np.load(tmp_path / "plain" / "scores.npy"))
 
 
 def test_scores_tool_and_runs_resumed_inside_the_curriculum(setup):

@@ -8,17 +8,20 @@ the ordinary entry point; bad inputs fail with one
 `ConfigError:` line and exit 2."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from distill.weights import save_weights
+from engine.checkpoint import resolve_checkpoint
 from engine.data import DataConfig, IndexedTokens, TokenBatches, write_indexed
 from engine.data.corpus import train_byte_level_bpe
 from engine.parallel import ParallelLayout
 from layers.decode import generate, left_pad
-from tests.helpers import command, run_ok
+from tests.helpers import command, run, run_ok, subprocess_env
 from tests.hf_models import save_hf_model
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 from tools import convert_hf, score
@@ -153,9 +156,8 @@ def seq_kd_args(ckpt, data, out, *extra):
             "--seed", "9", *extra]
 
 
-def test_sequence_level_kd_dataset_and_resume(text_model, tmp_path, monkeypatch):
-    ckpt, _, data = text_model
-    out = tmp_path / "seqkd"
+def _stop_after_chunk_0(monkeypatch) -> list:
+    """Make the next `--data` run fail on saving chunk 1 (a full disk): a partial output."""
     saves = []
     real_save = generate_tool.SeqKDWriter.save
 
@@ -167,6 +169,13 @@ def test_sequence_level_kd_dataset_and_resume(text_model, tmp_path, monkeypatch)
         real_save(self, chunk, *arrays)
 
     monkeypatch.setattr(generate_tool.SeqKDWriter, "save", failing_save)
+    return saves
+
+
+def test_sequence_level_kd_dataset_and_resume(text_model, tmp_path, monkeypatch):
+    ckpt, _, data = text_model
+    out = tmp_path / "seqkd"
+    saves = _stop_after_chunk_0(monkeypatch)
     assert generate_tool.main(seq_kd_args(ckpt, data, out)) == 2
     assert not Path(f"{out}.bin").exists() and saves == [0, "failed"]
     assert generate_tool.main(seq_kd_args(ckpt, data, out)) == 0
@@ -198,6 +207,70 @@ def test_sequence_level_kd_dataset_and_resume(text_model, tmp_path, monkeypatch)
     run_cfg["train"]["steps"] = 2
     assert run_main(str(write_config(tmp_path / "student.yaml", run_cfg)), [], distill=False) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def _save_other_weights(ckpt_root: Path, step: int) -> Path:
+    """Training moving on: a checkpoint of other weights at `step`, which `latest` names."""
+    step_dir, run_config, cfg = score.checkpoint_model_config(ckpt_root)
+    model = score.load_model(step_dir, cfg, ParallelLayout.single())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    return save_weights(ckpt_root, model, ParallelLayout.single(), config=run_config, step=step)
+
+
+def test_sequence_level_kd_resumes_only_with_the_same_weights(text_model, tmp_path, monkeypatch,
+                                                              capsys):
+    ckpt, _, data = text_model
+    root = Path(shutil.copytree(ckpt, tmp_path / "ckpts"))
+    first = resolve_checkpoint(root, key="--ckpt")
+    out = tmp_path / "seqkd"
+    argv = seq_kd_args(root, data, out, "--eos-id", "0")
+    saves = _stop_after_chunk_0(monkeypatch)
+    assert generate_tool.main(argv) == 2
+    partial = sorted(p.name for p in out.with_name("seqkd.partial").iterdir())
+    assert partial == ["chunk_000000.npz", "meta.json"]
+
+    newer = _save_other_weights(root, 2)
+    capsys.readouterr()
+    assert generate_tool.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"ConfigError: --ckpt: {tmp_path / 'seqkd.partial'} holds chunks "
+                              f"generated from {first} (step 0, weights sha256 "), err
+    assert f"but --ckpt resolves to {newer} (step 2, weights sha256 " in err[-1]
+    assert err[-1].endswith(f"finish it with --ckpt {first}, or remove {tmp_path / 'seqkd.partial'}")
+    assert sorted(p.name for p in out.with_name("seqkd.partial").iterdir()) == partial
+    assert saves == [0, "failed"]
+
+    (root / "latest").write_text(first.name + "\n")  # the same weights again: resumes
+    assert generate_tool.main(argv) == 0
+    assert saves == [0, "failed", 1, 2]
+    assert Path(f"{out}.bin").is_file()
+
+
+@pytest.mark.slow  # torchrun
+def test_rerun_with_other_arguments_is_one_line_on_every_rank(text_model, tmp_path, monkeypatch):
+    """The resume check runs before any process group: every rank exits 2 on its own, none
+    waits on a peer that has left (no gloo "Connection closed" traceback)."""
+    ckpt, _, data = text_model
+    out = tmp_path / "seqkd"
+    _stop_after_chunk_0(monkeypatch)
+    assert generate_tool.main(seq_kd_args(ckpt, data, out)) == 2
+    argv = seq_kd_args(ckpt, data, out, "--seed", "10")
+    line = (f"ConfigError: --out: {tmp_path / 'seqkd.partial'} holds chunks of a run with other "
+            "arguments (remove it, or rerun with the same arguments)")
+    done = run(command("tools/generate.py", *argv))  # the issue's reproduction
+    assert {text for text in done.stderr.splitlines() if text.startswith("ConfigError:")} == \
+        {line}, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr, done.stderr[-3000:]  # torchrun's report
+    assert "Connection closed" not in done.stderr and f'File "{ROOT}/' not in done.stderr
+    # Each rank alone, as torchrun starts it: it must end by itself (torchrun ends the others
+    # once one has exited); one that created a process group would wait for its peer.
+    launch = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    ranks = [run(command("tools/generate.py", *argv, nproc=0), timeout=120,
+                 env=subprocess_env(RANK=str(rank), **launch)) for rank in (0, 1)]
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert [r.stderr.strip().splitlines() for r in ranks] == [[line], []]
 
 
 def test_bad_arguments(models, text_model, tmp_path, capsys):

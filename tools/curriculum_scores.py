@@ -10,8 +10,9 @@ max_v softmax(teacher logits)_v, at temperature 1. One process at TP 1 (a teache
 any TP degree loads); it reads a teacher forward's worth of samples at a time (`data.micro_batch`).
 Output: DIR/scores.npy and DIR/metadata.json (engine/data/curriculum.py), valid for the data,
 `data.seq_len`, `train.seed` and `model.vocab_size` it was made with; train with
-`data.curriculum=teacher_confidence data.curriculum_scores=DIR`. A bad config is one
-`ConfigError:` line and exit code 2.
+`data.curriculum=teacher_confidence data.curriculum_scores=DIR`. The config may be the run's own
+before it names `data.curriculum_scores`: the tool ignores `data.curriculum` and that key. A bad
+config is one `ConfigError:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = get_logger("curriculum_scores")
 
 def load_config(args: argparse.Namespace) -> RunConfig:
     """The run config, checked for what the pre-pass needs; raises `ConfigError`."""
-    cfg = parse_run_config(apply_overrides(load_yaml(args.config), args.overrides))
+    cfg = parse_run_config(plain_stream(apply_overrides(load_yaml(args.config), args.overrides)))
     check(cfg.data.curriculum_steps >= 1, "data.curriculum_steps",
           f"must be >= 1: the steps whose samples are scored (got {cfg.data.curriculum_steps})")
     check(bool(cfg.distill.teacher), "distill.teacher",
@@ -48,6 +49,13 @@ def load_config(args: argparse.Namespace) -> RunConfig:
     ensure_new_output(Path(args.out).expanduser(), force=None)
     check_data(cfg)
     return cfg
+
+
+def plain_stream(raw: dict) -> dict:
+    """The run's config without its curriculum: the tool scores the stream the curriculum will
+    rearrange, and writes the `data.curriculum_scores` the run's config may not name yet."""
+    data = {k: v for k, v in (raw.get("data") or {}).items() if k != "curriculum_scores"}
+    return {**raw, "data": {**data, "curriculum": "none"}}
 
 
 def confidence(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -27,8 +27,10 @@ when it stopped) + the end-of-document id when not. `OUT_PREFIX-generated.{bin,i
 document lengths and holds 1 where the token was generated, 0 elsewhere. A student trains on the
 first with the ordinary entry point (`data.path=OUT_PREFIX`: packed like any corpus, LM loss on
 every token, optional logit KD on the same tokens). The work is done in chunks of `--micro-batch`
-prompts saved under `OUT_PREFIX.partial/`; a rerun with the same arguments resumes after the last
-saved chunk, and the dataset appears (atomically) only when all are done.
+prompts saved under `OUT_PREFIX.partial/`; a rerun with the same arguments and the same weights
+resumes after the last saved chunk (weights the chunks were not made with, as when `--ckpt` is a
+directory whose `latest` training has moved on, are refused with one line naming both checkpoints),
+and the dataset appears (atomically) only when all are done.
 
 Rows are split over data-parallel ranks in chunks of `--micro-batch` (world = TP x PP x DP; with
 `--pp` the blocks are split over pipeline stages and decoded stage by stage, layers/decode.py); a
@@ -56,6 +58,7 @@ import numpy as np
 import torch
 
 from engine import collectives as C
+from engine.checkpoint import ResolvedCheckpoint, open_checkpoint
 from engine.config import ConfigError, check, from_dict
 from engine.data import (
     DataConfig,
@@ -71,13 +74,12 @@ from engine.data import (
 from engine.entry import ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
 from engine.parallel import LaunchEnv, ParallelConfig, ParallelLayout
-from layers.config import ModelConfig
+from layers.config import ModelConfig, saved_model_config
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
 from tools.score import (
     add_model_args,
     check_tool_layout,
-    checkpoint_model_config,
     load_model,
     read_tokens,
     save_npy,
@@ -166,23 +168,43 @@ def data_batches(args: argparse.Namespace, run_config: dict) -> TokenBatches:
 # ------------------------------------------------------------------------------ sequence-level KD
 
 class SeqKDWriter:
-    """Chunks of (prompts, continuations) under OUT_PREFIX.partial/, then the indexed datasets."""
+    """Chunks of (prompts, continuations) under OUT_PREFIX.partial/, then the indexed datasets.
+    `meta.json` there records what the chunks depend on: the arguments (`seq_kd_key`) and the
+    checkpoint `--ckpt` resolved to (a directory of checkpoints moves on as training saves)."""
 
-    def __init__(self, prefix: Path, key: dict):
+    def __init__(self, prefix: Path, key: dict, checkpoint: ResolvedCheckpoint):
         self.prefix, self.key = prefix, key
+        self.source = {"path": str(checkpoint.path), "step": checkpoint.step,
+                       "weights_sha256": checkpoint.weights_digest}
         self.staging = prefix.with_name(prefix.name + ".partial")
 
+    def check_resumable(self) -> None:
+        """Before any process group, on every rank: saved chunks resume only with the same
+        arguments and the same weights (a `ConfigError` naming both checkpoints otherwise)."""
+        meta = self.staging / "meta.json"
+        if not meta.is_file():
+            return
+        saved = _read_json(meta)
+        if saved.get("arguments") != self.key:
+            raise ConfigError("--out", f"{self.staging} holds chunks of a run with other "
+                                       "arguments (remove it, or rerun with the same arguments)")
+        theirs = saved.get("checkpoint") or {}
+        if [theirs.get(k) for k in ("step", "weights_sha256")] != \
+                [self.source[k] for k in ("step", "weights_sha256")]:
+            raise ConfigError("--ckpt", f"{self.staging} holds chunks generated from "
+                                        f"{_describe(theirs)}, but --ckpt resolves to "
+                                        f"{_describe(self.source)}: finish it with --ckpt "
+                                        f"{theirs.get('path')}, or remove {self.staging}")
+
     def done_chunks(self) -> int:
-        """Chunks saved by an earlier run with the same arguments (0 for a fresh start)."""
+        """Rank 0: chunks saved by an earlier run (`check_resumable` agreed); 0 for a fresh start."""
         meta = self.staging / "meta.json"
         if not meta.is_file():
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
-            meta.write_text(json.dumps(self.key, sort_keys=True))
+            meta.write_text(json.dumps({"arguments": self.key, "checkpoint": self.source},
+                                       sort_keys=True))
             return 0
-        if json.loads(meta.read_text()) != self.key:
-            raise ConfigError("--out", f"{self.staging} holds chunks of a run with other "
-                                       "arguments (remove it, or rerun with the same arguments)")
         done = 0
         while (self.staging / f"chunk_{done:06d}.npz").is_file():
             done += 1
@@ -210,6 +232,20 @@ class SeqKDWriter:
         return len(docs), docs.num_tokens
 
 
+def _read_json(path: Path) -> dict:
+    """A dict, or {} when the file is not one (matching no key)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _describe(source: dict) -> str:
+    digest = str(source.get("weights_sha256"))[:12]
+    return f"{source.get('path')} (step {source.get('step')}, weights sha256 {digest}...)"
+
+
 def seq_kd_document(prompt: np.ndarray, continuation: np.ndarray,
                     eod_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(prompt + continuation [+ end of document], 0/1 mask of the generated tokens)."""
@@ -221,10 +257,9 @@ def seq_kd_document(prompt: np.ndarray, continuation: np.ndarray,
     return doc, generated
 
 
-def run_seq_kd(model: TransformerLM, args: argparse.Namespace, run_config: dict,
-               sampling: Sampling) -> None:
-    layout = model.layout
-    writer = SeqKDWriter(args.out, key=seq_kd_key(args))
+def run_seq_kd(model: TransformerLM, args: argparse.Namespace, found: dict) -> None:
+    layout, writer, run_config, sampling = (model.layout, found["writer"], found["run_config"],
+                                            found["sampling"])
     done = torch.tensor([writer.done_chunks() if layout.is_rank0 else 0])
     done = int(C.broadcast(done, layout.role_group, src=0))
     batches, chunks = data_batches(args, run_config), -(-args.num_prompts // args.micro_batch)
@@ -252,9 +287,10 @@ def run_seq_kd(model: TransformerLM, args: argparse.Namespace, run_config: dict,
 
 
 def seq_kd_key(args: argparse.Namespace) -> dict:
-    """What the saved chunks depend on: a resumed run must agree on all of it."""
+    """The arguments the saved chunks depend on: a resumed run must agree on all of them (and
+    on the checkpoint: `SeqKDWriter`)."""
     return {key: str(getattr(args, key)) for key in
-            ("ckpt", "data", "num_prompts", "prompt_len", "max_new_tokens", "micro_batch", "seed",
+            ("data", "num_prompts", "prompt_len", "max_new_tokens", "micro_batch", "seed",
              "split", "greedy", "temperature", "top_k", "top_p", "eos_id")}
 
 
@@ -331,7 +367,8 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
 
 def prepare_inputs(args: argparse.Namespace, world: int) -> dict:
     """Everything read and checked before any process group exists."""
-    step_dir, run_config, cfg = checkpoint_model_config(args.ckpt)
+    checkpoint = open_checkpoint(args.ckpt, key="--ckpt")
+    step_dir, run_config, cfg = checkpoint.path, checkpoint.run_config, saved_model_config(checkpoint)
     _check_args(args, cfg, world)
     sampling = sampling_of(args)
     needs_text = args.prompts is not None
@@ -355,6 +392,9 @@ def prepare_inputs(args: argparse.Namespace, world: int) -> dict:
               f"the longest prompt ({prompts.shape[1]} tokens) + {args.max_new_tokens} exceeds "
               f"model.max_seq_len={cfg.max_seq_len}")
         found.update(prompts=prompts, lengths=lengths, texts=texts)
+    if args.data is not None:
+        found["writer"] = SeqKDWriter(args.out, seq_kd_key(args), checkpoint)
+        found["writer"].check_resumable()
     if args.tokens is not None:
         check(found["prompts"].shape[1] + args.max_new_tokens <= cfg.max_seq_len,
               "--max-new-tokens", f"prompt length {found['prompts'].shape[1]} + "
@@ -398,7 +438,7 @@ def write_outputs(args: argparse.Namespace, found: dict, out: Generated) -> None
 def run(args: argparse.Namespace, found: dict, layout: ParallelLayout) -> None:
     model = load_model(found["step_dir"], found["cfg"], layout)
     if args.data is not None:
-        run_seq_kd(model, args, found["run_config"], found["sampling"])
+        run_seq_kd(model, args, found)
         return
     began = time.perf_counter()
     out = generate_rows(model, found["prompts"], found["lengths"], args=args,
