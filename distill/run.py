@@ -16,6 +16,7 @@ that waited on it).
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from distill.teacher_wire import (
 )
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
+from engine import collectives
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.data import DataError, TokenBatches
@@ -97,7 +99,12 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
         # in the loop) stops the run at the end of its first step, saved, instead of killing this
         # rank and leaving its peers to find it gone.
         with PreemptionFlag() as preempted:
-            return _train(start, launch, preempted)  # reports its own failures
+            code = _train(start, launch, preempted)  # reports its own failures
+        if code == EXIT_PREEMPTED:
+            # Saved and done. Once one rank exits, torchrun SIGTERMs the rest: that must not turn
+            # a rank still on its way out into a signal death instead of its 124.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return code
     except ConfigError as err:  # the layout, checked again as the groups are made
         return report(err, EXIT_CONFIG, show=launch.rank == 0)
     finally:
@@ -166,7 +173,16 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
                                                 seed=cfg.train.seed)
                              if cfg.distill.on_policy.on else None)
     last = trainer.run(preempted)
-    return 0 if last >= cfg.train.steps else EXIT_PREEMPTED
+    return 0 if last >= cfg.train.steps else _stopped(layout)
+
+
+def _stopped(layout: ParallelLayout) -> int:
+    """The exit code of a run stopped before its last step, returned once every rank is done:
+    with teacher ranks the roles finish at different times, and the launcher ends every rank as
+    soon as one exits non-zero, which could cut the students' save short."""
+    if layout.teacher_ranks:
+        collectives.barrier()
+    return EXIT_PREEMPTED
 
 
 def _build_student(cfg: RunConfig, ckpts: RunCheckpoints, layout: ParallelLayout) -> TransformerLM:
@@ -266,4 +282,4 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layo
                                     ckpts.resume_step),
                                 preempted=preempted)
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
-    return EXIT_PREEMPTED if early else 0
+    return _stopped(layout) if early else 0
