@@ -8,7 +8,7 @@ Exit codes: 0 done, 1 a run-time failure (a teacher stream that does not match t
 checkpoint or metrics.jsonl that cannot be written, a lost or hung peer), 2 bad configuration,
 environment or input files (a dataset, a checkpoint), 3 non-finite training stopped the run, 124
 stopped by SIGTERM/SIGUSR1/SIGINT to any rank after a checkpoint (the SLURM script requeues on
-it), 130 interrupted during start-up (before the process group) or twice (nothing saved). Every
+it), 130 interrupted before the process groups exist or twice (nothing saved). Every
 failure a user can act on is one line on stderr, printed by one rank (a lost peer: by each rank
 that waited on it).
 """
@@ -53,6 +53,7 @@ from engine.config import ConfigError
 from engine.data import DataError, TokenBatches
 from engine.entry import (
     EXIT_CONFIG,
+    EXIT_INTERRUPTED,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
     EXIT_RUNTIME,
@@ -60,7 +61,7 @@ from engine.entry import (
     report,
     start_up,
 )
-from engine.log import get_logger, setup_logging
+from engine.log import error_line, get_logger, setup_logging
 from engine.metrics import MetricsError
 from engine.optim import NonFiniteError
 from engine.parallel import LaunchEnv, ParallelLayout, destroy_parallel, init_parallel, is_peer_failure
@@ -95,11 +96,7 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
         return started
     launch, (start, lock) = started
     try:
-        # From before the process group exists to the end: a signal while the run loads (as one
-        # in the loop) stops the run at the end of its first step, saved, instead of killing this
-        # rank and leaving its peers to find it gone.
-        with PreemptionFlag() as preempted:
-            code = _train(start, launch, preempted)  # reports its own failures
+        code = _train(start, launch)  # reports its own failures
         if code == EXIT_PREEMPTED:
             # Saved and done. Once one rank exits, torchrun SIGTERMs the rest: that must not turn
             # a rank still on its way out into a signal death instead of its 124.
@@ -107,6 +104,10 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
         return code
     except ConfigError as err:  # the layout, checked again as the groups are made
         return report(err, EXIT_CONFIG, show=launch.rank == 0)
+    except KeyboardInterrupt:  # Ctrl-C while the groups are made (then the flag takes it)
+        error_line(KeyboardInterrupt("outside the training loop, nothing saved"),
+                   show=launch.rank == 0, prefix="interrupted")
+        return EXIT_INTERRUPTED
     finally:
         if lock is not None:
             lock.release()
@@ -123,11 +124,16 @@ def _start(args: argparse.Namespace, launch: LaunchEnv, *, distill: bool,
     return start, claim_run_dir(start.cfg.train.run_dir, overwrite=start.cfg.train.overwrite)
 
 
-def _train(start: StartUp, launch: LaunchEnv, preempted: PreemptionFlag) -> int:
+def _train(start: StartUp, launch: LaunchEnv) -> int:
     """Everything after start-up validation, with each failure mapped to its one line and code."""
     cfg = start.cfg
     layout = init_parallel(cfg.parallel, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
+    # From the moment the groups exist: a signal while the run loads (as one in the loop) stops
+    # the run at the end of its first step, saved, instead of killing this rank and leaving its
+    # peers to find it gone. Not earlier: a rank waiting to join the groups for a peer that has
+    # exited must still die by the SIGTERM with which torchrun ends it.
+    preempted = PreemptionFlag()
     try:
         return _run(*start, layout, preempted)
     except ConfigError as err:  # bad input only reading the files shows (e.g. NaN teacher weights)
@@ -143,6 +149,7 @@ def _train(start: StartUp, launch: LaunchEnv, preempted: PreemptionFlag) -> int:
         return peer_lost(err, layout)
     finally:
         destroy_parallel()
+        preempted.close()  # last: see main on a stopped run's exit
 
 
 def _lm_only_overrides() -> list[str]:
