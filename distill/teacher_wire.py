@@ -297,7 +297,7 @@ class RemoteTeacher:
     (`load_teacher_head`): the teacher's logits shard is formed here from the received hidden
     states, or (fused `request`) the hidden states and the head's weight go to the fused loss.
     Under PP each stage has its own stream, so every stage calls it for each micro-batch. A
-    signal the teacher rank sends along is relayed to `preempted`, this rank's own flag."""
+    signal the teacher rank sends along is recorded in `preempted`, this rank's own flag."""
 
     reaches_every_stage = True
 
@@ -378,7 +378,7 @@ class RemoteTeacher:
             work.wait()
         checksum, signum = tag[:1], int(tag[1].item())
         if signum and self.preempted is not None:
-            self.preempted.relay(signum)
+            self.preempted.record(signum)
         expected = token_checksum(micro_batch["input_ids"]).to(checksum.device)
         if not torch.equal(checksum, expected):
             raise TeacherStreamError(

@@ -133,8 +133,9 @@ def peer_lost(err: BaseException, layout: ParallelLayout) -> int:
 
 def lost_peer(layout: ParallelLayout) -> int | None:
     """The rank this one lost, where that is certain: the only other rank of a job of two.
-    Neither gloo nor NCCL names the peer's rank in its errors (gloo names an address and port,
-    which every rank of a node shares), so in a larger job it stays unknown."""
+    Neither gloo nor NCCL names the peer's rank in its errors (gloo gives the peer's address and
+    a connection's port, which identify no rank on a node of several), so in a larger job it
+    stays unknown."""
     if layout.world_size != 2:
         return None
     return 1 - layout.rank
