@@ -7,14 +7,16 @@
 Exit codes: 0 done, 1 a run-time failure (a teacher stream that does not match the data, a
 checkpoint or metrics.jsonl that cannot be written, a lost or hung peer), 2 bad configuration,
 environment or input files (a dataset, a checkpoint), 3 non-finite training stopped the run, 124
-stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (the SLURM script requeues on it), 130
-interrupted outside the training loop (start-up) or twice (nothing saved). Every failure a user
-can act on is one line on stderr, printed by one rank (a lost peer: by each rank that waited on it).
+stopped by SIGTERM/SIGUSR1/SIGINT to any rank after a checkpoint (the SLURM script requeues on
+it), 130 interrupted before the process groups exist or twice (nothing saved). Every
+failure a user can act on is one line on stderr, printed by one rank (a lost peer: by each rank
+that waited on it).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from distill.teacher_wire import (
 )
 from distill.trainer import DistillTrainer
 from distill.weights import load_weights
+from engine import collectives
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.data import DataError, TokenBatches
@@ -93,10 +96,15 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
         return started
     launch, (start, lock) = started
     try:
-        return _train(start, launch)  # reports its own failures
+        code = _train(start, launch)  # reports its own failures
+        if code == EXIT_PREEMPTED:
+            # Saved and done. Once one rank exits, torchrun SIGTERMs the rest: that must not turn
+            # a rank still on its way out into a signal death instead of its 124.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return code
     except ConfigError as err:  # the layout, checked again as the groups are made
         return report(err, EXIT_CONFIG, show=launch.rank == 0)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which saves before stopping
+    except KeyboardInterrupt:  # Ctrl-C while the groups are made (then the flag takes it)
         error_line(KeyboardInterrupt("outside the training loop, nothing saved"),
                    show=launch.rank == 0, prefix="interrupted")
         return EXIT_INTERRUPTED
@@ -121,8 +129,13 @@ def _train(start: StartUp, launch: LaunchEnv) -> int:
     cfg = start.cfg
     layout = init_parallel(cfg.parallel, launch=launch)
     first_of_role = layout.tp_rank == 0 and layout.dp_rank == 0
+    # From the moment the groups exist: a signal while the run loads (as one in the loop) stops
+    # the run at the end of its first step, saved, instead of killing this rank and leaving its
+    # peers to find it gone. Not earlier: a rank waiting to join the groups for a peer that has
+    # exited must still die by the SIGTERM with which torchrun ends it.
+    preempted = PreemptionFlag()
     try:
-        return _run(*start, layout)
+        return _run(*start, layout, preempted)
     except ConfigError as err:  # bad input only reading the files shows (e.g. NaN teacher weights)
         return report(err, EXIT_CONFIG, show=first_of_role)
     except DataError as err:  # a bad window of a dataset too large to scan at start-up
@@ -136,6 +149,7 @@ def _train(start: StartUp, launch: LaunchEnv) -> int:
         return peer_lost(err, layout)
     finally:
         destroy_parallel()
+        preempted.close()  # last: see main on a stopped run's exit
 
 
 def _lm_only_overrides() -> list[str]:
@@ -144,7 +158,7 @@ def _lm_only_overrides() -> list[str]:
 
 
 def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
-         layout: ParallelLayout) -> int:
+         layout: ParallelLayout, preempted: PreemptionFlag) -> int:
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     if layout.is_rank0:
@@ -153,20 +167,29 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
                                  seed=cfg.train.seed).to(layout.device)
     if layout.is_teacher:
-        return _serve(cfg, teacher_cfg, ckpts, layout, objective)
+        return _serve(cfg, teacher_cfg, ckpts, layout, objective, preempted)
     student = _build_student(cfg, ckpts, layout)
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
                         vocab_size=cfg.model.vocab_size, order=curriculum(cfg))
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, ckpts, layout, objective,
-                                                     data),
+                                                     data, preempted),
                              run_config=resolved_dict(cfg), vocab_size=cfg.model.vocab_size,
                              on_policy=OnPolicy(cfg.distill.on_policy, student, layout,
                                                 seed=cfg.train.seed)
                              if cfg.distill.on_policy.on else None)
-    last = trainer.run()
-    return 0 if last >= cfg.train.steps else EXIT_PREEMPTED
+    last = trainer.run(preempted)
+    return 0 if last >= cfg.train.steps else _stopped(layout)
+
+
+def _stopped(layout: ParallelLayout) -> int:
+    """The exit code of a run stopped before its last step, returned once every rank is done:
+    with teacher ranks the roles finish at different times, and the launcher ends every rank as
+    soon as one exits non-zero, which could cut the students' save short."""
+    if layout.teacher_ranks:
+        collectives.barrier()
+    return EXIT_PREEMPTED
 
 
 def _build_student(cfg: RunConfig, ckpts: RunCheckpoints, layout: ParallelLayout) -> TransformerLM:
@@ -198,8 +221,8 @@ def _colocated(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoint
 
 
 def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
-                    layout: ParallelLayout, objective: DistillObjective,
-                    data: TokenBatches) -> TeacherSource | None:
+                    layout: ParallelLayout, objective: DistillObjective, data: TokenBatches,
+                    preempted: PreemptionFlag) -> TeacherSource | None:
     schedule = cfg.distill.schedule
     if schedule == "teacher_ranks":
         per_step = cfg.data.micro_batches(layout.dp)
@@ -215,7 +238,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                                      here=stream_request(request, stream).head == "hidden")
         return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
                              total=per_step * remaining, stream=stream, head=head,
-                             on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step))
+                             on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step),
+                             preempted=preempted)
     if schedule == "offline":
         if cfg.distill.teachers:
             return TeacherList([OfflineTeacher(e.offline_dir, data=data, device=layout.device,
@@ -238,7 +262,7 @@ def _on_policy_stream(cfg: RunConfig, per_step: int, resume_step: int,
 
 
 def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layout: ParallelLayout,
-           objective: DistillObjective) -> int:
+           objective: DistillObjective, preempted: PreemptionFlag) -> int:
     teacher = _colocated(cfg, teacher_cfg, ckpts, layout,
                          stream_request(objective.teacher_request(), cfg.distill.teacher_stream))
 
@@ -254,15 +278,16 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layo
         for _ in range(start, cfg.train.steps):
             yield from data.next_step()
 
-    # SLURM signals every task: the teacher only records it and follows the students' decision,
-    # which arrives with their acknowledgements.
-    with PreemptionFlag():
-        stages = StagePlan.every_rank(cfg.model.layers, cfg.parallel)
-        sent = serve_teacher(teacher, layout, batches_for=batches_for,
-                             prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp,
-                             stage_requests=[stage_request(teacher.request, objective.pairs, plan)
-                                             for plan in stages],
-                             on_policy=_on_policy_stream(
-                                 cfg, cfg.data.micro_batches(layout.students.dp), ckpts.resume_step))
+    # A signal here travels to the students with the stream; their decision to stop comes back
+    # with their acknowledgements.
+    stages = StagePlan.every_rank(cfg.model.layers, cfg.parallel)
+    sent, early = serve_teacher(teacher, layout, batches_for=batches_for,
+                                prefetch=cfg.distill.prefetch, student_sp=cfg.parallel.sp,
+                                stage_requests=[stage_request(teacher.request, objective.pairs,
+                                                              plan) for plan in stages],
+                                on_policy=_on_policy_stream(
+                                    cfg, cfg.data.micro_batches(layout.students.dp),
+                                    ckpts.resume_step),
+                                preempted=preempted)
     log.info("teacher rank %d streamed %d micro-batches", layout.rank, sent)
-    return 0
+    return _stopped(layout) if early else 0

@@ -4,9 +4,11 @@ The teacher runs on `parallel.teacher_ranks` ranks (at its own TP degree `parall
 `serve_teacher` is the teacher side, `RemoteTeacher` the students' source. The teacher streams each
 micro-batch's outputs to the student ranks with asynchronous point-to-point sends, up to
 `prefetch` micro-batches ahead. Only this module knows a wire format (`_Wire`): a header with the
-shapes once, then per micro-batch a checksum of its token ids (a mismatch stops the run), the
-teacher's final hidden states `[batch, seq, H_t]` in its compute dtype, and each activation buffer
-in the layout of the receiving student rank. Never logits: each student rank holds its vocabulary
+shapes once, then per micro-batch a tag (a checksum of its token ids, where a mismatch stops the
+run, and the signal the teacher rank received, if any, which the students then act on as their
+own: preemption reaches the job from any rank), the teacher's final hidden states
+`[batch, seq, H_t]` in its compute dtype, and each activation buffer in the layout of the
+receiving student rank. Never logits: each student rank holds its vocabulary
 shard of the teacher's output weight (`load_teacher_head`, read once from the teacher checkpoint
 at any saved TP) and forms the teacher's logits itself. (`distill.teacher_stream=logits` sends
 logit shards instead: the older protocol, kept as the benchmark's baseline.)
@@ -31,6 +33,7 @@ from engine import collectives as C
 from engine.data import to_device
 from engine.log import get_logger
 from engine.parallel import STUDENT, TEACHER, ParallelLayout
+from engine.signals import PreemptionFlag
 from layers.stages import StagePlan
 from layers.tensor_parallel import SEQ_DIM, VocabParallelLMHead
 
@@ -209,7 +212,8 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                   batches_for: Callable[[int], Iterator[dict]], prefetch: int,
                   student_sp: bool = False,
                   stage_requests: Sequence[TeacherRequest] | None = None,
-                  on_policy: Callable[[int], bool] | None = None) -> int:
+                  on_policy: Callable[[int], bool] | None = None,
+                  preempted: PreemptionFlag | None = None) -> tuple[int, bool]:
     """Teacher-rank loop: stream outputs for every micro-batch of each served student replica.
 
     `batches_for(student_dp_rank)` yields that replica's micro-batches in training order;
@@ -221,43 +225,55 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
     micro-batch (counted from the stream's start) is one the students continue themselves; its
     token ids then come from the replica's first rank (TP rank 0 of stage 0, received by this
     replica's TP rank 0 and broadcast over its TP group), so the teacher cannot run ahead of it.
-    The loop ends when every stream is done or its students stopped. Returns the number of
-    micro-batches sent (per stage).
+    A signal this rank received (`preempted`) is sent with each micro-batch's tag from then on;
+    the students stop at their next step boundary. The loop ends when every stream is done or its
+    students stopped. Returns the number of micro-batches sent (per stage) and whether the
+    students stopped before a stream was done.
     """
     wires = [_Wire.of(r) for r in (stage_requests or [teacher.request])]
     links = _served_links(layout, len(wires))
     streams = {d: batches_for(d) for d in links}
     served = dict.fromkeys(links, 0)  # micro-batches taken from each stream
     seq_shards = layout.students.tp if student_sp else 1
+    early = False
     while streams:
         for d in list(streams):
             go = _agree(all([link.ready(prefetch) for link in links[d]]), layout)
-            batch = next(streams[d], None) if go else None
-            if batch is None:
+            batch = next(streams[d], None)
+            if batch is None or not go:
+                early |= batch is not None
                 del streams[d]
                 continue
             batch = to_device(batch, layout.device)
             if on_policy is not None and on_policy(served[d]):
                 batch = _with_samples(batch, links[d], layout)
                 if batch is None:  # the students stopped before sending them
+                    early = True
                     del streams[d]
                     continue
             served[d] += 1
             (out,) = teacher(batch).values()  # teacher ranks serve one teacher
             whole = [wire.whole(out, layout) for wire in wires]
-            checksum = token_checksum(batch["input_ids"]).to(layout.device)
+            tag = _tag(batch, preempted).to(layout.device)
             for link in links[d]:
                 per_batch = wires[link.stage].for_student(whole[link.stage], seq_shards=seq_shards,
                                                           shard=link.shard)
                 if not link.announced:
                     link.announce(per_batch)
-                link.send([checksum, *per_batch])
+                link.send([tag, *per_batch])
     every = [link for served in links.values() for link in served]
     for link in every:
         link.close()
-    if any(link.stopped for link in every):
+    if early:
         log.info("teacher rank %d: the students stopped early", layout.rank)
-    return sum(link.sent for link in every) // len(wires)
+    return sum(link.sent for link in every) // len(wires), early
+
+
+def _tag(batch: dict, preempted: PreemptionFlag | None) -> torch.Tensor:
+    """A micro-batch's tag, int64 [2]: its token ids' checksum, and the signal this teacher rank
+    received (0 if none)."""
+    signum = 0 if preempted is None or preempted.received is None else int(preempted.received)
+    return torch.cat([token_checksum(batch["input_ids"]), torch.tensor([signum])])
 
 
 def _with_samples(batch: dict, links: list[_StudentLink], layout: ParallelLayout) -> dict | None:
@@ -280,18 +296,21 @@ class RemoteTeacher:
     With `hidden` streaming, `head` is this rank's frozen shard of the teacher's output layer
     (`load_teacher_head`): the teacher's logits shard is formed here from the received hidden
     states, or (fused `request`) the hidden states and the head's weight go to the fused loss.
-    Under PP each stage has its own stream, so every stage calls it for each micro-batch."""
+    Under PP each stage has its own stream, so every stage calls it for each micro-batch. A
+    signal the teacher rank sends along is recorded in `preempted`, this rank's own flag."""
 
     reaches_every_stage = True
 
     def __init__(self, layout: ParallelLayout, request: TeacherRequest, *, prefetch: int,
                  total: int, stream: Literal["hidden", "logits"] = "hidden",
                  head: VocabParallelLMHead | None = None,
-                 on_policy: Callable[[int], bool] | None = None):
+                 on_policy: Callable[[int], bool] | None = None,
+                 preempted: PreemptionFlag | None = None):
         wire_request = stream_request(request, stream)
         if wire_request.head == "hidden" and head is None:
             raise ValueError("hidden streaming needs the teacher's output layer shard (head=)")
         self.layout, self.request, self.head = layout, request, head
+        self.preempted = preempted
         self.wire, self.prefetch = _Wire.of(wire_request), prefetch
         self.unposted = total  # micro-batches the teacher will still send us
         self.src = peer_teacher_rank(layout)
@@ -312,11 +331,11 @@ class RemoteTeacher:
         self.specs, _ = _decode_specs(header)
 
     def _post_one(self) -> None:
-        checksum = torch.zeros(1, dtype=torch.int64, device=self.layout.device)
+        tag = torch.zeros(2, dtype=torch.int64, device=self.layout.device)  # see _tag
         bufs = [torch.empty(shape, dtype=dtype, device=self.layout.device)
                 for dtype, shape in self.specs]
-        works = [C.irecv(checksum, src=self.src)] + [C.irecv(b, src=self.src) for b in bufs]
-        self.posted.append((works, checksum, bufs))
+        works = [C.irecv(tag, src=self.src)] + [C.irecv(b, src=self.src) for b in bufs]
+        self.posted.append((works, tag, bufs))
 
     def _acknowledge(self, flag: int) -> None:
         if self.unacked:
@@ -354,9 +373,12 @@ class RemoteTeacher:
         if not self.posted:
             raise TeacherStreamError("the student asked for more micro-batches than the teacher "
                                      "sends")
-        works, checksum, bufs = self.posted.popleft()
+        works, tag, bufs = self.posted.popleft()
         for work in works:
             work.wait()
+        checksum, signum = tag[:1], int(tag[1].item())
+        if signum and self.preempted is not None:
+            self.preempted.record(signum)
         expected = token_checksum(micro_batch["input_ids"]).to(checksum.device)
         if not torch.equal(checksum, expected):
             raise TeacherStreamError(

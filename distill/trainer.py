@@ -269,8 +269,9 @@ class DistillTrainer:
         return int(loaded["step"])
 
     # ------------------------------------------------------------------------------- the run
-    def run(self) -> int:
-        """Train until `train.steps` or preemption; returns the last completed step."""
+    def run(self, preempted: PreemptionFlag) -> int:
+        """Train until `train.steps` or until a signal to any rank (`preempted`: this rank's flag,
+        installed by the caller); returns the last completed step."""
         start = self.maybe_resume()
         if not self.data_cfg.has_validation:
             log.info("data.split=%s leaves no validation data: validation is skipped",
@@ -278,17 +279,15 @@ class DistillTrainer:
         metrics = MetricsWriter(self.run_dir, enabled=self.layout.is_rank0,
                                 total_steps=self.cfg.steps, start_step=start,
                                 progress=self.cfg.progress)
-        step = start
-        with PreemptionFlag() as preempted:
-            try:
-                step = self._loop(start, metrics, preempted)
-            finally:
-                metrics.close()
-            if self.teacher is not None:
-                self.teacher.close()
+        try:
+            step = self._loop(start, metrics, preempted)
+        finally:
+            metrics.close()
+        if self.teacher is not None:
+            self.teacher.close()
         return step
 
-    def _loop(self, start: int, metrics: MetricsWriter, preempted) -> int:
+    def _loop(self, start: int, metrics: MetricsWriter, preempted: PreemptionFlag) -> int:
         for step in range(start, self.cfg.steps):
             began = time.perf_counter()
             record = self.train_step(step)

@@ -11,6 +11,7 @@ pieces.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +37,11 @@ EXIT_NONFINITE = 3  # training stopped on non-finite losses
 EXIT_PREEMPTED = 124  # stopped by a signal after saving a checkpoint
 EXIT_INTERRUPTED = EXIT_ABORTED  # 130: Ctrl-C during start-up, or a second Ctrl-C
 
+# How long a rank other than 0 that refused its input waits for rank 0, which meets the same input,
+# to print the line: the launcher ends the other ranks as soon as one exits, so a rank that exits
+# first can cost rank 0 its line. Spent only on a refused start, and only if rank 0 prints nothing.
+SPEAKER_GRACE_S = 10.0
+
 # What bad input raises on its way out: each carries one line that names the culprit.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, DataError, OSError)
 
@@ -43,10 +49,11 @@ T = TypeVar("T")
 ExitCodes = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], int]]
 
 
-def report(err: BaseException, code: int, *, show: bool = True) -> int:
-    """Print `err` as one `Kind: message` line on stderr when `show`; return `code`."""
+def report(err: BaseException, code: int, *, show: bool = True, rank: int | None = None) -> int:
+    """Print `err` as one `Kind: message` line on stderr when `show` (`rank R: Kind: message`
+    when `rank` is given); return `code`."""
     kind = "ConfigError" if isinstance(err, ConfigError) else type(err).__name__
-    error_line(err, show=show, prefix=kind)
+    error_line(err, show=show, prefix=kind if rank is None else f"rank {rank}: {kind}")
     return code
 
 
@@ -70,11 +77,20 @@ def start_up(prepare: Callable[[LaunchEnv], T]) -> tuple[LaunchEnv, T] | int:
         launch = LaunchEnv.from_env()
         return launch, prepare(launch)
     except USER_ERRORS as err:
-        return report(err, EXIT_CONFIG, show=launch is None or launch.rank == 0)
+        return _refuse(err, launch)
     except KeyboardInterrupt:
         error_line(KeyboardInterrupt("during start-up, nothing written"), prefix="interrupted",
                    show=launch is None or launch.rank == 0)
         return EXIT_INTERRUPTED
+
+
+def _refuse(err: BaseException, launch: LaunchEnv | None) -> int:
+    """Rank 0 prints the line at once; another rank waits for it to (see SPEAKER_GRACE_S) and,
+    still alive after that, prints it itself, as rank 0 apparently met other input."""
+    if launch is None or launch.rank == 0:
+        return report(err, EXIT_CONFIG)
+    time.sleep(SPEAKER_GRACE_S)
+    return report(err, EXIT_CONFIG, rank=launch.rank)
 
 
 def run_tool(prepare: Callable[[LaunchEnv], tuple[ParallelConfig, Callable[[ParallelLayout], None]]],
@@ -108,6 +124,18 @@ def _work_failure(err: BaseException, failures: ExitCodes, layout: ParallelLayou
 
 def peer_lost(err: BaseException, layout: ParallelLayout) -> int:
     """A collective failed on a dead or hung peer: every rank that waited on it says so (it
-    cannot know who else did); exit 1."""
-    error_line(err, prefix=f"lost a peer (rank {layout.rank})")
+    cannot know who else did), naming the lost rank when it is certain; exit 1."""
+    lost = lost_peer(layout)
+    who = f"a peer (rank {lost})" if lost is not None else f"a peer of rank {layout.rank}"
+    error_line(err, prefix=f"lost {who}")
     return EXIT_RUNTIME
+
+
+def lost_peer(layout: ParallelLayout) -> int | None:
+    """The rank this one lost, where that is certain: the only other rank of a job of two.
+    Neither gloo nor NCCL names the peer's rank in its errors (gloo gives the peer's address and
+    a connection's port, which identify no rank on a node of several), so in a larger job it
+    stays unknown."""
+    if layout.world_size != 2:
+        return None
+    return 1 - layout.rank

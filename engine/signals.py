@@ -4,7 +4,8 @@ SLURM signals a job before killing it (SIGTERM on cancel or preemption, SIGUSR1 
 `--signal=USR1@secs`), but it may reach only some ranks, and at different points of a step. The
 handler therefore only sets a flag; the training loop asks `should_stop(layout)` once per step,
 which agrees over all ranks of the role with one all_reduce(max) of a single integer, so every
-rank saves at the same step and exits cleanly.
+rank saves at the same step and exits cleanly. The entry point installs it as soon as the process
+groups exist, so a signal during the loading that precedes the first step is acted on at its end.
 
 Ctrl-C (SIGINT) is the same request from a person: the first one finishes the step, saves and
 stops. A second one aborts at once, without a checkpoint (exit 130), even while the main thread is
@@ -86,19 +87,26 @@ class PreemptionFlag:
         self._watcher = _InterruptWatcher() if signal.SIGINT in self._previous else None
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.record(signum)
+
+    def record(self, signum: int) -> None:
+        """Record `signum` (the first one counts): one that arrived here, or one that a rank of the
+        other role received and sent along (a teacher rank's, with its stream)."""
         if self.received is None:
             self.received = signal.Signals(signum)
 
     @property
     def requested(self) -> bool:
-        """True once a signal arrived at THIS process (other ranks may not know yet)."""
+        """True once a signal arrived at THIS process, or was relayed to it (other ranks may not
+        know yet)."""
         return self.received is not None
 
     def should_stop(self, layout: ParallelLayout) -> bool:
         """True on every rank of this role when any of them received a signal. Every rank of the
         role (all students, or all teachers) must call it at the same point; it costs one
         all_reduce of one int32. Roles are asked separately: teacher ranks stream ahead of the
-        students and never meet them at a step boundary (SLURM signals every task anyway)."""
+        students and never meet them at a step boundary; a teacher rank's signal travels with its
+        stream to the students it serves (`record`), and the students' vote decides for both."""
         flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=layout.device)
         group = layout.role_group if layout.world_size > 1 else None
         return bool(collectives.all_reduce(flag, group, op="max").item())

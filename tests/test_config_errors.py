@@ -16,6 +16,7 @@ import yaml
 
 from distill.run import main
 from distill.runconfig import load_run_config
+from engine import entry
 from tests.trainer_utils import base_config, make_teacher, teacher_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,18 +262,31 @@ TORCHRUN_ENV = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1
                 "PATH": "/usr/bin:/bin"}
 
 
+TP3_LINE = "ConfigError: parallel.tp: parallel.tp=3 is larger than the 2 student ranks (world size 2)"
+
+
 @pytest.mark.parametrize("script", ["pretrain_distill.py", "pretrain.py"])
 def test_entry_point_exit_code_and_single_line(files, script):
-    """Rank 0 prints the one line; rank 1 meets the same error silently; neither waits."""
-    outputs = []
-    for rank in (0, 1):
-        done = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--config",
-                               str(files["config"]), "parallel.tp=3"], capture_output=True,
-                              text=True, env={**TORCHRUN_ENV, "RANK": str(rank)}, timeout=120)
-        assert done.returncode == 2
-        outputs.append(done.stderr.strip().splitlines())
-    assert outputs == [["ConfigError: parallel.tp: parallel.tp=3 is larger than the 2 student "
-                        "ranks (world size 2)"], []]
+    """Rank 0 prints the one line at once."""
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--config",
+                           str(files["config"]), "parallel.tp=3"], capture_output=True,
+                          text=True, env={**TORCHRUN_ENV, "RANK": "0"}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [TP3_LINE]
+
+
+def test_other_ranks_wait_for_rank_0s_line_and_speak_only_if_still_running(files, monkeypatch,
+                                                                           capsys):
+    """Rank 1 meets the same error. It waits SPEAKER_GRACE_S first: if it exited at once,
+    torchrun could end rank 0 before its line is out. Still running after it (torchrun ends it
+    once rank 0 has exited), it says the line itself, naming its rank."""
+    slept = []
+    monkeypatch.setattr(entry.time, "sleep", slept.append)
+    for key, value in {**TORCHRUN_ENV, "RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--config", str(files["config"]), "parallel.tp=3"]) == 2
+    assert slept == [entry.SPEAKER_GRACE_S]
+    assert capsys.readouterr().err.strip().splitlines() == [f"rank 1: {TP3_LINE}"]
 
 
 @pytest.mark.parametrize("env,message", [

@@ -1,7 +1,12 @@
 """Fault injection against the real entry points and tools (marked slow; `make test` runs them).
 
     a rank that hangs (SIGSTOP)          every rank ends, non-zero, within the collective timeout
+    a rank that dies (SIGKILL)           its peer names it: `lost a peer (rank 1)`
+    a refused start-up, ten times        the one ConfigError line every time
     Ctrl-C once / twice                  checkpoint and exit 124 / abort at once with 130
+    SIGTERM to a teacher rank            the student saves, every rank exits 124, the run resumes
+    SIGTERM once the group exists,       the run stops at the end of its first step, saved,
+    before the first step                every rank exits 124, the lock is removed
     two runs on one run directory        the second is refused at once; the first is untouched
     a full disk (RLIMIT_FSIZE)           checkpoint save, preprocess, teacher-logit export: one
                                          line, temporary files removed, earlier results intact
@@ -30,7 +35,17 @@ import yaml
 from engine.checkpoint import latest_checkpoint, newest_intact_checkpoint
 from engine.data import default_corpus, resolve_data_path
 from engine.data.config import DataConfig
-from tests.helpers import ROOT, children, command, finish, run, start, subprocess_env, wait_for_step
+from tests.helpers import (
+    ROOT,
+    children,
+    command,
+    finish,
+    run,
+    start,
+    subprocess_env,
+    wait_for_step,
+    wait_until,
+)
 from tests.trainer_utils import base_config, make_teacher, read_metrics, teacher_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -58,8 +73,13 @@ def config(tmp_path_factory) -> Path:
 ENV = subprocess_env(PYTHONDONTWRITEBYTECODE="1")
 
 
-def _command(config: Path, run_dir: Path, *overrides: str, nproc: int = 0) -> list[str]:
-    return command("launch/pretrain.py", "--config", config, f"train.run_dir={run_dir}", *overrides,
+DISTILL = "launch/pretrain_distill.py"
+TEACHER_RANKS = ("distill.schedule=teacher_ranks", "parallel.teacher_ranks=1")  # rank 1 the teacher
+
+
+def _command(config: Path, run_dir: Path, *overrides: str, nproc: int = 0,
+             script: str = "launch/pretrain.py") -> list[str]:
+    return command(script, "--config", config, f"train.run_dir={run_dir}", *overrides,
                    nproc=nproc, launcher_args=[f"--shutdown-timeout={SHUTDOWN_S}"])
 
 
@@ -84,6 +104,12 @@ def _resume(pid: int) -> None:
     """SIGCONT a stopped process that torchrun may have killed meanwhile."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)
+
+
+def _exit_codes(err: str) -> dict[int, int]:
+    """Each failed rank's exit code, from torchrun's report of a failed launch."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", err)
+    return {int(rank): int(code) for rank, code in found}
 
 
 def _worker_tracebacks(err: str) -> list[str]:
@@ -113,10 +139,43 @@ def test_a_hung_rank_ends_every_rank_within_the_timeout(config, tmp_path, layout
     took = time.monotonic() - began
     assert code != 0
     assert took < TIMEOUT_S + FAILED_WORKER_GRACE_S + 30, took  # + a loaded machine's slack
-    lost = [line for line in err.splitlines() if line.startswith("lost a peer (rank 0): ")]
+    lost = [line for line in err.splitlines() if line.startswith("lost a peer (rank 1): ")]
     assert len(lost) == 1 and "Timed out" in lost[0], err[-3000:]
     assert _worker_tracebacks(err) == []
     print(f"hung peer: torchrun exited {code} {took:.1f} s after SIGSTOP (timeout_s={TIMEOUT_S})")
+
+
+def test_a_killed_rank_is_named_by_its_peer(config, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = _start(_command(config, run_dir, nproc=2))
+    wait_for_step(run_dir, 2, launcher)
+    os.kill(_rank_pid(launcher, 1), signal.SIGKILL)
+    code, err = finish(launcher)
+    assert code != 0
+    lost = [line for line in err.splitlines() if line.startswith("lost a peer")]
+    assert len(lost) == 1 and lost[0].startswith("lost a peer (rank 1): "), err[-3000:]
+    assert _worker_tracebacks(err) == []
+
+
+# ------------------------------------------------------------------------- refused start-up
+
+def test_a_refused_start_prints_its_line_every_time(config, tmp_path):
+    """Every rank refuses the same config; only rank 0 prints. Rank 1 must not exit first: once
+    one rank exits, torchrun ends the others, rank 0 too, perhaps before it printed."""
+    cfg = yaml.safe_load(config.read_text())
+    teacher = cfg["distill"].pop("teacher")
+    cfg["distill"]["teachers"] = [{"name": n, "checkpoint": teacher} for n in ("a", "b")]
+    cfg["distill"]["schedule"] = "teacher_ranks"
+    cfg["parallel"]["teacher_ranks"] = 1
+    refused = tmp_path / "refused.yaml"
+    refused.write_text(yaml.safe_dump(cfg))
+    for attempt in range(10):
+        code, err = finish(_start(_command(refused, tmp_path / "run", script=DISTILL, nproc=2)))
+        lines = [line for line in err.splitlines() if "ConfigError" in line]
+        assert code != 0 and lines == [
+            "ConfigError: distill.teachers: several teachers need schedule colocated or offline "
+            "(teacher_ranks serve one teacher)"], (attempt, err[-3000:])
+        assert _exit_codes(err)[0] == 2
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C
@@ -173,6 +232,49 @@ def test_second_interrupt_aborts_at_once_even_inside_a_collective(config, tmp_pa
     assert "exitcode  : 130" in err  # torchrun's report of rank 0
     assert took < 60, took  # far below the 300 s collective timeout
     assert latest_checkpoint(run_dir / "checkpoints") is None
+
+
+# ---------------------------------------------------------------------- SIGTERM to one rank
+
+def test_sigterm_to_a_teacher_rank_stops_the_job(config, tmp_path):
+    """The teacher rank's signal travels with its stream: the student stops at a step boundary
+    and saves, both ranks exit 124, and the run resumes from there."""
+    run_dir = tmp_path / "run"
+    launcher = _start(_command(config, run_dir, *TEACHER_RANKS, "train.steps=200",
+                               script=DISTILL, nproc=2))
+    wait_for_step(run_dir, 2, launcher)
+    os.kill(_rank_pid(launcher, 1), signal.SIGTERM)
+    code, err = finish(launcher)
+    assert code != 0 and _exit_codes(err) == {0: 124, 1: 124}, err[-3000:]
+    assert _worker_tracebacks(err) == []
+    last = read_metrics(run_dir)[-1]["step"]
+    assert last < 200
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{last:08d}"
+    code, err = finish(_start(_command(config, run_dir, *TEACHER_RANKS, f"train.steps={last + 2}",
+                                       script=DISTILL, nproc=2)))
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 3))
+
+
+def test_sigterm_once_the_group_exists_before_the_first_step(config, tmp_path):
+    """tests/slow_start.py holds every rank once its process group exists: SIGTERM to rank 1
+    there is acted on at the end of the first step (saved), not by dying."""
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    hold.mkdir()
+    launcher = _start(command("tests/slow_start.py", hold, "--config", config,
+                              f"train.run_dir={run_dir}", nproc=2,
+                              launcher_args=[f"--shutdown-timeout={SHUTDOWN_S}"]))
+    wait_until(lambda: (hold / "rank0").exists() and (hold / "rank1").exists(),
+               alive=lambda: launcher.poll() is None, what="the process group",
+               output=lambda: "")
+    os.kill(_rank_pid(launcher, 1), signal.SIGTERM)
+    time.sleep(1)
+    (hold / "go").touch()
+    code, err = finish(launcher)
+    assert code != 0 and _exit_codes(err) == {0: 124, 1: 124}, err[-3000:]
+    assert "lost a peer" not in err and _worker_tracebacks(err) == []
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000001"
+    assert not (run_dir / ".lock").exists()
 
 
 # ------------------------------------------------------------------------- one run directory

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from engine import collectives as C
 from engine.config import ConfigError
+from engine.entry import peer_lost
 from engine.parallel import (
     STUDENT,
     LaunchEnv,
@@ -260,3 +261,18 @@ def test_bad_backend_is_a_config_error():
         with pytest.raises(ConfigError, match="parallel.backend.*CUDA"):
             init_parallel(ParallelConfig(backend="nccl"),
                           launch=LaunchEnv.from_env({"WORLD_SIZE": "1", "RANK": "0"}))
+
+
+# ------------------------------------------------------------------------------ a lost peer
+
+@pytest.mark.parametrize(("world", "rank", "prefix"), [
+    (2, 0, "lost a peer (rank 1): "),  # the only other rank: certain
+    (2, 1, "lost a peer (rank 0): "),
+    (4, 2, "lost a peer of rank 2: "),  # gloo and NCCL do not say which
+])
+def test_a_lost_peer_is_named_when_certain(capsys, world, rank, prefix):
+    layout = ParallelLayout(world_size=world, rank=rank, tp=1, dp=world, sp=False, tp_rank=0,
+                            dp_rank=rank)
+    err = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:40211")
+    assert peer_lost(err, layout) == 1
+    assert capsys.readouterr().err == f"{prefix}{' '.join(str(err).split())}\n"
