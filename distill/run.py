@@ -88,7 +88,10 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
+def main(argv: list[str] | None = None, *, distill: bool = True, exits: bool = False) -> int:
+    """The entry point of `launch/pretrain_distill.py` (`distill`) and `launch/pretrain.py`: the
+    exit code. `exits`: the process ends right after (the launch scripts), so a stopped run may
+    leave SIGTERM ignored on its way out; an in-process caller keeps its handler."""
     setup_logging()
     args = parse_args(argv, description="distill a student" if distill else "train an LM")
     started = start_up(lambda launch: _start(args, launch, distill=distill))
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None, *, distill: bool = True) -> int:
     launch, (start, lock) = started
     try:
         code = _train(start, launch)  # reports its own failures
-        if code == EXIT_PREEMPTED:
+        if code == EXIT_PREEMPTED and exits:
             # Saved and done. Once one rank exits, torchrun SIGTERMs the rest: that must not turn
             # a rank still on its way out into a signal death instead of its 124.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -12,4 +12,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from distill.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], distill=True))
+    sys.exit(main(sys.argv[1:], distill=True, exits=True))
