@@ -33,7 +33,7 @@ def main(hold: Path, argv: list[str]) -> int:
         return load_and_train(*args, **kwargs)
 
     run._run = held
-    return run.main(argv, distill=False)
+    return run.main(argv, distill=False, exits=True)
 
 
 if __name__ == "__main__":
