@@ -77,14 +77,7 @@ from engine.parallel import LaunchEnv, ParallelConfig, ParallelLayout
 from layers.config import ModelConfig, saved_model_config
 from layers.decode import Generated, Sampling, generate, left_pad
 from layers.model import TransformerLM
-from tools.score import (
-    add_model_args,
-    check_tool_layout,
-    load_model,
-    read_tokens,
-    save_npy,
-    tool_degrees,
-)
+from tools.score import add_model_args, check_tool_layout, load_model, read_tokens, save_npy, tool_degrees
 
 log = get_logger("generate")
 TOKENIZER_DIR = "tokenizer"  # inside an imported checkpoint's step directory (tools/convert_hf.py)

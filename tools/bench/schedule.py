@@ -37,11 +37,7 @@ import yaml  # noqa: E402
 from distill.weights import load_weights, save_weights  # noqa: E402
 from engine.collectives import count_collectives  # noqa: E402
 from engine.config import from_dict  # noqa: E402
-from engine.data import (  # noqa: E402
-    DataConfig,
-    TokenBatches,
-    resolve_data_path,
-)
+from engine.data import DataConfig, TokenBatches, resolve_data_path  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
 from engine.spawn import run_ranks  # noqa: E402
 from layers.config import ModelConfig  # noqa: E402
