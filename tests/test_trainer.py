@@ -208,9 +208,9 @@ def _counted_teacher_ranks_run(cfg, run_dir, *extra):
 @pytest.mark.slow  # a multi-rank end-to-end run
 def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
     """Teacher TP 1 -> students at TP 2 with SP, fused head and activation pairs: the losses are
-    the colocated ones, and each student rank receives per micro-batch exactly its checksum, the
-    teacher's final hidden states and its sequence shard of each buffer: nothing vocabulary-sized,
-    no output weight (each student read its shard of it from the checkpoint)."""
+    the colocated ones, and each student rank receives per micro-batch exactly its tag (checksum
+    and signal), the teacher's final hidden states and its sequence shard of each buffer: nothing
+    vocabulary-sized, no output weight (each student read its shard of it from the checkpoint)."""
     tmp, cfg = setup
     colocated = _run(cfg, tmp / "colocated", *FUSED, *ACTIVATIONS)
     results = run_ranks(_counted_teacher_ranks_run, 3, cfg, tmp / "remote", *FUSED, *ACTIVATIONS,
@@ -219,7 +219,8 @@ def test_teacher_tp1_streams_hidden_states_to_student_tp2_sp(setup):
                      keys=("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm"))
     micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)  # 3 steps x 2; fp32 teacher
     buffers = 2  # all_mlps: student layers 0, 1 -> teacher layers 0, 2
-    per_micro_batch = 8 + mb * seq * hidden_t * 4 + buffers * mb * (seq // 2) * hidden_t * 4
+    tag = 2 * 8  # int64 checksum of the token ids and the teacher rank's signal (0: none)
+    per_micro_batch = tag + mb * seq * hidden_t * 4 + buffers * mb * (seq // 2) * hidden_t * 4
     header = 8 + (1 + 3 * 5) * 8  # its length, then (3, then dtype, ndim, mb, seq, H per tensor)
     for calls, received in results[:2]:  # the two student ranks
         assert received["recv"] == header + micro_batches * per_micro_batch
@@ -239,7 +240,8 @@ def test_bf16_teacher_streams_bf16_hidden_states(setup):
     assert_same_run(read_metrics(tmp / "remote"), colocated)
     micro_batches, (mb, seq, hidden_t) = 6, (2, 16, 48)
     header = 8 + (1 + 5) * 8
-    assert results[0][1]["recv"] == header + micro_batches * (8 + mb * seq * hidden_t * 2)
+    tag = 2 * 8  # int64 checksum and signal
+    assert results[0][1]["recv"] == header + micro_batches * (tag + mb * seq * hidden_t * 2)
 
 
 def _exit_code(cfg, run_dir, *extra):
