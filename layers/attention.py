@@ -9,6 +9,13 @@ Decoding passes the block's `LayerCache` (layers/kv_cache.py): the new columns' 
 (after RoPE) are appended to it and the queries attend over everything cached so far, under the
 cache's mask. The projections, RoPE and the attention call are the ones training runs.
 
+Per block (`layer`): its sliding window (`model.layer_types`), its rotary table (`model.rope_kind`);
+for every block the options of the families: a per-head RMSNorm of queries and keys before RoPE
+(`model.qk_norm`), the scores' scale (`model.query_pre_attn_scalar`), and the soft-cap of the
+scores, `c * tanh(s / c)` before the mask (`model.attn_logit_softcap`), which SDPA cannot apply: a
+soft-capped block computes its scores explicitly (the `[batch, heads/tp, seq, keys]` matrix that
+the math path of SDPA builds too).
+
 With `recompute_core` (`train.recompute=selective`) RoPE and the attention core (scores, softmax,
 dropout, probabilities times values) are one recomputed region (layers/recompute.py): the
 projections' outputs q, k, v are kept for the backward, the `[batch, heads, seq, seq]` scores and
@@ -27,24 +34,30 @@ from torch import nn
 from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
 from layers.kv_cache import LayerCache
+from layers.norm import make_head_norm
 from layers.recompute import recomputed
 from layers.rng import SHARDED, DropoutRNG
 from layers.rope import apply_rope
 from layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
-Rope = tuple[torch.Tensor, torch.Tensor] | None
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # this block's (cos, sin), None: no RoPE
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG, *,
-                 recompute_core: bool = False):
+                 layer: int | None, recompute_core: bool = False):
         super().__init__()
         self.layout, self.rng, self.recompute_core = layout, rng, recompute_core
         self.heads = config.heads // layout.tp  # query heads on this rank
         self.kv_heads = config.num_kv_heads // layout.tp
         self.head_dim = config.dim_per_head
         self.dropout = config.dropout
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.layer_window(layer)
+        self.softcap = config.attn_logit_softcap
+        pre_scalar = config.query_pre_attn_scalar
+        self.scale = pre_scalar ** -0.5 if pre_scalar is not None else self.head_dim ** -0.5
+        self.q_norm = make_head_norm(config, layout) if config.qk_norm else None
+        self.k_norm = make_head_norm(config, layout) if config.qk_norm else None
         qkv_bias = config.qkv_bias or config.bias
         out_std = config.init_std / math.sqrt(2 * config.layers)
 
@@ -68,6 +81,8 @@ class Attention(nn.Module):
         q = self.q_proj(x_full).view(batch, seq, self.heads, self.head_dim)
         k = self.k_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.recompute_core and cache is None:
             context = recomputed(self._core, q, k, v, rope, rng=self.rng)
         else:
@@ -97,10 +112,32 @@ class Attention(nn.Module):
         batch, _, seq, _ = q.shape
         dropout = self.dropout if self.training else 0.0
         with self.rng.fork(SHARDED) if dropout else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=causal,
-                                                 enable_gqa=self.kv_heads != self.heads)
+            if self.softcap is None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     is_causal=causal, scale=self.scale,
+                                                     enable_gqa=self.kv_heads != self.heads)
+            else:
+                out = self._softcapped(q, k, v, mask, causal=causal, dropout=dropout)
         return out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, *, causal: bool, dropout: float) -> torch.Tensor:
+        """SDPA's result with the scores soft-capped: q `[batch, heads/tp, seq, head_dim]`, k/v
+        `[batch, kv_heads/tp, keys, head_dim]` -> `[batch, heads/tp, seq, head_dim]`."""
+        group = self.heads // self.kv_heads  # query heads per key/value head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [batch, heads/tp, seq, keys]
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if causal:  # the queries are the last `seq` of the keys
+            keys = k.shape[2]
+            mask = torch.ones(q.shape[2], keys, dtype=torch.bool, device=q.device).tril(keys - q.shape[2])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        # softmax in fp32 at least (Hugging Face's eager path upcasts the same way)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+        probs = probs.to(q.dtype)
+        probs = F.dropout(probs, dropout) if dropout else probs
+        return torch.matmul(probs, v)
 
     def _window_mask(self, seq: int, device: torch.device) -> torch.Tensor | None:
         """Causal sliding-window mask `[seq, seq]` (True = attend), or None for plain causal."""

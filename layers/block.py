@@ -1,5 +1,9 @@
 """One pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x)).
 
+With `model.post_norms` (Gemma 2/3) each branch output is normalized again before it is added:
+x + norm(attention(norm(x))), four norms per block; the published `mixer_output` / `mlp_output`
+buffers are the branches as they enter the residual stream (after their post-norm).
+
 The residual stream stays in its SP layout (sequence-sharded under SP, replicated otherwise); the
 attention and MLP enter and leave the TP region themselves. Residual-branch dropout draws from the
 stream that matches that layout (see layers/rng.py).
@@ -25,26 +29,32 @@ from layers.mlp import MLP
 from layers.norm import make_norm
 from layers.recompute import Recompute, recomputed
 from layers.rng import DropoutRNG
+from layers.rope import RopeTables
 
 Record = Callable[[str, torch.Tensor], None]
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelLayout, rng: DropoutRNG, *, name: str,
-                 recompute: Recompute = "none"):
+                 layer: int | None, recompute: Recompute = "none"):
         super().__init__()
         self.name = name  # prefix of this block's buffer names: "decoder.{i}" or "mtp.{j}"
         self.layout, self.rng, self.dropout = layout, rng, config.dropout
+        self.rope_kind = config.rope_kind(layer)  # which table of the model's RoPE (None: none)
         self.recompute_block = recompute == "full"
         self.attn_norm = make_norm(config, layout)
-        self.attention = Attention(config, layout, rng, recompute_core=recompute == "selective")
+        self.attention = Attention(config, layout, rng, layer=layer,
+                                   recompute_core=recompute == "selective")
         self.mlp_norm = make_norm(config, layout)
         self.mlp = MLP(config, layout)
+        self.post_attn_norm = make_norm(config, layout) if config.post_norms else None
+        self.post_mlp_norm = make_norm(config, layout) if config.post_norms else None
 
-    def forward(self, hidden: torch.Tensor, rope: Rope, record: Record,
+    def forward(self, hidden: torch.Tensor, ropes: RopeTables | None, record: Record,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Residual stream `[batch, seq(/tp), hidden]` -> the same after this block. With `cache`
         (decoding) `hidden` holds the new columns and attention reads the earlier ones from it."""
+        rope = ropes[self.rope_kind] if ropes is not None and self.rope_kind is not None else None
         if self.recompute_block and cache is None:
             hidden, mixer_output, mlp_output = recomputed(self._block, hidden, rope, rng=self.rng)
         else:
@@ -60,8 +70,12 @@ class DecoderBlock(nn.Module):
         Returning the branches (not recording them in here) makes them outputs of a recomputed
         region; unless a caller keeps them they are freed like any intermediate."""
         mixer_output = self.attention(self.attn_norm(hidden), rope, cache)
+        if self.post_attn_norm is not None:
+            mixer_output = self.post_attn_norm(mixer_output)
         hidden = hidden + self._residual_dropout(mixer_output)
         mlp_output = self.mlp(self.mlp_norm(hidden))
+        if self.post_mlp_norm is not None:
+            mlp_output = self.post_mlp_norm(mlp_output)
         hidden = hidden + self._residual_dropout(mlp_output)
         return hidden, mixer_output, mlp_output
 

@@ -1,8 +1,12 @@
 """`ModelConfig`: the architecture of one transformer LM (Llama or GPT-2 family), validated.
 
 The family decides the building blocks: `llama` is RMSNorm, rotary positions, grouped-query
-attention and a SwiGLU MLP; `gpt2` is LayerNorm (with bias), learned absolute positions, multi-head
-attention and a GELU (tanh) MLP. Everything else is a field.
+attention and a gated MLP; `gpt2` is LayerNorm (with bias), learned absolute positions, multi-head
+attention and a GELU (tanh) MLP. Everything else is a field: the options that make the llama block
+into Qwen3 (`qk_norm`, `head_dim`), Gemma 2/3 (`norm_unit_offset`, `post_norms`, `scale_embeddings`,
+`query_pre_attn_scalar`, soft-caps, `layer_types` with `rope_local_theta`), Phi-3
+(`partial_rotary_factor`) or SmolLM3 (`no_rope_layers`) are each written once and used by training,
+scoring and decoding alike.
 """
 
 from __future__ import annotations
@@ -15,18 +19,24 @@ from engine.config import ConfigError, check, from_dict
 from layers.quant import QUANT_KINDS, LinearQuant
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
+ROPE_SCALINGS = ("llama3", "linear")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 frequency scaling of RoPE (`rope_type: llama3` in Hugging Face configs)."""
+    """Frequency scaling of RoPE: `llama3` (Llama 3.x) or `linear` (every frequency / factor, Gemma 3's
+    global layers), Hugging Face's `rope_type`."""
 
-    factor: float = 8.0  # long wavelengths are divided by this
+    type: str = "llama3"  # llama3 | linear
+    factor: float = 8.0  # long wavelengths (llama3) or all of them (linear) are divided by this
     low_freq_factor: float = 1.0  # wavelengths above original_max_position / this are fully scaled
     high_freq_factor: float = 4.0  # wavelengths below original_max_position / this are kept
     original_max_position: int = 8192  # context length the model was pretrained with
 
     def __post_init__(self) -> None:
+        check(self.type in ROPE_SCALINGS, "model.rope_scaling.type",
+              f"must be one of {', '.join(ROPE_SCALINGS)} (got {self.type!r})")
         check(self.factor >= 1.0, "model.rope_scaling.factor", f"must be >= 1 (got {self.factor})")
         check(0 < self.low_freq_factor < self.high_freq_factor, "model.rope_scaling",
               f"needs 0 < low_freq_factor < high_freq_factor "
@@ -50,12 +60,25 @@ class ModelConfig:
     max_seq_len: int = 2048  # longest sequence (rows of the learned position table for gpt2)
     norm_eps: float = 1e-5  # epsilon of RMSNorm / LayerNorm
     rope_theta: float = 10000.0  # RoPE base (llama family)
-    rope_scaling: RopeScaling | None = None  # Llama-3 RoPE scaling; None: plain RoPE
+    rope_scaling: RopeScaling | None = None  # RoPE frequency scaling (global layers); None: plain RoPE
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: rope_theta
+    partial_rotary_factor: float = 1.0  # RoPE on this leading fraction of each head's width (Phi-3/4)
+    no_rope_layers: tuple[int, ...] = ()  # indices of blocks without RoPE (SmolLM3: every fourth)
     qkv_bias: bool = False  # bias on the q/k/v projections only (Qwen2)
     bias: bool = False  # bias on every linear layer, q/k/v included (GPT-2)
     activation: str | None = None  # silu|gelu|gelu_tanh; None: silu (llama), gelu_tanh (gpt2)
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral); None: all
+    # per block: full_attention or sliding_attention (Gemma 2/3: local and global layers); None:
+    # every block slides when sliding_window is set (Mistral, Phi-3), none otherwise
+    layer_types: tuple[str, ...] | None = None
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weights stored as offsets (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden), rounded to fp32 then their dtype (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by this^-1/2 (Gemma); None: head_dim
+    attn_logit_softcap: float | None = None  # attention scores become c * tanh(s / c) (Gemma 2); None: off
     tie_embeddings: bool = False  # the output layer reuses the input embedding's weight
+    final_logit_softcap: float | None = None  # logits become c * tanh(logits / c) (Gemma 2); None: off
     mtp_heads: int = 0  # extra multi-token-prediction heads; head j predicts token t+1+j
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal init (output projections get std / sqrt(2 * layers))
@@ -91,6 +114,7 @@ class ModelConfig:
               f"must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})")
         check(self.sliding_window is None or self.sliding_window > 0, "model.sliding_window",
               f"must be > 0 (got {self.sliding_window})")
+        self._check_block_options()
         check(self.mtp_heads >= 0, "model.mtp_heads", f"must be >= 0 (got {self.mtp_heads})")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1) (got {self.dropout})")
         check(self.init_std > 0, "model.init_std", f"must be > 0 (got {self.init_std})")
@@ -101,6 +125,53 @@ class ModelConfig:
         bits = self.quant_activation_bits
         check(bits is None or (isinstance(bits, int) and 2 <= bits <= 16),
               "model.quant_activation_bits", f"must be between 2 and 16, or null (got {bits!r})")
+
+    def _check_block_options(self) -> None:
+        types = self.layer_types
+        check(types is None or len(types) == self.layers, "model.layer_types",
+              f"needs one entry per block ({self.layers}, got {0 if types is None else len(types)})")
+        bad = [t for t in types or () if t not in LAYER_TYPES]
+        check(not bad, "model.layer_types", f"entries must be {' or '.join(LAYER_TYPES)} (got {bad[:1]})")
+        check("sliding_attention" not in (types or ()) or self.sliding_window is not None,
+              "model.layer_types", "sliding_attention blocks need model.sliding_window")
+        for key in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap",
+                    "final_logit_softcap"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"model.{key}", f"must be > 0 (got {value})")
+        check(0.0 < self.partial_rotary_factor <= 1.0, "model.partial_rotary_factor",
+              f"must be in (0, 1] (got {self.partial_rotary_factor})")
+        check(self.family == "gpt2" or self.rotary_dim % 2 == 0, "model.partial_rotary_factor",
+              f"the rotary width head_dim x factor must be even (got {self.rotary_dim})")
+        bad = [i for i in self.no_rope_layers if not 0 <= i < self.layers]
+        check(not bad, "model.no_rope_layers", f"must be block indices below {self.layers} (got {bad[:1]})")
+        llama_only = ("qk_norm", "norm_unit_offset", "rope_local_theta", "no_rope_layers")
+        used = [key for key in llama_only if getattr(self, key)]
+        check(self.family == "llama" or not used, f"model.{used[0] if used else ''}",
+              "is an option of the llama family only")
+
+    def layer_type(self, layer: int | None) -> str:
+        """`layer`'s attention type; MTP heads (`None`) attend globally."""
+        if layer is None:
+            return "full_attention"
+        if self.layer_types is None:
+            return "full_attention" if self.sliding_window is None else "sliding_attention"
+        return self.layer_types[layer]
+
+    def layer_window(self, layer: int | None) -> int | None:
+        """The sliding window of block `layer` (None: it attends to every earlier token)."""
+        return self.sliding_window if self.layer_type(layer) == "sliding_attention" else None
+
+    def rope_kind(self, layer: int | None) -> str | None:
+        """Which rotary table block `layer` uses: `global`, `local` (its own base), or None (no RoPE)."""
+        if self.family != "llama" or layer in self.no_rope_layers:
+            return None
+        local = self.rope_local_theta is not None and self.layer_type(layer) == "sliding_attention"
+        return "local" if local else "global"
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading width of each head that RoPE rotates."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
 
     @property
     def num_kv_heads(self) -> int:
@@ -145,7 +216,7 @@ def shape_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
     a checkpoint of `saved` loads into a model of `wanted` only when there is none (the others,
     such as dropout or rope_theta, may change between runs)."""
     keys = ["family", "vocab_size", "hidden", "layers", "heads", "ffn_hidden", "qkv_bias", "bias",
-            "tie_embeddings", "mtp_heads"]
+            "tie_embeddings", "mtp_heads", "qk_norm", "post_norms"]
     if "gpt2" in (saved.family, wanted.family):
         keys.append("max_seq_len")  # rows of the learned position table
     # Defaulted kv_heads / head_dim follow heads / hidden, whose difference is named already.

@@ -1,19 +1,28 @@
-"""Hugging Face adapters: configs and state dicts of Llama, Qwen2, Mistral and GPT-2, both ways.
+"""Hugging Face adapters: configs and state dicts of the supported families, both ways.
 
 The engine side is always a *full* state dict (layers/sharding.py: unsharded, vocabulary unpadded),
 so the adapters do not depend on TP: load one with `load_full_state_dict(model, sd)` at any TP
 degree, and export what `full_state_dict(model)` returns.
 
-- Llama, Qwen2 and Mistral share one layout (`model.layers.{i}.self_attn.q_proj.weight`, ...);
-  q/k are in Hugging Face's rotate-half RoPE order, which is the engine's, so they copy unchanged.
+- Llama, Mistral, Qwen2/3, SmolLM3, Gemma 2/3 (text) and Phi-3 share one layout
+  (`model.layers.{i}.self_attn.q_proj.weight`, ...); q/k are in Hugging Face's rotate-half RoPE
+  order, which is the engine's, so they copy unchanged. Gemma names its four norms
+  input/post_attention/pre_feedforward/post_feedforward (Llama's `post_attention_layernorm` is the
+  norm before the MLP). Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`: they are
+  split on import and fused on export, so every TP degree slices them like the other families.
 - GPT-2 stores linear weights transposed (`Conv1D`, `[in, out]`) and fuses q/k/v into `c_attn`;
   they are transposed and split here. Keys with or without the `transformer.` prefix are accepted.
 - MTP heads have no Hugging Face counterpart: export drops them (with a warning) and import leaves
   them out (load with `strict=False` to keep their fresh initialization).
+
+Export picks the model's origin (`model.hf_model_type`) or the closest family, and refuses a config
+that the family's `config.json` cannot express: the exported config must import back to the same
+architecture (one check for every family, not a list of special cases).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,13 +34,21 @@ from layers.config import ModelConfig, RopeScaling
 log = get_logger(__name__)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "smollm3": "SmolLM3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}
+GEMMA = ("gemma2", "gemma3_text")
+# Families whose config says per block which layers slide (`layer_types`).
+_LAYER_TYPED = ("qwen3", "smollm3", *GEMMA)
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh"}
 _EXPORT_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 QUANT_KEY = "megadistill_quant"  # config.json: {weights, activation_bits} of a ternary export
 # Non-parameter entries some checkpoints carry (attention masks, rotary caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# Settings of how a model trains, not of its architecture: export does not carry them.
+_TRAINING_ONLY = dict(dropout=0.0, init_std=0.02, vocab_pad_multiple=64, mtp_heads=0, hf_model_type=None)
 
 
 def hf_model_type(hf_config: Mapping[str, Any]) -> str:
@@ -42,7 +59,8 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
         by_arch = {arch: kind for kind, arch in ARCHITECTURES.items()}
         model_type = by_arch.get(archs[0], archs[0])
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported Hugging Face architecture {model_type!r} "
+        hint = " (the text model of Gemma 3 is gemma3_text)" if model_type == "gemma3" else ""
+        raise ValueError(f"unsupported Hugging Face architecture {model_type!r}{hint} "
                          f"(supported: {', '.join(ARCHITECTURES)})")
     return model_type
 
@@ -50,7 +68,7 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------- configs
 
 def hf_config_to_model_config(hf_config: Mapping[str, Any]) -> ModelConfig:
-    """A `ModelConfig` for a Hugging Face `config.json` dict (llama, mistral, qwen2, gpt2)."""
+    """A `ModelConfig` for a Hugging Face `config.json` dict of a supported family."""
     kind = hf_model_type(hf_config)
     fields = _gpt2_fields(hf_config) if kind == "gpt2" else _llama_fields(hf_config, kind)
     return ModelConfig(**fields, **_quant_fields(hf_config), hf_model_type=kind)
@@ -73,19 +91,44 @@ def _activation(name: str) -> str:
     return _HF_ACTIVATIONS[name]
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+def _rope_params(params: Mapping[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) of one Hugging Face RoPE parameter dict."""
+    theta = float(params.get("rope_theta", default_theta))
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling(type="linear", factor=float(params["factor"]))
     if rope_type != "llama3":
         raise ValueError(f"unsupported Hugging Face rope_type {rope_type!r} "
-                         "(supported: default, llama3)")
-    return theta, RopeScaling(factor=float(rope["factor"]),
-                              low_freq_factor=float(rope["low_freq_factor"]),
-                              high_freq_factor=float(rope["high_freq_factor"]),
-                              original_max_position=int(rope["original_max_position_embeddings"]))
+                         "(supported: default, linear, llama3)")
+    return theta, RopeScaling(factor=float(params["factor"]),
+                              low_freq_factor=float(params["low_freq_factor"]),
+                              high_freq_factor=float(params["high_freq_factor"]),
+                              original_max_position=int(params["original_max_position_embeddings"]))
+
+
+def _rope_fields(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """rope_theta, rope_scaling, rope_local_theta and partial_rotary_factor of a config: Hugging
+    Face 5's `rope_parameters` (per layer type for Gemma 3) or the older top-level keys."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    default_theta = float(hf.get("rope_theta", 1e6 if kind == "gemma3_text" else 10000.0))
+    local_theta = None
+    if kind == "gemma3_text":
+        if "full_attention" in params:
+            local = params.get("sliding_attention") or {}
+            params = dict(params["full_attention"] or {})
+        else:  # transformers 4: rope_theta, rope_local_base_freq, rope_scaling of the global layers
+            local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+        if _rope_params(local, 10000.0)[1] is not None:
+            raise ValueError("gemma3_text with scaled RoPE on its sliding layers is not supported")
+        local_theta = float(local.get("rope_theta", 10000.0))
+    theta, scaling = _rope_params(params, default_theta)
+    if local_theta == theta and scaling is None:
+        local_theta = None  # one table serves both layer types
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    return dict(rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+                partial_rotary_factor=partial)
 
 
 def _llama_biases(hf: Mapping[str, Any], kind: str) -> tuple[bool, bool]:
@@ -93,35 +136,77 @@ def _llama_biases(hf: Mapping[str, Any], kind: str) -> tuple[bool, bool]:
     if kind == "qwen2":
         return True, False
     attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
-    if attention_bias != mlp_bias:
+    if kind in ("llama", "smollm3") and attention_bias == mlp_bias:
+        return False, attention_bias
+    if attention_bias or mlp_bias:
         raise ValueError(f"{kind} with attention_bias={attention_bias} and mlp_bias={mlp_bias} "
-                         "is not supported (both or neither)")
-    return False, attention_bias
+                         "is not supported")
+    return False, False
 
 
-def _sliding_window(hf: Mapping[str, Any], kind: str) -> int | None:
-    if kind == "mistral":
-        return hf.get("sliding_window")
+def _layer_types(hf: Mapping[str, Any], kind: str) -> list[str]:
+    """Per block, full_attention or sliding_attention, as the family's config class derives them
+    when `layer_types` is absent (transformers 4 configs)."""
+    layers, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    if kind in GEMMA:
+        period = 2 if kind == "gemma2" else hf.get("sliding_window_pattern", 6)
+        return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    slides = window is not None and hf.get("use_sliding_window", False)
+    first = hf.get("max_window_layers", 0) if kind == "qwen3" else 0
+    return ["sliding_attention" if slides and i >= first else "full_attention" for i in range(layers)]
+
+
+def _attention_layout(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """sliding_window and layer_types; a window on every block is `layer_types: None`."""
+    if kind in ("mistral", "phi3"):
+        return dict(sliding_window=hf.get("sliding_window"))
     if kind == "qwen2" and hf.get("use_sliding_window"):
         raise ValueError("qwen2 with use_sliding_window=true is not supported")
-    return None
+    if kind not in _LAYER_TYPED:
+        return {}
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{kind} with use_bidirectional_attention=true is not supported")
+    types = _layer_types(hf, kind)
+    if "sliding_attention" not in types:
+        return {}
+    uniform = "full_attention" not in types
+    return dict(sliding_window=hf["sliding_window"], layer_types=None if uniform else tuple(types))
+
+
+def _family_fields(hf: Mapping[str, Any], kind: str, head_dim: int) -> dict[str, Any]:
+    """The options that set Qwen3, SmolLM3 and Gemma apart from Llama."""
+    fields: dict[str, Any] = dict(qk_norm=kind in ("qwen3", "gemma3_text"))
+    if kind == "smollm3":
+        uses_rope = hf.get("no_rope_layers") or [
+            int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
+            for i in range(hf["num_hidden_layers"])]
+        fields["no_rope_layers"] = tuple(i for i, rope in enumerate(uses_rope) if not rope)
+    if kind in GEMMA:
+        scalar = hf.get("query_pre_attn_scalar", 256)
+        fields.update(norm_unit_offset=True, post_norms=True, scale_embeddings=True,
+                      query_pre_attn_scalar=None if scalar == head_dim else float(scalar),
+                      attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                      final_logit_softcap=hf.get("final_logit_softcapping"))
+    return fields
 
 
 def _llama_fields(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    theta, scaling = _rope(hf)
     qkv_bias, bias = _llama_biases(hf, kind)
-    head_dim = hf.get("head_dim")
+    head_dim = hf.get("head_dim") or hidden // heads
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     return dict(
         family="llama", vocab_size=hf["vocab_size"], hidden=hidden,
         layers=hf["num_hidden_layers"], heads=heads,
         kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=None if head_dim in (None, hidden // heads) else head_dim,
+        head_dim=None if head_dim == hidden // heads else head_dim,
         ffn_hidden=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        qkv_bias=qkv_bias, bias=bias, activation=_activation(hf.get("hidden_act", "silu")),
-        sliding_window=_sliding_window(hf, kind),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        norm_eps=hf.get("rms_norm_eps", 1e-6), **_rope_fields(hf, kind),
+        qkv_bias=qkv_bias, bias=bias, activation=_activation(activation),
+        **_attention_layout(hf, kind), **_family_fields(hf, kind, head_dim),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", kind in GEMMA)))
 
 
 def _gpt2_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,45 +225,44 @@ def _gpt2_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def export_model_type(cfg: ModelConfig) -> str:
-    """The Hugging Face model_type `cfg` exports as (its origin, or the closest match)."""
-    if cfg.family == "gpt2":
-        kind = "gpt2"
-    elif cfg.hf_model_type is not None:
-        kind = cfg.hf_model_type
-    elif cfg.qkv_bias and not cfg.bias:
-        kind = "qwen2"
-    else:
-        kind = "mistral" if cfg.sliding_window is not None else "llama"
-    problem = _export_problem(cfg, kind)
-    if problem:
-        raise ValueError(f"cannot export as Hugging Face {kind}: {problem}")
+    """The Hugging Face model_type `cfg` exports as (its origin, or the closest match); a ValueError
+    names the first setting that family's config cannot express."""
+    kind = cfg.hf_model_type or _closest_family(cfg)
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"cannot export as Hugging Face {kind}: unsupported architecture")
+    back = hf_config_to_model_config(_hf_config(cfg, kind))
+    wanted = dataclasses.replace(cfg, **_TRAINING_ONLY)
+    got = dataclasses.replace(back, **_TRAINING_ONLY)
+    for field in dataclasses.fields(ModelConfig):
+        if getattr(wanted, field.name) != getattr(got, field.name):
+            raise ValueError(f"cannot export as Hugging Face {kind}: its config.json cannot express "
+                             f"model.{field.name}={getattr(cfg, field.name)!r}")
     return kind
 
 
-def _export_problem(cfg: ModelConfig, kind: str) -> str | None:
-    if kind not in ARCHITECTURES:
-        return "unsupported architecture"
-    if (kind == "gpt2") != (cfg.family == "gpt2"):
-        return f"model.family={cfg.family}"
-    if kind == "gpt2":
-        if not cfg.bias or cfg.num_kv_heads != cfg.heads or cfg.head_dim is not None:
-            return "GPT-2 needs model.bias=true, kv_heads == heads and no head_dim"
-        return None if cfg.mlp_activation != "silu" else "GPT-2 has no silu activation"
-    if kind == "qwen2" and (not cfg.qkv_bias or cfg.bias or cfg.sliding_window):
-        return "Qwen2 has q/k/v biases only and no sliding window"
-    if kind != "qwen2" and cfg.qkv_bias and not cfg.bias:
-        return "q/k/v-only biases exist only in qwen2"
-    if kind == "llama" and cfg.sliding_window is not None:
-        return "Llama has no sliding window"
-    if kind == "mistral" and cfg.bias:
-        return "Mistral has no biases"
-    return None
+def _closest_family(cfg: ModelConfig) -> str:
+    if cfg.family == "gpt2":
+        return "gpt2"
+    if cfg.post_norms:
+        return "gemma3_text" if cfg.qk_norm or cfg.rope_local_theta is not None else "gemma2"
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.partial_rotary_factor != 1.0:
+        return "phi3"
+    if cfg.no_rope_layers:
+        return "smollm3"
+    if cfg.qkv_bias and not cfg.bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window is not None else "llama"
 
 
 def model_config_to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A Hugging Face `config.json` dict for `cfg` (architectures and model_type set); a quantized
     model's settings go under QUANT_KEY, which runtimes ignore and import reads back."""
-    kind = export_model_type(cfg)
+    return _hf_config(cfg, export_model_type(cfg))
+
+
+def _hf_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
     hf = _gpt2_config(cfg) if kind == "gpt2" else _llama_config(cfg, kind)
     if cfg.quant != "none":
         hf[QUANT_KEY] = {"weights": cfg.quant, "activation_bits": cfg.quant_activation_bits}
@@ -201,21 +285,62 @@ def _llama_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
               num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.dim_per_head,
               hidden_act=_EXPORT_ACTIVATIONS[cfg.mlp_activation],
               max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-              rope_theta=cfg.rope_theta, rope_scaling=_rope_scaling_dict(cfg.rope_scaling),
-              tie_word_embeddings=cfg.tie_embeddings)
-    if kind == "llama":
+              tie_word_embeddings=cfg.tie_embeddings,
+              # not the family's defaults (ids of its own vocabulary); tools/convert_hf.py writes
+              # the ids recorded at import
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind in ("llama", "mistral", "qwen2"):  # read by transformers 4 and 5 alike
+        hf.update(rope_theta=cfg.rope_theta, rope_scaling=_rope_dict(cfg.rope_theta, cfg.rope_scaling))
+    else:
+        hf.update(rope_parameters=_rope_parameters(cfg, kind))
+    layer_types = [cfg.layer_type(i) for i in range(cfg.layers)]
+    slides = cfg.sliding_window is not None
+    if kind in ("llama", "smollm3"):
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    if kind == "mistral":
+    if kind in ("mistral", "phi3"):
         hf.update(sliding_window=cfg.sliding_window)
     if kind == "qwen2":
         hf.update(use_sliding_window=False, sliding_window=None)
+    if kind in _LAYER_TYPED:
+        hf.update(sliding_window=cfg.sliding_window, layer_types=layer_types)
+    if kind in ("qwen3", "smollm3"):
+        hf.update(use_sliding_window=slides, max_window_layers=0)
+    if kind == "smollm3":
+        hf.update(no_rope_layers=[int(i not in cfg.no_rope_layers) for i in range(cfg.layers)])
+    if kind == "phi3":
+        hf.update(original_max_position_embeddings=cfg.max_seq_len)
+    if kind in GEMMA:
+        hf.update(_gemma_config(cfg))
     return hf
 
 
-def _rope_scaling_dict(scaling: RopeScaling | None) -> dict[str, Any] | None:
+def _gemma_config(cfg: ModelConfig) -> dict[str, Any]:
+    scalar = cfg.query_pre_attn_scalar or cfg.dim_per_head
+    return dict(hidden_activation=_EXPORT_ACTIVATIONS[cfg.mlp_activation],
+                query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                attn_logit_softcapping=cfg.attn_logit_softcap,
+                final_logit_softcapping=cfg.final_logit_softcap)
+
+
+def _rope_parameters(cfg: ModelConfig, kind: str) -> dict[str, Any]:
+    """Hugging Face 5's `rope_parameters` (per layer type for Gemma 3)."""
+    params = _rope_dict(cfg.rope_theta, cfg.rope_scaling) or dict(rope_type="default",
+                                                                  rope_theta=cfg.rope_theta)
+    if kind == "phi3":
+        params["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if kind != "gemma3_text":
+        return params
+    local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+    return dict(full_attention=params,
+                sliding_attention=dict(rope_type="default", rope_theta=local))
+
+
+def _rope_dict(theta: float, scaling: RopeScaling | None) -> dict[str, Any] | None:
     if scaling is None:
         return None
-    return dict(rope_type="llama3", factor=scaling.factor,
+    if scaling.type == "linear":
+        return dict(rope_type="linear", rope_theta=theta, factor=scaling.factor)
+    return dict(rope_type="llama3", rope_theta=theta, factor=scaling.factor,
                 low_freq_factor=scaling.low_freq_factor,
                 high_freq_factor=scaling.high_freq_factor,
                 original_max_position_embeddings=scaling.original_max_position)
@@ -246,25 +371,50 @@ class _Keys:
                              f"first: {left[0]!r}")
 
 
-def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(engine name, Hugging Face name) of every llama-layout parameter."""
+def _norm_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(engine, Hugging Face) names of a llama-layout block's norms, relative to the block."""
+    if cfg.post_norms:  # Gemma: four norms, named after their place around the two branches
+        return [("attn_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
+                ("mlp_norm", "pre_feedforward_layernorm"),
+                ("post_mlp_norm", "post_feedforward_layernorm")]
+    return [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+
+
+def _llama_pairs(cfg: ModelConfig, *, fused: bool) -> list[tuple[str, str]]:
+    """(engine name, Hugging Face name) of every llama-layout parameter that copies unchanged;
+    with `fused` (Phi-3) q/k/v and gate/up are left to `_fused_parts`."""
     pairs = [("embedding.weight", "model.embed_tokens.weight"),
              ("final_norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight"))
     for i in range(cfg.layers):
         ours, theirs = f"decoder.{i}.", f"model.layers.{i}."
-        pairs += [(ours + "attn_norm.weight", theirs + "input_layernorm.weight"),
-                  (ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight")]
-        for proj in ("q", "k", "v", "o"):
+        pairs += [(f"{ours}{a}.weight", f"{theirs}{b}.weight") for a, b in _norm_pairs(cfg)]
+        if cfg.qk_norm:
+            pairs += [(f"{ours}attention.{n}_norm.weight", f"{theirs}self_attn.{n}_norm.weight")
+                      for n in "qk"]
+        for proj in ("o",) if fused else ("q", "k", "v", "o"):
             biased = cfg.bias or (cfg.qkv_bias and proj != "o")
             for kind in ("weight", "bias") if biased else ("weight",):
                 pairs.append((f"{ours}attention.{proj}_proj.{kind}",
                               f"{theirs}self_attn.{proj}_proj.{kind}"))
-        for proj in ("gate", "up", "down"):
+        for proj in ("down",) if fused else ("gate", "up", "down"):
             for kind in ("weight", "bias") if cfg.bias else ("weight",):
                 pairs.append((f"{ours}mlp.{proj}_proj.{kind}", f"{theirs}mlp.{proj}_proj.{kind}"))
     return pairs
+
+
+def _fused_parts(cfg: ModelConfig, i: int) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Phi-3's fused weights of block i: (Hugging Face name, [(engine name, rows), ...]) with the
+    parts stacked along the output rows in this order."""
+    ours, theirs = f"decoder.{i}.", f"model.layers.{i}."
+    q_rows, kv_rows = cfg.heads * cfg.dim_per_head, cfg.num_kv_heads * cfg.dim_per_head
+    return [(theirs + "self_attn.qkv_proj.weight",
+             [(ours + "attention.q_proj.weight", q_rows), (ours + "attention.k_proj.weight", kv_rows),
+              (ours + "attention.v_proj.weight", kv_rows)]),
+            (theirs + "mlp.gate_up_proj.weight",
+             [(ours + "mlp.gate_proj.weight", cfg.ffn_hidden),
+              (ours + "mlp.up_proj.weight", cfg.ffn_hidden)])]
 
 
 def _gpt2_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -297,10 +447,18 @@ def _gpt2_transposed(i: int) -> list[tuple[str, str]]:
 def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor],
                             cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The full engine state dict (no MTP heads) of a Hugging Face state dict for `cfg`."""
-    gpt2 = cfg.family == "gpt2"
+    gpt2, fused = cfg.family == "gpt2", cfg.hf_model_type == "phi3"
     keys = _Keys(hf_sd, trunk_prefix="transformer." if gpt2 else "model.")
-    pairs = _gpt2_pairs(cfg) if gpt2 else _llama_pairs(cfg)
+    pairs = _gpt2_pairs(cfg) if gpt2 else _llama_pairs(cfg, fused=fused)
     full = {ours: keys.take(theirs) for ours, theirs in pairs}
+    for i in range(cfg.layers if fused else 0):
+        for theirs, parts in _fused_parts(cfg, i):
+            tensor = keys.take(theirs)
+            rows = [n for _, n in parts]
+            if tensor.shape[0] != sum(rows):
+                raise ValueError(f"{theirs} has {tensor.shape[0]} rows, the config needs {sum(rows)}")
+            for (ours, _), part in zip(parts, tensor.split(rows)):
+                full[ours] = part.clone()
     for i in range(cfg.layers if gpt2 else 0):
         for ours, theirs in _gpt2_transposed(i):
             full[ours] = keys.take(theirs).t().contiguous()
@@ -317,11 +475,15 @@ def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor],
 def engine_to_hf_state_dict(full_sd: Mapping[str, torch.Tensor],
                             cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The Hugging Face state dict of a full engine state dict (MTP heads are dropped)."""
-    export_model_type(cfg)
+    kind = export_model_type(cfg)
     if cfg.mtp_heads:
-        log.warning("dropping %d MTP head(s): Hugging Face %s has none", cfg.mtp_heads, cfg.family)
-    gpt2 = cfg.family == "gpt2"
-    hf = {theirs: full_sd[ours] for ours, theirs in (_gpt2_pairs(cfg) if gpt2 else _llama_pairs(cfg))}
+        log.warning("dropping %d MTP head(s): Hugging Face %s has none", cfg.mtp_heads, kind)
+    gpt2, fused = kind == "gpt2", kind == "phi3"
+    pairs = _gpt2_pairs(cfg) if gpt2 else _llama_pairs(cfg, fused=fused)
+    hf = {theirs: full_sd[ours] for ours, theirs in pairs}
+    for i in range(cfg.layers if fused else 0):
+        for theirs, parts in _fused_parts(cfg, i):
+            hf[theirs] = torch.cat([full_sd[ours] for ours, _ in parts])
     for i in range(cfg.layers if gpt2 else 0):
         for ours, theirs in _gpt2_transposed(i):
             hf[theirs] = full_sd[ours].t().contiguous()

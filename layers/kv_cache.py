@@ -10,12 +10,13 @@ Left padding. Row b holds `pad[b]` filler columns before its prompt, so every ro
 the same column. Row b's real token at column c has position `c - pad[b]` (what learned positions
 and RoPE see; Hugging Face's left-padded generate computes the same). No query attends to a padding
 column; padding columns attend to themselves only (their outputs are never used, this keeps them
-finite). A sliding window (`model.sliding_window`) is a mask over the whole cache, as in training:
-the cache is not a ring buffer.
+finite). A sliding window (a block's `model.layer_window`) is a mask over the whole cache, as in
+training: the cache is not a ring buffer.
 
-The mask is built once per forward and shared by the blocks; where no row is padded and no window
-cuts in, it is dropped for SDPA's own causal path (a prefill) or for no mask at all (one new column
-attends to every cached one), which are the cheap cases of decoding.
+The masks are built once per forward, one per distinct window, and shared by the blocks with that
+window; where no row is padded and no window cuts in, a mask is dropped for SDPA's own causal path
+(a prefill) or for no mask at all (one new column attends to every cached one), which are the
+cheap cases of decoding.
 """
 
 from __future__ import annotations
@@ -42,19 +43,20 @@ class KVCache:
         self.values = {b.name: torch.zeros(shape, dtype=dtype, device=device) for b in blocks}
         self.pad = pad.to(device=device, dtype=torch.int64)  # [batch] left-padding columns
         self.padded = bool(self.pad.any())
-        self.window = model.config.sliding_window
+        self.windows = {b.name: b.attention.sliding_window for b in blocks}
         self.capacity = capacity
         self.length = 0  # columns filled so far (the same in every row)
         self.new = 0  # columns of the forward in progress
-        self.mask: torch.Tensor | None = None  # [batch, 1, new, length + new], True = attend
-        self.causal = False  # no mask: SDPA's causal mask over the new columns
+        # per window: [batch, 1, new, length + new] (True = attend), or None with `causal` (no
+        # mask: SDPA's causal mask over the new columns when True, every column when False)
+        self.masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
 
     def begin(self, new: int) -> torch.Tensor:
         """Start a forward over the next `new` columns; returns their `[batch, new]` positions."""
         if self.length + new > self.capacity:
             raise ValueError(f"{self.length + new} columns exceed the cache's {self.capacity}")
         self.new = new
-        self.mask, self.causal = self._mask(new)
+        self.masks = {window: self._mask(new, window) for window in set(self.windows.values())}
         columns = torch.arange(self.length, self.length + new, device=self.pad.device)
         return (columns[None, :] - self.pad[:, None]).clamp(min=0)  # 0 on padding columns
 
@@ -66,9 +68,9 @@ class KVCache:
     def layer(self, name: str) -> LayerCache:
         return LayerCache(self, name)
 
-    def _mask(self, new: int) -> tuple[torch.Tensor | None, bool]:
+    def _mask(self, new: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
         total = self.length + new
-        windowed = self.window is not None and total > self.window
+        windowed = window is not None and total > window
         if not self.padded and not windowed:
             if self.length == 0:
                 return None, new > 1
@@ -79,8 +81,8 @@ class KVCache:
         key = torch.arange(total, device=device)[None, :]
         real_key = key[None] >= self.pad[:, None, None]  # [batch, 1, total]
         allowed = (key <= query) & (real_key | (key == query))
-        if self.window is not None:
-            allowed = allowed & (query - key < self.window)
+        if window is not None:
+            allowed = allowed & (query - key < window)
         return allowed[:, None], False
 
 
@@ -92,11 +94,11 @@ class LayerCache:
 
     @property
     def mask(self) -> torch.Tensor | None:
-        return self.cache.mask
+        return self.cache.masks[self.cache.windows[self.name]][0]
 
     @property
     def causal(self) -> bool:
-        return self.cache.causal
+        return self.cache.masks[self.cache.windows[self.name]][1]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new columns' `[batch, kv_heads/tp, new, head_dim]` keys and values; returns

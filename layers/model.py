@@ -55,7 +55,7 @@ from layers.norm import make_norm
 from layers.params import full_init, new_param
 from layers.recompute import Recompute
 from layers.rng import DropoutRNG
-from layers.rope import Rotary
+from layers.rope import RopeTables, Rotary
 from layers.sharding import full_shape, shard_of
 from layers.stages import StagePlan
 from layers.tensor_parallel import VocabParallelEmbedding, VocabParallelLMHead, sp_shared
@@ -92,10 +92,12 @@ class TransformerLM(nn.Module):
             if first and config.family == "gpt2" else None
         self.rotary = Rotary(config, layout.device) if config.family == "llama" else None
         self.decoder = nn.ModuleDict({
-            str(i): DecoderBlock(config, layout, self.rng, name=block_name(i), recompute=recompute)
+            str(i): DecoderBlock(config, layout, self.rng, name=block_name(i), layer=i,
+                                 recompute=recompute)
             for i in plan.layers_here()})
         self.mtp = nn.ModuleDict({
-            str(j): DecoderBlock(config, layout, self.rng, name=block_name(j, mtp=True), recompute=recompute)
+            str(j): DecoderBlock(config, layout, self.rng, name=block_name(j, mtp=True), layer=None,
+                                 recompute=recompute)
             for j in range(1, config.mtp_heads + 1)} if last else {})
         self.final_norm = make_norm(config, layout) if last else None
         self.lm_head = VocabParallelLMHead(
@@ -144,14 +146,14 @@ class TransformerLM(nn.Module):
         return BufferRecorder(buffers, self.buffer_names(), seq_sharded=self.layout.sp)
 
     def rope(self, input_ids: torch.Tensor, dtype: torch.dtype,
-             positions: torch.Tensor | None = None):
-        """Rotary tables for `input_ids`' length, or for `[batch, seq]` `positions` (decoding);
-        None for learned positions."""
+             positions: torch.Tensor | None = None) -> RopeTables | None:
+        """Rotary tables (per rope kind) for `input_ids`' length, or for `[batch, seq]` `positions`
+        (decoding); None for learned positions."""
         if self.rotary is None:
             return None
-        if positions is not None:
-            return self.rotary.at(positions, dtype)
-        return self.rotary(input_ids.shape[1], dtype)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=self.layout.device)
+        return self.rotary(positions, dtype)
 
     def embed(self, input_ids: torch.Tensor, record,
               positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,6 +161,9 @@ class TransformerLM(nn.Module):
         `positions` `[batch, seq]`: those of decoded columns (default 0..seq-1)."""
         self._check_input(input_ids)
         hidden = self.embedding(input_ids)
+        if self.config.scale_embeddings:
+            # sqrt(hidden) rounded to fp32, then to the embedding's dtype, as Gemma's reference does
+            hidden = hidden * torch.tensor(self.config.hidden ** 0.5).to(hidden.dtype)
         if self.position_embedding is not None:
             hidden = hidden + self.position_embedding(input_ids.shape[1], positions)
         hidden = self.rng.dropout(hidden, self.config.dropout, sharded=self.layout.sp,

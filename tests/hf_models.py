@@ -9,6 +9,29 @@ import transformers
 VOCAB = 96
 _LLAMA_LAYOUT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48)
+_SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# The families of issue 28, each with the options that set it apart: head_dim != hidden/heads,
+# QK-norm, Gemma's local (window shorter than the sequence) and global layers with their own RoPE
+# bases and linear scaling, attention soft-capping, Phi-3's partial rotary, SmolLM3's NoPE layers.
+FAMILIES = {
+    "qwen3": dict(**_LLAMA_LAYOUT, head_dim=16, tie_word_embeddings=False, **_SPECIAL),
+    "gemma2": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=3), head_dim=16, query_pre_attn_scalar=24,
+                   sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=None,
+                   **_SPECIAL),
+    "gemma3_text": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=4), head_dim=16,
+                        query_pre_attn_scalar=16, sliding_window=5,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                     "full_attention"],
+                        rope_parameters=dict(
+                            full_attention=dict(rope_type="linear", factor=2.0, rope_theta=20000.0),
+                            sliding_attention=dict(rope_type="default", rope_theta=500.0)),
+                        **_SPECIAL),
+    "phi3": dict(**_LLAMA_LAYOUT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                       partial_rotary_factor=0.5),
+                 sliding_window=7, **_SPECIAL),
+    "smollm3": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=4), no_rope_layer_interval=2,
+                    tie_word_embeddings=True, **_SPECIAL),
+}
 # (config class, config kwargs, dtype the weights are saved in): every family and its options.
 HF_MODELS = {
     "llama": (transformers.LlamaConfig, dict(**_LLAMA_LAYOUT, attention_bias=True, mlp_bias=True),
@@ -18,6 +41,13 @@ HF_MODELS = {
     "mistral": (transformers.MistralConfig, dict(**_LLAMA_LAYOUT, sliding_window=6), torch.float32),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                            n_positions=40), torch.float32),
+    **{family: (config_cls, kwargs, dtype) for family, (config_cls, kwargs, dtype) in {
+        "qwen3": (transformers.Qwen3Config, FAMILIES["qwen3"], torch.bfloat16),
+        "gemma2": (transformers.Gemma2Config, FAMILIES["gemma2"], torch.float32),
+        "gemma3_text": (transformers.Gemma3TextConfig, FAMILIES["gemma3_text"], torch.bfloat16),
+        "phi3": (transformers.Phi3Config, FAMILIES["phi3"], torch.float32),
+        "smollm3": (transformers.SmolLM3Config, FAMILIES["smollm3"], torch.float32),
+    }.items()},
 }
 TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n',
              "tokenizer_config.json": '{"model_max_length": 48}\n'}

@@ -1,10 +1,10 @@
 """tools/generate.py: greedy ids equal transformers' greedy `generate` token for token on imported
-tiny random Llama, Qwen2 and GPT-2 models (built from configs, saved locally), single process and
-at TP=2 under torchrun; rows of a left-padded batch equal transformers on each row alone; text prompts
-(a real byte-level BPE) and JSONL; the sequence-level KD dataset (prompt + continuation, mask of
-generated tokens) is what greedy generation of training-drawn prompts gives, an interrupted run
-resumes without redoing saved chunks and writes the same dataset, and a student trains on it with
-the ordinary entry point; bad inputs fail with one
+tiny random Llama, Qwen2, GPT-2, Qwen3, Gemma 2/3, Phi-3 and SmolLM3 models (built from configs,
+saved locally), single process and at TP=2 under torchrun; rows of a left-padded batch equal
+transformers on each row alone; text prompts (a real byte-level BPE) and JSONL; the sequence-level
+KD dataset (prompt + continuation, mask of generated tokens) is what greedy generation of
+training-drawn prompts gives, an interrupted run resumes without redoing saved chunks and writes the
+same dataset, and a student trains on it with the ordinary entry point; bad inputs fail with one
 `ConfigError:` line and exit 2."""
 
 import json
@@ -23,7 +23,7 @@ from engine.data.corpus import train_byte_level_bpe
 from engine.parallel import ParallelLayout
 from layers.decode import generate, left_pad
 from tests.helpers import command, run, run_ok, subprocess_env
-from tests.hf_models import save_hf_model
+from tests.hf_models import FAMILIES, save_hf_model
 from tests.trainer_utils import base_config, read_metrics, run_main, write_config
 from tools import convert_hf, score
 from tools import generate as generate_tool
@@ -36,10 +36,11 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """{arch: (HF dir, engine checkpoint)} for Llama, Qwen2 and GPT-2, and a prompts .npy."""
+    """{arch: (HF dir, engine checkpoint)} for Llama, Qwen2, GPT-2 and the families of
+    tests/hf_models.py FAMILIES, and a prompts .npy."""
     root = tmp_path_factory.mktemp("gen")
     out = {}
-    for arch in ("llama", "qwen2", "gpt2"):
+    for arch in ("llama", "qwen2", "gpt2", *FAMILIES):
         hf_dir = save_hf_model(arch, root / arch)
         assert convert_hf.main(["import", "--hf", str(hf_dir), "--out", str(root / f"{arch}.ckpt")]) == 0
         out[arch] = (hf_dir, root / f"{arch}.ckpt")
@@ -56,7 +57,7 @@ def hf_greedy(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     return out[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", *FAMILIES])
 def test_greedy_equals_transformers(models, arch, tmp_path):
     (hf_dir, ckpt), prompts = models[0][arch], models[1]
     out = tmp_path / "out.npy"
@@ -69,7 +70,7 @@ def test_greedy_equals_transformers(models, arch, tmp_path):
     assert torch.equal(torch.from_numpy(got), expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text", "smollm3"])
 def test_left_padded_batch_equals_transformers(models, arch):
     hf_dir, ckpt = models[0][arch]
     rows = [torch.from_numpy(r) for r in np.random.default_rng(1).integers(0, VOCAB, (3, 6))]

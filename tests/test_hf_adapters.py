@@ -20,6 +20,7 @@ from layers.hf import (
 )
 from layers.model import TransformerLM
 from layers.sharding import full_state_dict, load_full_state_dict
+from tests.hf_models import FAMILIES
 
 VOCAB = 120
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -38,6 +39,13 @@ HF_MODELS = {
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
         eos_token_id=0)),
+    **{family: (config_cls, transformers.AutoModelForCausalLM.from_config,
+                {**FAMILIES[family], "vocab_size": VOCAB})
+       for family, config_cls in [("qwen3", transformers.Qwen3Config),
+                                  ("gemma2", transformers.Gemma2Config),
+                                  ("gemma3_text", transformers.Gemma3TextConfig),
+                                  ("phi3", transformers.Phi3Config),
+                                  ("smollm3", transformers.SmolLM3Config)]},
 }
 
 
@@ -50,7 +58,7 @@ def _hf_model(arch: str):
     """(config dict, state dict, logits of the ids) of a random tiny transformers model."""
     config_cls, model_cls, kwargs = HF_MODELS[arch]
     config = config_cls(**kwargs)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if config.model_type == "gemma2" else "sdpa"
     torch.manual_seed(0)
     model = model_cls(config).eval()
     noise = torch.Generator().manual_seed(0)
@@ -108,6 +116,7 @@ def test_state_dict_and_config_round_trip(arch):
     config_cls, model_cls, _ = HF_MODELS[arch]
     reloaded = model_cls(config_cls(**exported))
     reloaded.load_state_dict(back, strict=not cfg.tie_embeddings)
+    assert hf_config_to_model_config(reloaded.config.to_dict()) == cfg
 
 
 def test_gpt2_base_model_keys_without_prefix_load():
