@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from layers.config import RopeScaling
+
 VOCAB = 96
 _LLAMA_LAYOUT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48)
@@ -32,6 +34,15 @@ FAMILIES = {
     "smollm3": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=4), no_rope_layer_interval=2,
                     tie_word_embeddings=True, **_SPECIAL),
 }
+# Every block option of those families at once, as ModelConfig fields (for a llama-family model of 4
+# layers, heads 4 / kv 2, head_dim 12, a sequence longer than the window): the layout tables
+# (tests/test_layers_parallel.py, tests/test_stages.py) check TP/SP/PP on all of them together.
+BLOCK_OPTIONS = dict(
+    layers=4, head_dim=12, qk_norm=True, norm_unit_offset=True, post_norms=True, scale_embeddings=True,
+    query_pre_attn_scalar=20.0, attn_logit_softcap=3.0, sliding_window=5,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+    rope_local_theta=300.0, rope_scaling=RopeScaling(type="linear", factor=2.0),
+    partial_rotary_factor=0.5, no_rope_layers=(3,))
 # (config class, config kwargs, dtype the weights are saved in): every family and its options.
 HF_MODELS = {
     "llama": (transformers.LlamaConfig, dict(**_LLAMA_LAYOUT, attention_bias=True, mlp_bias=True),

@@ -85,10 +85,11 @@ def test_left_padded_batch_equals_transformers(models, arch):
 
 
 @pytest.mark.slow  # a multi-rank end-to-end run
-@pytest.mark.parametrize("layout,reported", [([], "tp=2, dp=1"), (["--pp", "2"], "tp=1, pp=2, dp=1")],
-                         ids=["tp2", "pp2"])
-def test_torchrun_tp2_and_pp2_equal_transformers(models, tmp_path, layout, reported):
-    (hf_dir, ckpt), prompts = models[0]["qwen2"], models[1]
+@pytest.mark.parametrize("arch,layout,reported", [
+    ("qwen2", [], "tp=2, dp=1"), ("qwen2", ["--pp", "2"], "tp=1, pp=2, dp=1"),
+    ("gemma3_text", ["--pp", "2"], "tp=1, pp=2, dp=1")], ids=["tp2", "pp2", "gemma3-pp2"])
+def test_torchrun_tp2_and_pp2_equal_transformers(models, tmp_path, arch, layout, reported):
+    (hf_dir, ckpt), prompts = models[0][arch], models[1]
     out = tmp_path / "out.npy"
     result = run_ok(command("tools/generate.py", "--ckpt", ckpt, "--tokens", prompts, "--out", out,
                             "--greedy", "--max-new-tokens", NEW, *layout))

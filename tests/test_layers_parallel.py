@@ -22,6 +22,7 @@ from layers.model import TransformerLM
 from layers.rng import REPLICATED, SHARDED
 from layers.sharding import full_state_dict, gather_full, load_full_state_dict
 from layers.tensor_parallel import ColumnParallelLinear, enter_tp_region
+from tests.hf_models import BLOCK_OPTIONS
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 SEED = 11
@@ -37,17 +38,22 @@ CONFIGS = {
                         ffn_hidden=64, max_seq_len=16, bias=True, tie_embeddings=True,
                         mtp_heads=1),
 }
+# Every block option of the Qwen3 / Gemma 2/3 / Phi-3 / SmolLM3 families at once (QK-norm on head
+# shards, soft-capped scores, local and global layers with their own RoPE, partial and no RoPE).
+CONFIGS["families"] = dataclasses.replace(CONFIGS["llama"], qkv_bias=False, **BLOCK_OPTIONS)
 # Ternary (BitNet b1.58) students: weight scales of the whole weight and per-token activation
 # scales of whole rows make TP exact; gradients are the straight-through estimator's.
 CONFIGS["llama_ternary"] = dataclasses.replace(CONFIGS["llama"], quant="ternary")
 CONFIGS["gpt2_ternary"] = dataclasses.replace(CONFIGS["gpt2"], quant="ternary",
                                               quant_activation_bits=4)
+CONFIGS["families_ternary"] = dataclasses.replace(CONFIGS["families"], quant="ternary")
 # (model, tp, sp) per world size; tp < world means several TP groups side by side (DP > 1).
 ROWS = {
     2: [("llama", 2, False), ("llama", 2, True), ("gpt2", 2, False), ("gpt2", 2, True),
-        ("llama_ternary", 2, False), ("llama_ternary", 2, True), ("gpt2_ternary", 2, True)],
+        ("llama_ternary", 2, False), ("llama_ternary", 2, True), ("gpt2_ternary", 2, True),
+        ("families", 2, False), ("families", 2, True), ("families_ternary", 2, True)],
     4: [("llama", 4, False), ("llama", 4, True), ("gpt2", 4, False), ("gpt2", 4, True),
-        ("llama", 2, True), ("llama_ternary", 4, True)],
+        ("llama", 2, True), ("llama_ternary", 4, True), ("families", 4, True)],
 }
 
 

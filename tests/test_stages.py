@@ -17,6 +17,7 @@ from engine.parallel import ParallelLayout
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.stages import StagePlan
+from tests.hf_models import BLOCK_OPTIONS
 
 TOL = 1e-12
 
@@ -36,9 +37,11 @@ def test_plan_places_virtual_stages_like_megatron():
 
 
 def _config(family: str) -> ModelConfig:
-    return ModelConfig(family=family, vocab_size=100, hidden=16, layers=4, heads=4, kv_heads=2,
-                       ffn_hidden=32, max_seq_len=16, tie_embeddings=True, mtp_heads=1,
-                       bias=family == "gpt2")
+    """llama, gpt2, or "families": llama with every block option of the newer families."""
+    config = ModelConfig(family="gpt2" if family == "gpt2" else "llama", vocab_size=100, hidden=16,
+                         layers=4, heads=4, kv_heads=2, ffn_hidden=32, max_seq_len=16,
+                         tie_embeddings=True, mtp_heads=1, bias=family == "gpt2")
+    return dataclasses.replace(config, **BLOCK_OPTIONS) if family == "families" else config
 
 
 def _stage_layout(pp: int, rank: int, chunks: int) -> ParallelLayout:
@@ -65,7 +68,7 @@ def _run_stages(stages: list[TransformerLM], ids: torch.Tensor, buffers: list[st
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "families"])
 @pytest.mark.parametrize("pp,chunks", [(2, 1), (2, 2), (4, 1)])
 def test_chained_stages_equal_the_whole_model(family, pp, chunks):
     config = _config(family)
