@@ -130,7 +130,8 @@ def test_init_depends_on_seed_and_name_only():
     assert a.embedding.weight[100:].abs().max() == 0  # padding rows
 
 
-def test_model_benchmark_runs_and_reports_the_ratio(capsys):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_model_benchmark_runs_and_reports_the_ratio(capsys, family):
     import importlib.util
     from pathlib import Path
 
@@ -138,8 +139,9 @@ def test_model_benchmark_runs_and_reports_the_ratio(capsys):
     spec = importlib.util.spec_from_file_location("bench_model", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--layers", "1", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--ffn", "64",
-                "--vocab", "128", "--seq", "16", "--batch", "1", "--steps", "1", "--threads", "1"])
+    bench.main(["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--ffn", "64",
+                "--vocab", "128", "--seq", "16", "--batch", "1", "--steps", "1", "--threads", "1",
+                "--family", family])
     printed = capsys.readouterr().out
     assert "| megadistill TransformerLM |" in printed
     assert "ratio, tokens/s ours / transformers: " in printed

@@ -1,5 +1,6 @@
-"""What the benchmarks that race transformers share: a Llama shape on the command line and the same
-weights in both implementations (ours loaded from the Hugging Face model through layers/hf.py)."""
+"""What the benchmarks that race transformers share: a model shape on the command line and the same
+weights in both implementations (ours loaded from the Hugging Face model through layers/hf.py), for
+Llama and the newer families (Qwen3: QK-norm; Gemma 3: four norms, local and global layers)."""
 
 from __future__ import annotations
 
@@ -29,20 +30,35 @@ def add_shape_args(parser: argparse.ArgumentParser, *, layers: int, hidden: int,
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
 
 
-def llama_pair(args: argparse.Namespace, *, max_positions: int = 2048,
-               **hf_options) -> tuple[torch.nn.Module, TransformerLM]:
-    """(transformers' LlamaForCausalLM, our TransformerLM) of `args`' shape with the same random
-    weights (seed 0), TP=1, on `args.device` in `args.dtype`, in eval mode. `hf_options`: more
-    LlamaConfig fields."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ("llama", "qwen3", "gemma3")
 
-    hf_config = LlamaConfig(
+
+def _family_config(family: str, head_dim: int, seq: int) -> tuple[str, dict]:
+    """(transformers config class name, its family-specific options) of a benchmark family."""
+    if family == "qwen3":
+        return "Qwen3Config", dict(head_dim=head_dim)
+    if family == "gemma3":  # the released pattern: 5 local layers per global one, window seq/4
+        return "Gemma3TextConfig", dict(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                        sliding_window=max(seq // 4, 1))
+    return "LlamaConfig", {}
+
+
+def llama_pair(args: argparse.Namespace, *, max_positions: int = 2048, family: str = "llama",
+               **hf_options) -> tuple[torch.nn.Module, TransformerLM]:
+    """(transformers' model, our TransformerLM) of `args`' shape and `family` (llama, qwen3,
+    gemma3) with the same random weights (seed 0), TP=1, on `args.device` in `args.dtype`, in eval
+    mode. `hf_options`: more config fields."""
+    import transformers
+
+    class_name, options = _family_config(family, args.hidden // args.heads,
+                                         getattr(args, "seq", max_positions))
+    hf_config = getattr(transformers, class_name)(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=max_positions,
-        attn_implementation="sdpa", **hf_options)
+        attn_implementation="sdpa", **options, **hf_options)
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_config).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     cfg = hf_config_to_model_config(hf_config.to_dict())
     ours = TransformerLM(cfg, ParallelLayout.single()).eval()
     load_full_state_dict(ours, hf_to_engine_state_dict(hf.state_dict(), cfg))

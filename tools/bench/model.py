@@ -1,12 +1,12 @@
-"""Forward+backward throughput of the engine's model against transformers' LlamaForCausalLM.
+"""Forward+backward throughput of the engine's model against transformers' on the same shapes.
 
-One student-sized Llama config, TP=1, CPU and fp32 unless `--device cuda --dtype bf16`. Both models
+One student-sized config of a family (`--family llama|qwen3|gemma3`), TP=1, CPU and fp32 unless `--device cuda --dtype bf16`. Both models
 hold the same weights (ours are loaded from the Hugging Face model through layers/hf.py, and the
 logits are checked to agree), run the same loss (cross-entropy over the full vocabulary) and are
 timed alternately in the same process, so drift of the machine hits both. Prints a markdown table
 and the ratio ours / transformers.
 
-    python tools/bench/model.py [--layers 8 --hidden 512 --seq 256 --batch 2 --steps 5 --threads 2]
+    python tools/bench/model.py [--family qwen3 --layers 8 --hidden 512 --seq 256 --batch 2 --steps 5]
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from layers.model import TransformerLM  # noqa: E402
-from tools.bench.llama import add_shape_args, llama_pair, synchronize  # noqa: E402
+from tools.bench.llama import FAMILIES, add_shape_args, llama_pair, synchronize  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser, layers=8, hidden=512, heads=8, kv_heads=4, ffn=1408, vocab=32000)
+    parser.add_argument("--family", default="llama", choices=FAMILIES)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, TransformerLM]:
-    hf, ours = llama_pair(args, max_positions=max(args.seq, 2048))
+    hf, ours = llama_pair(args, max_positions=max(args.seq, 2048), family=args.family)
     return hf.train(), ours.train()
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         diff = (hf(ids).logits.float() - ours(ids).logits[..., :args.vocab].float()).abs().max().item()
     runners = {"megadistill TransformerLM": (lambda x: ours(x).logits, ours),
-               "transformers LlamaForCausalLM": (lambda x: hf(x).logits, hf)}
+               f"transformers {type(hf).__name__}": (lambda x: hf(x).logits, hf)}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for step in range(args.warmup + args.steps):
         for name, (fn, model) in runners.items():  # alternate, so machine drift hits both
@@ -81,7 +82,7 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], diff: float,
     tokens = args.batch * args.seq
     median = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
-    print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} kv, "
+    print(f"model: {args.family}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} kv, "
           f"ffn {args.ffn}, vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x "
           f"seq {args.seq}; {args.dtype}, {args.device}, {args.threads} threads, TP=1; "
           f"{args.steps} timed steps each, alternating; max |logit diff| {diff:.1e}\n")
