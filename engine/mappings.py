@@ -95,6 +95,19 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return C.all_gather(grad, ctx.group, dim=ctx.seq_dim), None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, send_splits, recv_splits):
+        ctx.group, ctx.splits = group, (send_splits, recv_splits)
+        return C.all_to_all_single(x, group, send_splits=send_splits, recv_splits=recv_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        back = C.all_to_all_single(grad, ctx.group, send_splits=recv_splits, recv_splits=send_splits)
+        return back, None, None, None
+
+
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward: identity. Backward: all-reduce the gradient over the TP group."""
     return _CopyToTP.apply(x, group) if C.group_size(group) > 1 else x
@@ -139,3 +152,12 @@ def gather_from_sp_replicated(x: torch.Tensor, group: Group, *, seq_dim: int) ->
 def reduce_scatter_to_sp(x: torch.Tensor, group: Group, *, seq_dim: int) -> torch.Tensor:
     """Forward: sum over the TP group and keep this rank's sequence slice. Backward: all-gather."""
     return _ReduceScatterToSP.apply(x, group, seq_dim) if C.group_size(group) > 1 else x
+
+
+def all_to_all(x: torch.Tensor, group: Group, *, send_splits: list[int],
+               recv_splits: list[int]) -> torch.Tensor:
+    """Forward: rows `send_splits[r]` of `x` go to group rank r, the rows received come back in rank
+    order. Backward: each gradient row returns to the rank its row came from."""
+    if C.group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, group, send_splits, recv_splits)

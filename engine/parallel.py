@@ -13,6 +13,12 @@ world run only the teacher, at their own TP degree `teacher_tp` (default: the st
 pipeline, their own TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first
 ranks are the students. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the
 students' (one teacher replica serves several student replicas).
+
+Expert parallelism (`ep`, Megatron's placement) lives inside data parallelism: the DP ranks of one
+(TP, PP) position are cut into blocks of `ep` consecutive DP ranks; the ranks of a block form an
+EP group (they hold different experts and exchange tokens), and the ranks at the same place of
+every block form the expert-DP group (`dp / ep` ranks holding the same experts, which sum those
+experts' gradients). Dense parameters keep the whole DP group.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel stages of the student (ranks strided by tp)
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
+    ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
@@ -88,6 +95,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
+        check(self.ep >= 1, "parallel.ep", f"must be >= 1 (got {self.ep})")
         check(self.pp >= 1, "parallel.pp", f"must be >= 1 (got {self.pp})")
         check(self.virtual_stages >= 1, "parallel.virtual_stages",
               f"must be >= 1 (got {self.virtual_stages})")
@@ -139,12 +147,17 @@ class ParallelLayout:
     pp_rank: int = 0
     virtual_stages: int = 1  # model chunks per pipeline rank
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
+    ep: int = 1  # expert-parallel degree (a divisor of dp)
+    ep_rank: int = 0  # this rank's place in its EP group (dp_rank % ep)
     students: RankOrder | None = None  # the students' numbering (None: the whole world, tp, pp)
     teachers: RankOrder | None = None  # the teacher ranks' numbering (None: none)
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     role_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    ep_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    # the DP ranks holding the same experts as this one (dp / ep of them)
+    expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     # the first and last stage of this pipeline (None without PP, and on the middle stages)
     embedding_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -156,6 +169,8 @@ class ParallelLayout:
         if self.teachers is None:
             object.__setattr__(self, "teachers",
                                RankOrder(size=0, tp=self.tp, offset=self.world_size))
+        if self.ep == 1:  # every DP rank holds every expert
+            object.__setattr__(self, "expert_dp_group", self.dp_group)
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> ParallelLayout:
@@ -220,6 +235,10 @@ def validate_layout(parallel: ParallelConfig, world_size: int) -> None:
     if students % (tp * pp):
         raise LayoutError("parallel.pp", f"parallel.tp={tp} x parallel.pp={pp} does not divide "
                                          f"the {students} student ranks")
+    dp = students // (tp * pp)
+    if dp % parallel.ep:
+        raise LayoutError("parallel.ep", f"parallel.ep={parallel.ep} does not divide the "
+                                         f"data-parallel degree {dp} (experts are split over DP ranks)")
     if teacher_ranks:
         _validate_teacher_layout(parallel, world_size)
 
@@ -260,15 +279,19 @@ class RankLists:
     pp: list[list[int]]
     dp: list[list[int]]
     embedding: list[list[int]]  # first and last stage of each pipeline ([] without PP)
+    ep: list[list[int]]  # blocks of `ep` consecutive DP ranks
+    expert_dp: list[list[int]]  # the same place in every block
 
     @classmethod
-    def of(cls, order: RankOrder) -> RankLists:
+    def of(cls, order: RankOrder, ep: int = 1) -> RankLists:
         tps, pps, dps = range(order.tp), range(order.pp), range(order.dp)
         pipelines = [[order.rank(tp=t, pp=p, dp=d) for p in pps] for d in dps for t in tps]
+        dp_lists = [[order.rank(tp=t, pp=p, dp=d) for d in dps] for p in pps for t in tps]
         return cls(tp=[[order.rank(tp=t, pp=p, dp=d) for t in tps] for d in dps for p in pps],
-                   pp=pipelines,
-                   dp=[[order.rank(tp=t, pp=p, dp=d) for d in dps] for p in pps for t in tps],
-                   embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if order.pp > 1 else [])
+                   pp=pipelines, dp=dp_lists,
+                   embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if order.pp > 1 else [],
+                   ep=[ranks[b:b + ep] for ranks in dp_lists for b in range(0, len(ranks), ep)],
+                   expert_dp=[ranks[e::ep] for ranks in dp_lists for e in range(ep)])
 
 
 def _find(lists: list[list[int]], rank: int) -> list[int]:
@@ -285,17 +308,23 @@ class _RoleGroups:
     role: dist.ProcessGroup | None
     pp: dist.ProcessGroup | None
     embedding: dist.ProcessGroup | None
+    ep: dist.ProcessGroup | None
+    expert_dp: dist.ProcessGroup | None
 
     @classmethod
-    def create(cls, order: RankOrder, rank: int, timeout: datetime.timedelta) -> _RoleGroups:
+    def create(cls, order: RankOrder, rank: int, timeout: datetime.timedelta,
+               ep: int = 1) -> _RoleGroups:
         """Every rank of the world calls it for every role (group creation is collective)."""
-        lists = RankLists.of(order)
+        lists = RankLists.of(order, ep)
+        experts = ep > 1  # without EP the expert groups are the DP group and one rank each
         return cls(lists, tp=_new_groups(lists.tp, rank, timeout),
                    dp=_new_groups(lists.dp, rank, timeout),
                    role=_new_groups([list(range(order.offset, order.offset + order.size))], rank,
                                     timeout),
                    pp=_new_groups(lists.pp, rank, timeout) if order.pp > 1 else None,
-                   embedding=_new_groups(lists.embedding, rank, timeout))
+                   embedding=_new_groups(lists.embedding, rank, timeout),
+                   ep=_new_groups(lists.ep, rank, timeout) if experts else None,
+                   expert_dp=_new_groups(lists.expert_dp, rank, timeout) if experts else None)
 
 
 def make_layout(parallel: ParallelConfig, *,
@@ -309,7 +338,8 @@ def make_layout(parallel: ParallelConfig, *,
     world, rank = dist.get_world_size(), dist.get_rank()
     orders = {role: parallel.rank_order(role, world) for role in (STUDENT, TEACHER)}
     timeout = datetime.timedelta(seconds=parallel.timeout_s)
-    groups = {role: _RoleGroups.create(order, rank, timeout)
+    eps = {STUDENT: parallel.ep, TEACHER: 1}
+    groups = {role: _RoleGroups.create(order, rank, timeout, eps[role])
               for role, order in orders.items() if order.size}
     role = STUDENT if rank < orders[TEACHER].offset else TEACHER
     mine, order = groups[role], orders[role]
@@ -320,7 +350,8 @@ def make_layout(parallel: ParallelConfig, *,
         virtual_stages=parallel.virtual_stages if role == STUDENT else 1,
         pp_ranks=tuple(_find(mine.lists.pp, rank)), students=orders[STUDENT],
         teachers=orders[TEACHER], tp_group=mine.tp, dp_group=mine.dp, role_group=mine.role,
-        pp_group=mine.pp, embedding_group=mine.embedding, device=torch.device(device or "cpu"))
+        pp_group=mine.pp, embedding_group=mine.embedding, ep=eps[role], ep_rank=dp_rank % eps[role],
+        ep_group=mine.ep, expert_dp_group=mine.expert_dp, device=torch.device(device or "cpu"))
 
 
 ENV_KEY = "environment"  # the ConfigError key of a broken launcher environment

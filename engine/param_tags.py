@@ -24,6 +24,9 @@ class ParamTags:
     pp_duplicate: bool = False
     """The last pipeline stage's copy of a tied embedding: its gradient equals the first stage's,
     so norms count it once (on the first stage)."""
+    expert: bool = False
+    """A routed expert's weight, held by one rank of the EP group: its gradient is summed over the
+    expert-DP group (not the whole DP group) and its norm over the EP group."""
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ParamTags))

@@ -8,6 +8,8 @@ config both use):
   dropout and the residual add;
 - `decoder.{i}.mlp_output`: block i's MLP output, likewise;
 - `decoder.{i}.output`: the residual stream leaving block i;
+- `decoder.{i}.router_logits`: an MoE block's router logits `[batch, seq(/tp), experts]`
+  (layers/moe.py), laid out like the residual stream;
 - `final_hidden`: the trunk's residual stream after the final norm (what the output layer reads);
 - `mtp.{j}.mixer_output`, `mtp.{j}.mlp_output`, `mtp.{j}.output`: the same for MTP head j's block.
 
@@ -55,10 +57,15 @@ def block_buffer_names(block: str) -> list[str]:
     return [block_buffer(block, kind) for kind in BLOCK_BUFFERS]
 
 
-def buffer_names(layers: int, mtp_heads: int = 0) -> list[str]:
-    """Every buffer name a model of `layers` decoder blocks and `mtp_heads` MTP heads publishes,
-    in forward order."""
-    trunk = [name for i in range(layers) for name in block_buffer_names(block_name(i))]
+ROUTER_LOGITS = "router_logits"  # what an MoE block publishes besides BLOCK_BUFFERS
+
+
+def buffer_names(layers: int, mtp_heads: int = 0, moe_layers: Collection[int] = ()) -> list[str]:
+    """Every buffer name a model of `layers` decoder blocks (`moe_layers` of them mixtures of
+    experts) and `mtp_heads` MTP heads publishes, in forward order."""
+    trunk = [name for i in range(layers) for name in [
+        *block_buffer_names(block_name(i)),
+        *([block_buffer(block_name(i), ROUTER_LOGITS)] if i in moe_layers else [])]]
     heads = [name for j in range(1, mtp_heads + 1)
              for name in block_buffer_names(block_name(j, mtp=True))]
     return ["embedding", *trunk, "final_hidden", *heads]

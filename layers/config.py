@@ -45,6 +45,48 @@ class RopeScaling:
               f"must be > 0 (got {self.original_max_position})")
 
 
+ROUTERS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP (layers/moe.py): dropless top-k routing over `experts` gated MLPs."""
+
+    experts: int = 8  # routed experts per MoE block
+    top_k: int = 2  # experts each token is sent to
+    expert_ffn_hidden: int = 256  # inner width of each routed expert
+    shared_experts: int = 0  # experts every token goes through, as one MLP of their summed width
+    shared_expert_ffn_hidden: int | None = None  # inner width of one shared expert; None: expert_ffn_hidden
+    shared_expert_gate: bool = False  # the shared experts' output times sigmoid(x . w) (Qwen2-MoE)
+    router: str = "softmax"  # softmax | sigmoid: how router logits become expert scores
+    norm_topk_prob: bool = True  # renormalize the chosen experts' scores to sum to one (Mixtral, Qwen3-MoE)
+    aux_loss_coef: float = 0.0  # weight of the load-balancing loss E * sum_e f_e * P_e (Switch, per block)
+    z_loss_coef: float = 0.0  # weight of the router z-loss, mean logsumexp(logits)^2 (ST-MoE)
+
+    def __post_init__(self) -> None:
+        for key in ("experts", "top_k", "expert_ffn_hidden"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value > 0, f"model.moe.{key}",
+                  f"must be a positive integer (got {value!r})")
+        check(self.top_k <= self.experts, "model.moe.top_k",
+              f"must be <= model.moe.experts={self.experts} (got {self.top_k})")
+        check(self.shared_experts >= 0, "model.moe.shared_experts",
+              f"must be >= 0 (got {self.shared_experts})")
+        width = self.shared_expert_ffn_hidden
+        check(width is None or width > 0, "model.moe.shared_expert_ffn_hidden", f"must be > 0 (got {width})")
+        check(not self.shared_expert_gate or self.shared_experts > 0, "model.moe.shared_expert_gate",
+              "needs model.moe.shared_experts > 0")
+        check(self.router in ROUTERS, "model.moe.router",
+              f"must be one of {', '.join(ROUTERS)} (got {self.router!r})")
+        for key in ("aux_loss_coef", "z_loss_coef"):
+            check(getattr(self, key) >= 0, f"model.moe.{key}", f"must be >= 0 (got {getattr(self, key)})")
+
+    @property
+    def shared_ffn_hidden(self) -> int:
+        """Inner width of the MLP that stands for all shared experts (0: none)."""
+        return self.shared_experts * (self.shared_expert_ffn_hidden or self.expert_ffn_hidden)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One decoder-only transformer LM. `vocab_size` is the real vocabulary (before padding)."""
@@ -80,6 +122,8 @@ class ModelConfig:
     tie_embeddings: bool = False  # the output layer reuses the input embedding's weight
     final_logit_softcap: float | None = None  # logits become c * tanh(logits / c) (Gemma 2); None: off
     mtp_heads: int = 0  # extra multi-token-prediction heads; head j predicts token t+1+j
+    moe: MoEConfig | None = None  # mixture-of-experts MLPs (layers/moe.py); None: dense
+    moe_layers: tuple[int, ...] | None = None  # blocks whose MLP is the MoE; None: every block
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal init (output projections get std / sqrt(2 * layers))
     vocab_pad_multiple: int = 64  # vocabulary padded to a multiple of tp * this
@@ -144,10 +188,21 @@ class ModelConfig:
               f"the rotary width head_dim x factor must be even (got {self.rotary_dim})")
         bad = [i for i in self.no_rope_layers if not 0 <= i < self.layers]
         check(not bad, "model.no_rope_layers", f"must be block indices below {self.layers} (got {bad[:1]})")
+        bad = [i for i in self.moe_layers or () if not 0 <= i < self.layers]
+        check(not bad, "model.moe_layers", f"must be block indices below {self.layers} (got {bad[:1]})")
+        check(self.moe_layers is None or self.moe is not None, "model.moe_layers", "needs model.moe")
+        check(self.moe is None or self.quant == "none", "model.moe",
+              "ternary experts are not supported (model.quant must be none)")
         llama_only = ("qk_norm", "norm_unit_offset", "rope_local_theta", "no_rope_layers")
         used = [key for key in llama_only if getattr(self, key)]
         check(self.family == "llama" or not used, f"model.{used[0] if used else ''}",
               "is an option of the llama family only")
+
+    def is_moe_layer(self, layer: int | None) -> bool:
+        """Whether block `layer`'s MLP is the mixture of experts (MTP heads, `None`, are dense)."""
+        if self.moe is None or layer is None:
+            return False
+        return self.moe_layers is None or layer in self.moe_layers
 
     def layer_type(self, layer: int | None) -> str:
         """`layer`'s attention type; MTP heads (`None`) attend globally."""
@@ -216,20 +271,34 @@ def shape_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
     a checkpoint of `saved` loads into a model of `wanted` only when there is none (the others,
     such as dropout or rope_theta, may change between runs)."""
     keys = ["family", "vocab_size", "hidden", "layers", "heads", "ffn_hidden", "qkv_bias", "bias",
-            "tie_embeddings", "mtp_heads", "qk_norm", "post_norms"]
+            "tie_embeddings", "mtp_heads", "qk_norm", "post_norms", "moe", "moe_layers"]
     if "gpt2" in (saved.family, wanted.family):
         keys.append("max_seq_len")  # rows of the learned position table
+    moe: list[str] = []
+    if saved.moe is not None and wanted.moe is not None:  # the coefficients may change between runs
+        keys.remove("moe")
+        moe = [f"model.moe.{key}={getattr(saved.moe, key)} vs {getattr(wanted.moe, key)}"
+               for key in ("experts", "expert_ffn_hidden", "shared_ffn_hidden", "shared_expert_gate")
+               if getattr(saved.moe, key) != getattr(wanted.moe, key)]
     # Defaulted kv_heads / head_dim follow heads / hidden, whose difference is named already.
     derived = {"kv_heads": "num_kv_heads", "head_dim": "dim_per_head"}
     keys += [key for key in derived if getattr(saved, key) is not None
              or getattr(wanted, key) is not None]
-    return [f"model.{key}={getattr(saved, derived.get(key, key))} vs "
-            f"{getattr(wanted, derived.get(key, key))}" for key in keys
-            if getattr(saved, derived.get(key, key)) != getattr(wanted, derived.get(key, key))]
+    return moe + [f"model.{key}={getattr(saved, derived.get(key, key))} vs "
+                  f"{getattr(wanted, derived.get(key, key))}" for key in keys
+                  if getattr(saved, derived.get(key, key)) != getattr(wanted, derived.get(key, key))]
 
 
-def check_model_layout(config: ModelConfig, tp: int) -> None:
-    """Raise a `ConfigError` naming the key when `config` cannot be split over `tp` ranks."""
+def check_model_layout(config: ModelConfig, tp: int, ep: int = 1) -> None:
+    """Raise a `ConfigError` naming the key when `config` cannot be split over `tp` ranks (and its
+    experts over `ep`)."""
+    if config.moe is not None and config.moe.experts % ep:
+        raise ConfigError("model.moe.experts", f"{config.moe.experts} experts do not split over "
+                                               f"parallel.ep={ep} ranks")
+    if config.moe is not None and config.moe.shared_ffn_hidden % tp:
+        raise ConfigError("model.moe.shared_expert_ffn_hidden",
+                          f"the shared experts' width {config.moe.shared_ffn_hidden} does not split "
+                          f"over parallel.tp={tp} ranks")
     if config.heads % tp:
         raise ConfigError("model.heads", f"{config.heads} query heads do not split over "
                                          f"parallel.tp={tp} ranks")

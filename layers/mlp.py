@@ -26,15 +26,17 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, layout: ParallelLayout):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout, *, ffn_hidden: int | None = None):
+        """`ffn_hidden`: the inner width (default `config.ffn_hidden`; an MoE's shared experts)."""
         super().__init__()
         self.layout = layout
         self.act = ACTIVATION_FNS[config.mlp_activation]
-        column = partial(ColumnParallelLinear, config.hidden, config.ffn_hidden, layout=layout,
+        ffn_hidden = ffn_hidden or config.ffn_hidden
+        column = partial(ColumnParallelLinear, config.hidden, ffn_hidden, layout=layout,
                          bias=config.bias, init_std=config.init_std, quant=config.linear_quant)
         self.gate_proj = column() if config.gated_mlp else None
         self.up_proj = column()
-        self.down_proj = RowParallelLinear(config.ffn_hidden, config.hidden, layout=layout,
+        self.down_proj = RowParallelLinear(ffn_hidden, config.hidden, layout=layout,
                                            bias=config.bias,
                                            init_std=config.init_std / math.sqrt(2 * config.layers),
                                            quant=config.linear_quant)

@@ -79,7 +79,7 @@ class TransformerLM(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelLayout, *, seed: int = 0,
                  recompute: Recompute = "none"):
         super().__init__()
-        check_model_layout(config, layout.tp)
+        check_model_layout(config, layout.tp, layout.ep)
         self.config, self.layout, self.seed = config, layout, seed
         self.plan = plan = StagePlan.of(config.layers, layout)
         self.rng = DropoutRNG(seed, layout)
@@ -117,7 +117,9 @@ class TransformerLM(nn.Module):
 
     def buffer_names(self) -> list[str]:
         """Every activation name `forward(buffers=...)` accepts (see layers/buffers.py)."""
-        return buffer_names(self.config.layers, self.config.mtp_heads)
+        config = self.config
+        moe_layers = [i for i in range(config.layers) if config.is_moe_layer(i)]
+        return buffer_names(config.layers, config.mtp_heads, moe_layers)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

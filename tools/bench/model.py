@@ -1,10 +1,10 @@
 """Forward+backward throughput of the engine's model against transformers' on the same shapes.
 
-One student-sized config of a family (`--family llama|qwen3|gemma3`), TP=1, CPU and fp32 unless `--device cuda --dtype bf16`. Both models
-hold the same weights (ours are loaded from the Hugging Face model through layers/hf.py, and the
-logits are checked to agree), run the same loss (cross-entropy over the full vocabulary) and are
-timed alternately in the same process, so drift of the machine hits both. Prints a markdown table
-and the ratio ours / transformers.
+One student-sized config of a family (`--family llama|qwen3|gemma3`), TP=1, CPU and fp32 unless
+`--device cuda --dtype bf16`. Both models hold the same weights (ours are loaded from the Hugging
+Face model through layers/hf.py, and the logits are checked to agree), run the same loss
+(cross-entropy over the full vocabulary) and are timed alternately in the same process, so drift
+of the machine hits both. Prints a markdown table and the ratio ours / transformers.
 
     python tools/bench/model.py [--family qwen3 --layers 8 --hidden 512 --seq 256 --batch 2 --steps 5]
 """
@@ -82,7 +82,8 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], diff: float,
     tokens = args.batch * args.seq
     median = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
-    print(f"model: {args.family}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} kv, "
+    print(f"model: {args.family}, {args.layers} layers, hidden {args.hidden}, "
+          f"heads {args.heads}/{args.kv_heads} kv, "
           f"ffn {args.ffn}, vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x "
           f"seq {args.seq}; {args.dtype}, {args.device}, {args.threads} threads, TP=1; "
           f"{args.steps} timed steps each, alternating; max |logit diff| {diff:.1e}\n")

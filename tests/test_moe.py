@@ -1,0 +1,174 @@
+"""Mixture-of-experts blocks (layers/moe.py) against float64 references.
+
+- One MoE block, single process: outputs, routing, the auxiliary losses and every gradient equal a
+  token-by-token float64 reference written from the definitions (1e-12).
+- A two-block MoE model (shared expert with its gate, an expert no token chooses) at EP 2/4 x
+  TP 1/2 (+SP) on spawned gloo ranks, each DP rank on its own micro-batch: logits, router logits
+  and, after the reductions the optimizer makes (dense gradients summed over DP, expert gradients
+  over the expert-DP group), every gradient equal the single-process model run on the same
+  micro-batches one after the other (1e-12, float64).
+- Bad layouts and configs are one-line ConfigErrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import collectives as C
+from engine.config import ConfigError
+from engine.mappings import gather_from_tp
+from engine.parallel import LayoutError, ParallelConfig, ParallelLayout, make_layout, validate_layout
+from engine.param_tags import param_tags
+from engine.spawn import run_ranks
+from layers.config import ModelConfig, MoEConfig
+from layers.model import TransformerLM
+from layers.moe import MoE
+from layers.sharding import gather_full
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+MOE = MoEConfig(experts=8, top_k=2, expert_ffn_hidden=8, shared_experts=1, shared_expert_ffn_hidden=12,
+                shared_expert_gate=True, aux_loss_coef=0.1, z_loss_coef=0.01)
+CONFIG = ModelConfig(vocab_size=64, hidden=16, layers=2, heads=4, kv_heads=2, ffn_hidden=32,
+                     max_seq_len=16, moe=MOE)
+NEVER_CHOSEN = 7  # see _model: no token reaches this expert
+BATCH, SEQ = 2, 8
+
+
+def _reference(x, router, experts, moe: MoEConfig):
+    """Token by token, from the definitions: (output [N, H], logits, chosen, aux, z)."""
+    logits = x @ router.T
+    probs = torch.softmax(logits, dim=-1)
+    scores, chosen = torch.topk(probs, moe.top_k, dim=-1)
+    scores = scores / scores.sum(-1, keepdim=True) if moe.norm_topk_prob else scores
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(moe.top_k):
+            gate, up, down = experts[int(chosen[t, j])]
+            out[t] += scores[t, j] * (down @ (F.silu(gate @ x[t]) * (up @ x[t])))
+    counts = torch.bincount(chosen.flatten(), minlength=moe.experts).double()
+    aux = moe.experts * (counts / x.shape[0] * probs.mean(0)).sum()
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return out, logits, chosen, aux, z
+
+
+def test_block_equals_the_token_by_token_reference():
+    moe_cfg = dataclasses.replace(MOE, shared_experts=0, shared_expert_gate=False)
+    config = dataclasses.replace(CONFIG, moe=moe_cfg)
+    torch.manual_seed(0)
+    block = MoE(config, ParallelLayout.single()).double()
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(1, 10, 16, dtype=torch.float64, requires_grad=True)
+    out, logits = block(x)
+    losses = {k: v.item() for k, v in block.last_losses.items()}
+    weights = {e: (exp.gate_proj.weight, exp.up_proj.weight, exp.down_proj.weight)
+               for e, exp in ((int(k), v) for k, v in block.experts.items())}
+    x_ref = x.detach().clone().requires_grad_()
+    ref, ref_logits, chosen, aux, z = _reference(x_ref[0], block.router.weight, weights, moe_cfg)
+    torch.testing.assert_close(out[0], ref, **TOL)
+    torch.testing.assert_close(logits[0], ref_logits, **TOL)
+    assert len(set(chosen.flatten().tolist())) > 1  # the tokens really go to several experts
+    assert losses["moe_aux_loss"] == pytest.approx(aux.item(), rel=1e-12)
+    assert losses["moe_z_loss"] == pytest.approx(z.item(), rel=1e-12)
+    # The weighted auxiliary loss reaches the router through attach_loss in the backward.
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    got = {name: p.grad.clone() for name, p in block.named_parameters()}
+    got["x"] = x.grad.clone()
+    block.zero_grad()
+    total = (ref * upstream[0]).sum() + moe_cfg.aux_loss_coef * aux + moe_cfg.z_loss_coef * z
+    total.backward()
+    want = {name: p.grad for name, p in block.named_parameters()}
+    want["x"] = x_ref.grad
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- parallel layouts
+
+def _model(layout: ParallelLayout) -> TransformerLM:
+    """Router rows 1, 3, 5 mirror rows 0, 2, 4 and row 7 is zero: of the logits (a, -a, b, -b, c,
+    -c, d, 0) three are positive, so expert 7 (logit 0) is never in a token's top two."""
+    model = TransformerLM(CONFIG, layout, seed=5).double()
+    with torch.no_grad():
+        for block in model.decoder.values():
+            rows = block.mlp.router.weight
+            rows[1::2][:3] = -rows[0::2][:3]
+            rows[NEVER_CHOSEN] = 0.0
+    return model
+
+
+def _batches(dp: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 64, (BATCH, SEQ), generator=g),
+             torch.randn(BATCH, SEQ, 64, generator=g, dtype=torch.float64)) for _ in range(dp)]
+
+
+def _step(model: TransformerLM, ids: torch.Tensor, weights: torch.Tensor, group) -> dict:
+    names = [f"decoder.{i}.router_logits" for i in range(CONFIG.layers)]
+    out = model(ids, buffers=names)
+    logits = gather_from_tp(out.logits, group)[..., :64]
+    (logits * weights).sum().backward()
+    routers = {n: b.tensor.detach() for n, b in out.buffers.items()}
+    if model.layout.sp:
+        routers = {n: C.all_gather(t, group, dim=1) for n, t in routers.items()}
+    return {"logits": logits.detach(), "routers": routers}
+
+
+def _reference_run(dp: int) -> dict:
+    model = _model(ParallelLayout.single())
+    results = [_step(model, ids, w, None) for ids, w in _batches(dp)]
+    return {"steps": results, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def _run_layout(tp: int, sp: bool, ep: int) -> dict:
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp, ep=ep))
+    model = _model(layout)
+    ids, weights = _batches(layout.dp)[layout.dp_rank]
+    result = _step(model, ids, weights, layout.tp_group)
+    grads = {}
+    for name, param in model.named_parameters():  # the optimizer's reductions, then whole tensors
+        expert = param_tags(param).expert
+        grad = C.all_reduce(param.grad.clone(), layout.expert_dp_group if expert else layout.dp_group)
+        grads[name] = gather_full(param, layout=layout, vocab_size=64, tensor=grad)
+    result["grads"] = grads
+    result["dp_rank"] = layout.dp_rank
+    return result
+
+
+@pytest.mark.parametrize("tp,sp,ep", [(1, False, 2), (1, False, 4), (2, False, 2), (2, True, 2)])
+def test_expert_parallel_layouts_equal_the_single_process_run(tp, sp, ep):
+    world = 4
+    per_rank = run_ranks(_run_layout, world, tp, sp, ep, timeout_s=300)
+    ref = _reference_run(world // tp)
+    experts: dict[str, torch.Tensor] = {}
+    for rank, result in enumerate(per_rank):
+        want = ref["steps"][result["dp_rank"]]
+        torch.testing.assert_close(result["logits"], want["logits"], **TOL)
+        for name, tensor in want["routers"].items():
+            torch.testing.assert_close(result["routers"][name], tensor, **TOL, msg=name)
+        for name, grad in result["grads"].items():
+            torch.testing.assert_close(grad, ref["grads"][name], **TOL,
+                                       msg=lambda m: f"rank {rank} grad of {name}: {m}")
+            if ".experts." in name:
+                experts[name] = grad
+    # Together the ranks hold every expert, and the one no token chose has a zero gradient.
+    assert set(experts) == {n for n in ref["grads"] if ".experts." in n}
+    assert experts[f"decoder.0.mlp.experts.{NEVER_CHOSEN}.up_proj.weight"].abs().max() == 0
+    assert all(experts[f"decoder.0.mlp.experts.{e}.up_proj.weight"].abs().max() > 0
+               for e in range(NEVER_CHOSEN))
+
+
+def test_bad_layouts_and_configs_are_one_line_errors():
+    with pytest.raises(LayoutError, match="parallel.ep=3 does not divide the data-parallel degree 4"):
+        validate_layout(ParallelConfig(ep=3), 4)
+    with pytest.raises(ConfigError, match="model.moe.experts: 8 experts do not split over parallel.ep=3"):
+        TransformerLM(CONFIG, dataclasses.replace(ParallelLayout.single(), ep=3))
+    with pytest.raises(ConfigError, match="model.moe.top_k: must be <= model.moe.experts=4"):
+        MoEConfig(experts=4, top_k=5)
+    with pytest.raises(ConfigError, match="model.moe_layers: must be block indices below 2"):
+        dataclasses.replace(CONFIG, moe_layers=(2,))
