@@ -21,7 +21,7 @@ from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.sharding import full_state_dict
 from tests.helpers import command, run_ok
-from tests.trainer_utils import read_metrics, run_main, write_config
+from tests.trainer_utils import make_teacher, read_metrics, run_main, write_config
 from tools import convert_hf, prune
 from tools.score import checkpoint_model_config, load_model
 
@@ -62,10 +62,14 @@ def run_prune(*args: object) -> int:
     return prune.main([str(a) for a in args])
 
 
-def logits(ckpt, ids):
+def forward(ckpt, ids):
     step_dir, _, cfg = checkpoint_model_config(str(ckpt))
     with torch.no_grad():
-        return load_model(step_dir, cfg, ParallelLayout.single())(ids).logits
+        return load_model(step_dir, cfg, ParallelLayout.single())(ids)
+
+
+def logits(ckpt, ids):
+    return forward(ckpt, ids).logits
 
 
 def full_weights(ckpt):
@@ -84,6 +88,27 @@ def test_keeping_everything_is_bitwise_the_same_model(setup, tmp_path):
         assert torch.equal(logits(tmp_path / out, ids), logits(ckpt, ids))
         assert (tmp_path / out / "importance.json").is_file()
     assert checkpoint_model_config(str(tmp_path / "same"))[2] == checkpoint_model_config(str(ckpt))[2]
+
+
+def test_mtp_heads_biases_and_untied_head_are_sliced(setup, tmp_path):
+    """An engine model with every optional tensor (biases, an untied output layer, an MTP head):
+    keeping everything is bitwise the same; a pruned one is a working model of the new shape."""
+    hf_dir, ckpt, data = setup
+    model = dict(vocab_size=VOCAB, hidden=32, layers=3, heads=4, kv_heads=2, ffn_hidden=64,
+                 max_seq_len=48, bias=True, mtp_heads=1, init_std=0.2)
+    source = make_teacher(tmp_path / "src", {"model": model})
+    common = ["--ckpt", source, "--data", data, "--calib-samples", 4, "--seq-len", SEQ]
+    assert run_prune(*common, "--out", tmp_path / "same") == 0
+    assert run_prune(*common, "--out", tmp_path / "small", "--hidden", 16, "--heads", 2,
+                     "--ffn-hidden", 8, "--layers", 2) == 0
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    want, same, small = (forward(path, ids) for path in (source, tmp_path / "same", tmp_path / "small"))
+    small_cfg = checkpoint_model_config(str(tmp_path / "small"))[2]
+    assert torch.equal(same.logits, want.logits) and torch.equal(same.mtp_logits[0], want.mtp_logits[0])
+    assert (small_cfg.hidden, small_cfg.heads, small_cfg.num_kv_heads, small_cfg.mtp_heads) == (16, 2, 2, 1)
+    assert small.logits.isfinite().all() and len(small.mtp_logits) == 1
+    kept = json.loads((tmp_path / "small" / "importance.json").read_text())["kept"]
+    assert set(kept["heads"]) == {"decoder.0", "decoder.1", "decoder.2", "mtp.1"}
 
 
 def _hf_reference(hf_dir, batches) -> dict:
@@ -178,6 +203,38 @@ def test_tp2_prune_writes_the_tp1_checkpoint(setup, tmp_path):
     cfg = checkpoint_model_config(str(tmp_path / "tp2"))[2]
     assert (cfg.layers, cfg.hidden, cfg.ffn_hidden, cfg.heads, cfg.num_kv_heads, cfg.dim_per_head) \
         == (3, 24, 48, 2, 2, 8)
+
+
+def test_pruned_tensors_are_the_kept_slices(setup, tmp_path):
+    """Each pruned tensor, spelled out by hand from importance.json's kept indices."""
+    hf_dir, ckpt, data = setup
+    targets = [f"--{key.replace('_', '-')}={value}" for key, value in SMALLER.items()]
+    assert run_prune("--ckpt", ckpt, "--data", data, "--calib-samples", 8, "--seq-len", SEQ,
+                     "--out", tmp_path / "out", *targets) == 0
+    kept = json.loads((tmp_path / "out" / "importance.json").read_text())["kept"]
+    src, got = full_weights(ckpt), full_weights(tmp_path / "out")
+    ch = torch.tensor(kept["channels"])
+    assert len(kept["layers"]) == 3 and len(ch) == 24
+    assert torch.equal(got["embedding.weight"], src["embedding.weight"][:, ch])
+    assert torch.equal(got["final_norm.weight"], src["final_norm.weight"][ch])
+    for new, old in enumerate(kept["layers"]):
+        block = f"decoder.{old}"
+        heads, kv, neurons = (torch.tensor(kept[k][block]) for k in ("heads", "kv_heads", "neurons"))
+        assert all(h // 2 in kv.tolist() for h in heads.tolist())  # groups of 2 stay together
+        q_rows = torch.cat([torch.arange(h * 8, h * 8 + 8) for h in heads.tolist()])
+        kv_rows = torch.cat([torch.arange(h * 8, h * 8 + 8) for h in kv.tolist()])
+        ours = lambda name: got[f"decoder.{new}.{name}"]  # noqa: E731
+        theirs = lambda name: src[f"{block}.{name}"]  # noqa: E731
+        assert torch.equal(ours("attn_norm.weight"), theirs("attn_norm.weight")[ch])
+        assert torch.equal(ours("attention.q_proj.weight"), theirs("attention.q_proj.weight")[q_rows][:, ch])
+        assert torch.equal(ours("attention.k_proj.weight"), theirs("attention.k_proj.weight")[kv_rows][:, ch])
+        assert torch.equal(ours("attention.v_proj.weight"), theirs("attention.v_proj.weight")[kv_rows][:, ch])
+        assert torch.equal(ours("attention.o_proj.weight"), theirs("attention.o_proj.weight")[ch][:, q_rows])
+        assert torch.equal(ours("mlp.gate_proj.weight"), theirs("mlp.gate_proj.weight")[neurons][:, ch])
+        assert torch.equal(ours("mlp.down_proj.weight"), theirs("mlp.down_proj.weight")[ch][:, neurons])
+    scores = json.loads((tmp_path / "out" / "importance.json").read_text())["importance"]["blocks"]
+    dropped = sorted(set(range(4)) - set(kept["layers"]))
+    assert scores[dropped[0]] == min(scores)  # the block that changes the stream least goes
 
 
 @pytest.mark.slow  # torchrun, two ranks

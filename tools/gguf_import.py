@@ -36,6 +36,7 @@ log = get_logger("gguf_import")
 
 KEY = "--gguf"
 MIN_GGUF = "0.10.0"  # transformers' own minimum (transformers.utils.import_utils.GGUF_MIN_VERSION)
+MIN_TRANSFORMERS = "4.48"  # load_gguf_checkpoint(model_to_load=): names from the model's own map
 INSTALL = f"pip install 'gguf>={MIN_GGUF}' (or this project's extra: pip install -e '.[gguf]')"
 
 
@@ -45,10 +46,15 @@ def require_gguf() -> None:
         import gguf  # noqa: F401
     except ImportError:
         raise ConfigError(KEY, f"reading GGUF files needs the gguf package: {INSTALL}") from None
+    import transformers
+    from packaging.version import Version
     from transformers.utils.import_utils import is_gguf_available
 
     if not is_gguf_available(MIN_GGUF):
         raise ConfigError(KEY, f"the installed gguf package is older than {MIN_GGUF}: {INSTALL}")
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ConfigError(KEY, f"reading GGUF files needs transformers >= {MIN_TRANSFORMERS} "
+                               f"(installed: {transformers.__version__})")
 
 
 def supported_architectures() -> list[str]:
@@ -110,8 +116,8 @@ class GGUFWeights:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         model = _hf_model(self.hf_config, device="meta")  # names only, no memory
-        return load_gguf_checkpoint(self.path, return_tensors=True, model_to_load=model,
-                                    torch_dtype=self.dtype)["tensors"]
+        tensors = load_gguf_checkpoint(self.path, return_tensors=True, model_to_load=model)["tensors"]
+        return {name: tensor.to(self.dtype) for name, tensor in tensors.items()}
 
     def full_state_dict(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         try:
