@@ -20,6 +20,7 @@ from engine.parallel import ParallelLayout
 from layers.hf import hf_to_engine_state_dict
 from layers.sharding import full_state_dict
 from tests.gguf_models import TEXT, llama_unpermute, write_llama_gguf
+from tests.hf_models import TOKENIZER, save_hf_model
 from tools import convert_hf, gguf_import
 from tools.score import checkpoint_model_config, load_model
 
@@ -171,6 +172,14 @@ def test_bad_gguf_imports_fail_with_one_line(tied_gguf, tmp_path, capsys, monkey
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists() and not tok.exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_hf_import_writes_tokenizer_out(tmp_path):
+    hf_dir = save_hf_model("qwen2", tmp_path / "hf", tokenizer=True)
+    tok = tmp_path / "tok"
+    assert convert("import", "--hf", hf_dir, "--out", tmp_path / "ckpt", "--tokenizer-out", tok) == 0
+    assert sorted(p.name for p in tok.iterdir()) == sorted(TOKENIZER)
+    assert all((tok / name).read_text() == text for name, text in TOKENIZER.items())
 
 
 def test_supported_architectures_follow_the_hf_adapters():

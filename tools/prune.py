@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -92,7 +93,7 @@ class Importance:
     def zeros(cls, cfg: ModelConfig) -> Importance:
         blocks = [f"decoder.{i}" for i in range(cfg.layers)] + \
             [f"mtp.{j}" for j in range(1, cfg.mtp_heads + 1)]
-        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        zeros = functools.partial(torch.zeros, dtype=torch.float64)
         return cls(blocks=zeros(cfg.layers), channels=zeros(cfg.hidden),
                    heads={b: zeros(cfg.heads) for b in blocks},
                    neurons={b: zeros(cfg.ffn_hidden) for b in blocks})
