@@ -65,6 +65,7 @@ from engine.data.dataset import check_datasets  # noqa: E402
 from engine.entry import ensure_new_output, run_tool  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import LaunchEnv, ParallelConfig, ParallelLayout  # noqa: E402
+from layers.buffers import block_buffer, block_name  # noqa: E402
 from layers.config import ModelConfig, check_model_layout  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
 from layers.sharding import gather_full, shard_of  # noqa: E402
@@ -91,8 +92,8 @@ class Importance:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig) -> Importance:
-        blocks = [f"decoder.{i}" for i in range(cfg.layers)] + \
-            [f"mtp.{j}" for j in range(1, cfg.mtp_heads + 1)]
+        blocks = [block_name(i) for i in range(cfg.layers)] + \
+            [block_name(j, mtp=True) for j in range(1, cfg.mtp_heads + 1)]
         zeros = functools.partial(torch.zeros, dtype=torch.float64)
         return cls(blocks=zeros(cfg.layers), channels=zeros(cfg.hidden),
                    heads={b: zeros(cfg.heads) for b in blocks},
@@ -121,16 +122,16 @@ class _Recorder:
     hooks that only look (no collective, nothing changed)."""
 
     def __init__(self, model: TransformerLM):
-        self.model, self.handles = model, []
+        self.handles = []
         self.head_sums: dict[str, torch.Tensor] = {}  # block -> [heads/tp]
         self.neuron_sums: dict[str, torch.Tensor] = {}  # block -> [ffn/tp]
         self.channel_sum = torch.zeros(model.config.hidden, dtype=torch.float64)
         head_dim = model.config.dim_per_head
-        blocks = [(f"decoder.{i}", block) for i, block in model.decoder.items()] + \
-            [(f"mtp.{j}", block) for j, block in model.mtp.items()]
-        for block_name, block in blocks:
-            self._hook_input(block.attention.o_proj, lambda x, b=block_name: self._heads(b, x, head_dim))
-            self._hook_input(block.mlp.down_proj, lambda x, b=block_name: self._neurons(b, x))
+        blocks = [(block_name(int(i)), block) for i, block in model.decoder.items()] + \
+            [(block_name(int(j), mtp=True), block) for j, block in model.mtp.items()]
+        for name, block in blocks:
+            self._hook_input(block.attention.o_proj, lambda x, b=name: self._heads(b, x, head_dim))
+            self._hook_input(block.mlp.down_proj, lambda x, b=name: self._neurons(b, x))
             for norm in (block.attn_norm, block.mlp_norm):
                 self.handles.append(norm.register_forward_hook(self._norm))
         self.handles.append(model.final_norm.register_forward_hook(self._norm))
@@ -162,7 +163,7 @@ def importance(model: TransformerLM, batches: list[torch.Tensor]) -> Importance:
     if layout.sp or not model.plan.whole:
         raise ValueError("importance() needs the whole model without sequence parallelism")
     scores = Importance.zeros(cfg)
-    streams = ["embedding", *(f"decoder.{i}.output" for i in range(cfg.layers))]
+    streams = ["embedding", *(block_buffer(block_name(i), "output") for i in range(cfg.layers))]
     recorder = _Recorder(model)
     try:
         for ids in batches:
@@ -283,7 +284,7 @@ def source_of(name: str, kept: Kept, head_dim: int) -> tuple[str, tuple[torch.Te
     trunk, _, rest = name.partition(".")
     if trunk in ("decoder", "mtp"):
         index, _, suffix = rest.partition(".")
-        block = f"{trunk}.{kept.layers[int(index)].item() if trunk == 'decoder' else index}"
+        block = block_name(kept.layers[int(index)].item()) if trunk == "decoder" else f"{trunk}.{index}"
         dims, source = _BLOCK_DIMS.get(suffix), f"{block}.{suffix}"
     else:
         block, dims, source = None, _MODEL_DIMS.get(name), name
