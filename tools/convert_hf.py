@@ -1,6 +1,9 @@
 """Hugging Face <-> engine checkpoints for Llama, Qwen2, Mistral and GPT-2, at any TP degree.
 
     python tools/convert_hf.py import --hf HF_DIR --out CKPT_DIR --tp N [--verify] [--force]
+                                      [--tokenizer-out DIR]
+    python tools/convert_hf.py import --gguf FILE.gguf --out CKPT_DIR --tp N [--dtype float32|bfloat16]
+                                      [--tokenizer-out DIR] [--verify] [--force]
     python tools/convert_hf.py export --ckpt CKPT_DIR --out HF_DIR [--tokenizer PATH] [--dtype D] [--force]
                                       [--verify] [--packed FILE]
     python tools/convert_hf.py unpack --packed FILE --out HF_DIR [--tokenizer PATH] [--force]
@@ -15,6 +18,15 @@ writes the shards, so peak memory is about N times the model. Tensors keep their
 source mixing float dtypes is stored in fp32). The tokenizer files of HF_DIR are copied into
 `step_00000000/tokenizer/`: loading verifies only the files metadata.json lists, so they ride along
 untouched, and export copies them back.
+
+`--gguf FILE.gguf` imports a llama.cpp file instead (tools/gguf_import.py: transformers' GGUF
+reader and the `gguf` package, `pip install -e '.[gguf]'`): its architecture is one of the above
+that transformers' GGUF reader knows, its tensors are dequantized to `--dtype` (float32 by default,
+which holds every GGML type's dequantized values exactly; bfloat16 rounds them), and the tokenizer
+that transformers rebuilds from the GGUF metadata is written as `tokenizer.json` and
+`tokenizer_config.json` into `step_00000000/tokenizer/`. `--tokenizer-out DIR` (both sources) also
+writes the tokenizer files into DIR (for tools/preprocess_data.py). `--verify` of a GGUF import
+compares against transformers' model on the file's dequantized weights, rounded to `--dtype`.
 
 `--verify` then loads HF_DIR with transformers (eager attention) and the new checkpoint at TP 1 in
 this process, runs both in float64 on sample tokens, and fails when a logit differs by more than
@@ -84,6 +96,8 @@ from layers.hf import (  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
 from layers.quant import load_quantized_full_state_dict, quantized_full_state_dict  # noqa: E402
 from layers.sharding import load_full_state_dict  # noqa: E402
+from tools import gguf_import  # noqa: E402
+from tools.gguf_import import GGUFWeights  # noqa: E402
 from tools.score import checkpoint_model_config, load_model  # noqa: E402
 from tools.ternary_pack import read_packed, write_packed  # noqa: E402
 
@@ -130,14 +144,14 @@ def read_hf_config(hf_dir: Path) -> dict:
     return config
 
 
-def hf_model_config(hf_config: dict) -> ModelConfig:
+def hf_model_config(hf_config: dict, *, key: str = "--hf") -> ModelConfig:
     """The engine architecture of a Hugging Face config (unsupported ones named)."""
     try:
         return hf_config_to_model_config(hf_config)
     except KeyError as err:
-        raise ConfigError("--hf", f"config.json lacks {err}") from None
+        raise ConfigError(key, f"config.json lacks {err}") from None
     except ValueError as err:
-        raise ConfigError("--hf", str(err)) from None
+        raise ConfigError(key, str(err)) from None
 
 
 def _check_inside(name: object, index: Path) -> None:
@@ -244,23 +258,38 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------------ import
 
-def _write_shard(files: list[str], cfg: ModelConfig, root: str, *, tp: int, dtype: torch.dtype,
+@dataclass(frozen=True)
+class HFWeights:
+    """The safetensors files of a Hugging Face directory (picklable: each TP rank reads them)."""
+
+    files: tuple[str, ...]
+    key: str = "--hf"
+    described_by: str = "config.json"
+
+    def full_state_dict(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return hf_to_engine_state_dict(read_hf_tensors([Path(f) for f in self.files]), cfg)
+
+
+Weights = HFWeights | GGUFWeights
+
+
+def _write_shard(weights: Weights, cfg: ModelConfig, root: str, *, tp: int, dtype: torch.dtype,
                  run_config: dict) -> str:
     """One TP rank (or the only process at TP 1): load its shard of the weights and save it."""
     layout = make_layout(ParallelConfig(tp=tp))
     model = TransformerLM(cfg, layout).to(dtype)
-    full = hf_to_engine_state_dict(read_hf_tensors([Path(f) for f in files]), cfg)
+    full = weights.full_state_dict(cfg)
     try:
         load_quantized_full_state_dict(model, full)
     except ValueError as err:
-        raise ConfigError("--hf", f"weights do not fit config.json ({err})") from None
+        raise ConfigError(weights.key, f"weights do not fit {weights.described_by} ({err})") from None
     return str(save_weights(root, model, layout, config=run_config))
 
 
-def write_checkpoint(files: list[Path], cfg: ModelConfig, root: Path, *, tp: int,
+def write_checkpoint(weights: Weights, cfg: ModelConfig, root: Path, *, tp: int,
                      dtype: torch.dtype, run_config: dict, timeout_s: float) -> Path:
     """Write the engine checkpoint `root/step_00000000` at TP `tp`; return its directory."""
-    args = ([str(f) for f in files], cfg, str(root))
+    args = (weights, cfg, str(root))
     kwargs = dict(tp=tp, dtype=dtype, run_config=run_config)
     if tp == 1:
         return Path(_write_shard(*args, **kwargs))
@@ -314,21 +343,29 @@ class LogitCheck:
                 "own fp32-vs-float64 difference on these tokens; both compared in float64)")
 
 
-@torch.no_grad()
 def verify_logits(hf_dir: Path, step_dir: Path, cfg: ModelConfig) -> LogitCheck:
-    """The checkpoint at TP 1 against transformers on `hf_dir`, on `sample_ids`; a ternary one
-    without its 8-bit inputs, which runtimes do not quantize (its weights are the exported ones)."""
-    ours = dataclasses.replace(cfg, quant_activation_bits=None)
-    return compare_logits(hf_dir, cfg, lambda: load_model(step_dir, ours, ParallelLayout.single(),
-                                                          dtype=torch.float64))
+    """The checkpoint at TP 1 against transformers on `hf_dir`, on `sample_ids`."""
+    return verify_checkpoint(lambda: load_reference(hf_dir), step_dir, cfg)
 
 
 @torch.no_grad()
-def compare_logits(hf_dir: Path, cfg: ModelConfig,
+def verify_checkpoint(load_theirs: Callable[[], torch.nn.Module], step_dir: Path,
+                      cfg: ModelConfig) -> LogitCheck:
+    """The checkpoint at TP 1 against the float64 transformers model `load_theirs()` returns; a
+    ternary one without its 8-bit inputs, which runtimes do not quantize (its weights are the
+    exported ones)."""
+    ours = dataclasses.replace(cfg, quant_activation_bits=None)
+    return compare_logits(load_theirs, cfg, lambda: load_model(step_dir, ours, ParallelLayout.single(),
+                                                               dtype=torch.float64))
+
+
+@torch.no_grad()
+def compare_logits(load_theirs: Callable[[], torch.nn.Module], cfg: ModelConfig,
                    build_ours: Callable[[], TransformerLM]) -> LogitCheck:
     """Our float64 TP-1 model of `cfg` (built once transformers' is dropped, so that the two are
-    never in memory together) against transformers on `hf_dir`, on `sample_ids`."""
-    reference = load_reference(hf_dir)
+    never in memory together) against transformers' float64 model `load_theirs()`, on
+    `sample_ids`."""
+    reference = load_theirs()
     ids = sample_ids(cfg)
     expected = reference(ids).logits  # [batch, seq, vocab], float64
     # The weights are at most fp32, so float64 -> fp32 gives them back exactly.
@@ -339,31 +376,90 @@ def compare_logits(hf_dir: Path, cfg: ModelConfig,
     return LogitCheck(diff=(got - expected).abs().max().item(), noise=noise)
 
 
-def import_hf(args: argparse.Namespace) -> None:
-    ensure_new_output(args.out, force=args.force)
-    hf_config = read_hf_config(args.hf)
-    cfg = hf_model_config(hf_config)
-    if args.tp < 1:
-        raise ConfigError("--tp", f"must be >= 1 (got {args.tp})")
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    if tp < 1:
+        raise ConfigError("--tp", f"must be >= 1 (got {tp})")
     try:
-        check_model_layout(cfg, args.tp)
+        check_model_layout(cfg, tp)
     except ConfigError as err:
         raise ConfigError("--tp", str(err)) from None
+
+
+@dataclass(frozen=True)
+class ImportSource:
+    """What an import reads, whatever the file format."""
+
+    path: Path  # the Hugging Face directory or the GGUF file
+    hf_config: dict  # its Hugging Face config dict
+    cfg: ModelConfig
+    weights: Weights
+    dtype: torch.dtype  # the checkpoint's
+    write_tokenizer: Callable[[Path], list[Path]]  # into a directory; returns the files written
+    load_reference: Callable[[], torch.nn.Module]  # transformers' float64 model, for --verify
+
+
+def check_import_outputs(args: argparse.Namespace) -> None:
+    ensure_new_output(args.out, force=args.force)
+    if args.tokenizer_out is not None:
+        ensure_new_output(args.tokenizer_out, force=args.force, key="--tokenizer-out")
+
+
+def import_hf(args: argparse.Namespace) -> None:
+    if args.dtype is not None:
+        raise ConfigError("--dtype", "applies to --gguf only (a Hugging Face import keeps the "
+                                     "weights' own dtype)")
+    check_import_outputs(args)
+    hf_config = read_hf_config(args.hf)
+    cfg = hf_model_config(hf_config)
+    check_tp(cfg, args.tp)
     files = hf_weight_files(args.hf)
     dtype = storage_dtype(files, cfg)
     if cfg.quant != "none":  # master weights that quantize to the exported values need fp32
         dtype = torch.float32
-    run_config = {"model": to_dict(cfg), "hf_import": {
-        "source": str(args.hf.resolve()), "dtype": str(dtype).removeprefix("torch."),
+
+    def copy_tokenizer(directory: Path) -> list[Path]:
+        files = tokenizer_files(args.hf)
+        copy_files(files, directory)
+        return [directory / file.name for file in files]
+
+    write_import(args, ImportSource(
+        path=args.hf, hf_config=hf_config, cfg=cfg, weights=HFWeights(tuple(map(str, files))),
+        dtype=dtype, write_tokenizer=copy_tokenizer, load_reference=lambda: load_reference(args.hf)))
+
+
+def import_gguf(args: argparse.Namespace) -> None:
+    check_import_outputs(args)
+    hf_config = gguf_import.read_gguf_config(args.gguf)
+    cfg = hf_model_config(hf_config, key="--gguf")
+    check_tp(cfg, args.tp)
+    dtype = DTYPES[args.dtype or "float32"]
+    weights = GGUFWeights(str(args.gguf), hf_config, dtype)
+    write_import(args, ImportSource(
+        path=args.gguf, hf_config=hf_config, cfg=cfg, weights=weights, dtype=dtype,
+        write_tokenizer=lambda directory: gguf_import.write_tokenizer(args.gguf, directory),
+        load_reference=lambda: gguf_import.load_reference(weights)))
+
+
+def write_import(args: argparse.Namespace, source: ImportSource) -> None:
+    """The checkpoint of `source` at `--out` (tokenizer in `step_00000000/tokenizer/`, a copy in
+    `--tokenizer-out` if given), checked with `--verify`; nothing is left behind on failure."""
+    hf_config, dtype = source.hf_config, str(source.dtype).removeprefix("torch.")
+    run_config = {"model": to_dict(source.cfg), "hf_import": {
+        "source": str(source.path.resolve()), "dtype": dtype,
         **{key: hf_config[key] for key in SPECIAL_TOKEN_KEYS if hf_config.get(key) is not None}}}
-    with staged_output(args.out, force=args.force) as stage:
-        step_dir = write_checkpoint(files, cfg, stage, tp=args.tp, dtype=dtype,
-                                    run_config=run_config, timeout_s=args.timeout)
-        copy_files(tokenizer_files(args.hf), step_dir / TOKENIZER_DIR)
+    with contextlib.ExitStack() as stack:
+        stage = stack.enter_context(staged_output(args.out, force=args.force))
+        step_dir = write_checkpoint(source.weights, source.cfg, stage, tp=args.tp,
+                                    dtype=source.dtype, run_config=run_config,
+                                    timeout_s=args.timeout)
+        tokenizer = source.write_tokenizer(step_dir / TOKENIZER_DIR)
         if args.verify:
-            _verify(verify_logits(args.hf, step_dir, cfg))
-    log.info("imported %s (%s, %s) into %s at TP %d", args.hf, hf_config.get("model_type"),
-             run_config["hf_import"]["dtype"], args.out, args.tp)
+            _verify(verify_checkpoint(source.load_reference, step_dir, source.cfg))
+        if args.tokenizer_out is not None:  # entered last: renamed into place first
+            copy_files(tokenizer, stack.enter_context(staged_output(args.tokenizer_out,
+                                                                    force=args.force)))
+    log.info("imported %s (%s, %s) into %s at TP %d", source.path, hf_config.get("model_type"),
+             dtype, args.out, args.tp)
 
 
 def _verify(check: LogitCheck) -> None:
@@ -422,7 +518,8 @@ def export_hf(args: argparse.Namespace) -> None:
     with staged_output(args.out, force=args.force) as stage:
         write_hf_dir(stage, full, cfg, config_text, tokenizer)
         if args.verify:  # on the written directory, as a runtime would load it
-            _verify(compare_logits(stage, cfg, lambda: exported_model(full, cfg)))
+            _verify(compare_logits(lambda: load_reference(stage), cfg,
+                                   lambda: exported_model(full, cfg)))
         if args.packed is not None:
             _write_packed_file(args.packed, full, ternary, cfg, config_text)
     log.info("exported %s as Hugging Face %s (%s) to %s", step_dir, config["model_type"],
@@ -476,9 +573,16 @@ def unpack_hf(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="Hugging Face model directory -> engine checkpoint")
-    imp.add_argument("--hf", type=Path, required=True, help="directory with config.json + safetensors")
+    imp = commands.add_parser("import", help="Hugging Face directory or GGUF file -> engine checkpoint")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", type=Path, help="directory with config.json + safetensors")
+    source.add_argument("--gguf", type=Path, help="GGUF file (needs the gguf package)")
     imp.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
+    imp.add_argument("--dtype", choices=("float32", "bfloat16"),
+                     help="--gguf: dtype of the dequantized weights (default float32)")
+    imp.add_argument("--tokenizer-out", type=Path,
+                     help="also write the tokenizer files here (they always go into the "
+                          "checkpoint's tokenizer/ directory)")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to save at")
     imp.add_argument("--verify", action="store_true", help="compare logits with transformers")
     imp.add_argument("--timeout", type=float, default=3600.0, help="seconds the TP ranks may take")
@@ -503,7 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     try:
-        {"import": import_hf, "export": export_hf, "unpack": unpack_hf}[args.command](args)
+        if args.command == "import" and args.gguf is not None:
+            import_gguf(args)
+        else:
+            {"import": import_hf, "export": export_hf, "unpack": unpack_hf}[args.command](args)
     except VerifyError as err:
         return report(err, EXIT_RUNTIME)
     except (*USER_ERRORS, ConversionError) as err:
