@@ -144,7 +144,8 @@ def _non_llama_gguf(path, arch):
 @pytest.mark.parametrize("kind, message", [
     ("missing", "ConfigError: --gguf: no such file:"),
     ("not_gguf", "is not a readable GGUF file"),
-    ("mamba", "--gguf: unsupported GGUF architecture 'mamba' (supported: llama, mistral, qwen2, gpt2)"),
+    ("mamba", "--gguf: unsupported GGUF architecture 'mamba' (supported: llama, mistral, qwen2, qwen3, "
+              "gemma2, phi3, gpt2)"),
     ("unknown_arch", "unsupported GGUF architecture 'nonesuch'"),
     ("no_gguf_package", "reading GGUF files needs the gguf package: pip install 'gguf>=0.10.0'"),
     ("tp3", "--tp: model.heads: 4 query heads do not split over parallel.tp=3"),
@@ -183,4 +184,5 @@ def test_hf_import_writes_tokenizer_out(tmp_path):
 
 
 def test_supported_architectures_follow_the_hf_adapters():
-    assert gguf_import.supported_architectures() == ["llama", "mistral", "qwen2", "gpt2"]
+    assert gguf_import.supported_architectures() == ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3",
+                                                     "gpt2"]

@@ -61,6 +61,9 @@ def rows(cls: type, prefix: str) -> list[str]:
             continue
         text = comments.get(field.name, "").replace("|", "\\|")
         out.append(f"| `{key}` | `{_default(field)}` | {text} |")
+        nested = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+        if nested:  # an optional section (`moe: MoEConfig | None`): its keys when it is set
+            out += rows(nested[0], key)
     return out
 
 
