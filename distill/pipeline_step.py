@@ -35,8 +35,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from distill.teacher import StageTeacher, TeacherOutputs
 from engine import collectives as C
+from engine.optim import reduce_expert_gradients
 from engine.parallel import ParallelLayout
-from engine.param_tags import tag
+from engine.param_tags import param_tags, tag
 from engine.pipeline import PipelineExecutor, StageOutput, TensorSpec, forward_only, interleaved_one_f_one_b
 from layers.model import ModelOutput, TransformerLM
 
@@ -137,11 +138,13 @@ def sync_pipeline_grads(module: nn.Module, student: TransformerLM, objective: nn
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         C.all_reduce(param.grad, layout.pp_group)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    grads = [p.grad for p in module.parameters() if p.grad is not None and not param_tags(p).expert]
     if sum_dp and layout.dp > 1 and grads:
         flat = C.all_reduce(_flatten_dense_tensors(grads), layout.dp_group)
         for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
+    if sum_dp:
+        reduce_expert_gradients(module.parameters(), layout)
     if student.config.tie_embeddings and layout.embedding_group is not None:
         weight = student.embedding.weight
         if weight.grad is None:

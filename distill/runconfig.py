@@ -83,7 +83,8 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         validate_layout(par, world_size)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
-    check_model_layout(cfg.model, par.tp)
+    check_model_layout(cfg.model, par.tp, par.ep)
+    check_experts(cfg)
     if par.sp and cfg.data.seq_len % par.tp:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} does not split over parallel.tp="
                                           f"{par.tp} ranks (sequence parallelism)")
@@ -99,6 +100,16 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
+
+
+def check_experts(cfg: RunConfig) -> None:
+    """Expert parallelism needs experts, and what it cannot do yet."""
+    if cfg.parallel.ep > 1 and cfg.model.moe is None:
+        raise ConfigError("parallel.ep", f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts "
+                                         "student (model.moe)")
+    if cfg.parallel.ep > 1 and cfg.train.distributed_optimizer:
+        raise ConfigError("train.distributed_optimizer", "is not supported with parallel.ep > 1 yet "
+                                                          "(its buckets span the whole DP group)")
 
 
 def check_pipeline(cfg: RunConfig, dp: int) -> None:

@@ -44,8 +44,9 @@ from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data import DataConfig, to_device
 from engine.log import get_logger
 from engine.metrics import MetricsWriter
-from engine.optim import OptimizerStep, StepStats
+from engine.optim import OptimizerStep, StepStats, reduce_expert_gradients
 from engine.parallel import ParallelLayout
+from engine.param_tags import param_tags
 from engine.signals import PreemptionFlag
 from engine.train_config import TrainConfig, resume_failure, resume_path
 
@@ -111,9 +112,12 @@ class DistillTrainer:
         # MTP heads get no gradient when their only loss (LM) is off; DDP must then look for them.
         unused = student.config.mtp_heads > 0 and not objective.cfg.lm_on
         # The distributed optimizer reduce-scatters the gradients itself: no DDP then.
+        use_ddp = layout.dp > 1 and layout.pp == 1 and not cfg.distributed_optimizer
+        if use_ddp:  # routed experts are summed over the expert-DP group instead (train_step)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.module, [n for n, p in self.module.named_parameters() if param_tags(p).expert])
         self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
-                                           find_unused_parameters=unused) \
-            if layout.dp > 1 and layout.pp == 1 and not cfg.distributed_optimizer else None
+                                           find_unused_parameters=unused) if use_ddp else None
         # The objective's loss is this rank's share of the step's global means, whose gradient is
         # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate
         # (the distributed optimizer sums).
@@ -131,9 +135,13 @@ class DistillTrainer:
         if self.on_policy is not None:
             micro_batches = self.on_policy(micro_batches, step)
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
+        # The step's auxiliary MoE loss is the mean over every micro-batch of every DP rank.
+        self.student.set_moe_loss_scale(self.dp_scale / (self.layout.dp * len(micro_batches)))
         totals = self._pipeline(micro_batches, counts) if self.layout.pp > 1 else \
             self._micro_batches(micro_batches, counts)
-        totals = self._global_mean(totals)
+        if self.layout.pp == 1 and not self.cfg.distributed_optimizer:
+            reduce_expert_gradients(self.module.parameters(), self.layout, scale=1 / self.dp_scale)
+        totals = self._global_mean({**totals, **self._moe_losses()})
         stats = self.opt(step, loss=totals["loss"])
         if "kd_divergence" in totals:
             self.schedules.observe(step, totals["kd_divergence"])
@@ -205,6 +213,16 @@ class DistillTrainer:
         if unlisted:  # the stages would sum different lists over the pipeline group
             raise RuntimeError(f"objective metrics {unlisted} are missing from metric_names()")
         return totals
+
+    def _moe_losses(self) -> dict[str, float]:
+        """This rank's share of the MoE blocks' auxiliary losses, means over blocks, micro-batches
+        and DP ranks once summed over DP and the pipeline (empty for a dense student)."""
+        blocks = sum(self.student.config.is_moe_layer(i) for i in range(self.student.config.layers))
+        if not blocks:
+            return {}
+        sums = self.student.pop_moe_losses()
+        return {name: sums.get(name, 0.0) / (blocks * self.layout.dp)
+                for name in ("moe_aux_loss", "moe_z_loss")}
 
     def _autocast(self):
         """bf16 autocast of the forward on GPU (`train.bf16`); the losses upcast to fp32 inside."""

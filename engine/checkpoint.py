@@ -103,19 +103,30 @@ def _stage_suffix(pp_rank: int, pp: int) -> str:
     return f"_pp{pp_rank:03d}" if pp > 1 else ""
 
 
-def _model_file(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
-    return f"model_tp{tp_rank:03d}{_stage_suffix(pp_rank, pp)}.safetensors"
+def _expert_suffix(ep_rank: int, ep: int) -> str:
+    return f"_ep{ep_rank:03d}" if ep > 1 else ""
 
 
-def _optim_file(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
-    return f"optim_tp{tp_rank:03d}{_stage_suffix(pp_rank, pp)}.safetensors"
+def _model_file(tp_rank: int, pp_rank: int = 0, pp: int = 1, ep_rank: int = 0, ep: int = 1) -> str:
+    return f"model_tp{tp_rank:03d}{_stage_suffix(pp_rank, pp)}{_expert_suffix(ep_rank, ep)}.safetensors"
+
+
+def _optim_file(tp_rank: int, pp_rank: int = 0, pp: int = 1, ep_rank: int = 0, ep: int = 1) -> str:
+    return f"optim_tp{tp_rank:03d}{_stage_suffix(pp_rank, pp)}{_expert_suffix(ep_rank, ep)}.safetensors"
+
+
+def _parts(layout: ParallelLayout) -> int:
+    """Files per TP rank: one per pipeline stage and expert-parallel rank."""
+    return layout.pp * layout.ep
 
 
 def _tp_files(name_of: Callable[..., str], layout: ParallelLayout) -> list:
-    """Per TP rank: its file (no PP), or the list of its stages' files."""
-    if layout.pp == 1:
+    """Per TP rank: its file (no PP or EP), or the list of its parts' files, in rank order
+    (EP rank major, then stage: the order in which `_metadata` merges their tensors)."""
+    if _parts(layout) == 1:
         return [name_of(t) for t in range(layout.tp)]
-    return [[name_of(t, p, layout.pp) for p in range(layout.pp)] for t in range(layout.tp)]
+    return [[name_of(t, p, layout.pp, e, layout.ep) for e in range(layout.ep) for p in range(layout.pp)]
+            for t in range(layout.tp)]
 
 
 def _flat_files(files: list) -> list[str]:
@@ -297,30 +308,33 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
         # Every DP rank takes part: a distributed optimizer gathers its DP-sharded states to DP
         # rank 0, the writer (the others never hold them whole).
         saved = optimizer.state_dict(to_dp_rank=0) if isinstance(optimizer, ShardedAdamW) else None
-        if layout.dp_rank == 0:
+        if layout.dp_rank < layout.ep:
             optim = optimizer_state(optimizer, model, saved=saved)
-    if layout.dp_rank == 0:
+    # The first `ep` DP ranks hold every expert between them (EP rank = DP rank there).
+    writer = layout.dp_rank < layout.ep
+    part = (layout.tp_rank, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)
+    if writer:
         flat = model_state(model)
-        name = _model_file(layout.tp_rank, layout.pp_rank, layout.pp)
+        name = _model_file(*part)
         records[name] = write_tensors(tmp / name, flat.tensors)
         meta["model"] = flat.meta
         if optim is not None:
             flat = optim
-            name = _optim_file(layout.tp_rank, layout.pp_rank, layout.pp)
+            name = _optim_file(*part)
             records[name] = write_tensors(tmp / name, flat.tensors)
             meta["optimizer"] = flat.meta
     rng = rng_state()
     header = {"state": to_json_text(state, "checkpoint state"), "rng": to_json_text(rng.meta, "rng")}
     tensors = {**rng.tensors, **{_EXTRA + name: t for name, t in rank_tensors.items()}}
     records[_rank_file(layout.rank)] = write_tensors(tmp / _rank_file(layout.rank), tensors, header)
-    stage_meta = meta if layout.pp > 1 and layout.dp_rank == 0 and layout.tp_rank == 0 else {}
+    stage_meta = meta if _parts(layout) > 1 and writer and layout.tp_rank == 0 else {}
     write_json(tmp / _manifest_file(layout.rank), {"files": records, "tensors": stage_meta})
     return meta
 
 
 def _layout_json(layout: ParallelLayout) -> dict[str, Any]:
     return {**{key: getattr(layout, key) for key in _LAYOUT_KEYS}, "pp": layout.pp,
-            "virtual_stages": layout.virtual_stages}
+            "virtual_stages": layout.virtual_stages, "ep": layout.ep}
 
 
 def _saved_pp(saved: dict[str, Any]) -> int:
@@ -331,7 +345,7 @@ def _metadata(tmp: Path, step: int, *, layout: ParallelLayout, tensor_meta: dict
               config: dict, vocab_size: int | None) -> dict[str, Any]:
     """Rank 0: merge every rank's manifest into the metadata document (manifests are removed)."""
     files: dict[str, Any] = {}
-    stages: list[dict[str, Any]] = []  # with PP: each stage's tensor metadata, stage order
+    stages: list[dict[str, Any]] = []  # with PP or EP: each part's tensor metadata, rank order
     for rank in range(layout.student_world):
         manifest = tmp / _manifest_file(rank)
         if not manifest.is_file():
@@ -342,7 +356,7 @@ def _metadata(tmp: Path, step: int, *, layout: ParallelLayout, tensor_meta: dict
         if written["tensors"]:
             stages.append(written["tensors"])
         manifest.unlink()
-    if layout.pp > 1:
+    if _parts(layout) > 1:
         tensor_meta = {key: merge_stage_meta([stage[key] for stage in stages])
                        for key in stages[0]}
     meta = {"format": FORMAT, "version": VERSION, "step": step, "layout": _layout_json(layout),
@@ -517,8 +531,8 @@ def _resolve_vocab(meta: dict[str, Any], vocab_size: int | None) -> int | None:
 
 def _same_layout(saved: dict[str, Any], layout: ParallelLayout) -> bool:
     """Whether this rank is the one that wrote its own rank file (students only save)."""
-    return not layout.is_teacher and _saved_pp(saved) == layout.pp and all(
-        saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
+    return not layout.is_teacher and _saved_pp(saved) == layout.pp and saved.get("ep", 1) == layout.ep \
+        and all(saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
 
 
 def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:
@@ -566,7 +580,7 @@ def _load(path: Path, *, layout: ParallelLayout, model: nn.Module,
     files = _VerifiedFiles(path, meta["files"])
     vocab = _resolve_vocab(meta, vocab_size)
     tp_args = {"tp": layout.tp, "tp_rank": layout.tp_rank, "vocab": vocab}
-    stage = layout.pp > 1  # this rank's model is one pipeline stage: a part of the checkpoint's
+    stage = _parts(layout) > 1  # this rank's model (a stage, some experts) is a part of the checkpoint's
     load_model_state(model, meta["model"], ShardReader(files, meta["model"], **tp_args),
                      only_prefix=only_prefix, partial=stage)
     if optimizer is not None:

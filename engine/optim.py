@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from engine import collectives as C
 from engine.dist_optim import ShardedAdamW
@@ -85,15 +86,34 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> t
     device = layout.device
     split_sq = torch.zeros((), dtype=torch.float64, device=device)
     replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
-        if p.grad is None or param_tags(p).pp_duplicate:
+        tags = param_tags(p)
+        if p.grad is None or tags.pp_duplicate:
             continue
         sq = p.grad.detach().double().pow(2).sum()
-        if param_tags(p).tp_split_dim is None:
+        if tags.expert:  # each EP rank holds other experts (whole, the same on its TP ranks)
+            expert_sq += sq
+        elif tags.tp_split_dim is None:
             replicated_sq += sq
         else:
             split_sq += sq
-    return _combine(split_sq, replicated_sq, layout)
+    if layout.ep > 1:
+        C.all_reduce(expert_sq, layout.ep_group)
+    return _combine(split_sq, replicated_sq + expert_sq, layout)
+
+
+def reduce_expert_gradients(params: Iterable[torch.nn.Parameter], layout: ParallelLayout, *,
+                            scale: float = 1.0) -> None:
+    """Sum the routed experts' gradients over the expert-DP group (one flat all-reduce) and
+    multiply them by `scale`: the data-parallel reductions of the dense parameters (DDP, the
+    pipeline's DP sum) leave the experts out, since other DP ranks hold other experts."""
+    grads = [p.grad for p in params if param_tags(p).expert and p.grad is not None]
+    if not grads or (C.group_size(layout.expert_dp_group) == 1 and scale == 1.0):
+        return
+    flat = C.all_reduce(_flatten_dense_tensors(grads), layout.expert_dp_group)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced * scale if scale != 1.0 else synced)
 
 
 def _combine(split_sq: torch.Tensor, replicated_sq: torch.Tensor,

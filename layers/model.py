@@ -51,6 +51,7 @@ from layers.block import DecoderBlock
 from layers.buffers import ActivationBuffer, BufferRecorder, block_name, buffer_names
 from layers.config import ModelConfig, check_model_layout
 from layers.kv_cache import KVCache
+from layers.moe import MoE
 from layers.norm import make_norm
 from layers.params import full_init, new_param
 from layers.recompute import Recompute
@@ -114,6 +115,24 @@ class TransformerLM(nn.Module):
     def output_weight(self) -> nn.Parameter:
         """This rank's `[padded_vocab/tp, hidden]` output weight (the embedding's when tied)."""
         return self.lm_head.weight_shard()
+
+    def moe_blocks(self) -> list[MoE]:
+        """This rank's mixture-of-experts MLPs, in block order."""
+        return [block.mlp for block in self.decoder.values() if isinstance(block.mlp, MoE)]
+
+    def set_moe_loss_scale(self, scale: float) -> None:
+        """The weight of every MoE block's auxiliary losses in the backward (layers/moe.py)."""
+        for moe in self.moe_blocks():
+            moe.loss_scale = scale
+
+    def pop_moe_losses(self) -> dict[str, float]:
+        """Per loss, the sum over this rank's MoE blocks of each block's mean over the forwards since
+        the last call (a recomputed forward counts twice and cancels out); resets them."""
+        sums = {}
+        for moe in self.moe_blocks():
+            for name, value in moe.pop_losses().items():
+                sums[name] = sums.get(name, 0.0) + value
+        return sums
 
     def buffer_names(self) -> list[str]:
         """Every activation name `forward(buffers=...)` accepts (see layers/buffers.py)."""

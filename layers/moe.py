@@ -28,7 +28,8 @@ mean router probability) and the z-loss mean(logsumexp(logits)^2). Their weighte
 to the returned activations: `attach_loss` gives it a gradient in the backward (as if it were added
 to the objective with weight `MoE.loss_scale`, which the trainer sets so that the step's auxiliary
 loss is the mean over all its micro-batches). This works unchanged under pipeline parallelism and
-recomputation. The unweighted values of the last forward are in `MoE.last_losses` for logging.
+recomputation. The unweighted values of the last forward are in `MoE.last_losses`; their sums over
+forwards, for logging, come from `pop_losses`.
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ class MoE(nn.Module):
             if moe.shared_expert_gate else None
         self.loss_scale = 1.0  # the auxiliary losses' weight in the backward (set by the trainer)
         self.last_losses: dict[str, torch.Tensor] = {}
+        self._sums: list[torch.Tensor] = []  # [aux, z] of each forward since `pop_losses`
+
+    def pop_losses(self) -> dict[str, float]:
+        """The unweighted auxiliary losses' means over the forwards since the last call."""
+        if not self._sums:
+            return {}
+        mean = torch.stack(self._sums).mean(0).tolist()
+        self._sums = []
+        return {"moe_aux_loss": mean[0], "moe_z_loss": mean[1]}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream `[batch, seq(/tp), hidden]` -> (MoE output, same layout; router logits
@@ -206,4 +216,6 @@ class MoE(nn.Module):
         balance = moe.experts * (counts / tokens * prob_sums / tokens).sum()
         z_loss = z_sum / tokens
         self.last_losses = {"moe_aux_loss": balance.detach(), "moe_z_loss": z_loss.detach()}
+        if torch.is_grad_enabled():  # training forwards only (a teacher's or an evaluation's are not logged)
+            self._sums.append(torch.stack([balance.detach(), z_loss.detach()]))
         return moe.aux_loss_coef * balance + moe.z_loss_coef * z_loss
