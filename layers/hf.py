@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from engine.log import get_logger
-from layers.config import ModelConfig, RopeScaling
+from layers.config import ModelConfig, MoEConfig, RopeScaling
 
 log = get_logger(__name__)
 
@@ -37,8 +37,10 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                  "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "gpt2": "GPT2LMHeadModel"}
 GEMMA = ("gemma2", "gemma3_text")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose config says per block which layers slide (`layer_types`).
 _LAYER_TYPED = ("qwen3", "smollm3", *GEMMA)
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -49,6 +51,7 @@ QUANT_KEY = "megadistill_quant"  # config.json: {weights, activation_bits} of a 
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 # Settings of how a model trains, not of its architecture: export does not carry them.
 _TRAINING_ONLY = dict(dropout=0.0, init_std=0.02, vocab_pad_multiple=64, mtp_heads=0, hf_model_type=None)
+_MOE_TRAINING_ONLY = dict(z_loss_coef=0.0)  # Hugging Face's MoE configs have no router z-loss
 
 
 def hf_model_type(hf_config: Mapping[str, Any]) -> str:
@@ -135,6 +138,8 @@ def _llama_biases(hf: Mapping[str, Any], kind: str) -> tuple[bool, bool]:
     """(qkv_bias, bias) of a llama-layout config."""
     if kind == "qwen2":
         return True, False
+    if kind == "qwen2_moe":
+        return bool(hf.get("qkv_bias", True)), False
     attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
     if kind in ("llama", "smollm3") and attention_bias == mlp_bias:
         return False, attention_bias
@@ -160,10 +165,10 @@ def _layer_types(hf: Mapping[str, Any], kind: str) -> list[str]:
 
 def _attention_layout(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """sliding_window and layer_types; a window on every block is `layer_types: None`."""
-    if kind in ("mistral", "phi3"):
+    if kind in ("mistral", "phi3", "mixtral"):
         return dict(sliding_window=hf.get("sliding_window"))
-    if kind == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError("qwen2 with use_sliding_window=true is not supported")
+    if kind in ("qwen2", "qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+        raise ValueError(f"{kind} with use_sliding_window=true is not supported")
     if kind not in _LAYER_TYPED:
         return {}
     if hf.get("use_bidirectional_attention"):
@@ -177,7 +182,9 @@ def _attention_layout(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 def _family_fields(hf: Mapping[str, Any], kind: str, head_dim: int) -> dict[str, Any]:
     """The options that set Qwen3, SmolLM3 and Gemma apart from Llama."""
-    fields: dict[str, Any] = dict(qk_norm=kind in ("qwen3", "gemma3_text"))
+    fields: dict[str, Any] = dict(qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"))
+    if kind in MOE:
+        fields.update(_moe_fields(hf, kind))
     if kind == "smollm3":
         uses_rope = hf.get("no_rope_layers") or [
             int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
@@ -190,6 +197,28 @@ def _family_fields(hf: Mapping[str, Any], kind: str, head_dim: int) -> dict[str,
                       attn_logit_softcap=hf.get("attn_logit_softcapping"),
                       final_logit_softcap=hf.get("final_logit_softcapping"))
     return fields
+
+
+def _moe_fields(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """model.moe and model.moe_layers of Mixtral, Qwen2-MoE and Qwen3-MoE configs."""
+    aux = float(hf.get("router_aux_loss_coef", 0.0))
+    if kind == "mixtral":
+        if hf.get("router_jitter_noise"):
+            raise ValueError("mixtral with router_jitter_noise > 0 is not supported")
+        return dict(moe=MoEConfig(experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                                  expert_ffn_hidden=hf["intermediate_size"], norm_topk_prob=True,
+                                  aux_loss_coef=aux))
+    width, shared = hf["moe_intermediate_size"], hf.get("shared_expert_intermediate_size") or 0
+    if kind != "qwen2_moe":
+        shared = 0
+    experts = hf.get("num_experts") or hf["num_local_experts"]  # transformers 5 renames Qwen3-MoE's
+    moe = MoEConfig(experts=experts, top_k=hf["num_experts_per_tok"], expert_ffn_hidden=width,
+                    shared_experts=int(shared > 0), shared_expert_gate=shared > 0,
+                    shared_expert_ffn_hidden=None if shared in (0, width) else shared,
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)), aux_loss_coef=aux)
+    dense, step = set(hf.get("mlp_only_layers") or ()), hf.get("decoder_sparse_step") or 1
+    layers = [i for i in range(hf["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
+    return dict(moe=moe, moe_layers=None if len(layers) == hf["num_hidden_layers"] else tuple(layers))
 
 
 def _llama_fields(hf: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -231,8 +260,8 @@ def export_model_type(cfg: ModelConfig) -> str:
     if kind not in ARCHITECTURES:
         raise ValueError(f"cannot export as Hugging Face {kind}: unsupported architecture")
     back = hf_config_to_model_config(_hf_config(cfg, kind))
-    wanted = dataclasses.replace(cfg, **_TRAINING_ONLY)
-    got = dataclasses.replace(back, **_TRAINING_ONLY)
+    wanted, got = (dataclasses.replace(c, **_TRAINING_ONLY, moe=c.moe and dataclasses.replace(
+        c.moe, **_MOE_TRAINING_ONLY)) for c in (cfg, back))
     for field in dataclasses.fields(ModelConfig):
         if getattr(wanted, field.name) != getattr(got, field.name):
             raise ValueError(f"cannot export as Hugging Face {kind}: its config.json cannot express "
@@ -243,6 +272,8 @@ def export_model_type(cfg: ModelConfig) -> str:
 def _closest_family(cfg: ModelConfig) -> str:
     if cfg.family == "gpt2":
         return "gpt2"
+    if cfg.moe is not None:
+        return "qwen2_moe" if cfg.moe.shared_experts else "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.post_norms:
         return "gemma3_text" if cfg.qk_norm or cfg.rope_local_theta is not None else "gemma2"
     if cfg.qk_norm:
@@ -289,7 +320,7 @@ def _llama_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
               # not the family's defaults (ids of its own vocabulary); tools/convert_hf.py writes
               # the ids recorded at import
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if kind in ("llama", "mistral", "qwen2"):  # read by transformers 4 and 5 alike
+    if kind in ("llama", "mistral", "qwen2", "mixtral"):  # read by transformers 4 and 5 alike
         hf.update(rope_theta=cfg.rope_theta, rope_scaling=_rope_dict(cfg.rope_theta, cfg.rope_scaling))
     else:
         hf.update(rope_parameters=_rope_parameters(cfg, kind))
@@ -297,10 +328,12 @@ def _llama_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
     slides = cfg.sliding_window is not None
     if kind in ("llama", "smollm3"):
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    if kind in ("mistral", "phi3"):
+    if kind in ("mistral", "phi3", "mixtral"):
         hf.update(sliding_window=cfg.sliding_window)
-    if kind == "qwen2":
+    if kind in ("qwen2", "qwen2_moe", "qwen3_moe"):
         hf.update(use_sliding_window=False, sliding_window=None)
+    if kind in MOE:
+        hf.update(_moe_config(cfg, kind))
     if kind in _LAYER_TYPED:
         hf.update(sliding_window=cfg.sliding_window, layer_types=layer_types)
     if kind in ("qwen3", "smollm3"):
@@ -311,6 +344,24 @@ def _llama_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
         hf.update(original_max_position_embeddings=cfg.max_seq_len)
     if kind in GEMMA:
         hf.update(_gemma_config(cfg))
+    return hf
+
+
+def _moe_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
+    moe = cfg.moe
+    if moe is None:
+        return {}
+    hf: dict[str, Any] = dict(num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef)
+    if kind == "mixtral":
+        return dict(hf, num_local_experts=moe.experts, intermediate_size=moe.expert_ffn_hidden)
+    moe_layers = [i for i in range(cfg.layers) if cfg.is_moe_layer(i)]
+    hf.update(num_experts=moe.experts, moe_intermediate_size=moe.expert_ffn_hidden,
+              norm_topk_prob=moe.norm_topk_prob, decoder_sparse_step=1,
+              mlp_only_layers=[i for i in range(cfg.layers) if i not in moe_layers])
+    if kind == "qwen2_moe":
+        hf.update(shared_expert_intermediate_size=moe.shared_ffn_hidden, qkv_bias=cfg.qkv_bias)
+    if kind == "qwen3_moe":
+        hf.update(attention_bias=False)
     return hf
 
 
@@ -398,9 +449,34 @@ def _llama_pairs(cfg: ModelConfig, *, fused: bool) -> list[tuple[str, str]]:
             for kind in ("weight", "bias") if biased else ("weight",):
                 pairs.append((f"{ours}attention.{proj}_proj.{kind}",
                               f"{theirs}self_attn.{proj}_proj.{kind}"))
+        if cfg.is_moe_layer(i):
+            pairs += _moe_pairs(cfg, ours, theirs)
+            continue
         for proj in ("down",) if fused else ("gate", "up", "down"):
             for kind in ("weight", "bias") if cfg.bias else ("weight",):
                 pairs.append((f"{ours}mlp.{proj}_proj.{kind}", f"{theirs}mlp.{proj}_proj.{kind}"))
+    return pairs
+
+
+# Mixtral's names of an expert's gate, up and down projections (Qwen-MoE uses ours).
+_MIXTRAL_EXPERT = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def _moe_pairs(cfg: ModelConfig, ours: str, theirs: str) -> list[tuple[str, str]]:
+    """(engine, Hugging Face) names of one MoE block's router, experts and shared expert, in the
+    layout checkpoints store them (one tensor per expert and projection)."""
+    mixtral = (cfg.hf_model_type or _closest_family(cfg)) == "mixtral"
+    block = f"{theirs}block_sparse_moe." if mixtral else f"{theirs}mlp."
+    pairs = [(f"{ours}mlp.router.weight", f"{block}gate.weight")]
+    for e in range(cfg.moe.experts):
+        for proj, name in _MIXTRAL_EXPERT.items():
+            theirs_name = f"{block}experts.{e}.{name if mixtral else proj + '_proj'}.weight"
+            pairs.append((f"{ours}mlp.experts.{e}.{proj}_proj.weight", theirs_name))
+    if cfg.moe.shared_experts:
+        pairs += [(f"{ours}mlp.shared_expert.{p}_proj.weight", f"{block}shared_expert.{p}_proj.weight")
+                  for p in ("gate", "up", "down")]
+    if cfg.moe.shared_expert_gate:
+        pairs.append((f"{ours}mlp.shared_expert_gate.weight", f"{block}shared_expert_gate.weight"))
     return pairs
 
 
@@ -444,11 +520,34 @@ def _gpt2_transposed(i: int) -> list[tuple[str, str]]:
             (ours + "mlp.down_proj.weight", theirs + "mlp.c_proj.weight")]
 
 
+def _split_stacked_experts(hf_sd: Mapping[str, torch.Tensor],
+                           cfg: ModelConfig) -> Mapping[str, torch.Tensor]:
+    """transformers 5 holds each MoE block's experts stacked in memory (`mlp.experts.gate_up_proj`
+    `[experts, 2 x ffn, hidden]`, `mlp.experts.down_proj` `[experts, hidden, ffn]`, Mixtral's router
+    as `mlp.gate`); its checkpoints keep one tensor per expert. The stacked form -> the stored one."""
+    if cfg.moe is None or not any(k.endswith("mlp.experts.gate_up_proj") for k in hf_sd):
+        return hf_sd
+    sd = dict(hf_sd)
+    for i in range(cfg.layers):
+        if not cfg.is_moe_layer(i) or f"model.layers.{i}.mlp.experts.gate_up_proj" not in sd:
+            continue
+        theirs = f"model.layers.{i}."
+        names = dict(_moe_pairs(cfg, f"decoder.{i}.", theirs))
+        gate_up = sd.pop(f"{theirs}mlp.experts.gate_up_proj")
+        down = sd.pop(f"{theirs}mlp.experts.down_proj")
+        gate, up = gate_up.chunk(2, dim=1)
+        for e in range(cfg.moe.experts):
+            for proj, tensor in (("gate", gate), ("up", up), ("down", down)):
+                sd[names[f"decoder.{i}.mlp.experts.{e}.{proj}_proj.weight"]] = tensor[e]
+        sd[names[f"decoder.{i}.mlp.router.weight"]] = sd.pop(f"{theirs}mlp.gate.weight")
+    return sd
+
+
 def hf_to_engine_state_dict(hf_sd: Mapping[str, torch.Tensor],
                             cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The full engine state dict (no MTP heads) of a Hugging Face state dict for `cfg`."""
     gpt2, fused = cfg.family == "gpt2", cfg.hf_model_type == "phi3"
-    keys = _Keys(hf_sd, trunk_prefix="transformer." if gpt2 else "model.")
+    keys = _Keys(_split_stacked_experts(hf_sd, cfg), trunk_prefix="transformer." if gpt2 else "model.")
     pairs = _gpt2_pairs(cfg) if gpt2 else _llama_pairs(cfg, fused=fused)
     full = {ours: keys.take(theirs) for ours, theirs in pairs}
     for i in range(cfg.layers if fused else 0):

@@ -33,6 +33,14 @@ FAMILIES = {
                  sliding_window=7, **_SPECIAL),
     "smollm3": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=4), no_rope_layer_interval=2,
                     tie_word_embeddings=True, **_SPECIAL),
+    # Mixtures of experts (issue 29): 4 experts, top 2; Qwen2-MoE with its gated shared expert and
+    # un-normalized top-k scores, Qwen3-MoE with QK-norm and a dense first block.
+    "mixtral": dict(**_LLAMA_LAYOUT, num_local_experts=4, num_experts_per_tok=2, sliding_window=7,
+                    **_SPECIAL),
+    "qwen2_moe": dict(**_LLAMA_LAYOUT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=40, norm_topk_prob=False, **_SPECIAL),
+    "qwen3_moe": dict(**_LLAMA_LAYOUT, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[0], **_SPECIAL),
 }
 # Every block option of those families at once, as ModelConfig fields (for a llama-family model of 4
 # layers, heads 4 / kv 2, head_dim 12, a sequence longer than the window): the layout tables
@@ -58,6 +66,9 @@ HF_MODELS = {
         "gemma3_text": (transformers.Gemma3TextConfig, FAMILIES["gemma3_text"], torch.bfloat16),
         "phi3": (transformers.Phi3Config, FAMILIES["phi3"], torch.float32),
         "smollm3": (transformers.SmolLM3Config, FAMILIES["smollm3"], torch.float32),
+        "mixtral": (transformers.MixtralConfig, FAMILIES["mixtral"], torch.float32),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, FAMILIES["qwen2_moe"], torch.bfloat16),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, FAMILIES["qwen3_moe"], torch.float32),
     }.items()},
 }
 TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n',

@@ -1,4 +1,5 @@
-"""The families of issue 28 (Qwen3, Gemma 2, Gemma 3 text, Phi-3, SmolLM3) end to end.
+"""The families of issue 28 (Qwen3, Gemma 2, Gemma 3 text, Phi-3, SmolLM3) and the mixtures of
+experts of issue 29 (Mixtral, Qwen2-MoE, Qwen3-MoE) end to end.
 
 - In float64 the engine's logits equal transformers' on the same weights. Bound 1e-5 on O(3)
   logits: transformers computes its RMSNorms (and the RoPE tables, which the engine copies to the
@@ -6,7 +7,8 @@
   the engine's own layouts agree to 1e-10 in float64 (tests/test_layers_parallel.py and
   tests/test_stages.py run every block option of these families at TP/SP/PP).
 - A 3-step distillation of a family's teacher into a narrower student of the same family, through
-  the entry point, at TP=2 + SP equals TP=1 (the run tolerances of tests/helpers.py).
+  the entry point, at TP=2 + SP (and for the mixtures of experts at EP=2 x DP=2, the colocated
+  MoE teacher split over EP too) equals TP=1 (the run tolerances of tests/helpers.py).
 Import/export/--verify (tests/test_convert_hf.py), the adapters (tests/test_hf_adapters.py) and
 greedy generation (tests/test_generate.py) take the families from tests/hf_models.py too.
 """
@@ -25,7 +27,7 @@ from engine.config import from_dict, to_dict
 from engine.parallel import ParallelLayout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
-from layers.hf import hf_config_to_model_config, hf_to_engine_state_dict
+from layers.hf import MOE, hf_config_to_model_config, hf_to_engine_state_dict
 from layers.model import TransformerLM
 from layers.sharding import load_full_state_dict
 from tests.helpers import assert_same_run
@@ -50,7 +52,8 @@ def _float64_softmax(monkeypatch) -> None:
 def test_float64_logits_equal_transformers(family, monkeypatch):
     config_cls, kwargs, _ = HF_MODELS[family]
     torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs)).double().eval()
+    config = config_cls(**kwargs, experts_implementation="eager")  # float64 experts (MoE families)
+    reference = transformers.AutoModelForCausalLM.from_config(config).double().eval()
     noise = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in reference.parameters():
@@ -99,6 +102,12 @@ def _tp2_sp_run(path: Path) -> int:
     return run_main(str(path), [f"train.run_dir={path.parent / 'tp2'}", "parallel.tp=2", "parallel.sp=true"])
 
 
+def _ep2_run(path: Path) -> int:
+    """Teacher and student experts split over two DP ranks (the colocated teacher takes the
+    student's layout: its checkpoint, saved whole, loads at EP=2)."""
+    return run_main(str(path), [f"train.run_dir={path.parent / 'ep2'}", "parallel.ep=2"])
+
+
 @pytest.mark.slow  # multi-rank end-to-end runs
 def test_distillation_tp2_sp_equals_tp1_for_every_family(tmp_path):
     paths = {family: _family_run_config(tmp_path / family, family) for family in sorted(FAMILIES)}
@@ -108,9 +117,12 @@ def test_distillation_tp2_sp_equals_tp1_for_every_family(tmp_path):
         assert run_main(str(path), [f"train.run_dir={path.parent / 'tp1'}"]) == 0, family
     for family, path in paths.items():  # the entry point ends its process group: one spawn a run
         assert run_ranks(_tp2_sp_run, 2, path, timeout_s=300) == [0, 0], family
+        if family in MOE:
+            assert run_ranks(_ep2_run, 2, path, timeout_s=300) == [0, 0], family
     for family, path in paths.items():
         want = read_metrics(path.parent / "tp1")
         assert [r["step"] for r in want] == [1, 2, 3], family
         assert want[0]["kd_loss"] > 0, family
-        assert_same_run(read_metrics(path.parent / "tp2"), want, keys=("loss", "lm_loss", "kd_loss",
-                                                                        "grad_norm"))
+        for layout in ("tp2", "ep2") if family in MOE else ("tp2",):
+            assert_same_run(read_metrics(path.parent / layout), want,
+                            keys=("loss", "lm_loss", "kd_loss", "grad_norm"))

@@ -314,11 +314,13 @@ def load_reference(hf_dir: Path) -> torch.nn.Module:
     """The Hugging Face model as transformers runs it for --verify: float64, eager attention,
     eval mode. Loaded in fp32 first (the weights exactly, at most fp32): buffers that the model
     derives at load time, such as Gemma's embedding scale, are then rounded to fp32 as in the
-    engine, not to a bf16 checkpoint's dtype."""
+    engine, not to a bf16 checkpoint's dtype. Mixtures of experts run their experts one by one
+    (transformers' grouped matrix products have no float64 kernel)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
-                                                              dtype=torch.float32)
+                                                              dtype=torch.float32,
+                                                              experts_implementation="eager")
     return model.double().eval()
 
 
