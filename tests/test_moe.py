@@ -226,3 +226,17 @@ def test_moe_student_at_ep2_dp2_and_pp2_equals_the_single_process_run(tmp_path):
     assert _entry_run(path, tmp_path / "ep1", ["train.steps=4"]) == 0
     assert_same_run(read_metrics(tmp_path / "ep2_dp2")[-1:], read_metrics(tmp_path / "ep1")[-1:],
                     keys=MOE_KEYS)
+
+
+def test_moe_benchmark_runs_and_counts_the_all_to_all(capsys):
+    from tools.bench import moe as bench
+
+    bench.main(["--hidden", "32", "--experts", "4", "--top-k", "2", "--expert-ffn", "16",
+                "--tokens", "64", "--steps", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert float(printed.split("max |output diff| ")[1].split()[0]) < 1e-5  # the same weights
+    assert "| megadistill MoE (EP=1) |" in printed
+    forward = next(line for line in printed.splitlines() if line.startswith("| forward |"))
+    counted, analytic = (float(cell) for cell in forward.split("|")[2:4])
+    # the token rows exactly, plus the per-expert counts (4 int64 per rank and block)
+    assert analytic <= counted <= analytic + 2 * 4 * 8 / 64
