@@ -3,8 +3,8 @@ tied embeddings): keeping everything gives bitwise the same logits; the importan
 float64 reference computed from transformers' float64 activations (read by hooks in this test);
 the kept units are the best-scoring ones with grouped-query groups whole; TP=2 writes the same
 checkpoint as TP=1; a pruned model loads with train.init, trains, exports to Hugging Face and passes
---verify; bad targets are one line, exit 2, nothing written. (A pruned Qwen3 needs the Qwen3 family:
-not here.)"""
+--verify, and so does a pruned Qwen3 (QK-norm, head_dim apart from hidden / heads); bad targets
+are one line, exit 2, nothing written."""
 
 import argparse
 import json
@@ -21,6 +21,7 @@ from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.sharding import full_state_dict
 from tests.helpers import command, run_ok
+from tests.hf_models import save_hf_model
 from tests.trainer_utils import make_teacher, read_metrics, run_main, write_config
 from tools import convert_hf, prune
 from tools.score import checkpoint_model_config, load_model
@@ -295,3 +296,22 @@ def test_bad_targets_are_one_line_and_write_nothing(setup, tmp_path, capsys, fla
     errors = [line for line in capsys.readouterr().err.splitlines() if ERROR_LINE.match(line)]
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pruned_qwen3_exports_and_verifies(tmp_path):
+    """QK-norm and a head width independent of hidden / heads (Qwen3): pruning heads and width keeps
+    each kept head's q/k norm and its head_dim, and the result is a Qwen3 transformers runs."""
+    hf_dir = save_hf_model("qwen3", tmp_path / "hf")
+    assert convert_hf.main(["import", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 0
+    rng = np.random.default_rng(0)
+    write_indexed(tmp_path / "calib", [rng.integers(0, VOCAB, 60) for _ in range(40)], np.uint16)
+    out = tmp_path / "pruned"
+    assert run_prune("--ckpt", tmp_path / "ckpt", "--data", tmp_path / "calib", "--calib-samples", 8,
+                     "--seq-len", SEQ, "--out", out, "--layers", 1, "--hidden", 24, "--heads", 2,
+                     "--kv-heads", 1, "--ffn-hidden", 40) == 0
+    cfg = checkpoint_model_config(str(out))[2]
+    assert (cfg.layers, cfg.hidden, cfg.heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.qk_norm) == \
+        (1, 24, 2, 1, 16, True)
+    exported = tmp_path / "exported"
+    assert convert_hf.main(["export", "--ckpt", str(out), "--out", str(exported), "--verify"]) == 0
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "qwen3"

@@ -268,6 +268,8 @@ _BLOCK_DIMS = {
     "mlp.down_proj.weight": ("c", "f"), "mlp.down_proj.bias": ("c",),
     "attn_norm.weight": ("c",), "attn_norm.bias": ("c",),
     "mlp_norm.weight": ("c",), "mlp_norm.bias": ("c",),
+    "post_attn_norm.weight": ("c",), "post_mlp_norm.weight": ("c",),  # Gemma's branch-output norms
+    "attention.q_norm.weight": (None,), "attention.k_norm.weight": (None,),  # per head_dim: whole
 }
 _MODEL_DIMS = {"embedding.weight": (None, "c"), "lm_head.weight": (None, "c"),
                "position_embedding.weight": (None, "c"), "final_norm.weight": ("c",),
