@@ -39,31 +39,37 @@ TEACHER = "teacher"
 
 @dataclass(frozen=True)
 class RankOrder:
-    """How the ranks of one role are numbered: TP fastest, then PP, then DP, from `offset` (the
-    students start at 0, the teacher ranks follow them). Megatron's order, for a reason: the more
-    often a degree's ranks talk, the closer they sit. TP exchanges activations in every layer, so
-    its groups are contiguous ranks (one node, its fastest links); PP sends once per stage boundary;
-    DP reduces gradients once per step and may span nodes. A new degree takes its place in the
-    order here and only here (context parallelism would sit next to TP, expert parallelism inside
-    DP); `RankLists` and the layout follow."""
+    """How the ranks of one role are numbered: TP fastest, then CP, then PP, then DP, from `offset`
+    (the students start at 0, the teacher ranks follow them). Megatron's order, for a reason: the
+    more often a degree's ranks talk, the closer they sit. TP exchanges activations in every layer,
+    so its groups are contiguous ranks (one node, its fastest links); CP exchanges keys and values
+    in every attention layer, so it comes next; PP sends once per stage boundary; DP reduces
+    gradients once per step and may span nodes. A new degree takes its place in the order here and
+    only here (expert parallelism lives inside DP); `RankLists` and the layout follow."""
 
     size: int  # ranks of the role
     tp: int = 1
     pp: int = 1
     offset: int = 0  # global rank of the role's first process
+    cp: int = 1  # context parallelism: each sequence split over this many ranks
 
     @property
     def dp(self) -> int:
-        return self.size // (self.tp * self.pp)
+        return self.size // (self.tp * self.pp * self.cp)
 
-    def rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0) -> int:
+    def rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0, cp: int = 0) -> int:
         """Global rank of the process with these coordinates."""
-        return self.offset + (dp * self.pp + pp) * self.tp + tp
+        return self.offset + ((dp * self.pp + pp) * self.cp + cp) * self.tp + tp
 
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """(tp, pp, dp) coordinates of global `rank`, one of this role's."""
+        """(tp, pp, dp) coordinates of global `rank`, one of this role's (`cp_coord`: its CP one)."""
         local = rank - self.offset
-        return local % self.tp, local // self.tp % self.pp, local // (self.tp * self.pp)
+        return (local % self.tp, local // (self.tp * self.cp) % self.pp,
+                local // (self.tp * self.cp * self.pp))
+
+    def cp_coord(self, rank: int) -> int:
+        """The CP coordinate of global `rank`."""
+        return (rank - self.offset) // self.tp % self.cp
 
 
 def virtual_stage(chunk: int, *, pp: int, pp_rank: int) -> int:
@@ -86,6 +92,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel stages of the student (ranks strided by tp)
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
+    cp: int = 1  # context parallelism: each sequence split over this many ranks (next to TP)
     ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
@@ -96,6 +103,7 @@ class ParallelConfig:
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
         check(self.ep >= 1, "parallel.ep", f"must be >= 1 (got {self.ep})")
+        check(self.cp >= 1, "parallel.cp", f"must be >= 1 (got {self.cp})")
         check(self.pp >= 1, "parallel.pp", f"must be >= 1 (got {self.pp})")
         check(self.virtual_stages >= 1, "parallel.virtual_stages",
               f"must be >= 1 (got {self.virtual_stages})")
@@ -121,7 +129,7 @@ class ParallelConfig:
         """How `role`'s ranks are numbered in a world of `world_size` (students first)."""
         students = world_size - self.teacher_ranks
         if role == STUDENT:
-            return RankOrder(size=students, tp=self.tp, pp=self.pp)
+            return RankOrder(size=students, tp=self.tp, pp=self.pp, cp=self.cp)
         return RankOrder(size=self.teacher_ranks, tp=self.teacher_tp_degree, offset=students)
 
 
@@ -149,6 +157,8 @@ class ParallelLayout:
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
     ep: int = 1  # expert-parallel degree (a divisor of dp)
     ep_rank: int = 0  # this rank's place in its EP group (dp_rank % ep)
+    cp: int = 1  # context-parallel degree: each sequence split over cp ranks
+    cp_rank: int = 0
     students: RankOrder | None = None  # the students' numbering (None: the whole world, tp, pp)
     teachers: RankOrder | None = None  # the teacher ranks' numbering (None: none)
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
@@ -156,6 +166,9 @@ class ParallelLayout:
     role_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     ep_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    cp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
+    # the ranks with the same parameters and other tokens: DP x CP (gradients, token counts)
+    dp_cp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     # the DP ranks holding the same experts as this one (dp / ep of them)
     expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     # the first and last stage of this pipeline (None without PP, and on the middle stages)
@@ -171,6 +184,8 @@ class ParallelLayout:
                                RankOrder(size=0, tp=self.tp, offset=self.world_size))
         if self.ep == 1:  # every DP rank holds every expert
             object.__setattr__(self, "expert_dp_group", self.dp_group)
+        if self.cp == 1:
+            object.__setattr__(self, "dp_cp_group", self.dp_group)
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> ParallelLayout:
@@ -235,7 +250,10 @@ def validate_layout(parallel: ParallelConfig, world_size: int) -> None:
     if students % (tp * pp):
         raise LayoutError("parallel.pp", f"parallel.tp={tp} x parallel.pp={pp} does not divide "
                                          f"the {students} student ranks")
-    dp = students // (tp * pp)
+    if students % (tp * pp * parallel.cp):
+        raise LayoutError("parallel.cp", f"parallel.tp={tp} x parallel.cp={parallel.cp} x parallel.pp="
+                                         f"{pp} does not divide the {students} student ranks")
+    dp = students // (tp * pp * parallel.cp)
     if dp % parallel.ep:
         raise LayoutError("parallel.ep", f"parallel.ep={parallel.ep} does not divide the "
                                          f"data-parallel degree {dp} (experts are split over DP ranks)")
@@ -281,17 +299,25 @@ class RankLists:
     embedding: list[list[int]]  # first and last stage of each pipeline ([] without PP)
     ep: list[list[int]]  # blocks of `ep` consecutive DP ranks
     expert_dp: list[list[int]]  # the same place in every block
+    cp: list[list[int]]  # the ranks that share one sequence
+    dp_cp: list[list[int]]  # the same parameters, other tokens
 
     @classmethod
     def of(cls, order: RankOrder, ep: int = 1) -> RankLists:
-        tps, pps, dps = range(order.tp), range(order.pp), range(order.dp)
-        pipelines = [[order.rank(tp=t, pp=p, dp=d) for p in pps] for d in dps for t in tps]
-        dp_lists = [[order.rank(tp=t, pp=p, dp=d) for d in dps] for p in pps for t in tps]
-        return cls(tp=[[order.rank(tp=t, pp=p, dp=d) for t in tps] for d in dps for p in pps],
+        tps, pps, dps, cps = range(order.tp), range(order.pp), range(order.dp), range(order.cp)
+
+        def rank(t: int, p: int, d: int, c: int) -> int:
+            return order.rank(tp=t, pp=p, dp=d, cp=c)
+
+        pipelines = [[rank(t, p, d, c) for p in pps] for d in dps for c in cps for t in tps]
+        dp_lists = [[rank(t, p, d, c) for d in dps] for p in pps for c in cps for t in tps]
+        return cls(tp=[[rank(t, p, d, c) for t in tps] for d in dps for p in pps for c in cps],
                    pp=pipelines, dp=dp_lists,
                    embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if order.pp > 1 else [],
                    ep=[ranks[b:b + ep] for ranks in dp_lists for b in range(0, len(ranks), ep)],
-                   expert_dp=[ranks[e::ep] for ranks in dp_lists for e in range(ep)])
+                   expert_dp=[ranks[e::ep] for ranks in dp_lists for e in range(ep)],
+                   cp=[[rank(t, p, d, c) for c in cps] for d in dps for p in pps for t in tps],
+                   dp_cp=[[rank(t, p, d, c) for d in dps for c in cps] for p in pps for t in tps])
 
 
 def _find(lists: list[list[int]], rank: int) -> list[int]:
@@ -310,6 +336,8 @@ class _RoleGroups:
     embedding: dist.ProcessGroup | None
     ep: dist.ProcessGroup | None
     expert_dp: dist.ProcessGroup | None
+    cp: dist.ProcessGroup | None
+    dp_cp: dist.ProcessGroup | None
 
     @classmethod
     def create(cls, order: RankOrder, rank: int, timeout: datetime.timedelta,
@@ -324,7 +352,9 @@ class _RoleGroups:
                    pp=_new_groups(lists.pp, rank, timeout) if order.pp > 1 else None,
                    embedding=_new_groups(lists.embedding, rank, timeout),
                    ep=_new_groups(lists.ep, rank, timeout) if experts else None,
-                   expert_dp=_new_groups(lists.expert_dp, rank, timeout) if experts else None)
+                   expert_dp=_new_groups(lists.expert_dp, rank, timeout) if experts else None,
+                   cp=_new_groups(lists.cp, rank, timeout) if order.cp > 1 else None,
+                   dp_cp=_new_groups(lists.dp_cp, rank, timeout) if order.cp > 1 else None)
 
 
 def make_layout(parallel: ParallelConfig, *,
@@ -351,7 +381,8 @@ def make_layout(parallel: ParallelConfig, *,
         pp_ranks=tuple(_find(mine.lists.pp, rank)), students=orders[STUDENT],
         teachers=orders[TEACHER], tp_group=mine.tp, dp_group=mine.dp, role_group=mine.role,
         pp_group=mine.pp, embedding_group=mine.embedding, ep=eps[role], ep_rank=dp_rank % eps[role],
-        ep_group=mine.ep, expert_dp_group=mine.expert_dp, device=torch.device(device or "cpu"))
+        ep_group=mine.ep, expert_dp_group=mine.expert_dp, cp=order.cp, cp_rank=order.cp_coord(rank),
+        cp_group=mine.cp, dp_cp_group=mine.dp_cp, device=torch.device(device or "cpu"))
 
 
 ENV_KEY = "environment"  # the ConfigError key of a broken launcher environment

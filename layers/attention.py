@@ -7,7 +7,10 @@ leaves through the row-parallel output projection.
 
 Decoding passes the block's `LayerCache` (layers/kv_cache.py): the new columns' keys and values
 (after RoPE) are appended to it and the queries attend over everything cached so far, under the
-cache's mask. The projections, RoPE and the attention call are the ones training runs.
+cache's mask. The projections, RoPE and the attention call are the ones training runs. Context
+parallelism and packed documents pass a view of the forward's `TokenLayout` (layers/context.py)
+in the same place: its `extend` gathers the sequence's keys and values over the CP group and its
+mask says which of them each query sees.
 
 Per block (`layer`): its sliding window (`model.layer_types`), its rotary table (`model.rope_kind`);
 for every block the options of the families: a per-head RMSNorm of queries and keys before RoPE
@@ -83,8 +86,8 @@ class Attention(nn.Module):
         v = self.v_proj(x_full).view(batch, seq, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.recompute_core and cache is None:
-            context = recomputed(self._core, q, k, v, rope, rng=self.rng)
+        if self.recompute_core and (cache is None or not cache.decoding):
+            context = recomputed(self._core, q, k, v, rope, cache, rng=self.rng)
         else:
             context = self._core(q, k, v, rope, cache)  # [batch, seq, heads/tp * head_dim]
         return self.o_proj(context)

@@ -27,6 +27,7 @@ from engine.parallel import ParallelLayout
 from layers.attention import Attention, Rope
 from layers.buffers import BLOCK_BUFFERS, ROUTER_LOGITS, block_buffer
 from layers.config import ModelConfig
+from layers.context import TokenLayout
 from layers.kv_cache import KVCache, LayerCache
 from layers.mlp import MLP
 from layers.moe import MoE
@@ -55,15 +56,17 @@ class DecoderBlock(nn.Module):
         self.post_mlp_norm = make_norm(config, layout) if config.post_norms else None
 
     def forward(self, hidden: torch.Tensor, ropes: RopeTables | None, record: Record,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Residual stream `[batch, seq(/tp), hidden]` -> the same after this block. With `cache`
-        (decoding) `hidden` holds the new columns and attention reads the earlier ones from it."""
+                cache: KVCache | TokenLayout | None = None) -> torch.Tensor:
+        """Residual stream `[batch, seq(/tp), hidden]` -> the same after this block. With a
+        `KVCache` (decoding) `hidden` holds the new columns and attention reads the earlier ones
+        from it; with a `TokenLayout` (context parallelism, packed documents) it says which keys
+        each query sees."""
         rope = ropes[self.rope_kind] if ropes is not None and self.rope_kind is not None else None
-        if self.recompute_block and cache is None:
+        layer_cache = cache.layer(self.name) if cache is not None else None
+        if self.recompute_block and (cache is None or not cache.decoding):
             hidden, mixer_output, mlp_output, router_logits = recomputed(self._block, hidden, rope,
-                                                                         rng=self.rng)
+                                                                         layer_cache, rng=self.rng)
         else:
-            layer_cache = cache.layer(self.name) if cache is not None else None
             hidden, mixer_output, mlp_output, router_logits = self._block(hidden, rope, layer_cache)
         for kind, tensor in zip(BLOCK_BUFFERS, (mixer_output, mlp_output, hidden)):
             record(block_buffer(self.name, kind), tensor)

@@ -33,6 +33,8 @@ class KVCache:
     """Keys and values of `model`'s decoder blocks on this rank, `capacity` columns of a batch whose
     row b starts with `pad[b]` padding columns."""
 
+    decoding = True  # no recomputation (nothing is trained through a cache)
+
     def __init__(self, model: TransformerLM, *, batch: int, capacity: int, pad: torch.Tensor,
                  dtype: torch.dtype):
         blocks = list(model.decoder.values())
@@ -88,6 +90,8 @@ class KVCache:
 
 class LayerCache:
     """One block's view of a `KVCache` during a forward."""
+
+    decoding = True
 
     def __init__(self, cache: KVCache, name: str):
         self.cache, self.name = cache, name

@@ -50,6 +50,7 @@ from engine.param_tags import tag
 from layers.block import DecoderBlock
 from layers.buffers import ActivationBuffer, BufferRecorder, block_name, buffer_names
 from layers.config import ModelConfig, check_model_layout
+from layers.context import TokenLayout
 from layers.kv_cache import KVCache
 from layers.moe import MoE
 from layers.norm import make_norm
@@ -150,17 +151,28 @@ class TransformerLM(nn.Module):
             param.copy_(shard_of(param, full, layout=self.layout, padded_vocab=padded_vocab))
 
     def forward(self, input_ids: torch.Tensor, *, buffers: Collection[str] = (),
-                compute_logits: bool = True) -> ModelOutput:
+                compute_logits: bool = True, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> ModelOutput:
         """Token ids `[batch, seq]` (full on every TP rank) -> logits shards and requested buffers.
-        The whole model only (no pipeline); a stage runs `embed`, `run_chunk`, `finish`."""
+        The whole model only (no pipeline); a stage runs `embed`, `run_chunk`, `finish`.
+
+        `positions` (`[seq]` or `[batch, seq]`): the tokens' global positions, when they are not
+        0..seq-1: this CP rank's chunks of a longer sequence (layers/context.py: keys and values
+        are then gathered over the CP group) or positions restarting per document. `documents`
+        `[batch, seq]`: each token's document, which its attention stays inside."""
         if not self.plan.whole:
             raise RuntimeError("forward() needs the whole model; a pipeline stage runs embed, "
                                "run_chunk and finish")
         record = self.recorder(buffers)
-        hidden = self.embed(input_ids, record)
-        rope = self.rope(input_ids, hidden.dtype)
-        hidden = self.run_chunk(0, hidden, rope, record)
-        return self.finish(hidden, rope, record, compute_logits=compute_logits)
+        tokens = None
+        if positions is not None or documents is not None:
+            if positions is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            tokens = TokenLayout(self, positions=positions, documents=documents)
+        hidden = self.embed(input_ids, record, positions)
+        rope = self.rope(input_ids, hidden.dtype, positions)
+        hidden = self.run_chunk(0, hidden, rope, record, tokens)
+        return self.finish(hidden, rope, record, compute_logits=compute_logits, tokens=tokens)
 
     def recorder(self, buffers: Collection[str]) -> BufferRecorder:
         """Keeps the asked-for buffers of one forward (of the parts this stage runs)."""
@@ -200,7 +212,7 @@ class TransformerLM(nn.Module):
         return hidden
 
     def finish(self, hidden: torch.Tensor, rope, record, *, compute_logits: bool = True,
-               mtp: bool = True) -> ModelOutput:
+               mtp: bool = True, tokens: TokenLayout | None = None) -> ModelOutput:
         """Last stage: the trunk's last residual stream -> final norm, MTP heads (unless `mtp` is
         False), logits shards."""
         final_hidden = self.final_norm(hidden)
@@ -222,7 +234,7 @@ class TransformerLM(nn.Module):
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len="
                              f"{self.config.max_seq_len}")
-        if self.layout.sp and seq % self.layout.tp:
+        if self.layout.sp and seq % self.layout.tp:  # (under CP: this rank's chunks)
             raise ValueError(f"sequence length {seq} does not split over parallel.tp="
                              f"{self.layout.tp} ranks (parallel.sp=true needs seq % tp == 0)")
 
@@ -239,8 +251,9 @@ class LearnedPositions(nn.Module):
     def forward(self, seq: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Rows for positions 0..seq-1, this rank's sequence shard of them under SP; or the rows of
         `[batch, seq]` `positions` (decoding, never SP)."""
-        if positions is not None:
-            return self.weight[positions]  # [batch, seq, hidden]
+        if positions is not None:  # decoded columns, or a CP rank's chunks (split under SP)
+            rows = sp_shared(self.weight, self.layout)[positions]  # [(batch,) seq, hidden]
+            return C.split_along(rows, self.layout.tp_group, dim=-2) if self.layout.sp else rows
         rows = sp_shared(self.weight[:seq], self.layout)  # [seq, hidden]
         if self.layout.sp:
             rows = C.split_along(rows, self.layout.tp_group, dim=0)  # [seq/tp, hidden]

@@ -1,0 +1,111 @@
+"""Which keys each query sees when a forward's tokens are not one whole causal sequence.
+
+Two cases, one mechanism (an option of the model's own attention, like the KV cache):
+
+- Context parallelism (`parallel.cp`). Each sequence is cut into `2 x cp` chunks and CP rank r holds
+  chunks r and `2cp - 1 - r` (`cp_positions`): under a causal mask the early chunks have few keys and
+  the late ones many, so pairing them gives every rank the same attention work. Each attention
+  layer all-gathers the keys and values of the whole sequence over the CP group (`gather_from_sp`
+  along the sequence: its backward reduce-scatters, so each rank's keys get the gradients of every
+  rank's queries) and its queries attend to them under a mask built from the tokens' global
+  positions. Gathering rather than a ring: every rank then holds `[batch, kv_heads/tp, seq,
+  head_dim]` keys and values (with grouped-query attention a few times smaller than the queries'
+  activations), one collective per layer and direction, and the mask handles any pattern (causal,
+  windows, documents) without per-step bookkeeping; the scores stay `[seq/cp, seq]` per rank.
+- Packed documents (`data.attention_within_documents`): a query sees only keys of its own document
+  (document ids per token, from the data), at any CP degree including 1.
+
+A `TokenLayout` is built per forward from the tokens' global positions and document ids; blocks
+ask it for their view (`layer(name)`: a mask per sliding window, shared by the blocks that have
+it). Masks are True where a query may attend; every query sees at least itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine import collectives as C
+from engine.mappings import gather_from_sp
+
+if TYPE_CHECKING:
+    from layers.model import TransformerLM
+
+KEY_DIM = 2  # keys and values are [batch, kv_heads/tp, seq, head_dim]
+
+
+def cp_positions(seq: int, cp: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """The global positions `[seq / cp]` CP rank `cp_rank` holds: chunks r and 2cp-1-r of 2cp."""
+    if seq % (2 * cp):
+        raise ValueError(f"sequence length {seq} does not split into 2 x parallel.cp={cp} chunks")
+    chunk = seq // (2 * cp)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second = torch.arange((2 * cp - 1 - cp_rank) * chunk, (2 * cp - cp_rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+class TokenLayout:
+    """This forward's tokens: global `positions` `[seq_local]` (or per row `[batch, seq_local]`) and
+    `documents` `[batch, seq_local]` (or None: one document), with keys gathered over `model`'s CP
+    group."""
+
+    decoding = False  # not a KV cache: recomputation applies as usual
+
+    def __init__(self, model: TransformerLM, *, positions: torch.Tensor,
+                 documents: torch.Tensor | None = None):
+        self.group = model.layout.cp_group
+        self.cp = model.layout.cp
+        self.windows = {b.name: b.attention.sliding_window for b in model.decoder.values()}
+        self.q_pos = positions
+        self.k_pos = C.all_gather(positions, self.group, dim=-1) if self.cp > 1 else positions
+        self.q_doc = documents
+        self.k_doc = None if documents is None else (
+            C.all_gather(documents, self.group, dim=-1) if self.cp > 1 else documents)
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+
+    def layer(self, name: str) -> _LayerView:
+        return _LayerView(self, self.windows.get(name))
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """`[batch or 1, 1, seq_local, seq]` (True = attend), or None for SDPA's plain causal mask."""
+        if window not in self._masks:
+            self._masks[window] = self._build(window)
+        return self._masks[window]
+
+    def _build(self, window: int | None) -> torch.Tensor | None:
+        if self.cp == 1 and self.q_doc is None and (window is None or self.q_pos.shape[-1] <= window):
+            return None
+        query, key = self.q_pos[..., :, None], self.k_pos[..., None, :]
+        allowed = key <= query
+        if window is not None:
+            allowed = allowed & (query - key < window)
+        if self.q_doc is not None:
+            allowed = allowed & (self.q_doc[..., :, None] == self.k_doc[..., None, :])
+        if allowed.dim() == 2:
+            allowed = allowed[None]
+        return allowed[:, None]  # broadcast over heads
+
+
+class _LayerView:
+    """One block's view of a `TokenLayout` (the interface of `layers.kv_cache.LayerCache`)."""
+
+    decoding = False
+
+    def __init__(self, tokens: TokenLayout, window: int | None):
+        self.tokens, self.window = tokens, window
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self.tokens.mask(self.window)
+
+    @property
+    def causal(self) -> bool:
+        return self.mask is None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's keys and values -> the whole sequence's (all-gathered over CP)."""
+        if self.tokens.cp == 1:
+            return k, v
+        group = self.tokens.group
+        return (gather_from_sp(k, group, seq_dim=KEY_DIM), gather_from_sp(v, group, seq_dim=KEY_DIM))
