@@ -62,8 +62,9 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
                                  (mb["labels"] != IGNORE_INDEX).sum().double()]))
 
     if layout.pp == 1:
-        for mb in batches:
-            add(mb, model(mb["input_ids"], compute_logits=not fused))
+        for mb in batches:  # whole sequences on every CP rank: no split, no gather
+            add(mb, model(mb["input_ids"], compute_logits=not fused,
+                          positions=mb.get("positions"), documents=mb.get("documents")))
     else:  # only the last stage adds; the sum over the pipeline group brings it everywhere
         stage = StudentStage(model, batches, last=lambda i, out, _: add(batches[i], out),
                              compute_logits=not fused)

@@ -90,10 +90,11 @@ def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int)
 def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: ParallelLayout, *,
                  mtp_heads: int = 0) -> TokenCounts:
     """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
-    one all-reduce over the DP group. `mtp_heads` is the student's `config.mtp_heads`."""
+    one all-reduce over the DP (x CP) group. `mtp_heads` is the student's `config.mtp_heads`."""
     per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
     totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 3 + mtp_heads).sum(dim=0)
-    totals = C.all_reduce(totals.to(layout.device), layout.dp_group)  # NCCL needs device memory
+    # over DP x CP: context-parallel ranks hold other tokens of the same sequences
+    totals = C.all_reduce(totals.to(layout.device), layout.dp_cp_group)  # NCCL needs device memory
     values = totals.tolist()
     return TokenCounts(tokens=values[0], heads=tuple(values[1:-1]), distill=values[-1])
 

@@ -85,6 +85,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check_model_layout(cfg.model, par.tp, par.ep)
     check_experts(cfg)
+    check_sequence_layout(cfg)
     if par.sp and cfg.data.seq_len % par.tp:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} does not split over parallel.tp="
                                           f"{par.tp} ranks (sequence parallelism)")
@@ -100,6 +101,32 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
+
+
+def check_sequence_layout(cfg: RunConfig) -> None:
+    """Context parallelism and packed-document attention: the shapes they need, and what they do
+    not combine with yet (each a one-line ConfigError naming the setting)."""
+    par, data, distill = cfg.parallel, cfg.data, cfg.distill
+    if par.cp > 1:
+        chunk = data.seq_len // (2 * par.cp)
+        if data.seq_len % (2 * par.cp) or (par.sp and (2 * chunk) % par.tp):
+            raise ConfigError("data.seq_len", f"{data.seq_len} does not split into 2 x parallel.cp="
+                                              f"{par.cp} chunks (of a length that splits over "
+                                              f"parallel.tp={par.tp} under SP)")
+        later = {"parallel.pp": par.pp > 1, "parallel.teacher_ranks": par.teacher_ranks > 0,
+                 "distill.schedule": distill.schedule == "offline", "model.moe": cfg.model.moe is not None,
+                 "model.mtp_heads": cfg.model.mtp_heads > 0, "distill.on_policy": distill.on_policy.on,
+                 "train.distributed_optimizer": cfg.train.distributed_optimizer}
+        for key, used in later.items():
+            if used:
+                raise ConfigError(key, f"does not combine with parallel.cp={par.cp} yet (context "
+                                       "parallelism runs colocated teachers, TP/SP and DP)")
+    if data.attention_within_documents:
+        later = {"parallel.pp": par.pp > 1, "parallel.teacher_ranks": par.teacher_ranks > 0,
+                 "distill.schedule": distill.schedule == "offline", "distill.on_policy": distill.on_policy.on}
+        for key, used in later.items():
+            if used:
+                raise ConfigError(key, "does not combine with data.attention_within_documents yet")
 
 
 def check_experts(cfg: RunConfig) -> None:

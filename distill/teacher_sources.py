@@ -13,6 +13,7 @@ from distill.config import SINGLE_TEACHER
 from distill.teacher import StageTeacher, TeacherOutputs, TeacherRequest, TeacherSource
 from distill.teacher_load import freeze
 from engine.pipeline import TensorSpec
+from layers.context import sequence_kwargs
 
 
 class ColocatedTeacher:
@@ -25,13 +26,15 @@ class ColocatedTeacher:
         self.model, self.request, self.name = freeze(model), request, name
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor):
-        """The teacher's `ModelOutput` for input ids [batch, seq]."""
+    def forward(self, input_ids: torch.Tensor, sequence: dict | None = None):
+        """The teacher's `ModelOutput` for input ids [batch, seq] (`sequence`: the micro-batch's
+        positions, documents and CP chunks, layers/context.py `sequence_kwargs`)."""
         return self.model(input_ids, buffers=self.request.buffers,
-                          compute_logits=self.request.head == "logits")
+                          compute_logits=self.request.head == "logits", **(sequence or {}))
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
-        return {self.name: self._outputs(self.forward(micro_batch["input_ids"]))}
+        out = self.forward(micro_batch["input_ids"], sequence_kwargs(micro_batch))
+        return {self.name: self._outputs(out)}
 
     def stage_parts(self) -> dict[str, StageTeacher]:
         return {self.name: self}

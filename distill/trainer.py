@@ -49,6 +49,7 @@ from engine.parallel import ParallelLayout
 from engine.param_tags import param_tags
 from engine.signals import PreemptionFlag
 from engine.train_config import TrainConfig, resume_failure, resume_path
+from layers.context import sequence_kwargs, split_for_cp
 
 log = get_logger(__name__)
 
@@ -62,10 +63,11 @@ class StudentWithObjective(nn.Module):
         super().__init__()
         self.student, self.objective = student, objective
 
-    def forward(self, input_ids, labels, teacher, counts, kd_mask=None):
+    def forward(self, input_ids, labels, teacher, counts, kd_mask=None, sequence=None):
+        """`sequence`: the micro-batch's positions / documents / CP chunks (`sequence_kwargs`)."""
         fused = self.objective.fused
         out = self.student(input_ids, buffers=self.objective.student_buffer_names(),
-                           compute_logits=not fused)
+                           compute_logits=not fused, **(sequence or {}))
         return self.objective(out, teacher, labels, tokens_norm=counts,
                               output_weight=self.student.output_weight if fused else None,
                               kd_mask=kd_mask)
@@ -112,16 +114,18 @@ class DistillTrainer:
         # MTP heads get no gradient when their only loss (LM) is off; DDP must then look for them.
         unused = student.config.mtp_heads > 0 and not objective.cfg.lm_on
         # The distributed optimizer reduce-scatters the gradients itself: no DDP then.
-        use_ddp = layout.dp > 1 and layout.pp == 1 and not cfg.distributed_optimizer
+        # Under context parallelism the ranks of a DP x CP group hold the same parameters and other
+        # tokens: their gradients are summed like data-parallel ones.
+        use_ddp = layout.dp * layout.cp > 1 and layout.pp == 1 and not cfg.distributed_optimizer
         if use_ddp:  # routed experts are summed over the expert-DP group instead (train_step)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self.module, [n for n, p in self.module.named_parameters() if param_tags(p).expert])
-        self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_group,
+        self.ddp = DistributedDataParallel(self.module, process_group=layout.dp_cp_group,
                                            find_unused_parameters=unused) if use_ddp else None
         # The objective's loss is this rank's share of the step's global means, whose gradient is
         # the SUM over DP ranks; DDP averages, so each rank's loss is scaled by DP to compensate
         # (the distributed optimizer sums).
-        self.dp_scale = layout.dp if self.ddp is not None else 1
+        self.dp_scale = layout.dp * layout.cp if self.ddp is not None else 1
         if layout.pp > 1:
             pipeline_copies(objective, layout)
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
@@ -132,6 +136,8 @@ class DistillTrainer:
     def train_step(self, step: int) -> dict:
         values = self.objective.values = self.schedules.at(step)
         micro_batches = [to_device(mb, self.layout.device) for mb in self.data.next_step()]
+        if self.layout.cp > 1:  # this rank's chunks of every sequence
+            micro_batches = [split_for_cp(mb, self.layout.cp, self.layout.cp_rank) for mb in micro_batches]
         if self.on_policy is not None:
             micro_batches = self.on_policy(micro_batches, step)
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
@@ -155,7 +161,8 @@ class DistillTrainer:
             with self._sync(last=i == len(micro_batches) - 1):
                 with self._autocast():
                     out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"),
-                                                    teacher_out, counts, mb.get("kd_mask"))
+                                                    teacher_out, counts, mb.get("kd_mask"),
+                                                    sequence_kwargs(mb))
                 (out.loss * self.dp_scale).backward()
             _accumulate(totals, out)
             del teacher_out, out
@@ -241,7 +248,7 @@ class DistillTrainer:
         keys = list(totals)
         values = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
                               device=self.layout.device)
-        C.all_reduce(values, self.layout.dp_group)
+        C.all_reduce(values, self.layout.dp_cp_group)  # CP ranks hold shares of the same sequences
         C.all_reduce(values, self.layout.pp_group)  # each stage holds the terms it owns
         return dict(zip(keys, values.tolist()))
 

@@ -308,10 +308,11 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
         # Every DP rank takes part: a distributed optimizer gathers its DP-sharded states to DP
         # rank 0, the writer (the others never hold them whole).
         saved = optimizer.state_dict(to_dp_rank=0) if isinstance(optimizer, ShardedAdamW) else None
-        if layout.dp_rank < layout.ep:
+        if layout.dp_rank < layout.ep and layout.cp_rank == 0:
             optim = optimizer_state(optimizer, model, saved=saved)
-    # The first `ep` DP ranks hold every expert between them (EP rank = DP rank there).
-    writer = layout.dp_rank < layout.ep
+    # The first `ep` DP ranks hold every expert between them (EP rank = DP rank there); the CP
+    # ranks of one DP rank hold the same parameters, the first writes them.
+    writer = layout.dp_rank < layout.ep and layout.cp_rank == 0
     part = (layout.tp_rank, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)
     if writer:
         flat = model_state(model)
@@ -334,7 +335,7 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
 
 def _layout_json(layout: ParallelLayout) -> dict[str, Any]:
     return {**{key: getattr(layout, key) for key in _LAYOUT_KEYS}, "pp": layout.pp,
-            "virtual_stages": layout.virtual_stages, "ep": layout.ep}
+            "virtual_stages": layout.virtual_stages, "ep": layout.ep, "cp": layout.cp}
 
 
 def _saved_pp(saved: dict[str, Any]) -> int:
@@ -516,7 +517,7 @@ def _check_metadata(meta: dict[str, Any]) -> None:
     sections = [meta["model"]] + ([meta["optimizer"]] if meta["optimizer"] is not None else [])
     if not all(isinstance(s["tensors"], dict) and len(s["files"]) == layout["tp"] for s in sections):
         raise ValueError("tensor sections must list one file per TP rank")
-    ranks = layout["tp"] * layout["dp"] * _saved_pp(meta["layout"])
+    ranks = layout["tp"] * layout["dp"] * _saved_pp(meta["layout"]) * meta["layout"].get("cp", 1)
     if not isinstance(meta["files"], dict) or len(meta["ranks"]) != ranks:
         raise ValueError("files must map names to records and ranks list one file per rank")
 
@@ -532,6 +533,7 @@ def _resolve_vocab(meta: dict[str, Any], vocab_size: int | None) -> int | None:
 def _same_layout(saved: dict[str, Any], layout: ParallelLayout) -> bool:
     """Whether this rank is the one that wrote its own rank file (students only save)."""
     return not layout.is_teacher and _saved_pp(saved) == layout.pp and saved.get("ep", 1) == layout.ep \
+        and saved.get("cp", 1) == layout.cp \
         and all(saved[key] == getattr(layout, key) for key in ("tp", "dp", "teacher_ranks"))
 
 
@@ -540,8 +542,9 @@ def _state_rank(saved: dict[str, Any], layout: ParallelLayout) -> int:
     the same DP coordinate (TP rank 0, first stage), else rank 0."""
     if _same_layout(saved, layout):
         return layout.rank
-    saved_order = RankOrder(size=saved["tp"] * _saved_pp(saved) * saved["dp"], tp=saved["tp"],
-                            pp=_saved_pp(saved))
+    saved_cp = saved.get("cp", 1)
+    saved_order = RankOrder(size=saved["tp"] * _saved_pp(saved) * saved["dp"] * saved_cp,
+                            tp=saved["tp"], pp=_saved_pp(saved), cp=saved_cp)
     return saved_order.rank(dp=layout.dp_rank) if layout.dp_rank < saved["dp"] else 0
 
 

@@ -53,9 +53,11 @@ class TokenLayout:
     decoding = False  # not a KV cache: recomputation applies as usual
 
     def __init__(self, model: TransformerLM, *, positions: torch.Tensor,
-                 documents: torch.Tensor | None = None):
+                 documents: torch.Tensor | None = None, cp_chunks: bool = False):
+        """`cp_chunks`: the tokens are this CP rank's chunks of the sequence (keys and values are
+        gathered over the CP group); otherwise the whole sequence is here."""
+        self.cp = model.layout.cp if cp_chunks else 1
         self.group = model.layout.cp_group
-        self.cp = model.layout.cp
         self.windows = {b.name: b.attention.sliding_window for b in model.decoder.values()}
         self.q_pos = positions
         self.k_pos = C.all_gather(positions, self.group, dim=-1) if self.cp > 1 else positions
@@ -109,3 +111,30 @@ class _LayerView:
             return k, v
         group = self.tokens.group
         return (gather_from_sp(k, group, seq_dim=KEY_DIM), gather_from_sp(v, group, seq_dim=KEY_DIM))
+
+
+SEQUENCE_KEYS = ("input_ids", "labels", "kd_mask", "documents", "positions")  # [batch, seq] entries
+
+
+def split_for_cp(micro_batch: dict[str, torch.Tensor], cp: int, cp_rank: int) -> dict[str, torch.Tensor]:
+    """This CP rank's share of a micro-batch: every per-token entry at its chunks' positions, and
+    `positions` (the global ones, or the per-document ones cut the same way)."""
+    seq = micro_batch["input_ids"].shape[1]
+    chunks = cp_positions(seq, cp, cp_rank, micro_batch["input_ids"].device)
+    out = dict(micro_batch)
+    for key in SEQUENCE_KEYS:
+        if key in micro_batch:
+            out[key] = micro_batch[key][:, chunks]
+    if "positions" not in micro_batch:
+        out["positions"] = chunks
+    out[CP_CHUNKS] = torch.tensor(True)
+    return out
+
+
+CP_CHUNKS = "cp_chunks"  # a micro-batch entry: its tokens are this CP rank's chunks (split_for_cp)
+
+
+def sequence_kwargs(micro_batch: dict[str, torch.Tensor]) -> dict:
+    """The model's `positions`, `documents` and `cp_chunks` arguments for a micro-batch."""
+    return {"positions": micro_batch.get("positions"), "documents": micro_batch.get("documents"),
+            "cp_chunks": bool(micro_batch.get(CP_CHUNKS, False))}

@@ -152,14 +152,14 @@ class TransformerLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, buffers: Collection[str] = (),
                 compute_logits: bool = True, positions: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None) -> ModelOutput:
+                documents: torch.Tensor | None = None, cp_chunks: bool = False) -> ModelOutput:
         """Token ids `[batch, seq]` (full on every TP rank) -> logits shards and requested buffers.
         The whole model only (no pipeline); a stage runs `embed`, `run_chunk`, `finish`.
 
         `positions` (`[seq]` or `[batch, seq]`): the tokens' global positions, when they are not
         0..seq-1: this CP rank's chunks of a longer sequence (layers/context.py: keys and values
-        are then gathered over the CP group) or positions restarting per document. `documents`
-        `[batch, seq]`: each token's document, which its attention stays inside."""
+        are then gathered over the CP group, `cp_chunks`) or positions restarting per document.
+        `documents` `[batch, seq]`: each token's document, which its attention stays inside."""
         if not self.plan.whole:
             raise RuntimeError("forward() needs the whole model; a pipeline stage runs embed, "
                                "run_chunk and finish")
@@ -168,7 +168,7 @@ class TransformerLM(nn.Module):
         if positions is not None or documents is not None:
             if positions is None:
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            tokens = TokenLayout(self, positions=positions, documents=documents)
+            tokens = TokenLayout(self, positions=positions, documents=documents, cp_chunks=cp_chunks)
         hidden = self.embed(input_ids, record, positions)
         rope = self.rope(input_ids, hidden.dtype, positions)
         hidden = self.run_chunk(0, hidden, rope, record, tokens)

@@ -234,7 +234,9 @@ def test_harness_reports_failing_rank():
 
 
 def test_harness_times_out_hung_ranks():
-    with pytest.raises(TimeoutError, match=r"ranks \[0(, 1)?\] did not finish"):
+    # Whichever comes first on a loaded machine: the harness's deadline, or rank 1's collective
+    # timeout (the same 10 s, started when its process group came up) ending it with an error.
+    with pytest.raises((TimeoutError, RankFailure), match=r"ranks \[0(, 1)?\] did not finish|rank 1"):
         run_ranks(_hang, 2, timeout_s=10)
 
 

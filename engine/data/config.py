@@ -25,6 +25,9 @@ class DataConfig:
     # relative sizes "train,valid" of the split, by documents of each dataset (first part train)
     split: str = "98,2"
     mask_across_documents: bool = False  # labels that cross into the next document become -100
+    # attention stays inside each packed document (the micro-batch carries document ids per token)
+    attention_within_documents: bool = False
+    positions_per_document: bool = False  # positions restart at each document's first token
     vocab_size: int = 2048  # vocabulary of the BPE trained for the default corpus
     cache_dir: str = "~/.cache/megadistill"  # where the default corpus is built and kept
     corpus_max_bytes: int | None = None  # cap on the default corpus's text (None: whole stdlib)
@@ -37,6 +40,8 @@ class DataConfig:
     curriculum_scores: str | None = None  # directory written by tools/curriculum_scores.py
 
     def __post_init__(self):
+        check(not self.positions_per_document or self.attention_within_documents,
+              "data.positions_per_document", "needs data.attention_within_documents")
         if not isinstance(self.path, str):
             object.__setattr__(self, "path", _blend_pairs(self.path))
         check(self.path != "", "data.path", "must not be empty")

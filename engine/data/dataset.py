@@ -31,6 +31,20 @@ EAGER_SCAN_BYTES = 256 << 20
 _NO_VALIDATION_HINT = "(data.split=100,0 trains without validation)"
 
 
+def document_layout(starts: torch.Tensor, *, restart_positions: bool) -> dict[str, torch.Tensor]:
+    """{"documents": [mb, seq] index of each token's document within its window, and with
+    `restart_positions` "positions": [mb, seq] its place in that document (a document begun before
+    the window counts from the window's first token)} from the `starts` flags of the tokens that
+    begin a document."""
+    documents = starts.long().cumsum(dim=1)
+    out = {"documents": documents}
+    if restart_positions:
+        index = torch.arange(starts.shape[1]).expand_as(documents)
+        first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+        out["positions"] = index - first
+    return out
+
+
 def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
     """Targets `shift` positions further on, [batch, seq]: position t gets labels[:, t + shift] and
     the last `shift` positions get IGNORE_INDEX. The one label shift of the project: next-token
@@ -229,11 +243,15 @@ class TokenBatches:
     def _micro_batch(self, drawn: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         windows = [self.sources[d].sample(k) for d, k in drawn]
         tokens = np.stack([w for w, _ in windows])  # [mb, seq + 1]
+        starts = np.stack([s for _, s in windows])  # [mb, seq + 1]: tokens that begin a document
         labels = tokens[:, 1:].copy()
         if self.cfg.mask_across_documents:
-            labels[np.stack([s for _, s in windows])[:, 1:]] = IGNORE_INDEX
-        return {"input_ids": torch.from_numpy(tokens[:, :-1].copy()),
-                "labels": torch.from_numpy(labels)}
+            labels[starts[:, 1:]] = IGNORE_INDEX
+        batch = {"input_ids": torch.from_numpy(tokens[:, :-1].copy()), "labels": torch.from_numpy(labels)}
+        if self.cfg.attention_within_documents:
+            batch.update(document_layout(torch.from_numpy(starts[:, :-1].copy()),
+                                         restart_positions=self.cfg.positions_per_document))
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         state = {"consumed_samples": self.consumed_samples}
