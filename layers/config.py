@@ -7,6 +7,7 @@ attention and a GELU (tanh) MLP. Everything else is a field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,7 @@ class ModelConfig:
     activation: str | None = None  # silu|gelu|gelu_tanh; None: silu (llama), gelu_tanh (gpt2)
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral); None: all
     tie_embeddings: bool = False  # the output layer reuses the input embedding's weight
+    final_logit_softcap: float | None = None  # logits become c * tanh(logits / c) (Gemma 2); None: off
     mtp_heads: int = 0  # extra multi-token-prediction heads; head j predicts token t+1+j
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal init (output projections get std / sqrt(2 * layers))
@@ -91,6 +93,9 @@ class ModelConfig:
               f"must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})")
         check(self.sliding_window is None or self.sliding_window > 0, "model.sliding_window",
               f"must be > 0 (got {self.sliding_window})")
+        cap = self.final_logit_softcap
+        check(cap is None or 0 < cap < math.inf, "model.final_logit_softcap",
+              f"must be > 0 and finite, or null (got {cap!r})")
         check(self.mtp_heads >= 0, "model.mtp_heads", f"must be >= 0 (got {self.mtp_heads})")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1) (got {self.dropout})")
         check(self.init_std > 0, "model.init_std", f"must be > 0 (got {self.init_std})")
