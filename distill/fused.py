@@ -163,12 +163,13 @@ def _diagnostics_output(ctx, tok: TokenStats, hidden: torch.Tensor,
 DEFAULT_BLOCK_BYTES = {"cpu": 96 * 2**20, "cuda": 2 * 2**30}
 
 
-def block_rows(*, n_tokens: int, shard_vocab: int, models: int, itemsize: int,
+def block_rows(*, n_tokens: int, shard_vocab: int, arrays: int, itemsize: int,
                budget: int) -> int:
-    """Rows of one row block: as many as keep `models` x [rows, shard_vocab] logits within `budget`
-    bytes, a multiple of 8 where that is at least 8, at least 1 and at most `n_tokens`. Every rank
-    of a TP group gets the same number (its shards are alike), so the blocks' collectives pair."""
-    rows = budget // max(1, models * shard_vocab * itemsize)
+    """Rows of one row block: as many as keep `arrays` x [rows, shard_vocab] (each model's logits,
+    and the derivative of a capped student's) within `budget` bytes, a multiple of 8 where that is
+    at least 8, at least 1 and at most `n_tokens`. Every rank of a TP group gets the same number
+    (its shards are alike), so the blocks' collectives pair."""
+    rows = budget // max(1, arrays * shard_vocab * itemsize)
     rows = rows - rows % 8 if rows >= 8 else max(rows, 1)
     return max(1, min(rows, n_tokens))
 
@@ -209,6 +210,7 @@ def _block_forward(plan: LossPlan, hidden, weight, t_hidden, t_weight, t_logits,
                 g_logits.mul_(cap)
             grad_hidden[rows].addmm_(g_logits, weight_c[cols])
             grad_weight[cols].addmm_(g_logits.T, h)
+        del s, t, caps  # before the next block's are made: one block in memory at a time
     return TokenStats(*(None if f[0] is None else torch.cat(f) for f in
                         zip(*(b.tensors() for b in blocks), strict=True))), \
         grad_hidden, grad_weight
@@ -468,9 +470,8 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight_shard: torch.Te
         return FusedHeadLoss(loss, ce, div, "recompute", None, _diagnostics(call, diag))
     budget = DEFAULT_BLOCK_BYTES.get(student_hidden.device.type, DEFAULT_BLOCK_BYTES["cpu"]) \
         if block_bytes is None else block_bytes
-    # the block keeps both models' logits, and the derivative of the student's cap
     rows = block_rows(n_tokens=n, shard_vocab=student_weight_shard.shape[0],
-                      models=1 + call.has_teacher + (plan.softcap is not None), budget=budget,
+                      arrays=1 + call.has_teacher + (plan.softcap is not None), budget=budget,
                       itemsize=torch.empty(0, dtype=plan.compute_dtype).element_size())
     loss, ce, div, diag = _GradInForward.apply(student_hidden, student_weight_shard,
                                                *call.teacher, call.label_cols, call.ignored, w_ce,

@@ -70,12 +70,12 @@ def _run_path(path, h, w_shard, teacher, labels, w_ce, w_div, **kwargs):
         return ce, div, sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div))
                             if x is not None), (diag or [None])[0]
     # the block's logits of each model, and the derivative of the student's cap
-    models = 1 + bool(teacher) + (kwargs.get("softcap") is not None)
+    arrays = 1 + bool(teacher) + (kwargs.get("softcap") is not None)
     itemsize = 8 if w_shard.dtype == torch.float64 else 4  # of the compute dtype
     out = fused_head_loss(h, w_shard, **teacher, labels=labels, **kwargs,
                           ce_weight=None if labels is None else w_ce,
                           div_weight=w_div if teacher else None,
-                          block_bytes=BLOCK * models * w_shard.shape[0] * itemsize)
+                          block_bytes=BLOCK * arrays * w_shard.shape[0] * itemsize)
     assert (out.path, out.block_rows) == ("grad_in_forward", BLOCK)
     return out.ce, out.div, out.loss, out.diag
 
@@ -533,24 +533,26 @@ def test_memory_is_bounded_by_tiles():
         assert max(fwd.sizes) < full / 4, kind
         assert sorted(bwd.sizes)[-1] == full and sorted(bwd.sizes)[-2] < full / 4, kind
 
-        with _Allocations() as fwd:
-            ce, div = fused_lm_and_divergence(
-                hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
-                labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1])
-        with _Allocations() as bwd:
-            (ce + div).sum().backward()
-        assert max(fwd.sizes + bwd.sizes) < full / 4, kind
+        for caps in ({}, dict(softcap=3.0, teacher_softcap=4.0)):
+            with _Allocations() as fwd:
+                ce, div = fused_lm_and_divergence(
+                    hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
+                    labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1], **caps)
+            with _Allocations() as bwd:
+                (ce + div).sum().backward()
+            assert max(fwd.sizes + bwd.sizes) < full / 4, (kind, caps)
 
-        # grad-in-forward, row blocks of 8 tokens: the largest block allocation is [8, vocab]
-        with _Allocations() as fwd:
-            out = fused_head_loss(
-                hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
-                labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1],
-                ce_weight=torch.ones(tokens), div_weight=torch.ones(tokens),
-                block_bytes=8 * 2 * vocab * 4)
-        with _Allocations() as bwd:
-            out.loss.backward()
-        assert out.block_rows == 8 and max(fwd.sizes + bwd.sizes) <= full / 8, kind
+            # grad-in-forward, row blocks of 8 tokens: the largest block allocation is [8, vocab]
+            arrays = 2 + bool(caps)  # both models' logits, and the student's cap's derivative
+            with _Allocations() as fwd:
+                out = fused_head_loss(
+                    hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
+                    labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1],
+                    ce_weight=torch.ones(tokens), div_weight=torch.ones(tokens),
+                    block_bytes=8 * arrays * vocab * 4, **caps)
+            with _Allocations() as bwd:
+                out.loss.backward()
+            assert out.block_rows == 8 and max(fwd.sizes + bwd.sizes) <= full / 8, (kind, caps)
 
 
 def test_softcapped_tp1():
