@@ -5,7 +5,8 @@ cache: a prefill of the prompts, then one given token at a time; the logits of e
 must equal those of the TP=1 full forward of that row's tokens alone. Llama with GQA, q/k/v bias,
 Llama-3 RoPE scaling and a sliding window shorter than the sequence; GPT-2 with learned positions,
 biases and tied embeddings. TP=2 models built with SP decode without it, from the same weights;
-PP=2 models (and interleaved ones) decode stage by stage.
+PP=2 models (and interleaved ones) decode stage by stage. A model with a final-logit soft-cap
+decodes, samples and scores from its capped logits, at TP 1 and 2.
 """
 
 import dataclasses

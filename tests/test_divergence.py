@@ -6,6 +6,11 @@ temperatures 0.5/1/4, fp32 and bf16 inputs, extreme logits (+-1e4, -inf columns)
 vocabulary whose padding holds NaN (so a read of a padding column cannot go unnoticed).
 Tolerances: outputs rtol=atol=1e-5 (fp32 round-off at the logits' scale); gradients 1e-5 in fp32
 and bf16 round-off (rtol 8e-3) for bf16 inputs, whose gradients come back in bf16.
+
+Soft-capped logits (as a model's LM head caps them, on each shard) through every kind, student,
+teacher or both capped, and a capped teacher's exported top-k, in float64 (rtol 1e-10); the
+vocabularies 262,208 and 151,936 with NaN padding through every kind, the cross-entropy and a
+top-k teacher, float32 at FP32_RTOL / FP32_ATOL; all at TP 1, 2 and 4.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@
   of micro-batch means), with unequal valid-token counts across micro-batches.
 - MTP: the logit term gives MTP-only parameters exactly zero gradient, the LM term does not.
 - Pure KD, pure LM, activations only, the offline top-k teacher, and the run-time errors.
+- Soft-capped student and/or teacher: the fused objective equals the unfused one.
 
 Everything runs in float64; tolerance 1e-9 (values and gradients).
 """

@@ -8,6 +8,7 @@
   other micro-batches) log the same losses and gradient norms (rtol 1e-5; kd_loss atol 1e-6,
   since the random teacher's KD is ~1e-2 and fp32 round-off of its two formulas is ~1e-7).
 - An export at TP=2 x DP=2 (4 ranks) holds the top-k of the single-process full export.
+- A soft-capped teacher exports its capped logits.
 - k < vocabulary: finite, and the KD loss falls under training.
 - Metadata that does not match the run, and bad export arguments, stop with one-line ConfigErrors.
 """
