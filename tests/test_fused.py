@@ -261,8 +261,8 @@ def _check_capped(kind, temperature, caps, *, teacher_as, with_labels, dtype, gr
 
 
 # float64 inputs run the same math in float64: only the operation order differs from the
-# reference. float32: the logits round at their scale (|logit| < 10, ulp 1e-6) before a sum over
-# the vocabulary, which the gradients see relative to their largest entries.
+# reference. float32 inputs (exact in float64, so the reference sees the same values): fp32
+# round-off of the logits and of sums over 48 columns.
 CAPPED_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12),
               torch.float32: dict(rtol=FP32_RTOL, atol=FP32_ATOL)}
 
@@ -300,9 +300,9 @@ def _padded(vocab: int, tp: int) -> int:
 
 def _large_vocab() -> int:
     """The three paths at the real vocabularies, 4 tokens, default tiles, capped and not, in
-    float64: a column misplaced by the index math or read from the padding would show at the
-    tight tolerance (float32 sums over 10^5 columns round at about 1e-6 of the largest
-    gradient, which test_softcapped_* bound at FP32_RTOL on 48 columns)."""
+    float64, where a column misplaced by the index math or read from the padding shows at the
+    tight tolerance. (In float32 the hidden-state gradient, a sum over 10^5 columns, rounds at
+    about 1e-6 of its largest entry: above FP32_ATOL.)"""
     group, checks = world_group(), 0
     tp = C.group_size(group)
     tol = CAPPED_TOL[torch.float64]
