@@ -29,6 +29,7 @@ zero-probability columns; columns at or past the real vocabulary size are never 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -153,6 +154,10 @@ class LossPlan:
     tile_tokens: int = 256  # rows of one tile
     tile_vocab: int = 8192  # columns of one tile (DEFAULT_TILE picks both per device)
     diagnostics: bool = False  # also KDDiagnostics (with a divergence kind only)
+    # The fused head only (distill/fused.py): c of the c * tanh(x / c) soft-cap it applies to the
+    # student's and the teacher's logits that it computes from hidden states (None: off)
+    softcap: float | None = None
+    teacher_softcap: float | None = None
 
     @property
     def one_pass(self) -> bool:
@@ -456,8 +461,12 @@ def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch
               vocab_size: int | None, group: Group, device: torch.device,
               temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
               tile_tokens: int | None = None, tile_vocab: int | None = None,
-              diagnostics: bool = False) -> LossPlan:
+              diagnostics: bool = False, softcap: float | None = None,
+              teacher_softcap: float | None = None) -> LossPlan:
     """Validate the arguments of a public call and place this rank's shard in the vocabulary."""
+    for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
+        if cap is not None and not 0 < cap < math.inf:
+            raise ValueError(f"{name} must be > 0 and finite, or None (got {cap})")
     if kind is not None:
         check_divergence_args(kind, temperature=temperature, beta=beta, skew=skew)
     else:  # the cross-entropy alone: the student statistics are its own, at temperature 1
@@ -478,7 +487,8 @@ def make_plan(*, kind: str | None, with_ce: bool, shard_vocab: int, dtype: torch
     return LossPlan(kind=kind, with_ce=with_ce, vocab_size=vocab_size, vocab_offset=offset,
                     valid=min(max(vocab_size - offset, 0), shard_vocab), temperature=temperature,
                     beta=beta, skew=skew, tile_tokens=tile_tokens, tile_vocab=tile_vocab,
-                    diagnostics=diagnostics and kind is not None,
+                    diagnostics=diagnostics and kind is not None, softcap=softcap,
+                    teacher_softcap=teacher_softcap,
                     compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 

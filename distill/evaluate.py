@@ -35,7 +35,8 @@ def output_loss(model: TransformerLM, out: ModelOutput, labels: torch.Tensor, *,
         return cross_entropy(out.logits, labels, **kwargs)
     hidden = out.head_hidden  # [batch, seq, hidden]
     ce, _ = fused_lm_and_divergence(hidden.reshape(-1, hidden.shape[-1]), model.output_weight,
-                                    labels=labels.reshape(-1), **kwargs)
+                                    labels=labels.reshape(-1),
+                                    softcap=model.config.final_logit_softcap, **kwargs)
     return ce.reshape(labels.shape)
 
 

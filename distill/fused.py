@@ -15,6 +15,12 @@ exist. Two paths:
 The statistics, their communication (one all_gather for the KL kinds and the LM loss, per call or
 per row block) and the exactness are those of `distill.divergence`, whose kernels this shares.
 
+Soft-capping (`softcap`, `teacher_softcap`: a model's `final_logit_softcap`): each tile of logits
+computed from hidden states becomes c * tanh(tile / c) as it is made, so the losses see the logits
+the model's own LM head gives; the gradient of the student's tile is multiplied by the cap's
+derivative 1 - tanh^2 before it is folded into the hidden-state and weight gradients. Teacher
+logits given as `teacher_logits` are taken as they are (a model's logits are capped already).
+
 Tensor parallelism: `student_hidden` is replicated over the TP group and this rank's logits are
 its vocabulary shard `hidden @ weight_shard.T`, so the gradient of `student_hidden` returned here
 is only THIS RANK'S PARTIAL SUM. The caller must route the hidden states through
@@ -42,6 +48,7 @@ from distill._plan import (
 )
 from engine.collectives import Group
 from engine.data import IGNORE_INDEX
+from layers.softcap import softcap, softcap_grad
 
 
 def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -68,14 +75,25 @@ def _tile_source(plan: LossPlan, hidden, weight, teacher_hidden, teacher_weight,
     cdt = plan.compute_dtype
 
     def logits(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        student = _mm(hidden[rows], weight[cols].T, cdt)  # [rows, cols]
+        student = softcap(_mm(hidden[rows], weight[cols].T, cdt), plan.softcap,
+                          inplace=True)  # [rows, cols]
         if teacher_logits is not None:
             return student, plan.copy_tile(teacher_logits[rows, cols])
         if teacher_hidden is not None:
-            return student, _mm(teacher_hidden[rows], teacher_weight[cols].T, cdt)
+            return student, softcap(_mm(teacher_hidden[rows], teacher_weight[cols].T, cdt),
+                                    plan.teacher_softcap, inplace=True)
         return student, None
 
     return logits
+
+
+def _uncapped_grad(plan: LossPlan, s, t, label_cols, tok: TokenStats,
+                   upstream: Upstream) -> torch.Tensor:
+    """`plan.tile_grad` of a tile whose student logits `s` are capped, turned into the gradient
+    of the logits before the cap (hidden @ weight.T) by the cap's derivative."""
+    factor = None if plan.softcap is None else softcap_grad(s, plan.softcap)
+    grad = plan.tile_grad(s, t, label_cols, tok, upstream)
+    return grad if factor is None else grad.mul_(factor)
 
 
 def _recomputed_grads(plan: LossPlan, hidden, weight, t_hidden, t_weight, t_logits, label_cols,
@@ -92,7 +110,7 @@ def _recomputed_grads(plan: LossPlan, hidden, weight, t_hidden, t_weight, t_logi
         g_w = grad_weight[cols] if weight.dtype == cdt else \
             weight.new_zeros(weight[cols].shape, dtype=cdt)  # [cols, H]
         for rows in plan.row_tiles(hidden.shape[0]):
-            g_logits = plan.tile_grad(*logits(rows, cols), label_cols[rows] - cols.start,
+            g_logits = _uncapped_grad(plan, *logits(rows, cols), label_cols[rows] - cols.start,
                                       tok.rows(rows), upstream.rows(rows)).to(mm_dtype)
             _add_mm_(grad_hidden[rows], g_logits, weight[cols])
             _add_mm_(g_w, g_logits.T, hidden[rows])
@@ -140,16 +158,18 @@ def _diagnostics_output(ctx, tok: TokenStats, hidden: torch.Tensor,
 
 
 # Bytes per rank that one row block of the grad-in-forward path may keep: its [rows, V/tp]
-# compute-dtype logits of both models (DEFAULT_BLOCK_BYTES by device type, or `block_bytes`).
+# compute-dtype logits of both models, and the derivative of a capped student's cap
+# (DEFAULT_BLOCK_BYTES by device type, or `block_bytes`).
 DEFAULT_BLOCK_BYTES = {"cpu": 96 * 2**20, "cuda": 2 * 2**30}
 
 
-def block_rows(*, n_tokens: int, shard_vocab: int, models: int, itemsize: int,
+def block_rows(*, n_tokens: int, shard_vocab: int, arrays: int, itemsize: int,
                budget: int) -> int:
-    """Rows of one row block: as many as keep `models` x [rows, shard_vocab] logits within `budget`
-    bytes, a multiple of 8 where that is at least 8, at least 1 and at most `n_tokens`. Every rank
-    of a TP group gets the same number (its shards are alike), so the blocks' collectives pair."""
-    rows = budget // max(1, models * shard_vocab * itemsize)
+    """Rows of one row block: as many as keep `arrays` x [rows, shard_vocab] (each model's logits,
+    and the derivative of a capped student's) within `budget` bytes, a multiple of 8 where that is
+    at least 8, at least 1 and at most `n_tokens`. Every rank of a TP group gets the same number
+    (its shards are alike), so the blocks' collectives pair."""
+    rows = budget // max(1, arrays * shard_vocab * itemsize)
     rows = rows - rows % 8 if rows >= 8 else max(rows, 1)
     return max(1, min(rows, n_tokens))
 
@@ -160,8 +180,9 @@ def _block_forward(plan: LossPlan, hidden, weight, t_hidden, t_weight, t_logits,
     row block by row block: a block's logits of both models are kept (as one [rows, cols] tensor
     per column tile) while its statistics cross the TP group (one all_gather, plus one
     all_reduce for the two-pass kinds), then turned into the gradient of the block's student
-    logits in place, which two matrix products per tile fold into the hidden and weight
-    gradients. Results in the compute dtype."""
+    logits in place (times the derivative of the soft-cap, kept per block, when capped), which
+    two matrix products per tile fold into the hidden and weight gradients. Results in the
+    compute dtype."""
     cdt, n, col_tiles = plan.compute_dtype, hidden.shape[0], plan.col_tiles()
     weight_c = weight[:plan.valid].to(cdt)  # [valid, H]; a copy only for low-precision weights
     t_weight_c = None if t_weight is None else t_weight[:plan.valid].to(cdt)
@@ -171,19 +192,25 @@ def _block_forward(plan: LossPlan, hidden, weight, t_hidden, t_weight, t_logits,
     for r0 in range(0, n, rows_per_block):
         rows = slice(r0, min(r0 + rows_per_block, n))
         h = hidden[rows].to(cdt)
-        s = [h @ weight_c[cols].T for cols in col_tiles]  # the block's student logits tiles
+        # the block's student logits tiles, and the derivatives of their caps
+        s = [softcap(h @ weight_c[cols].T, plan.softcap, inplace=True) for cols in col_tiles]
+        caps = [None if plan.softcap is None else softcap_grad(x, plan.softcap) for x in s]
         if t_weight_c is not None:
             t_h = t_hidden[rows].to(cdt)
-            t = [t_h @ t_weight_c[cols].T for cols in col_tiles]
+            t = [softcap(t_h @ t_weight_c[cols].T, plan.teacher_softcap, inplace=True)
+                 for cols in col_tiles]
         else:
             t = [None if t_logits is None else plan.copy_tile(t_logits[rows, cols])
                  for cols in col_tiles]
         grad_ = _exp_block_grad_ if plan.keeps_exps else _block_grad_
         blocks.append(grad_(plan, s, t, label_cols[rows], ignored[rows], upstream.rows(rows),
                             group))
-        for cols, g_logits in zip(col_tiles, s, strict=True):  # now d loss / d logits
+        for cols, g_logits, cap in zip(col_tiles, s, caps, strict=True):  # d loss / d logits
+            if cap is not None:  # of the logits before the cap
+                g_logits.mul_(cap)
             grad_hidden[rows].addmm_(g_logits, weight_c[cols])
             grad_weight[cols].addmm_(g_logits.T, h)
+        del s, t, caps  # before the next block's are made: one block in memory at a time
     return TokenStats(*(None if f[0] is None else torch.cat(f) for f in
                         zip(*(b.tensors() for b in blocks), strict=True))), \
         grad_hidden, grad_weight
@@ -280,7 +307,7 @@ class _GradInForward(torch.autograd.Function):
 
 
 def _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
-                teacher_logits, labels) -> None:
+                teacher_logits, labels, teacher_softcap) -> None:
     n, h = student_hidden.shape if student_hidden.dim() == 2 else (None, None)
     if n is None or student_weight_shard.dim() != 2 or student_weight_shard.shape[1] != h:
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and student_weight_shard "
@@ -302,6 +329,9 @@ def _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_we
                          f"[{n}, {shard}]")
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels shape {tuple(labels.shape)} must be [{n}]")
+    if teacher_softcap is not None and teacher_hidden is None:
+        raise ValueError("teacher_softcap caps the logits of teacher_hidden; teacher_logits are "
+                         "taken as given (a model's logits are capped already)")
 
 
 @dataclass(frozen=True)
@@ -318,9 +348,9 @@ class _Call:
 
 def _prepare(student_hidden, student_weight_shard, *, teacher_hidden, teacher_weight_shard,
              teacher_logits, labels, kind, temperature, beta, skew, ignore_index, vocab_size,
-             group, chunk_tokens, chunk_vocab, diagnostics) -> _Call:
+             group, chunk_tokens, chunk_vocab, diagnostics, softcap, teacher_softcap) -> _Call:
     _check_head(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
-                teacher_logits, labels)
+                teacher_logits, labels, teacher_softcap)
     has_teacher = teacher_hidden is not None or teacher_logits is not None
     if not has_teacher and labels is None:
         raise ValueError("nothing to compute: give labels, a teacher, or both")
@@ -328,7 +358,8 @@ def _prepare(student_hidden, student_weight_shard, *, teacher_hidden, teacher_we
                      shard_vocab=student_weight_shard.shape[0], dtype=student_weight_shard.dtype,
                      vocab_size=vocab_size, group=group, device=student_hidden.device,
                      temperature=temperature, beta=beta, skew=skew, tile_tokens=chunk_tokens,
-                     tile_vocab=chunk_vocab, diagnostics=diagnostics)
+                     tile_vocab=chunk_vocab, diagnostics=diagnostics, softcap=softcap,
+                     teacher_softcap=teacher_softcap)
     if labels is None:
         label_cols = ignored = torch.zeros(0, dtype=torch.long, device=student_hidden.device)
     else:
@@ -346,7 +377,8 @@ def fused_lm_and_divergence(
         kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
         ignore_index: int = IGNORE_INDEX, vocab_size: int | None = None, group: Group = None,
         chunk_tokens: int | None = None, chunk_vocab: int | None = None,
-        diagnostics: bool = False,
+        diagnostics: bool = False, softcap: float | None = None,
+        teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """(per-token LM cross-entropy or None without labels, per-token divergence or None without
     a teacher) of the head `student_hidden [tokens, H] @ student_weight_shard[V/tp, H].T`; with
@@ -354,7 +386,9 @@ def fused_lm_and_divergence(
     statistics (no extra collective).
 
     The teacher is `teacher_hidden [tokens, H_t]` with `teacher_weight_shard [V/tp, H_t]`, or its
-    logits shard `teacher_logits [tokens, V/tp]`; it gets no gradient. Gradients go to
+    logits shard `teacher_logits [tokens, V/tp]`; it gets no gradient. `softcap` (the student's)
+    and `teacher_softcap` (with `teacher_hidden`) soft-cap the logits formed here, as the
+    models' `final_logit_softcap` does (None: off). Gradients go to
     `student_hidden` (this rank's partial sum: see the module docstring) and
     `student_weight_shard`, by recomputing the tiles in the backward (the upstream gradient is
     not known here: `fused_head_loss` avoids that when it is). Working memory: a few fp32 tiles of
@@ -365,7 +399,7 @@ def fused_lm_and_divergence(
                     labels=labels, kind=kind, temperature=temperature, beta=beta, skew=skew,
                     ignore_index=ignore_index, vocab_size=vocab_size, group=group,
                     chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
-                    diagnostics=diagnostics)
+                    diagnostics=diagnostics, softcap=softcap, teacher_softcap=teacher_softcap)
     ce, div, diag = _FusedHeadLoss.apply(student_hidden, student_weight_shard, *call.teacher,
                                          call.label_cols, call.ignored, call.plan, group)
     out = (ce if call.has_labels else None), (div if call.has_teacher else None)
@@ -409,7 +443,8 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight_shard: torch.Te
     Path, chosen here and reported in `.path`: when a gradient is wanted (grad mode on, the
     student's hidden states or weight shard require it), "grad_in_forward" computes the gradient
     of `loss` during the forward, in row blocks (`block_rows`: the most tokens whose [tokens,
-    V/tp] compute-dtype logits of both models fit `block_bytes` per rank, default
+    V/tp] compute-dtype logits of both models, and the derivative of the student's soft-cap
+    when capped, fit `block_bytes` per rank, default
     DEFAULT_BLOCK_BYTES, 96 MiB on CPU), with one all_gather per row block (plus one all_reduce
     per block for the two-pass kinds) of a few floats per token instead of one per call; the
     backward only multiplies it by the scalar arriving at `loss`, so its four matrix products
@@ -436,7 +471,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight_shard: torch.Te
     budget = DEFAULT_BLOCK_BYTES.get(student_hidden.device.type, DEFAULT_BLOCK_BYTES["cpu"]) \
         if block_bytes is None else block_bytes
     rows = block_rows(n_tokens=n, shard_vocab=student_weight_shard.shape[0],
-                      models=1 + call.has_teacher, budget=budget,
+                      arrays=1 + call.has_teacher + (plan.softcap is not None), budget=budget,
                       itemsize=torch.empty(0, dtype=plan.compute_dtype).element_size())
     loss, ce, div, diag = _GradInForward.apply(student_hidden, student_weight_shard,
                                                *call.teacher, call.label_cols, call.ignored, w_ce,

@@ -163,6 +163,7 @@ class DistillObjective(nn.Module):
         self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
+        self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
         # which path the fused head last ran ("grad_in_forward" in training; see fused_head_loss)
@@ -371,6 +372,7 @@ class DistillObjective(nn.Module):
         if teacher is not None:
             kwargs.update(teacher_logits=_flat(teacher.logits), teacher_hidden=_flat(
                 teacher.head_hidden), teacher_weight_shard=teacher.output_weight,
+                teacher_softcap=teacher.softcap,
                 div_weight=_token_weights(weight * self.values.kd_scale / max(counts.distill, 1),
                                           mask, lead, hidden.device),
                 diagnostics=self.cfg.diagnostics)
@@ -386,7 +388,7 @@ class DistillObjective(nn.Module):
 
     def _fused_call(self, hidden: torch.Tensor, output_weight: torch.Tensor, kwargs: dict,
                     fused: list[torch.Tensor]) -> FusedHeadLoss:
-        out = fused_head_loss(hidden, output_weight, **kwargs)
+        out = fused_head_loss(hidden, output_weight, softcap=self.softcap, **kwargs)
         fused.append(out.loss)
         if out.path != self.fused_path:
             log.info("fused LM head: %s%s", out.path, "" if out.block_rows is None else

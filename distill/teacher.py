@@ -43,6 +43,9 @@ class TeacherOutputs:
     logits: torch.Tensor | None = None  # [batch, seq, padded_vocab/tp] next-token logits shard
     head_hidden: torch.Tensor | None = None  # fused: [batch, seq, hidden_t] output layer input
     output_weight: torch.Tensor | None = None  # fused: [padded_vocab/tp, hidden_t] shard
+    # fused: the teacher's final_logit_softcap, which the fused loss applies to its
+    # head_hidden @ output_weight.T (None: off); `logits` are capped already
+    softcap: float | None = None
     topk_values: torch.Tensor | None = None  # offline: [batch, seq, k] raw teacher logits
     topk_indices: torch.Tensor | None = None  # offline: [batch, seq, k] global vocabulary ids
     logsumexp: torch.Tensor | None = None  # offline: [batch, seq] logsumexp(logits / T), run's T

@@ -48,13 +48,15 @@ def load_teacher_head(checkpoint: Path, teacher: ModelConfig, student: ModelConf
                       here: bool = True) -> VocabParallelLMHead | None:
     """This student rank's frozen shard of the teacher's output layer: the rows of the teacher's
     output weight for the student's vocabulary shard (padded like the student), read from the
-    teacher checkpoint at whatever TP it was saved, in the teacher's compute dtype.
+    teacher checkpoint at whatever TP it was saved, in the teacher's compute dtype, soft-capped
+    by the teacher's `final_logit_softcap`.
 
     Every student rank calls it (the ranks agree the checkpoint is sound); under PP only the last
     stage holds the head, the others pass `here=False`, read nothing and get None."""
     head = VocabParallelLMHead(vocab_size=student.vocab_size,
                                padded_vocab=student.padded_vocab(layout.tp), hidden=teacher.hidden,
-                               layout=layout) if here else nn.Module()
+                               layout=layout, softcap=teacher.final_logit_softcap) \
+        if here else nn.Module()
     load_output_weight(checkpoint, head, layout, vocab_size=student.vocab_size,
                        tied=teacher.tie_embeddings)
     _check_finite(head, checkpoint, layout)

@@ -65,6 +65,7 @@ class ColocatedTeacher:
             result.logits = out.logits
         elif self.request.head == "hidden":
             result.head_hidden, result.output_weight = out.head_hidden, self.model.output_weight
+            result.softcap = self.model.config.final_logit_softcap
         return result
 
     def end_step(self, *, stop: bool) -> None:

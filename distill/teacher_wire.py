@@ -294,8 +294,9 @@ class RemoteTeacher:
     `end_step`). The header (the shapes) arrives once, before the first micro-batch.
 
     With `hidden` streaming, `head` is this rank's frozen shard of the teacher's output layer
-    (`load_teacher_head`): the teacher's logits shard is formed here from the received hidden
-    states, or (fused `request`) the hidden states and the head's weight go to the fused loss.
+    (`load_teacher_head`, soft-capped as the teacher is): the teacher's logits shard is formed
+    here from the received hidden states, or (fused `request`) the hidden states, the head's
+    weight and its soft-cap go to the fused loss.
     Under PP each stage has its own stream, so every stage calls it for each micro-batch. A
     signal the teacher rank sends along is recorded in `preempted`, this rank's own flag."""
 
@@ -395,5 +396,5 @@ class RemoteTeacher:
         if self.request.head == "logits":
             out.logits, out.head_hidden = self.head(out.head_hidden), None
         else:
-            out.output_weight = self.head.weight_shard()
+            out.output_weight, out.softcap = self.head.weight_shard(), self.head.softcap
         return out

@@ -41,6 +41,7 @@ from layers.norm import make_head_norm
 from layers.recompute import recomputed
 from layers.rng import SHARDED, DropoutRNG
 from layers.rope import apply_rope
+from layers.softcap import softcap
 from layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # this block's (cos, sin), None: no RoPE
@@ -130,7 +131,7 @@ class Attention(nn.Module):
         group = self.heads // self.kv_heads  # query heads per key/value head
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [batch, heads/tp, seq, keys]
-        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = softcap(scores, self.softcap)
         if causal:  # the queries are the last `seq` of the keys
             keys = k.shape[2]
             mask = torch.ones(q.shape[2], keys, dtype=torch.bool, device=q.device).tril(keys - q.shape[2])

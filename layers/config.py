@@ -11,6 +11,7 @@ scoring and decoding alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -178,8 +179,10 @@ class ModelConfig:
         check(not bad, "model.layer_types", f"entries must be {' or '.join(LAYER_TYPES)} (got {bad[:1]})")
         check("sliding_attention" not in (types or ()) or self.sliding_window is not None,
               "model.layer_types", "sliding_attention blocks need model.sliding_window")
-        for key in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap",
-                    "final_logit_softcap"):
+        cap = self.final_logit_softcap
+        check(cap is None or 0 < cap < math.inf, "model.final_logit_softcap",
+              f"must be > 0 and finite, or null (got {cap!r})")
+        for key in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap"):
             value = getattr(self, key)
             check(value is None or value > 0, f"model.{key}", f"must be > 0 (got {value})")
         check(0.0 < self.partial_rotary_factor <= 1.0, "model.partial_rotary_factor",

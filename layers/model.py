@@ -4,7 +4,9 @@ Layout. Activations are batch-first. The residual stream is `[batch, seq, hidden
 the TP group, or `[batch, seq/tp, hidden]` split along the sequence (dim 1) under SP. Input ids are
 the full `[batch, seq]` on every TP rank; logits are this rank's vocabulary shard
 `[batch, seq, padded_vocab/tp]` (rank r holds columns r*V/tp .. (r+1)*V/tp-1) and are never
-gathered. Columns past `config.vocab_size` hold the dtype's lowest value (zero probability).
+gathered. With `final_logit_softcap` = c they are c * tanh(head_hidden @ output_weight.T / c)
+(the fused losses, given `head_hidden` and `output_weight`, cap their tiles themselves). Columns
+past `config.vocab_size` hold the dtype's lowest value (zero probability).
 
 Gradients. After `loss.backward()` every gradient is complete: split parameters hold their shard's
 gradient, replicated ones the full gradient, identical on all TP ranks (under SP the replicated
@@ -71,7 +73,8 @@ class ModelOutput:
     logits: torch.Tensor | None
     # MTP heads 1..k, each like `logits`; empty when compute_logits=False
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
-    # [batch, seq, hidden], the output layer's input: logits = head_hidden @ output_weight.T
+    # [batch, seq, hidden], the output layer's input: logits = head_hidden @ output_weight.T,
+    # soft-capped by config.final_logit_softcap
     head_hidden: torch.Tensor | None = None
     mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP head
     buffers: dict[str, ActivationBuffer] = field(default_factory=dict)  # the names asked for
@@ -105,7 +108,7 @@ class TransformerLM(nn.Module):
         self.lm_head = VocabParallelLMHead(
             vocab_size=config.vocab_size, padded_vocab=padded_vocab, hidden=config.hidden,
             layout=layout, tied=self.embedding if config.tie_embeddings else None,
-            init_std=config.init_std) if last else None
+            init_std=config.init_std, softcap=config.final_logit_softcap) if last else None
         if last and not first and self.embedding is not None:
             # the tied output layer's copy: its gradient is summed with the first stage's, so the
             # global gradient norm must not count it twice (engine/optim.py)

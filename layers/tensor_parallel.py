@@ -28,6 +28,7 @@ from engine.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_f
 from engine.parallel import ParallelLayout
 from layers.params import new_param
 from layers.quant import LinearQuant
+from layers.softcap import softcap
 
 SEQ_DIM = 1  # activations are [batch, seq, hidden]
 
@@ -136,17 +137,18 @@ class VocabParallelEmbedding(nn.Module):
 class VocabParallelLMHead(nn.Module):
     """Full-sequence hidden states -> this rank's vocabulary shard of the logits, never gathered.
 
-    `logits_shard = head_hidden @ weight_shard.T`, `[batch, seq, padded_vocab/tp]`. The weight is
-    its own parameter, or the embedding's (`tied`). Columns past the real vocabulary (padding) are
-    set to the dtype's lowest value, so a softmax gives them exactly zero mass without creating
-    infinities.
+    `logits_shard = head_hidden @ weight_shard.T`, `[batch, seq, padded_vocab/tp]`, then with
+    `softcap` = c each logit becomes c * tanh(logit / c) (pointwise: the same on any shard). The
+    weight is its own parameter, or the embedding's (`tied`). Columns past the real vocabulary
+    (padding) are set to the dtype's lowest value after the cap, so a softmax gives them exactly
+    zero mass without creating infinities.
     """
 
     def __init__(self, *, vocab_size: int, padded_vocab: int, hidden: int,
                  layout: ParallelLayout, tied: VocabParallelEmbedding | None = None,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, softcap: float | None = None):
         super().__init__()
-        self.layout = layout
+        self.layout, self.softcap = layout, softcap
         rows = padded_vocab // layout.tp
         # A tuple keeps the tied embedding out of this module's parameters and state dict.
         self._tied = (tied,) if tied is not None else None
@@ -168,6 +170,7 @@ class VocabParallelLMHead(nn.Module):
 
     def forward(self, head_hidden: torch.Tensor) -> torch.Tensor:
         logits_shard = F.linear(head_hidden, self.weight_shard())  # [batch, seq, padded_vocab/tp]
+        logits_shard = softcap(logits_shard, self.softcap)
         if self.padding is None:
             return logits_shard
         return logits_shard.masked_fill(self.padding, torch.finfo(logits_shard.dtype).min)

@@ -18,7 +18,7 @@ _SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "qwen3": dict(**_LLAMA_LAYOUT, head_dim=16, tie_word_embeddings=False, **_SPECIAL),
     "gemma2": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=3), head_dim=16, query_pre_attn_scalar=24,
-                   sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=None,
+                   sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
                    **_SPECIAL),
     "gemma3_text": dict(**_LLAMA_LAYOUT | dict(num_hidden_layers=4), head_dim=16,
                         query_pre_attn_scalar=16, sliding_window=5,

@@ -51,6 +51,12 @@ CASES = [  # (world size, overrides, expected start of the message after "Config
     (1, ["train.steps=0"], "train.steps: must be >= 1"),
     (1, ["train.lr=-1"], "train.lr: must be > 0"),
     (1, ["model.family=bert"], "model.family: must be one of 'llama', 'gpt2'"),
+    (1, ["model.final_logit_softcap=0"],
+     "model.final_logit_softcap: must be > 0 and finite, or null (got 0.0)"),
+    (1, ["model.final_logit_softcap=-30.0"],
+     "model.final_logit_softcap: must be > 0 and finite, or null (got -30.0)"),
+    (1, ["model.final_logit_softcap=high"],
+     "model.final_logit_softcap: must be a number (got 'high')"),
     (1, ["distill.logit.kind=kl"], "distill.logit.kind: must be one of"),
     (1, ["distill.logit.temperature=0"], "distill.logit.temperature: must be > 0"),
     (1, ["parallel.sp=true"], "parallel.sp: sequence parallelism needs parallel.tp > 1"),
@@ -230,6 +236,8 @@ NON_FINITE = [  # (override, the line after "ConfigError: ")
     ("distill.lm_weight=-.inf", "distill.lm_weight: must be a finite number (got -inf)"),
     ("distill.logit.temperature=.nan", "distill.logit.temperature: must be a finite number (got nan)"),
     ("train.lr=1e999", "train.lr: must be a finite number (got inf)"),  # a string YAML leaves
+    ("model.final_logit_softcap=.inf",
+     "model.final_logit_softcap: must be a finite number (got inf)"),
     ("distill.logit.weight={start: .inf, end: 1}",
      "distill.logit.weight.start: must be a finite number (got inf)"),
 ]

@@ -5,7 +5,8 @@ cache: a prefill of the prompts, then one given token at a time; the logits of e
 must equal those of the TP=1 full forward of that row's tokens alone. Llama with GQA, q/k/v bias,
 Llama-3 RoPE scaling and a sliding window shorter than the sequence; GPT-2 with learned positions,
 biases and tied embeddings. TP=2 models built with SP decode without it, from the same weights;
-PP=2 models (and interleaved ones) decode stage by stage.
+PP=2 models (and interleaved ones) decode stage by stage. A model with a final-logit soft-cap
+decodes, samples and scores from its capped logits, at TP 1 and 2.
 """
 
 import dataclasses
@@ -13,12 +14,15 @@ import dataclasses
 import pytest
 import torch
 
+from distill.evaluate import output_loss
 from engine.mappings import gather_from_tp
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig, RopeScaling
 from layers.decode import KVCache, Sampling, choose_tokens, decoding, forward_step, generate, left_pad
 from layers.model import TransformerLM
+from tests.helpers import FP32_ATOL, FP32_RTOL
+from tools.score import token_log_probs
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 SEED = 3
@@ -174,3 +178,80 @@ def test_sampling_filters():
     with pytest.raises(ValueError, match="max_seq_len=16"):
         model = TransformerLM(CONFIGS["gpt2"], ParallelLayout.single())
         generate(model, torch.zeros(1, 10, dtype=torch.int64), max_new_tokens=7)
+
+
+# ---- final-logit soft-capping: every use of the model's logits sees the capped ones -------------
+
+CAP = 2.0  # the uncapped logits here reach about 3.9: the cap bends the largest
+
+
+def _with_cap(cap: float | None) -> ModelConfig:
+    return dataclasses.replace(CONFIGS["llama"], final_logit_softcap=cap)
+
+
+def _softcap_case(tp: int) -> dict:
+    """At TP=`tp`: the full logits of a capped model and of the same weights uncapped, the
+    capped model's cached decoding, sampled continuation, scores and fused / unfused validation
+    losses."""
+    layout = make_layout(ParallelConfig(tp=tp))
+    plain, capped = (TransformerLM(_with_cap(cap), layout, seed=SEED).double().eval()
+                     for cap in (None, CAP))
+    ids = _tokens()[0][None]  # [1, 9]
+    out = {}
+    with torch.no_grad():
+        for name, model in (("plain", plain), ("capped", capped)):
+            out[name] = gather_from_tp(model(ids).logits, layout.tp_group)
+        with decoding(capped):
+            cache = KVCache(capped, batch=1, capacity=ids.shape[1], pad=torch.zeros(1, dtype=torch.long),
+                            dtype=torch.float64)
+            steps = [forward_step(capped, ids[:, :4], cache)]
+            steps += [forward_step(capped, ids[:, i:i + 1], cache) for i in range(4, ids.shape[1])]
+        out["cached"] = gather_from_tp(torch.cat(steps, dim=1), layout.tp_group)
+        out["scores"] = token_log_probs(capped, ids)
+        labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+        out["loss"] = {fused: output_loss(capped, capped(ids, compute_logits=not fused), labels,
+                                          fused=fused) for fused in (False, True)}
+    out["sampled"] = generate(capped, ids[:, :4], max_new_tokens=5, sampling=Sampling(),
+                              generator=torch.Generator().manual_seed(5)).tokens
+    return out
+
+
+def _check_softcap(out: dict) -> None:
+    uncapped, capped = out["plain"][..., :90], out["capped"][..., :90]
+    torch.testing.assert_close(capped, CAP * torch.tanh(uncapped / CAP), **TOL)
+    assert not torch.allclose(capped, uncapped, **TOL)  # the cap bites
+    assert (out["capped"][..., 90:] == torch.finfo(torch.float64).min).all()  # padding: no mass
+    torch.testing.assert_close(out["cached"][..., :90], capped, **TOL)
+    ids = _tokens()[0][None]
+    want = torch.log_softmax(capped[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(out["scores"].double(), want, rtol=FP32_RTOL, atol=FP32_ATOL)
+    torch.testing.assert_close(out["loss"][False][:, :-1], -want, **TOL)
+    torch.testing.assert_close(out["loss"][True], out["loss"][False], **TOL)
+
+
+def test_softcapped_logits_scores_and_sampling_tp1():
+    """A capped model's logits are c * tanh(uncapped / c); cached decoding, scoring (tools/score.py
+    and the validation loss, fused or not) and sampling all use them. Sampling draws from the
+    capped softmax: the same generator over the full forward's capped logits picks the same
+    tokens (greedy picks cannot tell, tanh keeps the order)."""
+    out = _softcap_case(1)
+    _check_softcap(out)
+    model = TransformerLM(_with_cap(CAP), ParallelLayout.single(), seed=SEED).double().eval()
+    ids, g = _tokens()[0][None][:, :4], torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(ids).logits[:, -1, :90]
+            ids = torch.cat([ids, choose_tokens(logits, Sampling(), g)[:, None]], dim=1)
+    assert torch.equal(out["sampled"], ids[:, 4:])
+    plain = TransformerLM(_with_cap(None), ParallelLayout.single(), seed=SEED).double().eval()
+    uncapped = generate(plain, ids[:, :4], max_new_tokens=5, sampling=Sampling(),
+                        generator=torch.Generator().manual_seed(5)).tokens
+    assert not torch.equal(uncapped, out["sampled"])  # the draws see the cap
+
+
+def test_softcapped_logits_tp2():
+    expected = _softcap_case(1)
+    for out in run_ranks(_softcap_case, 2, 2, timeout_s=120):
+        _check_softcap(out)
+        torch.testing.assert_close(out["capped"], expected["capped"], **TOL)
+        assert torch.equal(out["sampled"], expected["sampled"])

@@ -6,6 +6,11 @@ temperatures 0.5/1/4, fp32 and bf16 inputs, extreme logits (+-1e4, -inf columns)
 vocabulary whose padding holds NaN (so a read of a padding column cannot go unnoticed).
 Tolerances: outputs rtol=atol=1e-5 (fp32 round-off at the logits' scale); gradients 1e-5 in fp32
 and bf16 round-off (rtol 8e-3) for bf16 inputs, whose gradients come back in bf16.
+
+Soft-capped logits (as a model's LM head caps them, on each shard) through every kind, student,
+teacher or both capped, and a capped teacher's exported top-k, in float64 (rtol 1e-10); the
+vocabularies 262,208 and 151,936 with NaN padding through every kind, the cross-entropy and a
+top-k teacher, float32 at FP32_RTOL / FP32_ATOL; all at TP 1, 2 and 4.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distill import KINDS, cross_entropy, divergence, lm_and_divergence, topk_divergence
+from distill.offline import teacher_topk
 from engine import collectives as C
 from engine.mappings import scatter_to_tp
 from engine.spawn import run_ranks
+from layers.softcap import softcap
+from tests.helpers import FP32_ATOL, FP32_RTOL
 from tests.references import (
     NEG,
     ROWS,
@@ -276,10 +284,10 @@ def _check_topk() -> bool:
     return True
 
 
-def _bucket_reference(kind, student, teacher, indices, temperature):
+def _bucket_reference(kind, student, teacher, indices, temperature, vocab_size=VOCAB):
     """The divergence between the (k + 1)-bucket distributions, built by summing probabilities."""
     def buckets(logits):
-        p = log_probs(logits, temperature, VOCAB).exp()
+        p = log_probs(logits, temperature, vocab_size).exp()
         top = p.gather(-1, indices)
         return torch.cat([top, (p.sum(-1) - top.sum(-1)).clamp_min(0)[:, None]], -1)
 
@@ -291,23 +299,151 @@ def test_topk_tp1():
     assert _check_topk()
 
 
+# ---- soft-capped logits (a model's final_logit_softcap, applied by its LM head) ----------------
+
+CAPS = (3.0, 4.0)  # student, teacher: below the largest logits of make_logits(...) * 3
+
+
+def _cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The reference's soft-cap, written out (not the library's helper)."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def _capped_inputs(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full raw logits whose padding columns are 0, as a model's zero padding rows give them
+    before its head masks them (the cap's backward would turn NaN there into NaN gradients)."""
+    s_full, t_full = (x * 3 for x in make_logits(kind, extreme=False, dtype=torch.float64))
+    s_full[:, VOCAB:] = t_full[:, VOCAB:] = 0
+    return s_full, t_full
+
+
+def _check_capped(kind: str, caps, group) -> None:
+    """The unfused losses on logits capped on each shard by `layers.softcap.softcap` against the
+    float64 reference of the capped full logits; the gradient reaches the raw logits through the
+    cap. float64: the two differ in operation order only."""
+    s_cap, t_cap = caps
+    s_full, t_full = _capped_inputs(kind)
+    labels, w = make_labels(s_full), _weights()
+    raw = vocab_shard(s_full, group).requires_grad_()
+    teacher = softcap(vocab_shard(t_full, group), t_cap)
+    ce, div = lm_and_divergence(softcap(raw, s_cap), teacher, labels, kind=kind, temperature=2.0,
+                                vocab_size=VOCAB, group=group, chunk_tokens=3, chunk_vocab=5)
+    ((ce + div) * w).sum().backward()
+    ref, ref_grad = reference_grad(
+        lambda x: reference(kind, _cap(x, s_cap), _cap(t_full, t_cap), temperature=2.0)
+        + reference_ce(_cap(x, s_cap), labels), s_full, w)
+    torch.testing.assert_close((ce + div).double(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(raw.grad, vocab_shard(ref_grad, group), rtol=1e-10, atol=1e-12)
+
+
+def _check_capped_topk(kind: str, group) -> None:
+    """The offline path: a capped teacher's top-k (distill.offline.teacher_topk, as the export
+    takes it from the capped logits) against a capped student, k = 6 and the leftover bucket."""
+    s_full, t_full = _capped_inputs(kind)
+    t_capped, w = _cap(t_full, CAPS[1]), _weights()
+    values, indices, lse = teacher_topk(vocab_shard(t_capped, group), k=6, vocab_size=VOCAB,
+                                        temperature=2.0, group=group)
+    raw = vocab_shard(s_full, group).requires_grad_()
+    out = topk_divergence(softcap(raw, CAPS[0]), values, indices.long(), lse, kind=kind,
+                          temperature=2.0, vocab_size=VOCAB, group=group, chunk_vocab=7)
+    (out * w).sum().backward()
+    ref, ref_grad = reference_grad(
+        lambda x: _bucket_reference(kind, _cap(x, CAPS[0]), t_capped, indices.long(), 2.0),
+        s_full, w)
+    # the stored values and log-sum-exp are float32 (the export's format): fp32 round-off
+    torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
+    torch.testing.assert_close(raw.grad, vocab_shard(ref_grad, group), rtol=FP32_RTOL,
+                               atol=FP32_ATOL)
+
+
+def _capped_grid() -> int:
+    group, checks = world_group(), 0
+    for kind in KINDS:
+        for caps in ((CAPS[0], None), (None, CAPS[1]), CAPS):
+            _check_capped(kind, caps, group)
+            checks += 1
+        _check_capped_topk(kind, group)
+        checks += 1
+    return checks
+
+
+def test_softcapped_tp1():
+    assert _capped_grid() == 6 * 4
+
+
+# ---- vocabularies of 150k-262k, padded (Qwen3 151,936; Gemma 3 262,208) ------------------------
+
+LARGE_VOCABS = (262_208, 151_936)  # the last TP=4 shard ends in 192 / 128 padding columns
+
+
+def _large_vocab() -> int:
+    """Every kind, the cross-entropy and a top-k teacher on 4 tokens of the real vocabularies,
+    with NaN padding, default tiles: float32 logits against the float64 reference (values at
+    FP32 tolerance; the gradients are per column, p - q, so FP32 tolerance too)."""
+    group, checks = world_group(), 0
+    tp = C.group_size(group)
+    g = torch.Generator().manual_seed(7)
+    for vocab in LARGE_VOCABS:
+        padded = -(-vocab // (64 * tp)) * 64 * tp
+        s_full, t_full = (torch.randn(4, padded, generator=g) * 3 for _ in range(2))
+        s_full[:, vocab:] = t_full[:, vocab:] = float("nan")
+        labels = torch.tensor([0, vocab - 1, -100, vocab // 2 + 1])
+        w = _weights()[:4]
+        for kind in KINDS:
+            s = vocab_shard(s_full, group).requires_grad_()
+            ce, div = lm_and_divergence(s, vocab_shard(t_full, group), labels, kind=kind,
+                                        temperature=1.5, vocab_size=vocab, group=group)
+            ((ce + div) * w).sum().backward()
+            ref, ref_grad = reference_grad(
+                lambda x, kind=kind, vocab=vocab: reference(kind, x, t_full, temperature=1.5,
+                                                            vocab_size=vocab)
+                + reference_ce(x, labels, vocab_size=vocab), s_full, w)
+            torch.testing.assert_close((ce + div).double(), ref, rtol=FP32_RTOL, atol=FP32_ATOL)
+            torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group),
+                                       rtol=FP32_RTOL, atol=FP32_ATOL)
+            checks += 1
+        values, indices, lse = teacher_topk(vocab_shard(t_full, group), k=16, vocab_size=vocab,
+                                            temperature=1.0, group=group)
+        assert torch.equal(indices.long(), t_full[:, :vocab].topk(16, -1).indices)
+        s = vocab_shard(s_full, group).requires_grad_()
+        out = topk_divergence(s, values, indices.long(), lse, vocab_size=vocab, group=group)
+        (out * w).sum().backward()
+        ref, ref_grad = reference_grad(
+            lambda x, vocab=vocab: _bucket_reference("forward_kl", x, t_full, indices.long(), 1.0,
+                                                     vocab_size=vocab), s_full, w)
+        # the stored float32 log-sum-exp (about 17 here, ulp 2e-6) shifts every log q by its
+        # round-off: the divergence moves by as much
+        torch.testing.assert_close(out.double(), ref, rtol=FP32_RTOL, atol=1e-5)
+        torch.testing.assert_close(s.grad.double(), vocab_shard(ref_grad, group),
+                                   rtol=FP32_RTOL, atol=FP32_ATOL)
+        checks += 1
+    return checks
+
+
+def test_large_vocabularies_tp1():
+    assert _large_vocab() == 2 * 7
+
+
 # ---- TP 2 and 4: one spawn per world size runs every distributed check ------------------------
 
 def _tp2_suite() -> list:
-    return [_exactness_grid(), _gradcheck_all(), _against_libraries(), _check_topk()]
+    return [_exactness_grid(), _gradcheck_all(), _against_libraries(), _check_topk(),
+            _capped_grid(), _large_vocab()]
 
 
 def _tp4_suite() -> list:
-    return [_exactness_grid(), _check_topk()]
+    return [_exactness_grid(), _check_topk(), _capped_grid(), _large_vocab()]
 
 
-def test_tp2_exact_gradcheck_topk_and_megatron():
-    """The grid, float64 gradcheck, megatron-core / torch.nn.functional agreement, top-k."""
-    assert run_ranks(_tp2_suite, 2, timeout_s=240) == [[6 * 3 * 5 + 2, True, True, True]] * 2
+def test_tp2_exact_gradcheck_topk_megatron_softcap_and_large_vocab():
+    """The grid, float64 gradcheck, megatron-core / torch.nn.functional agreement, top-k,
+    soft-capped logits, the vocabularies of 262,208 and 151,936."""
+    assert run_ranks(_tp2_suite, 2, timeout_s=240) == \
+        [[6 * 3 * 5 + 2, True, True, True, 6 * 4, 2 * 7]] * 2
 
 
-def test_tp4_exact_and_topk():
-    assert run_ranks(_tp4_suite, 4, timeout_s=240) == [[6 * 3 * 5 + 2, True]] * 4
+def test_tp4_exact_topk_softcap_and_large_vocab():
+    assert run_ranks(_tp4_suite, 4, timeout_s=240) == [[6 * 3 * 5 + 2, True, 6 * 4, 2 * 7]] * 4
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -8,6 +8,13 @@ largest gradient, since the partial sums are rounded before the TP sum). Padding
 weights hold NaN, so reading one would show. Small tiles (3 tokens x 5 columns) make every call
 cross tile and shard boundaries. The memory contract (no [tokens, vocab] allocation but the
 unfused path's returned gradient) is checked by recording every allocation.
+
+Soft-capped logits (student, teacher, both; teacher as hidden states or as capped logits): both
+fused paths and the unfused one (the model's LM head, then the vocab-parallel losses) against the
+float64 reference of the capped logits, values and gradients through the cap, every kind, at
+TP 1/2/4: float64 inputs at rtol 1e-10 / atol 1e-12, float32 at FP32_RTOL / FP32_ATOL. The
+vocabularies 262,208 (Gemma 3) and 151,936 (Qwen3), padded at TP 2 and 4, through the three
+paths in float64 at the same tolerance.
 """
 
 from __future__ import annotations
@@ -17,25 +24,28 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill import KINDS, fused_lm_and_divergence, lm_and_divergence
+from distill import KINDS, cross_entropy, divergence, fused_lm_and_divergence, lm_and_divergence
 from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp, scatter_to_tp
+from engine.parallel import ParallelLayout
 from engine.spawn import run_ranks
+from layers.tensor_parallel import VocabParallelLMHead
+from tests.helpers import FP32_ATOL, FP32_RTOL
 from tests.references import reference, reference_ce, reference_diagnostics, vocab_shard, world_group
 
 TOKENS, HIDDEN, T_HIDDEN, FULL_V, VOCAB = 7, 6, 5, 48, 45
 
 
-def _inputs(dtype=torch.float32, seed=0):
+def _inputs(dtype=torch.float32, seed=0, *, tokens=TOKENS, full_v=FULL_V, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(TOKENS, HIDDEN, generator=g, dtype=torch.float64)
-    weight = torch.randn(FULL_V, HIDDEN, generator=g, dtype=torch.float64)
-    t_hidden = torch.randn(TOKENS, T_HIDDEN, generator=g, dtype=torch.float64)
-    t_weight = torch.randn(FULL_V, T_HIDDEN, generator=g, dtype=torch.float64) * 2
-    weight[VOCAB:] = t_weight[VOCAB:] = float("nan")
-    labels = torch.randint(0, VOCAB, (TOKENS,), generator=g)
-    labels[1] = -100
+    hidden = torch.randn(tokens, HIDDEN, generator=g, dtype=torch.float64)
+    weight = torch.randn(full_v, HIDDEN, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(tokens, T_HIDDEN, generator=g, dtype=torch.float64)
+    t_weight = torch.randn(full_v, T_HIDDEN, generator=g, dtype=torch.float64) * 2
+    weight[vocab:] = t_weight[vocab:] = float("nan")
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[1], labels[-1] = -100, vocab - 1  # an ignored label, and the last real column
     return [x.to(dtype) for x in (hidden, weight, t_hidden, t_weight)] + [labels]
 
 
@@ -66,11 +76,13 @@ def _run_path(path, h, w_shard, teacher, labels, w_ce, w_div, **kwargs):
         ce, div, *diag = fused_lm_and_divergence(h, w_shard, **teacher, labels=labels, **kwargs)
         return ce, div, sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div))
                             if x is not None), (diag or [None])[0]
-    models = 1 + bool(teacher)
+    # the block's logits of each model, and the derivative of the student's cap
+    arrays = 1 + bool(teacher) + (kwargs.get("softcap") is not None)
+    itemsize = 8 if w_shard.dtype == torch.float64 else 4  # of the compute dtype
     out = fused_head_loss(h, w_shard, **teacher, labels=labels, **kwargs,
                           ce_weight=None if labels is None else w_ce,
                           div_weight=w_div if teacher else None,
-                          block_bytes=BLOCK * models * w_shard.shape[0] * 4)
+                          block_bytes=BLOCK * arrays * w_shard.shape[0] * itemsize)
     assert (out.path, out.block_rows) == ("grad_in_forward", BLOCK)
     return out.ce, out.div, out.loss, out.diag
 
@@ -153,6 +165,162 @@ def _check_diagnostics(path, hidden, weight, teacher, labels, w_ce, w_div, ref_t
                                msg=lambda m: f"{path} {args['kind']}: {m}")
 
 
+# ---- soft-capped logits (Gemma 2's final_logit_softcap) ---------------------------------------
+
+CAPS = (3.0, 4.0)  # student, teacher: below the largest logits here (about 8), so the caps bend
+
+
+def _cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The reference's soft-cap, written out (not the library's helper)."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def _head_layout(group) -> ParallelLayout:
+    """This rank's place for a VocabParallelLMHead (whose forward communicates nothing)."""
+    world, rank = C.group_size(group), C.group_rank(group)
+    return ParallelLayout(world_size=world, rank=rank, tp=world, dp=1, sp=False, tp_rank=rank,
+                          dp_rank=0, tp_group=group)
+
+
+def _capped_call(path, hidden, w_shard, teacher, labels, w_ce, w_div, *, softcap,
+                 teacher_softcap, full_v, vocab, group, **kwargs):
+    """(ce, div, loss, grad hidden, grad weight shard) of one capped call through `path`:
+    "unfused" is the model's LM head (VocabParallelLMHead: capped, padding masked) and the
+    vocab-parallel losses on its logits; the fused paths cap their tiles themselves."""
+    h = hidden.clone().requires_grad_()
+    if path == "unfused":
+        head = VocabParallelLMHead(vocab_size=vocab, padded_vocab=full_v, hidden=h.shape[1],
+                                   layout=_head_layout(group), softcap=softcap)
+        head.weight = weight = torch.nn.Parameter(w_shard.clone())
+        logits = head(copy_to_tp(h, group))
+        t_logits = teacher.get("teacher_logits")
+        if "teacher_hidden" in teacher:
+            t_head = VocabParallelLMHead(vocab_size=vocab, padded_vocab=full_v,
+                                         hidden=teacher["teacher_hidden"].shape[1],
+                                         layout=_head_layout(group), softcap=teacher_softcap)
+            t_head.weight = torch.nn.Parameter(teacher["teacher_weight_shard"],
+                                               requires_grad=False)
+            t_logits = t_head(teacher["teacher_hidden"])
+        losses = dict(vocab_size=vocab, group=group)
+        kd = dict(kind=kwargs["kind"], temperature=kwargs["temperature"], **losses)
+        if t_logits is None:
+            ce, div = cross_entropy(logits, labels, **losses), None
+        elif labels is None:
+            ce, div = None, divergence(logits, t_logits, **kd)
+        else:
+            ce, div = lm_and_divergence(logits, t_logits, labels, **kd)
+        loss = sum((x * c).sum() for x, c in ((ce, w_ce), (div, w_div)) if x is not None)
+    else:
+        weight = w_shard.clone().requires_grad_()
+        ts = {} if "teacher_hidden" not in teacher else dict(teacher_softcap=teacher_softcap)
+        ce, div, loss, _ = _run_path(path, copy_to_tp(h, group), weight, teacher, labels, w_ce,
+                                     w_div, softcap=softcap, vocab_size=vocab, group=group,
+                                     **ts, **kwargs)
+    loss.backward()
+    return ce, div, loss, h.grad, weight.grad
+
+
+def _check_capped(kind, temperature, caps, *, teacher_as, with_labels, dtype, group, tol,
+                  tokens=TOKENS, full_v=FULL_V, vocab=VOCAB, chunks=(3, 5)) -> None:
+    """Every path with the student's logits capped at caps[0] and the teacher's at caps[1]
+    (None: uncapped) against the float64 reference of the capped logits: values, and gradients
+    of the hidden states and this rank's weight shard through the cap. `full_v` columns of
+    which `vocab` are real, `chunks` = (chunk_tokens, chunk_vocab)."""
+    hidden, weight, t_hidden, t_weight, labels = _inputs(dtype, tokens=tokens, full_v=full_v,
+                                                         vocab=vocab)
+    weight[vocab:] = t_weight[vocab:] = 0  # a model's padding rows (the head reads them)
+    s_cap, t_cap = caps
+    t_logits = _cap(t_hidden.double() @ t_weight.double().T, t_cap)  # [tokens, FULL_V]
+    labels = labels if with_labels else None
+    teacher = {"hidden": dict(teacher_hidden=t_hidden,
+                              teacher_weight_shard=_rows(t_weight, group)),
+               "logits": dict(teacher_logits=vocab_shard(t_logits.to(dtype), group)),
+               None: {}}[teacher_as]
+    ref_t = None if teacher_as is None else \
+        (t_logits if teacher_as == "hidden" else t_logits.to(dtype).double())
+    w_ce, w_div = torch.rand(2, tokens, generator=torch.Generator().manual_seed(9),
+                             dtype=torch.float64)
+    h, w = (x.double().clone().requires_grad_() for x in (hidden, weight))
+    logits = _cap(h @ w[:vocab].T, s_cap)
+    ref_ce = None if labels is None else reference_ce(logits, labels, vocab_size=vocab)
+    ref_div = None if ref_t is None else reference(kind, logits, ref_t, temperature=temperature,
+                                                   vocab_size=vocab)
+    ref_loss = sum((x * c).sum() for x, c in ((ref_ce, w_ce), (ref_div, w_div)) if x is not None)
+    ref_gh, ref_gw = torch.autograd.grad(ref_loss, (h, w))
+    for path in ("unfused", "recompute", "grad_in_forward"):
+        ce, div, loss, g_h, g_w = _capped_call(
+            path, hidden, _rows(weight, group), teacher, labels, w_ce, w_div, softcap=s_cap,
+            teacher_softcap=t_cap, full_v=full_v, vocab=vocab, group=group, kind=kind,
+            temperature=temperature, chunk_tokens=chunks[0], chunk_vocab=chunks[1])
+        msg = f"{path} {kind} T={temperature} caps={caps} teacher as {teacher_as}"
+        for got, want in ((ce, ref_ce), (div, ref_div), (loss, ref_loss), (g_h, ref_gh),
+                          (g_w, _rows(ref_gw, group))):
+            assert (got is None) == (want is None), msg
+            if want is not None:
+                torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{msg}: {m}")
+
+
+# float64 inputs run the same math in float64: only the operation order differs from the
+# reference. float32 inputs (exact in float64, so the reference sees the same values): fp32
+# round-off of the logits and of sums over 48 columns.
+CAPPED_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12),
+              torch.float32: dict(rtol=FP32_RTOL, atol=FP32_ATOL)}
+
+
+def _capped_grid(kinds=KINDS) -> int:
+    """Every kind with the student capped, the teacher capped, and both (teacher as hidden
+    states, capped inside the fused path; and as its capped logits)."""
+    group, checks = world_group(), 0
+    for i, kind in enumerate(kinds):
+        temperature = (0.5, 1.0, 2.0)[i % 3]
+        for caps in ((CAPS[0], None), (None, CAPS[1]), CAPS):
+            _check_capped(kind, temperature, caps, teacher_as="hidden", with_labels=i % 2 == 0,
+                          dtype=torch.float64, group=group, tol=CAPPED_TOL[torch.float64])
+            checks += 1
+        _check_capped(kind, temperature, CAPS, teacher_as="logits", with_labels=True,
+                      dtype=torch.float64, group=group, tol=CAPPED_TOL[torch.float64])
+        checks += 1
+    _check_capped("forward_kl", 1.0, CAPS, teacher_as="hidden", with_labels=True,
+                  dtype=torch.float32, group=group, tol=CAPPED_TOL[torch.float32])
+    _check_capped("jsd", 2.0, CAPS, teacher_as="hidden", with_labels=False,
+                  dtype=torch.float32, group=group, tol=CAPPED_TOL[torch.float32])
+    _check_capped(None, 1.0, (CAPS[0], None), teacher_as=None, with_labels=True,
+                  dtype=torch.float64, group=group, tol=CAPPED_TOL[torch.float64])
+    return checks + 3
+
+
+# Gemma 3's default vocabulary and Qwen3's: neither a multiple of 64 x 4, so the last TP=4 shard
+# ends in padding (192 and 128 columns; 262,208 also leaves 64 at TP=2).
+LARGE_VOCABS = (262_208, 151_936)
+
+
+def _padded(vocab: int, tp: int) -> int:
+    return -(-vocab // (64 * tp)) * 64 * tp
+
+
+# (kind, temperature, (student cap, teacher cap), teacher as, with labels) at a large vocabulary
+LARGE_CASES = (("forward_kl", 1.0, CAPS, "hidden", True), ("reverse_kl", 1.0, (None, None),
+               "hidden", True), ("jsd", 1.0, CAPS, "hidden", False),
+               ("tvd", 2.0, (None, CAPS[1]), "logits", True))
+
+
+def _large_vocab(cases=LARGE_CASES) -> int:
+    """The three paths at the real vocabularies, 4 tokens, default tiles, in float64, where a
+    column misplaced by the index math or read from the padding shows at the tight tolerance.
+    (In float32 the hidden-state gradient, a sum over 10^5 columns, rounds at about 1e-6 of its
+    largest entry: above FP32_ATOL.)"""
+    group, checks = world_group(), 0
+    tp = C.group_size(group)
+    for vocab in LARGE_VOCABS:
+        shape = dict(tokens=4, full_v=_padded(vocab, tp), vocab=vocab, chunks=(None, None))
+        for kind, temperature, caps, teacher_as, with_labels in cases:
+            _check_capped(kind, temperature, caps, teacher_as=teacher_as, with_labels=with_labels,
+                          dtype=torch.float64, group=group, tol=CAPPED_TOL[torch.float64],
+                          **shape)
+            checks += 1
+    return checks
+
+
 def _fused_grid() -> int:
     group, checks = world_group(), 0
     for kind in KINDS:
@@ -192,14 +360,14 @@ def test_fused_tp1():
 
 
 def _tp2_suite() -> list:
-    return [_fused_grid(), _gradcheck()]
+    return [_fused_grid(), _gradcheck(), _capped_grid(), _large_vocab(LARGE_CASES[:1])]
 
 
-def test_fused_tp2_and_gradcheck():
-    assert run_ranks(_tp2_suite, 2, timeout_s=240) == [[6 * 2 * 2 + 3, True]] * 2
+def test_fused_tp2_gradcheck_softcap_and_large_vocab():
+    assert run_ranks(_tp2_suite, 2, timeout_s=240) == [[6 * 2 * 2 + 3, True, 6 * 4 + 3, 2]] * 2
 
 
-def _tp4_suite() -> int:
+def _tp4_suite() -> list:
     group, checks = world_group(), 0
     for kind, temperature, teacher_as, with_labels in (
             ("forward_kl", 2.0, "hidden", True), ("forward_kl", 1.0, "hidden", True),
@@ -209,12 +377,13 @@ def _tp4_suite() -> int:
                dtype=torch.float32, group=group)
         checks += 1
     _check("tvd", 1.0, teacher_as="hidden", with_labels=True, dtype=torch.bfloat16, group=group)
-    return checks + 1
+    return [checks + 1, _capped_grid(), _large_vocab(LARGE_CASES[::3])]
 
 
 def test_fused_tp4():
-    """TP=4: the last rank's shard is 9 real columns and 3 of padding."""
-    assert run_ranks(_tp4_suite, 4, timeout_s=240) == [6] * 4
+    """TP=4: the last rank's shard is 9 real columns and 3 of padding; soft-capped logits; the
+    vocabularies of 262,208 and 151,936."""
+    assert run_ranks(_tp4_suite, 4, timeout_s=240) == [[6, 6 * 4 + 3, 4]] * 4
 
 
 def _weighted_call(fn, **kwargs):
@@ -373,21 +542,31 @@ def test_memory_is_bounded_by_tiles():
         assert max(fwd.sizes) < full / 4, kind
         assert sorted(bwd.sizes)[-1] == full and sorted(bwd.sizes)[-2] < full / 4, kind
 
-        with _Allocations() as fwd:
-            ce, div = fused_lm_and_divergence(
-                hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
-                labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1])
-        with _Allocations() as bwd:
-            (ce + div).sum().backward()
-        assert max(fwd.sizes + bwd.sizes) < full / 4, kind
+        for caps in ({}, dict(softcap=3.0, teacher_softcap=4.0)):
+            with _Allocations() as fwd:
+                ce, div = fused_lm_and_divergence(
+                    hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
+                    labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1], **caps)
+            with _Allocations() as bwd:
+                (ce + div).sum().backward()
+            assert max(fwd.sizes + bwd.sizes) < full / 4, (kind, caps)
 
-        # grad-in-forward, row blocks of 8 tokens: the largest block allocation is [8, vocab]
-        with _Allocations() as fwd:
-            out = fused_head_loss(
-                hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
-                labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1],
-                ce_weight=torch.ones(tokens), div_weight=torch.ones(tokens),
-                block_bytes=8 * 2 * vocab * 4)
-        with _Allocations() as bwd:
-            out.loss.backward()
-        assert out.block_rows == 8 and max(fwd.sizes + bwd.sizes) <= full / 8, kind
+            # grad-in-forward, row blocks of 8 tokens: the largest block allocation is [8, vocab]
+            arrays = 2 + bool(caps)  # both models' logits, and the student's cap's derivative
+            with _Allocations() as fwd:
+                out = fused_head_loss(
+                    hidden, weight, teacher_hidden=t_hidden, teacher_weight_shard=t_weight,
+                    labels=labels, kind=kind, chunk_tokens=tile[0], chunk_vocab=tile[1],
+                    ce_weight=torch.ones(tokens), div_weight=torch.ones(tokens),
+                    block_bytes=8 * arrays * vocab * 4, **caps)
+            with _Allocations() as bwd:
+                out.loss.backward()
+            assert out.block_rows == 8 and max(fwd.sizes + bwd.sizes) <= full / 8, (kind, caps)
+
+
+def test_softcapped_tp1():
+    assert _capped_grid() == 6 * 4 + 3
+
+
+def test_large_vocabularies_tp1():
+    assert _large_vocab() == 8

@@ -9,6 +9,7 @@
   of micro-batch means), with unequal valid-token counts across micro-batches.
 - MTP: the logit term gives MTP-only parameters exactly zero gradient, the LM term does not.
 - Pure KD, pure LM, activations only, the offline top-k teacher, and the run-time errors.
+- Soft-capped student and/or teacher: the fused objective equals the unfused one.
 
 Everything runs in float64; tolerance 1e-9 (values and gradients).
 """
@@ -24,16 +25,18 @@ from distill.config import SINGLE_TEACHER, DistillConfig, aligned_teacher_config
 from distill.evaluate import next_token_loss
 from distill.objective import DistillObjective, TokenCounts, count_tokens
 from distill.teacher import TeacherOutputs, TeacherRequest
+from distill.teacher_sources import ColocatedTeacher
 from distill.teacher_wire import _Wire
 from engine import collectives as C
 from engine.config import from_dict
 from engine.data import IGNORE_INDEX, shift_labels
-from engine.parallel import ParallelConfig, ParallelLayout, make_layout
+from engine.parallel import ParallelConfig, ParallelLayout, RankOrder, make_layout
 from engine.spawn import run_ranks
 from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
 from layers.model import TransformerLM
 from layers.sharding import gather_full
+from tests.helpers import FP32_ATOL, FP32_RTOL
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 VOCAB = 100
@@ -296,6 +299,41 @@ def test_fused_teacher_as_logits_or_as_hidden_states():
         torch.testing.assert_close(got, want, **TOL)
 
 
+def _capped_step(fused: bool, caps: tuple[float | None, float | None]):
+    """(terms, student gradients) of one micro-batch with the student's and the teacher's
+    final_logit_softcap = caps, the teacher run by ColocatedTeacher as the objective asks (its
+    logits, or fused its head input with its cap)."""
+    layout = ParallelLayout.single()
+    s_cfg, t_cfg = (dataclasses.replace(c, final_logit_softcap=cap)
+                    for c, cap in zip((STUDENT, TEACHER), caps, strict=True))
+    student = TransformerLM(s_cfg, layout, seed=1).double()
+    teacher = TransformerLM(aligned_teacher_config(s_cfg, t_cfg), layout, seed=2).double()
+    objective = DistillObjective(_cfg(activations=[], fused_lm_head=fused), s_cfg, t_cfg, layout,
+                                 seed=3).double()
+    source = ColocatedTeacher(teacher, objective.teacher_request())
+    mb = _micro_batches()[2]
+    out = objective(student(mb["input_ids"], compute_logits=not fused), source(mb), mb["labels"],
+                    tokens_norm=count_tokens([mb], layout, mtp_heads=1),
+                    output_weight=student.output_weight)
+    out.loss.backward()
+    return (torch.stack([getattr(out, t) for t in TERMS]),
+            [p.grad.clone() for p in student.parameters()])
+
+
+def test_softcapped_models_fused_equals_unfused():
+    """final_logit_softcap on the student, the teacher, or both (caps of the size of these
+    models' logits, about 0.1, so that they bend them): the fused objective equals the unfused one
+    on the models' capped logits, every term and every student gradient (the MTP head's too),
+    and differs from the uncapped objective."""
+    plain = _capped_step(True, (None, None))
+    for caps in ((0.1, None), (None, 0.15), (0.1, 0.15)):
+        unfused, fused = _capped_step(False, caps), _capped_step(True, caps)
+        torch.testing.assert_close(fused[0], unfused[0], **TOL)
+        for got, want in zip(fused[1], unfused[1], strict=True):
+            torch.testing.assert_close(got, want, **TOL)
+        assert not torch.allclose(fused[0], plain[0], **TOL), caps
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_next_token_loss_for_validation(fused):
     layout = ParallelLayout.single()
@@ -360,11 +398,15 @@ def _save_teacher_at_tp2(root, config: ModelConfig):
 def test_teacher_head_loads_the_output_rows_of_any_saved_tp(tmp_path, tied):
     """A student rank's frozen teacher head holds exactly the teacher's output-weight rows of its
     vocabulary shard, padded like the student, from a checkpoint saved at another TP degree (here
-    saved at TP 2, read at TP 1; the end-to-end tests read TP 1 checkpoints at TP 2)."""
+    saved at TP 2, read at TP 1; the end-to-end tests read TP 1 checkpoints at TP 2), and caps
+    its logits as the teacher does; the students' end of teacher ranks (RemoteTeacher) forms the
+    teacher's capped logits with it, or hands the fused loss its weight and cap."""
     from distill.teacher_load import load_teacher_head
+    from distill.teacher_wire import RemoteTeacher
 
     teacher = ModelConfig(family="llama", vocab_size=300, hidden=16, layers=1, heads=2,
-                          kv_heads=2, ffn_hidden=32, max_seq_len=8, tie_embeddings=tied)
+                          kv_heads=2, ffn_hidden=32, max_seq_len=8, tie_embeddings=tied,
+                          final_logit_softcap=0.05)
     student = dataclasses.replace(teacher, hidden=8, heads=1, kv_heads=1, vocab_pad_multiple=64,
                                   tie_embeddings=False)
     path = run_ranks(_save_teacher_at_tp2, 2, tmp_path / "teacher", teacher, timeout_s=60)[0]
@@ -374,9 +416,23 @@ def test_teacher_head_loads_the_output_rows_of_any_saved_tp(tmp_path, tied):
     assert head.weight.shape == (student.padded_vocab(1), 16) and not head.weight.requires_grad
     assert torch.equal(head.weight[:300], reference[:300])
     assert not head.weight[300:].any()  # the student's padding rows
-    logits = head(torch.randn(2, 3, 16))
+    hidden = torch.randn(2, 3, 16)
+    logits = head(hidden)
     assert logits.shape[-1] == student.padded_vocab(1)
     assert (logits[..., 300:] == torch.finfo(logits.dtype).min).all()
+    raw = (hidden.double() @ reference[:300].double().T).float()
+    torch.testing.assert_close(logits[..., :300], 0.05 * torch.tanh(raw / 0.05),
+                               rtol=FP32_RTOL, atol=FP32_ATOL)
+    with_teacher_rank = dataclasses.replace(layout, world_size=2,
+                                            teachers=RankOrder(size=1, tp=1, offset=1))
+    for head_kind in ("logits", "hidden"):
+        remote = RemoteTeacher(with_teacher_rank, TeacherRequest(head=head_kind), prefetch=1,
+                               total=0, head=head)
+        out = remote._with_head(TeacherOutputs(head_hidden=hidden))
+        if head_kind == "logits":
+            assert out.head_hidden is None and torch.equal(out.logits, logits)
+        else:
+            assert out.output_weight is head.weight and out.softcap == 0.05
 
 
 # --------------------------------------------------------------------------- run-time errors

@@ -8,6 +8,7 @@
   other micro-batches) log the same losses and gradient norms (rtol 1e-5; kd_loss atol 1e-6,
   since the random teacher's KD is ~1e-2 and fp32 round-off of its two formulas is ~1e-7).
 - An export at TP=2 x DP=2 (4 ranks) holds the top-k of the single-process full export.
+- A soft-capped teacher exports its capped logits.
 - k < vocabulary: finite, and the KD loss falls under training.
 - Metadata that does not match the run, and bad export arguments, stop with one-line ConfigErrors.
 """
@@ -36,7 +37,7 @@ from engine.data import TokenBatches, write_indexed
 from engine.parallel import ParallelConfig, ParallelLayout
 from engine.spawn import run_ranks
 from layers.model import TransformerLM
-from tests.helpers import assert_same_run
+from tests.helpers import FP32_ATOL, FP32_RTOL, assert_same_run
 from tests.trainer_utils import (
     VOCAB,
     base_config,
@@ -210,6 +211,26 @@ def test_export_at_tp2_dp2_holds_the_top_k_of_the_full_export(setup):
     torch.testing.assert_close(logits.gather(-1, got["indices"].long()), got["values"],
                                rtol=0, atol=1e-5)
     assert (got["indices"].long().sort(-1).values.diff(dim=-1) > 0).all()  # distinct ids
+
+
+def test_export_of_a_soft_capped_teacher_holds_its_capped_logits(setup):
+    """A teacher with model.final_logit_softcap = c and the setup teacher's weights exports
+    c * tanh(that teacher's logits / c): the same ids (tanh keeps the order), the capped values,
+    and the log-sum-exp of the capped logits at the run's temperature (fp32 round-off)."""
+    tmp, cfg_path = setup
+    cap = 2.0
+    capped_cfg = teacher_config(base_config(tmp, cache=tmp / "cache"))  # the setup teacher's
+    capped_cfg["model"]["final_logit_softcap"] = cap
+    teacher = make_teacher(tmp / "capped_teacher", capped_cfg)
+    assert _export(cfg_path, tmp / "capped", VOCAB, f"distill.teacher={teacher}") == 0
+    plain, capped = _all_rows(tmp / "full"), _all_rows(tmp / "capped")
+    assert plain["values"].max() > 2 * cap  # this peaked teacher's logits: the cap bites
+    assert torch.equal(capped["indices"], plain["indices"])
+    want = cap * torch.tanh(plain["values"].double() / cap)
+    torch.testing.assert_close(capped["values"].double(), want, rtol=FP32_RTOL, atol=FP32_ATOL)
+    torch.testing.assert_close(capped["logsumexp"].double(),
+                               torch.logsumexp(want / TEMPERATURE, -1), rtol=FP32_RTOL,
+                               atol=FP32_ATOL)
 
 
 # --------------------------------------------------------------------------- k < vocabulary

@@ -13,6 +13,9 @@ Methods, on the same inputs (T tokens, vocabulary V split over --tp ranks, width
   essential     the four [T, H] x [H, V/tp] matrix products alone (both models' logits, the
                 gradients of hidden states and weight): the floor of any exact method
 
+`--softcap C` caps both models' logits at C (c * tanh(logits / c), Gemma 2's final-logit
+soft-cap) in every method (the fused ones inside their tiles); Liger has no such option.
+
 Every (method, V, TP) runs in fresh spawned processes (one per rank, gloo), so each starts from
 the same resident memory. Peak = high-water mark of the process's resident set (getrusage, and a
 1 ms sampling thread for peaks below an earlier one) minus the resident set once the inputs
@@ -26,7 +29,7 @@ On a GPU (`--device cuda`, TP=1 in this process, `--dtype bf16` for bf16 inputs 
 
     python tools/bench/kd_loss.py [--tokens 2048] [--vocab 65536 131072] [--hidden 256]
                                   [--tp 1 2] [--threads 2] [--repeats 2] [--methods ...]
-                                  [--device cpu|cuda] [--dtype fp32|bf16]
+                                  [--device cpu|cuda] [--dtype fp32|bf16] [--softcap C]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from distill.fused import fused_head_loss
 from engine import collectives as C
 from engine.mappings import copy_to_tp, gather_from_tp
 from engine.spawn import run_ranks
+from layers.softcap import softcap
 from tools.bench.llama import DTYPES
 
 METHODS = ("naive", "liger", "ours_unfused", "ours_fused", "ours_fused_recompute", "essential")
@@ -59,8 +63,9 @@ MB = 2**20
 
 
 def _inputs(tokens: int, vocab: int, hidden: int, group, *, device: str = "cpu",
-            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Student and teacher hidden states [T, H] and this rank's weight shards [V/tp, H]."""
+            dtype: torch.dtype = torch.float32, cap: float | None = None) -> dict:
+    """Student and teacher hidden states [T, H], this rank's weight shards [V/tp, H], and the
+    final-logit soft-cap of both models (`softcap`, None: off)."""
     replicated = torch.Generator().manual_seed(0)
     sharded = torch.Generator().manual_seed(1 + C.group_rank(group))
     shard = vocab // C.group_size(group)
@@ -71,13 +76,16 @@ def _inputs(tokens: int, vocab: int, hidden: int, group, *, device: str = "cpu",
     x = {name: t.to(device, dtype) for name, t in x.items()}
     x["hidden"].requires_grad_()
     x["weight"].requires_grad_()
+    x["softcap"] = cap
     return x
 
 
 def _naive(x: dict, group) -> torch.Tensor:
     student = gather_from_tp(copy_to_tp(x["hidden"], group) @ x["weight"].T, group)  # [T, V]
+    student = softcap(student, x["softcap"])
     with torch.no_grad():
         teacher = C.all_gather(x["teacher_hidden"] @ x["teacher_weight"].T, group, dim=-1)
+        teacher = softcap(teacher, x["softcap"], inplace=True)
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
                     reduction="none").sum(-1).sum()
 
@@ -94,9 +102,9 @@ def _liger(x: dict, _group) -> torch.Tensor:
 
 
 def _ours_unfused(x: dict, group) -> torch.Tensor:
-    student = copy_to_tp(x["hidden"], group) @ x["weight"].T  # [T, V/tp]
+    student = softcap(copy_to_tp(x["hidden"], group) @ x["weight"].T, x["softcap"])  # [T, V/tp]
     with torch.no_grad():
-        teacher = x["teacher_hidden"] @ x["teacher_weight"].T
+        teacher = softcap(x["teacher_hidden"] @ x["teacher_weight"].T, x["softcap"], inplace=True)
     return divergence(student, teacher, group=group).sum()
 
 
@@ -104,7 +112,8 @@ def _ours_fused(x: dict, group) -> torch.Tensor:
     out = fused_head_loss(copy_to_tp(x["hidden"], group), x["weight"],
                           teacher_hidden=x["teacher_hidden"],
                           teacher_weight_shard=x["teacher_weight"], group=group,
-                          div_weight=torch.ones(x["hidden"].shape[0], device=x["hidden"].device))
+                          div_weight=torch.ones(x["hidden"].shape[0], device=x["hidden"].device),
+                          softcap=x["softcap"], teacher_softcap=x["softcap"])
     assert out.path == "grad_in_forward"
     return out.loss
 
@@ -112,7 +121,8 @@ def _ours_fused(x: dict, group) -> torch.Tensor:
 def _ours_fused_recompute(x: dict, group) -> torch.Tensor:
     _, kl = fused_lm_and_divergence(copy_to_tp(x["hidden"], group), x["weight"],
                                     teacher_hidden=x["teacher_hidden"],
-                                    teacher_weight_shard=x["teacher_weight"], group=group)
+                                    teacher_weight_shard=x["teacher_weight"], group=group,
+                                    softcap=x["softcap"], teacher_softcap=x["softcap"])
     return kl.sum()
 
 
@@ -164,10 +174,10 @@ class _PeakRSS:
 
 
 def _measure(method: str, tokens: int, vocab: int, hidden: int, repeats: int,
-             dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+             dtype: torch.dtype = torch.float32, cap: float | None = None) -> tuple[float, float]:
     """(peak MB above the inputs, best seconds) of forward+backward on this rank."""
     group = dist.group.WORLD if dist.get_world_size() > 1 else None
-    x = _inputs(tokens, vocab, hidden, group, dtype=dtype)
+    x = _inputs(tokens, vocab, hidden, group, dtype=dtype, cap=cap)
     gc.collect()
     base = psutil.Process().memory_info().rss
     best = float("inf")
@@ -182,9 +192,9 @@ def _measure(method: str, tokens: int, vocab: int, hidden: int, repeats: int,
 
 
 def _measure_cuda(method: str, tokens: int, vocab: int, hidden: int, repeats: int,
-                  dtype: torch.dtype) -> tuple[float, float]:
+                  dtype: torch.dtype, cap: float | None = None) -> tuple[float, float]:
     """`_measure` on the GPU, in this process at TP=1: the allocator's peak above the inputs."""
-    x = _inputs(tokens, vocab, hidden, None, device="cuda", dtype=dtype)
+    x = _inputs(tokens, vocab, hidden, None, device="cuda", dtype=dtype, cap=cap)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -210,14 +220,16 @@ def _table(args: argparse.Namespace, vocab: int, tp: int,
            rows: dict[str, tuple[float, float] | None]) -> list[str]:
     naive_mb, naive_s = rows["naive"]
     essential_s = rows["essential"][1] if rows.get("essential") else None
+    cap = "" if args.softcap is None else f", logits soft-capped at {args.softcap:g}"
     out = [f"\nT={args.tokens} V={vocab} H={args.hidden} TP={tp}"
-           f"{' (per rank)' if tp > 1 else ''}, {args.dtype}, "
+           f"{' (per rank)' if tp > 1 else ''}{cap}, {args.dtype}, "
            f"{'GPU' if args.device == 'cuda' else f'CPU, {args.threads} thread(s) in all'}\n",
            "| method | peak MB above inputs | time s | memory / naive | time / naive "
            "| time / essential |", "|---|---:|---:|---:|---:|---:|"]
     for method, value in rows.items():
         if value is None:
-            why = "no tensor parallelism" if tp > 1 else "liger-kernel not installed"
+            why = "no tensor parallelism" if tp > 1 else "no soft-capping" \
+                if args.softcap is not None else "liger-kernel not installed"
             out.append(f"| {method} | n/a ({why}) | | | | |")
             continue
         mb, sec = value
@@ -248,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="final-logit soft-cap of both models (Gemma 2: 30); default off")
     args = parser.parse_args(argv)
     if args.device == "cuda" and args.tp != [1]:
         parser.error("--device cuda measures TP=1 only (one GPU): pass --tp 1")
@@ -255,13 +269,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _row(args: argparse.Namespace, method: str, vocab: int, tp: int) -> tuple[float, float] | None:
-    if method == "liger" and (tp > 1 or _liger_missing()):
+    if method == "liger" and (tp > 1 or _liger_missing() or args.softcap is not None):
         return None
     if args.device == "cuda":
         return _measure_cuda(method, args.tokens, vocab, args.hidden, args.repeats,
-                             DTYPES[args.dtype])
+                             DTYPES[args.dtype], args.softcap)
     per_rank = run_ranks(_measure, tp, method, args.tokens, vocab, args.hidden, args.repeats,
-                         DTYPES[args.dtype], threads=max(1, args.threads // tp), timeout_s=1800)
+                         DTYPES[args.dtype], args.softcap, threads=max(1, args.threads // tp),
+                         timeout_s=1800)
     return max(r[0] for r in per_rank), max(r[1] for r in per_rank)
 
 
