@@ -214,5 +214,5 @@ def test_command_line_reports_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "ConfigError: --hf: unsupported Hugging Face architecture 'bert' (supported: llama, mistral, "
-        "qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3, gpt2)"]
+        "qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3, mixtral, qwen2_moe, qwen3_moe, gpt2)"]
     assert not (tmp_path / "ckpt").exists()
