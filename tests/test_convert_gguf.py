@@ -145,7 +145,7 @@ def _non_llama_gguf(path, arch):
     ("missing", "ConfigError: --gguf: no such file:"),
     ("not_gguf", "is not a readable GGUF file"),
     ("mamba", "--gguf: unsupported GGUF architecture 'mamba' (supported: llama, mistral, qwen2, qwen3, "
-              "gemma2, phi3, gpt2)"),
+              "gemma2, phi3, qwen2_moe, qwen3_moe, gpt2)"),
     ("unknown_arch", "unsupported GGUF architecture 'nonesuch'"),
     ("no_gguf_package", "reading GGUF files needs the gguf package: pip install 'gguf>=0.10.0'"),
     ("tp3", "--tp: model.heads: 4 query heads do not split over parallel.tp=3"),
@@ -185,4 +185,4 @@ def test_hf_import_writes_tokenizer_out(tmp_path):
 
 def test_supported_architectures_follow_the_hf_adapters():
     assert gguf_import.supported_architectures() == ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3",
-                                                     "gpt2"]
+                                                     "qwen2_moe", "qwen3_moe", "gpt2"]
