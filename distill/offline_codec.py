@@ -1,0 +1,177 @@
+"""How the offline teacher store encodes one shard: top-k ids, log-probabilities, leftover mass.
+
+Per position (token) of a sample the store keeps the teacher's k most probable token ids, their
+log-probabilities at the export's temperature and the leftover mass r = 1 - sum(top-k
+probabilities), computed in float64 from the full vocabulary (never from the rounded top-k):
+
+- ids, sorted ascending, as gaps g = id[j] - id[j-1] - 1 (>= 0) Rice-coded with a parameter m
+  chosen per shard: the high part g >> m in unary (g >> m ones and a zero) in one bit stream per
+  shard, the low m bits fixed-width in another. Both decode without a loop per token (the zeros
+  of the unary stream are found at once); lossless for any vocabulary size.
+- log-probabilities (in the ids' sorted order) relative to the top-1: u = log p_1 - log p_j >= 0
+  is companded, t = 1 - exp(-u / a) with a = COMPAND, and t is rounded to `value_bits` bits over
+  [0, 1 - exp(-U_MAX / a)] (u past U_MAX, a probability below e^-16 of the top-1's, is clipped to
+  U_MAX). The step in u grows as e^(u / a): fine for the probable tokens that carry the loss,
+  coarse in the tail. The reader restores log p_j = c - u_j with c chosen so that the top-k
+  probabilities add up to exactly 1 - r: the leftover mass is never rounded by the quantization,
+  and the top-1 is where the distribution puts it. `value_bits = 32` keeps float32 log-probs
+  instead (lossless to float32: the exactness tests use it).
+- r as float32.
+
+The bound (README, "Offline teacher store"): a rounded t is off by at most half a step dt/2, so
+each u_j is off by at most h(u) = -a log(1 - (dt/2) e^(u / a)) (u <= U_MAX; past it, u - U_MAX +
+h(U_MAX)), and the common shift c by at most H = log sum_j w_j e^(h(u_j)) (w_j = p_j / (1 - r)).
+Each stored log-probability is therefore within eta_j = h(u_j) + H of the truth, and the KD term
+of any divergence kind of the offline path changes by at most
+    sum_j |p~_j - p_j| (|log(p_j / q_j)| + eta_j + 1) + sum_j q_j eta_j
+per token (q: the student's bucket probabilities; `kd_bound` computes it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPAND = 4.0  # a: the scale of the companding 1 - exp(-u / a)
+U_MAX = 16.0  # u = log p_1 - log p_j is clipped here (p_j < e^-16 p_1)
+FLOAT_VALUES = 32  # value_bits meaning float32 log-probabilities, unquantized
+VALUE_BITS = range(2, 17)  # quantized widths; or FLOAT_VALUES
+
+
+def id_bits(vocab_size: int) -> int:
+    """ceil(log2 V): the width of one token id stored as a plain fixed-width field."""
+    return max(1, (vocab_size - 1).bit_length())
+
+
+def pack_rows(values: np.ndarray, width: int) -> np.ndarray:
+    """[rows, cols] non-negative ints < 2**width -> [rows, ceil(cols * width / 8)] uint8, each
+    row's fields back to back, most significant bit first."""
+    rows = values.shape[0]
+    if width == 0:
+        return np.zeros((rows, 0), np.uint8)
+    big_endian = values.astype(">u4").view(np.uint8).reshape(rows, -1, 4)
+    bits = np.unpackbits(big_endian, axis=2)[:, :, 32 - width:]  # [rows, cols, width]
+    return np.packbits(bits.reshape(rows, -1), axis=1)
+
+
+def unpack_row(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Inverse of `pack_rows` for one row: [count] int64."""
+    if width == 0:
+        return np.zeros(count, np.int64)
+    bits = np.unpackbits(packed, count=count * width).reshape(count, width)
+    full = np.zeros((count, 32), np.uint8)
+    full[:, 32 - width:] = bits
+    return np.packbits(full, axis=1).view(">u4").reshape(count).astype(np.int64)
+
+
+def rice_parameter(gaps: np.ndarray) -> int:
+    """The Rice parameter for gaps of this mean (geometric-distribution rule m ~ log2(mean ln 2))."""
+    mean = float(gaps.mean()) if gaps.size else 0.0
+    return max(0, round(math.log2(max(mean * math.log(2), 1.0))))
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Encoding of top-k rows for a vocabulary, k and value width (see the module docstring)."""
+
+    vocab_size: int
+    k: int
+    value_bits: int  # 2..16 quantized, or FLOAT_VALUES
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.value_bits) - 1
+
+    @property
+    def t_max(self) -> float:
+        return -math.expm1(-U_MAX / COMPAND)
+
+    # --------------------------------------------------------------------------- encode
+
+    def encode(self, ids: np.ndarray, logp: np.ndarray, leftover: np.ndarray) -> dict[str, np.ndarray]:
+        """One shard's arrays. ids [samples, seq, k] (distinct per position, any order), logp
+        [samples, seq, k] float64 log-probabilities, leftover [samples, seq] float64."""
+        samples = ids.shape[0]
+        order = np.argsort(ids, axis=-1, kind="stable")
+        ids = np.take_along_axis(ids.astype(np.int64), order, -1)
+        logp = np.take_along_axis(logp, order, -1)
+        gaps = np.diff(ids, axis=-1, prepend=-1) - 1  # [samples, seq, k] >= 0
+        m = rice_parameter(gaps)
+        high = (gaps >> m).reshape(samples, -1)  # [samples, seq * k]
+        ends = np.cumsum(high + 1, axis=None)  # bit after each unary code, over the shard
+        bits = np.ones(int(ends[-1]), np.uint8)
+        bits[ends - 1] = 0
+        out = {"ids_high": np.packbits(bits),
+               "ids_high_end": ends.reshape(samples, -1)[:, -1].astype(np.int64),
+               "ids_low": self._pack(gaps & ((1 << m) - 1), m),
+               "rice": np.array([m], np.uint8),
+               "leftover": leftover.astype(np.float32)}
+        out["values"] = (logp.astype(np.float32) if self.value_bits == FLOAT_VALUES
+                         else self._pack(self.quantize(logp), self.value_bits))
+        return out
+
+    def _pack(self, fields: np.ndarray, width: int) -> np.ndarray:
+        """[samples, ...] -> [samples, bytes]; one sample at a time to bound the temporaries."""
+        flat = fields.reshape(fields.shape[0], -1)
+        return np.concatenate([pack_rows(row[None], width) for row in flat])
+
+    def quantize(self, logp: np.ndarray) -> np.ndarray:
+        """[..., k] float64 log-probabilities -> [..., k] integer codes of t (see module)."""
+        u = logp.max(-1, keepdims=True) - logp
+        t = np.minimum(-np.expm1(-u / COMPAND), self.t_max)
+        return np.rint(t / self.t_max * self.levels).astype(np.int64)
+
+    # --------------------------------------------------------------------------- decode
+
+    def decode(self, *, high: np.ndarray, high_bits: tuple[int, int], low: np.ndarray, m: int,
+               values: np.ndarray, leftover: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One sample: (ids [seq, k] int64 ascending, logp [seq, k] float32). `high` holds the
+        bytes of the shard's unary stream covering bits [start, end) = `high_bits`."""
+        seq = leftover.shape[0]
+        count = seq * self.k
+        start, end = high_bits
+        bits = np.unpackbits(high)[start % 8:start % 8 + end - start]
+        zeros = np.flatnonzero(bits == 0)
+        gaps = (np.diff(zeros, prepend=-1) - 1) << m | unpack_row(low, m, count)
+        ids = np.cumsum(gaps.reshape(seq, self.k) + 1, axis=-1) - 1
+        if self.value_bits == FLOAT_VALUES:
+            return ids, values.reshape(seq, self.k)
+        codes = unpack_row(values, self.value_bits, count).reshape(seq, self.k)
+        return ids, self.dequantize(codes, leftover).astype(np.float32)
+
+    def dequantize(self, codes: np.ndarray, leftover: np.ndarray) -> np.ndarray:
+        """[..., k] codes and [...] leftover -> [..., k] float64 log-probs whose probabilities
+        add up to 1 - leftover."""
+        u = -COMPAND * np.log1p(-codes / self.levels * self.t_max)
+        shift = np.log1p(-leftover.astype(np.float64)) - _logsumexp(-u)
+        return shift[..., None] - u
+
+    # --------------------------------------------------------------------------- the bound
+
+    def error_bound(self, logp: np.ndarray, leftover: np.ndarray) -> np.ndarray:
+        """[..., k] float64: eta_j, the most a decoded log-probability can differ from `logp`."""
+        if self.value_bits == FLOAT_VALUES:
+            return np.abs(logp) * np.finfo(np.float32).eps
+        half_step = self.t_max / self.levels / 2
+        u = logp.max(-1, keepdims=True) - logp
+        inside = np.minimum(u, U_MAX)
+        h = -COMPAND * np.log1p(-half_step * np.exp(inside / COMPAND)) + (u - inside)
+        weights = np.exp(logp) / (1 - leftover[..., None])
+        shift = np.log((weights * np.exp(h)).sum(-1, keepdims=True))
+        return h + shift
+
+
+def kd_bound(logp: np.ndarray, eta: np.ndarray, student_logq: np.ndarray) -> np.ndarray:
+    """[...] the bound on the per-token change of the KD term (module docstring), from the true
+    teacher log-probs [..., k], their bound eta and the student's log-probs at the same ids;
+    |p~_j - p_j| <= p_j (e^eta_j - 1)."""
+    change = np.exp(logp) * np.expm1(eta)
+    q = np.exp(student_logq)
+    return (change * (np.abs(logp - student_logq) + eta + 1)).sum(-1) + (q * eta).sum(-1)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(-1)
+    return top + np.log(np.exp(x - top[..., None]).sum(-1))
