@@ -55,8 +55,9 @@ _OPEN_SHARDS = 4  # shards a reader keeps memory-mapped at once
 
 # Settings a store is valid for: metadata key -> the config key a user would change.
 _RUN_KEYS = {"seq_len": "data.seq_len", "vocab_size": "model.vocab_size",
+             "data_digest": "data.path / data.split",
              "tokenizer": "the tokenizer (tokenizer.json beside data.path)",
-             "temperature": "distill.logit.temperature", "data_digest": "data.path / data.split"}
+             "temperature": "distill.logit.temperature"}
 
 
 class OfflineTeacherError(RuntimeError):
