@@ -84,6 +84,10 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
     offset = C.group_rank(group) * width
     valid = max(0, min(width, vocab_size - offset))  # real-vocabulary columns of this shard
     x = logits_shard.reshape(-1, width)[:, :valid]  # [tokens, valid]
+    if C.group_size(group) == 1:  # the whole vocabulary is here
+        values, indices = x.topk(k, dim=-1)
+        return (values.float().reshape(*lead, k), indices.to(torch.int32).reshape(*lead, k),
+                _logsumexp64(x / temperature).reshape(lead))
     candidates = torch.full((x.shape[0], 2 * k + 1), float("-inf"), dtype=torch.float64,
                             device=x.device)  # [tokens, k values | k indices | local lse]
     candidates[:, k:2 * k] = -1  # no column: a rank with fewer than k real columns
@@ -91,7 +95,7 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
         values, indices = x.topk(min(k, valid), dim=-1)
         candidates[:, :values.shape[-1]] = values.to(torch.float64)
         candidates[:, k:k + values.shape[-1]] = (indices + offset).to(torch.float64)
-        candidates[:, -1] = torch.logsumexp(x.to(torch.float64) / temperature, dim=-1)
+        candidates[:, -1] = _logsumexp64(x / temperature)
     gathered = C.all_gather(candidates[None], group, dim=0)  # [tp, tokens, 2k + 1]
     pool = gathered.permute(1, 0, 2)  # [tokens, tp, 2k + 1]
     pool_values = pool[..., :k].reshape(x.shape[0], -1)  # [tokens, tp * k]
@@ -101,6 +105,13 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
     lse = torch.logsumexp(pool[..., -1], dim=-1)
     return (values.float().reshape(*lead, k), indices.to(torch.int32).reshape(*lead, k),
             lse.reshape(lead))
+
+
+def _logsumexp64(scaled: torch.Tensor) -> torch.Tensor:
+    """[tokens] float64 log-sum-exp of [tokens, n]: exponentials in the input's precision after
+    the max is taken out (each term then has its float32 relative error), summed in float64."""
+    top = scaled.amax(-1, keepdim=True)
+    return top.squeeze(-1).double() + torch.exp(scaled - top).sum(-1, dtype=torch.float64).log()
 
 
 def topk_logprobs(values: torch.Tensor, lse: torch.Tensor, *, temperature: float,

@@ -306,7 +306,7 @@ def test_teacher_topk_over_vocab_shards_matches_full_vocabulary():
             assert values.dtype == torch.float32 and indices.dtype == torch.int32
             assert torch.equal(values.double(), want_values)  # exact: picked, not computed
             assert torch.equal(indices.long(), want_indices)
-            torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(lse, want_lse, rtol=1e-7, atol=1e-7)  # float32 exps
             assert calls == {"all_gather": 1} and nbytes == {"all_gather": 15 * (2 * k + 1) * 8}
 
 
