@@ -51,8 +51,9 @@ def pack_rows(values: np.ndarray, width: int) -> np.ndarray:
     rows = values.shape[0]
     if width == 0:
         return np.zeros((rows, 0), np.uint8)
-    big_endian = values.astype(">u4").view(np.uint8).reshape(rows, -1, 4)
-    bits = np.unpackbits(big_endian, axis=2)[:, :, 32 - width:]  # [rows, cols, width]
+    size = 1 if width <= 8 else 2 if width <= 16 else 4  # bytes of the narrowest field that fits
+    big_endian = values.astype(f">u{size}").view(np.uint8).reshape(rows, -1, size)
+    bits = np.unpackbits(big_endian, axis=2)[:, :, 8 * size - width:]  # [rows, cols, width]
     return np.packbits(bits.reshape(rows, -1), axis=1)
 
 
@@ -67,9 +68,12 @@ def unpack_row(packed: np.ndarray, width: int, count: int) -> np.ndarray:
 
 
 def rice_parameter(gaps: np.ndarray) -> int:
-    """The Rice parameter for gaps of this mean (geometric-distribution rule m ~ log2(mean ln 2))."""
+    """The Rice parameter that codes `gaps` in the fewest bits, of the geometric-distribution
+    rule m ~ log2(mean ln 2) and its two neighbours."""
     mean = float(gaps.mean()) if gaps.size else 0.0
-    return max(0, round(math.log2(max(mean * math.log(2), 1.0))))
+    guess = max(0, round(math.log2(max(mean * math.log(2), 1.0))))
+    candidates = range(max(0, guess - 1), guess + 2)
+    return min(candidates, key=lambda m: int((gaps >> m).sum()) + gaps.size * m)
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,9 @@ class Codec:
         """One shard's arrays. ids [samples, seq, k] (distinct per position, any order), logp
         [samples, seq, k] float64 log-probabilities, leftover [samples, seq] float64."""
         samples = ids.shape[0]
-        order = np.argsort(ids, axis=-1, kind="stable")
-        ids = np.take_along_axis(ids.astype(np.int64), order, -1)
+        ids = ids.astype(np.int32, copy=False)  # distinct per position: any sort is the same
+        order = np.argsort(ids, axis=-1)
+        ids = np.take_along_axis(ids, order, -1).astype(np.int64)
         logp = np.take_along_axis(logp, order, -1)
         gaps = np.diff(ids, axis=-1, prepend=-1) - 1  # [samples, seq, k] >= 0
         m = rice_parameter(gaps)
@@ -113,15 +118,18 @@ class Codec:
         return out
 
     def _pack(self, fields: np.ndarray, width: int) -> np.ndarray:
-        """[samples, ...] -> [samples, bytes]; one sample at a time to bound the temporaries."""
+        """[samples, ...] -> [samples, bytes], in groups of samples whose unpacked bits (a byte
+        each) stay under 64 MiB."""
         flat = fields.reshape(fields.shape[0], -1)
-        return np.concatenate([pack_rows(row[None], width) for row in flat])
+        group = max(1, (64 << 20) // (32 * max(flat.shape[1], 1)))
+        return np.concatenate([pack_rows(flat[i:i + group], width)
+                               for i in range(0, len(flat), group)])
 
     def quantize(self, logp: np.ndarray) -> np.ndarray:
         """[..., k] float64 log-probabilities -> [..., k] integer codes of t (see module)."""
-        u = logp.max(-1, keepdims=True) - logp
-        t = np.minimum(-np.expm1(-u / COMPAND), self.t_max)
-        return np.rint(t / self.t_max * self.levels).astype(np.int64)
+        u = (logp.max(-1, keepdims=True) - logp).astype(np.float32)  # float32: ample for 16 bits
+        t = np.minimum(-np.expm1(u / np.float32(-COMPAND)), np.float32(self.t_max))
+        return np.rint(t * np.float32(self.levels / self.t_max)).astype(np.int64)
 
     # --------------------------------------------------------------------------- decode
 
