@@ -311,15 +311,8 @@ class TeacherStore:
             raise OfflineTeacherError(f"sample {index} of the {split} split is not in the store "
                                       f"{self.directory}")
         handle = self._handle(split, shard)
-        ends = handle.get_slice("ids_high_end")
-        start = int(ends[row - 1]) if row else 0
-        end = int(ends[row])
-        high = handle.get_slice("ids_high")[start // 8:(end + 7) // 8]
+        ids, logp = self.codec.decode(handle.get_slice, row)
         leftover = handle.get_slice("leftover")[row]
-        ids, logp = self.codec.decode(high=high, high_bits=(start, end),
-                                      low=handle.get_slice("ids_low")[row],
-                                      m=int(handle.get_slice("rice")[0]),
-                                      values=handle.get_slice("values")[row], leftover=leftover)
         return {"ids": ids, "logp": logp, "leftover": leftover,
                 "checksum": np.int64(handle.get_slice("checksum")[row])}
 

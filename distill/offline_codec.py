@@ -6,12 +6,15 @@ probabilities), computed in float64 from the full vocabulary (never from the rou
 
 - ids, sorted ascending, as gaps g = id[j] - id[j-1] - 1 (>= 0) Rice-coded with a parameter m
   chosen per shard: the high part g >> m in unary (g >> m ones and a zero) in one bit stream per
-  shard, the low m bits fixed-width in another. Both decode without a loop per token (the zeros
-  of the unary stream are found at once); lossless for any vocabulary size.
+  shard, the low m bits fixed-width in another; or, where that is smaller, plain fixed-width
+  fields of ceil(log2 V) bits. Both decode without a loop per token (the zeros of the unary
+  stream are found at once); lossless for any vocabulary size.
 - log-probabilities (in the ids' sorted order) relative to the top-1: u = log p_1 - log p_j >= 0
-  is companded, t = 1 - exp(-u / a) with a = COMPAND, and t is rounded to `value_bits` bits over
-  [0, 1 - exp(-U_MAX / a)] (u past U_MAX, a probability below e^-16 of the top-1's, is clipped to
-  U_MAX). The step in u grows as e^(u / a): fine for the probable tokens that carry the loss,
+  is companded, t = 1 - exp(-u / a) with a = COMPAND, and t is rounded to one of 2^value_bits
+  levels over [0, 1 - exp(-U_MAX / a)] (u past U_MAX, a probability below e^-16 of the top-1's,
+  is clipped to U_MAX); the level, counted down from the top (most of a top-k lies near its tail,
+  so the counts are small), is Rice-coded like the ids, or stored in value_bits bits where that
+  is smaller. The step in u grows as e^(u / a): fine for the probable tokens that carry the loss,
   coarse in the tail. The reader restores log p_j = c - u_j with c chosen so that the top-k
   probabilities add up to exactly 1 - r: the leftover mass is never rounded by the quantization,
   and the top-1 is where the distribution puts it. `value_bits = 32` keeps float32 log-probs
@@ -30,7 +33,9 @@ per token (q: the student's bucket probabilities; `kd_bound` computes it).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,13 +72,59 @@ def unpack_row(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     return np.packbits(full, axis=1).view(">u4").reshape(count).astype(np.int64)
 
 
-def rice_parameter(gaps: np.ndarray) -> int:
-    """The Rice parameter that codes `gaps` in the fewest bits, of the geometric-distribution
-    rule m ~ log2(mean ln 2) and its two neighbours."""
-    mean = float(gaps.mean()) if gaps.size else 0.0
+def rice_parameter(fields: np.ndarray, width: int) -> tuple[int, bool]:
+    """(m, unary): the coding of `fields` (non-negative, < 2**width) in the fewest bits, of Rice
+    codes with the geometric-distribution rule m ~ log2(mean ln 2) and its two neighbours, and
+    plain `width`-bit fields (unary False), which bounds the cost of an unfavourable shard."""
+    mean = float(fields.mean()) if fields.size else 0.0
     guess = max(0, round(math.log2(max(mean * math.log(2), 1.0))))
-    candidates = range(max(0, guess - 1), guess + 2)
-    return min(candidates, key=lambda m: int((gaps >> m).sum()) + gaps.size * m)
+    costs = {(m, True): int((fields >> m).sum()) + fields.size * (m + 1)
+             for m in range(max(0, guess - 1), min(guess + 2, width + 1))}
+    costs[width, False] = fields.size * width
+    return min(costs, key=costs.get)
+
+
+def rice_encode(name: str, fields: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """Rice-code non-negative ints [samples, ...] below 2**width with one parameter m for all:
+    `name_high`, the unary high parts (fields >> m ones and a zero each) of every sample back to
+    back, bits; `name_end` [samples] (or []), the bit where each sample's high parts end; `name_low`
+    [samples, bytes], the low m bits fixed-width; `name_m` [m, unary] (unary 0: plain m-bit
+    fields, no high parts)."""
+    samples = fields.shape[0]
+    m, unary = rice_parameter(fields, width)
+    ends = np.zeros(0, np.int64)  # plain fields: no high parts, no ends
+    bits = np.zeros(0, np.uint8)
+    if unary:
+        high = (fields >> m).reshape(samples, -1)
+        cumulative = np.cumsum(high + 1, axis=None)  # the bit after each unary code, over the shard
+        bits = np.ones(int(cumulative[-1]), np.uint8)
+        bits[cumulative - 1] = 0
+        ends = cumulative.reshape(samples, -1)[:, -1].astype(np.int64)
+    return {f"{name}_high": np.packbits(bits), f"{name}_end": ends,
+            f"{name}_low": _pack(fields & ((1 << m) - 1), m),
+            f"{name}_m": np.array([m, unary], np.uint8)}
+
+
+def rice_decode(get: Callable[[str], Any], name: str, row: int, count: int) -> np.ndarray:
+    """The `count` fields of sample `row` of `rice_encode(name, ...)`: [count] int64. The high
+    parts are the gaps between the zeros of the unary stream, found at once."""
+    m, unary = (int(x) for x in get(f"{name}_m")[:2])
+    low = unpack_row(get(f"{name}_low")[row], m, count)
+    if not unary:
+        return low
+    ends = get(f"{name}_end")
+    start, end = (int(ends[row - 1]) if row else 0), int(ends[row])
+    high = get(f"{name}_high")[start // 8:(end + 7) // 8]
+    bits = np.unpackbits(high)[start % 8:start % 8 + end - start]
+    return (np.diff(np.flatnonzero(bits == 0), prepend=-1) - 1) << m | low
+
+
+def _pack(fields: np.ndarray, width: int) -> np.ndarray:
+    """[samples, ...] -> [samples, bytes], in groups of samples whose unpacked bits (a byte
+    each) stay under 64 MiB."""
+    flat = fields.reshape(fields.shape[0], -1)
+    group = max(1, (64 << 20) // (32 * max(flat.shape[1], 1)))
+    return np.concatenate([pack_rows(flat[i:i + group], width) for i in range(0, len(flat), group)])
 
 
 @dataclass(frozen=True)
@@ -97,33 +148,17 @@ class Codec:
     def encode(self, ids: np.ndarray, logp: np.ndarray, leftover: np.ndarray) -> dict[str, np.ndarray]:
         """One shard's arrays. ids [samples, seq, k] (distinct per position, any order), logp
         [samples, seq, k] float64 log-probabilities, leftover [samples, seq] float64."""
-        samples = ids.shape[0]
         ids = ids.astype(np.int32, copy=False)  # distinct per position: any sort is the same
         order = np.argsort(ids, axis=-1)
         ids = np.take_along_axis(ids, order, -1).astype(np.int64)
         logp = np.take_along_axis(logp, order, -1)
-        gaps = np.diff(ids, axis=-1, prepend=-1) - 1  # [samples, seq, k] >= 0
-        m = rice_parameter(gaps)
-        high = (gaps >> m).reshape(samples, -1)  # [samples, seq * k]
-        ends = np.cumsum(high + 1, axis=None)  # bit after each unary code, over the shard
-        bits = np.ones(int(ends[-1]), np.uint8)
-        bits[ends - 1] = 0
-        out = {"ids_high": np.packbits(bits),
-               "ids_high_end": ends.reshape(samples, -1)[:, -1].astype(np.int64),
-               "ids_low": self._pack(gaps & ((1 << m) - 1), m),
-               "rice": np.array([m], np.uint8),
-               "leftover": leftover.astype(np.float32)}
-        out["values"] = (logp.astype(np.float32) if self.value_bits == FLOAT_VALUES
-                         else self._pack(self.quantize(logp), self.value_bits))
-        return out
-
-    def _pack(self, fields: np.ndarray, width: int) -> np.ndarray:
-        """[samples, ...] -> [samples, bytes], in groups of samples whose unpacked bits (a byte
-        each) stay under 64 MiB."""
-        flat = fields.reshape(fields.shape[0], -1)
-        group = max(1, (64 << 20) // (32 * max(flat.shape[1], 1)))
-        return np.concatenate([pack_rows(flat[i:i + group], width)
-                               for i in range(0, len(flat), group)])
+        gaps = np.diff(ids, axis=-1, prepend=-1) - 1  # >= 0
+        out = {"leftover": leftover.astype(np.float32),
+               **rice_encode("ids", gaps, id_bits(self.vocab_size))}
+        if self.value_bits == FLOAT_VALUES:
+            return {**out, "values": logp.astype(np.float32)}
+        # codes counted down from the tail: most of a top-k is near its tail, so they are small
+        return {**out, **rice_encode("values", self.levels - self.quantize(logp), self.value_bits)}
 
     def quantize(self, logp: np.ndarray) -> np.ndarray:
         """[..., k] float64 log-probabilities -> [..., k] integer codes of t (see module)."""
@@ -133,20 +168,16 @@ class Codec:
 
     # --------------------------------------------------------------------------- decode
 
-    def decode(self, *, high: np.ndarray, high_bits: tuple[int, int], low: np.ndarray, m: int,
-               values: np.ndarray, leftover: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One sample: (ids [seq, k] int64 ascending, logp [seq, k] float32). `high` holds the
-        bytes of the shard's unary stream covering bits [start, end) = `high_bits`."""
+    def decode(self, get: Callable[[str], Any], row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample `row` of a shard whose arrays `get(name)` gives (numpy arrays, or memory-mapped
+        safetensors slices): (ids [seq, k] int64 ascending, logp [seq, k] float32)."""
+        leftover = get("leftover")[row]
         seq = leftover.shape[0]
-        count = seq * self.k
-        start, end = high_bits
-        bits = np.unpackbits(high)[start % 8:start % 8 + end - start]
-        zeros = np.flatnonzero(bits == 0)
-        gaps = (np.diff(zeros, prepend=-1) - 1) << m | unpack_row(low, m, count)
-        ids = np.cumsum(gaps.reshape(seq, self.k) + 1, axis=-1) - 1
+        gaps = rice_decode(get, "ids", row, seq * self.k).reshape(seq, self.k)
+        ids = np.cumsum(gaps + 1, axis=-1) - 1
         if self.value_bits == FLOAT_VALUES:
-            return ids, values.reshape(seq, self.k)
-        codes = unpack_row(values, self.value_bits, count).reshape(seq, self.k)
+            return ids, get("values")[row].reshape(seq, self.k)
+        codes = self.levels - rice_decode(get, "values", row, seq * self.k).reshape(seq, self.k)
         return ids, self.dequantize(codes, leftover).astype(np.float32)
 
     def dequantize(self, codes: np.ndarray, leftover: np.ndarray) -> np.ndarray:

@@ -209,11 +209,7 @@ def test_ids_round_trip_exactly(vocab, k):
 
 
 def _decode(codec: Codec, arrays: dict, j: int) -> tuple[np.ndarray, np.ndarray]:
-    ends = np.concatenate([[0], arrays["ids_high_end"]])
-    start, end = int(ends[j]), int(ends[j + 1])
-    return codec.decode(high=arrays["ids_high"][start // 8:(end + 7) // 8], high_bits=(start, end),
-                        low=arrays["ids_low"][j], m=int(arrays["rice"][0]),
-                        values=arrays["values"][j], leftover=arrays["leftover"][j])
+    return codec.decode(arrays.__getitem__, j)
 
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
@@ -560,3 +556,20 @@ def test_a_resumed_export_with_other_settings_is_refused(setup, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ConfigError: --out: {partial} holds an interrupted export with other "
                           "settings (") and "k" in err, err
+
+
+def test_curriculum_scores_from_a_store_are_the_teachers(setup):
+    """At temperature 1 the store's top-1 log-probability is the teacher's: the scores read from
+    a (top-1, float32) store equal those of a teacher pass (float32 round-off)."""
+    tmp, cfg_path = setup
+    t1 = ["distill.logit.temperature=1.0"]
+    assert export_teacher_logits.main(["--config", str(cfg_path), "--top-k", "1", "--out",
+                                       str(tmp / "top1"), "--no-progress", *EXACT, *t1]) == 0
+    scores = {}
+    for name, flags in (("teacher", []), ("store", ["--store", str(tmp / "top1")])):
+        out = tmp / f"scores_from_{name}"
+        assert curriculum_scores.main(["--config", str(cfg_path), "--out", str(out), *flags,
+                                       "data.curriculum_steps=2", *t1]) == 0
+        scores[name] = np.load(out / "scores.npy")
+    assert scores["teacher"].shape == (8,)
+    np.testing.assert_allclose(scores["store"], scores["teacher"], rtol=1e-6)

@@ -51,7 +51,6 @@ from tools import export_teacher_logits  # noqa: E402
 from tools.bench.on_policy import train, write_config  # noqa: E402
 
 REFERENCE = 300.0  # bytes/token of the most compact known store (issue 32)
-KS = (16, 64, 256)
 
 
 def shard_bytes(codec: Codec, logits: torch.Tensor, *, seq: int) -> tuple[float, np.ndarray,
@@ -70,31 +69,14 @@ def shard_bytes(codec: Codec, logits: torch.Tensor, *, seq: int) -> tuple[float,
 def kd_change(codec: Codec, teacher: torch.Tensor, student: torch.Tensor, *, seq: int) -> float:
     """|mean forward KL from the decoded store - from the uncompressed top-k|, nats/token."""
     _, ids, logp, arrays = shard_bytes(codec, teacher, seq=seq)
-    store = _Decoded(codec, arrays)
-    decoded_ids, decoded = (np.concatenate(x) for x in zip(*store.samples()))
+    decoded_ids, decoded = (np.concatenate(x) for x in zip(*(
+        codec.decode(arrays.__getitem__, j) for j in range(len(arrays["leftover"])))))
     order = np.argsort(ids, -1)
     exact = np.take_along_axis(logp, order, -1)
     kd = [topk_divergence(student, torch.from_numpy(v.astype(np.float64)),
                           torch.from_numpy(decoded_ids), torch.zeros(len(v), dtype=torch.float64),
                           vocab_size=codec.vocab_size).mean().item() for v in (exact, decoded)]
     return abs(kd[1] - kd[0])
-
-
-class _Decoded:
-    """The samples of one encoded shard held in memory."""
-
-    def __init__(self, codec: Codec, arrays: dict):
-        self.codec, self.arrays = codec, arrays
-
-    def samples(self):
-        a = self.arrays
-        ends = np.concatenate([[0], a["ids_high_end"]])
-        for j in range(len(a["leftover"])):
-            start, end = int(ends[j]), int(ends[j + 1])
-            yield self.codec.decode(high=a["ids_high"][start // 8:(end + 7) // 8],
-                                    high_bits=(start, end), low=a["ids_low"][j],
-                                    m=int(a["rice"][0]), values=a["values"][j],
-                                    leftover=a["leftover"][j])
 
 
 def size_table(teacher_dir: Path, config: Path, bits: int) -> list[str]:
@@ -111,16 +93,17 @@ def size_table(teacher_dir: Path, config: Path, bits: int) -> list[str]:
     g = torch.Generator().manual_seed(0)
     big = torch.randn(256, 151936, generator=g) * 3
     big_student = big + torch.randn(256, 151936, generator=g) * 1.5
-    rows = ["| logits | V | k | bytes/token | uncompressed (12 k) | x smaller | vs 300 B/token | "
-            "KD change (nats/token) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| logits | V | k | value bits | bytes/token | uncompressed (12 k) | x smaller | "
+            "vs 300 B/token | KD change (nats/token) |", "|---|---|---|---|---|---|---|---|---|"]
+    settings = [(16, bits), (64, bits - 1), (64, bits), (64, bits + 2), (256, bits)]
     for name, vocab, (t, s), seq in (("demo teacher (trained)", 2048, logits, 128),
                                      ("Gaussian, std 3", 151936, (big, big_student), 128)):
-        for k in KS:
-            codec = Codec(vocab, k, bits)
+        for k, value_bits in settings:
+            codec = Codec(vocab, k, value_bits)
             size = shard_bytes(codec, t, seq=seq)[0]
             change = kd_change(codec, t.double(), s.double(), seq=seq)
-            rows.append(f"| {name} | {vocab} | {k} | {size:.1f} | {12 * k} | {12 * k / size:.1f}x "
-                        f"| {size / REFERENCE:.2f}x | {change:.1e} |")
+            rows.append(f"| {name} | {vocab} | {k} | {value_bits} | {size:.1f} | {12 * k} | "
+                        f"{12 * k / size:.1f}x | {size / REFERENCE:.2f}x | {change:.1e} |")
     return rows
 
 
