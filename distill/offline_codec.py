@@ -4,17 +4,20 @@ Per position (token) of a sample the store keeps the teacher's k most probable t
 log-probabilities at the export's temperature and the leftover mass r = 1 - sum(top-k
 probabilities), computed in float64 from the full vocabulary (never from the rounded top-k):
 
-- ids, sorted ascending, as gaps g = id[j] - id[j-1] - 1 (>= 0) Rice-coded with a parameter m
-  chosen per shard: the high part g >> m in unary (g >> m ones and a zero) in one bit stream per
-  shard, the low m bits fixed-width in another; or, where that is smaller, plain fixed-width
-  fields of ceil(log2 V) bits. Both decode without a loop per token (the zeros of the unary
-  stream are found at once); lossless for any vocabulary size.
+- ids, sorted ascending, as gaps g = id[j] - id[j-1] - 1 (>= 0), coded with one code per shard,
+  whichever takes the fewest bits (`choose_code`): Rice (the high part g >> m in unary, g >> m
+  ones and a zero, in one bit stream; the low m bits fixed-width in another), Exp-Golomb (the
+  length n of (g >> m) + 1 in unary, its n bits after the leading one in a middle stream, the
+  low m bits fixed-width: for gaps with a heavier tail, as a trained teacher's, whose top-k
+  crowds the frequent, low ids), or plain fixed-width fields of ceil(log2 V) bits. All decode
+  without a loop per token (the zeros of the unary stream are found at once); lossless at any
+  vocabulary size.
 - log-probabilities (in the ids' sorted order) relative to the top-1: u = log p_1 - log p_j >= 0
   is companded, t = 1 - exp(-u / a) with a = COMPAND, and t is rounded to one of 2^value_bits
   levels over [0, 1 - exp(-U_MAX / a)] (u past U_MAX, a probability below e^-16 of the top-1's,
   is clipped to U_MAX); the level, counted down from the top (most of a top-k lies near its tail,
-  so the counts are small), is Rice-coded like the ids, or stored in value_bits bits where that
-  is smaller. The step in u grows as e^(u / a): fine for the probable tokens that carry the loss,
+  so the counts are small), is coded like the ids (plain value_bits-bit fields, when those are
+  the smallest). The step in u grows as e^(u / a): fine for the probable tokens that carry the loss,
   coarse in the tail. The reader restores log p_j = c - u_j with c chosen so that the top-k
   probabilities add up to exactly 1 - r: the leftover mass is never rounded by the quantization,
   and the top-1 is where the distribution puts it. `value_bits = 32` keeps float32 log-probs
@@ -72,51 +75,91 @@ def unpack_row(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     return np.packbits(full, axis=1).view(">u4").reshape(count).astype(np.int64)
 
 
-def rice_parameter(fields: np.ndarray, width: int) -> tuple[int, bool]:
-    """(m, unary): the coding of `fields` (non-negative, < 2**width) in the fewest bits, of Rice
-    codes with the geometric-distribution rule m ~ log2(mean ln 2) and its two neighbours, and
-    plain `width`-bit fields (unary False), which bounds the cost of an unfavourable shard."""
+PLAIN, RICE, EXP_GOLOMB = 0, 1, 2  # how a stream of fields is coded (`choose_code`)
+
+
+def _high_parts(fields: np.ndarray, mode: int, m: int) -> np.ndarray:
+    """What the unary stream holds per field: fields >> m (Rice), or n = floor(log2((fields >>
+    m) + 1)) (Exp-Golomb, whose next n bits, in the middle stream, hold the rest of it)."""
+    if mode == RICE:
+        return fields >> m
+    return np.frexp((fields >> m) + 1)[1].astype(np.int64) - 1
+
+
+def choose_code(fields: np.ndarray, width: int) -> tuple[int, int]:
+    """(mode, m): the coding of `fields` (non-negative, < 2**width) in the fewest bits, of Rice
+    codes with the geometric-distribution parameter m ~ log2(mean ln 2) and its neighbours,
+    Exp-Golomb codes of orders below it (for gaps with a heavier tail than a geometric's) and
+    plain `width`-bit fields, which bound the cost of an unfavourable shard."""
     mean = float(fields.mean()) if fields.size else 0.0
-    guess = max(0, round(math.log2(max(mean * math.log(2), 1.0))))
-    costs = {(m, True): int((fields >> m).sum()) + fields.size * (m + 1)
+    guess = min(width, max(0, round(math.log2(max(mean * math.log(2), 1.0)))))
+    costs = {(RICE, m): int(_high_parts(fields, RICE, m).sum()) + fields.size * (m + 1)
              for m in range(max(0, guess - 1), min(guess + 2, width + 1))}
-    costs[width, False] = fields.size * width
+    costs.update({(EXP_GOLOMB, m): 2 * int(_high_parts(fields, EXP_GOLOMB, m).sum())
+                  + fields.size * (m + 1) for m in range(max(0, guess - 3), guess)})
+    costs[PLAIN, width] = fields.size * width
     return min(costs, key=costs.get)
 
 
-def rice_encode(name: str, fields: np.ndarray, width: int) -> dict[str, np.ndarray]:
-    """Rice-code non-negative ints [samples, ...] below 2**width with one parameter m for all:
-    `name_high`, the unary high parts (fields >> m ones and a zero each) of every sample back to
-    back, bits; `name_end` [samples] (or []), the bit where each sample's high parts end; `name_low`
-    [samples, bytes], the low m bits fixed-width; `name_m` [m, unary] (unary 0: plain m-bit
-    fields, no high parts)."""
+def encode_fields(name: str, fields: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """Code non-negative ints [samples, ...] below 2**width, one `choose_code` for the shard:
+    `name_code` [mode, m]; `name_low` [samples, bytes], the low m bits of each field,
+    fixed-width; `name_high`, the unary stream (h ones and a zero per field, h from
+    `_high_parts`) of every sample back to back, and `name_end` [samples], where each sample's
+    part ends, in bits; for Exp-Golomb `name_mid` / `name_mid_end` likewise, the n bits after
+    the leading one of (fields >> m) + 1. Streams a mode does not use are empty."""
     samples = fields.shape[0]
-    m, unary = rice_parameter(fields, width)
-    ends = np.zeros(0, np.int64)  # plain fields: no high parts, no ends
-    bits = np.zeros(0, np.uint8)
-    if unary:
-        high = (fields >> m).reshape(samples, -1)
-        cumulative = np.cumsum(high + 1, axis=None)  # the bit after each unary code, over the shard
-        bits = np.ones(int(cumulative[-1]), np.uint8)
-        bits[cumulative - 1] = 0
-        ends = cumulative.reshape(samples, -1)[:, -1].astype(np.int64)
-    return {f"{name}_high": np.packbits(bits), f"{name}_end": ends,
-            f"{name}_low": _pack(fields & ((1 << m) - 1), m),
-            f"{name}_m": np.array([m, unary], np.uint8)}
+    mode, m = choose_code(fields, width)
+    out = {f"{name}_code": np.array([mode, m], np.uint8),
+           f"{name}_low": _pack(fields & ((1 << m) - 1), m)}
+    if mode != PLAIN:
+        high = _high_parts(fields, mode, m).reshape(samples, -1)
+        ends = np.cumsum(high + 1, axis=None)  # h ones and a zero per field
+        bits = np.ones(int(ends[-1]), np.uint8)
+        bits[ends - 1] = 0
+        out[f"{name}_high"], out[f"{name}_end"] = np.packbits(bits), ends.reshape(samples, -1)[:, -1]
+    if mode == EXP_GOLOMB:
+        rest = (fields.reshape(samples, -1) >> m) + 1 - (1 << high)
+        out[f"{name}_mid"], out[f"{name}_mid_end"] = _variable_width(high, rest)
+    for key in ("high", "end", "mid", "mid_end"):
+        out.setdefault(f"{name}_{key}", np.zeros(0, np.uint8 if "end" not in key else np.int64))
+    return out
 
 
-def rice_decode(get: Callable[[str], Any], name: str, row: int, count: int) -> np.ndarray:
-    """The `count` fields of sample `row` of `rice_encode(name, ...)`: [count] int64. The high
-    parts are the gaps between the zeros of the unary stream, found at once."""
-    m, unary = (int(x) for x in get(f"{name}_m")[:2])
+def _variable_width(widths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[samples, n] fields of [samples, n] widths, most significant bit first, back to back:
+    (packed bits, [samples] where each sample's bits end)."""
+    w, v = widths.reshape(-1), values.reshape(-1)
+    total = int(w.sum())
+    field = np.repeat(np.arange(w.size), w)  # the field of each bit
+    place = np.arange(total) - np.repeat(np.cumsum(w) - w, w)  # its index within the field
+    bits = ((v[field] >> (w[field] - 1 - place)) & 1).astype(np.uint8)
+    return np.packbits(bits), np.cumsum(widths.sum(-1))
+
+
+def decode_fields(get: Callable[[str], Any], name: str, row: int, count: int) -> np.ndarray:
+    """The `count` fields of sample `row` of `encode_fields(name, ...)`: [count] int64, without a
+    loop per field (the unary parts are the gaps between the zeros of their stream)."""
+    mode, m = (int(x) for x in get(f"{name}_code")[:2])
     low = unpack_row(get(f"{name}_low")[row], m, count)
-    if not unary:
+    if mode == PLAIN:
         return low
-    ends = get(f"{name}_end")
-    start, end = (int(ends[row - 1]) if row else 0), int(ends[row])
-    high = get(f"{name}_high")[start // 8:(end + 7) // 8]
-    bits = np.unpackbits(high)[start % 8:start % 8 + end - start]
-    return (np.diff(np.flatnonzero(bits == 0), prepend=-1) - 1) << m | low
+    high = np.diff(np.flatnonzero(_bits(get, f"{name}_high", f"{name}_end", row) == 0),
+                   prepend=-1) - 1
+    if mode == RICE:
+        return high << m | low
+    bits = _bits(get, f"{name}_mid", f"{name}_mid_end", row).astype(np.int64)
+    field = np.repeat(np.arange(count), high)
+    place = np.arange(bits.size) - np.repeat(np.cumsum(high) - high, high)
+    rest = np.bincount(field, weights=bits << (high[field] - 1 - place), minlength=count)
+    return ((1 << high) + rest.astype(np.int64) - 1) << m | low
+
+
+def _bits(get: Callable[[str], Any], stream: str, ends: str, row: int) -> np.ndarray:
+    """Sample `row`'s bits of a stream whose per-sample ends are `ends`."""
+    where = get(ends)
+    start, end = (int(where[row - 1]) if row else 0), int(where[row])
+    return np.unpackbits(get(stream)[start // 8:(end + 7) // 8])[start % 8:start % 8 + end - start]
 
 
 def _pack(fields: np.ndarray, width: int) -> np.ndarray:
@@ -154,11 +197,11 @@ class Codec:
         logp = np.take_along_axis(logp, order, -1)
         gaps = np.diff(ids, axis=-1, prepend=-1) - 1  # >= 0
         out = {"leftover": leftover.astype(np.float32),
-               **rice_encode("ids", gaps, id_bits(self.vocab_size))}
+               **encode_fields("ids", gaps, id_bits(self.vocab_size))}
         if self.value_bits == FLOAT_VALUES:
             return {**out, "values": logp.astype(np.float32)}
         # codes counted down from the tail: most of a top-k is near its tail, so they are small
-        return {**out, **rice_encode("values", self.levels - self.quantize(logp), self.value_bits)}
+        return {**out, **encode_fields("values", self.levels - self.quantize(logp), self.value_bits)}
 
     def quantize(self, logp: np.ndarray) -> np.ndarray:
         """[..., k] float64 log-probabilities -> [..., k] integer codes of t (see module)."""
@@ -173,11 +216,11 @@ class Codec:
         safetensors slices): (ids [seq, k] int64 ascending, logp [seq, k] float32)."""
         leftover = get("leftover")[row]
         seq = leftover.shape[0]
-        gaps = rice_decode(get, "ids", row, seq * self.k).reshape(seq, self.k)
+        gaps = decode_fields(get, "ids", row, seq * self.k).reshape(seq, self.k)
         ids = np.cumsum(gaps + 1, axis=-1) - 1
         if self.value_bits == FLOAT_VALUES:
             return ids, get("values")[row].reshape(seq, self.k)
-        codes = self.levels - rice_decode(get, "values", row, seq * self.k).reshape(seq, self.k)
+        codes = self.levels - decode_fields(get, "values", row, seq * self.k).reshape(seq, self.k)
         return ids, self.dequantize(codes, leftover).astype(np.float32)
 
     def dequantize(self, codes: np.ndarray, leftover: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import distill.run
 from distill import topk_divergence
 from distill.config import SINGLE_TEACHER
 from distill.offline import OfflineTeacher, OfflineTeacherError, TeacherStore, teacher_topk, topk_logprobs
-from distill.offline_codec import Codec, kd_bound
+from distill.offline_codec import EXP_GOLOMB, PLAIN, RICE, Codec, decode_fields, encode_fields, kd_bound
 from distill.runconfig import load_run_config
 from distill.teacher import TeacherOutputs
 from engine import collectives as C
@@ -206,6 +206,22 @@ def test_ids_round_trip_exactly(vocab, k):
     for j in range(3):
         got, _ = _decode(codec, arrays, j)
         assert np.array_equal(got, np.sort(ids[j], -1))
+
+
+@pytest.mark.parametrize("mode", [PLAIN, RICE, EXP_GOLOMB])
+def test_each_field_code_round_trips_exactly(mode):
+    """Uniform fields over the width take plain fields, geometric ones Rice codes, heavy-tailed
+    ones Exp-Golomb codes; every one decodes to the fields, sample by sample."""
+    rng = np.random.default_rng(mode)
+    width, shape = 12, (5, 33, 7)
+    fields = {PLAIN: rng.integers(0, 1 << width, shape),
+              RICE: rng.geometric(1 / 40, shape) - 1,
+              EXP_GOLOMB: np.minimum(rng.zipf(1.6, shape) - 1, (1 << width) - 1)}[mode]
+    arrays = encode_fields("f", fields, width)
+    assert arrays["f_code"][0] == mode
+    for j in range(shape[0]):
+        got = decode_fields(arrays.__getitem__, "f", j, 33 * 7)
+        assert np.array_equal(got, fields[j].reshape(-1))
 
 
 def _decode(codec: Codec, arrays: dict, j: int) -> tuple[np.ndarray, np.ndarray]:
