@@ -91,11 +91,13 @@ def choose_code(fields: np.ndarray, width: int) -> tuple[int, int]:
     codes with the geometric-distribution parameter m ~ log2(mean ln 2) and its neighbours,
     Exp-Golomb codes of orders below it (for gaps with a heavier tail than a geometric's) and
     plain `width`-bit fields, which bound the cost of an unfavourable shard."""
-    mean = float(fields.mean()) if fields.size else 0.0
+    counts = np.bincount(fields.reshape(-1), minlength=1 << width)  # costs from the histogram
+    values = np.arange(counts.size, dtype=np.int64)
+    mean = float(counts @ values) / max(fields.size, 1)
     guess = min(width, max(0, round(math.log2(max(mean * math.log(2), 1.0)))))
-    costs = {(RICE, m): int(_high_parts(fields, RICE, m).sum()) + fields.size * (m + 1)
+    costs = {(RICE, m): int(counts @ _high_parts(values, RICE, m)) + fields.size * (m + 1)
              for m in range(max(0, guess - 1), min(guess + 2, width + 1))}
-    costs.update({(EXP_GOLOMB, m): 2 * int(_high_parts(fields, EXP_GOLOMB, m).sum())
+    costs.update({(EXP_GOLOMB, m): 2 * int(counts @ _high_parts(values, EXP_GOLOMB, m))
                   + fields.size * (m + 1) for m in range(max(0, guess - 3), guess)})
     costs[PLAIN, width] = fields.size * width
     return min(costs, key=costs.get)
@@ -129,12 +131,11 @@ def encode_fields(name: str, fields: np.ndarray, width: int) -> dict[str, np.nda
 def _variable_width(widths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[samples, n] fields of [samples, n] widths, most significant bit first, back to back:
     (packed bits, [samples] where each sample's bits end)."""
-    w, v = widths.reshape(-1), values.reshape(-1)
-    total = int(w.sum())
-    field = np.repeat(np.arange(w.size), w)  # the field of each bit
-    place = np.arange(total) - np.repeat(np.cumsum(w) - w, w)  # its index within the field
-    bits = ((v[field] >> (w[field] - 1 - place)) & 1).astype(np.uint8)
-    return np.packbits(bits), np.cumsum(widths.sum(-1))
+    w, v = widths.reshape(-1, 1).astype(np.int32), values.reshape(-1, 1).astype(np.int32)
+    widest = max(int(w.max()), 1)
+    place = np.arange(widest, dtype=np.int32)  # a field's bits, right-aligned in `widest`
+    bits = ((v >> (widest - 1 - place)) & 1).astype(np.uint8)  # [fields, widest]
+    return np.packbits(bits[place >= widest - w]), np.cumsum(widths.sum(-1))
 
 
 def decode_fields(get: Callable[[str], Any], name: str, row: int, count: int) -> np.ndarray:
@@ -148,11 +149,11 @@ def decode_fields(get: Callable[[str], Any], name: str, row: int, count: int) ->
                    prepend=-1) - 1
     if mode == RICE:
         return high << m | low
-    bits = _bits(get, f"{name}_mid", f"{name}_mid_end", row).astype(np.int64)
-    field = np.repeat(np.arange(count), high)
-    place = np.arange(bits.size) - np.repeat(np.cumsum(high) - high, high)
-    rest = np.bincount(field, weights=bits << (high[field] - 1 - place), minlength=count)
-    return ((1 << high) + rest.astype(np.int64) - 1) << m | low
+    place = np.arange(max(int(high.max()), 1))  # as `_variable_width` laid them out
+    bits = np.zeros((count, place.size), np.int64)
+    bits[place >= place.size - high[:, None]] = _bits(get, f"{name}_mid", f"{name}_mid_end", row)
+    rest = bits @ (1 << (place.size - 1 - place))
+    return ((1 << high) + rest - 1) << m | low
 
 
 def _bits(get: Callable[[str], Any], stream: str, ends: str, row: int) -> np.ndarray:

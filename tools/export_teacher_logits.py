@@ -13,7 +13,8 @@ N (`--first F`, a multiple of --shard-samples, starts there instead: `tools/offl
 merge` joins exports of disjoint ranges). The N processes form N / parallel.tp data-parallel
 groups; shard i of a split is computed by group i % dp and written by its TP rank 0, so ranks
 write disjoint files. The format is distill/offline.py's and distill/offline_codec.py's (ids
-Rice-coded, log-probabilities at --value-bits, 32 = float32); train from it with
+compressed, log-probabilities at --value-bits, 32 = float32; each shard is encoded and written
+in a thread while the teacher runs the next); train from it with
 `distill.schedule=offline distill.offline_dir=DIR`.
 
 Resumable: shards go into `.DIR.tmp` beside DIR, each written under a temporary name and renamed
@@ -34,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +118,8 @@ class ExportStats:
     tokens: int = 0  # tokens this rank exported
     forward_s: float = 0.0  # teacher forward
     topk_s: float = 0.0  # the teacher's top-k, log-sum-exp and log-probabilities
-    write_s: float = 0.0  # encoding and writing the shards
-
-    @property
-    def seconds(self) -> float:
-        return self.forward_s + self.topk_s + self.write_s
+    wait_s: float = 0.0  # waiting for the writer thread (encoding and writing not hidden)
+    seconds: float = 0.0  # the whole export, wall clock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -229,9 +228,10 @@ def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
     return ColocatedTeacher(model, TeacherRequest(head="logits"))
 
 
-def export_shard(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: ExportPlan,
-                 layout: ParallelLayout, stats: ExportStats) -> dict[str, torch.Tensor]:
-    """One shard's arrays for input ids [count, seq], `data.micro_batch` samples per forward."""
+def teacher_rows(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: ExportPlan,
+                 layout: ParallelLayout, stats: ExportStats) -> tuple[np.ndarray, ...]:
+    """(ids, log-probs, leftover) of input ids [count, seq], `data.micro_batch` samples per
+    forward: [count, seq, k] int32, [count, seq, k] float64, [count, seq] float64."""
     cfg, codec = plan.cfg, plan.codec
     temperature = cfg.distill.logit.temperature
     ids, logp, leftover = [], [], []
@@ -249,12 +249,15 @@ def export_shard(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: Ex
         leftover.append(chunk_leftover)
         stats.forward_s += middle - started
         stats.topk_s += time.perf_counter() - middle
-    started = time.perf_counter()
-    arrays = codec.encode(np.concatenate(ids), np.concatenate(logp), np.concatenate(leftover))
-    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    return np.concatenate(ids), np.concatenate(logp), np.concatenate(leftover)
+
+
+def encode_and_write(path: Path, codec: Codec, rows: tuple[np.ndarray, ...],
+                     input_ids: torch.Tensor) -> str | None:
+    """Encode one shard and write it (in the writer thread); the error as one line, or None."""
+    tensors = {name: torch.from_numpy(array) for name, array in codec.encode(*rows).items()}
     tensors["checksum"] = sample_checksums(input_ids)
-    stats.write_s += time.perf_counter() - started
-    return tensors
+    return _write(path, tensors)
 
 
 def _barrier(layout: ParallelLayout) -> None:
@@ -273,29 +276,40 @@ def _prepare(plan: ExportPlan) -> None:
 def write_shards(plan: ExportPlan, split: str, teacher: ColocatedTeacher, layout: ParallelLayout,
                  *, bar: tqdm, stats: ExportStats) -> None:
     """Round r: DP group g computes shard r * dp + g unless it is already written (a resumed
-    export) and its TP rank 0 writes it; every rank learns of a failed write in the same round."""
+    export), and its TP rank 0 encodes and writes it in a writer thread while the teacher runs
+    the next round; every rank learns of a failed write one round later, all in the same round."""
     shards = plan.shards(split)
     data = _split_map(plan.cfg, split)
     first_index = plan.ranges[split].start // plan.shard_samples
     done = {i for i, _ in enumerate(shards)
             if (plan.tmp / shard_name(split, first_index + i)).is_file()}
     _barrier(layout)  # every rank has listed the written shards before any new one appears
-    for start in range(0, len(shards), layout.dp):
-        index, error = start + layout.dp_rank, None
-        if index < len(shards) and index not in done:
-            tensors = export_shard(teacher, data.map_inputs(shards[index]), plan=plan,
-                                   layout=layout, stats=stats)
-            stats.tokens += len(shards[index]) * plan.cfg.data.seq_len
-            if layout.tp_rank == 0:
-                started = time.perf_counter()
-                error = _write(plan.tmp / shard_name(split, first_index + index), tensors)
-                stats.write_s += time.perf_counter() - started
-        if error and not layout.is_rank0:  # rank 0 prints the final line
-            log.error(error, extra={"all_ranks": True})
-        if not ranks_agree(layout, error is None):
-            raise ExportError(error or f"writing a {split} shard failed on another rank")
-        round_shards = shards[start:start + layout.dp]
-        bar.update(sum(len(s) for s in round_shards) * plan.cfg.data.seq_len)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for start in range(0, len(shards), layout.dp):
+            index, submitted = start + layout.dp_rank, None
+            if index < len(shards) and index not in done:
+                input_ids = data.map_inputs(shards[index])
+                rows = teacher_rows(teacher, input_ids, plan=plan, layout=layout, stats=stats)
+                stats.tokens += input_ids.numel()
+                if layout.tp_rank == 0:
+                    path = plan.tmp / shard_name(split, first_index + index)
+                    submitted = writer.submit(encode_and_write, path, plan.codec, rows, input_ids)
+            _agree(layout, pending, split, stats)
+            pending = submitted
+            bar.update(sum(len(s) for s in shards[start:start + layout.dp]) * plan.cfg.data.seq_len)
+        _agree(layout, pending, split, stats)
+
+
+def _agree(layout: ParallelLayout, pending: Future | None, split: str, stats: ExportStats) -> None:
+    """Wait for this rank's write in flight, then stop every rank if any rank's write failed."""
+    started = time.perf_counter()
+    error = pending.result() if pending is not None else None
+    stats.wait_s += time.perf_counter() - started
+    if error and not layout.is_rank0:  # rank 0 prints the final line
+        log.error(error, extra={"all_ranks": True})
+    if not ranks_agree(layout, error is None):
+        raise ExportError(error or f"writing a {split} shard failed on another rank")
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> str | None:
@@ -330,11 +344,13 @@ def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -
     _barrier(layout)
     teacher = build_teacher(plan, layout)
     stats = ExportStats()
+    started = time.perf_counter()
     total = sum(len(ids) for ids in plan.ranges.values()) * plan.cfg.data.seq_len
     with tqdm(total=total, desc="export", unit="tok", unit_scale=True,
               disable=not (progress and layout.is_rank0)) as bar:
         for split in plan.ranges:
             write_shards(plan, split, teacher, layout, bar=bar, stats=stats)
+    stats.seconds = time.perf_counter() - started
     _barrier(layout)
     if layout.is_rank0:
         _publish(plan)
@@ -344,12 +360,10 @@ def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -
 
 
 def _log_stats(stats: ExportStats) -> None:
-    spent = stats.seconds
-    if spent > 0:
-        log.info("rank 0: %d tokens, %.0f tokens/s; teacher forward %.2f s, top-k %.2f s, "
-                 "encoding + writing %.2f s (%.1f%% of the export)", stats.tokens,
-                 stats.tokens / spent, stats.forward_s, stats.topk_s, stats.write_s,
-                 100 * stats.write_s / spent)
+    if stats.seconds > 0:
+        log.info("rank 0: %d tokens in %.2f s, %.0f tokens/s; teacher forward %.2f s, top-k "
+                 "%.2f s, waiting for the writer thread %.2f s", stats.tokens, stats.seconds,
+                 stats.tokens / stats.seconds, stats.forward_s, stats.topk_s, stats.wait_s)
 
 
 def _publish(plan: ExportPlan) -> None:
