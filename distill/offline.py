@@ -51,7 +51,7 @@ FORMAT = "megadistill-teacher-store"
 VERSION = 2
 METADATA = "metadata.json"
 KEY = "distill.offline_dir"  # the config key every start-up error names
-_OPEN_SHARDS = 4  # shards a reader keeps memory-mapped at once
+_OPEN_SHARDS = 64  # shards a reader keeps memory-mapped at once (file handles)
 
 # Settings a store is valid for: metadata key -> the config key a user would change.
 _RUN_KEYS = {"seq_len": "data.seq_len", "vocab_size": "model.vocab_size",

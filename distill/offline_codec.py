@@ -69,10 +69,16 @@ def unpack_row(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     """Inverse of `pack_rows` for one row: [count] int64."""
     if width == 0:
         return np.zeros(count, np.int64)
-    bits = np.unpackbits(packed, count=count * width).reshape(count, width)
-    full = np.zeros((count, 32), np.uint8)
-    full[:, 32 - width:] = bits
-    return np.packbits(full, axis=1).view(">u4").reshape(count).astype(np.int64)
+    return _to_ints(np.unpackbits(packed, count=count * width).reshape(count, width))
+
+
+def _to_ints(bits: np.ndarray) -> np.ndarray:
+    """[count, width] bits, most significant first -> [count] int64 (width <= 32)."""
+    count, width = bits.shape
+    size = 1 if width <= 8 else 2 if width <= 16 else 4  # bytes of the narrowest field that fits
+    full = np.zeros((count, 8 * size), np.uint8)
+    full[:, 8 * size - width:] = bits
+    return np.packbits(full.reshape(-1)).view(f">u{size}").astype(np.int64)  # rows: whole bytes
 
 
 PLAIN, RICE, EXP_GOLOMB = 0, 1, 2  # how a stream of fields is coded (`choose_code`)
@@ -150,10 +156,9 @@ def decode_fields(get: Callable[[str], Any], name: str, row: int, count: int) ->
     if mode == RICE:
         return high << m | low
     place = np.arange(max(int(high.max()), 1))  # as `_variable_width` laid them out
-    bits = np.zeros((count, place.size), np.int64)
+    bits = np.zeros((count, place.size), np.uint8)
     bits[place >= place.size - high[:, None]] = _bits(get, f"{name}_mid", f"{name}_mid_end", row)
-    rest = bits @ (1 << (place.size - 1 - place))
-    return ((1 << high) + rest - 1) << m | low
+    return ((1 << high) + _to_ints(bits) - 1) << m | low
 
 
 def _bits(get: Callable[[str], Any], stream: str, ends: str, row: int) -> np.ndarray:
