@@ -27,6 +27,7 @@ student's consumption; writing <= 5% of the export.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def kd_change(codec: Codec, teacher: torch.Tensor, student: torch.Tensor, *, seq
 
 
 def size_table(teacher_dir: Path, config: Path, bits: int) -> list[str]:
+    """The rows of the bytes/token and KD-change table."""
     cfg = load_run_config(config, [], world_size=1).cfg
     layout = ParallelLayout.single()
     torch.manual_seed(0)
@@ -108,8 +110,7 @@ def size_table(teacher_dir: Path, config: Path, bits: int) -> list[str]:
 
 
 def _student_model(teacher_model):
-    import dataclasses
-
+    """The demo student's architecture (launch/configs/demo.yaml) at the teacher's vocabulary."""
     return dataclasses.replace(teacher_model, hidden=96, layers=2, heads=4, kv_heads=2,
                                ffn_hidden=256)
 
