@@ -36,7 +36,14 @@ from safetensors.torch import load_file, save_file
 import distill.run
 from distill import topk_divergence
 from distill.config import SINGLE_TEACHER
-from distill.offline import OfflineTeacher, OfflineTeacherError, TeacherStore, teacher_topk, topk_logprobs
+from distill.offline import (
+    OfflineTeacher,
+    OfflineTeacherError,
+    TeacherStore,
+    sample_checksums,
+    teacher_topk,
+    topk_logprobs,
+)
 from distill.offline_codec import EXP_GOLOMB, PLAIN, RICE, Codec, decode_fields, encode_fields, kd_bound
 from distill.runconfig import load_run_config
 from distill.teacher import TeacherOutputs
@@ -589,3 +596,22 @@ def test_curriculum_scores_from_a_store_are_the_teachers(setup):
         scores[name] = np.load(out / "scores.npy")
     assert scores["teacher"].shape == (8,)
     np.testing.assert_allclose(scores["store"], scores["teacher"], rtol=1e-6)
+
+
+def test_an_export_of_both_splits_holds_each_splits_windows(setup, capsys):
+    tmp, cfg_path = setup
+    out = tmp / "both_splits"
+    assert _export(cfg_path, out, "--split", "all", "--samples", "40") == 0
+    cfg = load_run_config(cfg_path, [], world_size=1).cfg
+    store = TeacherStore(out)
+    for split in ("train", "valid"):
+        windows = TokenBatches(cfg.data, seed=0, split=split)
+        count = min(40, windows.map_samples)
+        assert store.covered(split) == count and store.map_samples(split) == windows.map_samples
+        rows = store.rows(split, np.arange(count))
+        assert torch.equal(rows["checksum"],
+                           sample_checksums(windows.map_inputs(range(count))))
+    capsys.readouterr()
+    assert offline_store.main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "train: 40 of 5767 samples" in info and "valid: 25 of 25 samples" in info, info
