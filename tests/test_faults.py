@@ -10,6 +10,7 @@
     two runs on one run directory        the second is refused at once; the first is untouched
     a full disk (RLIMIT_FSIZE)           checkpoint save, preprocess, teacher-logit export: one
                                          line, temporary files removed, earlier results intact
+                                         (an export keeps its settings and whole shards to resume)
 
 A full disk is simulated with RLIMIT_FSIZE in the child (with SIGXFSZ ignored, a write past the
 limit fails with EFBIG as it would with ENOSPC): it works as any user, in any container, and
