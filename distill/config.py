@@ -160,7 +160,8 @@ class DistillConfig:
     # several teachers: sum of weighted divergences | divergence to the weighted mixture
     teacher_mode: Literal["sum", "mixture"] = "sum"
     teacher_bf16: bool = False  # run the frozen teacher in bfloat16
-    offline_dir: str | None = None  # offline: directory of exported teacher top-k logits
+    offline_dir: str | None = None  # offline: directory of the teacher store (top-k logits)
+    offline_top_k: int = 0  # offline: the k the store must hold (0: whatever it holds)
     # weight of the LM (cross-entropy on labels) term: a number or {start, end, schedule, steps}
     lm_weight: Scheduled = 1.0
     mtp_weights: tuple[float, ...] = ()  # LM weight of each MTP head (times lm_weight); () = 1 each
@@ -242,6 +243,7 @@ class DistillConfig:
               "micro-batches have no LM loss")
 
     def _check_offline(self) -> None:
+        check(self.offline_top_k >= 0, "offline_top_k", f"must be >= 0 (got {self.offline_top_k})")
         if self.teachers:
             check(not self.offline_dir, "offline_dir",
                   "give each teacher's export as distill.teachers[i].offline_dir")

@@ -1,29 +1,27 @@
-"""The `offline` schedule: teacher top-k logits exported once, read back during training.
+"""The `offline` schedule: a teacher store keyed by the dataset's sample map, read during training.
 
-`tools/export_teacher_logits.py` runs the teacher over the run's training samples and writes
+`tools/export_teacher_logits.py` runs the teacher once over a dataset's samples (the sample map of
+engine/data/dataset.py: window w of a split, whatever a run's seed, batch sizes or layout) and
+writes
 
-    DIR/metadata.json               what the export is valid for (see `export_key`), k, samples
-                                    covered, the teacher checkpoint's digest, the tokenizer, and
-                                    every shard's file name, first sample, count, size and sha256
-    DIR/shard_{i:05d}.safetensors   global samples [first, first + count), per sample and position:
-        values     [count, seq, k] float32  the teacher's k largest raw logits, descending
-        indices    [count, seq, k] int32    their global vocabulary ids
-        logsumexp  [count, seq]    float32  logsumexp(teacher logits / T) over the real vocabulary
-        checksum   [count]         int64    `token_checksum` of each sample's input ids
+    DIR/metadata.json                 what the store is valid for and where each sample is:
+        format, version, seq_len, vocab_size, temperature, k, value_bits, data_digest (the split
+        and each dataset's .idx digest and .bin size), tokenizer (sha256 of the tokenizer.json
+        files beside the datasets, or null), teacher {path, digest (its weights' digest), bf16},
+        samples_per_shard, splits {train|valid: {map_samples, shards: [{file, index, first,
+        count, size, sha256}]}}
+    DIR/{split}_{index:05d}.safetensors   samples [index * samples_per_shard, + count) of the
+        split's sample map, encoded as distill/offline_codec.py says: top-k ids Rice-coded,
+        log-probabilities at the export's temperature quantized (or float32), the leftover mass
+        1 - sum(top-k) in float32, and each sample's token checksum.
 
-The leftover probability mass 1 - sum(top-k) follows from `logsumexp`, which is why it is stored:
-`distill._topk.topk_divergence` compares k + 1 buckets, and with k = the vocabulary it equals the
-divergence on full logits.
-
-Rows are keyed by GLOBAL sample index: the training stream's sample g depends only on the data,
-`data.seq_len` and `train.seed` (`engine.data.TokenBatches` draws samples one at a time), so one
-export serves any DP degree, micro-batch size or global batch, as long as it covers
-`train.steps * data.global_batch` samples. `check_offline_dir` compares the metadata with the run
-at start-up (each shard's size: a stat, no read); `OfflineTeacher` serves each micro-batch's rows
-and checks their token checksums. Each shard's sha256 is checked against metadata.json before the
-first row is read from it (`ShardedRows`), for the whole step at its first micro-batch, so that
-every rank that reads rows (the last stage's, all TP and DP ranks) meets an altered shard at the
-same step, before the step's collectives, and stops with the same ConfigError (exit 2).
+A run checks the metadata against its own settings at start-up (one ConfigError naming the field
+on a mismatch; every sample the run will draw must be in the store), then each rank looks its
+micro-batches' samples up by sample-map index (`TokenBatches.step_sample_ids`): any seed, DP, PP,
+global or micro batch, or curriculum reads the same store. Shards are memory-mapped and each one's
+sha256 is checked before its first read, for the whole step at its first micro-batch, so that
+every rank meets an altered shard at the same step and stops with the same ConfigError (exit 2).
+The store replaces the per-run export format of earlier versions (version 1), which is refused.
 """
 
 from __future__ import annotations
@@ -32,40 +30,42 @@ import hashlib
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from distill.config import SINGLE_TEACHER
+from distill.offline_codec import FLOAT_VALUES, VALUE_BITS, Codec
 from distill.teacher import StageTeacher, TeacherOutputs, token_checksum
 from engine import collectives as C
-from engine.checkpoint import METADATA as CHECKPOINT_METADATA
-from engine.checkpoint import resolve_checkpoint
+from engine.checkpoint import open_checkpoint
 from engine.checkpoint_files import CheckpointError, read_json, safe_child, sha256_of, verify_file
 from engine.config import ConfigError
 from engine.data import DataConfig, TokenBatches, resolve_data_path
 
-FORMAT = "megadistill-offline-teacher"
-VERSION = 1
+FORMAT = "megadistill-teacher-store"
+VERSION = 2
 METADATA = "metadata.json"
-FIELDS = ("values", "indices", "logsumexp", "checksum")  # tensors of every shard
 KEY = "distill.offline_dir"  # the config key every start-up error names
-_OPEN_SHARDS = 4  # shards a reader keeps memory-mapped at once
+_OPEN_SHARDS = 64  # shards a reader keeps memory-mapped at once (file handles)
 
-# The run settings an export is valid for: metadata key -> the config key a user would change.
-_RUN_KEYS = {"seq_len": "data.seq_len", "seed": "train.seed",
-             "temperature": "distill.logit.temperature", "vocab_size": "model.vocab_size",
-             "data_digest": "data.path / data.split"}
+# Settings a store is valid for: metadata key -> the config key a user would change.
+_RUN_KEYS = {"seq_len": "data.seq_len", "vocab_size": "model.vocab_size",
+             "data_digest": "data.path / data.split",
+             "tokenizer": "the tokenizer (tokenizer.json beside data.path)",
+             "temperature": "distill.logit.temperature"}
 
 
 class OfflineTeacherError(RuntimeError):
-    """The exported rows do not belong to the micro-batch being trained."""
+    """The stored rows do not belong to the micro-batch being trained."""
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.safetensors"
 
 
 # ------------------------------------------------------------------------------ top-k under TP
@@ -76,7 +76,7 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
 
     `logits_shard` [..., V/tp]: this rank's contiguous vocabulary shard (rank r holds columns
     r*V/tp ..); columns at or past `vocab_size` (padding) are excluded. Returns values [..., k]
-    float32 (raw logits, descending), global indices [..., k] int32 and logsumexp [...] float32,
+    float32 (raw logits, descending), global indices [..., k] int32 and logsumexp [...] float64,
     the same on every rank. One all_gather of [tokens, 2k + 1]: each rank's k best candidates
     and its local log-sum-exp; the vocabulary is never gathered.
     """
@@ -84,6 +84,10 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
     offset = C.group_rank(group) * width
     valid = max(0, min(width, vocab_size - offset))  # real-vocabulary columns of this shard
     x = logits_shard.reshape(-1, width)[:, :valid]  # [tokens, valid]
+    if C.group_size(group) == 1:  # the whole vocabulary is here
+        values, indices = x.topk(k, dim=-1)
+        return (values.float().reshape(*lead, k), indices.to(torch.int32).reshape(*lead, k),
+                _logsumexp64(x / temperature).reshape(lead))
     candidates = torch.full((x.shape[0], 2 * k + 1), float("-inf"), dtype=torch.float64,
                             device=x.device)  # [tokens, k values | k indices | local lse]
     candidates[:, k:2 * k] = -1  # no column: a rank with fewer than k real columns
@@ -91,8 +95,7 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
         values, indices = x.topk(min(k, valid), dim=-1)
         candidates[:, :values.shape[-1]] = values.to(torch.float64)
         candidates[:, k:k + values.shape[-1]] = (indices + offset).to(torch.float64)
-        scaled = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
-        candidates[:, -1] = torch.logsumexp(scaled, dim=-1).to(torch.float64)
+        candidates[:, -1] = _logsumexp64(x / temperature)
     gathered = C.all_gather(candidates[None], group, dim=0)  # [tp, tokens, 2k + 1]
     pool = gathered.permute(1, 0, 2)  # [tokens, tp, 2k + 1]
     pool_values = pool[..., :k].reshape(x.shape[0], -1)  # [tokens, tp * k]
@@ -101,7 +104,25 @@ def teacher_topk(logits_shard: torch.Tensor, *, k: int, vocab_size: int, tempera
     indices = pool_indices.gather(-1, where)
     lse = torch.logsumexp(pool[..., -1], dim=-1)
     return (values.float().reshape(*lead, k), indices.to(torch.int32).reshape(*lead, k),
-            lse.float().reshape(lead))
+            lse.reshape(lead))
+
+
+def _logsumexp64(scaled: torch.Tensor) -> torch.Tensor:
+    """[tokens] float64 log-sum-exp of [tokens, n]: exponentials in the input's precision after
+    the max is taken out (each term then has its float32 relative error), summed in float64."""
+    top = scaled.amax(-1, keepdim=True)
+    return top.squeeze(-1).double() + torch.exp(scaled - top).sum(-1, dtype=torch.float64).log()
+
+
+def topk_logprobs(values: torch.Tensor, lse: torch.Tensor, *, temperature: float,
+                  vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probs [..., k] float64, leftover mass [...] float64) at `temperature` of `teacher_topk`'s
+    raw values and float64 log-sum-exp; the leftover is 1 - sum(top-k), 0 when k is the vocabulary."""
+    logp = values.double() / temperature - lse.double()[..., None]
+    if values.shape[-1] == vocab_size:
+        return logp.numpy(), np.zeros(lse.shape)
+    leftover = (-torch.expm1(logp.logsumexp(-1))).clamp(0.0, 1.0)
+    return logp.numpy(), leftover.numpy()
 
 
 def sample_checksums(input_ids: torch.Tensor) -> torch.Tensor:
@@ -112,12 +133,12 @@ def sample_checksums(input_ids: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ what it is for
 
 def data_fingerprint(data_cfg: DataConfig) -> dict[str, Any]:
-    """What decides the sample stream besides seq_len and seed: the split and, per blended
-    dataset, its weight, the digest of its .idx (document lengths) and its .bin size. Paths are
-    left out so that a moved or rebuilt-identical dataset still matches."""
-    sources = [{"weight": weight, "idx_sha256": sha256_of(Path(prefix + ".idx")),
+    """What decides the sample map besides seq_len: the split and, per dataset in data.path order,
+    the digest of its .idx (document lengths) and its .bin size. Blend weights only order the
+    stream and paths may move, so neither is in it."""
+    sources = [{"idx_sha256": sha256_of(Path(prefix + ".idx")),
                 "bin_bytes": Path(prefix + ".bin").stat().st_size}
-               for weight, prefix in resolve_data_path(data_cfg)]
+               for _, prefix in resolve_data_path(data_cfg)]
     return {"split": data_cfg.split, "sources": sources}
 
 
@@ -125,37 +146,43 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def export_key(data_cfg: DataConfig, *, seed: int, temperature: float,
-               vocab_size: int) -> dict[str, Any]:
-    """The run settings that rows depend on; an export and a run must agree on all of them."""
-    return {"seq_len": data_cfg.seq_len, "seed": seed, "temperature": temperature,
-            "vocab_size": vocab_size, "data_digest": _digest(data_fingerprint(data_cfg))}
-
-
-def tokenizer_record(data_cfg: DataConfig) -> list[dict[str, str] | None]:
-    """Per dataset, the `tokenizer.json` next to it (the bundled corpus keeps one), or None.
-    Provenance only: a different tokenizer already changes the data digest."""
-    records = []
+def tokenizer_digest(data_cfg: DataConfig) -> str | None:
+    """sha256 over the `tokenizer.json` files beside the datasets (the bundled corpus keeps one);
+    None when there is none."""
+    digests = []
     for _, prefix in resolve_data_path(data_cfg):
         path = Path(prefix).parent / "tokenizer.json"
-        records.append({"path": str(path), "sha256": sha256_of(path)} if path.is_file() else None)
-    return records
+        digests.append(sha256_of(path) if path.is_file() else None)
+    return None if all(d is None for d in digests) else _digest(digests)
+
+
+def store_key(data_cfg: DataConfig, *, temperature: float, vocab_size: int) -> dict[str, Any]:
+    """The settings that stored rows depend on; a store and a run must agree on all of them."""
+    return {"seq_len": data_cfg.seq_len, "vocab_size": vocab_size,
+            "tokenizer": tokenizer_digest(data_cfg), "temperature": temperature,
+            "data_digest": _digest(data_fingerprint(data_cfg))}
+
+
+def teacher_digest(path: str | Path, *, key: str = "distill.teacher") -> str:
+    """A teacher checkpoint's identity: the digest of its weights (a copy has the same)."""
+    return open_checkpoint(path, key=key).weights_digest
 
 
 # ------------------------------------------------------------------------------ start-up checks
 
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """The export's metadata.json, checked for format; `ConfigError(distill.offline_dir)`."""
+def read_metadata(directory: str | Path, *, key: str = KEY) -> dict[str, Any]:
+    """The store's metadata.json, checked for format; `ConfigError(key)`."""
     path = Path(directory).expanduser() / METADATA
     if not path.is_file():
-        raise ConfigError(KEY, f"no teacher export at {directory} ({path} not found; write one "
+        raise ConfigError(key, f"no teacher store at {directory} ({path} not found; write one "
                                "with tools/export_teacher_logits.py)")
     try:
         meta = read_json(path)
     except CheckpointError as err:
-        raise ConfigError(KEY, str(err)) from None
+        raise ConfigError(key, str(err)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ConfigError(KEY, f"{path} is not a {FORMAT} version {VERSION} export")
+        raise ConfigError(key, f"{path} is not a {FORMAT} version {VERSION} store (a per-run "
+                               "export of an earlier version? export it again)")
     return meta
 
 
@@ -165,157 +192,186 @@ def _same(saved: Any, wanted: Any) -> bool:
     return saved == wanted
 
 
-def check_offline_dir(directory: str, *, wanted: dict[str, Any], samples: int,
-                      teacher: str | None) -> dict[str, Any]:
-    """Start-up check (before any process group) that `distill.offline_dir` was exported for this
-    run: the same settings (`wanted`, the run's `export_key`), at least `samples` samples
-    (train.steps * data.global_batch), the run's `teacher` checkpoint if it names one, every shard
-    present at its recorded size. Returns the metadata; raises one-line `ConfigError`s."""
+def _shown(name: str, value: Any) -> str:
+    return str(value)[:12] if name in ("data_digest", "tokenizer", "digest") else repr(value)
+
+
+def check_offline_dir(directory: str, *, wanted: dict[str, Any], needed: Callable[[], np.ndarray],
+                      teacher: str | None, k: int = 0) -> dict[str, Any]:
+    """Start-up check (before any process group) that `directory` serves this run: the same
+    settings (`wanted`, the run's `store_key`), the run's `teacher` checkpoint if it names one, `k`
+    if > 0, every train sample the run will draw (`needed()`, sample-map indices; only called when
+    the store holds part of the map) in a shard present at its recorded size. Returns the
+    metadata; raises one-line `ConfigError`s naming the field."""
     meta = read_metadata(directory)
     for name, config_key in _RUN_KEYS.items():
-        saved = meta.get(name)
-        if not _same(saved, wanted[name]):
-            shown = [str(v)[:12] if name == "data_digest" else repr(v)
-                     for v in (saved, wanted[name])]
-            raise ConfigError(KEY, f"{directory} was exported for {config_key} = {shown[0]} but "
-                                   f"this run has {shown[1]}")
-    if meta["samples"] < samples:
-        raise ConfigError(KEY, f"{directory} covers {meta['samples']} samples but this run needs "
-                               f"train.steps * data.global_batch = {samples}")
-    if teacher:
-        _check_teacher(teacher, meta, directory)
-    _check_shards(Path(directory).expanduser(), meta)
-    return meta
-
-
-def teacher_digest(checkpoint: Path) -> str:
-    """A teacher checkpoint's identity: the sha256 of its metadata.json, which records the size
-    and sha256 of every file of the checkpoint."""
-    return sha256_of(checkpoint / CHECKPOINT_METADATA)
-
-
-def _check_teacher(teacher: str, meta: dict[str, Any], directory: str) -> None:
-    digest = teacher_digest(resolve_checkpoint(teacher, key="distill.teacher"))
-    if digest != meta["teacher"]["digest"]:
+        if not _same(meta.get(name), wanted[name]):
+            raise ConfigError(KEY, f"{directory} was exported for {config_key} = "
+                                   f"{_shown(name, meta.get(name))} but this run has "
+                                   f"{_shown(name, wanted[name])}")
+    if k and meta["k"] != k:
+        raise ConfigError(KEY, f"{directory} holds the top-{meta['k']} but this run has "
+                               f"distill.offline_top_k = {k}")
+    if teacher and teacher_digest(teacher) != meta["teacher"]["digest"]:
         raise ConfigError(KEY, f"{directory} was exported from teacher {meta['teacher']['path']}, "
-                               f"not from distill.teacher = {teacher} (checkpoint digests differ)")
-
-
-def _check_shards(directory: Path, meta: dict[str, Any]) -> None:
-    for record in meta["shards"]:
-        try:
-            path = safe_child(directory, record["file"])
-        except CheckpointError as err:
-            raise ConfigError(KEY, str(err)) from None
-        if not path.is_file() or path.stat().st_size != record["size"]:
-            raise ConfigError(KEY, f"{path} is missing or altered (metadata records "
-                                   f"{record['size']} bytes)")
+                               f"not from distill.teacher = {teacher} (weights digests differ)")
+    store = TeacherStore(directory, meta)
+    store.check_sizes("train")
+    if store.covered("train") < store.map_samples("train"):
+        store.require("train", needed(), error=ConfigError)
+    return meta
 
 
 # ------------------------------------------------------------------------------ serving rows
 
-class ShardedRows:
-    """Rows of an export by global sample index, read lazily from memory-mapped shards, each
+class TeacherStore:
+    """A store's rows by (split, sample-map index), decoded from memory-mapped shards, each
     verified against its metadata record (size and sha256) before its first read: an altered
     shard is a `ConfigError(key)` naming the file."""
 
-    def __init__(self, directory: str | Path, meta: dict[str, Any], *, key: str = KEY):
+    def __init__(self, directory: str | Path, meta: dict[str, Any] | None = None, *,
+                 key: str = KEY):
         self.directory, self.key = Path(directory).expanduser(), key
-        self.per_shard, self.samples = meta["samples_per_shard"], meta["samples"]
-        self.records = meta["shards"]  # file, first, count, size, sha256 of each shard
-        self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> safe_open handle
-        self._verified: set[int] = set()
+        self.meta = meta if meta is not None else read_metadata(directory, key=key)
+        bits = self.meta["value_bits"]
+        if bits != FLOAT_VALUES and bits not in VALUE_BITS:
+            raise ConfigError(key, f"{self.directory / METADATA} has value_bits {bits}")
+        self.codec = Codec(self.meta["vocab_size"], self.meta["k"], bits)
+        self.per_shard = self.meta["samples_per_shard"]
+        self.records = {split: {r["index"]: r for r in section["shards"]}
+                        for split, section in self.meta["splits"].items()}
+        self._open: OrderedDict[tuple[str, int], Any] = OrderedDict()  # -> safe_open handle
+        self._verified: set[tuple[str, int]] = set()
 
-    def verify(self, samples: range) -> None:
-        """Check the digest of every shard holding some of `samples` (each shard once)."""
-        last = min(samples.stop, self.samples) - 1
-        for shard in range(max(samples.start, 0) // self.per_shard, last // self.per_shard + 1):
-            self._verify(shard)
+    def map_samples(self, split: str) -> int:
+        return self.meta["splits"][split]["map_samples"] if split in self.meta["splits"] else 0
 
-    def _verify(self, shard: int) -> None:
-        if shard in self._verified:
-            return
-        record = self.records[shard]
+    def covered(self, split: str) -> int:
+        return sum(r["count"] for r in self.records.get(split, {}).values())
+
+    def require(self, split: str, ids: np.ndarray, *, error: type[Exception]) -> None:
+        """Every sample of `ids` is in the store, or `error` naming the first missing one."""
+        ids = np.asarray(ids, dtype=np.int64)
+        present = np.array([int(i) // self.per_shard in self.records.get(split, {})
+                            for i in np.unique(ids)], dtype=bool)
+        missing = np.unique(ids)[~present] if ids.size else ids
+        if missing.size:
+            message = (f"{self.directory} holds {self.covered(split)} of the "
+                       f"{self.map_samples(split)} {split} samples, not sample {int(missing[0])} "
+                       "that this run draws (export the whole split, or more --samples)")
+            raise ConfigError(self.key, message) if error is ConfigError else error(message)
+
+    def check_sizes(self, split: str) -> None:
+        """Every shard of `split` present at its recorded size (a stat, no read)."""
+        for record in self.records.get(split, {}).values():
+            path = self._path(record)
+            if not path.is_file() or path.stat().st_size != record["size"]:
+                raise ConfigError(self.key, f"{path} is missing or altered (metadata records "
+                                            f"{record['size']} bytes)")
+
+    def _path(self, record: dict[str, Any]) -> Path:
         try:
-            verify_file(safe_child(self.directory, record["file"]), record)
+            return safe_child(self.directory, record["file"])
+        except CheckpointError as err:
+            raise ConfigError(self.key, str(err)) from None
+
+    def verify(self, split: str, ids: np.ndarray) -> None:
+        """Check the digest of every shard holding some of `ids` (each shard once)."""
+        for shard in np.unique(np.asarray(ids, dtype=np.int64) // self.per_shard):
+            self._verify(split, int(shard))
+
+    def _verify(self, split: str, shard: int) -> None:
+        if (split, shard) in self._verified:
+            return
+        try:
+            verify_file(self._path(self.records[split][shard]), self.records[split][shard])
         except CheckpointError as err:
             raise ConfigError(self.key, f"{err}; export it again with "
                                         "tools/export_teacher_logits.py") from None
-        self._verified.add(shard)
+        self._verified.add((split, shard))
 
-    def _handle(self, shard: int):
-        if shard not in self._open:
-            self._verify(shard)
+    def _handle(self, split: str, shard: int):
+        if (split, shard) not in self._open:
+            self._verify(split, shard)
             if len(self._open) == _OPEN_SHARDS:
                 self._open.popitem(last=False)
-            self._open[shard] = safe_open(str(self.directory / self.records[shard]["file"]),
-                                          framework="pt")
-        self._open.move_to_end(shard)
-        return self._open[shard]
+            self._open[split, shard] = safe_open(str(self._path(self.records[split][shard])),
+                                                 framework="numpy")
+        self._open.move_to_end((split, shard))
+        return self._open[split, shard]
 
     def close(self) -> None:
         self._open.clear()
 
-    def rows(self, samples: range) -> dict[str, torch.Tensor]:
-        """Every field for the consecutive global samples `samples`, stacked along dim 0."""
-        if samples.start < 0 or samples.stop > self.samples:
-            raise OfflineTeacherError(f"samples [{samples.start}, {samples.stop}) are outside the "
-                                      f"{self.samples} samples of the export {self.directory}")
-        parts, first = [], samples.start
-        while first < samples.stop:
-            shard, row = divmod(first, self.per_shard)
-            take = min(samples.stop - first, self.per_shard - row)
-            handle = self._handle(shard)
-            parts.append({name: handle.get_slice(name)[row:row + take] for name in FIELDS})
-            first += take
-        return {name: torch.cat([part[name] for part in parts]) for name in FIELDS}
+    def sample(self, split: str, index: int) -> dict[str, np.ndarray]:
+        """One sample: ids [seq, k] int64 (ascending), logp [seq, k] float32 (log-probabilities
+        at the store's temperature), leftover [seq] float32, checksum [] int64."""
+        shard, row = divmod(index, self.per_shard)
+        if shard not in self.records.get(split, {}) or row >= self.records[split][shard]["count"]:
+            raise OfflineTeacherError(f"sample {index} of the {split} split is not in the store "
+                                      f"{self.directory}")
+        handle = self._handle(split, shard)
+        ids, logp = self.codec.decode(handle.get_slice, row)
+        leftover = handle.get_slice("leftover")[row]
+        return {"ids": ids, "logp": logp, "leftover": leftover,
+                "checksum": np.int64(handle.get_slice("checksum")[row])}
+
+    def rows(self, split: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """`sample` of each of `ids`, stacked along dim 0, as tensors."""
+        parts = [self.sample(split, int(i)) for i in ids]
+        return {name: torch.from_numpy(np.stack([p[name] for p in parts]))
+                for name in ("ids", "logp", "leftover", "checksum")}
 
 
 class OfflineTeacher:
     """Teacher source (`distill.teacher.TeacherSource`) of the `offline` schedule:
-    `teacher(micro_batch)` returns the exported top-k values, indices and logsumexp of that
-    micro-batch's samples, as teacher `name`'s outputs. Under PP the last stage reads them.
+    `teacher(micro_batch)` returns the stored top-k of that micro-batch's samples, as teacher
+    `name`'s outputs (values = log-probabilities x T with a log-normalizer of 0, which the top-k
+    divergence reads as the stored log-probabilities). Under PP the last stage reads them.
 
-    Which samples: `data` (this rank's TokenBatches) has just drawn the step being trained, so
-    the step starts at global sample `data.consumed_samples - global_batch`, and the trainer asks
-    for the step's micro-batches in order; micro-batch m of DP rank r holds samples
-    m*mb*dp + r*mb + [0, mb) of the step (TokenBatches' order). Each row's stored token checksum
-    must match the micro-batch, so a stream that drifted from the export stops the run.
+    Which samples: `data` (this rank's TokenBatches) has just drawn the step being trained, whose
+    sample-map indices are `data.step_sample_ids`, and the trainer asks for the step's
+    micro-batches in order; micro-batch m of DP rank r holds the step's samples m*mb*dp + r*mb +
+    [0, mb) (TokenBatches' order). Each row's stored token checksum must match the micro-batch,
+    so a store of other data stops the run.
     """
 
     reaches_every_stage = False
 
-    def __init__(self, directory: str | Path, *, data: TokenBatches,
+    def __init__(self, directory: str | Path, *, data: TokenBatches, temperature: float,
                  device: torch.device | str = "cpu", name: str = SINGLE_TEACHER, key: str = KEY):
-        self.name = name
-        self.store = ShardedRows(directory, read_metadata(directory), key=key)
+        self.name, self.temperature = name, temperature
+        self.store = TeacherStore(directory, key=key)
         self.data, self.device = data, torch.device(device)
         self._step_first = -1  # first global sample of the step being served
         self._micro = 0  # micro-batches of that step served so far
 
-    def _samples(self, batch: int) -> range:
+    def _samples(self, batch: int) -> np.ndarray:
         cfg, data = self.data.cfg, self.data
         step_first = data.consumed_samples - cfg.global_batch
         if step_first != self._step_first:
             self._step_first, self._micro = step_first, 0
             # the whole step's shards, not this rank's: every rank fails at the same step or none
-            self.store.verify(range(step_first, step_first + cfg.global_batch))
-        first = step_first + (self._micro * data.dp + data.dp_rank) * cfg.micro_batch
+            self.store.require("train", data.step_sample_ids, error=OfflineTeacherError)
+            self.store.verify("train", data.step_sample_ids)
+        first = (self._micro * data.dp + data.dp_rank) * cfg.micro_batch
         self._micro += 1
-        return range(first, first + batch)
+        return data.step_sample_ids[first:first + batch]
 
     def __call__(self, micro_batch: dict[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
         input_ids = micro_batch["input_ids"]  # [mb, seq]
         samples = self._samples(input_ids.shape[0])
-        rows = self.store.rows(samples)
-        if rows["values"].shape[1] != input_ids.shape[1] or \
+        rows = self.store.rows("train", samples)
+        if rows["logp"].shape[1] != input_ids.shape[1] or \
                 not torch.equal(rows["checksum"], sample_checksums(input_ids)):
             raise OfflineTeacherError(
-                f"exported rows of samples [{samples.start}, {samples.stop}) hold other tokens "
-                "than this micro-batch: the export and the training data are misaligned")
-        return {self.name: TeacherOutputs(topk_values=rows["values"].to(self.device),
-                                          topk_indices=rows["indices"].to(self.device, torch.int64),
-                                          logsumexp=rows["logsumexp"].to(self.device))}
+                f"stored rows of samples {samples.tolist()} hold other tokens than this "
+                "micro-batch: the store and the training data are misaligned")
+        logp = rows["logp"].to(self.device)  # [mb, seq, k]
+        return {self.name: TeacherOutputs(topk_values=logp * self.temperature,
+                                          topk_indices=rows["ids"].to(self.device),
+                                          logsumexp=torch.zeros(logp.shape[:-1],
+                                                                device=self.device))}
 
     def stage_parts(self) -> dict[str, StageTeacher]:
         return {}

@@ -244,11 +244,14 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                              on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step),
                              preempted=preempted)
     if schedule == "offline":
+        temperature = cfg.distill.logit.temperature
         if cfg.distill.teachers:
-            return TeacherList([OfflineTeacher(e.offline_dir, data=data, device=layout.device,
-                                               name=e.name, key=f"distill.teachers[{i}].offline_dir")
+            return TeacherList([OfflineTeacher(e.offline_dir, data=data, temperature=temperature,
+                                               device=layout.device, name=e.name,
+                                               key=f"distill.teachers[{i}].offline_dir")
                                 for i, e in enumerate(cfg.distill.teachers)])
-        return OfflineTeacher(cfg.distill.offline_dir, data=data, device=layout.device)
+        return OfflineTeacher(cfg.distill.offline_dir, data=data, temperature=temperature,
+                              device=layout.device)
     if teacher_cfg is None:
         return None
     return _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)

@@ -19,10 +19,17 @@ from typing import NamedTuple
 import numpy as np
 
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers, teacher_key
-from distill.offline import check_offline_dir, export_key
+from distill.offline import check_offline_dir, store_key
 from engine.checkpoint import ResolvedCheckpoint, checkpoints_after, is_intact, open_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from engine.data import DataConfig, DataError, check_batch_layout, check_datasets
+from engine.data import (
+    DataConfig,
+    DataError,
+    TokenBatches,
+    check_batch_layout,
+    check_datasets,
+    resolve_data_path,
+)
 from engine.data.config import DEFAULT_PATH
 from engine.data.curriculum import curriculum_order, read_scores
 from engine.log import get_logger
@@ -328,24 +335,33 @@ def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) 
 
 
 def check_offline_dirs(cfg: RunConfig) -> None:
-    """Each offline export (`distill.offline_dir`, or each of `distill.teachers`) against the
+    """Each offline store (`distill.offline_dir`, or each of `distill.teachers`) against the
     run; an error names the teacher's key."""
-    samples, wanted = cfg.train.steps * cfg.data.global_batch, run_export_key(cfg)
+    wanted = run_store_key(cfg)
+
+    def needed() -> np.ndarray:  # the sample-map indices of every train sample the run draws
+        data = TokenBatches(cfg.data, seed=cfg.train.seed, order=curriculum(cfg))
+        return data.stream_sample_ids(cfg.train.steps * cfg.data.global_batch)
+
+    k = cfg.distill.offline_top_k
     if not cfg.distill.teachers:
-        check_offline_dir(cfg.distill.offline_dir, wanted=wanted, samples=samples,
-                          teacher=cfg.distill.teacher)
+        check_offline_dir(cfg.distill.offline_dir, wanted=wanted, needed=needed,
+                          teacher=cfg.distill.teacher, k=k)
     for i, entry in enumerate(cfg.distill.teachers):
         try:
-            check_offline_dir(entry.offline_dir, wanted=wanted, samples=samples,
-                              teacher=entry.checkpoint or None)
+            check_offline_dir(entry.offline_dir, wanted=wanted, needed=needed,
+                              teacher=entry.checkpoint or None, k=k)
         except ConfigError as err:
             raise ConfigError(f"distill.teachers[{i}].offline_dir", err.message) from None
 
 
 def curriculum_key(cfg: RunConfig) -> dict:
-    """The run settings curriculum scores must have been made with (the sample stream's)."""
-    return export_key(cfg.data, seed=cfg.train.seed, temperature=1.0,
-                      vocab_size=cfg.model.vocab_size)
+    """The run settings curriculum scores must have been made with (the sample stream's: its
+    sample map, seed and blend weights)."""
+    key = store_key(cfg.data, temperature=1.0, vocab_size=cfg.model.vocab_size)
+    del key["temperature"], key["tokenizer"]
+    weights = [weight for weight, _ in resolve_data_path(cfg.data)]
+    return {**key, "seed": cfg.train.seed, "blend_weights": weights}
 
 
 def curriculum(cfg: RunConfig) -> np.ndarray | None:
@@ -353,18 +369,15 @@ def curriculum(cfg: RunConfig) -> np.ndarray | None:
     and checks the scores (`ConfigError` naming data.curriculum_scores)."""
     if cfg.data.curriculum == "none":
         return None
-    if cfg.distill.schedule == "offline":  # the export's rows follow the stream's order
-        raise ConfigError("data.curriculum", "is not supported with distill.schedule offline "
-                                             "(the export's rows follow the plain stream)")
     scores = read_scores(cfg.data.curriculum_scores, wanted=curriculum_key(cfg),
                          samples=cfg.data.curriculum_samples)
     return curriculum_order(scores, mode=cfg.data.curriculum_mode, seed=cfg.train.seed)
 
 
-def run_export_key(cfg: RunConfig) -> dict:
-    """The settings an offline teacher export must have been made with to serve this run."""
-    return export_key(cfg.data, seed=cfg.train.seed, temperature=cfg.distill.logit.temperature,
-                      vocab_size=cfg.model.vocab_size)
+def run_store_key(cfg: RunConfig) -> dict:
+    """The settings an offline teacher store must have been made with to serve this run."""
+    return store_key(cfg.data, temperature=cfg.distill.logit.temperature,
+                     vocab_size=cfg.model.vocab_size)
 
 
 def resolved_dict(cfg: RunConfig) -> dict:

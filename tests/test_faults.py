@@ -10,6 +10,7 @@
     two runs on one run directory        the second is refused at once; the first is untouched
     a full disk (RLIMIT_FSIZE)           checkpoint save, preprocess, teacher-logit export: one
                                          line, temporary files removed, earlier results intact
+                                         (an export keeps its settings and whole shards to resume)
 
 A full disk is simulated with RLIMIT_FSIZE in the child (with SIGXFSZ ignored, a write past the
 limit fails with EFBIG as it would with ENOSPC): it works as any user, in any container, and
@@ -357,12 +358,16 @@ def test_preprocess_on_a_full_disk_keeps_the_old_dataset_and_leaves_nothing(conf
             assert list(out.iterdir()) == []
 
 
-def test_teacher_logit_export_on_a_full_disk_leaves_nothing(config, tmp_path):
+def test_teacher_logit_export_on_a_full_disk_keeps_only_its_settings_to_resume(config, tmp_path):
+    """A shard that does not fit is removed; what stays is the interrupted export's settings in
+    .export.tmp (resumed by the same command, tests/test_offline.py), never a store."""
     out = tmp_path / "export"
     cmd = command("tools/export_teacher_logits.py", "--config", config, "--top-k", "8", "--out", out,
-                  "--shard-samples", "64", "--no-progress", "train.steps=40", "parallel.timeout_s=60")
+                  "--shard-samples", "256", "--samples", "512", "--no-progress",
+                  "parallel.timeout_s=60")
     done = run(cmd, env=ENV, preexec_fn=_limit_file_size(20_000))
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("ExportError: ")]
     assert len(lines) == 1 and "File too large" in lines[0], done.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.tmp"]
+    assert sorted(p.name for p in (tmp_path / ".export.tmp").iterdir()) == ["export.json"]

@@ -353,6 +353,7 @@ def test_offline_exports_of_two_teachers_equal_colocated_sum(tmp_path):
     """Sum mode from two full-vocabulary offline exports logs what two colocated teachers log
     (fp32 round-off of the two formulas: rtol 1e-5, kd terms atol 1e-6)."""
     cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    cfg["data"]["corpus_max_bytes"] = 30000  # a small sample map: the stores hold every column
     narrow = teacher_config(cfg)
     narrow["model"].update(hidden=24, layers=1, ffn_hidden=48)
     ckpts = {"wide": make_teacher(tmp_path / "wide", teacher_config(cfg)),
@@ -364,7 +365,8 @@ def test_offline_exports_of_two_teachers_equal_colocated_sum(tmp_path):
                            {**cfg, "distill": {**cfg["distill"], "teacher": str(ckpt)}})
         exports[name] = tmp_path / f"export_{name}"
         assert export_teacher_logits.main(["--config", str(one), "--top-k", str(CORPUS_VOCAB),
-                                           "--out", str(exports[name]), "--no-progress"]) == 0
+                                           "--value-bits", "32", "--out", str(exports[name]),
+                                           "--no-progress"]) == 0
     weights = {"wide": 0.7, "narrow": 0.3}
     cfg["distill"]["teachers"] = [{"checkpoint": str(ckpts[n]), "name": n, "weight": weights[n]}
                                   for n in ckpts]

@@ -1,33 +1,44 @@
-"""Export a teacher's top-k logits over a run's training samples, for `distill.schedule: offline`.
+"""Export a teacher's top-k over a dataset's sample map: the store of `distill.schedule: offline`.
 
-    python tools/export_teacher_logits.py --config FILE --top-k K --out DIR [section.key=value ...]
+    python tools/export_teacher_logits.py --config FILE --top-k K --out DIR [--split train|valid|all]
+                                          [--samples N] [--value-bits B] [section.key=value ...]
     torchrun --nproc_per_node N tools/export_teacher_logits.py --config FILE --top-k K --out DIR
 
-It reads the same run config as training: the teacher checkpoint `distill.teacher` (in bfloat16
-with `distill.teacher_bf16`), the data (`data.*`), how many samples (`train.steps *
-data.global_batch`, in training order for `train.seed`), the temperature of the stored
-log-sum-exp (`distill.logit.temperature`) and the tensor-parallel degree (`parallel.tp`; sequence
-parallelism is not used, it would only save activation memory). The N processes form
-N / parallel.tp data-parallel groups that take turns over the shards. What is written is described
-in `distill/offline.py`; train from it with `distill.schedule=offline distill.offline_dir=DIR`.
+It reads a run config for the teacher checkpoint `distill.teacher` (in bfloat16 with
+`distill.teacher_bf16`), the data (`data.*`: datasets, split, seq_len; not the seed nor the batch
+sizes: the store is keyed by the dataset's sample map, engine/data/dataset.py), the temperature of
+the stored log-probabilities (`distill.logit.temperature`) and the tensor-parallel degree
+(`parallel.tp`). It covers every sample of the split's sample map, or the first N with --samples
+N (`--first F`, a multiple of --shard-samples, starts there instead: `tools/offline_store.py
+merge` joins exports of disjoint ranges). The N processes form N / parallel.tp data-parallel
+groups; shard i of a split is computed by group i % dp and written by its TP rank 0, so ranks
+write disjoint files. The format is distill/offline.py's and distill/offline_codec.py's (ids
+compressed, log-probabilities at --value-bits, 32 = float32; each shard is encoded and written
+in a thread while the teacher runs the next); train from it with
+`distill.schedule=offline distill.offline_dir=DIR`.
 
-Atomic: every rank writes into `.DIR.tmp` beside DIR, rank 0 writes metadata.json last and renames
-the directory into place (several nodes need a shared filesystem). An existing DIR is never
-overwritten. A bad config or argument stops with one `ConfigError:` line and exit code 2; a write
-that fails (a full disk) stops every rank after that shard with one `ExportError:` line and exit
-code 1, and `.DIR.tmp` is removed (on any failure or interrupt).
+Resumable: shards go into `.DIR.tmp` beside DIR, each written under a temporary name and renamed
+when complete, with the export's settings in `.DIR.tmp/export.json`. A cut export (SIGTERM, a
+lost node, a full disk) leaves `.DIR.tmp`; the same command again computes only the missing shards
+and gives the same store byte for byte (other settings: one ConfigError naming --out). Rank 0
+writes metadata.json last and renames the directory into place (several nodes need a shared
+filesystem). An existing DIR is never overwritten. A bad config or argument stops with one
+`ConfigError:` line and exit code 2; a write that fails stops every rank after that round with
+one `ExportError:` line and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
-import shutil
+import os
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -40,15 +51,15 @@ from distill.offline import (
     VERSION,
     sample_checksums,
     shard_name,
-    teacher_digest,
+    store_key,
     teacher_topk,
-    tokenizer_record,
+    topk_logprobs,
 )
+from distill.offline_codec import FLOAT_VALUES, VALUE_BITS, Codec
 from distill.runconfig import (
     RunConfig,
     check_data,
     parse_run_config,
-    run_export_key,
     teacher_checkpoints,
     teacher_model_config,
 )
@@ -57,15 +68,16 @@ from distill.teacher_load import load_teacher
 from distill.teacher_sources import ColocatedTeacher
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, ResolvedCheckpoint, ranks_agree
-from engine.checkpoint_files import file_record, fsync_dir, write_json, write_tensors
+from engine.checkpoint_files import file_record, fsync_dir, read_json, write_json, write_tensors
 from engine.config import ConfigError, apply_overrides, check, load_yaml
-from engine.data import TokenBatches, resolve_data_path
+from engine.data import TokenBatches
 from engine.entry import EXIT_CONFIG, EXIT_RUNTIME, ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
 from engine.parallel import LaunchEnv, LayoutError, ParallelConfig, ParallelLayout, validate_layout
 from layers.config import ModelConfig
 
 log = get_logger("export_teacher_logits")
+SETTINGS = "export.json"  # in .DIR.tmp: what a resumed export must match
 
 
 class ExportError(RuntimeError):
@@ -74,12 +86,15 @@ class ExportError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ExportPlan:
-    cfg: RunConfig  # the run config the export serves
+    cfg: RunConfig  # the run config whose data and teacher the export covers
     teacher: ModelConfig  # the teacher's architecture, from its checkpoint
     checkpoint: ResolvedCheckpoint  # the teacher's checkpoint, resolved and checked at start-up
-    k: int  # logits kept per position
-    out: Path  # the export directory (must not exist)
+    codec: Codec  # vocabulary, k and value width
+    out: Path  # the store directory (must not exist)
     shard_samples: int  # samples per shard file
+    ranges: dict[str, range]  # per split, the sample-map indices exported
+    map_samples: dict[str, int]  # per split, the samples of its whole sample map
+    header: dict  # metadata.json without the shard records
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -87,26 +102,55 @@ class ExportPlan:
         return ParallelConfig(tp=self.cfg.parallel.tp, timeout_s=self.cfg.parallel.timeout_s)
 
     @property
-    def samples(self) -> int:
-        return self.cfg.train.steps * self.cfg.data.global_batch
+    def tmp(self) -> Path:
+        return self.out.with_name(f".{self.out.name}.tmp")
 
-    @property
-    def shards(self) -> list[range]:
-        """Global sample ranges of the shard files."""
-        step = self.shard_samples
-        return [range(first, min(first + step, self.samples))
-                for first in range(0, self.samples, step)]
+    def shards(self, split: str) -> list[range]:
+        """The sample ranges of the split's shard files; shard i is [i * S, (i + 1) * S)."""
+        step, ids = self.shard_samples, self.ranges[split]
+        return [range(first, min(first + step, ids.stop)) for first in range(ids.start, ids.stop, step)]
+
+
+@dataclasses.dataclass
+class ExportStats:
+    """Where this rank's export time went, for the log and tools/bench/offline_store.py."""
+
+    tokens: int = 0  # tokens this rank exported
+    forward_s: float = 0.0  # teacher forward
+    topk_s: float = 0.0  # the teacher's top-k, log-sum-exp and log-probabilities
+    wait_s: float = 0.0  # waiting for the writer thread (encoding and writing not hidden)
+    seconds: float = 0.0  # the whole export, wall clock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's YAML configuration")
     parser.add_argument("--top-k", type=int, required=True, help="logits kept per position")
-    parser.add_argument("--out", required=True, help="export directory (must not exist)")
-    parser.add_argument("--shard-samples", type=int, default=256, help="samples per shard file")
+    parser.add_argument("--out", required=True, help="store directory (must not exist)")
+    parser.add_argument("--split", default="train", help="train | valid | all (both)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples of each split's sample map (default: all)")
+    parser.add_argument("--first", type=int, default=0, help="first sample (a multiple of "
+                        "--shard-samples; for exports to merge)")
+    parser.add_argument("--shard-samples", type=int, default=64, help="samples per shard file")
+    parser.add_argument("--value-bits", type=int, default=6,
+                        help=f"bits per log-probability, 2..16, or {FLOAT_VALUES} (float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace, vocab: int) -> None:
+    check(args.split in ("train", "valid", "all"), "--split",
+          f"must be train, valid or all (got {args.split})")
+    check(1 <= args.top_k <= vocab, "--top-k", f"must be in [1, {vocab}] (got {args.top_k})")
+    check(args.shard_samples >= 1, "--shard-samples", f"must be >= 1 (got {args.shard_samples})")
+    check(args.samples is None or args.samples >= 1, "--samples",
+          f"must be >= 1 (got {args.samples})")
+    check(args.first >= 0 and args.first % args.shard_samples == 0, "--first",
+          f"must be a multiple of --shard-samples={args.shard_samples} (got {args.first})")
+    check(args.value_bits == FLOAT_VALUES or args.value_bits in VALUE_BITS, "--value-bits",
+          f"must be in 2..16 or {FLOAT_VALUES} (got {args.value_bits})")
 
 
 def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
@@ -117,23 +161,64 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
     check(not cfg.distill.teachers, "distill.teachers",
-          "an export holds one teacher: give it as distill.teacher")
+          "a store holds one teacher: give it as distill.teacher")
     # The teacher a colocated run of this config would load (an offline run loads none).
     live = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, schedule="colocated"))
     teachers = teacher_checkpoints(live)
     teacher = teacher_model_config(live, teachers)
     check(teacher is not None, "distill.logit.weight", "is 0: there are no logits to export")
     check(not cfg.distill.logit.varying_temperature, "distill.logit.temperature",
-          "must be a constant: the export stores the teacher's log-normalizer at one temperature")
+          "must be a constant: the store holds log-probabilities at one temperature")
     check_compatibility(live.distill, cfg.model, teacher, cfg.parallel.tp)
-    vocab = cfg.model.vocab_size
-    check(1 <= args.top_k <= vocab, "--top-k", f"must be in [1, {vocab}] (got {args.top_k})")
-    check(args.shard_samples >= 1, "--shard-samples", f"must be >= 1 (got {args.shard_samples})")
+    _check_args(args, cfg.model.vocab_size)
     out = Path(args.out).expanduser()
     ensure_new_output(out, force=None)
     check_data(cfg)  # a missing or bad dataset stops here; builds the bundled corpus once
-    return ExportPlan(cfg=cfg, teacher=teacher, checkpoint=teachers[""], k=args.top_k, out=out,
-                      shard_samples=args.shard_samples)
+    splits = ("train", "valid") if args.split == "all" else (args.split,)
+    map_samples = {split: _split_map(cfg, split).map_samples for split in splits}
+    ranges = {}
+    for split, total in map_samples.items():
+        check(args.first < total, "--first", f"is past the {total} samples of the {split} split")
+        stop = total if args.samples is None else min(total, args.first + args.samples)
+        ranges[split] = range(args.first, stop)
+    codec = Codec(cfg.model.vocab_size, args.top_k, args.value_bits)
+    plan = ExportPlan(cfg=cfg, teacher=teacher, checkpoint=teachers[""], codec=codec, out=out,
+                      shard_samples=args.shard_samples, ranges=ranges, map_samples=map_samples,
+                      header={})
+    plan = dataclasses.replace(plan, header=header(plan))
+    _check_resumable(plan)
+    return plan
+
+
+def _split_map(cfg: RunConfig, split: str) -> TokenBatches:
+    """The split's samples (its sample map; the seed only orders a stream, unused here)."""
+    return TokenBatches(cfg.data, seed=0, split=split, vocab_size=cfg.model.vocab_size)
+
+
+def header(plan: ExportPlan) -> dict:
+    cfg, codec = plan.cfg, plan.codec
+    key = store_key(cfg.data, temperature=cfg.distill.logit.temperature,
+                    vocab_size=cfg.model.vocab_size)
+    return {"format": FORMAT, "version": VERSION, **key, "k": codec.k,
+            "value_bits": codec.value_bits, "samples_per_shard": plan.shard_samples,
+            "teacher": {"path": str(plan.checkpoint.path),
+                        "digest": plan.checkpoint.weights_digest,
+                        "bf16": cfg.distill.teacher_bf16},
+            "exported": {split: [ids.start, ids.stop] for split, ids in plan.ranges.items()}}
+
+
+def _check_resumable(plan: ExportPlan) -> None:
+    """An interrupted export in .DIR.tmp is resumed only with the same settings."""
+    path = plan.tmp / SETTINGS
+    if not path.is_file():
+        return
+    try:
+        saved = read_json(path)
+    except CheckpointError:
+        return  # cut while writing its settings: nothing was exported yet
+    differ = sorted(k for k in set(saved) | set(plan.header) if saved.get(k) != plan.header.get(k))
+    check(not differ, "--out", f"{plan.tmp} holds an interrupted export with other settings "
+                               f"({', '.join(differ)}): remove it, or resume with the same ones")
 
 
 def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
@@ -143,115 +228,156 @@ def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
     return ColocatedTeacher(model, TeacherRequest(head="logits"))
 
 
-def training_samples(cfg: RunConfig) -> Iterator[torch.Tensor]:
-    """Input ids [seq] of every training sample, in global order (TokenBatches at DP = 1)."""
-    data = TokenBatches(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
-    for _ in range(cfg.train.steps):
-        for micro_batch in data.next_step():
-            yield from micro_batch["input_ids"]
-
-
-def export_shard(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: ExportPlan,
-                 layout: ParallelLayout) -> dict[str, torch.Tensor]:
-    """One shard's tensors for input ids [count, seq], `data.micro_batch` samples per forward."""
-    parts = []
-    for chunk in input_ids.split(plan.cfg.data.micro_batch):
+def teacher_rows(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: ExportPlan,
+                 layout: ParallelLayout, stats: ExportStats) -> tuple[np.ndarray, ...]:
+    """(ids, log-probs, leftover) of input ids [count, seq], `data.micro_batch` samples per
+    forward: [count, seq, k] int32, [count, seq, k] float64, [count, seq] float64."""
+    cfg, codec = plan.cfg, plan.codec
+    temperature = cfg.distill.logit.temperature
+    ids, logp, leftover = [], [], []
+    for chunk in input_ids.split(cfg.data.micro_batch):
+        started = time.perf_counter()
         logits_shard = teacher.forward(chunk.to(layout.device)).logits  # [mb, seq, vocab/tp]
-        parts.append(teacher_topk(logits_shard, k=plan.k, vocab_size=plan.cfg.model.vocab_size,
-                                  temperature=plan.cfg.distill.logit.temperature,
-                                  group=layout.tp_group))
-    values, indices, lse = (torch.cat([p[i] for p in parts]).cpu() for i in range(3))
-    return {"values": values, "indices": indices, "logsumexp": lse,
-            "checksum": sample_checksums(input_ids)}
+        middle = time.perf_counter()
+        values, indices, lse = (t.cpu() for t in teacher_topk(
+            logits_shard, k=codec.k, vocab_size=codec.vocab_size, temperature=temperature,
+            group=layout.tp_group))
+        chunk_logp, chunk_leftover = topk_logprobs(values, lse, temperature=temperature,
+                                                   vocab_size=codec.vocab_size)
+        ids.append(indices.numpy())
+        logp.append(chunk_logp)
+        leftover.append(chunk_leftover)
+        stats.forward_s += middle - started
+        stats.topk_s += time.perf_counter() - middle
+    return np.concatenate(ids), np.concatenate(logp), np.concatenate(leftover)
+
+
+def encode_and_write(path: Path, codec: Codec, rows: tuple[np.ndarray, ...],
+                     input_ids: torch.Tensor) -> str | None:
+    """Encode one shard and write it (in the writer thread); the error as one line, or None."""
+    tensors = {name: torch.from_numpy(array) for name, array in codec.encode(*rows).items()}
+    tensors["checksum"] = sample_checksums(input_ids)
+    return _write(path, tensors)
 
 
 def _barrier(layout: ParallelLayout) -> None:
     C.barrier(layout.role_group if layout.world_size > 1 else None)
 
 
-def _prepare(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
-    tmp.mkdir(parents=True)
+def _prepare(plan: ExportPlan) -> None:
+    """Rank 0: .DIR.tmp with the export's settings, or the interrupted one to resume."""
+    plan.tmp.mkdir(parents=True, exist_ok=True)
+    for partial in plan.tmp.glob("*.partial"):
+        partial.unlink()  # a shard cut while being written
+    if not (plan.tmp / SETTINGS).is_file():
+        write_json(plan.tmp / SETTINGS, plan.header)
 
 
-def write_shards(plan: ExportPlan, teacher: ColocatedTeacher, layout: ParallelLayout, tmp: Path,
-                 *, progress: bool) -> None:
-    """Shard i is computed by DP group i % dp and written by its TP rank 0."""
-    stream = training_samples(plan.cfg)
-    bar = tqdm(total=plan.samples, desc="export", unit="sample",
-               disable=not (progress and layout.is_rank0))
-    for index, samples in enumerate(plan.shards):
-        input_ids = torch.stack(list(itertools.islice(stream, len(samples))))  # [count, seq]
-        error = None
-        if index % layout.dp == layout.dp_rank:
-            tensors = export_shard(teacher, input_ids, plan=plan, layout=layout)
-            if layout.tp_rank == 0:
-                error = _write(tmp / shard_name(index), tensors)
-        if error and not layout.is_rank0:  # rank 0 prints the final line
-            log.error(error, extra={"all_ranks": True})
-        # Every rank learns of a failed write at once, rather than waiting for the writer in the
-        # next shard's collectives; one int per shard.
-        if not ranks_agree(layout, error is None):
-            raise ExportError(error or f"writing shard {index} failed on another rank")
-        bar.update(len(samples))
-    bar.close()
+def write_shards(plan: ExportPlan, split: str, teacher: ColocatedTeacher, layout: ParallelLayout,
+                 *, bar: tqdm, stats: ExportStats) -> None:
+    """Round r: DP group g computes shard r * dp + g unless it is already written (a resumed
+    export), and its TP rank 0 encodes and writes it in a writer thread while the teacher runs
+    the next round; every rank learns of a failed write one round later, all in the same round."""
+    shards = plan.shards(split)
+    data = _split_map(plan.cfg, split)
+    first_index = plan.ranges[split].start // plan.shard_samples
+    done = {i for i, _ in enumerate(shards)
+            if (plan.tmp / shard_name(split, first_index + i)).is_file()}
+    _barrier(layout)  # every rank has listed the written shards before any new one appears
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for start in range(0, len(shards), layout.dp):
+            index, submitted = start + layout.dp_rank, None
+            if index < len(shards) and index not in done:
+                input_ids = data.map_inputs(shards[index])
+                rows = teacher_rows(teacher, input_ids, plan=plan, layout=layout, stats=stats)
+                stats.tokens += input_ids.numel()
+                if layout.tp_rank == 0:
+                    path = plan.tmp / shard_name(split, first_index + index)
+                    submitted = writer.submit(encode_and_write, path, plan.codec, rows, input_ids)
+            _agree(layout, pending, split, stats)
+            pending = submitted
+            bar.update(sum(len(s) for s in shards[start:start + layout.dp]) * plan.cfg.data.seq_len)
+        _agree(layout, pending, split, stats)
+
+
+def _agree(layout: ParallelLayout, pending: Future | None, split: str, stats: ExportStats) -> None:
+    """Wait for this rank's write in flight, then stop every rank if any rank's write failed."""
+    started = time.perf_counter()
+    error = pending.result() if pending is not None else None
+    stats.wait_s += time.perf_counter() - started
+    if error and not layout.is_rank0:  # rank 0 prints the final line
+        log.error(error, extra={"all_ranks": True})
+    if not ranks_agree(layout, error is None):
+        raise ExportError(error or f"writing a {split} shard failed on another rank")
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Write one shard; the error as one line, or None."""
+    """Write one shard under a temporary name, then rename; the error as one line, or None."""
+    partial = path.with_name(path.name + ".partial")
     try:
-        write_tensors(path, tensors)
+        write_tensors(partial, tensors)
+        os.replace(partial, path)
     except Exception as err:  # safetensors reports a full disk as its own error type
+        partial.unlink(missing_ok=True)
         return f"writing {path} failed: {err}"
     return None
 
 
-def metadata(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> dict:
-    cfg = plan.cfg
-    checkpoint = plan.checkpoint.path
-    key = run_export_key(cfg)
-    shards = [{"file": shard_name(i), "first": s.start, "count": len(s),
-               **file_record(tmp / shard_name(i))} for i, s in enumerate(plan.shards)]
-    return {"format": FORMAT, "version": VERSION, **key, "k": plan.k, "samples": plan.samples,
-            "samples_per_shard": plan.shard_samples,
-            "dtypes": {"values": "float32", "indices": "int32", "logsumexp": "float32"},
-            "teacher": {"path": str(checkpoint), "digest": teacher_digest(checkpoint),
-                        "bf16": cfg.distill.teacher_bf16},
-            "data_prefixes": [prefix for _, prefix in resolve_data_path(cfg.data)],
-            "tokenizer": tokenizer_record(cfg.data),
-            "exported_with": {"tp": layout.tp, "dp": layout.dp, "steps": cfg.train.steps,
-                              "global_batch": cfg.data.global_batch},
-            "shards": shards}
+def metadata(plan: ExportPlan) -> dict:
+    splits = {}
+    for split, ids in plan.ranges.items():
+        first_index = ids.start // plan.shard_samples
+        records = [{"file": shard_name(split, first_index + i), "index": first_index + i,
+                    "first": s.start, "count": len(s),
+                    **file_record(plan.tmp / shard_name(split, first_index + i))}
+                   for i, s in enumerate(plan.shards(split))]
+        splits[split] = {"map_samples": plan.map_samples[split], "shards": records}
+    meta = {k: v for k, v in plan.header.items() if k != "exported"}
+    return {**meta, "splits": splits}
 
 
-def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -> Path:
-    """Write the export under every rank (all ranks call it); returns the export directory."""
-    tmp = plan.out.with_name(f".{plan.out.name}.tmp")
-    try:
-        if layout.is_rank0:
-            _prepare(tmp)
-        _barrier(layout)
-        teacher = build_teacher(plan, layout)
-        write_shards(plan, teacher, layout, tmp, progress=progress)
-        _barrier(layout)
-        if layout.is_rank0:
-            _publish(plan, layout, tmp)
-        _barrier(layout)
-    finally:  # after a failure (or an interrupt) nothing half-written stays
-        if layout.is_rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return plan.out
+def export(plan: ExportPlan, layout: ParallelLayout, *, progress: bool = True) -> ExportStats:
+    """Write the store under every rank (all ranks call it); returns this rank's timings."""
+    if layout.is_rank0:
+        _prepare(plan)
+    _barrier(layout)
+    teacher = build_teacher(plan, layout)
+    stats = ExportStats()
+    started = time.perf_counter()
+    total = sum(len(ids) for ids in plan.ranges.values()) * plan.cfg.data.seq_len
+    with tqdm(total=total, desc="export", unit="tok", unit_scale=True,
+              disable=not (progress and layout.is_rank0)) as bar:
+        for split in plan.ranges:
+            write_shards(plan, split, teacher, layout, bar=bar, stats=stats)
+    stats.seconds = time.perf_counter() - started
+    _barrier(layout)
+    if layout.is_rank0:
+        _publish(plan)
+        _log_stats(stats)
+    _barrier(layout)
+    return stats
 
 
-def _publish(plan: ExportPlan, layout: ParallelLayout, tmp: Path) -> None:
+def _log_stats(stats: ExportStats) -> None:
+    if stats.seconds > 0:
+        log.info("rank 0: %d tokens in %.2f s, %.0f tokens/s; teacher forward %.2f s, top-k "
+                 "%.2f s, waiting for the writer thread %.2f s", stats.tokens, stats.seconds,
+                 stats.tokens / stats.seconds, stats.forward_s, stats.topk_s, stats.wait_s)
+
+
+def _publish(plan: ExportPlan) -> None:
     """Rank 0, once every shard is written: metadata last, then the rename into place."""
     try:
-        write_json(tmp / METADATA, metadata(plan, layout, tmp))
-        tmp.rename(plan.out)
+        write_json(plan.tmp / METADATA, metadata(plan))
+        (plan.tmp / SETTINGS).unlink()
+        plan.tmp.rename(plan.out)
     except OSError as err:
-        raise ExportError(f"writing {tmp / METADATA} failed: {err.strerror or err}") from None
+        raise ExportError(f"writing {plan.tmp / METADATA} failed: {err.strerror or err}") from None
     fsync_dir(plan.out.parent)
-    log.info("exported top-%d teacher logits of %d samples to %s", plan.k, plan.samples, plan.out)
+    samples = sum(len(ids) for ids in plan.ranges.values())
+    log.info("exported the top-%d teacher log-probabilities of %d samples to %s", plan.codec.k,
+             samples, plan.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
 """Training samples: fixed-length windows over blended indexed datasets, sharded over DP ranks.
 
-Per dataset and split, an epoch shuffles the split's documents (seeded), packs them into one token
-stream and cuts it into windows of seq_len + 1 tokens that start every seq_len tokens; the windows
-are shuffled too. Inputs are a window's first seq_len tokens and labels its last seq_len (the next
-tokens), so documents run across sample boundaries. With `mask_across_documents`, a label that is
-the first token of another document than its input's becomes -100. A stream's tail shorter than a
-window is dropped each epoch; the next epoch reshuffles.
+The sample map: per dataset and split, the split's documents in index order are packed into one
+token stream, cut into windows of seq_len + 1 tokens that start every seq_len tokens; window w is
+the split's sample w whatever the seed (a stream tail shorter than a window is dropped). An epoch
+visits every window once, in a seeded order that each epoch draws anew. The sample-map index
+of a window over a blend (`TokenBatches.step_sample_ids`) counts the windows of the datasets
+before it in data.path: an offline teacher store is keyed by it (distill/offline.py). Inputs are
+a window's first seq_len tokens and labels its last seq_len (the next tokens), so documents run
+across sample boundaries. With `mask_across_documents`, a label that is the first token of another
+document than its input's becomes -100.
 
 Datasets are blended as Megatron does it: global sample g goes to the dataset furthest below its
 weight's share of g + 1 samples, so after any number of samples every dataset is within one sample
@@ -73,7 +76,8 @@ def split_documents(num_documents: int, split: str) -> dict[str, range]:
 
 
 class PackedSamples:
-    """Samples of one split of one dataset; sample k lies in epoch k // samples_per_epoch."""
+    """Samples of one split of one dataset: window w of the sample map (`window`), visited as
+    stream sample k in epoch k // samples_per_epoch (`window_of`)."""
 
     def __init__(self, dataset: IndexedTokens, documents: range, *, seq_len: int,
                  seed: tuple[int, ...], split: str, vocab_size: int | None = None):
@@ -89,21 +93,26 @@ class PackedSamples:
         if self.samples_per_epoch < 1:
             raise ConfigError("data.seq_len", f"the {split} split of {dataset.prefix} has {tokens} "
                               f"tokens, fewer than data.seq_len + 1 = {seq_len + 1}{hint}")
+        self._order = self.documents  # [documents] in stream order: the sample map's
+        self._ends = np.cumsum(self.dataset.lengths[self._order], dtype=np.int64)  # stream ends
         self._epoch = -1
 
-    def _enter_epoch(self, epoch: int) -> None:
-        rng = np.random.default_rng([*self.seed, epoch])
-        self._order = rng.permutation(self.documents)  # [documents] in stream order
-        self._ends = np.cumsum(self.dataset.lengths[self._order], dtype=np.int64)  # stream ends
-        self._windows = rng.permutation(self.samples_per_epoch)  # sample -> window
-        self._epoch = epoch
-
-    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens [seq_len + 1] int64, starts_document [seq_len + 1] bool) of sample k."""
+    def window_of(self, k: int) -> int:
+        """The sample-map window that stream sample k visits."""
         epoch, j = divmod(k, self.samples_per_epoch)
         if epoch != self._epoch:
-            self._enter_epoch(epoch)
-        return self._window(int(self._windows[j]) * self.seq_len)
+            self._windows = np.random.default_rng([*self.seed, epoch]).permutation(
+                self.samples_per_epoch)  # [samples_per_epoch]: stream sample -> window
+            self._epoch = epoch
+        return int(self._windows[j])
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [seq_len + 1] int64, starts_document [seq_len + 1] bool) of stream sample k."""
+        return self.window(self.window_of(k))
+
+    def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, starts_document) of window w of the sample map."""
+        return self._window(w * self.seq_len)
 
     def _window(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         size = self.seq_len + 1
@@ -224,6 +233,9 @@ class TokenBatches:
             Blend([weight for weight, _ in pairs]).take(len(self.order))
         self.consumed_samples = 0
         self.micro_batches_per_step = cfg.micro_batches(dp)
+        # where each dataset's windows start in the blend's sample map
+        self.map_offsets = np.cumsum([0] + [s.samples_per_epoch for s in self.sources])
+        self.step_sample_ids = np.empty(0, np.int64)  # [global_batch] of the last step drawn
         for (weight, prefix), source in zip(pairs, self.sources):
             log.info("%s data: %s (weight %g): %d documents, %d samples of %d tokens per epoch",
                      split, prefix, weight, len(source.documents), source.samples_per_epoch,
@@ -236,9 +248,37 @@ class TokenBatches:
         if self.order is not None and first < len(self.order):
             drawn = [self.early[i] for i in self.order[first:first + self.cfg.global_batch]]
         self.consumed_samples += self.cfg.global_batch
+        self.step_sample_ids = self.sample_ids(drawn)
         mb = self.cfg.micro_batch
         firsts = range(self.dp_rank * mb, self.cfg.global_batch, mb * self.dp)
         return [self._micro_batch(drawn[first:first + mb]) for first in firsts]
+
+    def sample_ids(self, drawn: list[tuple[int, int]]) -> np.ndarray:
+        """[len(drawn)] int64: the sample-map index of each (dataset, stream sample) drawn."""
+        return np.array([self.map_offsets[d] + self.sources[d].window_of(k) for d, k in drawn],
+                        dtype=np.int64)
+
+    def stream_sample_ids(self, count: int) -> np.ndarray:
+        """[count] int64: the sample-map indices of the first `count` samples of this stream
+        (the curriculum's order applied), without reading a token."""
+        drawn = Blend(list(self.blend.weights)).take(count)
+        if self.order is not None:
+            head = min(count, len(self.order))
+            drawn[:head] = [self.early[i] for i in self.order[:head]]
+        return self.sample_ids(drawn)
+
+    def map_inputs(self, ids: range) -> torch.Tensor:
+        """[len(ids), seq] int64: the input ids of the sample-map windows `ids`."""
+        rows = []
+        for i in ids:
+            d = int(np.searchsorted(self.map_offsets, i, side="right")) - 1
+            rows.append(self.sources[d].window(i - int(self.map_offsets[d]))[0][:-1])
+        return torch.from_numpy(np.stack(rows))
+
+    @property
+    def map_samples(self) -> int:
+        """Windows in this split's sample map, over every dataset of the blend."""
+        return int(self.map_offsets[-1])
 
     def _micro_batch(self, drawn: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         windows = [self.sources[d].sample(k) for d, k in drawn]
