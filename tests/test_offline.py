@@ -55,7 +55,7 @@ from engine.parallel import ParallelConfig, ParallelLayout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers.model import TransformerLM
-from tests.helpers import FP32_ATOL, FP32_RTOL, assert_same_run
+from tests.helpers import assert_same_run
 from tests.trainer_utils import (
     VOCAB,
     base_config,
