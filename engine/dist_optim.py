@@ -108,6 +108,10 @@ class ShardedAdamW:
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
                  layout: ParallelLayout):
         self.layout = layout
+        # The ranks with the same parameters: DP, and under context parallelism DP x CP (their
+        # tokens differ, their gradients are summed the same way).
+        self.group = layout.dp_cp_group
+        self.shards, self.shard_rank = layout.dp * layout.cp, layout.dp_rank * layout.cp + layout.cp_rank
         self.params = [p for g in groups for p in g["params"]]
         self.buckets: list[list[_Bucket]] = []  # per group
         index = 0
@@ -117,7 +121,7 @@ class ShardedAdamW:
             by_dtype: dict[torch.dtype, list] = {}
             for i, p in indexed:
                 by_dtype.setdefault(p.dtype, []).append((i, p))
-            self.buckets.append([_Bucket(members, dp=layout.dp, dp_rank=layout.dp_rank)
+            self.buckets.append([_Bucket(members, dp=self.shards, dp_rank=self.shard_rank)
                                  for members in by_dtype.values()])
         self._broadcast_buckets()
         inner_groups = [{"params": [s.tensor for b in buckets for s in b.segments],
@@ -144,16 +148,16 @@ class ShardedAdamW:
         layout = self.layout
         src = layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=0)
         for bucket in self._all_buckets():
-            C.broadcast(bucket.buffer, self.layout.dp_group, src=src)
+            C.broadcast(bucket.buffer, self.group, src=src)
 
     # ------------------------------------------------------------------------------ the step
     def reduce_gradients(self) -> None:
         """Sum the gradients over DP into each bucket's slice; free the full-size gradients."""
         has_grad = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32,
                                 device=self.layout.device)
-        self._active = C.all_reduce(has_grad, self.layout.dp_group, op="max").bool().cpu()
+        self._active = C.all_reduce(has_grad, self.group, op="max").bool().cpu()
         for bucket in self._all_buckets():
-            bucket.grad = C.reduce_scatter(bucket.flat_grad(), self.layout.dp_group)
+            bucket.grad = C.reduce_scatter(bucket.flat_grad(), self.group)
             for _, p in bucket.params:
                 p.grad = None
 
@@ -169,7 +173,7 @@ class ShardedAdamW:
                     continue  # the last stage's copy of a tied embedding: counted on the first
                 split = tags.tp_split_dim is not None
                 sq[0 if split else 1] += seg.of(bucket.grad).double().pow(2).sum()
-        C.all_reduce(sq, self.layout.dp_group)
+        C.all_reduce(sq, self.group)
         return sq[0], sq[1]
 
     def scale_grads(self, scale: float) -> None:
@@ -188,7 +192,7 @@ class ShardedAdamW:
 
     def _gather(self) -> None:
         for bucket in self._all_buckets():
-            full = C.all_gather(bucket.slice, self.layout.dp_group)
+            full = C.all_gather(bucket.slice, self.group)
             if full is not bucket.slice:
                 bucket.buffer.copy_(full)
 
@@ -212,7 +216,7 @@ class ShardedAdamW:
         for bucket in self._all_buckets():
             for seg in bucket.segments:
                 steps[seg.index] = float(self.inner.state[seg.tensor]["step"])
-        return C.all_reduce(steps, self.layout.dp_group, op="max").tolist()
+        return C.all_reduce(steps, self.group, op="max").tolist()
 
     def state_dict(self, *, to_dp_rank: int | None = None) -> dict:
         """torch AdamW's state dict over the model's parameters (collective over DP). With
@@ -239,10 +243,10 @@ class ShardedAdamW:
     def _gathered(self, flat: torch.Tensor, to_dp_rank: int | None) -> torch.Tensor | None:
         """A bucket's flat moment over every DP rank's slice (on `to_dp_rank` only, if given)."""
         if to_dp_rank is None:
-            return C.all_gather(flat, self.layout.dp_group)
+            return C.all_gather(flat, self.group)
         layout = self.layout
         dst = layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=to_dp_rank)
-        return C.gather(flat, layout.dp_group, dst=dst)
+        return C.gather(flat, self.group, dst=dst)
 
     def load_state_dict(self, saved: dict) -> None:
         """Keep this rank's slice of a per-parameter AdamW state dict (any DP degree saved it)."""

@@ -9,7 +9,8 @@
 - Documents at CP=1: with positions restarting per document, a packed row computes for each
   document exactly what that document computes alone.
 - Through the entry point, 3 steps of logit + activation distillation from a colocated teacher on
-  packed documents: CP=2, CP=2 x TP=2 + SP, CP=2 x DP=2 and CP=4 equal the CP=1 single-process run.
+  packed documents: CP=2, CP=2 x TP=2 + SP, CP=2 x DP=2 (DDP and the distributed optimizer) and
+  CP=4 equal the CP=1 single-process run.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def test_context_parallel_training_equals_the_single_process_run(tmp_path):
     layouts = {"cp2": (2, ["parallel.cp=2"]),
                "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
                "cp2_dp2": (4, ["parallel.cp=2"]),
+               "cp2_dp2_distributed_optimizer": (4, ["parallel.cp=2", "train.distributed_optimizer=true"]),
                "cp4": (4, ["parallel.cp=4"])}
     for name, (world, overrides) in layouts.items():
         assert run_ranks(_entry_run, world, path, tmp_path / name, overrides, timeout_s=300) == \
