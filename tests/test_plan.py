@@ -9,6 +9,7 @@ import contextlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.parallel import STUDENT, ParallelConfig
 from engine.spawn import run_ranks
@@ -125,3 +126,64 @@ def _parsed(overrides: list[str]) -> list[tuple[str, object]]:
 
     return [(".".join(path), value) for path, value in parse_overrides(overrides)
             if path[0] == "parallel"]
+
+
+# ------------------------------------------------------------------------ activation memory
+def saved_activation_bytes(model, input_ids, **forward) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during one forward of
+    `model`, its parameters left out: what the activations cost until the backward frees them."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids, **forward)
+    return sum(saved.values())
+
+
+def _activation_ratio(run_config: str, overrides: list[str]) -> float:
+    """Measured / predicted saved bytes of one micro-batch's student forward on this rank."""
+    from engine.parallel import make_layout
+    from layers.model import TransformerLM
+
+    job = P.load_job(run_config, overrides, world=torch.distributed.get_world_size()
+                     if torch.distributed.is_initialized() else None)
+    cfg = job.cfg
+    layout = make_layout(cfg.parallel)
+    model = TransformerLM(cfg.model, layout, recompute=cfg.train.recompute)
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    measured = saved_activation_bytes(model, ids, compute_logits=not cfg.distill.fused_lm_head)
+    predicted = P.activation_bytes(job, model, P.Hardware())
+    print(f"activations {overrides}: measured {measured} predicted {predicted}")
+    return measured / predicted
+
+
+ACTIVATION_ROWS = [  # one process: recompute modes, fused head, families, widths
+    ["train.recompute=none"],
+    ["train.recompute=selective"],
+    ["train.recompute=full"],
+    ["distill.fused_lm_head=true", "model.qk_norm=true"],
+    ["model.family=gpt2", "model.kv_heads=4", "data.seq_len=32"],
+    ["model.hidden=64", "model.heads=8", "model.kv_heads=2", "model.ffn_hidden=96",
+     "model.mtp_heads=1", "data.micro_batch=4", "data.global_batch=8"],
+    ["model.mtp_heads=1", "train.recompute=full"],
+]
+
+
+@pytest.mark.parametrize("overrides", ACTIVATION_ROWS, ids=lambda o: ",".join(o))
+def test_activation_memory_within_15_percent_of_saved_tensors(run_config, overrides):
+    assert abs(_activation_ratio(str(run_config), overrides) - 1) <= 0.15
+
+
+@pytest.mark.slow  # two ranks
+def test_activation_memory_under_tp_and_sp(run_config):
+    for sp in ("false", "true"):
+        ratios = run_ranks(_activation_ratio, 2, str(run_config),
+                           ["parallel.tp=2", f"parallel.sp={sp}"])
+        assert all(abs(r - 1) <= 0.15 for r in ratios), (sp, ratios)

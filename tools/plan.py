@@ -283,6 +283,14 @@ def _dtypes(job: Job, hw: Hardware) -> tuple[int, int]:
     return FP32, (BF16 if hw.gpu and job.cfg.train.bf16 else FP32)
 
 
+def norm_bytes(config: ModelConfig, tokens: int, res: int) -> int:
+    """What one norm of the residual stream saves: RMSNorm its input, the normalized values and
+    1/rms; LayerNorm its input, mean and 1/std."""
+    if config.family == "llama":
+        return tokens * (config.hidden * (res + FP32) + FP32)
+    return tokens * (config.hidden * res + 2 * FP32)
+
+
 def layer_activation_bytes(config: ModelConfig, *, tokens: int, batch: int, seq: int, tp: int,
                            sp: bool, recompute: str, res: int, lin: int) -> int:
     """Bytes one decoder block saves for the backward for one micro-batch of `tokens` tokens:
@@ -293,12 +301,13 @@ def layer_activation_bytes(config: ModelConfig, *, tokens: int, batch: int, seq:
     res_tokens = tokens // tp if sp else tokens
     if recompute == "full":
         return res_tokens * h * res
-    norm = res_tokens * (h * res + h * FP32 + FP32) if config.family == "llama" else \
-        res_tokens * (h * res + 2 * FP32)
-    norms = norm * (4 if config.post_norms else 2)
+    norms = norm_bytes(config, res_tokens, res) * (4 if config.post_norms else 2)
     inputs = 2 * tokens * h * lin
     qkvo = tokens * (2 * config.heads + 2 * config.num_kv_heads) // tp * d * lin
     lse = 0 if recompute == "selective" else batch * config.heads // tp * seq * FP32
+    if config.qk_norm:  # RMSNorm over each head of q and k: input, normalized, 1/rms per head
+        heads = (config.heads + config.num_kv_heads) // tp
+        qkvo += tokens * heads * (2 * d * lin + FP32)
     inner = (4 if config.gated_mlp else 2) * tokens * config.ffn_hidden // tp * lin
     return norms + inputs + qkvo + lse + inner
 
@@ -318,12 +327,15 @@ def activation_bytes(job: Job, model: TransformerLM, hw: Hardware) -> int:
     res_tokens = tokens // par.tp if par.sp else tokens
     if model.plan.has_embedding:
         total += tokens * INT64
-    if model.rotary is not None:
+    if model.rotary is not None and cfg.train.recompute == "none":  # else the core recomputes
         total += 2 * s * (config.rotary_dim // 2) * FP32
     if model.plan.has_head:
-        norm = res_tokens * (config.hidden * (res + FP32) + FP32)
+        norm = norm_bytes(config, res_tokens, res)
         head_input = 0 if cfg.distill.fused_lm_head else tokens * config.hidden * res
-        total += (1 + config.mtp_heads) * (norm + head_input) + config.mtp_heads * layer()
+        # each MTP block reads the trunk's output, which the final norm keeps already
+        shared_input = res_tokens * config.hidden * res
+        total += (1 + config.mtp_heads) * (norm + head_input) + config.mtp_heads * (
+            layer() - shared_input)
     return total
 
 
