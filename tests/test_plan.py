@@ -6,6 +6,8 @@ mocked cluster."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -187,3 +189,88 @@ def test_activation_memory_under_tp_and_sp(run_config):
         ratios = run_ranks(_activation_ratio, 2, str(run_config),
                            ["parallel.tp=2", f"parallel.sp={sp}"])
         assert all(abs(r - 1) <= 0.15 for r in ratios), (sp, ratios)
+
+
+# ------------------------------------------------------------------------------------ search
+LLAMA3 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+          "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": False, "hidden_act": "silu"}
+LLAMA3_70B = {**LLAMA3, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "intermediate_size": 28672}
+LLAMA3_8B = {**LLAMA3, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "intermediate_size": 14336}
+PARAMS_70B, PARAMS_8B = 70_553_706_496, 8_030_261_248  # as published for Llama-3
+
+
+@pytest.fixture(scope="module")
+def llama3_job(tmp_path_factory) -> dict:
+    """A 70B-shaped teacher and 8B-shaped student (Hugging Face config.json files), 4k tokens."""
+    tmp = tmp_path_factory.mktemp("llama3")
+    for name, hf in (("teacher", LLAMA3_70B), ("student", LLAMA3_8B)):
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(json.dumps(hf))
+    config = tu.write_config(tmp / "run.yaml", {
+        "data": {"seq_len": 4096, "micro_batch": 1, "global_batch": 64},
+        "distill": {"teacher_bf16": True, "fused_lm_head": True}})
+    return {"config": str(config), "student_hf": str(tmp / "student"),
+            "teacher_hf": str(tmp / "teacher")}
+
+
+def _full_count(models, *, tp: int, config) -> int:
+    """Parameters of the whole model from one TP rank's stages: split tensors times TP, replicated
+    ones once, less the vocabulary padding of the embedding and the (untied) output layer."""
+    from engine.param_tags import param_tags
+
+    total = sum(p.numel() * (tp if param_tags(p).tp_split_dim is not None else 1)
+                for model in models for p in model.parameters())
+    return total - 2 * (config.padded_vocab(tp) - config.vocab_size) * config.hidden
+
+
+def test_parameter_counts_match_the_published_llama3_sizes(llama3_job):
+    job = P.load_job(llama3_job["config"], ["parallel.tp=8", "parallel.pp=2"], world=16,
+                     student_hf=llama3_job["student_hf"], teacher_hf=llama3_job["teacher_hf"])
+    students = [P.student_model(job, stage) for stage in range(2)]
+    teachers = [P.teacher_model(job, stage) for stage in range(2)]
+    assert _full_count(students, tp=8, config=job.cfg.model) == PARAMS_8B
+    assert _full_count(teachers, tp=8, config=job.teacher) == PARAMS_70B
+    memory = P.memory(job, P.Hardware())
+    assert [m.params for m in memory] == [4 * P.nbytes(s.parameters()) // 4 for s in students]
+    assert [m.teacher_weights for m in memory] == [P.nbytes(t.parameters()) // 2 for t in teachers]
+
+
+def test_search_on_16_x_80_gib_returns_only_fitting_layouts(llama3_job):
+    hw = P.Hardware(gpus=16, gpu_mem_gib=80, flops=989)
+    fitting, rejected = P.search(llama3_job["config"], [], hw, student_hf=llama3_job["student_hf"],
+                                 teacher_hf=llama3_job["teacher_hf"])
+    job = P.load_job(llama3_job["config"], [], world=16, student_hf=llama3_job["student_hf"],
+                     teacher_hf=llama3_job["teacher_hf"])
+    assert len(fitting) + len(rejected) == len(P.candidate_overrides(job, 16, hw))
+    assert fitting and rejected
+    for result in fitting:
+        assert result.fits and max(m.peak for m in result.memory) <= 80 * P.GIB
+        assert result.layout["gpus"] == 16
+    speeds = [r.time.tokens_per_s for r in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    for line in rejected:  # one line each, naming the rank that does not fit, or the setting
+        assert "\n" not in line
+        assert line.endswith("> 80 GiB") or re.search(r": (data|parallel|model|distill)\.", line), \
+            line
+    # the whole 70B teacher and 8B student on each GPU cannot fit
+    plain = [line for line in rejected if line.startswith("parallel.tp=1 parallel.sp=False "
+                                                          "parallel.pp=1 ") and
+             "schedule=colocated" in line]
+    assert plain and all("GiB > 80 GiB" in line for line in plain)
+
+
+def test_cli_json_and_config_errors(llama3_job, capsys):
+    models = ["--student-hf", llama3_job["student_hf"], "--teacher-hf", llama3_job["teacher_hf"]]
+    assert P.main(["--config", llama3_job["config"], "parallel.tp=8", "parallel.sp=true",
+                   "--gpus", "16", "--gpu-mem-gib", "80", "--flops", "989", "--json", *models]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layout"]["dp"] == 2 and out["fits"] in (True, False)
+    assert {"tp/all_gather", "tp/reduce_scatter", "dp/all_reduce"} <= set(
+        out["comm_bytes_per_step"]["student stage 0"])
+    assert out["time"]["tokens_per_s"] > 0
+    assert P.main(["--config", llama3_job["config"], "parallel.tp=3", "--gpus", "16",
+                   *models]) == 2
+    assert "parallel.tp" in capsys.readouterr().err

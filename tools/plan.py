@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import sys
@@ -792,36 +793,41 @@ def candidate_overrides(job: Job, gpus: int, hw: Hardware) -> list[list[str]]:
     (interleaved x2 too), DP the rest, the distributed optimizer, each recompute mode, and the
     teacher colocated or on a quarter / half of the GPUs at TP 8."""
     layers = job.cfg.model.layers
-    schedules = [[]]
+    teacher_shares = [0]
     if job.cfg.distill.schedule in ("colocated", "teacher_ranks") and job.teacher is not None:
-        schedules = [["distill.schedule=colocated", "parallel.teacher_ranks=0"]]
-        for share in (4, 2):
-            if gpus // share >= 1:
-                schedules.append(["distill.schedule=teacher_ranks",
-                                  f"parallel.teacher_ranks={gpus // share}",
-                                  f"parallel.teacher_tp={min(hw.gpus_per_node, gpus // share)}",
-                                  f"distill.prefetch={max(2, job.cfg.distill.prefetch)}"])
+        teacher_shares += [gpus // share for share in (4, 2) if gpus // share >= 1]
+    tps = [t for t in (1, 2, 4, 8) if t <= hw.gpus_per_node]
+    pps = [(p, v) for p in (1, 2, 4, 8) if layers % p == 0 for v in ((1, 2) if p > 1 else (1,))]
     out = []
-    for tp in (t for t in (1, 2, 4, 8) if t <= hw.gpus_per_node):
-        for pp in (p for p in (1, 2, 4, 8) if layers % p == 0):
-            for v in ((1, 2) if pp > 1 else (1,)):
-                for dist_opt in (False, True):
-                    for recompute in ("none", "selective", "full"):
-                        for sched in schedules:
-                            out.append([f"parallel.tp={tp}", f"parallel.sp={tp > 1}",
-                                        f"parallel.pp={pp}", f"parallel.virtual_stages={v}",
-                                        f"train.distributed_optimizer={dist_opt}",
-                                        f"train.recompute={recompute}", *sched])
+    for tp, (pp, v), dist_opt, recompute, ranks in itertools.product(
+            tps, pps, (False, True), ("none", "selective", "full"), teacher_shares):
+        out.append([f"parallel.tp={tp}", f"parallel.sp={tp > 1}", f"parallel.pp={pp}",
+                    f"parallel.virtual_stages={v}", f"train.distributed_optimizer={dist_opt}",
+                    f"train.recompute={recompute}",
+                    *_teacher_overrides(job, ranks, hw, students=(gpus - ranks, tp * pp))])
     return out
+
+
+def _teacher_overrides(job: Job, ranks: int, hw: Hardware, *,
+                       students: tuple[int, int]) -> list[str]:
+    """Colocated (`ranks` 0), or on `ranks` GPUs at TP up to a node; under PP the stream keeps a
+    step's micro-batches in flight (runconfig.check_pipeline). `students`: (student ranks, TP x
+    PP)."""
+    if ranks == 0:
+        return ["distill.schedule=colocated", "parallel.teacher_ranks=0"]
+    data, (ranks_left, model_parallel) = job.cfg.data, students
+    micro_batches = data.global_batch // (data.micro_batch * max(1, ranks_left // model_parallel))
+    prefetch = max(job.cfg.distill.prefetch, micro_batches if model_parallel > 1 else 0)
+    return ["distill.schedule=teacher_ranks", f"parallel.teacher_ranks={ranks}",
+            f"parallel.teacher_tp={min(hw.gpus_per_node, ranks)}", f"distill.prefetch={prefetch}"]
 
 
 def search(config: str, overrides: list[str], hw: Hardware, *, student_hf=None,
            teacher_hf=None) -> tuple[list[Plan], list[str]]:
     """(the fitting layouts, fastest first; one line per rejected layout)."""
+    base = load_job(config, overrides, world=hw.gpus, student_hf=student_hf, teacher_hf=teacher_hf)
     fitting, rejected = [], []
-    for extra in candidate_overrides(load_job(config, overrides, world=hw.gpus,
-                                              student_hf=student_hf, teacher_hf=teacher_hf),
-                                     hw.gpus, hw):
+    for extra in candidate_overrides(base, hw.gpus, hw):
         name = " ".join(o for o in extra if not o.startswith("distill.prefetch"))
         try:
             job = load_job(config, [*overrides, *extra], world=hw.gpus, student_hf=student_hf,
