@@ -5,7 +5,6 @@ mocked cluster."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -17,8 +16,7 @@ from engine.parallel import STUDENT, ParallelConfig
 from engine.spawn import run_ranks
 from tests import trainer_utils as tu
 from tools import plan as P
-
-MEASURED_STEP = 1  # the second step: the teacher stream's first step also posts its prefetch
+from tools.bench.plan import LAYOUTS, MEASURED_STEP, measure_rank, saved_activation_bytes
 
 
 @pytest.fixture(scope="module")
@@ -32,73 +30,13 @@ def run_config(tmp_path_factory) -> Path:
     return tu.write_config(tmp / "run.yaml", cfg)
 
 
-def _bytes_of(tensors) -> int:
-    """Bytes of distinct storages among `tensors`."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _measure_rank(config: str, overrides: list[str]) -> dict:
-    """Run the entry point on this rank; bring back each step's counted collectives and the bytes
-    of the student's (and objective's) parameters, gradients, optimizer state and teacher."""
-    import engine.collectives as C
-    from distill.trainer import DistillTrainer
-    from engine.optim import OptimizerStep
-
-    steps, memory = [], {}
-    count, init, call = C.count_collectives, DistillTrainer.__init__, OptimizerStep.__call__
-
-    @contextlib.contextmanager
-    def counting(groups=None):
-        with count(groups) as counts:
-            steps.append(counts)
-            yield counts
-
-    def trainer_init(self, **kwargs):
-        init(self, **kwargs)
-        memory["params"] = _bytes_of(self.module.parameters())
-        # a colocated teacher's model, or (teacher ranks) this rank's shard of its output layer
-        model = getattr(self.teacher, "model", None) or getattr(self.teacher, "head", None)
-        memory["teacher_weights"] = _bytes_of(model.parameters()) if model is not None else 0
-
-    def optimizer_step(self, step, *, loss):
-        memory.setdefault("grads", _bytes_of(p.grad for p in self.params if p.grad is not None))
-        stats = call(self, step, loss=loss)
-        opt = self.optimizer
-        memory.setdefault("optimizer", opt.state_bytes() if hasattr(opt, "state_bytes") else
-                          _bytes_of(t for s in opt.state.values() for t in s.values()))
-        return stats
-
-    C.count_collectives, DistillTrainer.__init__ = counting, trainer_init
-    OptimizerStep.__call__ = optimizer_step
-    assert tu.run_main(config, overrides) == 0
-    return {"comm": [{f"{g}/{k}": b for (g, k), b in c.group_bytes.items()} for c in steps],
-            "memory": memory}
-
-
-# (name, world size, overrides): every layout option the planner claims exact for
-LAYOUTS = [
-    ("tp2_sp_selective", 2, ["parallel.tp=2", "parallel.sp=true", "train.recompute=selective"]),
-    ("tp2_full_fused", 2, ["parallel.tp=2", "train.recompute=full", "distill.fused_lm_head=true"]),
-    ("tp2_sp_full", 2, ["parallel.tp=2", "parallel.sp=true", "train.recompute=full",
-                        "distill.logit.kind=jsd", "distill.teacher_bf16=true"]),
-    ("pp2_1f1b", 2, ["parallel.pp=2"]),
-    ("pp2_interleaved", 2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.layers=4"]),
-    ("dp2_ddp", 2, []),
-    ("dp2_distributed_optimizer", 2, ["train.distributed_optimizer=true"]),
-    ("teacher_ranks_tp2_teacher_tp1", 3, ["parallel.tp=2", "parallel.teacher_ranks=1",
-                                          "parallel.teacher_tp=1",
-                                          "distill.schedule=teacher_ranks"]),
-]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,world,overrides", LAYOUTS, ids=[row[0] for row in LAYOUTS])
 def test_predicted_comm_and_state_bytes_equal_the_run(run_config, tmp_path, name, world,
                                                        overrides):
     run_dir = tmp_path / "run"
     overrides = [*overrides, f"train.run_dir={run_dir}"]
-    ranks = run_ranks(_measure_rank, world, str(run_config), overrides, timeout_s=300)
+    ranks = run_ranks(measure_rank, world, str(run_config), overrides, timeout_s=300)
     job = P.load_job(str(run_config), overrides, world=world)
     order = ParallelConfig(**{k.split(".")[1]: v for k, v in _parsed(overrides)}).rank_order(
         STUDENT, world)
@@ -131,23 +69,6 @@ def _parsed(overrides: list[str]) -> list[tuple[str, object]]:
 
 
 # ------------------------------------------------------------------------ activation memory
-def saved_activation_bytes(model, input_ids, **forward) -> int:
-    """Bytes of the distinct storages autograd saves for the backward during one forward of
-    `model`, its parameters left out: what the activations cost until the backward frees them."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids, **forward)
-    return sum(saved.values())
-
-
 def _activation_ratio(run_config: str, overrides: list[str]) -> float:
     """Measured / predicted saved bytes of one micro-batch's student forward on this rank."""
     from engine.parallel import make_layout
@@ -161,9 +82,7 @@ def _activation_ratio(run_config: str, overrides: list[str]) -> float:
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len),
                         generator=torch.Generator().manual_seed(0))
     measured = saved_activation_bytes(model, ids, compute_logits=not cfg.distill.fused_lm_head)
-    predicted = P.activation_bytes(job, model, P.Hardware())
-    print(f"activations {overrides}: measured {measured} predicted {predicted}")
-    return measured / predicted
+    return measured / P.activation_bytes(job, model, P.Hardware())
 
 
 ACTIVATION_ROWS = [  # one process: recompute modes, fused head, families, widths

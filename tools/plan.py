@@ -52,7 +52,7 @@ from distill.config import aligned_teacher_config  # noqa: E402
 from distill.objective import DistillObjective  # noqa: E402
 from distill.runconfig import RunConfig, check_pipeline, parse_run_config  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
-from engine.config import ConfigError, apply_overrides, load_yaml  # noqa: E402
+from engine.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
 from engine.data import check_batch_layout  # noqa: E402
 from engine.optim import adamw_groups  # noqa: E402
 from engine.parallel import ParallelLayout, validate_layout  # noqa: E402
@@ -112,12 +112,14 @@ class Job:
 
 
 def read_model_config(path: str, key: str) -> ModelConfig:
-    """A model's architecture from a Hugging Face directory or config.json, or from one of this
-    engine's checkpoints (its saved run config)."""
+    """A model's architecture from a Hugging Face directory or config.json, a run config YAML (its
+    `model` section), or one of this engine's checkpoints (its saved run config)."""
     source = Path(path)
     hf = source / "config.json" if source.is_dir() else source
     if hf.name == "config.json" and hf.is_file():
         return hf_config_to_model_config(json.loads(hf.read_text()))
+    if source.suffix in (".yaml", ".yml"):  # a run config (the teacher's own training run)
+        return from_dict(ModelConfig, load_yaml(source).get("model", {}), prefix="model")
     return saved_model_config(open_checkpoint(path, key=key))
 
 
@@ -293,7 +295,8 @@ def norm_bytes(config: ModelConfig, tokens: int, res: int) -> int:
 
 
 def layer_activation_bytes(config: ModelConfig, *, tokens: int, batch: int, seq: int, tp: int,
-                           sp: bool, recompute: str, res: int, lin: int) -> int:
+                           sp: bool, recompute: str, res: int, lin: int,
+                           moe_layer: bool = False) -> int:
     """Bytes one decoder block saves for the backward for one micro-batch of `tokens` tokens:
     the norms' inputs, normalized values and 1/rms; the TP-region inputs of the projections; q, k
     (after RoPE), v, the attention output and its log-sum-exp; the MLP's inner tensors.
@@ -310,6 +313,12 @@ def layer_activation_bytes(config: ModelConfig, *, tokens: int, batch: int, seq:
         heads = (config.heads + config.num_kv_heads) // tp
         qkvo += tokens * heads * (2 * d * lin + FP32)
     inner = (4 if config.gated_mlp else 2) * tokens * config.ffn_hidden // tp * lin
+    if moe_layer:  # modelled: uniform routing; the router's fp32 logits, each routed copy's
+        moe = config.moe  # input and combine weight, the experts' inner tensors, shared experts
+        routed = tokens * moe.top_k
+        inner = tokens * moe.experts * FP32 + routed * (2 * h * lin + FP32) \
+            + 4 * routed * moe.expert_ffn_hidden * lin \
+            + 4 * tokens * moe.shared_ffn_hidden // tp * lin
     return norms + inputs + qkvo + lse + inner
 
 
@@ -324,7 +333,7 @@ def activation_bytes(job: Job, model: TransformerLM, hw: Hardware) -> int:
     layer = functools.partial(layer_activation_bytes, config, tokens=tokens, batch=b, seq=s,
                               tp=par.tp, sp=par.sp, recompute=cfg.train.recompute, res=res,
                               lin=lin)
-    total = len(model.decoder) * layer()
+    total = sum(layer(moe_layer=config.is_moe_layer(int(i))) for i in model.decoder)
     res_tokens = tokens // par.tp if par.sp else tokens
     if model.plan.has_embedding:
         total += tokens * INT64
@@ -694,12 +703,12 @@ def model_flops(config: ModelConfig, *, tokens: int, seq: int, forward_only: boo
     h, f = config.hidden, config.ffn_hidden
     kv = config.num_kv_heads * config.dim_per_head
     attn = h * config.heads * config.dim_per_head * 2 + 2 * h * kv
-    if config.moe is not None:
-        mlp = (3 if config.gated_mlp else 2) * h * (config.moe.ffn_hidden * config.moe.top_k
-                                                     + config.moe.shared_ffn_hidden)
-    else:
-        mlp = (3 if config.gated_mlp else 2) * h * f
-    per_token = 2 * (config.layers * (attn + mlp) + h * config.vocab_size)
+    dense = (3 if config.gated_mlp else 2) * h * f
+    moe = config.moe
+    sparse = 0 if moe is None else 3 * h * (moe.expert_ffn_hidden * moe.top_k
+                                              + moe.shared_ffn_hidden) + h * moe.experts
+    mlp = sum(sparse if config.is_moe_layer(i) else dense for i in range(config.layers))
+    per_token = 2 * (config.layers * attn + mlp + h * config.vocab_size)
     per_token += config.layers * 2 * seq * config.heads * config.dim_per_head
     return per_token * tokens * (1 if forward_only else 3)
 
@@ -878,8 +887,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "distillation run, before it is launched")
     p.add_argument("--config", required=True, help="YAML run configuration")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--student-hf", help="the student's Hugging Face config.json (or its directory)")
-    p.add_argument("--teacher-hf", help="the teacher's Hugging Face config.json (or its directory)")
+    p.add_argument("--student-hf", help="the student's Hugging Face config.json (or its "
+                                        "directory), or a run config YAML with its model section")
+    p.add_argument("--teacher-hf", help="the teacher's, likewise (default: its checkpoint's)")
     p.add_argument("--gpus", type=int, help="GPUs in the job (default: the layout's minimum)")
     p.add_argument("--gpu-mem-gib", type=float, help="memory per GPU")
     p.add_argument("--gpus-per-node", type=int, default=8)

@@ -24,6 +24,7 @@ FULL = {
     "teachers.py": [],
     "memory.py": [],
     "pipeline.py": [],
+    "plan.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
@@ -38,6 +39,7 @@ QUICK = {
     "memory.py": ["--layers", "2", "--hidden", "64", "--vocab", "512", "--seq", "64", "--batch", "2",
                   "--steps", "1", "--dp", "1", "2"],
     "pipeline.py": ["--pp", "2", "--micro-batches", "4", "--forward-ms", "5", "--repeats", "1"],
+    "plan.py": ["--out", "runs/bench_plan_quick"],
 }
 
 
