@@ -16,7 +16,7 @@ from engine.parallel import STUDENT, ParallelConfig
 from engine.spawn import run_ranks
 from tests import trainer_utils as tu
 from tools import plan as P
-from tools.bench.plan import LAYOUTS, MEASURED_STEP, measure_rank, saved_activation_bytes
+from tools.bench.plan import LAYOUTS, MEASURED_STEP, export_top_k, measure_rank, saved_activation_bytes
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,9 @@ def run_config(tmp_path_factory) -> Path:
     teacher = tu.teacher_config(cfg)
     teacher["model"]["layers"] = 4
     cfg["distill"] = {"teacher": str(tu.make_teacher(tmp / "teacher", teacher))}
-    return tu.write_config(tmp / "run.yaml", cfg)
+    path = tu.write_config(tmp / "run.yaml", cfg)
+    export_top_k(path, tmp / "export")
+    return path
 
 
 @pytest.mark.slow
@@ -35,7 +37,8 @@ def run_config(tmp_path_factory) -> Path:
 def test_predicted_comm_and_state_bytes_equal_the_run(run_config, tmp_path, name, world,
                                                        overrides):
     run_dir = tmp_path / "run"
-    overrides = [*overrides, f"train.run_dir={run_dir}"]
+    export = run_config.parent / "export"
+    overrides = [*(o.format(export=export) for o in overrides), f"train.run_dir={run_dir}"]
     ranks = run_ranks(measure_rank, world, str(run_config), overrides, timeout_s=300)
     job = P.load_job(str(run_config), overrides, world=world)
     order = ParallelConfig(**{k.split(".")[1]: v for k, v in _parsed(overrides)}).rank_order(

@@ -385,8 +385,8 @@ def teacher_output_bytes(job: Job, last: bool) -> int:
     cfg = job.cfg
     tokens, item = cfg.data.micro_batch * cfg.data.seq_len, _teacher_item(job)
     schedule = cfg.distill.schedule
-    if schedule == "offline":
-        return tokens * 64 * (FP32 + INT64) if last else 0  # at most k=64 values and ids per token
+    if schedule == "offline":  # fp32 values, int32 ids, one fp32 log-sum-exp per token
+        return tokens * (offline_k(job) * (FP32 + INT32) + FP32) if last else 0
     if job.teacher is None or not last:
         return 0
     hidden = tokens * job.teacher.hidden * item
@@ -520,6 +520,9 @@ def _loss_comm(comm: Comm, job: Job, *, tokens: int) -> None:
     if job.par.tp == 1:
         return
     distill, lm_on = cfg.distill, cfg.distill.lm_on
+    if distill.schedule == "offline":  # the cross-entropy, then the top-k divergence's own
+        _offline_loss_comm(comm, job, tokens=tokens)
+        return
     kind = distill.logit.kind if distill.logit.on and job.teacher is not None else None
     plan = make_plan(kind=kind, with_ce=lm_on, shard_vocab=1, dtype=torch.float32, vocab_size=1,
                      group=None, device=torch.device("cpu"), temperature=distill.logit.temperature,
@@ -532,6 +535,25 @@ def _loss_comm(comm: Comm, job: Job, *, tokens: int) -> None:
         ce = make_plan(kind=None, with_ce=True, shard_vocab=1, dtype=torch.float32, vocab_size=1,
                        group=None, device=torch.device("cpu"))
         comm[("tp", "all_gather")] += cfg.model.mtp_heads * tokens * len(ce.columns) * FP32
+
+
+def offline_k(job: Job) -> int:
+    """The top-k of the offline export (`distill.offline_dir`'s metadata)."""
+    from distill.offline import read_metadata
+
+    return int(read_metadata(job.cfg.distill.offline_dir)["k"])
+
+
+def _offline_loss_comm(comm: Comm, job: Job, *, tokens: int) -> None:
+    """An offline teacher: the LM loss's cross-entropy statistics, and the top-k divergence's one
+    all_gather of [tokens, k + 3] (distill/_topk.py)."""
+    cfg = job.cfg
+    if cfg.distill.lm_on:
+        ce = make_plan(kind=None, with_ce=True, shard_vocab=1, dtype=torch.float32, vocab_size=1,
+                       group=None, device=torch.device("cpu"))
+        comm[("tp", "all_gather")] += (1 + cfg.model.mtp_heads) * tokens * len(ce.columns) * FP32
+    if cfg.distill.logit.on:
+        comm[("tp", "all_gather")] += tokens * (offline_k(job) + 3) * FP32
 
 
 def _pipeline_comm(comm: Comm, job: Job, pp_rank: int, *, hidden_bytes: int,
@@ -793,7 +815,25 @@ def plan(job: Job, hw: Hardware) -> Plan:
                   time=step_time(job, list(comms.values()), hw))
     if hw.gpu_mem_gib is not None:
         result.fits = max(m.peak for m in mem) <= hw.gpu_mem_gib * GIB
+    result.notes = caveats(job)
     return result
+
+
+def caveats(job: Job) -> list[str]:
+    """What this run uses that the plan leaves out or only estimates."""
+    cfg, notes = job.cfg, []
+    distill = cfg.distill
+    if distill.activations:
+        notes.append("activation-pair losses: their collectives and buffers are not modelled")
+    if distill.on_policy.on:
+        notes.append("on-policy sampling: its generation is not modelled")
+    if distill.teachers:
+        notes.append("several teachers: only one teacher is modelled")
+    if cfg.model.dropout > 0:
+        notes.append("dropout > 0: attention's unfused path keeps [seq, seq] tensors, not modelled")
+    if cfg.model.moe is not None or (job.teacher is not None and job.teacher.moe is not None):
+        notes.append("experts: all_to_all bytes and expert activations assume uniform routing")
+    return notes
 
 
 # ---------------------------------------------------------------------------- search
@@ -879,6 +919,7 @@ def report(result: Plan) -> str:
                         f"MFU {t.mfu:.1%}"]
     if result.fits is not None:
         lines.append(f"fits: {'yes' if result.fits else 'NO'}")
+    lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
 
 

@@ -38,7 +38,10 @@ LAYOUTS = [
     ("teacher_ranks_tp2_teacher_tp1", 3, ["parallel.tp=2", "parallel.teacher_ranks=1",
                                           "parallel.teacher_tp=1",
                                           "distill.schedule=teacher_ranks"]),
+    ("offline_top16_tp2", 2, ["parallel.tp=2", "distill.schedule=offline",
+                              "distill.offline_dir={export}"]),
 ]
+EXPORT_K = 16  # the top-k of the offline export that `{export}` in LAYOUTS names
 MEASURED_STEP = 1  # the second step: the teacher stream's first also posts its prefetch
 
 
@@ -131,6 +134,16 @@ def tiny_run(out: Path) -> Path:
     return path
 
 
+def export_top_k(config: Path, out: Path) -> Path:
+    """The run's offline teacher export (top EXPORT_K), which LAYOUTS' `{export}` names."""
+    from tools import export_teacher_logits
+
+    if export_teacher_logits.main(["--config", str(config), "--top-k", str(EXPORT_K), "--out",
+                                   str(out), "--no-progress"]) != 0:
+        raise RuntimeError("the offline export failed")
+    return out
+
+
 def comm_row(config: Path, name: str, world: int, overrides: list[str]) -> str:
     from engine.parallel import STUDENT
     from engine.spawn import run_ranks
@@ -180,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_run(out)
+    export = export_top_k(config, out / "export")
     print("| layout | rank 0 bytes/step by group/kind (measured = predicted) | all ranks predicted | "
           "all ranks measured | rank 0 params / grads / optimizer bytes | every rank equal |")
     print("|---|---|---|---|---|---|")
     for name, world, overrides in LAYOUTS:
+        overrides = [o.format(export=export) for o in overrides]
         print(comm_row(config, name, world, overrides), flush=True)
     print("\n| student forward (1 micro-batch of 2 x 16 tokens) | predicted | saved for backward "
           "| kept allocated (profiler) |")
