@@ -389,13 +389,19 @@ def teacher_output_bytes(job: Job, last: bool) -> int:
         return tokens * (offline_k(job) * (FP32 + INT32) + FP32) if last else 0
     if job.teacher is None or not last:
         return 0
-    hidden = tokens * job.teacher.hidden * item
     if schedule == "teacher_ranks":
-        payload = hidden // job.par.tp if job.par.sp else hidden
-        if cfg.distill.teacher_stream == "logits":
-            payload = logits_bytes(job, itemsize=item)
-        return (cfg.distill.prefetch + 1) * payload
-    return hidden if cfg.distill.fused_lm_head else 0
+        return (cfg.distill.prefetch + 1) * stream_payload(job)
+    return tokens * job.teacher.hidden * item if cfg.distill.fused_lm_head else 0
+
+
+def stream_payload(job: Job) -> int:
+    """One micro-batch's tensors on the wire from a teacher rank to a student rank: the teacher's
+    final hidden states (this rank's sequence shard under SP) or its logit shard."""
+    cfg, item = job.cfg, _teacher_item(job)
+    if cfg.distill.teacher_stream == "logits":
+        return logits_bytes(job, itemsize=item)
+    hidden = cfg.data.micro_batch * cfg.data.seq_len * job.teacher.hidden * item
+    return hidden // job.par.tp if job.par.sp else hidden
 
 
 def student_memory(job: Job, pp_rank: int, hw: Hardware) -> RankMemory:
@@ -408,9 +414,9 @@ def student_memory(job: Job, pp_rank: int, hw: Hardware) -> RankMemory:
     teacher = teacher_model(job, pp_rank) if cfg.distill.schedule == "colocated" else None
     teacher_weights = nbytes(teacher.parameters()) * _teacher_item(job) // FP32 if teacher else 0
     if cfg.distill.schedule == "teacher_ranks" and model.plan.has_head and job.teacher:
-        # hidden streaming: this rank's shard of the teacher's output layer
-        teacher_weights = logits_bytes(job, itemsize=_teacher_item(job)) // (
-            cfg.data.micro_batch * cfg.data.seq_len) * job.teacher.hidden
+        # hidden streaming: this rank's [padded_vocab/tp, teacher hidden] output-layer shard
+        teacher_weights = cfg.model.padded_vocab(par.tp) // par.tp * job.teacher.hidden \
+            * _teacher_item(job)
     last = model.plan.has_head
     weights = nbytes(model.parameters()) + nbytes(
         _objective(job, rank_layout(job, pp_rank=pp_rank)).parameters())
@@ -427,15 +433,13 @@ def student_memory(job: Job, pp_rank: int, hw: Hardware) -> RankMemory:
 
 
 def teacher_rank_memory(job: Job) -> RankMemory:
-    """A teacher rank: its weights at teacher_tp, the micro-batches it keeps in flight per student
-    it serves (their sends), no gradients."""
-    model = teacher_model(job, 0)
+    """A teacher rank: its weights at teacher_tp, and the sends in flight (`prefetch` micro-batches
+    to each student rank it serves); no gradients, nothing kept for a backward."""
     cfg, item = job.cfg, _teacher_item(job)
-    tokens = cfg.data.micro_batch * cfg.data.seq_len
-    served = job.students // (job.par.teacher_ranks // job.par.teacher_tp_degree)
-    return RankMemory(rank="teacher rank", params=nbytes(model.parameters()) * item // FP32,
-                      teacher_outputs=cfg.distill.prefetch * served * tokens * job.teacher.hidden
-                      * item // max(1, job.par.tp if job.par.sp else 1),
+    served = job.students // job.par.teacher_ranks  # student ranks per teacher rank
+    return RankMemory(rank="teacher rank", params=nbytes(teacher_model(job, 0).parameters())
+                      * item // FP32,
+                      teacher_outputs=cfg.distill.prefetch * served * stream_payload(job),
                       in_flight=0)
 
 
@@ -607,15 +611,8 @@ def _step_comm(comm: Comm, job: Job) -> None:
 def _teacher_stream(comm: Comm, job: Job, last: bool) -> None:
     """Teacher ranks: per micro-batch a tag (checksum, signal), the payload, and an
     acknowledgement back (distill/teacher_wire.py), steady state."""
-    cfg, m = job.cfg, job.micro_batches
-    tokens, item = cfg.data.micro_batch * cfg.data.seq_len, _teacher_item(job)
-    payload = 0
-    if last:
-        payload = tokens * job.teacher.hidden * item
-        if job.par.sp:
-            payload //= job.par.tp
-        if cfg.distill.teacher_stream == "logits":
-            payload = logits_bytes(job, itemsize=item)
+    m = job.micro_batches
+    payload = stream_payload(job) if last else 0
     comm[("teacher", "recv")] += m * (2 * INT64 + payload)
     comm[("teacher", "send")] += m * INT64
 
@@ -681,7 +678,7 @@ def teacher_rank_comm(job: Job) -> Comm:
                     tp=job.par.teacher_tp_degree, sp=False, res=item, lin=item)
     stream = Comm()
     _teacher_stream(stream, job, True)
-    served = job.par.tp * job.par.pp * replicas // job.par.teacher_tp_degree
+    served = job.students // job.par.teacher_ranks  # student ranks per teacher rank
     comm[("teacher", "send")] += stream[("teacher", "recv")] * served
     comm[("teacher", "recv")] += stream[("teacher", "send")] * served
     return comm
