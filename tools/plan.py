@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from distill._plan import make_plan  # noqa: E402
 from distill.config import aligned_teacher_config  # noqa: E402
 from distill.objective import DistillObjective  # noqa: E402
-from distill.runconfig import RunConfig, check_pipeline, parse_run_config  # noqa: E402
+from distill.runconfig import RunConfig, check_model_data, check_pipeline, parse_run_config  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
 from engine.data import check_batch_layout  # noqa: E402
@@ -128,10 +128,10 @@ def load_job(config: str, overrides: list[str], *, world: int | None = None,
     """The run config as the entry point reads it (YAML + overrides), with the student's model from
     `student_hf` and the teacher's from `teacher_hf` or its checkpoint; `world`: the GPUs (default:
     the smallest world the layout fills, tp x pp (+ teacher ranks) with DP 1)."""
-    data = apply_overrides(load_yaml(config), overrides)
-    if student_hf:
+    data = load_yaml(config)
+    if student_hf:  # the overrides still apply to it
         data["model"] = dataclasses.asdict(read_model_config(student_hf, "--student-hf"))
-    cfg = parse_run_config(data)
+    cfg = parse_run_config(apply_overrides(data, overrides))
     teacher = None
     if cfg.distill.needs_teacher and cfg.distill.schedule != "offline":
         if teacher_hf:
@@ -145,7 +145,7 @@ def load_job(config: str, overrides: list[str], *, world: int | None = None,
 
 def check_job(job: Job) -> None:
     """The engine's own start-up checks that need no file: layout, model split, batch split,
-    pipeline cut (a `ConfigError` naming the key)."""
+    pipeline cut, sequence length (a `ConfigError` naming the key)."""
     cfg = job.cfg
     validate_layout(cfg.parallel, job.world)
     check_model_layout(cfg.model, cfg.parallel.tp, cfg.parallel.ep)
@@ -156,6 +156,10 @@ def check_job(job: Job) -> None:
                                           f"{cfg.parallel.tp} ranks (sequence parallelism)")
     check_batch_layout(cfg.data, job.dp)
     check_pipeline(cfg, job.dp)
+    check_model_data(cfg)
+    if job.teacher is not None and cfg.data.seq_len > job.teacher.max_seq_len:
+        raise ConfigError("distill.teacher", f"the teacher's max_seq_len={job.teacher.max_seq_len}"
+                                             f" is shorter than data.seq_len={cfg.data.seq_len}")
 
 
 # ----------------------------------------------------------------------- models at a layout
