@@ -196,3 +196,20 @@ def test_cli_json_and_config_errors(llama3_job, capsys):
     assert P.main(["--config", llama3_job["config"], "parallel.tp=3", "--gpus", "16",
                    *models]) == 2
     assert "parallel.tp" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_expert_parallel_traffic_is_estimated_within_5_percent(run_config, tmp_path):
+    """EP's all_to_all volume follows the routing: the plan assumes each rank's token copies stay
+    as many as it routes; everything else stays exact."""
+    overrides = ["parallel.ep=2", "model.moe={experts: 4, top_k: 2, expert_ffn_hidden: 32}",
+                 "distill.logit.weight=0", f"train.run_dir={tmp_path / 'run'}"]
+    ranks = run_ranks(measure_rank, 2, str(run_config), overrides, timeout_s=300)
+    job = P.load_job(str(run_config), overrides, world=2)
+    predicted = {f"{g}/{k}": b for (g, k), b in P.student_comm(job, 0, P.Hardware()).items()}
+    for rank in ranks:
+        measured = rank["comm"][MEASURED_STEP]
+        assert measured.keys() == predicted.keys()
+        for key, nbytes in measured.items():
+            tolerance = 0.05 * predicted[key] if key == "ep/all_to_all" else 0
+            assert abs(nbytes - predicted[key]) <= tolerance, (key, nbytes, predicted[key])

@@ -317,12 +317,12 @@ def layer_activation_bytes(config: ModelConfig, *, tokens: int, batch: int, seq:
         heads = (config.heads + config.num_kv_heads) // tp
         qkvo += tokens * heads * (2 * d * lin + FP32)
     inner = (4 if config.gated_mlp else 2) * tokens * config.ffn_hidden // tp * lin
-    if moe_layer:  # modelled: uniform routing; the router's fp32 logits, each routed copy's
-        moe = config.moe  # input and combine weight, the experts' inner tensors, shared experts
-        routed = tokens * moe.top_k
-        inner = tokens * moe.experts * FP32 + routed * (2 * h * lin + FP32) \
-            + 4 * routed * moe.expert_ffn_hidden * lin \
-            + 4 * tokens * moe.shared_ffn_hidden // tp * lin
+    if moe_layer:  # modelled, uniform routing: each TP rank routes 1/tp of the tokens (layers/
+        moe = config.moe  # moe.py); the router's fp32 logits, each routed copy's input and combine
+        local = tokens // tp  # weight, the experts' inner tensors, the shared experts'
+        routed = local * moe.top_k
+        inner = local * moe.experts * FP32 + routed * (2 * h * lin + FP32) \
+            + 4 * routed * moe.expert_ffn_hidden * lin + 4 * local * moe.shared_ffn_hidden * lin
     return norms + inputs + qkvo + lse + inner
 
 
@@ -659,15 +659,16 @@ def student_comm(job: Job, pp_rank: int, hw: Hardware) -> Comm:
 
 
 def _expert_comm(comm: Comm, job: Job, model: TransformerLM, *, tokens: int, lin: int) -> None:
-    """MoE blocks under EP: dispatch and combine all_to_all forward and backward, assuming every
-    token's top-k experts spread uniformly (the real volume follows the routing)."""
+    """MoE blocks under EP: the per-expert row counts, then dispatch and combine all_to_all forward
+    and backward, assuming every token's top-k copies stay as many as they are (the real split
+    follows the routing: measured within 1% at EP 2, 4 experts top-2)."""
     moe = job.cfg.model.moe
     if moe is None or job.par.ep == 1:
         return
     layers = sum(job.cfg.model.is_moe_layer(int(i)) for i in model.decoder)
-    res_tokens = tokens // job.par.tp if job.par.sp else tokens
-    per_pass = res_tokens * moe.top_k * job.cfg.model.hidden * lin
-    comm[("ep", "all_to_all")] += job.micro_batches * layers * 4 * per_pass
+    per_pass = tokens // job.par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
+    counts = moe.experts * INT64  # the rows per expert, exchanged before the dispatch
+    comm[("ep", "all_to_all")] += job.micro_batches * layers * (4 * per_pass + counts)
 
 
 def teacher_rank_comm(job: Job) -> Comm:
@@ -833,7 +834,8 @@ def caveats(job: Job) -> list[str]:
     if cfg.model.dropout > 0:
         notes.append("dropout > 0: attention's unfused path keeps [seq, seq] tensors, not modelled")
     if cfg.model.moe is not None or (job.teacher is not None and job.teacher.moe is not None):
-        notes.append("experts: all_to_all bytes and expert activations assume uniform routing")
+        notes.append("experts: MoE blocks' traffic (tokens split over TP, expert gradients "
+                     "summed over TP, all_to_all) and activations are estimates (uniform routing)")
     return notes
 
 
