@@ -21,13 +21,13 @@ its checkpoint's saved config, or from a Hugging Face `config.json` with `--teac
 Exact parts (tested against a real run on CPU, tests/test_plan.py): parameter, gradient and
 optimizer bytes (counted from the model classes built on the meta device at each rank's layout),
 and the communication of dense Llama/GPT-2 students with a colocated teacher or teacher ranks,
-under TP, SP, PP (1F1B and interleaved), DP (DDP or the distributed optimizer), the fused head and
-every recompute mode. Modelled, not exact: activation memory (the tensors saved for the backward,
-by formula; within a few percent on CPU), the loss's working set, the teacher's transient forward
-memory, expert all_to_all volume (depends on routing: uniform routing is assumed), and all times.
-Not modelled: activation-pair losses' communication, on-policy sampling, offline top-k losses'
-statistics, several teachers. Steady state: the teacher stream's first step also carries the
-header and the prefetched micro-batches, its last fewer.
+under TP, SP, PP (1F1B and interleaved), DP (DDP or the distributed optimizer), the fused head,
+every recompute mode, an offline top-k teacher. Modelled, not exact: activation memory (the
+tensors saved for the backward, by formula: equal on CPU for the blocks tested; bf16 linear outputs
+assumed on GPU), the loss's working set, expert traffic and activations (they follow the routing),
+and all times. Not modelled: activation-pair losses' communication, on-policy sampling, several
+teachers, the teacher's transient forward memory (a plan's notes say which apply). Steady state:
+the teacher stream's first step also carries the header and the prefetched micro-batches.
 """
 
 from __future__ import annotations
