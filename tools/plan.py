@@ -459,7 +459,7 @@ Comm = Counter  # (group, kind) -> bytes per optimizer step
 
 
 def _tp_forward(comm: Comm, model: TransformerLM, *, tokens: int, hidden: int, tp: int, sp: bool,
-                res: int, lin: int, recompute_full: bool = False, head: bool = True) -> None:
+                res: int, lin: int, recompute_full: bool = False) -> None:
     """One forward of this stage's part of `model` over `tokens` tokens (the entry point's
     collectives, engine/mappings.py): the vocab-parallel embedding, each block's two TP regions,
     the head's input; a fully recomputed block re-runs its forward up to its last saved tensor
@@ -468,7 +468,7 @@ def _tp_forward(comm: Comm, model: TransformerLM, *, tokens: int, hidden: int, t
         return
     full, shard = tokens * hidden, tokens * hidden // tp
     exit_kind = "reduce_scatter" if sp else "all_reduce"
-    blocks = len(model.decoder) + (len(model.mtp) if head else 0)
+    blocks = len(model.decoder) + len(model.mtp)
     if model.plan.has_embedding:
         comm[("tp", exit_kind)] += full * res
     comm[("tp", exit_kind)] += 2 * blocks * full * lin
@@ -478,7 +478,7 @@ def _tp_forward(comm: Comm, model: TransformerLM, *, tokens: int, hidden: int, t
         comm[("tp", exit_kind)] += blocks * full * lin
         if sp:
             comm[("tp", "all_gather")] += 2 * blocks * shard * res
-    if model.plan.has_head and head and sp:
+    if model.plan.has_head and sp:
         comm[("tp", "all_gather")] += (1 + len(model.mtp)) * shard * res
 
 
@@ -637,7 +637,7 @@ def student_comm(job: Job, pp_rank: int, hw: Hardware) -> Comm:
         if teacher is not None:
             t_item = _teacher_item(job)
             _tp_forward(comm, teacher, hidden=job.teacher.hidden,
-                        **{**shape, "res": t_item, "lin": t_item}, head=True)
+                        **{**shape, "res": t_item, "lin": t_item})
         if model.plan.has_head:
             _loss_comm(comm, job, tokens=tokens)
     if model.position_embedding is not None and par.sp:
