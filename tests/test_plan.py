@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.parallel import STUDENT, ParallelConfig
+from engine.parallel import STUDENT
 from engine.spawn import run_ranks
 from tests import trainer_utils as tu
 from tools import plan as P
@@ -41,14 +41,13 @@ def test_predicted_comm_and_state_bytes_equal_the_run(run_config, tmp_path, name
     overrides = [*(o.format(export=export) for o in overrides), f"train.run_dir={run_dir}"]
     ranks = run_ranks(measure_rank, world, str(run_config), overrides, timeout_s=300)
     job = P.load_job(str(run_config), overrides, world=world)
-    order = ParallelConfig(**{k.split(".")[1]: v for k, v in _parsed(overrides)}).rank_order(
-        STUDENT, world)
-    hw = P.Hardware()
+    order, hw = job.par.rank_order(STUDENT, world), P.Hardware()
     for rank in range(order.size):
         _, pp_rank, _ = order.coords(rank)
         measured = ranks[rank]
         predicted = P.student_comm(job, pp_rank, hw)
-        assert measured["comm"][MEASURED_STEP] == {f"{g}/{k}": b for (g, k), b in predicted.items()}, rank
+        assert measured["comm"][MEASURED_STEP] == {f"{g}/{k}": b for (g, k), b in
+                                                   predicted.items()}, rank
         memory = P.student_memory(job, pp_rank, hw)
         assert measured["memory"] == {"params": memory.params, "grads": memory.grads,
                                       "optimizer": memory.optimizer,
@@ -62,13 +61,6 @@ def test_predicted_comm_and_state_bytes_equal_the_run(run_config, tmp_path, name
     assert {k[len("comm_bytes/"):]: v for k, v in record.items()
             if k.startswith("comm_bytes/")} == per_group
     assert record["peak_mem_bytes_max"] >= record["peak_mem_bytes"] > 0
-
-
-def _parsed(overrides: list[str]) -> list[tuple[str, object]]:
-    from engine.config import parse_overrides
-
-    return [(".".join(path), value) for path, value in parse_overrides(overrides)
-            if path[0] == "parallel"]
 
 
 # ------------------------------------------------------------------------ activation memory
