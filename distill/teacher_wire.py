@@ -134,7 +134,7 @@ class _StudentLink:
 
     def _receive_ack(self) -> None:
         ack = torch.zeros(1, dtype=torch.int64, device=self.device)
-        C.recv(ack, src=self.peer)
+        C.recv(ack, src=self.peer, channel="teacher")
         self.acked += 1
         works, _ = self.pending.popleft()  # the student had it before acknowledging
         for work in works:
@@ -149,7 +149,7 @@ class _StudentLink:
             self._receive_ack()
         if self.stopped:
             return None
-        return C.recv(torch.empty_like(like), src=self.peer)
+        return C.recv(torch.empty_like(like), src=self.peer, channel="teacher")
 
     def ready(self, prefetch: int) -> bool:
         """Wait until another micro-batch may be sent; False once the student has stopped."""
@@ -160,12 +160,14 @@ class _StudentLink:
     def announce(self, per_batch: list[torch.Tensor]) -> None:
         """Once per run: the header (its length, then the specs of the per-micro-batch tensors)."""
         header = _encode_specs(per_batch).to(self.device)
-        C.send(torch.tensor([header.numel()], dtype=torch.int64, device=self.device), dst=self.peer)
-        C.send(header, dst=self.peer)
+        C.send(torch.tensor([header.numel()], dtype=torch.int64, device=self.device), dst=self.peer,
+               channel="teacher")
+        C.send(header, dst=self.peer, channel="teacher")
         self.announced = True
 
     def send(self, tensors: list[torch.Tensor]) -> None:
-        self.pending.append(([C.isend(t, dst=self.peer) for t in tensors], tensors))
+        self.pending.append(([C.isend(t, dst=self.peer, channel="teacher") for t in tensors],
+                             tensors))
         self.sent += 1
 
     def close(self) -> None:
@@ -326,22 +328,24 @@ class RemoteTeacher:
 
     def _receive_header(self) -> None:
         device = self.layout.device
-        length = C.recv(torch.zeros(1, dtype=torch.int64, device=device), src=self.src)
+        length = C.recv(torch.zeros(1, dtype=torch.int64, device=device), src=self.src,
+                        channel="teacher")
         header = C.recv(torch.zeros(int(length.item()), dtype=torch.int64, device=device),
-                        src=self.src).tolist()
+                        src=self.src, channel="teacher").tolist()
         self.specs, _ = _decode_specs(header)
 
     def _post_one(self) -> None:
         tag = torch.zeros(2, dtype=torch.int64, device=self.layout.device)  # see _tag
         bufs = [torch.empty(shape, dtype=dtype, device=self.layout.device)
                 for dtype, shape in self.specs]
-        works = [C.irecv(tag, src=self.src)] + [C.irecv(b, src=self.src) for b in bufs]
+        works = [C.irecv(tag, src=self.src, channel="teacher")]
+        works += [C.irecv(b, src=self.src, channel="teacher") for b in bufs]
         self.posted.append((works, tag, bufs))
 
     def _acknowledge(self, flag: int) -> None:
         if self.unacked:
             ack = torch.full((1,), flag, dtype=torch.int64, device=self.layout.device)
-            self.acks.append((C.isend(ack, dst=self.src), ack))
+            self.acks.append((C.isend(ack, dst=self.src, channel="teacher"), ack))
             self.unacked = False
 
     def end_step(self, *, stop: bool) -> None:
@@ -364,7 +368,7 @@ class RemoteTeacher:
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
         self._acknowledge(ACK_CONTINUE)
         if self.sends_samples and self.on_policy(self.calls):  # after the acknowledgement
-            C.send(micro_batch["input_ids"], dst=self.src)
+            C.send(micro_batch["input_ids"], dst=self.src, channel="teacher")
         self.calls += 1
         if self.specs is None:
             self._receive_header()

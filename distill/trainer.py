@@ -25,12 +25,14 @@ every rank holds (and rank 0 logs) them.
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from distill.evaluate import validation_loss
@@ -54,6 +56,12 @@ from layers.context import sequence_kwargs, split_for_cp
 log = get_logger(__name__)
 
 TERMS = ("loss", "lm_loss", "kd_loss", "act_loss")
+
+
+def _counted_allreduce(group, bucket):
+    """DDP's own gradient all-reduce, counted like the collective module's (DP bytes per step)."""
+    C.record("all_reduce", bucket.buffer(), group)
+    return default_hooks.allreduce_hook(group, bucket)
 
 
 class StudentWithObjective(nn.Module):
@@ -128,6 +136,10 @@ class DistillTrainer:
         self.dp_scale = layout.dp * layout.cp if self.ddp is not None else 1
         if layout.pp > 1:
             pipeline_copies(objective, layout)
+        self.count_comm = cfg.comm_metrics == "on" or (cfg.comm_metrics == "auto"
+                                                       and layout.device.type == "cpu")
+        if self.ddp is not None and self.count_comm:
+            self.ddp.register_comm_hook(layout.dp_group, _counted_allreduce)
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
         self.schedules = Schedules(objective.cfg)
         self.state = RunState()
@@ -314,12 +326,17 @@ class DistillTrainer:
 
     def _loop(self, start: int, metrics: MetricsWriter, preempted: PreemptionFlag) -> int:
         for step in range(start, self.cfg.steps):
-            began = time.perf_counter()
-            record = self.train_step(step)
-            record["tokens_per_s"] = record.pop("tokens") / (time.perf_counter() - began)
-            stop = preempted.should_stop(self.layout)
-            if self.teacher is not None:  # teacher ranks learn whether to go on
-                self.teacher.end_step(stop=stop)
+            with self._counting() as comm:
+                began = time.perf_counter()
+                record = self.train_step(step)
+                record["tokens_per_s"] = record.pop("tokens") / (time.perf_counter() - began)
+                stop = preempted.should_stop(self.layout)
+                if self.teacher is not None:  # teacher ranks learn whether to go on
+                    self.teacher.end_step(stop=stop)
+            if comm is not None:
+                record.update({f"comm_bytes/{name}": nbytes
+                               for name, nbytes in sorted(comm.bytes_per_group().items())})
+            record.update(self._peak_memory())
             last = step + 1 == self.cfg.steps
             # Save first: a validation that fails must not cost the steps it follows.
             if stop or last or self._due(step, self.cfg.save_interval):
@@ -333,6 +350,28 @@ class DistillTrainer:
                 log.info("preempted: saved step %d", step + 1)
                 return step + 1
         return self.cfg.steps
+
+    def _counting(self):
+        """The step's collectives counted per group (tools/plan.py predicts them), when on."""
+        if not self.count_comm:
+            return contextlib.nullcontext()
+        layout = self.layout
+        return C.count_collectives({"tp": layout.tp_group, "pp": layout.pp_group,
+                                    "dp": layout.dp_group, "embedding": layout.embedding_group,
+                                    "ep": layout.ep_group, "expert_dp": layout.expert_dp_group,
+                                    "role": layout.role_group})
+
+    def _peak_memory(self) -> dict[str, int]:
+        """This rank's peak memory so far, and the largest over the student ranks: the CUDA
+        allocator's peak on GPU, the process's peak resident set on CPU (torch's CPU allocator
+        keeps no statistics)."""
+        if self.layout.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.layout.device)
+        else:  # Linux reports kilobytes
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = torch.tensor([mine], dtype=torch.int64, device=self.layout.device)
+        C.all_reduce(peak, self.layout.role_group, op="max")
+        return {"peak_mem_bytes": mine, "peak_mem_bytes_max": int(peak.item())}
 
     @staticmethod
     def _due(step: int, interval: int) -> bool:

@@ -10,7 +10,9 @@ then returns its input unchanged (or a view of it).
 `count_collectives()` records calls and bytes per kind while it is active; bytes are the payload
 this rank hands to the collective (its input tensor's size: for reduce_scatter the full tensor it
 contributes to the sum, for all_to_all_single everything it sends, its own part included), whatever
-the backend does underneath.
+the backend does underneath. Given names for the run's groups (`groups={"tp": layout.tp_group,
+...}`) it also records them per (group, kind); point-to-point messages have no group and count
+under the `channel` their caller names ("pp" for the pipeline, "teacher" for the teacher stream).
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ class CollectiveCounts:
 
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
+    group_calls: Counter = field(default_factory=Counter)  # (group name, kind) -> calls
+    group_bytes: Counter = field(default_factory=Counter)  # (group name, kind) -> bytes
+    # the process groups to name, by identity; groups not listed count as "other"
+    names: dict = field(default_factory=dict, repr=False)
+
+    def group_name(self, group: Group | str) -> str:
+        if isinstance(group, str):
+            return group
+        return self.names.get(id(group), "other")
+
+    def bytes_per_group(self) -> dict[str, int]:
+        """Bytes summed over kinds, per group name."""
+        totals: Counter = Counter()
+        for (name, _), nbytes in self.group_bytes.items():
+            totals[name] += nbytes
+        return dict(totals)
 
     @property
     def total_calls(self) -> int:
@@ -53,8 +71,14 @@ _active_counters: list[CollectiveCounts] = []
 
 
 @contextlib.contextmanager
-def count_collectives() -> Iterator[CollectiveCounts]:
-    counts = CollectiveCounts()
+def count_collectives(groups: dict[str, Group] | None = None) -> Iterator[CollectiveCounts]:
+    """Record every collective of the block; `groups` names the process groups to count apart
+    (the first name given to a group object wins, so list the specific ones first)."""
+    names: dict[int, str] = {}
+    for name, group in (groups or {}).items():
+        if group is not None:
+            names.setdefault(id(group), name)
+    counts = CollectiveCounts(names=names)
     _active_counters.append(counts)
     try:
         yield counts
@@ -62,11 +86,18 @@ def count_collectives() -> Iterator[CollectiveCounts]:
         _active_counters[:] = [c for c in _active_counters if c is not counts]
 
 
-def _record(kind: str, tensor: torch.Tensor) -> None:
+def record(kind: str, tensor: torch.Tensor, group: Group | str) -> None:
+    """Count one collective of `kind` on `tensor` (this rank's payload) in the active counters;
+    the wrappers here call it, and so does communication that torch runs itself (DDP's hook)."""
+    if not _active_counters:
+        return
     nbytes = tensor.numel() * tensor.element_size()
     for counts in _active_counters:
         counts.calls[kind] += 1
         counts.bytes[kind] += nbytes
+        key = (counts.group_name(group), kind)
+        counts.group_calls[key] += 1
+        counts.group_bytes[key] += nbytes
 
 
 def group_size(group: Group) -> int:
@@ -85,7 +116,7 @@ def all_reduce(tensor: torch.Tensor, group: Group, *, op: str = "sum") -> torch.
     """Reduce `tensor` in place over `group` (`op` in sum|max|min) and return it."""
     if group_size(group) == 1:
         return tensor
-    _record("all_reduce", tensor)
+    record("all_reduce", tensor, group)
     dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
     return tensor
 
@@ -95,7 +126,7 @@ def all_gather(tensor: torch.Tensor, group: Group, *, dim: int = 0) -> torch.Ten
     world = group_size(group)
     if world == 1:
         return tensor
-    _record("all_gather", tensor)
+    record("all_gather", tensor, group)
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
@@ -111,7 +142,7 @@ def gather(tensor: torch.Tensor, group: Group, *, dst: int) -> torch.Tensor | No
     world = group_size(group)
     if world == 1:
         return tensor
-    _record("gather", tensor)
+    record("gather", tensor, group)
     tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(world)] if dist.get_rank() == dst else None
     dist.gather(tensor, parts, dst=dst, group=group)
@@ -136,7 +167,7 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, *, dim: int = 0) -> torch
         return tensor
     if tensor.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} does not split over {world} ranks")
-    _record("reduce_scatter", tensor)
+    record("reduce_scatter", tensor, group)
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // world, *moved.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
@@ -160,7 +191,7 @@ def all_to_all_single(tensor: torch.Tensor, group: Group, *, send_splits: list[i
                                     or sum(send_splits) != tensor.shape[0]):
         raise ValueError(f"splits {send_splits} / {recv_splits} do not fit dimension 0 of size "
                          f"{tensor.shape[0]} over {world} ranks")
-    _record("all_to_all", tensor)
+    record("all_to_all", tensor, group)
     rows = tensor.shape[0] if recv_splits is None else sum(recv_splits)
     out = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes=recv_splits,
@@ -172,43 +203,46 @@ def broadcast(tensor: torch.Tensor, group: Group, *, src: int) -> torch.Tensor:
     """Overwrite `tensor` in place with global rank `src`'s copy and return it."""
     if group_size(group) == 1:
         return tensor
-    _record("broadcast", tensor)
+    record("broadcast", tensor, group)
     dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 
-def send(tensor: torch.Tensor, *, dst: int, group: Group = None) -> None:
-    _record("send", tensor)
+def send(tensor: torch.Tensor, *, dst: int, group: Group = None, channel: str = "p2p") -> None:
+    record("send", tensor, channel)
     dist.send(tensor.contiguous(), dst=dst, group=group)
 
 
-def recv(tensor: torch.Tensor, *, src: int, group: Group = None) -> torch.Tensor:
-    _record("recv", tensor)
+def recv(tensor: torch.Tensor, *, src: int, group: Group = None,
+         channel: str = "p2p") -> torch.Tensor:
+    record("recv", tensor, channel)
     dist.recv(tensor, src=src, group=group)
     return tensor
 
 
-def isend(tensor: torch.Tensor, *, dst: int, group: Group = None) -> dist.Work:
+def isend(tensor: torch.Tensor, *, dst: int, group: Group = None,
+          channel: str = "p2p") -> dist.Work:
     """Asynchronous send; keep `tensor` alive until the returned work is waited on."""
-    _record("send", tensor)
+    record("send", tensor, channel)
     return dist.isend(tensor, dst=dst, group=group)
 
 
-def irecv(tensor: torch.Tensor, *, src: int, group: Group = None) -> dist.Work:
-    _record("recv", tensor)
+def irecv(tensor: torch.Tensor, *, src: int, group: Group = None,
+          channel: str = "p2p") -> dist.Work:
+    record("recv", tensor, channel)
     return dist.irecv(tensor, src=src, group=group)
 
 
-def exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]],
-             ) -> tuple[list[dist.Work], list[dist.Work]]:
+def exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], *,
+             channel: str = "p2p") -> tuple[list[dist.Work], list[dist.Work]]:
     """Post point-to-point sends and receives (peers are global ranks) as ONE batch and return
     (send works, receive works). Batching is what lets two ranks send to each other and receive
     from each other at the same time on NCCL without deadlock; on gloo it is isend/irecv. Keep
-    every tensor alive until its work is waited on. Counted as "send" and "recv"."""
+    every tensor alive until its work is waited on. Counted as "send" and "recv" on `channel`."""
     for tensor, _ in sends:
-        _record("send", tensor)
+        record("send", tensor, channel)
     for tensor, _ in receives:
-        _record("recv", tensor)
+        record("recv", tensor, channel)
     ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in receives]
     works = dist.batch_isend_irecv(ops) if ops else []

@@ -182,7 +182,7 @@ class PipelineExecutor:
     def _exchange(self, receives: list[tuple[torch.Tensor, int]]) -> None:
         """Post the waiting sends with these receives, then wait for the receives."""
         sends, self._pending = self._pending, []
-        send_works, recv_works = C.exchange(sends, receives)
+        send_works, recv_works = C.exchange(sends, receives, channel="pp")
         self._sent += [(work, tensor) for work, (tensor, _) in zip(send_works, sends)]
         began = time.perf_counter()
         for work in recv_works:

@@ -55,6 +55,8 @@ class TrainConfig:
     # ZeRO-1: AdamW states sharded over DP, gradients reduce-scattered, parameters all-gathered
     distributed_optimizer: bool = False
     progress: bool = True  # tqdm progress bar on rank 0
+    # comm_bytes/<group> per step in metrics.jsonl from the collective counters (auto: on CPU)
+    comm_metrics: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         check(self.steps >= 1, "train.steps", f"must be >= 1 (got {self.steps})")
@@ -76,6 +78,8 @@ class TrainConfig:
         check(self.eval_batches >= 1, "train.eval_batches", f"must be >= 1 (got {self.eval_batches})")
         check(self.max_skipped_steps >= 1, "train.max_skipped_steps",
               f"must be >= 1 (got {self.max_skipped_steps})")
+        check(self.comm_metrics in ("auto", "on", "off"), "train.comm_metrics",
+              f"must be auto, on or off (got {self.comm_metrics!r})")
         check(self.recompute in ("none", "selective", "full"), "train.recompute",
               f"must be none, selective or full (got {self.recompute!r})")
         check(bool(self.run_dir), "train.run_dir", "must not be empty")

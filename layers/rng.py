@@ -42,7 +42,9 @@ class DropoutRNG:
         self.device = layout.device
         seeds = {REPLICATED: name_seed(seed, f"dropout/dp{layout.dp_rank}"),
                  SHARDED: name_seed(seed, f"dropout/dp{layout.dp_rank}/tp{layout.tp_rank}")}
-        self._states = {stream: torch.Generator(device=self.device).manual_seed(s).get_state()
+        # a model built on the meta device (shapes only, tools/plan.py) never draws: CPU streams
+        device = "cpu" if self.device.type == "meta" else self.device
+        self._states = {stream: torch.Generator(device=device).manual_seed(s).get_state()
                         for stream, s in seeds.items()}
 
     @contextlib.contextmanager

@@ -157,8 +157,8 @@ class VocabParallelLMHead(nn.Module):
                                     vocab_parallel=True, device=layout.device)
         columns = torch.arange(rows, device=layout.device) + layout.tp_rank * rows
         padding = columns >= vocab_size
-        self.register_buffer("padding", padding if bool(padding.any()) else None,
-                             persistent=False)
+        has_padding = (layout.tp_rank + 1) * rows > vocab_size  # (no .item(): meta-safe)
+        self.register_buffer("padding", padding if has_padding else None, persistent=False)
 
     def weight_shard(self) -> nn.Parameter:
         """This rank's `[padded_vocab/tp, hidden]` output weight (the embedding's when tied)."""

@@ -112,10 +112,24 @@ def test_local_group_is_identity():
 def test_counters_nest():
     with C.count_collectives() as outer:
         with C.count_collectives() as inner:
-            C._record("all_reduce", torch.zeros(10))
-        C._record("all_gather", torch.zeros(2, dtype=torch.float64))
+            C.record("all_reduce", torch.zeros(10), None)
+        C.record("all_gather", torch.zeros(2, dtype=torch.float64), None)
     assert inner.calls == {"all_reduce": 1} and inner.bytes["all_reduce"] == 40
     assert outer.calls == {"all_reduce": 1, "all_gather": 1} and outer.total_bytes == 56
+
+
+def test_counters_name_groups_and_channels():
+    tp, dp = object(), object()  # stand-ins: groups are named by identity
+    with C.count_collectives({"tp": tp, "dp": dp, "unused": None}) as counts:
+        C.record("all_reduce", torch.zeros(4), tp)
+        C.record("all_reduce", torch.zeros(2), tp)
+        C.record("reduce_scatter", torch.zeros(8), dp)
+        C.record("send", torch.zeros(3), "pp")
+        C.record("all_reduce", torch.zeros(1), object())
+    assert counts.group_bytes == {("tp", "all_reduce"): 24, ("dp", "reduce_scatter"): 32,
+                                  ("pp", "send"): 12, ("other", "all_reduce"): 4}
+    assert counts.group_calls[("tp", "all_reduce")] == 2
+    assert counts.bytes_per_group() == {"tp": 24, "dp": 32, "pp": 12, "other": 4}
 
 
 def _uneven_reduce_scatter():

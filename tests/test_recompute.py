@@ -124,7 +124,9 @@ def test_training_with_recompute_equals_none(run_config):
     metrics = {}
     for mode in MODES:
         run_ranks(_train, 2, cfg, tmp / mode, mode, timeout_s=180)
-        metrics[mode] = [{k: v for k, v in r.items() if k != "tokens_per_s"}
+        # what the run costs (time, memory, full recomputation's repeated collectives) differs
+        metrics[mode] = [{k: v for k, v in r.items()
+                          if k != "tokens_per_s" and not k.startswith(("comm_bytes/", "peak_mem"))}
                          for r in read_metrics(tmp / mode)]
     assert metrics["none"][0]["act_loss"] > 0
     assert metrics["selective"] == metrics["none"]  # bit for bit, as _assert_equal says why

@@ -25,6 +25,8 @@ FULL = {
     "memory.py": [],
     "pipeline.py": [],
     "offline_store.py": [],
+    "plan.py": [],
+    "moe.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
@@ -40,6 +42,8 @@ QUICK = {
                   "--steps", "1", "--dp", "1", "2"],
     "pipeline.py": ["--pp", "2", "--micro-batches", "4", "--forward-ms", "5", "--repeats", "1"],
     "offline_store.py": ["--teacher-steps", "5", "--out", "runs/bench_offline_store_quick"],
+    "plan.py": ["--out", "runs/bench_plan_quick"],
+    "moe.py": ["--hidden", "64", "--expert-ffn", "128", "--tokens", "256", "--steps", "1"],
 }
 
 
