@@ -368,11 +368,12 @@ def loss_bytes(job: Job, hw: Hardware) -> int:
         from distill.fused import DEFAULT_BLOCK_BYTES, block_rows
 
         vocab = cfg.model.padded_vocab(job.par.tp) // job.par.tp
-        models = 2 if job.teacher is not None else 1
+        # each model's logits, and a soft-capped student's derivative of the cap
+        arrays = (2 if job.teacher is not None else 1) + (cfg.model.final_logit_softcap is not None)
         rows = block_rows(n_tokens=cfg.data.micro_batch * cfg.data.seq_len, shard_vocab=vocab,
-                          models=models, itemsize=FP32,
+                          arrays=arrays, itemsize=FP32,
                           budget=DEFAULT_BLOCK_BYTES["cuda" if hw.gpu else "cpu"])
-        return rows * vocab * models * FP32
+        return rows * vocab * arrays * FP32
     student = 2 * logits_bytes(job, itemsize=FP32)
     teacher = logits_bytes(job, itemsize=teacher_item) if job.teacher is not None else 0
     return student + teacher
