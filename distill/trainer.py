@@ -139,7 +139,7 @@ class DistillTrainer:
         self.count_comm = cfg.comm_metrics == "on" or (cfg.comm_metrics == "auto"
                                                        and layout.device.type == "cpu")
         if self.ddp is not None and self.count_comm:
-            self.ddp.register_comm_hook(layout.dp_group, _counted_allreduce)
+            self.ddp.register_comm_hook(layout.dp_cp_group, _counted_allreduce)
         self.opt = OptimizerStep(cfg, layout, list(self.module.parameters()))
         self.schedules = Schedules(objective.cfg)
         self.state = RunState()
@@ -359,6 +359,7 @@ class DistillTrainer:
         return C.count_collectives({"tp": layout.tp_group, "pp": layout.pp_group,
                                     "dp": layout.dp_group, "embedding": layout.embedding_group,
                                     "ep": layout.ep_group, "expert_dp": layout.expert_dp_group,
+                                    "cp": layout.cp_group, "dp_cp": layout.dp_cp_group,
                                     "role": layout.role_group})
 
     def _peak_memory(self) -> dict[str, int]:

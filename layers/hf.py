@@ -260,13 +260,20 @@ def export_model_type(cfg: ModelConfig) -> str:
     if kind not in ARCHITECTURES:
         raise ValueError(f"cannot export as Hugging Face {kind}: unsupported architecture")
     back = hf_config_to_model_config(_hf_config(cfg, kind))
-    wanted, got = (dataclasses.replace(c, **_TRAINING_ONLY, moe=c.moe and dataclasses.replace(
-        c.moe, **_MOE_TRAINING_ONLY)) for c in (cfg, back))
+    wanted, got = (_canonical(c) for c in (cfg, back))
     for field in dataclasses.fields(ModelConfig):
         if getattr(wanted, field.name) != getattr(got, field.name):
             raise ValueError(f"cannot export as Hugging Face {kind}: its config.json cannot express "
                              f"model.{field.name}={getattr(cfg, field.name)!r}")
     return kind
+
+
+def _canonical(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with its training-only settings reset and its defaults spelled out (kv_heads,
+    head_dim, activation), so that two configs of one architecture compare equal."""
+    moe = cfg.moe and dataclasses.replace(cfg.moe, **_MOE_TRAINING_ONLY)
+    return dataclasses.replace(cfg, **_TRAINING_ONLY, moe=moe, kv_heads=cfg.num_kv_heads,
+                               head_dim=cfg.dim_per_head, activation=cfg.mlp_activation)
 
 
 def _closest_family(cfg: ModelConfig) -> str:

@@ -40,6 +40,11 @@ FP32_RTOL, FP32_ATOL = 1e-6, 1e-7
 # process, offline vs colocated teacher): round-off of a few hundred operations per step, over a
 # few steps.
 RUN_RTOL, RUN_ATOL = 1e-5, 1e-7
+# The gradient norm after the first update: AdamW divides each gradient element by its own
+# magnitude, so an element whose sum nearly cancels (|g| a few ulps of its terms) turns float32
+# round-off into a weight change of a visible fraction of lr; one step later the norm carries it.
+# Measured 1.1e-5 and 2.3e-5 (PP=2 x TP=2 + SP against one process); a missing reduction is O(1).
+RUN_GRAD_NORM_RTOL = 1e-4
 RUN_KEYS = ("loss", "lm_loss", "kd_loss", "grad_norm")
 
 
@@ -157,12 +162,15 @@ def assert_same_run(got: list[dict], want: list[dict], *, keys: Sequence[str] = 
                     rtol: float = RUN_RTOL, atol: float = RUN_ATOL,
                     key_atol: dict[str, float] | None = None, optional: Sequence[str] = ()) -> None:
     """The same steps, and at each the same `keys` within rtol/atol (`key_atol` overrides atol per
-    key); `optional` keys are compared where `want` logs them (and `got` must then log them)."""
+    key; `grad_norm` after step 1 gets at least RUN_GRAD_NORM_RTOL, unless rtol is 0: bitwise);
+    `optional` keys are compared where `want` logs them (and `got` must then log them)."""
     assert [r["step"] for r in got] == [r["step"] for r in want]
     key_atol = key_atol or {}
     for a, b in zip(got, want):
         for key in [*keys, *(k for k in optional if k in b)]:
-            assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=key_atol.get(key, atol)), \
+            key_rtol = max(rtol, RUN_GRAD_NORM_RTOL) if key == "grad_norm" and rtol and b["step"] > 1 \
+                else rtol
+            assert math.isclose(a[key], b[key], rel_tol=key_rtol, abs_tol=key_atol.get(key, atol)), \
                 (key, b["step"], a[key], b[key])
 
 

@@ -56,6 +56,7 @@ from engine.config import ConfigError, apply_overrides, from_dict, load_yaml  # 
 from engine.data import check_batch_layout  # noqa: E402
 from engine.optim import adamw_groups  # noqa: E402
 from engine.parallel import ParallelLayout, validate_layout  # noqa: E402
+from engine.param_tags import param_tags
 from layers.config import ModelConfig, check_model_layout, saved_model_config  # noqa: E402
 from layers.hf import hf_config_to_model_config  # noqa: E402
 from layers.model import TransformerLM  # noqa: E402
@@ -589,7 +590,11 @@ def _dp_comm(comm: Comm, job: Job, params: list[torch.nn.Parameter]) -> None:
     if dp == 1:
         return
     if not cfg.train.distributed_optimizer:
-        comm[("dp", "all_reduce")] += nbytes(params)
+        # routed experts are summed over their expert-DP group (dp / ep ranks), not by DDP
+        experts = [p for p in params if param_tags(p).expert]
+        comm[("dp", "all_reduce")] += nbytes([p for p in params if not param_tags(p).expert])
+        if experts and dp // job.par.ep > 1:
+            comm[("expert_dp", "all_reduce")] += nbytes(experts)
         return
     for members, shard in dp_buckets(params, dp):
         comm[("dp", "reduce_scatter")] += shard * dp * members[0].element_size()
@@ -602,7 +607,8 @@ def _step_comm(comm: Comm, job: Job) -> None:
     the pipeline), the gradient-norm squares over TP and PP, the stop vote over the students."""
     cfg, par = job.cfg, job.par
     objective = _objective(job, rank_layout(job, pp_rank=0))
-    terms = (4 + len(objective.metric_names())) * FP64
+    moe_terms = 2 if cfg.model.moe is not None else 0  # moe_aux_loss, moe_z_loss
+    terms = (4 + len(objective.metric_names()) + moe_terms) * FP64
     if job.dp > 1:
         comm[("dp", "all_reduce")] += (3 + cfg.model.mtp_heads) * INT64 + terms
     if par.pp > 1:
@@ -670,6 +676,7 @@ def _expert_comm(comm: Comm, job: Job, model: TransformerLM, *, tokens: int, lin
     per_pass = tokens // job.par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
     counts = moe.experts * INT64  # the rows per expert, exchanged before the dispatch
     comm[("ep", "all_to_all")] += job.micro_batches * layers * (4 * per_pass + counts)
+    comm[("ep", "all_reduce")] += 8  # the gradient norm's float64 sum of the experts' squares
 
 
 def teacher_rank_comm(job: Job) -> Comm:
