@@ -48,6 +48,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
+from distill.cross_tokenizer import chunk_nll_bits, likelihood_loss, token_log_probs
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
@@ -75,6 +76,8 @@ class TokenCounts:
     tokens: int  # every input position (for throughput)
     heads: tuple[int, ...]  # valid targets of each output head: 0 next token, j MTP head j
     distill: int  # positions the logit and activation terms average over
+    chunks: int = 0  # cross_tokenizer: aligned chunks, which the chunk term averages over
+    chunk_bytes: int = 0  # cross_tokenizer: their bytes (the bits-per-byte denominator)
 
 
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
@@ -84,7 +87,10 @@ def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int)
         [int((shift_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
     distill = int(kd_mask.sum()) if kd_mask is not None else \
         tokens if labels is None else heads[0]
-    return [tokens, *heads, distill]
+    chunk_bytes = micro_batch.get("chunk_bytes")
+    chunks = [0, 0] if chunk_bytes is None else \
+        [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum())]
+    return [tokens, *heads, distill, *chunks]
 
 
 def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: ParallelLayout, *,
@@ -92,11 +98,12 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
     """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
     one all-reduce over the DP (x CP) group. `mtp_heads` is the student's `config.mtp_heads`."""
     per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
-    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 3 + mtp_heads).sum(dim=0)
+    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 5 + mtp_heads).sum(dim=0)
     # over DP x CP: context-parallel ranks hold other tokens of the same sequences
     totals = C.all_reduce(totals.to(layout.device), layout.dp_cp_group)  # NCCL needs device memory
     values = totals.tolist()
-    return TokenCounts(tokens=values[0], heads=tuple(values[1:-1]), distill=values[-1])
+    return TokenCounts(tokens=values[0], heads=tuple(values[1:-3]), distill=values[-3],
+                       chunks=values[-2], chunk_bytes=values[-1])
 
 
 @dataclass
@@ -163,6 +170,8 @@ class DistillObjective(nn.Module):
         self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
+        # cross_tokenizer: the (one) teacher's own vocabulary
+        self.teacher_vocab = next(iter(teachers.values())).vocab_size if teachers else None
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
@@ -214,6 +223,8 @@ class DistillObjective(nn.Module):
         per_teacher = len(entries) > 1 and self.cfg.teacher_mode == "sum"
         suffixes = [f"/{name}" for name in entries] if per_teacher else [""]
         names = ["kd_divergence", *([f"kd_loss{s}" for s in suffixes] if per_teacher else [])]
+        if self.cfg.cross_tokenizer.on:
+            return (*names, "student_bpb", "teacher_bpb")
         if self.cfg.diagnostics and self.cfg.schedule != "offline":
             names += ["student_entropy", *(f"{key}{s}" for s in suffixes
                                            for key in DIAGNOSTICS if key != "student_entropy")]
@@ -272,6 +283,8 @@ class DistillObjective(nn.Module):
         if self.fused and output_weight is None:
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
         labels = labels if want_lm else None
+        if want_kd and self.cfg.cross_tokenizer.on:
+            return self._chunk_terms(student, teacher, labels, counts, metrics)
         if not want_kd:
             ce, _, _ = self._next_token(student, None, labels, output_weight, counts, mask, fused)
             return self._lm_term(student, ce, labels, counts, output_weight, fused), None
@@ -295,6 +308,46 @@ class DistillObjective(nn.Module):
         divergence_sum = torch.stack(shares).sum()
         metrics["kd_divergence"] = divergence_sum.detach()
         return lm, self.values.kd_scale * divergence_sum
+
+    def _chunk_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
+                     labels: torch.Tensor | None, counts: TokenCounts,
+                     metrics: dict[str, torch.Tensor]):
+        """(LM term, chunk term) against a teacher with another tokenizer (distill/cross_tokenizer.py),
+        and both models' bits per byte of the chunks' text into `metrics`."""
+        (out,) = teacher.values()
+        if out.alignment is None:
+            raise ValueError("distill.cross_tokenizer: the teacher outputs carry no alignment "
+                             "(run the teacher through OtherTokenizerTeacher)")
+        align, temperature = out.alignment, self.values.temperature
+        group = self.layout.tp_group
+        ce = cross_entropy(student.logits, align["labels"], **self._loss_kwargs())
+        with torch.no_grad():
+            teacher_lp = token_log_probs(out.logits, align["teacher_labels"],
+                                         vocab_size=self.teacher_vocab, group=group)
+        lm = None if labels is None else self._lm_term(student, ce, labels, counts, None, [])
+        student_lp = -ce
+        if temperature != 1.0:
+            student_lp = token_log_probs(student.logits, align["labels"], temperature=temperature,
+                                         **self._loss_kwargs())
+            with torch.no_grad():
+                teacher_lp = token_log_probs(out.logits, align["teacher_labels"],
+                                             temperature=temperature,
+                                             vocab_size=self.teacher_vocab, group=group)
+        div = likelihood_loss(student_lp, teacher_lp, align,
+                              divergence=self.cfg.cross_tokenizer.divergence)
+        share = _share(div, counts.chunks)
+        metrics["kd_divergence"] = share.detach()
+        nbytes = max(counts.chunk_bytes, 1)
+        metrics["student_bpb"] = chunk_nll_bits(ce, align["chunks"], align["chunk_bytes"]) / nbytes
+        if temperature == 1.0:  # (else the teacher's at T = 1 is computed once more)
+            teacher_nll = -teacher_lp
+        else:
+            with torch.no_grad():
+                teacher_nll = cross_entropy(out.logits, align["teacher_labels"],
+                                            vocab_size=self.teacher_vocab, group=group)
+        metrics["teacher_bpb"] = chunk_nll_bits(teacher_nll, align["teacher_chunks"],
+                                                align["chunk_bytes"]) / nbytes
+        return lm, self.values.kd_scale * share
 
     def _logit_targets(self, teacher: dict[str, TeacherOutputs],
                        ) -> list[tuple[str, float, TeacherOutputs]]:

@@ -37,7 +37,7 @@ from distill.runconfig import (
 )
 from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
-from distill.teacher_sources import ColocatedTeacher, TeacherList
+from distill.teacher_sources import ColocatedTeacher, OtherTokenizerTeacher, TeacherList
 from distill.teacher_wire import (
     RemoteTeacher,
     TeacherStreamError,
@@ -172,8 +172,10 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
     if layout.is_teacher:
         return _serve(cfg, teacher_cfg, ckpts, layout, objective, preempted)
     student = _build_student(cfg, ckpts, layout)
+    cross = cfg.distill.cross_tokenizer
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
-                        vocab_size=cfg.model.vocab_size, order=curriculum(cfg))
+                        vocab_size=cfg.model.vocab_size, order=curriculum(cfg),
+                        teacher_len=cross.teacher_tokens(cfg.data.seq_len) if cross.on else None)
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, ckpts, layout, objective,
@@ -254,7 +256,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                               device=layout.device)
     if teacher_cfg is None:
         return None
-    return _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
+    source = _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
+    return OtherTokenizerTeacher(source) if cfg.distill.cross_tokenizer.on else source
 
 
 def _on_policy_stream(cfg: RunConfig, per_step: int, resume_step: int,

@@ -25,6 +25,7 @@ from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to
 from engine.data import (
     DataConfig,
     DataError,
+    IndexedTokens,
     TokenBatches,
     check_batch_layout,
     check_datasets,
@@ -32,6 +33,8 @@ from engine.data import (
 )
 from engine.data.config import DEFAULT_PATH
 from engine.data.curriculum import curriculum_order, read_scores
+from engine.data.dataset import check_token_ids
+from engine.data.paired import PairedDocuments
 from engine.log import get_logger
 from engine.parallel import STUDENT, LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
@@ -108,6 +111,43 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
+    if cfg.distill.cross_tokenizer.on:
+        check_cross_tokenizer(cfg)
+
+
+def check_cross_tokenizer(cfg: RunConfig) -> None:
+    """A teacher with another tokenizer: the layouts it runs under, and the paired data of every
+    dataset (the same documents and bytes in both tokenizations)."""
+    par, key = cfg.parallel, "distill.cross_tokenizer.loss"
+    for name, used in {"parallel.pp": par.pp > 1, "parallel.cp": par.cp > 1,
+                       "data.attention_within_documents": cfg.data.attention_within_documents,
+                       "model.mtp_heads": cfg.model.mtp_heads > 0}.items():
+        if used:
+            raise ConfigError(key, f"does not combine with {name} yet")
+    tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
+    if par.sp and tokens % par.tp:
+        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                          f"{tokens} teacher tokens per window do not split over parallel.tp="
+                          f"{par.tp} ranks (sequence parallelism)")
+    for _, prefix in resolve_data_path(cfg.data):
+        try:
+            PairedDocuments(IndexedTokens(prefix))
+        except DataError as err:
+            raise ConfigError("data.path", str(err)) from None
+
+
+def check_cross_tokenizer_teacher(cfg: RunConfig, teacher: ModelConfig) -> None:
+    """The teacher must take a whole teacher window, and know every id of the paired data."""
+    tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
+    if tokens > teacher.max_seq_len:
+        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                          f"{tokens} teacher tokens per window exceed the teacher's max_seq_len "
+                          f"{teacher.max_seq_len}")
+    for _, prefix in resolve_data_path(cfg.data):
+        try:
+            check_token_ids(PairedDocuments(IndexedTokens(prefix)).teacher, teacher.vocab_size)
+        except DataError as err:
+            raise ConfigError("distill.teacher", f"{err} (the teacher's)") from None
 
 
 def check_sequence_layout(cfg: RunConfig) -> None:
@@ -328,6 +368,8 @@ def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) 
     teacher = teacher_model_config(cfg, teachers)
     pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
+    if cfg.distill.cross_tokenizer.on and isinstance(teacher, ModelConfig):
+        check_cross_tokenizer_teacher(cfg, teacher)
     curriculum(cfg)
     if cfg.distill.schedule == "offline":
         check_offline_dirs(cfg)

@@ -1,0 +1,128 @@
+"""The cross-tokenizer chunk losses (distill/cross_tokenizer.py) against their float64 definition
+on the gathered vocabularies, values and gradients, at TP 1/2/4 with padded vocabularies, on the
+alignment of two byte-level BPEs of different sizes trained in the test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.cross_tokenizer import MAX_CHUNK_LOG_PROB, chunk_nll_bits, likelihood_loss, token_log_probs
+from engine import collectives as C
+from engine.data import DataConfig, TokenBatches
+from engine.data.paired import NO_CHUNK
+from engine.spawn import run_ranks
+from tests.references import vocab_shard, world_group
+from tests.test_paired_data import STUDENT_VOCAB, TEACHER_VOCAB, make_paired
+
+PAD = 8  # padded vocabularies: the next multiple of PAD (and of every TP degree tested)
+
+
+def _padded(vocab: int) -> int:
+    return -(-vocab // PAD) * PAD + PAD
+
+
+@pytest.fixture(scope="module")
+def micro_batch(tmp_path_factory):
+    prefix, *_ = make_paired(tmp_path_factory.mktemp("xtok"))
+    cfg = DataConfig(path=str(prefix), seq_len=12, micro_batch=3, global_batch=3, split="100,0")
+    return TokenBatches(cfg, seed=1, teacher_len=24).next_step()[0]
+
+
+def _logits(rows: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    """[rows, length, padded] logits, peaked enough that some chunks are near-certain, with
+    garbage in the padding columns (which must not count)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, length, _padded(vocab), generator=g, dtype=torch.float64) * 3
+    x[..., vocab:] = 50.0
+    return x
+
+
+def _reference(student, teacher, mb, *, divergence, temperature):
+    """Float64 chunk divergences [rows, seq] by their definition, loops over chunks."""
+    ls = torch.log_softmax(student[..., :STUDENT_VOCAB] / temperature, dim=-1)
+    lt = torch.log_softmax(teacher[..., :TEACHER_VOCAB] / temperature, dim=-1)
+    out = torch.zeros(mb["chunk_bytes"].shape, dtype=torch.float64)
+    for r in range(out.shape[0]):
+        for k in torch.nonzero(mb["chunk_bytes"][r]).flatten().tolist():
+            pos_s = torch.nonzero(mb["chunks"][r] == k).flatten()
+            pos_t = torch.nonzero(mb["teacher_chunks"][r] == k).flatten()
+            ll_s = ls[r, pos_s, mb["labels"][r, pos_s]].sum().clamp(max=MAX_CHUNK_LOG_PROB)
+            ll_t = lt[r, pos_t, mb["teacher_labels"][r, pos_t]].sum().clamp(max=MAX_CHUNK_LOG_PROB)
+            p_s, p_t = ll_s.exp(), ll_t.exp()
+            value = 0.0
+            if divergence in ("binary_kl", "both"):
+                value = value + p_t * torch.log(p_t / p_s) \
+                    + (1 - p_t) * torch.log((1 - p_t) / (1 - p_s))
+            if divergence in ("log_ratio", "both"):
+                value = value + (ll_t - ll_s).abs()
+            out[r, k] = value
+    return out
+
+
+def _check_likelihood(mb, divergence, temperature) -> None:
+    group = world_group()
+    rows = mb["labels"].shape[0]
+    s_full = _logits(rows, mb["labels"].shape[1], STUDENT_VOCAB, 1)
+    t_full = _logits(rows, mb["teacher_labels"].shape[1], TEACHER_VOCAB, 2)
+    weights = 0.5 + torch.rand(mb["chunk_bytes"].shape, generator=torch.Generator().manual_seed(3),
+                               dtype=torch.float64)
+    s_ref = s_full.clone().requires_grad_()
+    ref = _reference(s_ref, t_full, mb, divergence=divergence, temperature=temperature)
+    (ref * weights).sum().backward()
+
+    s = vocab_shard(s_full.float(), group).requires_grad_()
+    t = vocab_shard(t_full.float(), group)
+    with C.count_collectives() as calls:
+        lp_s = token_log_probs(s, mb["labels"], temperature=temperature, vocab_size=STUDENT_VOCAB,
+                               group=group)
+        lp_t = token_log_probs(t, mb["teacher_labels"], temperature=temperature,
+                               vocab_size=TEACHER_VOCAB, group=group)
+    out = likelihood_loss(lp_s, lp_t, mb, divergence=divergence)
+    (out * weights.float()).sum().backward()
+    # one vocab-parallel collective per model
+    assert dict(calls.calls) == ({} if group is None else {"all_gather": 2})
+    assert (mb["chunk_bytes"] > 0).sum() > 5
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(s_ref.grad, group), rtol=1e-4,
+                               atol=1e-5)
+
+
+def _likelihood_grid(mb) -> bool:
+    for divergence in ("binary_kl", "log_ratio", "both"):
+        for temperature in (1.0, 2.0):
+            _check_likelihood(mb, divergence, temperature)
+    return True
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_likelihood_equals_its_float64_definition(micro_batch, tp):
+    if tp == 1:
+        assert _likelihood_grid(micro_batch)
+    else:
+        assert run_ranks(_likelihood_grid, tp, micro_batch) == [True] * tp
+
+
+def test_identical_tokenizers_give_one_token_chunks_and_the_per_token_log_ratio(tmp_path):
+    prefix, *_ = make_paired(tmp_path, teacher_vocab=STUDENT_VOCAB)
+    cfg = DataConfig(path=str(prefix), seq_len=10, micro_batch=2, global_batch=2, split="100,0")
+    mb = TokenBatches(cfg, seed=0, teacher_len=10).next_step()[0]
+    # the same tokens: chunk k is scored token k of both (the first, a boundary at the window's
+    # start, and nothing is cut)
+    inside = mb["chunks"] != NO_CHUNK
+    assert torch.equal(mb["teacher_labels"], mb["labels"])
+    assert torch.equal(mb["chunks"][inside], torch.arange(10).expand(2, 10)[inside])
+    assert torch.equal(mb["teacher_chunks"], mb["chunks"])
+    lp_s = -torch.rand(2, 10, dtype=torch.float64) * 3
+    lp_t = -torch.rand(2, 10, dtype=torch.float64) * 3
+    out = likelihood_loss(lp_s, lp_t, mb, divergence="log_ratio")
+    torch.testing.assert_close(out[inside], (lp_t - lp_s).abs()[inside])
+
+
+def test_bits_per_byte_counts_the_chunks_bytes(micro_batch):
+    nll = torch.rand(micro_batch["labels"].shape, dtype=torch.float64)
+    inside = micro_batch["chunks"] != NO_CHUNK
+    bits = chunk_nll_bits(nll, micro_batch["chunks"], micro_batch["chunk_bytes"])
+    assert math.isclose(float(bits), float(nll[inside].sum()) / math.log(2), rel_tol=1e-6)
