@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from engine.data import EOD_TOKEN, DataConfig, DataError, IndexedTokens, TokenBatches
 from engine.data.corpus import train_byte_level_bpe
-from engine.data.paired import NO_CHUNK, PairedDocuments, align, token_bytes
+from engine.data.paired import NO_CHUNK, PairedDocuments, align, read_shared_vocab, token_bytes
 from tools import preprocess_data
 
 # Multi-byte characters, whitespace runs, and documents shorter than a window.
@@ -168,3 +168,30 @@ def test_a_teacher_that_spells_other_bytes_stops_preprocessing(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "spell different bytes" in err
     assert not list(prefix.parent.iterdir())
+
+
+def test_single_token_chunks_point_at_the_teachers_same_token(paired):
+    prefix, student_path, teacher_path = paired
+    s_table, t_table = _tables(student_path, teacher_path)
+    cfg = DataConfig(path=str(prefix), seq_len=8, micro_batch=2, global_batch=2, split="100,0")
+    batches, found = TokenBatches(cfg, seed=5, teacher_len=24), 0
+    for _ in range(4):
+        for mb in batches.next_step():
+            for r, p in torch.nonzero(mb["single"] != NO_CHUNK).tolist():
+                q = int(mb["single"][r, p])
+                k = int(mb["chunks"][r, p])
+                assert int(mb["teacher_chunks"][r, q]) == k
+                assert (mb["chunks"][r] == k).sum() == 1 == (mb["teacher_chunks"][r] == k).sum()
+                assert s_table[int(mb["labels"][r, p])] == t_table[int(mb["teacher_labels"][r, q])]
+                found += 1
+    assert found > 10
+
+
+def test_the_shared_vocabulary_pairs_tokens_of_the_same_bytes(paired):
+    prefix, student_path, teacher_path = paired
+    s_table, t_table = _tables(student_path, teacher_path)
+    pairs = read_shared_vocab(str(prefix))
+    assert len(pairs) > 200 and len(set(pairs[:, 0])) == len(pairs) == len(set(pairs[:, 1]))
+    assert all(s_table[s] == t_table[t] and s_table[s] for s, t in pairs.tolist())
+    eod = [Tokenizer.from_file(str(p)).token_to_id(EOD_TOKEN) for p in (student_path, teacher_path)]
+    assert eod in pairs.tolist()

@@ -15,8 +15,9 @@ line and exit code 1.
 With `--teacher-tokenizer T.json` (a teacher with another tokenizer, `distill.cross_tokenizer`) it
 also writes the paired data beside PREFIX (engine/data/paired.py): PREFIX.teacher (the teacher's
 ids, same documents in the same order), PREFIX.offsets and PREFIX.teacher_offsets (where each
-token ends in bytes), after checking that both tokenizations spell every document's bytes alike.
-Both tokenizers must be byte-level BPEs.
+token ends in bytes) and PREFIX.shared_vocab.npy (the tokens both vocabularies share), after
+checking that both tokenizations spell every document's bytes alike. Both tokenizers must be
+byte-level BPEs.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ from engine.data import (  # noqa: E402
 from engine.data.paired import (  # noqa: E402
     OFFSETS_SUFFIX,
     PAIRED_SUFFIXES,
+    SHARED_VOCAB_SUFFIX,
     TEACHER_OFFSETS_SUFFIX,
     TEACHER_SUFFIX,
     check_same_text,
     token_bytes,
     write_offsets,
+    write_shared_vocab,
 )
 from engine.log import get_logger, setup_logging  # noqa: E402
 
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
             for prefix in prefixes:
                 for ext in (".bin", ".idx"):
                     Path(prefix + ext).unlink(missing_ok=True)
+            Path(args.output_prefix + SHARED_VOCAB_SUFFIX).unlink(missing_ok=True)
             raise
     return written
 
@@ -127,6 +131,7 @@ def write_paired(args: argparse.Namespace, append_eod: bool, total_bytes: int) -
     check_same_text(IndexedTokens(prefix), IndexedTokens(prefix + TEACHER_SUFFIX), *tables)
     write_offsets(prefix + OFFSETS_SUFFIX, prefix, tables[0])
     write_offsets(prefix + TEACHER_OFFSETS_SUFFIX, prefix + TEACHER_SUFFIX, tables[1])
+    write_shared_vocab(prefix, *tables, eods=tuple(eods))
 
 
 def main(argv: list[str] | None = None) -> int:

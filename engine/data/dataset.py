@@ -312,14 +312,17 @@ class TokenBatches:
         """The teacher's side of a micro-batch (engine/data/paired.py): "teacher_input_ids" and
         "teacher_labels" [mb, teacher_len] (padding: 0 and IGNORE_INDEX), the chunk of each
         scored token "chunks" [mb, seq] and "teacher_chunks" [mb, teacher_len] (NO_CHUNK: none),
-        and "chunk_bytes" [mb, seq] the bytes of chunk k of the row at k (0: no such chunk).
-        A chunk holding a student label the loss skips (mask_across_documents) is no chunk."""
+        "chunk_bytes" [mb, seq] the bytes of chunk k of the row at k (0: no such chunk), and
+        "single" [mb, seq] for a student position whose chunk is one token in both, the teacher's
+        position of it (NO_CHUNK: none). A chunk holding a student label the loss skips
+        (mask_across_documents) is no chunk."""
         rows, length = len(map_windows), self.teacher_len
         out = {"teacher_input_ids": torch.zeros(rows, length, dtype=torch.long),
                "teacher_labels": torch.full((rows, length), IGNORE_INDEX, dtype=torch.long),
                "chunks": torch.full_like(labels, NO_CHUNK),
                "teacher_chunks": torch.full((rows, length), NO_CHUNK, dtype=torch.long),
-               "chunk_bytes": torch.zeros_like(labels)}
+               "chunk_bytes": torch.zeros_like(labels),
+               "single": torch.full_like(labels, NO_CHUNK)}
         for r, (d, w) in enumerate(map_windows):
             a = self.paired[d].window(self.sources[d].pieces(w), length)
             n = len(a.teacher_ids) - 1
@@ -328,10 +331,12 @@ class TokenBatches:
             out["chunks"][r] = torch.from_numpy(a.student_chunks)
             out["teacher_chunks"][r, :n] = torch.from_numpy(a.teacher_chunks)
             out["chunk_bytes"][r, :len(a.chunk_bytes)] = torch.from_numpy(a.chunk_bytes)
+            out["single"][r] = torch.from_numpy(a.single)
         skipped = (labels == IGNORE_INDEX) & (out["chunks"] != NO_CHUNK)
         rows_chunks = {(r, int(out["chunks"][r, k])) for r, k in skipped.nonzero().tolist()}
         for r, chunk in rows_chunks:
             out["chunk_bytes"][r, chunk] = 0
+            out["single"][r][out["chunks"][r] == chunk] = NO_CHUNK
             for key in ("chunks", "teacher_chunks"):
                 out[key][r][out[key][r] == chunk] = NO_CHUNK
         return out

@@ -7,6 +7,8 @@ indexed datasets with the same documents in the same order:
     PREFIX.teacher          the teacher's token ids
     PREFIX.offsets          int32, per student token: the byte where it ends in its document
     PREFIX.teacher_offsets  int32, per teacher token: the same
+    PREFIX.shared_vocab.npy [K, 2] int64: (student id, teacher id) of the tokens that stand for
+                            the same bytes in both vocabularies (`mapped_kl`'s shared vocabulary)
 
 Bytes are those of the document's UTF-8 text; the end-of-document token counts as one byte of its
 own, so both tokenizations of a document end at the same byte.
@@ -21,6 +23,7 @@ edges) belong to no chunk. A window's chunks are numbered 0.. in byte order.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from engine.data.indexed import DataError, IndexedTokens, IndexedWriter
 
 TEACHER_SUFFIX, OFFSETS_SUFFIX, TEACHER_OFFSETS_SUFFIX = ".teacher", ".offsets", ".teacher_offsets"
 PAIRED_SUFFIXES = (TEACHER_SUFFIX, OFFSETS_SUFFIX, TEACHER_OFFSETS_SUFFIX)
+SHARED_VOCAB_SUFFIX = ".shared_vocab.npy"  # [K, 2] int64 (student id, teacher id), same bytes
 NO_CHUNK = -1  # chunk id of a token in no (complete, valid) chunk
 
 
@@ -94,6 +98,37 @@ def check_same_text(student: IndexedTokens, teacher: IndexedTokens, student_tabl
                             "needed)")
 
 
+def shared_vocab(student_table: list[bytes], teacher_table: list[bytes],
+                 eods: tuple[int | None, int | None] = (None, None)) -> np.ndarray:
+    """[K, 2] int64 (student id, teacher id): the tokens that stand for the same bytes in both
+    vocabularies, and the end-of-document tokens `eods` (whose table entry b"\0" is no text)."""
+    def by_bytes(table: list[bytes], eod: int | None) -> dict[bytes, int]:
+        return {b: i for i, b in enumerate(table) if b and i != eod}
+
+    student, teacher = by_bytes(student_table, eods[0]), by_bytes(teacher_table, eods[1])
+    pairs = sorted((i, teacher[b]) for b, i in student.items() if b in teacher)
+    if None not in eods:
+        pairs = sorted([*pairs, eods])
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def write_shared_vocab(prefix: str, student_table: list[bytes], teacher_table: list[bytes],
+                       eods: tuple[int | None, int | None]) -> None:
+    """PREFIX.shared_vocab.npy: `shared_vocab` of the two tokenizers (written atomically)."""
+    scratch = f"{prefix}{SHARED_VOCAB_SUFFIX}.tmp.npy"
+    np.save(scratch, shared_vocab(student_table, teacher_table, eods))
+    os.replace(scratch, prefix + SHARED_VOCAB_SUFFIX)
+
+
+def read_shared_vocab(prefix: str) -> np.ndarray:
+    """[K, 2] the shared vocabulary written beside dataset `prefix` (a DataError when absent)."""
+    path = Path(prefix + SHARED_VOCAB_SUFFIX)
+    if not path.is_file():
+        raise DataError(f"{path} not found: preprocess the paired data again "
+                        "(tools/preprocess_data.py --teacher-tokenizer)")
+    return np.load(path, allow_pickle=False)
+
+
 @dataclass(frozen=True)
 class WindowAlignment:
     """One window's teacher tokens and chunks (see the module docstring)."""
@@ -102,6 +137,9 @@ class WindowAlignment:
     student_chunks: np.ndarray  # [seq_len] int64: chunk of scored student token t + 1, or NO_CHUNK
     teacher_chunks: np.ndarray  # [len(teacher_ids) - 1] int64: the same for the teacher
     chunk_bytes: np.ndarray  # [chunks] int64: bytes of each chunk
+    # [seq_len] int64: for a scored student token whose chunk is one token in both tokenizations,
+    # the teacher's scored position of that chunk (an index into teacher_chunks), else NO_CHUNK
+    single: np.ndarray
 
 
 def align(student_bounds: np.ndarray, teacher_bounds: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -116,6 +154,23 @@ def align(student_bounds: np.ndarray, teacher_bounds: np.ndarray) -> tuple[np.nd
         return np.where((k >= 0) & (k < chunks), k, NO_CHUNK).astype(np.int64)
 
     return chunk_of(student_bounds), chunk_of(teacher_bounds), np.diff(common).astype(np.int64)
+
+
+def single_token_chunks(student_chunks: np.ndarray, teacher_chunks: np.ndarray) -> np.ndarray:
+    """[len(student_chunks)]: the teacher position of each student token whose chunk is one token
+    in both tokenizations, else NO_CHUNK."""
+    size = max(int(student_chunks.max(initial=0)), int(teacher_chunks.max(initial=0))) + 1
+    counts = [np.bincount(c[c != NO_CHUNK], minlength=size) for c in (student_chunks,
+                                                                     teacher_chunks)]
+    teacher_pos = np.full(size, NO_CHUNK, dtype=np.int64)
+    one = teacher_chunks != NO_CHUNK
+    teacher_pos[teacher_chunks[one]] = np.flatnonzero(one)
+    single = (counts[0] == 1) & (counts[1] == 1)
+    inside = student_chunks != NO_CHUNK
+    out = np.full(len(student_chunks), NO_CHUNK, dtype=np.int64)
+    chunk = student_chunks[inside]
+    out[inside] = np.where(single[chunk], teacher_pos[chunk], NO_CHUNK)
+    return out
 
 
 class PairedDocuments:
@@ -175,4 +230,5 @@ class PairedDocuments:
         teacher_bounds = np.concatenate([*teacher, [last_teacher]])[:teacher_len + 2]
         ids = np.concatenate(teacher_ids)[:teacher_len + 1]
         s_chunks, t_chunks, nbytes = align(student_bounds, teacher_bounds)
-        return WindowAlignment(ids, s_chunks, t_chunks, nbytes)
+        return WindowAlignment(ids, s_chunks, t_chunks, nbytes,
+                               single_token_chunks(s_chunks, t_chunks))
