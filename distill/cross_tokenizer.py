@@ -20,6 +20,16 @@ model's token log-probabilities are one vocab-parallel `cross_entropy` (one all_
 floats per token over TP); the sums per chunk are local (every TP rank holds every token's value),
 so the loss is exact under TP. Gradients reach the student's logits only.
 
+`mapped_kl` takes the chunks that are one token in both tokenizations, where both models predict
+the chunk from the same text. Each side's next-token distribution is coarsened to the shared
+vocabulary S (token pairs that stand for the same bytes, PREFIX.shared_vocab.npy) plus one bucket
+holding the mass of every unshared token, and the two (|S| + 1)-bucket distributions are compared
+by forward KL(teacher || student) or reverse KL. Under TP each rank takes the pairs whose
+*student* id lies in its vocabulary shard (`SharedVocabShard`); the teacher's logits of those
+pairs come from its final hidden states and the matching rows of its output weight, gathered
+once (`teacher_pair_logits`). Per token a handful of all-reduces of one float each: exact under
+TP, nothing of size tokens x vocabulary moves.
+
 Bits per byte: a model's negative log-likelihood of the chunks' text, over the chunks' bytes, in
 bits; both models score the same bytes, so their values compare across tokenizers.
 """
@@ -28,12 +38,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from distill.divergence import cross_entropy
+from engine import collectives as C
 from engine.collectives import Group
 from engine.data.paired import NO_CHUNK
+from engine.mappings import reduce_from_tp
+from layers.softcap import softcap
 
 MAX_CHUNK_LOG_PROB = -1e-6  # chunk probabilities are capped at 1 - 1e-6 (log(1 - P) finite)
 DIVERGENCES = ("binary_kl", "log_ratio", "both")
@@ -97,3 +111,108 @@ def chunk_nll_bits(token_nll: torch.Tensor, chunks: torch.Tensor,
     bits per byte."""
     nll = chunk_sums(token_nll.detach().float(), chunks, chunk_bytes.shape[1])
     return (nll * (chunk_bytes > 0)).sum() / math.log(2)
+
+
+# --------------------------------------------------------------------------------- mapped_kl
+
+@dataclass(frozen=True)
+class SharedVocabShard:
+    """This rank's part of the shared vocabulary: the pairs whose student id is in its shard."""
+
+    student_cols: torch.Tensor  # [K_r] columns of the student's logits shard
+    teacher_ids: torch.Tensor  # [K_r] the paired global teacher ids
+    student_unshared: torch.Tensor  # [Vs/tp] bool: real columns of the shard outside the pairs
+    teacher_unshared: torch.Tensor  # [Vt/tp] bool: the same of the teacher's shard
+
+    @classmethod
+    def of(cls, pairs: torch.Tensor, *, student_shard: int, teacher_shard: int,
+           student_vocab: int, teacher_vocab: int, group: Group = None) -> SharedVocabShard:
+        """From the [K, 2] (student id, teacher id) pairs and each side's columns per rank."""
+        rank = C.group_rank(group)
+
+        def unshared(shard: int, vocab: int, ids: torch.Tensor) -> torch.Tensor:
+            first = rank * shard
+            columns = torch.arange(first, first + shard)
+            return (columns < vocab) & ~torch.isin(columns, ids)
+
+        s_first = rank * student_shard
+        mine = (pairs[:, 0] >= s_first) & (pairs[:, 0] < s_first + student_shard)
+        return cls(pairs[mine, 0] - s_first, pairs[mine, 1],
+                   unshared(student_shard, student_vocab, pairs[:, 0]),
+                   unshared(teacher_shard, teacher_vocab, pairs[:, 1]))
+
+    def to(self, device: torch.device) -> SharedVocabShard:
+        return SharedVocabShard(*(x.to(device) for x in (self.student_cols, self.teacher_ids,
+                                                         self.student_unshared,
+                                                         self.teacher_unshared)))
+
+
+def teacher_pair_logits(teacher_hidden: torch.Tensor, pair_weight: torch.Tensor,
+                        cap: float | None) -> torch.Tensor:
+    """[n, K_r] the teacher's logits of this rank's pairs from its head input [n, hidden] and the
+    output-weight rows of the pairs' teacher ids [K_r, hidden] (capped as its head caps)."""
+    return softcap(teacher_hidden.float() @ pair_weight.float().T, cap)
+
+
+def _shifted_exp(logits: torch.Tensor, real: torch.Tensor,
+                 group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(logits - top) over the real columns, 0 on padding [n, V/tp]; top [n], the row max over
+    every shard, a constant) of scaled vocab-sharded logits."""
+    masked = logits.masked_fill(~real, float("-inf"))
+    top = C.all_reduce(masked.detach().amax(dim=-1), group, op="max")  # [n]
+    return (masked - top[:, None]).exp(), top
+
+
+def _log_mass(x: torch.Tensor) -> torch.Tensor:
+    # No unshared column at all (the same tokenizer, or a vocabulary inside the other's): a mass
+    # of 1e-38 of the normalizer instead of 0 keeps the logarithm and its gradient finite. The
+    # divergence then changes by ~1e-36, or where it is infinite (the other side has unshared
+    # mass m) it is a large finite ~87 m.
+    return x.clamp_min(torch.finfo(x.dtype).tiny).log()
+
+
+def mapped_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              teacher_pair_logits: torch.Tensor, shard: SharedVocabShard, *,
+              kind: str = "forward_kl", temperature: float = 1.0, student_vocab: int,
+              teacher_vocab: int, group: Group = None) -> torch.Tensor:
+    """[n] KL between the teacher's and the student's next-token distributions coarsened to the
+    shared vocabulary + one bucket (module docstring), from the student's [n, Vs/tp] and the
+    teacher's [n, Vt/tp] logits shards at n matched positions and `teacher_pair_logits` [n, K_r].
+    `kind`: forward_kl KL(teacher || student) | reverse_kl KL(student || teacher).
+
+    Every rank-local sum is reduced over TP before it meets a value that every rank holds, so
+    the reductions' backward (identity) hands each rank the gradient of its own shard."""
+    if kind not in ("forward_kl", "reverse_kl"):
+        raise ValueError(f"mapped_kl kind must be forward_kl or reverse_kl (got {kind!r})")
+    with torch.no_grad():  # the teacher: log-probabilities of this rank's pairs, unshared mass
+        t = teacher_logits.float() / temperature
+        exp_t, top_t = _shifted_exp(t, _real_columns(t.shape[-1], teacher_vocab, group, t.device),
+                                    group)
+        sums_t = C.all_reduce(torch.stack([exp_t.sum(-1), (exp_t * shard.teacher_unshared).sum(-1)],
+                                          dim=-1), group)
+        log_z_t = top_t + sums_t[:, 0].log()
+        log_p_t = teacher_pair_logits.float() / temperature - log_z_t[:, None]  # [n, K_r]
+        log_rest_t = top_t + _log_mass(sums_t[:, 1]) - log_z_t
+    z = student_logits.float() / temperature
+    exp_s, top_s = _shifted_exp(z, _real_columns(z.shape[-1], student_vocab, group, z.device),
+                                group)
+    shifted = z[:, shard.student_cols] - top_s[:, None]  # [n, K_r]: log p_s + log S
+    pair_exp = exp_s[:, shard.student_cols]
+    if kind == "forward_kl":  # sum p_t (log p_t - log p_s) = sum p_t (log p_t - shifted) + P_t log S
+        p_t = log_p_t.exp()
+        local = [(p_t * (log_p_t - shifted)).sum(-1), p_t.sum(-1)]
+    else:  # sum p_s (log p_s - log p_t) = [sum u (shifted - log p_t) - U log S] / S, u = e^shifted
+        local = [(pair_exp * (shifted - log_p_t)).sum(-1), pair_exp.sum(-1)]
+    sums = reduce_from_tp(torch.stack([exp_s.sum(-1), (exp_s * shard.student_unshared).sum(-1),
+                                       *local], dim=-1), group)  # [n, 4], the same on every rank
+    total, unshared, first, second = sums.unbind(-1)
+    log_total = total.log()
+    log_rest_s = _log_mass(unshared) - log_total
+    if kind == "forward_kl":
+        return first + second * log_total + log_rest_t.exp() * (log_rest_t - log_rest_s)
+    return (first - second * log_total) / total + log_rest_s.exp() * (log_rest_s - log_rest_t)
+
+
+def _real_columns(shard: int, vocab: int, group: Group, device: torch.device) -> torch.Tensor:
+    first = C.group_rank(group) * shard
+    return torch.arange(first, first + shard, device=device) < vocab
