@@ -150,8 +150,9 @@ class CrossTokenizerConfig:
     are distill.logit's. Needs paired data (tools/preprocess_data.py --teacher-tokenizer)."""
 
     # none: the teacher shares the student's tokenizer | likelihood: per chunk, each model's
-    # log-likelihood of the chunk's text, compared by `divergence`
-    loss: Literal["none", "likelihood"] = "none"
+    # log-likelihood of the chunk's text, compared by `divergence` | mapped_kl: on chunks of one
+    # token in both, logit.kind (forward_kl or reverse_kl) on the shared vocabulary + 1 bucket
+    loss: Literal["none", "likelihood", "mapped_kl"] = "none"
     # likelihood: binary_kl (KL of the chunk probabilities as Bernoulli events) | log_ratio
     # (|teacher - student| chunk log-likelihood) | both (their sum)
     divergence: Literal["binary_kl", "log_ratio", "both"] = "binary_kl"
@@ -238,6 +239,10 @@ class DistillConfig:
         check(not self.on_policy.on, key, "does not combine with on_policy yet")
         check(not self.logit.varying_temperature, "logit.temperature",
               "must be a constant with cross_tokenizer")
+        check(self.cross_tokenizer.loss != "mapped_kl" or
+              self.logit.kind in ("forward_kl", "reverse_kl"), "logit.kind",
+              f"must be forward_kl or reverse_kl with cross_tokenizer mapped_kl "
+              f"(got {self.logit.kind})")
 
     def _check_teachers(self) -> None:
         check(self.teacher is None, "teachers", "give distill.teacher or distill.teachers, not both")

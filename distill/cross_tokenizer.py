@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.divergence import cross_entropy
+from distill.teacher import TeacherOutputs
 from engine import collectives as C
 from engine.collectives import Group
 from engine.data.paired import NO_CHUNK
@@ -216,3 +217,85 @@ def mapped_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def _real_columns(shard: int, vocab: int, group: Group, device: torch.device) -> torch.Tensor:
     first = C.group_rank(group) * shard
     return torch.arange(first, first + shard, device=device) < vocab
+
+
+# ------------------------------------------------------------------------ the objective's term
+
+@dataclass
+class ChunkSums:
+    """One micro-batch's sums for the chunk term (the objective divides them by the step's
+    global counts): the divergence (over `TokenCounts.chunks`, or `.single_chunks` for mapped_kl)
+    and each model's negative log-likelihood of the chunks' text in bits (over `.chunk_bytes`)."""
+
+    divergence: torch.Tensor
+    student_bits: torch.Tensor
+    teacher_bits: torch.Tensor
+
+
+class CrossTokenizerTerm:
+    """The chunk term of a run (`distill.cross_tokenizer`): from the student's logits shard, the
+    teacher's head input and output weight shard over its own window, and the alignment."""
+
+    def __init__(self, *, loss: str, divergence: str, kind: str, student_vocab: int,
+                 teacher_vocab: int, group: Group = None,
+                 shared_vocab: torch.Tensor | None = None):
+        if loss == "mapped_kl" and shared_vocab is None:
+            raise ValueError("mapped_kl needs the shared vocabulary (PREFIX.shared_vocab.npy)")
+        self.loss, self.divergence, self.kind, self.group = loss, divergence, kind, group
+        self.student_vocab, self.teacher_vocab = student_vocab, teacher_vocab
+        self.shared_vocab = shared_vocab  # [K, 2] (student id, teacher id)
+        self._shard: SharedVocabShard | None = None
+        self._pair_weight: torch.Tensor | None = None  # [K_r, hidden_t], gathered once
+
+    def __call__(self, student_logits: torch.Tensor, teacher: TeacherOutputs, *,
+                 student_ce: torch.Tensor, temperature: float) -> ChunkSums:
+        """`student_ce` [batch, seq]: the student's cross-entropy of its labels at T = 1."""
+        align = teacher.alignment
+        t_logits = softcap(teacher.head_hidden @ teacher.output_weight.T, teacher.softcap) \
+            if teacher.logits is None else teacher.logits  # [batch, seq_t, Vt/tp]
+        with torch.no_grad():
+            teacher_nll = cross_entropy(t_logits, align["teacher_labels"],
+                                        vocab_size=self.teacher_vocab, group=self.group)
+        bits = [chunk_nll_bits(nll, align[key], align["chunk_bytes"]) for nll, key in
+                ((student_ce, "chunks"), (teacher_nll, "teacher_chunks"))]
+        if self.loss == "mapped_kl":
+            div = self._mapped(student_logits, t_logits, teacher, temperature)
+        else:
+            div = self._likelihood(student_logits, t_logits, align, student_ce, teacher_nll,
+                                   temperature)
+        return ChunkSums(div.sum(), *bits)
+
+    def _likelihood(self, student_logits, t_logits, align, student_ce, teacher_nll, temperature):
+        student_lp, teacher_lp = -student_ce, -teacher_nll
+        if temperature != 1.0:
+            student_lp = token_log_probs(student_logits, align["labels"], temperature=temperature,
+                                         vocab_size=self.student_vocab, group=self.group)
+            with torch.no_grad():
+                teacher_lp = token_log_probs(t_logits, align["teacher_labels"],
+                                             temperature=temperature,
+                                             vocab_size=self.teacher_vocab, group=self.group)
+        return likelihood_loss(student_lp, teacher_lp, align, divergence=self.divergence)
+
+    def _mapped(self, student_logits, t_logits, teacher: TeacherOutputs, temperature):
+        single = teacher.alignment["single"]  # [batch, seq]: the teacher's position, or NO_CHUNK
+        rows, positions = torch.nonzero(single != NO_CHUNK, as_tuple=True)
+        teacher_positions = single[rows, positions]
+        shard = self._shard_for(student_logits, t_logits, teacher)
+        hidden = teacher.head_hidden[rows, teacher_positions]  # [n, hidden_t]
+        return mapped_kl(student_logits[rows, positions], t_logits[rows, teacher_positions],
+                         teacher_pair_logits(hidden, self._pair_weight, teacher.softcap), shard,
+                         kind=self.kind, temperature=temperature,
+                         student_vocab=self.student_vocab, teacher_vocab=self.teacher_vocab,
+                         group=self.group)
+
+    def _shard_for(self, student_logits, t_logits, teacher: TeacherOutputs) -> SharedVocabShard:
+        """This rank's pairs, and the teacher's output-weight rows of them (one all_gather of the
+        frozen weight, the first time)."""
+        if self._shard is None:
+            self._shard = SharedVocabShard.of(
+                self.shared_vocab, student_shard=student_logits.shape[-1],
+                teacher_shard=t_logits.shape[-1], student_vocab=self.student_vocab,
+                teacher_vocab=self.teacher_vocab, group=self.group).to(student_logits.device)
+            full = C.all_gather(teacher.output_weight.detach(), self.group, dim=0)
+            self._pair_weight = full[self._shard.teacher_ids].clone()  # [K_r, hidden_t]
+        return self._shard

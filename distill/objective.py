@@ -48,7 +48,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
-from distill.cross_tokenizer import chunk_nll_bits, likelihood_loss, token_log_probs
+from distill.cross_tokenizer import CrossTokenizerTerm
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
@@ -57,6 +57,7 @@ from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
+from engine.data.paired import NO_CHUNK
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.buffers import ActivationBuffer
@@ -78,6 +79,7 @@ class TokenCounts:
     distill: int  # positions the logit and activation terms average over
     chunks: int = 0  # cross_tokenizer: aligned chunks, which the chunk term averages over
     chunk_bytes: int = 0  # cross_tokenizer: their bytes (the bits-per-byte denominator)
+    single_chunks: int = 0  # cross_tokenizer: chunks of one token in both (mapped_kl's)
 
 
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
@@ -88,8 +90,9 @@ def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int)
     distill = int(kd_mask.sum()) if kd_mask is not None else \
         tokens if labels is None else heads[0]
     chunk_bytes = micro_batch.get("chunk_bytes")
-    chunks = [0, 0] if chunk_bytes is None else \
-        [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum())]
+    chunks = [0, 0, 0] if chunk_bytes is None else \
+        [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum()),
+         int((micro_batch["single"] != NO_CHUNK).sum())]
     return [tokens, *heads, distill, *chunks]
 
 
@@ -98,12 +101,12 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
     """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
     one all-reduce over the DP (x CP) group. `mtp_heads` is the student's `config.mtp_heads`."""
     per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
-    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 5 + mtp_heads).sum(dim=0)
+    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 6 + mtp_heads).sum(dim=0)
     # over DP x CP: context-parallel ranks hold other tokens of the same sequences
     totals = C.all_reduce(totals.to(layout.device), layout.dp_cp_group)  # NCCL needs device memory
     values = totals.tolist()
-    return TokenCounts(tokens=values[0], heads=tuple(values[1:-3]), distill=values[-3],
-                       chunks=values[-2], chunk_bytes=values[-1])
+    return TokenCounts(tokens=values[0], heads=tuple(values[1:-4]), distill=values[-4],
+                       chunks=values[-3], chunk_bytes=values[-2], single_chunks=values[-1])
 
 
 @dataclass
@@ -156,7 +159,8 @@ class DistillObjective(nn.Module):
 
     def __init__(self, cfg: DistillConfig, student_config: ModelConfig,
                  teacher_config: ModelConfig | Mapping[str, ModelConfig] | None,
-                 layout: ParallelLayout, *, seed: int = 0):
+                 layout: ParallelLayout, *, seed: int = 0,
+                 shared_vocab: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.pairs = check_compatibility(cfg, student_config, teacher_config,
@@ -170,8 +174,12 @@ class DistillObjective(nn.Module):
         self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
-        # cross_tokenizer: the (one) teacher's own vocabulary
-        self.teacher_vocab = next(iter(teachers.values())).vocab_size if teachers else None
+        cross = cfg.cross_tokenizer
+        self.chunk_term = CrossTokenizerTerm(
+            loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
+            student_vocab=student_config.vocab_size,
+            teacher_vocab=next(iter(teachers.values())).vocab_size, group=layout.tp_group,
+            shared_vocab=shared_vocab) if cross.on and teachers else None
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
@@ -206,8 +214,9 @@ class DistillObjective(nn.Module):
         logits, or with the fused head its head input (a mixture mixes the teachers' logits, so
         the fused head then takes the mixture's)."""
         mixes = self.several and self.cfg.teacher_mode == "mixture"
+        # (cross_tokenizer: mapped_kl needs the teacher's head input, and logits come from it)
         head = "none" if not self.cfg.logit.on else \
-            "hidden" if self.fused and not mixes else "logits"
+            "hidden" if (self.fused and not mixes) or self.cfg.cross_tokenizer.on else "logits"
         return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
 
     @property
@@ -312,41 +321,23 @@ class DistillObjective(nn.Module):
     def _chunk_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
                      labels: torch.Tensor | None, counts: TokenCounts,
                      metrics: dict[str, torch.Tensor]):
-        """(LM term, chunk term) against a teacher with another tokenizer (distill/cross_tokenizer.py),
-        and both models' bits per byte of the chunks' text into `metrics`."""
+        """(LM term, chunk term) against a teacher with another tokenizer
+        (distill/cross_tokenizer.py), and both models' bits per byte of the chunks' text into
+        `metrics`."""
         (out,) = teacher.values()
         if out.alignment is None:
             raise ValueError("distill.cross_tokenizer: the teacher outputs carry no alignment "
                              "(run the teacher through OtherTokenizerTeacher)")
-        align, temperature = out.alignment, self.values.temperature
-        group = self.layout.tp_group
-        ce = cross_entropy(student.logits, align["labels"], **self._loss_kwargs())
-        with torch.no_grad():
-            teacher_lp = token_log_probs(out.logits, align["teacher_labels"],
-                                         vocab_size=self.teacher_vocab, group=group)
+        ce = cross_entropy(student.logits, out.alignment["labels"], **self._loss_kwargs())
         lm = None if labels is None else self._lm_term(student, ce, labels, counts, None, [])
-        student_lp = -ce
-        if temperature != 1.0:
-            student_lp = token_log_probs(student.logits, align["labels"], temperature=temperature,
-                                         **self._loss_kwargs())
-            with torch.no_grad():
-                teacher_lp = token_log_probs(out.logits, align["teacher_labels"],
-                                             temperature=temperature,
-                                             vocab_size=self.teacher_vocab, group=group)
-        div = likelihood_loss(student_lp, teacher_lp, align,
-                              divergence=self.cfg.cross_tokenizer.divergence)
-        share = _share(div, counts.chunks)
+        sums = self.chunk_term(student.logits, out, student_ce=ce,
+                               temperature=self.values.temperature)
+        items = counts.single_chunks if self.cfg.cross_tokenizer.loss == "mapped_kl" \
+            else counts.chunks
+        share = sums.divergence / max(items, 1)
         metrics["kd_divergence"] = share.detach()
-        nbytes = max(counts.chunk_bytes, 1)
-        metrics["student_bpb"] = chunk_nll_bits(ce, align["chunks"], align["chunk_bytes"]) / nbytes
-        if temperature == 1.0:  # (else the teacher's at T = 1 is computed once more)
-            teacher_nll = -teacher_lp
-        else:
-            with torch.no_grad():
-                teacher_nll = cross_entropy(out.logits, align["teacher_labels"],
-                                            vocab_size=self.teacher_vocab, group=group)
-        metrics["teacher_bpb"] = chunk_nll_bits(teacher_nll, align["teacher_chunks"],
-                                                align["chunk_bytes"]) / nbytes
+        metrics["student_bpb"] = sums.student_bits / max(counts.chunk_bytes, 1)
+        metrics["teacher_bpb"] = sums.teacher_bits / max(counts.chunk_bytes, 1)
         return lm, self.values.kd_scale * share
 
     def _logit_targets(self, teacher: dict[str, TeacherOutputs],

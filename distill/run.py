@@ -34,6 +34,7 @@ from distill.runconfig import (
     curriculum,
     load_run_config,
     resolved_dict,
+    shared_vocab,
 )
 from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
@@ -168,7 +169,8 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
-                                 seed=cfg.train.seed).to(layout.device)
+                                 seed=cfg.train.seed, shared_vocab=shared_vocab(cfg)
+                                 ).to(layout.device)
     if layout.is_teacher:
         return _serve(cfg, teacher_cfg, ckpts, layout, objective, preempted)
     student = _build_student(cfg, ckpts, layout)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers, teacher_key
 from distill.offline import check_offline_dir, store_key
@@ -34,7 +35,7 @@ from engine.data import (
 from engine.data.config import DEFAULT_PATH
 from engine.data.curriculum import curriculum_order, read_scores
 from engine.data.dataset import check_token_ids
-from engine.data.paired import PairedDocuments
+from engine.data.paired import PairedDocuments, read_shared_vocab
 from engine.log import get_logger
 from engine.parallel import STUDENT, LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
@@ -134,6 +135,24 @@ def check_cross_tokenizer(cfg: RunConfig) -> None:
             PairedDocuments(IndexedTokens(prefix))
         except DataError as err:
             raise ConfigError("data.path", str(err)) from None
+    shared_vocab(cfg)
+
+
+def shared_vocab(cfg: RunConfig) -> torch.Tensor | None:
+    """mapped_kl: the [K, 2] shared vocabulary of the paired data (every dataset's the same);
+    None for the other losses."""
+    if cfg.distill.cross_tokenizer.loss != "mapped_kl":
+        return None
+    found = []
+    for _, prefix in resolve_data_path(cfg.data):
+        try:
+            found.append(read_shared_vocab(prefix))
+        except DataError as err:
+            raise ConfigError("data.path", str(err)) from None
+        if not np.array_equal(found[0], found[-1]):
+            raise ConfigError("data.path", f"{prefix} was paired with other tokenizers than "
+                                           f"{resolve_data_path(cfg.data)[0][1]}")
+    return torch.from_numpy(found[0])
 
 
 def check_cross_tokenizer_teacher(cfg: RunConfig, teacher: ModelConfig) -> None:
@@ -148,6 +167,25 @@ def check_cross_tokenizer_teacher(cfg: RunConfig, teacher: ModelConfig) -> None:
             check_token_ids(PairedDocuments(IndexedTokens(prefix)).teacher, teacher.vocab_size)
         except DataError as err:
             raise ConfigError("distill.teacher", f"{err} (the teacher's)") from None
+    pairs = shared_vocab(cfg)
+    if pairs is not None:
+        _check_unshared(cfg.distill.logit.kind, len(pairs), cfg.model.vocab_size,
+                        teacher.vocab_size)
+
+
+def _check_unshared(kind: str, shared: int, student_vocab: int, teacher_vocab: int) -> None:
+    """mapped_kl is infinite when the distribution it is taken under (the teacher's for
+    forward_kl) has unshared mass and the other side no unshared token (a vocabulary inside the
+    other's, as BPEs of two sizes trained on the same text are)."""
+    first, second = (teacher_vocab, student_vocab) if kind == "forward_kl" else \
+        (student_vocab, teacher_vocab)
+    if first > shared and second == shared:
+        names = ("student", "teacher") if kind == "forward_kl" else ("teacher", "student")
+        other = "reverse_kl" if kind == "forward_kl" else "forward_kl"
+        raise ConfigError("distill.logit.kind",
+                          f"{kind} is infinite for mapped_kl here: every {names[0]} token is in "
+                          f"the {names[1]}'s vocabulary, so the {names[1]}'s unshared mass has "
+                          f"nowhere to go (use {other}, or the likelihood loss)")
 
 
 def check_sequence_layout(cfg: RunConfig) -> None:

@@ -31,7 +31,7 @@ from engine.pipeline import TensorSpec
 from layers.buffers import ActivationBuffer
 
 # What a teacher with another tokenizer hands the objective of each micro-batch (besides logits).
-ALIGNMENT_KEYS = ("labels", "teacher_labels", "chunks", "teacher_chunks", "chunk_bytes")
+ALIGNMENT_KEYS = ("labels", "teacher_labels", "chunks", "teacher_chunks", "chunk_bytes", "single")
 
 
 @dataclass

@@ -113,12 +113,14 @@ def _likelihood_grid(mb) -> bool:
     return True
 
 
+def _at_tp(grid, tp: int, argument) -> list[bool]:
+    """`grid(argument)` on each of `tp` spawned ranks (in this process for 1)."""
+    return [grid(argument)] if tp == 1 else run_ranks(grid, tp, argument)
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_likelihood_equals_its_float64_definition(micro_batch, tp):
-    if tp == 1:
-        assert _likelihood_grid(micro_batch)
-    else:
-        assert run_ranks(_likelihood_grid, tp, micro_batch) == [True] * tp
+    assert _at_tp(_likelihood_grid, tp, micro_batch) == [True] * tp
 
 
 def test_identical_tokenizers_give_one_token_chunks_and_the_per_token_log_ratio(tmp_path):
@@ -199,10 +201,7 @@ def _mapped_grid(pairs) -> bool:
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_mapped_kl_equals_its_float64_definition(shared_pairs, tp):
-    if tp == 1:
-        assert _mapped_grid(shared_pairs)
-    else:
-        assert run_ranks(_mapped_grid, tp, shared_pairs) == [True] * tp
+    assert _at_tp(_mapped_grid, tp, shared_pairs) == [True] * tp
 
 
 def test_mapped_kl_of_the_same_tokenizer_is_the_full_divergence():

@@ -45,15 +45,23 @@ def _run(cfg_path: Path, run_dir: Path, overrides: list[str]) -> int:
     return run_main(str(cfg_path), [f"train.run_dir={run_dir}", *overrides])
 
 
+LOSSES = {  # name: overrides
+    "likelihood-binary_kl": ["distill.cross_tokenizer.divergence=binary_kl"],
+    "likelihood-both": ["distill.cross_tokenizer.divergence=both"],
+    # (forward_kl is infinite here: the student's BPE is inside the teacher's; see BAD)
+    "mapped_kl-reverse": ["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=reverse_kl"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("divergence", ["binary_kl", "both"])
-def test_tp2_sp_equals_tp1(setup, divergence):
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_tp2_sp_equals_tp1(setup, loss):
     tmp, cfg_path = setup
-    overrides = [f"distill.cross_tokenizer.divergence={divergence}"]
-    assert _run(cfg_path, tmp / f"tp1_{divergence}", overrides) == 0
-    assert run_ranks(_run, 2, cfg_path, tmp / f"tp2_{divergence}",
+    overrides = LOSSES[loss]
+    assert _run(cfg_path, tmp / f"tp1_{loss}", overrides) == 0
+    assert run_ranks(_run, 2, cfg_path, tmp / f"tp2_{loss}",
                      [*overrides, "parallel.tp=2", "parallel.sp=true"], timeout_s=180) == [0, 0]
-    want, got = read_metrics(tmp / f"tp1_{divergence}"), read_metrics(tmp / f"tp2_{divergence}")
+    want, got = read_metrics(tmp / f"tp1_{loss}"), read_metrics(tmp / f"tp2_{loss}")
     assert [r["step"] for r in want] == [1, 2, 3]
     assert all(r["kd_loss"] > 0 and 0 < r["student_bpb"] < 16 and 0 < r["teacher_bpb"] < 16
                for r in want)
@@ -64,9 +72,13 @@ BAD = [  # (overrides, the key named, part of the message)
     (["distill.schedule=offline", "distill.offline_dir=x"], "distill.cross_tokenizer.loss",
      "needs schedule colocated"),
     (["distill.logit.weight=0"], "distill.cross_tokenizer.loss", "needs logit.weight > 0"),
+    (["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=jsd"], "distill.logit.kind",
+     "must be forward_kl or reverse_kl with cross_tokenizer mapped_kl"),
+    (["distill.cross_tokenizer.loss=mapped_kl"], "distill.logit.kind",
+     "forward_kl is infinite for mapped_kl here: every student token is in the teacher's"),
     (["distill.fused_lm_head=true"], "distill.cross_tokenizer.loss", "needs logits"),
     (["distill.cross_tokenizer.loss=tokens"], "distill.cross_tokenizer.loss",
-     "must be one of 'none', 'likelihood'"),
+     "must be one of 'none', 'likelihood', 'mapped_kl'"),
     (["distill.cross_tokenizer.teacher_seq_len=128"], "distill.cross_tokenizer.teacher_seq_len",
      "exceed the teacher's max_seq_len 64"),
     (["parallel.tp=2", "parallel.sp=true", "distill.cross_tokenizer.teacher_seq_len=25"],
