@@ -151,14 +151,17 @@ class CrossTokenizerConfig:
 
     # none: the teacher shares the student's tokenizer | likelihood: per chunk, each model's
     # log-likelihood of the chunk's text, compared by `divergence` | mapped_kl: on chunks of one
-    # token in both, logit.kind (forward_kl or reverse_kl) on the shared vocabulary + 1 bucket
-    loss: Literal["none", "likelihood", "mapped_kl"] = "none"
+    # token in both, logit.kind (forward_kl or reverse_kl) on the shared vocabulary + 1 bucket |
+    # uld: on those chunks, L1 between both models' top uld_top_k probabilities sorted decreasing
+    loss: Literal["none", "likelihood", "mapped_kl", "uld"] = "none"
     # likelihood: binary_kl (KL of the chunk probabilities as Bernoulli events) | log_ratio
     # (|teacher - student| chunk log-likelihood) | both (their sum)
     divergence: Literal["binary_kl", "log_ratio", "both"] = "binary_kl"
     teacher_seq_len: int = 0  # teacher tokens per window (0: 2 x data.seq_len); more are cut off
+    uld_top_k: int = 64  # uld: probabilities compared per position (zero-padded past a vocabulary)
 
     def __post_init__(self) -> None:
+        check(self.uld_top_k >= 1, "uld_top_k", f"must be >= 1 (got {self.uld_top_k})")
         check(self.teacher_seq_len >= 0, "teacher_seq_len",
               f"must be >= 0 (got {self.teacher_seq_len})")
 

@@ -20,6 +20,10 @@ model's token log-probabilities are one vocab-parallel `cross_entropy` (one all_
 floats per token over TP); the sums per chunk are local (every TP rank holds every token's value),
 so the loss is exact under TP. Gradients reach the student's logits only.
 
+`uld` (Universal Logit Distillation) takes the same single-token chunks: the L1 distance between
+the two models' probabilities sorted decreasing, truncated to the top k and zero-padded; under TP
+an exact distributed top-k (each shard's k largest, one all_gather, the k largest of those).
+
 `mapped_kl` takes the chunks that are one token in both tokenizations, where both models predict
 the chunk from the same text. Each side's next-token distribution is coarsened to the shared
 vocabulary S (token pairs that stand for the same bytes, PREFIX.shared_vocab.npy) plus one bucket
@@ -47,7 +51,7 @@ from distill.teacher import TeacherOutputs
 from engine import collectives as C
 from engine.collectives import Group
 from engine.data.paired import NO_CHUNK
-from engine.mappings import reduce_from_tp
+from engine.mappings import copy_to_tp, reduce_from_tp
 from layers.softcap import softcap
 
 MAX_CHUNK_LOG_PROB = -1e-6  # chunk probabilities are capped at 1 - 1e-6 (log(1 - P) finite)
@@ -219,13 +223,61 @@ def _real_columns(shard: int, vocab: int, group: Group, device: torch.device) ->
     return torch.arange(first, first + shard, device=device) < vocab
 
 
+# -------------------------------------------------------------------------------------- uld
+
+def _top_k(values_shard: torch.Tensor, k: int, group: Group) -> tuple[torch.Tensor, ...]:
+    """The k largest of each row of a vocab-sharded [n, V/tp] (detached): (values [n, k]
+    decreasing, zero-padded past the vocabulary; whether each is in this rank's shard [n, k];
+    its column there [n, k]). One all_gather of k floats per row: exact, and the same choice on
+    every rank."""
+    kk = min(k, values_shard.shape[-1])
+    local, columns = values_shard.topk(kk, dim=-1)  # [n, kk]
+    gathered = C.all_gather(local.contiguous(), group, dim=-1)  # [n, tp * kk]
+    top, where = gathered.topk(min(k, gathered.shape[-1]), dim=-1)
+    mine = where // kk == C.group_rank(group)
+    column = columns.gather(1, where % kk)
+    pad = k - top.shape[-1]
+    if pad:  # a vocabulary smaller than k: zero probabilities
+        top = torch.nn.functional.pad(top, (0, pad))
+        mine = torch.nn.functional.pad(mine, (0, pad))
+        column = torch.nn.functional.pad(column, (0, pad))
+    return top, mine, column
+
+
+def _probs(logits: torch.Tensor, vocab: int, temperature: float, group: Group) -> torch.Tensor:
+    """softmax(logits / T) of a vocab shard [n, V/tp], 0 on padding; the normalizer's gradient
+    is summed over the ranks (each rank's loss holds its own columns' part of it)."""
+    z = logits.float() / temperature
+    exp, _ = _shifted_exp(z, _real_columns(z.shape[-1], vocab, group, z.device), group)
+    total = reduce_from_tp(copy_to_tp(exp.sum(-1), group), group)
+    return exp / total[:, None]
+
+
+def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: int,
+        temperature: float = 1.0, student_vocab: int, teacher_vocab: int,
+        group: Group = None) -> torch.Tensor:
+    """[n] Universal Logit Distillation: sum_i |p_s,(i) - p_t,(i)| over the i < top_k largest
+    probabilities of each model, sorted decreasing (zero-padded), from vocab-sharded [n, Vs/tp]
+    and [n, Vt/tp] logits at matched positions. The value is the same on every rank; each rank's
+    gradient reaches the student columns of its shard among the top k."""
+    p_s = _probs(student_logits, student_vocab, temperature, group)
+    with torch.no_grad():
+        p_t = _probs(teacher_logits, teacher_vocab, temperature, group)
+        teacher_top, _, _ = _top_k(p_t, top_k, group)
+    student_top, mine, column = _top_k(p_s.detach(), top_k, group)
+    own = p_s.gather(1, column).masked_fill(~mine, 0.0)  # [n, k]: with grad where mine
+    student_top = torch.where(mine, own, student_top)
+    return (student_top - teacher_top).abs().sum(-1)
+
+
 # ------------------------------------------------------------------------ the objective's term
 
 @dataclass
 class ChunkSums:
     """One micro-batch's sums for the chunk term (the objective divides them by the step's
-    global counts): the divergence (over `TokenCounts.chunks`, or `.single_chunks` for mapped_kl)
-    and each model's negative log-likelihood of the chunks' text in bits (over `.chunk_bytes`)."""
+    global counts): the divergence (over `TokenCounts.chunks`, or `.single_chunks` for mapped_kl
+    and uld) and each model's negative log-likelihood of the chunks' text in bits (over
+    `.chunk_bytes`)."""
 
     divergence: torch.Tensor
     student_bits: torch.Tensor
@@ -237,11 +289,12 @@ class CrossTokenizerTerm:
     teacher's head input and output weight shard over its own window, and the alignment."""
 
     def __init__(self, *, loss: str, divergence: str, kind: str, student_vocab: int,
-                 teacher_vocab: int, group: Group = None,
+                 teacher_vocab: int, group: Group = None, uld_top_k: int = 64,
                  shared_vocab: torch.Tensor | None = None):
         if loss == "mapped_kl" and shared_vocab is None:
             raise ValueError("mapped_kl needs the shared vocabulary (PREFIX.shared_vocab.npy)")
         self.loss, self.divergence, self.kind, self.group = loss, divergence, kind, group
+        self.uld_top_k = uld_top_k
         self.student_vocab, self.teacher_vocab = student_vocab, teacher_vocab
         self.shared_vocab = shared_vocab  # [K, 2] (student id, teacher id)
         self._shard: SharedVocabShard | None = None
@@ -260,6 +313,12 @@ class CrossTokenizerTerm:
                 ((student_ce, "chunks"), (teacher_nll, "teacher_chunks"))]
         if self.loss == "mapped_kl":
             div = self._mapped(student_logits, t_logits, teacher, temperature)
+        elif self.loss == "uld":
+            rows, positions, teacher_positions = _single_positions(align["single"])
+            div = uld(student_logits[rows, positions], t_logits[rows, teacher_positions],
+                      top_k=self.uld_top_k, temperature=temperature,
+                      student_vocab=self.student_vocab, teacher_vocab=self.teacher_vocab,
+                      group=self.group)
         else:
             div = self._likelihood(student_logits, t_logits, align, student_ce, teacher_nll,
                                    temperature)
@@ -277,9 +336,7 @@ class CrossTokenizerTerm:
         return likelihood_loss(student_lp, teacher_lp, align, divergence=self.divergence)
 
     def _mapped(self, student_logits, t_logits, teacher: TeacherOutputs, temperature):
-        single = teacher.alignment["single"]  # [batch, seq]: the teacher's position, or NO_CHUNK
-        rows, positions = torch.nonzero(single != NO_CHUNK, as_tuple=True)
-        teacher_positions = single[rows, positions]
+        rows, positions, teacher_positions = _single_positions(teacher.alignment["single"])
         shard = self._shard_for(student_logits, t_logits, teacher)
         hidden = teacher.head_hidden[rows, teacher_positions]  # [n, hidden_t]
         return mapped_kl(student_logits[rows, positions], t_logits[rows, teacher_positions],
@@ -299,3 +356,10 @@ class CrossTokenizerTerm:
             full = C.all_gather(teacher.output_weight.detach(), self.group, dim=0)
             self._pair_weight = full[self._shard.teacher_ids].clone()  # [K_r, hidden_t]
         return self._shard
+
+
+def _single_positions(single: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, student positions, teacher positions) [n] of the single-token chunks, from the
+    micro-batch's "single" [batch, seq] (the teacher's position of each, or NO_CHUNK)."""
+    rows, positions = torch.nonzero(single != NO_CHUNK, as_tuple=True)
+    return rows, positions, single[rows, positions]

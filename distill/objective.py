@@ -179,7 +179,8 @@ class DistillObjective(nn.Module):
             loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
             student_vocab=student_config.vocab_size,
             teacher_vocab=next(iter(teachers.values())).vocab_size, group=layout.tp_group,
-            shared_vocab=shared_vocab) if cross.on and teachers else None
+            uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) if cross.on and teachers \
+            else None
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
@@ -332,8 +333,8 @@ class DistillObjective(nn.Module):
         lm = None if labels is None else self._lm_term(student, ce, labels, counts, None, [])
         sums = self.chunk_term(student.logits, out, student_ce=ce,
                                temperature=self.values.temperature)
-        items = counts.single_chunks if self.cfg.cross_tokenizer.loss == "mapped_kl" \
-            else counts.chunks
+        items = counts.chunks if self.cfg.cross_tokenizer.loss == "likelihood" \
+            else counts.single_chunks
         share = sums.divergence / max(items, 1)
         metrics["kd_divergence"] = share.detach()
         metrics["student_bpb"] = sums.student_bits / max(counts.chunk_bytes, 1)

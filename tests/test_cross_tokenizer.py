@@ -215,3 +215,43 @@ def test_mapped_kl_of_the_same_tokenizer_is_the_full_divergence():
                         temperature=2.0, student_vocab=STUDENT_VOCAB, teacher_vocab=STUDENT_VOCAB)
         want = divergence(s_full, t_full, kind=kind, temperature=2.0, vocab_size=STUDENT_VOCAB)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ uld
+
+def _uld_reference(student, teacher, *, top_k, temperature):
+    def top(logits, vocab):
+        p = torch.softmax(logits[..., :vocab] / temperature, dim=-1).sort(dim=-1,
+                                                                           descending=True).values
+        return torch.nn.functional.pad(p, (0, max(top_k - vocab, 0)))[..., :top_k]
+
+    return (top(student, STUDENT_VOCAB) - top(teacher, TEACHER_VOCAB)).abs().sum(-1)
+
+
+def _check_uld(top_k, temperature) -> None:
+    group, n = world_group(), 6
+    s_full = _logits(1, n, STUDENT_VOCAB, 10)[0] / 3  # flatter: the top k matter
+    t_full = _logits(1, n, TEACHER_VOCAB, 11)[0] / 3
+    weights = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    s_ref = s_full.clone().requires_grad_()
+    ref = _uld_reference(s_ref, t_full, top_k=top_k, temperature=temperature)
+    (ref * weights).sum().backward()
+    s = vocab_shard(s_full.float(), group).requires_grad_()
+    out = X.uld(s, vocab_shard(t_full.float(), group), top_k=top_k, temperature=temperature,
+                student_vocab=STUDENT_VOCAB, teacher_vocab=TEACHER_VOCAB, group=group)
+    (out * weights.float()).sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), vocab_shard(s_ref.grad, group), rtol=1e-4,
+                               atol=1e-6)
+
+
+def _uld_grid(_) -> bool:
+    for top_k in (1, 8, 100, 500):  # 500: past the student's vocabulary (zero-padded)
+        for temperature in (1.0, 2.0):
+            _check_uld(top_k, temperature)
+    return True
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_uld_equals_its_float64_definition(tp):
+    assert _at_tp(_uld_grid, tp, None) == [True] * tp

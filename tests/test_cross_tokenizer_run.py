@@ -50,6 +50,7 @@ LOSSES = {  # name: overrides
     "likelihood-both": ["distill.cross_tokenizer.divergence=both"],
     # (forward_kl is infinite here: the student's BPE is inside the teacher's; see BAD)
     "mapped_kl-reverse": ["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=reverse_kl"],
+    "uld": ["distill.cross_tokenizer.loss=uld", "distill.cross_tokenizer.uld_top_k=16"],
 }
 
 
@@ -78,7 +79,7 @@ BAD = [  # (overrides, the key named, part of the message)
      "forward_kl is infinite for mapped_kl here: every student token is in the teacher's"),
     (["distill.fused_lm_head=true"], "distill.cross_tokenizer.loss", "needs logits"),
     (["distill.cross_tokenizer.loss=tokens"], "distill.cross_tokenizer.loss",
-     "must be one of 'none', 'likelihood', 'mapped_kl'"),
+     "must be one of 'none', 'likelihood', 'mapped_kl', 'uld'"),
     (["distill.cross_tokenizer.teacher_seq_len=128"], "distill.cross_tokenizer.teacher_seq_len",
      "exceed the teacher's max_seq_len 64"),
     (["parallel.tp=2", "parallel.sp=true", "distill.cross_tokenizer.teacher_seq_len=25"],
