@@ -20,7 +20,8 @@ model's token log-probabilities are one vocab-parallel `cross_entropy` (one all_
 floats per token over TP); the sums per chunk are local (every TP rank holds every token's value),
 so the loss is exact under TP. Gradients reach the student's logits only.
 
-`uld` (Universal Logit Distillation) takes the same single-token chunks: the L1 distance between
+`uld` (Universal Logit Distillation) takes the chunks that are one token in both tokenizations
+(as `mapped_kl`, below): the L1 distance between
 the two models' probabilities sorted decreasing, truncated to the top k and zero-padded; under TP
 an exact distributed top-k (each shard's k largest, one all_gather, the k largest of those).
 
