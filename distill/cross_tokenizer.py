@@ -20,11 +20,6 @@ model's token log-probabilities are one vocab-parallel `cross_entropy` (one all_
 floats per token over TP); the sums per chunk are local (every TP rank holds every token's value),
 so the loss is exact under TP. Gradients reach the student's logits only.
 
-`uld` (Universal Logit Distillation) takes the chunks that are one token in both tokenizations
-(as `mapped_kl`, below): the L1 distance between
-the two models' probabilities sorted decreasing, truncated to the top k and zero-padded; under TP
-an exact distributed top-k (each shard's k largest, one all_gather, the k largest of those).
-
 `mapped_kl` takes the chunks that are one token in both tokenizations, where both models predict
 the chunk from the same text. Each side's next-token distribution is coarsened to the shared
 vocabulary S (token pairs that stand for the same bytes, PREFIX.shared_vocab.npy) plus one bucket
@@ -34,6 +29,10 @@ by forward KL(teacher || student) or reverse KL. Under TP each rank takes the pa
 pairs come from its final hidden states and the matching rows of its output weight, gathered
 once (`teacher_pair_logits`). Per token a handful of all-reduces of one float each: exact under
 TP, nothing of size tokens x vocabulary moves.
+
+`uld` (Universal Logit Distillation) takes the same chunks: the L1 distance between the two
+models' probabilities sorted decreasing, truncated to the top k and zero-padded; under TP an exact
+distributed top-k (each shard's k largest, one all_gather, the k largest of those).
 
 Bits per byte: a model's negative log-likelihood of the chunks' text, over the chunks' bytes, in
 bits; both models score the same bytes, so their values compare across tokenizers.

@@ -39,6 +39,8 @@ from tools import preprocess_data  # noqa: E402
 from tools.bench.on_policy import run, write_config  # noqa: E402
 
 STUDENT_VOCAB, SEQ = 1024, 64
+SIZES = {"--teacher-steps": 200, "--student-steps": 100, "--corpus-bytes": 2_000_000,
+         "--eval-batches": 16}  # the command line's numbers and their defaults
 SPLIT = "95,5"
 LOSSES = {  # name: the distill overrides of each student
     "cross-entropy only": None,
@@ -112,10 +114,8 @@ def student(out: Path, name: str, config: Path, overrides: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_xtok")
-    parser.add_argument("--teacher-steps", type=int, default=200)
-    parser.add_argument("--student-steps", type=int, default=100)
-    parser.add_argument("--corpus-bytes", type=int, default=2_000_000)
-    parser.add_argument("--eval-batches", type=int, default=16)
+    for flag, default in SIZES.items():
+        parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
