@@ -103,6 +103,9 @@ def _check_row(mb, r, s_table, t_table, text) -> int:
         gap = s_chunks[inside.min():inside.max() + 1] == NO_CHUNK
         assert not gap.any() or (labels == -100).any()
     assert (labels[s_chunks != NO_CHUNK] != -100).all()
+    scored = labels != -100
+    assert mb["label_bytes"][r][scored].tolist() == [len(s_table[i]) for i in labels[scored]]
+    assert (mb["label_bytes"][r][~scored] == 0).all()
     return len(spelled)
 
 

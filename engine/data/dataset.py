@@ -314,7 +314,8 @@ class TokenBatches:
         scored token "chunks" [mb, seq] and "teacher_chunks" [mb, teacher_len] (NO_CHUNK: none),
         "chunk_bytes" [mb, seq] the bytes of chunk k of the row at k (0: no such chunk), and
         "single" [mb, seq] for a student position whose chunk is one token in both, the teacher's
-        position of it (NO_CHUNK: none). A chunk holding a student label the loss skips
+        position of it (NO_CHUNK: none), and "label_bytes" [mb, seq] the bytes of each label
+        (0 where skipped). A chunk holding a student label the loss skips
         (mask_across_documents) is no chunk."""
         rows, length = len(map_windows), self.teacher_len
         out = {"teacher_input_ids": torch.zeros(rows, length, dtype=torch.long),
@@ -322,7 +323,7 @@ class TokenBatches:
                "chunks": torch.full_like(labels, NO_CHUNK),
                "teacher_chunks": torch.full((rows, length), NO_CHUNK, dtype=torch.long),
                "chunk_bytes": torch.zeros_like(labels),
-               "single": torch.full_like(labels, NO_CHUNK)}
+               "single": torch.full_like(labels, NO_CHUNK), "label_bytes": torch.zeros_like(labels)}
         for r, (d, w) in enumerate(map_windows):
             a = self.paired[d].window(self.sources[d].pieces(w), length)
             n = len(a.teacher_ids) - 1
@@ -332,6 +333,8 @@ class TokenBatches:
             out["teacher_chunks"][r, :n] = torch.from_numpy(a.teacher_chunks)
             out["chunk_bytes"][r, :len(a.chunk_bytes)] = torch.from_numpy(a.chunk_bytes)
             out["single"][r] = torch.from_numpy(a.single)
+            out["label_bytes"][r] = torch.from_numpy(a.label_bytes)
+        out["label_bytes"][labels == IGNORE_INDEX] = 0
         skipped = (labels == IGNORE_INDEX) & (out["chunks"] != NO_CHUNK)
         rows_chunks = {(r, int(out["chunks"][r, k])) for r, k in skipped.nonzero().tolist()}
         for r, chunk in rows_chunks:

@@ -140,6 +140,7 @@ class WindowAlignment:
     # [seq_len] int64: for a scored student token whose chunk is one token in both tokenizations,
     # the teacher's scored position of that chunk (an index into teacher_chunks), else NO_CHUNK
     single: np.ndarray
+    label_bytes: np.ndarray  # [seq_len] int64: the bytes of each scored student token
 
 
 def align(student_bounds: np.ndarray, teacher_bounds: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -231,4 +232,5 @@ class PairedDocuments:
         ids = np.concatenate(teacher_ids)[:teacher_len + 1]
         s_chunks, t_chunks, nbytes = align(student_bounds, teacher_bounds)
         return WindowAlignment(ids, s_chunks, t_chunks, nbytes,
-                               single_token_chunks(s_chunks, t_chunks))
+                               single_token_chunks(s_chunks, t_chunks),
+                               np.diff(student_bounds)[1:].astype(np.int64))
