@@ -237,7 +237,6 @@ class DistillConfig:
               "stores do not stream chunk statistics yet")
         check(self.logit.on, key, "needs logit.weight > 0 (the weight of the chunk term)")
         check(not self.teachers, key, "takes one teacher (distill.teacher)")
-        check(not self.activations, key, "does not combine with activation pairs yet")
         check(not self.fused_lm_head, key, "needs logits (fused_lm_head false)")
         check(not self.on_policy.on, key, "does not combine with on_policy yet")
         check(not self.logit.varying_temperature, "logit.temperature",

@@ -34,6 +34,9 @@ TP, nothing of size tokens x vocabulary moves.
 models' probabilities sorted decreasing, truncated to the top k and zero-padded; under TP an exact
 distributed top-k (each shard's k largest, one all_gather, the k largest of those).
 
+Activation pairs compare both models at the chunks' ends (`aligned_buffers`): each model's
+activation at the input position of a chunk's last token, where both have read the same text.
+
 Bits per byte: a model's negative log-likelihood of the chunks' text, over the chunks' bytes, in
 bits; both models score the same bytes, so their values compare across tokenizers.
 """
@@ -51,7 +54,8 @@ from distill.teacher import TeacherOutputs
 from engine import collectives as C
 from engine.collectives import Group
 from engine.data.paired import NO_CHUNK
-from engine.mappings import copy_to_tp, reduce_from_tp
+from engine.mappings import copy_to_tp, gather_from_sp_replicated, reduce_from_tp, scatter_to_sp
+from layers.buffers import ActivationBuffer
 from layers.softcap import softcap
 
 MAX_CHUNK_LOG_PROB = -1e-6  # chunk probabilities are capped at 1 - 1e-6 (log(1 - P) finite)
@@ -268,6 +272,44 @@ def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: in
     own = p_s.gather(1, column).masked_fill(~mine, 0.0)  # [n, k]: with grad where mine
     student_top = torch.where(mine, own, student_top)
     return (student_top - teacher_top).abs().sum(-1)
+
+
+# ------------------------------------------------------------------------------ activations
+
+def aligned_buffers(student: Mapping[str, ActivationBuffer],
+                    teacher: Mapping[str, ActivationBuffer | torch.Tensor],
+                    alignment: Mapping[str, torch.Tensor], group: Group = None,
+                    ) -> tuple[dict[str, ActivationBuffer], dict[str, ActivationBuffer]]:
+    """Both models' activation buffers at the chunk ends: slot k of a row holds each model's
+    activation at the input position of chunk k's last token ("chunk_ends",
+    "teacher_chunk_ends"; slots without one hold any row, the activation terms mask them out).
+    The student's keep its layout (sequence-sharded under SP: gathered, picked, scattered again,
+    the gradient going back the same way); the teacher's come replicated."""
+    ends, teacher_ends = alignment["chunk_ends"], alignment["teacher_chunk_ends"]
+    out_s = {}
+    for name, buf in student.items():
+        full = gather_from_sp_replicated(buf.tensor, group, seq_dim=buf.seq_dim) \
+            if buf.seq_sharded else buf.tensor
+        picked = _at(full, ends, buf.seq_dim)
+        out_s[name] = ActivationBuffer(
+            scatter_to_sp(picked, group, seq_dim=buf.seq_dim) if buf.seq_sharded else picked,
+            buf.seq_sharded, buf.seq_dim)
+    out_t = {}
+    for name, buf in teacher.items():
+        if not isinstance(buf, ActivationBuffer):
+            raise ValueError(f"teacher buffer {name!r}: cross_tokenizer needs its layout "
+                             "(an ActivationBuffer)")
+        full = C.all_gather(buf.tensor, group, dim=buf.seq_dim) if buf.seq_sharded else buf.tensor
+        out_t[name] = ActivationBuffer(_at(full, teacher_ends, buf.seq_dim), False, buf.seq_dim)
+    return out_s, out_t
+
+
+def _at(x: torch.Tensor, positions: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """x [batch, seq_x, width] at `positions` [batch, seq] (NO_CHUNK: position 0)."""
+    if seq_dim != 1:
+        raise ValueError(f"buffers are [batch, seq, width] here (seq_dim 1, got {seq_dim})")
+    index = positions.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1])
+    return x.gather(1, index)
 
 
 # ------------------------------------------------------------------------ the objective's term

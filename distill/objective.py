@@ -39,6 +39,7 @@ next-token head alone, so the MTP blocks get no distillation gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
-from distill.cross_tokenizer import CrossTokenizerTerm
+from distill.cross_tokenizer import CrossTokenizerTerm, aligned_buffers
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
@@ -80,6 +81,7 @@ class TokenCounts:
     chunks: int = 0  # cross_tokenizer: aligned chunks, which the chunk term averages over
     chunk_bytes: int = 0  # cross_tokenizer: their bytes (the bits-per-byte denominator)
     single_chunks: int = 0  # cross_tokenizer: chunks of one token in both (mapped_kl's)
+    chunk_ends: int = 0  # cross_tokenizer: chunks whose ends both windows hold (activation pairs)
 
 
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
@@ -90,9 +92,10 @@ def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int)
     distill = int(kd_mask.sum()) if kd_mask is not None else \
         tokens if labels is None else heads[0]
     chunk_bytes = micro_batch.get("chunk_bytes")
-    chunks = [0, 0, 0] if chunk_bytes is None else \
+    chunks = [0, 0, 0, 0] if chunk_bytes is None else \
         [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum()),
-         int((micro_batch["single"] != NO_CHUNK).sum())]
+         int((micro_batch["single"] != NO_CHUNK).sum()),
+         int((micro_batch["chunk_ends"] != NO_CHUNK).sum())]
     return [tokens, *heads, distill, *chunks]
 
 
@@ -101,12 +104,13 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
     """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
     one all-reduce over the DP (x CP) group. `mtp_heads` is the student's `config.mtp_heads`."""
     per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
-    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 6 + mtp_heads).sum(dim=0)
+    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 7 + mtp_heads).sum(dim=0)
     # over DP x CP: context-parallel ranks hold other tokens of the same sequences
     totals = C.all_reduce(totals.to(layout.device), layout.dp_cp_group)  # NCCL needs device memory
     values = totals.tolist()
-    return TokenCounts(tokens=values[0], heads=tuple(values[1:-4]), distill=values[-4],
-                       chunks=values[-3], chunk_bytes=values[-2], single_chunks=values[-1])
+    return TokenCounts(tokens=values[0], heads=tuple(values[1:-5]), distill=values[-5],
+                       chunks=values[-4], chunk_bytes=values[-3], single_chunks=values[-2],
+                       chunk_ends=values[-1])
 
 
 @dataclass
@@ -261,8 +265,13 @@ class DistillObjective(nn.Module):
         fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
                                    mask, fused)
-        act = self.activation_share(self.pairs if pairs is None else pairs, student.buffers,
-                                    teacher, mask, tokens_norm)
+        if self.chunk_term is not None and teacher and self.pairs:  # at the chunks' ends
+            student_buffers, teacher, mask, act_counts = self._at_chunk_ends(student, teacher,
+                                                                             tokens_norm)
+        else:
+            student_buffers, act_counts = student.buffers, tokens_norm
+        act = self.activation_share(self.pairs if pairs is None else pairs, student_buffers,
+                                    teacher, mask, act_counts)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
@@ -318,6 +327,19 @@ class DistillObjective(nn.Module):
         divergence_sum = torch.stack(shares).sum()
         metrics["kd_divergence"] = divergence_sum.detach()
         return lm, self.values.kd_scale * divergence_sum
+
+    def _at_chunk_ends(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
+                       counts: TokenCounts):
+        """Cross-tokenizer activation pairs: (student buffers, teacher outputs, mask, counts) with
+        both models' buffers at the ends of the chunks (distill/cross_tokenizer.py
+        `aligned_buffers`), averaged over the step's chunk ends."""
+        (name, out), = teacher.items()
+        align = out.alignment
+        student_buffers, teacher_buffers = aligned_buffers(student.buffers, out.buffers, align,
+                                                           self.layout.tp_group)
+        aligned = dataclasses.replace(out, buffers=teacher_buffers)
+        return (student_buffers, {name: aligned}, align["chunk_ends"] != NO_CHUNK,
+                dataclasses.replace(counts, distill=counts.chunk_ends))
 
     def _chunk_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
                      labels: torch.Tensor | None, counts: TokenCounts,

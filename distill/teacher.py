@@ -31,7 +31,8 @@ from engine.pipeline import TensorSpec
 from layers.buffers import ActivationBuffer
 
 # What a teacher with another tokenizer hands the objective of each micro-batch (besides logits).
-ALIGNMENT_KEYS = ("labels", "teacher_labels", "chunks", "teacher_chunks", "chunk_bytes", "single")
+ALIGNMENT_KEYS = ("labels", "teacher_labels", "chunks", "teacher_chunks", "chunk_bytes", "single",
+                  "chunk_ends", "teacher_chunk_ends")
 
 
 @dataclass

@@ -255,3 +255,21 @@ def _uld_grid(_) -> bool:
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_uld_equals_its_float64_definition(tp):
     assert _at_tp(_uld_grid, tp, None) == [True] * tp
+
+
+# ---------------------------------------------------------------------------------- activations
+
+def test_activation_buffers_are_taken_at_both_chunk_ends(micro_batch):
+    from layers.buffers import ActivationBuffer
+
+    rows, seq = micro_batch["labels"].shape
+    student = torch.randn(rows, seq, 4, dtype=torch.float64)
+    teacher = torch.randn(rows, micro_batch["teacher_labels"].shape[1], 6, dtype=torch.float64)
+    out_s, out_t = X.aligned_buffers({"a": ActivationBuffer(student, False)},
+                                     {"b": ActivationBuffer(teacher, False)}, micro_batch)
+    ends, t_ends = micro_batch["chunk_ends"], micro_batch["teacher_chunk_ends"]
+    valid = torch.nonzero(ends != NO_CHUNK).tolist()
+    assert len(valid) > 5
+    for r, k in valid:
+        assert torch.equal(out_s["a"].tensor[r, k], student[r, ends[r, k]])
+        assert torch.equal(out_t["b"].tensor[r, k], teacher[r, t_ends[r, k]])

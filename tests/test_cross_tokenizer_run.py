@@ -51,6 +51,8 @@ LOSSES = {  # name: overrides
     # (forward_kl is infinite here: the student's BPE is inside the teacher's; see BAD)
     "mapped_kl-reverse": ["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=reverse_kl"],
     "uld": ["distill.cross_tokenizer.loss=uld", "distill.cross_tokenizer.uld_top_k=16"],
+    # activation pairs at the chunks' ends, through a projection (student 32 wide, teacher 48)
+    "likelihood-mlps": ["distill.activations=[all_mlps]", "distill.projection=per_pair"],
 }
 
 
@@ -77,9 +79,12 @@ def test_two_ranks_equal_one(setup, loss, layout):
     assert [r["step"] for r in want] == [1, 2, 3]
     assert all(r["kd_loss"] > 0 and 0 < r["student_bpb"] < 16 and 0 < r["teacher_bpb"] < 16
                for r in want)
+    assert all(r["act_loss"] > 0 for r in want) == ("distill.activations=[all_mlps]" in
+                                                     LOSSES[loss])
     assert 0 < want[-1]["val_bpb"] < 16
     # (validation scores eval_batches micro-batches per DP rank: other data at DP=2)
-    assert_same_run(got, want, keys=(*RUN_KEYS, "student_bpb", "teacher_bpb", "kd_divergence"),
+    assert_same_run(got, want, keys=(*RUN_KEYS, "act_loss", "student_bpb", "teacher_bpb",
+                                     "kd_divergence"),
                     optional=("val_loss", "val_bpb") if layout != "dp2" else ())
 
 

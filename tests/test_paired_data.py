@@ -177,20 +177,26 @@ def test_a_teacher_that_spells_other_bytes_stops_preprocessing(tmp_path, capsys)
 
 
 def test_single_token_chunks_point_at_the_teachers_same_token(paired):
-    prefix, student_path, teacher_path = paired
-    s_table, t_table = _tables(student_path, teacher_path)
+    s_table, t_table = _tables(*paired[1:])
+    marked = list(_marked(paired[0], "single", seed=5, teacher_len=24))
+    for mb, r, p in marked:
+        q = int(mb["single"][r, p])
+        k = int(mb["chunks"][r, p])
+        assert int(mb["teacher_chunks"][r, q]) == k
+        assert (mb["chunks"][r] == k).sum() == 1 == (mb["teacher_chunks"][r] == k).sum()
+        assert s_table[int(mb["labels"][r, p])] == t_table[int(mb["teacher_labels"][r, q])]
+    assert len(marked) > 10
+
+
+def _marked(prefix, key: str, *, seed: int, teacher_len: int, steps: int = 4):
+    """(micro-batch, row, position) of every entry of mb[key] other than NO_CHUNK, over `steps`
+    steps of two windows of 8 tokens."""
     cfg = DataConfig(path=str(prefix), seq_len=8, micro_batch=2, global_batch=2, split="100,0")
-    batches, found = TokenBatches(cfg, seed=5, teacher_len=24), 0
-    for _ in range(4):
+    batches = TokenBatches(cfg, seed=seed, teacher_len=teacher_len)
+    for _ in range(steps):
         for mb in batches.next_step():
-            for r, p in torch.nonzero(mb["single"] != NO_CHUNK).tolist():
-                q = int(mb["single"][r, p])
-                k = int(mb["chunks"][r, p])
-                assert int(mb["teacher_chunks"][r, q]) == k
-                assert (mb["chunks"][r] == k).sum() == 1 == (mb["teacher_chunks"][r] == k).sum()
-                assert s_table[int(mb["labels"][r, p])] == t_table[int(mb["teacher_labels"][r, q])]
-                found += 1
-    assert found > 10
+            for r, p in torch.nonzero(mb[key] != NO_CHUNK).tolist():
+                yield mb, r, p
 
 
 def test_the_shared_vocabulary_pairs_tokens_of_the_same_bytes(paired):
@@ -201,3 +207,18 @@ def test_the_shared_vocabulary_pairs_tokens_of_the_same_bytes(paired):
     assert all(s_table[s] == t_table[t] and s_table[s] for s, t in pairs.tolist())
     eod = [Tokenizer.from_file(str(p)).token_to_id(EOD_TOKEN) for p in (student_path, teacher_path)]
     assert eod in pairs.tolist()
+
+
+def test_chunk_ends_are_where_both_models_have_read_the_chunk(paired):
+    s_table, t_table = _tables(*paired[1:])
+    marked = list(_marked(paired[0], "chunk_ends", seed=2, teacher_len=12))
+    for mb, r, k in marked:
+        p, q = int(mb["chunk_ends"][r, k]), int(mb["teacher_chunk_ends"][r, k])
+        # the inputs up to p and q end with chunk k's last token in both
+        s_last = mb["labels"][r][mb["chunks"][r] == k][-1]
+        t_last = mb["teacher_labels"][r][mb["teacher_chunks"][r] == k][-1]
+        assert mb["input_ids"][r, p] == s_last and mb["teacher_input_ids"][r, q] == t_last
+        s_text = b"".join(s_table[i] for i in mb["input_ids"][r, :p + 1].tolist())
+        t_text = b"".join(t_table[i] for i in mb["teacher_input_ids"][r, :q + 1].tolist())
+        assert s_text.endswith(t_text) or t_text.endswith(s_text)
+    assert len(marked) > 10

@@ -180,6 +180,24 @@ def check_datasets(cfg: DataConfig, *, vocab_size: int) -> None:
         check_token_ids(dataset, vocab_size)
 
 
+def chunk_ends(chunks: torch.Tensor, teacher_chunks: torch.Tensor,
+               teacher_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"chunk_ends", "teacher_chunk_ends"} [mb, seq]: at chunk k, the input position of the
+    chunk's last token in each model's window (where its hidden state has read the chunk), or
+    NO_CHUNK on both where either window ends before it; `teacher_inputs` [mb]: each row's
+    teacher input tokens (the rest is padding)."""
+    ends = []
+    for ids in (chunks, teacher_chunks):
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        last = torch.full_like(chunks, -1).scatter_reduce(
+            1, ids.clamp(min=0), torch.where(ids != NO_CHUNK, positions, -1), "amax")
+        ends.append(last + 1)  # a label position's token is the next input
+    valid = (ends[0] > 0) & (ends[0] < chunks.shape[1]) & (ends[1] > 0) & \
+        (ends[1] < teacher_inputs[:, None])
+    return {key: torch.where(valid, end, NO_CHUNK)
+            for key, end in zip(("chunk_ends", "teacher_chunk_ends"), ends)}
+
+
 class Blend:
     """Deterministic blending: each next sample goes to the dataset furthest below its share."""
 
@@ -314,9 +332,9 @@ class TokenBatches:
         scored token "chunks" [mb, seq] and "teacher_chunks" [mb, teacher_len] (NO_CHUNK: none),
         "chunk_bytes" [mb, seq] the bytes of chunk k of the row at k (0: no such chunk), and
         "single" [mb, seq] for a student position whose chunk is one token in both, the teacher's
-        position of it (NO_CHUNK: none), and "label_bytes" [mb, seq] the bytes of each label
-        (0 where skipped). A chunk holding a student label the loss skips
-        (mask_across_documents) is no chunk."""
+        position of it (NO_CHUNK: none), "label_bytes" [mb, seq] the bytes of each label (0 where
+        skipped), and `chunk_ends`' "chunk_ends" / "teacher_chunk_ends" [mb, seq]. A chunk
+        holding a student label the loss skips (mask_across_documents) is no chunk."""
         rows, length = len(map_windows), self.teacher_len
         out = {"teacher_input_ids": torch.zeros(rows, length, dtype=torch.long),
                "teacher_labels": torch.full((rows, length), IGNORE_INDEX, dtype=torch.long),
@@ -342,6 +360,8 @@ class TokenBatches:
             out["single"][r][out["chunks"][r] == chunk] = NO_CHUNK
             for key in ("chunks", "teacher_chunks"):
                 out[key][r][out[key][r] == chunk] = NO_CHUNK
+        out.update(chunk_ends(out["chunks"], out["teacher_chunks"],
+                              (out["teacher_labels"] != IGNORE_INDEX).sum(dim=1)))
         return out
 
     def state_dict(self) -> dict[str, int]:
