@@ -32,6 +32,11 @@ when it has one (on-policy micro-batches, distill/on_policy.py: the positions wh
 student generated), else the positions with a valid next-token label, or every position when the
 micro-batch has no labels (pure distillation).
 
+A teacher with another tokenizer (`distill.cross_tokenizer`, distill/cross_tokenizer.py): the
+logit term is the chunk term, a mean over the step's aligned chunks (`likelihood`) or over its
+chunks of one token in both tokenizations (`mapped_kl`, `uld`); activation pairs compare both
+models at the chunks' ends, a mean over those; `student_bpb` and `teacher_bpb` are logged.
+
 Any term may be absent at run time: no labels (pure KD) drops the LM term, no teacher outputs (pure
 LM) drop the distillation terms. MTP heads are only trained on labels: the logit term reads the
 next-token head alone, so the MTP blocks get no distillation gradient.
