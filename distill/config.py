@@ -144,6 +144,37 @@ class OnPolicyConfig:
 
 
 @dataclass(frozen=True)
+class CrossTokenizerConfig:
+    """A teacher with another tokenizer: the logit term compares the two models on aligned chunks
+    of text (distill/cross_tokenizer.py) instead of token by token; its weight and temperature
+    are distill.logit's. Needs paired data (tools/preprocess_data.py --teacher-tokenizer)."""
+
+    # none: the teacher shares the student's tokenizer | likelihood: per chunk, each model's
+    # log-likelihood of the chunk's text, compared by `divergence` | mapped_kl: on chunks of one
+    # token in both, logit.kind (forward_kl or reverse_kl) on the shared vocabulary + 1 bucket |
+    # uld: on those chunks, L1 between both models' top uld_top_k probabilities sorted decreasing
+    loss: Literal["none", "likelihood", "mapped_kl", "uld"] = "none"
+    # likelihood: binary_kl (KL of the chunk probabilities as Bernoulli events) | log_ratio
+    # (|teacher - student| chunk log-likelihood) | both (their sum)
+    divergence: Literal["binary_kl", "log_ratio", "both"] = "binary_kl"
+    teacher_seq_len: int = 0  # teacher tokens per window (0: 2 x data.seq_len); more are cut off
+    uld_top_k: int = 64  # uld: probabilities compared per position (zero-padded past a vocabulary)
+
+    def __post_init__(self) -> None:
+        check(self.uld_top_k >= 1, "uld_top_k", f"must be >= 1 (got {self.uld_top_k})")
+        check(self.teacher_seq_len >= 0, "teacher_seq_len",
+              f"must be >= 0 (got {self.teacher_seq_len})")
+
+    @property
+    def on(self) -> bool:
+        return self.loss != "none"
+
+    def teacher_tokens(self, seq_len: int) -> int:
+        """Teacher tokens per window for student windows of `seq_len` tokens."""
+        return self.teacher_seq_len or 2 * seq_len
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Loss terms, their weights, and where the teacher comes from."""
 
@@ -175,6 +206,8 @@ class DistillConfig:
     # log teacher/student entropy and top-1 agreement (no extra collective; not with a top-k teacher)
     diagnostics: bool = True
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # student-generated batches
+    # a teacher with another tokenizer (distill/cross_tokenizer.py)
+    cross_tokenizer: CrossTokenizerConfig = field(default_factory=CrossTokenizerConfig)
 
     def __post_init__(self) -> None:
         check(self.prefetch >= 1, "prefetch", f"must be >= 1 (got {self.prefetch})")
@@ -194,6 +227,24 @@ class DistillConfig:
             self._check_on_policy()
         if self.teachers:
             self._check_teachers()
+        if self.cross_tokenizer.on:
+            self._check_cross_tokenizer()
+
+    def _check_cross_tokenizer(self) -> None:
+        key = "cross_tokenizer.loss"
+        check(self.schedule == "colocated", key,
+              f"needs schedule colocated (got {self.schedule}): teacher ranks and offline "
+              "stores do not stream chunk statistics yet")
+        check(self.logit.on, key, "needs logit.weight > 0 (the weight of the chunk term)")
+        check(not self.teachers, key, "takes one teacher (distill.teacher)")
+        check(not self.fused_lm_head, key, "needs logits (fused_lm_head false)")
+        check(not self.on_policy.on, key, "does not combine with on_policy yet")
+        check(not self.logit.varying_temperature, "logit.temperature",
+              "must be a constant with cross_tokenizer")
+        check(self.cross_tokenizer.loss != "mapped_kl" or
+              self.logit.kind in ("forward_kl", "reverse_kl"), "logit.kind",
+              f"must be forward_kl or reverse_kl with cross_tokenizer mapped_kl "
+              f"(got {self.logit.kind})")
 
     def _check_teachers(self) -> None:
         check(self.teacher is None, "teachers", "give distill.teacher or distill.teachers, not both")
@@ -389,7 +440,7 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig,
               "logit or activation distillation needs a teacher model")
         return []
     for name, model in teachers.items():
-        _check_teacher_model(teacher_key(cfg, name), model, student, tp)
+        _check_teacher_model(teacher_key(cfg, name), model, student, tp, cfg)
     pairs = resolve_pairs(cfg, student, teachers)
     for pair in pairs:
         width = teachers[pair.source].hidden
@@ -399,11 +450,14 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig,
     return pairs
 
 
-def _check_teacher_model(key: str, teacher: ModelConfig, student: ModelConfig, tp: int) -> None:
+def _check_teacher_model(key: str, teacher: ModelConfig, student: ModelConfig, tp: int,
+                         cfg: DistillConfig) -> None:
     try:
         check_model_layout(teacher, tp)
     except ConfigError as err:
         raise ConfigError(f"{key}({err.key})", err.message) from None
+    if cfg.cross_tokenizer.on:
+        return  # another tokenizer: the paired data, not the vocabularies, must agree
     check(teacher.vocab_size == student.vocab_size, key,
           f"the teacher's vocabulary has {teacher.vocab_size} tokens and the student's "
           f"{student.vocab_size}: distillation needs the same tokenizer (only padding may differ)")

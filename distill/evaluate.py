@@ -4,11 +4,16 @@ demo's report, so that every number called "validation loss" is computed the sam
 The loss is the mean next-token cross-entropy (nats) over the valid labels of a fixed number of
 validation micro-batches, drawn exactly as training draws them (`engine.data.TokenBatches` with
 the same seed and split), vocab-parallel (never gathering the vocabulary), through the fused
-LM-head path when the run uses it. A pipeline-parallel student scores them through the pipeline's
+LM-head path when the run uses it. On paired data (a teacher with another tokenizer) it is also
+given in bits per byte (`val_bpb`): nats / ln 2 over the bytes of the labels scored, a number that
+compares across tokenizers. A pipeline-parallel student scores them through the pipeline's
 forwards (distill/pipeline_step.py); the last stage adds up the losses.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -40,27 +45,45 @@ def output_loss(model: TransformerLM, out: ModelOutput, labels: torch.Tensor, *,
     return ce.reshape(labels.shape)
 
 
-@torch.no_grad()
+class Validation(NamedTuple):
+    loss: float  # mean next-token loss in nats
+    labels: int  # labels scored
+    bits_per_byte: float | None  # the same loss in bits over the labels' bytes (paired data)
+
+
 def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: int, seed: int,
                     split: str = "valid", fused: bool = False) -> tuple[float, int]:
-    """(mean next-token loss in nats, labels scored) over the first `micro_batches` micro-batches
-    of each DP rank's `split` stream; the same on every rank (one all-reduce over DP). The model
-    runs in eval mode and is put back in the mode it was in."""
+    """(mean next-token loss in nats, labels scored): `validation` without the bytes."""
+    scores = validation(model, data, micro_batches=micro_batches, seed=seed, split=split,
+                        fused=fused)
+    return scores.loss, scores.labels
+
+
+@torch.no_grad()
+def validation(model: TransformerLM, data: DataConfig, *, micro_batches: int, seed: int,
+               split: str = "valid", fused: bool = False,
+               teacher_len: int | None = None) -> Validation:
+    """The loss over the first `micro_batches` micro-batches of each DP rank's `split` stream;
+    the same on every rank (one all-reduce over DP). With `teacher_len` (paired data,
+    engine/data/paired.py) also in bits per byte. The model runs in eval mode and is put back in
+    the mode it was in."""
     layout = model.layout
     stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split,
-                          vocab_size=model.config.vocab_size)
+                          vocab_size=model.config.vocab_size, teacher_len=teacher_len)
     batches: list[dict] = []
     while len(batches) < micro_batches:
         batches += stream.next_step()
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=layout.device)  # [loss sum, labels]
+    totals = torch.zeros(3, dtype=torch.float64, device=layout.device)  # loss sum, labels, bytes
     batches = [to_device(mb, layout.device) for mb in batches[:micro_batches]]
 
     def add(mb: dict, out: ModelOutput) -> None:
         nll = output_loss(model, out, mb["labels"], fused=fused)
+        nbytes = mb["label_bytes"].sum() if "label_bytes" in mb else nll.new_zeros(())
         totals.add_(torch.stack([nll.double().sum(),
-                                 (mb["labels"] != IGNORE_INDEX).sum().double()]))
+                                 (mb["labels"] != IGNORE_INDEX).sum().double(),
+                                 nbytes.double()]))
 
     if layout.pp == 1:
         for mb in batches:  # whole sequences on every CP rank: no split, no gather
@@ -73,4 +96,5 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
     model.train(was_training)
     C.all_reduce(totals, layout.dp_group)
     C.all_reduce(totals, layout.pp_group)
-    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
+    bpb = (totals[0] / math.log(2) / totals[2]).item() if teacher_len is not None else None
+    return Validation((totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item()), bpb)

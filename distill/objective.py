@@ -32,6 +32,11 @@ when it has one (on-policy micro-batches, distill/on_policy.py: the positions wh
 student generated), else the positions with a valid next-token label, or every position when the
 micro-batch has no labels (pure distillation).
 
+A teacher with another tokenizer (`distill.cross_tokenizer`, distill/cross_tokenizer.py): the
+logit term is the chunk term, a mean over the step's aligned chunks (`likelihood`) or over its
+chunks of one token in both tokenizations (`mapped_kl`, `uld`); activation pairs compare both
+models at the chunks' ends, a mean over those; `student_bpb` and `teacher_bpb` are logged.
+
 Any term may be absent at run time: no labels (pure KD) drops the LM term, no teacher outputs (pure
 LM) drop the distillation terms. MTP heads are only trained on labels: the logit term reads the
 next-token head alone, so the MTP blocks get no distillation gradient.
@@ -39,6 +44,7 @@ next-token head alone, so the MTP blocks get no distillation gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +54,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
+from distill.cross_tokenizer import CrossTokenizerTerm, aligned_buffers
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
@@ -56,6 +63,7 @@ from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
+from engine.data.paired import NO_CHUNK
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.buffers import ActivationBuffer
@@ -75,6 +83,10 @@ class TokenCounts:
     tokens: int  # every input position (for throughput)
     heads: tuple[int, ...]  # valid targets of each output head: 0 next token, j MTP head j
     distill: int  # positions the logit and activation terms average over
+    chunks: int = 0  # cross_tokenizer: aligned chunks, which the chunk term averages over
+    chunk_bytes: int = 0  # cross_tokenizer: their bytes (the bits-per-byte denominator)
+    single_chunks: int = 0  # cross_tokenizer: chunks of one token in both (mapped_kl's)
+    chunk_ends: int = 0  # cross_tokenizer: chunks whose ends both windows hold (activation pairs)
 
 
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
@@ -84,7 +96,12 @@ def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int)
         [int((shift_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
     distill = int(kd_mask.sum()) if kd_mask is not None else \
         tokens if labels is None else heads[0]
-    return [tokens, *heads, distill]
+    chunk_bytes = micro_batch.get("chunk_bytes")
+    chunks = [0, 0, 0, 0] if chunk_bytes is None else \
+        [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum()),
+         int((micro_batch["single"] != NO_CHUNK).sum()),
+         int((micro_batch["chunk_ends"] != NO_CHUNK).sum())]
+    return [tokens, *heads, distill, *chunks]
 
 
 def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: ParallelLayout, *,
@@ -92,11 +109,13 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
     """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
     one all-reduce over the DP (x CP) group. `mtp_heads` is the student's `config.mtp_heads`."""
     per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
-    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 3 + mtp_heads).sum(dim=0)
+    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 7 + mtp_heads).sum(dim=0)
     # over DP x CP: context-parallel ranks hold other tokens of the same sequences
     totals = C.all_reduce(totals.to(layout.device), layout.dp_cp_group)  # NCCL needs device memory
     values = totals.tolist()
-    return TokenCounts(tokens=values[0], heads=tuple(values[1:-1]), distill=values[-1])
+    return TokenCounts(tokens=values[0], heads=tuple(values[1:-5]), distill=values[-5],
+                       chunks=values[-4], chunk_bytes=values[-3], single_chunks=values[-2],
+                       chunk_ends=values[-1])
 
 
 @dataclass
@@ -149,7 +168,8 @@ class DistillObjective(nn.Module):
 
     def __init__(self, cfg: DistillConfig, student_config: ModelConfig,
                  teacher_config: ModelConfig | Mapping[str, ModelConfig] | None,
-                 layout: ParallelLayout, *, seed: int = 0):
+                 layout: ParallelLayout, *, seed: int = 0,
+                 shared_vocab: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.pairs = check_compatibility(cfg, student_config, teacher_config,
@@ -163,6 +183,13 @@ class DistillObjective(nn.Module):
         self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
+        cross = cfg.cross_tokenizer
+        self.chunk_term = CrossTokenizerTerm(
+            loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
+            student_vocab=student_config.vocab_size,
+            teacher_vocab=next(iter(teachers.values())).vocab_size, group=layout.tp_group,
+            uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) if cross.on and teachers \
+            else None
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
@@ -197,8 +224,9 @@ class DistillObjective(nn.Module):
         logits, or with the fused head its head input (a mixture mixes the teachers' logits, so
         the fused head then takes the mixture's)."""
         mixes = self.several and self.cfg.teacher_mode == "mixture"
+        # (cross_tokenizer: mapped_kl needs the teacher's head input, and logits come from it)
         head = "none" if not self.cfg.logit.on else \
-            "hidden" if self.fused and not mixes else "logits"
+            "hidden" if (self.fused and not mixes) or self.cfg.cross_tokenizer.on else "logits"
         return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
 
     @property
@@ -214,6 +242,8 @@ class DistillObjective(nn.Module):
         per_teacher = len(entries) > 1 and self.cfg.teacher_mode == "sum"
         suffixes = [f"/{name}" for name in entries] if per_teacher else [""]
         names = ["kd_divergence", *([f"kd_loss{s}" for s in suffixes] if per_teacher else [])]
+        if self.cfg.cross_tokenizer.on:
+            return (*names, "student_bpb", "teacher_bpb")
         if self.cfg.diagnostics and self.cfg.schedule != "offline":
             names += ["student_entropy", *(f"{key}{s}" for s in suffixes
                                            for key in DIAGNOSTICS if key != "student_entropy")]
@@ -240,8 +270,13 @@ class DistillObjective(nn.Module):
         fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
                                    mask, fused)
-        act = self.activation_share(self.pairs if pairs is None else pairs, student.buffers,
-                                    teacher, mask, tokens_norm)
+        if self.chunk_term is not None and teacher and self.pairs:  # at the chunks' ends
+            student_buffers, teacher, mask, act_counts = self._at_chunk_ends(student, teacher,
+                                                                             tokens_norm)
+        else:
+            student_buffers, act_counts = student.buffers, tokens_norm
+        act = self.activation_share(self.pairs if pairs is None else pairs, student_buffers,
+                                    teacher, mask, act_counts)
         terms = [t for t in (lm, kd, act) if t is not None]
         if not terms:
             raise ValueError("nothing to optimize in this micro-batch: the configured terms need "
@@ -272,6 +307,8 @@ class DistillObjective(nn.Module):
         if self.fused and output_weight is None:
             raise ValueError("distill.fused_lm_head needs the student's output_weight shard")
         labels = labels if want_lm else None
+        if want_kd and self.cfg.cross_tokenizer.on:
+            return self._chunk_terms(student, teacher, labels, counts, metrics)
         if not want_kd:
             ce, _, _ = self._next_token(student, None, labels, output_weight, counts, mask, fused)
             return self._lm_term(student, ce, labels, counts, output_weight, fused), None
@@ -295,6 +332,41 @@ class DistillObjective(nn.Module):
         divergence_sum = torch.stack(shares).sum()
         metrics["kd_divergence"] = divergence_sum.detach()
         return lm, self.values.kd_scale * divergence_sum
+
+    def _at_chunk_ends(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
+                       counts: TokenCounts):
+        """Cross-tokenizer activation pairs: (student buffers, teacher outputs, mask, counts) with
+        both models' buffers at the ends of the chunks (distill/cross_tokenizer.py
+        `aligned_buffers`), averaged over the step's chunk ends."""
+        (name, out), = teacher.items()
+        align = out.alignment
+        student_buffers, teacher_buffers = aligned_buffers(student.buffers, out.buffers, align,
+                                                           self.layout.tp_group)
+        aligned = dataclasses.replace(out, buffers=teacher_buffers)
+        return (student_buffers, {name: aligned}, align["chunk_ends"] != NO_CHUNK,
+                dataclasses.replace(counts, distill=counts.chunk_ends))
+
+    def _chunk_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
+                     labels: torch.Tensor | None, counts: TokenCounts,
+                     metrics: dict[str, torch.Tensor]):
+        """(LM term, chunk term) against a teacher with another tokenizer
+        (distill/cross_tokenizer.py), and both models' bits per byte of the chunks' text into
+        `metrics`."""
+        (out,) = teacher.values()
+        if out.alignment is None:
+            raise ValueError("distill.cross_tokenizer: the teacher outputs carry no alignment "
+                             "(run the teacher through OtherTokenizerTeacher)")
+        ce = cross_entropy(student.logits, out.alignment["labels"], **self._loss_kwargs())
+        lm = None if labels is None else self._lm_term(student, ce, labels, counts, None, [])
+        sums = self.chunk_term(student.logits, out, student_ce=ce,
+                               temperature=self.values.temperature)
+        items = counts.chunks if self.cfg.cross_tokenizer.loss == "likelihood" \
+            else counts.single_chunks
+        share = sums.divergence / max(items, 1)
+        metrics["kd_divergence"] = share.detach()
+        metrics["student_bpb"] = sums.student_bits / max(counts.chunk_bytes, 1)
+        metrics["teacher_bpb"] = sums.teacher_bits / max(counts.chunk_bytes, 1)
+        return lm, self.values.kd_scale * share
 
     def _logit_targets(self, teacher: dict[str, TeacherOutputs],
                        ) -> list[tuple[str, float, TeacherOutputs]]:

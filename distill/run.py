@@ -34,10 +34,11 @@ from distill.runconfig import (
     curriculum,
     load_run_config,
     resolved_dict,
+    shared_vocab,
 )
 from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
-from distill.teacher_sources import ColocatedTeacher, TeacherList
+from distill.teacher_sources import ColocatedTeacher, OtherTokenizerTeacher, TeacherList
 from distill.teacher_wire import (
     RemoteTeacher,
     TeacherStreamError,
@@ -168,12 +169,15 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
     objective = DistillObjective(cfg.distill, cfg.model, teacher_cfg, layout,
-                                 seed=cfg.train.seed).to(layout.device)
+                                 seed=cfg.train.seed, shared_vocab=shared_vocab(cfg)
+                                 ).to(layout.device)
     if layout.is_teacher:
         return _serve(cfg, teacher_cfg, ckpts, layout, objective, preempted)
     student = _build_student(cfg, ckpts, layout)
+    cross = cfg.distill.cross_tokenizer
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
-                        vocab_size=cfg.model.vocab_size, order=curriculum(cfg))
+                        vocab_size=cfg.model.vocab_size, order=curriculum(cfg),
+                        teacher_len=cross.teacher_tokens(cfg.data.seq_len) if cross.on else None)
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, ckpts, layout, objective,
@@ -254,7 +258,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                               device=layout.device)
     if teacher_cfg is None:
         return None
-    return _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
+    source = _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
+    return OtherTokenizerTeacher(source) if cfg.distill.cross_tokenizer.on else source
 
 
 def _on_policy_stream(cfg: RunConfig, per_step: int, resume_step: int,

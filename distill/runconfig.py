@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers, teacher_key
 from distill.offline import check_offline_dir, store_key
@@ -25,6 +26,7 @@ from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to
 from engine.data import (
     DataConfig,
     DataError,
+    IndexedTokens,
     TokenBatches,
     check_batch_layout,
     check_datasets,
@@ -32,6 +34,8 @@ from engine.data import (
 )
 from engine.data.config import DEFAULT_PATH
 from engine.data.curriculum import curriculum_order, read_scores
+from engine.data.dataset import check_token_ids
+from engine.data.paired import PairedDocuments, read_shared_vocab
 from engine.log import get_logger
 from engine.parallel import STUDENT, LayoutError, ParallelConfig, validate_layout
 from engine.rundir import check_run_dir
@@ -108,6 +112,80 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         check_teacher_ranks(cfg)
     check_model_data(cfg)
     check_data(cfg)
+    if cfg.distill.cross_tokenizer.on:
+        check_cross_tokenizer(cfg)
+
+
+def check_cross_tokenizer(cfg: RunConfig) -> None:
+    """A teacher with another tokenizer: the layouts it runs under, and the paired data of every
+    dataset (the same documents and bytes in both tokenizations)."""
+    par, key = cfg.parallel, "distill.cross_tokenizer.loss"
+    for name, used in {"parallel.pp": par.pp > 1, "parallel.cp": par.cp > 1,
+                       "data.attention_within_documents": cfg.data.attention_within_documents,
+                       "model.mtp_heads": cfg.model.mtp_heads > 0}.items():
+        if used:
+            raise ConfigError(key, f"does not combine with {name} yet")
+    tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
+    if par.sp and tokens % par.tp:
+        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                          f"{tokens} teacher tokens per window do not split over parallel.tp="
+                          f"{par.tp} ranks (sequence parallelism)")
+    for _, prefix in resolve_data_path(cfg.data):
+        try:
+            PairedDocuments(IndexedTokens(prefix))
+        except DataError as err:
+            raise ConfigError("data.path", str(err)) from None
+    shared_vocab(cfg)
+
+
+def shared_vocab(cfg: RunConfig) -> torch.Tensor | None:
+    """mapped_kl: the [K, 2] shared vocabulary of the paired data (every dataset's the same);
+    None for the other losses."""
+    if cfg.distill.cross_tokenizer.loss != "mapped_kl":
+        return None
+    found = []
+    for _, prefix in resolve_data_path(cfg.data):
+        try:
+            found.append(read_shared_vocab(prefix))
+        except DataError as err:
+            raise ConfigError("data.path", str(err)) from None
+        if not np.array_equal(found[0], found[-1]):
+            raise ConfigError("data.path", f"{prefix} was paired with other tokenizers than "
+                                           f"{resolve_data_path(cfg.data)[0][1]}")
+    return torch.from_numpy(found[0])
+
+
+def check_cross_tokenizer_teacher(cfg: RunConfig, teacher: ModelConfig) -> None:
+    """The teacher must take a whole teacher window, and know every id of the paired data."""
+    tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
+    if tokens > teacher.max_seq_len:
+        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                          f"{tokens} teacher tokens per window exceed the teacher's max_seq_len "
+                          f"{teacher.max_seq_len}")
+    for _, prefix in resolve_data_path(cfg.data):
+        try:
+            check_token_ids(PairedDocuments(IndexedTokens(prefix)).teacher, teacher.vocab_size)
+        except DataError as err:
+            raise ConfigError("distill.teacher", f"{err} (the teacher's)") from None
+    pairs = shared_vocab(cfg)
+    if pairs is not None:
+        _check_unshared(cfg.distill.logit.kind, len(pairs), cfg.model.vocab_size,
+                        teacher.vocab_size)
+
+
+def _check_unshared(kind: str, shared: int, student_vocab: int, teacher_vocab: int) -> None:
+    """mapped_kl is infinite when the distribution it is taken under (the teacher's for
+    forward_kl) has unshared mass and the other side no unshared token (a vocabulary inside the
+    other's, as BPEs of two sizes trained on the same text are)."""
+    first, second = (teacher_vocab, student_vocab) if kind == "forward_kl" else \
+        (student_vocab, teacher_vocab)
+    if first > shared and second == shared:
+        names = ("student", "teacher") if kind == "forward_kl" else ("teacher", "student")
+        other = "reverse_kl" if kind == "forward_kl" else "forward_kl"
+        raise ConfigError("distill.logit.kind",
+                          f"{kind} is infinite for mapped_kl here: every {names[0]} token is in "
+                          f"the {names[1]}'s vocabulary, so the {names[1]}'s unshared mass has "
+                          f"nowhere to go (use {other}, or the likelihood loss)")
 
 
 def check_sequence_layout(cfg: RunConfig) -> None:
@@ -328,6 +406,8 @@ def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) 
     teacher = teacher_model_config(cfg, teachers)
     pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
+    if cfg.distill.cross_tokenizer.on and isinstance(teacher, ModelConfig):
+        check_cross_tokenizer_teacher(cfg, teacher)
     curriculum(cfg)
     if cfg.distill.schedule == "offline":
         check_offline_dirs(cfg)

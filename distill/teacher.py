@@ -30,6 +30,10 @@ import torch
 from engine.pipeline import TensorSpec
 from layers.buffers import ActivationBuffer
 
+# What a teacher with another tokenizer hands the objective of each micro-batch (besides logits).
+ALIGNMENT_KEYS = ("labels", "teacher_labels", "chunks", "teacher_chunks", "chunk_bytes", "single",
+                  "chunk_ends", "teacher_chunk_ends")
+
 
 @dataclass
 class TeacherOutputs:
@@ -50,6 +54,9 @@ class TeacherOutputs:
     topk_indices: torch.Tensor | None = None  # offline: [batch, seq, k] global vocabulary ids
     logsumexp: torch.Tensor | None = None  # offline: [batch, seq] logsumexp(logits / T), run's T
     buffers: dict[str, ActivationBuffer | torch.Tensor] = field(default_factory=dict)
+    # cross_tokenizer: the micro-batch's labels and chunk alignment (ALIGNMENT_KEYS; `logits` are
+    # then over the teacher's own window and vocabulary)
+    alignment: dict[str, torch.Tensor] | None = None
 
     @property
     def has_logits(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from distill.config import SINGLE_TEACHER
-from distill.teacher import StageTeacher, TeacherOutputs, TeacherRequest, TeacherSource
+from distill.teacher import ALIGNMENT_KEYS, StageTeacher, TeacherOutputs, TeacherRequest, TeacherSource
 from distill.teacher_load import freeze
 from engine.pipeline import TensorSpec
 from layers.context import sequence_kwargs
@@ -101,3 +101,29 @@ class TeacherList:
     def close(self) -> None:
         for source in self.sources:
             source.close()
+
+
+class OtherTokenizerTeacher:
+    """A teacher with another tokenizer (`distill.cross_tokenizer`): runs `source` on the
+    micro-batch's teacher window ("teacher_input_ids") and hands the alignment on with its
+    outputs."""
+
+    reaches_every_stage = False
+
+    def __init__(self, source: TeacherSource):
+        self.source = source
+
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        outputs = self.source({"input_ids": micro_batch["teacher_input_ids"]})
+        for out in outputs.values():
+            out.alignment = {key: micro_batch[key] for key in ALIGNMENT_KEYS}
+        return outputs
+
+    def stage_parts(self) -> dict[str, StageTeacher]:
+        return {}  # (no pipeline parallelism with cross_tokenizer)
+
+    def end_step(self, *, stop: bool) -> None:
+        self.source.end_step(stop=stop)
+
+    def close(self) -> None:
+        self.source.close()

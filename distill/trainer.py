@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from distill.evaluate import validation_loss
+from distill.evaluate import validation
 from distill.objective import DistillObjective, count_tokens, distill_mask
 from distill.on_policy import OnPolicy
 from distill.pipeline_step import StudentStage, pipeline_copies, run_pipeline, sync_pipeline_grads
@@ -269,11 +269,14 @@ class DistillTrainer:
                 "skipped_steps": self.opt.skipped_total, "tokens": counts.tokens}
 
     # ------------------------------------------------------------------------------ validation
-    def validate(self) -> float:
-        """Mean next-token loss of the student over `eval_batches` validation micro-batches."""
-        loss, _ = validation_loss(self.student, self.data_cfg, micro_batches=self.cfg.eval_batches,
-                                  seed=self.cfg.seed, fused=self.objective.fused)
-        return loss
+    def validate(self) -> dict[str, float]:
+        """{"val_loss": the student's mean next-token loss over `eval_batches` validation
+        micro-batches, and on paired data "val_bpb": the same in bits per byte}."""
+        scores = validation(self.student, self.data_cfg, micro_batches=self.cfg.eval_batches,
+                            seed=self.cfg.seed, fused=self.objective.fused,
+                            teacher_len=self.data.teacher_len)
+        bpb = {} if scores.bits_per_byte is None else {"val_bpb": scores.bits_per_byte}
+        return {"val_loss": scores.loss, **bpb}
 
     # ---------------------------------------------------------------------------- checkpoints
     def save(self, step: int) -> Path:
@@ -342,7 +345,7 @@ class DistillTrainer:
             if stop or last or self._due(step, self.cfg.save_interval):
                 self.save(step + 1)
             if self.data_cfg.has_validation and (last or self._due(step, self.cfg.eval_interval)):
-                record["val_loss"] = self.validate()
+                record.update(self.validate())
             if (step + 1) % self.cfg.log_interval == 0 or "val_loss" in record:
                 metrics.log(record)
             metrics.advance()

@@ -11,6 +11,13 @@ order. An existing PREFIX.bin/.idx is kept unless `--force`. Nothing is written 
 succeeds (the output is built under temporary names, removed on any failure): a bad input stops
 with one `error:` line on stderr and exit code 2, a failed write (a full disk) with one `error:`
 line and exit code 1.
+
+With `--teacher-tokenizer T.json` (a teacher with another tokenizer, `distill.cross_tokenizer`) it
+also writes the paired data beside PREFIX (engine/data/paired.py): PREFIX.teacher (the teacher's
+ids, same documents in the same order), PREFIX.offsets and PREFIX.teacher_offsets (where each
+token ends in bytes) and PREFIX.shared_vocab.npy (the tokens both vocabularies share), after
+checking that both tokenizations spell every document's bytes alike. Both tokenizers must be
+byte-level BPEs.
 """
 
 from __future__ import annotations
@@ -25,12 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.data import (  # noqa: E402
     EOD_CANDIDATES,
     DataError,
+    IndexedTokens,
     Record,
     check_inputs,
     encode_to_indexed,
     file_records,
     find_eod_id,
     load_tokenizer,
+)
+from engine.data.paired import (  # noqa: E402
+    OFFSETS_SUFFIX,
+    PAIRED_SUFFIXES,
+    SHARED_VOCAB_SUFFIX,
+    TEACHER_OFFSETS_SUFFIX,
+    TEACHER_SUFFIX,
+    check_same_text,
+    token_bytes,
+    write_offsets,
+    write_shared_vocab,
 )
 from engine.log import get_logger, setup_logging  # noqa: E402
 
@@ -50,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSONL field holding the text (default 'text'); makes inputs JSONL")
     parser.add_argument("--text-docs", choices=("file", "line"), default="file",
                         help="for plain text: one document per file or per non-blank line")
+    parser.add_argument("--teacher-tokenizer", default=None, metavar="TOKENIZER.json",
+                        help="also write the teacher's ids and both byte offsets (paired data)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--eod-token", default=None,
                         help=f"end-of-document token (default: the first found of "
@@ -71,16 +92,46 @@ def input_records(args: argparse.Namespace) -> Iterator[Record]:
 def run(args: argparse.Namespace) -> tuple[int, int]:
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1 (got {args.workers})")
-    existing = [p for p in (f"{args.output_prefix}.bin", f"{args.output_prefix}.idx")
+    prefixes = [args.output_prefix] + ([] if args.teacher_tokenizer is None else [
+        args.output_prefix + suffix for suffix in PAIRED_SUFFIXES])
+    existing = [p for prefix in prefixes for p in (f"{prefix}.bin", f"{prefix}.idx")
                 if Path(p).exists()]
     if existing and not args.force:
         raise DataError(f"{existing[0]} exists (pass --force to replace the dataset)")
     total_bytes = check_inputs(args.input)
     tokenizer = load_tokenizer(args.tokenizer)
     eod_id = find_eod_id(tokenizer, args.eod_token) if args.append_eod else None
-    return encode_to_indexed(args.output_prefix, input_records(args),
-                             tokenizer_path=args.tokenizer, eod_id=eod_id, workers=args.workers,
-                             total_bytes=total_bytes, progress=not args.no_progress)
+    written = encode_to_indexed(args.output_prefix, input_records(args),
+                                tokenizer_path=args.tokenizer, eod_id=eod_id,
+                                workers=args.workers, total_bytes=total_bytes,
+                                progress=not args.no_progress)
+    if args.teacher_tokenizer is not None:
+        try:
+            write_paired(args, eod_id is not None, total_bytes)
+        except BaseException:
+            for prefix in prefixes:
+                for ext in (".bin", ".idx"):
+                    Path(prefix + ext).unlink(missing_ok=True)
+            Path(args.output_prefix + SHARED_VOCAB_SUFFIX).unlink(missing_ok=True)
+            raise
+    return written
+
+
+def write_paired(args: argparse.Namespace, append_eod: bool, total_bytes: int) -> None:
+    """The teacher's ids and both byte offsets beside the student's dataset (checked alike)."""
+    student_tok, teacher_tok = (load_tokenizer(p) for p in (args.tokenizer, args.teacher_tokenizer))
+    eods = [find_eod_id(t, args.eod_token) if append_eod else None
+            for t in (student_tok, teacher_tok)]
+    prefix = args.output_prefix
+    encode_to_indexed(prefix + TEACHER_SUFFIX, input_records(args),
+                      tokenizer_path=args.teacher_tokenizer, eod_id=eods[1],
+                      workers=args.workers, total_bytes=total_bytes,
+                      progress=not args.no_progress)
+    tables = [token_bytes(t, eod_id=e) for t, e in zip((student_tok, teacher_tok), eods)]
+    check_same_text(IndexedTokens(prefix), IndexedTokens(prefix + TEACHER_SUFFIX), *tables)
+    write_offsets(prefix + OFFSETS_SUFFIX, prefix, tables[0])
+    write_offsets(prefix + TEACHER_OFFSETS_SUFFIX, prefix + TEACHER_SUFFIX, tables[1])
+    write_shared_vocab(prefix, *tables, eods=tuple(eods))
 
 
 def main(argv: list[str] | None = None) -> int:

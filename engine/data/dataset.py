@@ -23,6 +23,7 @@ import torch
 from engine.config import ConfigError
 from engine.data.config import SPLITS, DataConfig, check_batch_layout, resolve_data_path, split_fractions
 from engine.data.indexed import DataError, IndexedTokens
+from engine.data.paired import NO_CHUNK, PairedDocuments
 from engine.log import get_logger
 
 log = get_logger(__name__)
@@ -110,25 +111,31 @@ class PackedSamples:
         """(tokens [seq_len + 1] int64, starts_document [seq_len + 1] bool) of stream sample k."""
         return self.window(self.window_of(k))
 
+    def pieces(self, w: int) -> list[tuple[int, int, int]]:
+        """Window w of the sample map as (document, first token, tokens) pieces, in order."""
+        start, size = w * self.seq_len, self.seq_len + 1
+        i = int(np.searchsorted(self._ends, start, side="right"))  # stream document holding start
+        offset = start - (int(self._ends[i]) - int(self.dataset.lengths[self._order[i]]))
+        pieces, filled = [], 0
+        while filled < size:
+            doc = int(self._order[i])
+            take = min(int(self.dataset.lengths[doc]) - offset, size - filled)
+            pieces.append((doc, offset, take))
+            filled, offset, i = filled + take, 0, i + 1
+        return pieces
+
     def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, starts_document) of window w of the sample map."""
-        return self._window(w * self.seq_len)
-
-    def _window(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         size = self.seq_len + 1
         tokens = np.empty(size, dtype=np.int64)
         starts_document = np.zeros(size, dtype=bool)
-        i = int(np.searchsorted(self._ends, start, side="right"))  # stream document holding start
-        offset = start - (int(self._ends[i]) - int(self.dataset.lengths[self._order[i]]))
         filled = 0
-        while filled < size:
-            doc = self._order[i]
-            take = min(int(self.dataset.lengths[doc]) - offset, size - filled)
+        for doc, offset, take in self.pieces(w):
             first = int(self.dataset.starts[doc]) + offset
             tokens[filled:filled + take] = self.dataset.tokens[first:first + take]
-            self._check_ids(tokens[filled:filled + take], int(doc))
+            self._check_ids(tokens[filled:filled + take], doc)
             starts_document[filled] |= offset == 0
-            filled, offset, i = filled + take, 0, i + 1
+            filled += take
         return tokens, starts_document
 
     def _check_ids(self, ids: np.ndarray, doc: int) -> None:
@@ -173,6 +180,24 @@ def check_datasets(cfg: DataConfig, *, vocab_size: int) -> None:
         check_token_ids(dataset, vocab_size)
 
 
+def chunk_ends(chunks: torch.Tensor, teacher_chunks: torch.Tensor,
+               teacher_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"chunk_ends", "teacher_chunk_ends"} [mb, seq]: at chunk k, the input position of the
+    chunk's last token in each model's window (where its hidden state has read the chunk), or
+    NO_CHUNK on both where either window ends before it; `teacher_inputs` [mb]: each row's
+    teacher input tokens (the rest is padding)."""
+    ends = []
+    for ids in (chunks, teacher_chunks):
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        last = torch.full_like(chunks, -1).scatter_reduce(
+            1, ids.clamp(min=0), torch.where(ids != NO_CHUNK, positions, -1), "amax")
+        ends.append(last + 1)  # a label position's token is the next input
+    valid = (ends[0] > 0) & (ends[0] < chunks.shape[1]) & (ends[1] > 0) & \
+        (ends[1] < teacher_inputs[:, None])
+    return {key: torch.where(valid, end, NO_CHUNK)
+            for key, end in zip(("chunk_ends", "teacher_chunk_ends"), ends)}
+
+
 class Blend:
     """Deterministic blending: each next sample goes to the dataset furthest below its share."""
 
@@ -208,7 +233,7 @@ class TokenBatches:
 
     def __init__(self, cfg: DataConfig, *, seed: int, dp_rank: int = 0, dp: int = 1,
                  split: str = "train", vocab_size: int | None = None,
-                 order: np.ndarray | None = None):
+                 order: np.ndarray | None = None, teacher_len: int | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
         if not 0 <= dp_rank < dp:
@@ -226,6 +251,10 @@ class TokenBatches:
                                               seed=(seed, index, SPLITS.index(split)), split=split,
                                               vocab_size=vocab_size))
         self.blend = Blend([weight for weight, _ in pairs])
+        # A teacher with another tokenizer: its tokens per window (engine/data/paired.py)
+        self.teacher_len = teacher_len
+        self.paired = [] if teacher_len is None else \
+            [PairedDocuments(source.dataset) for source in self.sources]
         # A curriculum (engine/data/curriculum.py): global sample i < len(order) is the stream's
         # sample order[i]; `early` holds the stream's first len(order) draws to pick them from.
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
@@ -281,7 +310,8 @@ class TokenBatches:
         return int(self.map_offsets[-1])
 
     def _micro_batch(self, drawn: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        windows = [self.sources[d].sample(k) for d, k in drawn]
+        map_windows = [(d, self.sources[d].window_of(k)) for d, k in drawn]
+        windows = [self.sources[d].window(w) for d, w in map_windows]
         tokens = np.stack([w for w, _ in windows])  # [mb, seq + 1]
         starts = np.stack([s for _, s in windows])  # [mb, seq + 1]: tokens that begin a document
         labels = tokens[:, 1:].copy()
@@ -291,7 +321,48 @@ class TokenBatches:
         if self.cfg.attention_within_documents:
             batch.update(document_layout(torch.from_numpy(starts[:, :-1].copy()),
                                          restart_positions=self.cfg.positions_per_document))
+        if self.paired:
+            batch.update(self._teacher_windows(map_windows, batch["labels"]))
         return batch
+
+    def _teacher_windows(self, map_windows: list[tuple[int, int]],
+                         labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's side of a micro-batch (engine/data/paired.py): "teacher_input_ids" and
+        "teacher_labels" [mb, teacher_len] (padding: 0 and IGNORE_INDEX), the chunk of each
+        scored token "chunks" [mb, seq] and "teacher_chunks" [mb, teacher_len] (NO_CHUNK: none),
+        "chunk_bytes" [mb, seq] the bytes of chunk k of the row at k (0: no such chunk), and
+        "single" [mb, seq] for a student position whose chunk is one token in both, the teacher's
+        position of it (NO_CHUNK: none), "label_bytes" [mb, seq] the bytes of each label (0 where
+        skipped), and `chunk_ends`' "chunk_ends" / "teacher_chunk_ends" [mb, seq]. A chunk
+        holding a student label the loss skips (mask_across_documents) is no chunk."""
+        rows, length = len(map_windows), self.teacher_len
+        out = {"teacher_input_ids": torch.zeros(rows, length, dtype=torch.long),
+               "teacher_labels": torch.full((rows, length), IGNORE_INDEX, dtype=torch.long),
+               "chunks": torch.full_like(labels, NO_CHUNK),
+               "teacher_chunks": torch.full((rows, length), NO_CHUNK, dtype=torch.long),
+               "chunk_bytes": torch.zeros_like(labels),
+               "single": torch.full_like(labels, NO_CHUNK), "label_bytes": torch.zeros_like(labels)}
+        for r, (d, w) in enumerate(map_windows):
+            a = self.paired[d].window(self.sources[d].pieces(w), length)
+            n = len(a.teacher_ids) - 1
+            out["teacher_input_ids"][r, :n] = torch.from_numpy(a.teacher_ids[:-1])
+            out["teacher_labels"][r, :n] = torch.from_numpy(a.teacher_ids[1:])
+            out["chunks"][r] = torch.from_numpy(a.student_chunks)
+            out["teacher_chunks"][r, :n] = torch.from_numpy(a.teacher_chunks)
+            out["chunk_bytes"][r, :len(a.chunk_bytes)] = torch.from_numpy(a.chunk_bytes)
+            out["single"][r] = torch.from_numpy(a.single)
+            out["label_bytes"][r] = torch.from_numpy(a.label_bytes)
+        out["label_bytes"][labels == IGNORE_INDEX] = 0
+        skipped = (labels == IGNORE_INDEX) & (out["chunks"] != NO_CHUNK)
+        rows_chunks = {(r, int(out["chunks"][r, k])) for r, k in skipped.nonzero().tolist()}
+        for r, chunk in rows_chunks:
+            out["chunk_bytes"][r, chunk] = 0
+            out["single"][r][out["chunks"][r] == chunk] = NO_CHUNK
+            for key in ("chunks", "teacher_chunks"):
+                out[key][r][out[key][r] == chunk] = NO_CHUNK
+        out.update(chunk_ends(out["chunks"], out["teacher_chunks"],
+                              (out["teacher_labels"] != IGNORE_INDEX).sum(dim=1)))
+        return out
 
     def state_dict(self) -> dict[str, int]:
         state = {"consumed_samples": self.consumed_samples}

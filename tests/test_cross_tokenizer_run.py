@@ -1,0 +1,134 @@
+"""Cross-tokenizer distillation through the entry point: a student with one byte-level BPE
+distilled from a tiny random teacher with another (both trained here on the same text, paired
+data from tools/preprocess_data.py --teacher-tokenizer). TP=2 + SP and DP=2 equal TP=1; bad
+inputs are one-line ConfigErrors."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from distill.runconfig import load_run_config
+from engine.config import ConfigError
+from engine.spawn import run_ranks
+from tests.helpers import RUN_KEYS, assert_same_run
+from tests.test_paired_data import make_paired
+from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
+
+STUDENT_VOCAB, TEACHER_VOCAB = 320, 512
+SOURCES = ("textwrap.py", "json/decoder.py", "json/encoder.py", "shlex.py", "glob.py",
+           "fnmatch.py", "this.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xtok_run")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text(encoding="utf-8") for name in SOURCES]
+    prefix, _, _ = make_paired(tmp, texts, student_vocab=STUDENT_VOCAB,
+                               teacher_vocab=TEACHER_VOCAB)
+    cfg = base_config(tmp, cache=tmp / "cache")
+    cfg["model"]["vocab_size"] = STUDENT_VOCAB
+    cfg["data"].update(path=str(prefix), seq_len=16)
+    teacher = {"model": {**cfg["model"], "vocab_size": TEACHER_VOCAB, "hidden": 48, "layers": 3,
+                         "ffn_hidden": 96, "init_std": 0.3, "max_seq_len": 64}}
+    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher)),
+                      "cross_tokenizer": {"loss": "likelihood", "teacher_seq_len": 24},
+                      "logit": {"weight": 1.0, "temperature": 1.5}}
+    return tmp, write_config(tmp / "xtok.yaml", cfg)
+
+
+def _run(cfg_path: Path, run_dir: Path, overrides: list[str]) -> int:
+    return run_main(str(cfg_path), [f"train.run_dir={run_dir}", *overrides])
+
+
+LOSSES = {  # name: overrides
+    "likelihood-binary_kl": ["distill.cross_tokenizer.divergence=binary_kl"],
+    "likelihood-both": ["distill.cross_tokenizer.divergence=both"],
+    # (forward_kl is infinite here: the student's BPE is inside the teacher's; see BAD)
+    "mapped_kl-reverse": ["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=reverse_kl"],
+    "uld": ["distill.cross_tokenizer.loss=uld", "distill.cross_tokenizer.uld_top_k=16"],
+    # activation pairs at the chunks' ends, through a projection (student 32 wide, teacher 48)
+    "likelihood-mlps": ["distill.activations=[all_mlps]", "distill.projection=per_pair"],
+}
+
+
+LAYOUTS = {"tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "dp2": []}  # on two ranks
+
+
+def _single_process(tmp: Path, cfg_path: Path, loss: str) -> list[dict]:
+    """The TP=1 reference run of `loss` (run once per module)."""
+    run_dir = tmp / f"tp1_{loss}"
+    if not (run_dir / "metrics.jsonl").exists():
+        assert _run(cfg_path, run_dir, LOSSES[loss]) == 0
+    return read_metrics(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, layout", [*((loss, "tp2-sp") for loss in LOSSES),
+                                          ("likelihood-both", "dp2")])
+def test_two_ranks_equal_one(setup, loss, layout):
+    tmp, cfg_path = setup
+    want = _single_process(tmp, cfg_path, loss)
+    assert run_ranks(_run, 2, cfg_path, tmp / f"{layout}_{loss}",
+                     [*LOSSES[loss], *LAYOUTS[layout]], timeout_s=180) == [0, 0]
+    got = read_metrics(tmp / f"{layout}_{loss}")
+    assert [r["step"] for r in want] == [1, 2, 3]
+    assert all(r["kd_loss"] > 0 and 0 < r["student_bpb"] < 16 and 0 < r["teacher_bpb"] < 16
+               for r in want)
+    assert all(r["act_loss"] > 0 for r in want) == ("distill.activations=[all_mlps]" in
+                                                     LOSSES[loss])
+    assert 0 < want[-1]["val_bpb"] < 16
+    # (validation scores eval_batches micro-batches per DP rank: other data at DP=2)
+    assert_same_run(got, want, keys=(*RUN_KEYS, "act_loss", "student_bpb", "teacher_bpb",
+                                     "kd_divergence"),
+                    optional=("val_loss", "val_bpb") if layout != "dp2" else ())
+
+
+BAD = [  # (overrides, the key named, part of the message)
+    (["distill.schedule=offline", "distill.offline_dir=x"], "distill.cross_tokenizer.loss",
+     "needs schedule colocated"),
+    (["distill.logit.weight=0"], "distill.cross_tokenizer.loss", "needs logit.weight > 0"),
+    (["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=jsd"], "distill.logit.kind",
+     "must be forward_kl or reverse_kl with cross_tokenizer mapped_kl"),
+    (["distill.cross_tokenizer.loss=mapped_kl"], "distill.logit.kind",
+     "forward_kl is infinite for mapped_kl here: every student token is in the teacher's"),
+    (["distill.fused_lm_head=true"], "distill.cross_tokenizer.loss", "needs logits"),
+    (["distill.cross_tokenizer.loss=tokens"], "distill.cross_tokenizer.loss",
+     "must be one of 'none', 'likelihood', 'mapped_kl', 'uld'"),
+    (["distill.cross_tokenizer.teacher_seq_len=128"], "distill.cross_tokenizer.teacher_seq_len",
+     "exceed the teacher's max_seq_len 64"),
+    (["parallel.tp=2", "parallel.sp=true", "distill.cross_tokenizer.teacher_seq_len=25"],
+     "distill.cross_tokenizer.teacher_seq_len", "do not split over parallel.tp=2"),
+    (["data.path=default"], "data.path", "needs paired data"),
+    (["distill.cross_tokenizer.loss=none"], "distill.teacher", "needs the same tokenizer"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, message", BAD)
+def test_bad_inputs_are_one_line_config_errors(setup, overrides, key, message):
+    _, cfg_path = setup
+    world = 2 if "parallel.tp=2" in overrides else 1
+    with pytest.raises(ConfigError) as err:
+        load_run_config(cfg_path, overrides, world_size=world)
+    assert err.value.key == key and "\n" not in str(err.value), str(err.value)
+    assert message in str(err.value), str(err.value)
+
+
+def test_paired_data_of_other_documents_stops_the_entry_point(setup, tmp_path, capsys):
+    tmp, cfg_path = setup
+    prefix = load_run_config(cfg_path, [], world_size=1).cfg.data.path
+    other, *_ = make_paired(tmp_path, ["another text", "and another"])
+    for ext in (".bin", ".idx"):
+        shutil.copy(f"{prefix}{ext}", tmp_path / f"mixed{ext}")
+        for suffix in (".teacher", ".offsets"):
+            shutil.copy(f"{prefix}{suffix}{ext}", tmp_path / f"mixed{suffix}{ext}")
+        shutil.copy(f"{other}.teacher_offsets{ext}", tmp_path / f"mixed.teacher_offsets{ext}")
+    code = run_main(str(cfg_path), [f"data.path={tmp_path / 'mixed'}",
+                                    f"train.run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ConfigError: data.path: "), err
+    assert "does not match" in err[0]
