@@ -2,6 +2,7 @@
 
     python launch/demo.py [--ternary] [--out runs/demo] [--nproc 2] [--retrain-teacher]
                           [--eval-steps 20] [section.key=value ...]
+    python launch/demo.py --real [--quick] ...   # prune + distill SmolLM2: launch/demo_real.py
 
 1. builds the bundled corpus (Python stdlib sources + a byte-level BPE) on first use;
 2. trains the teacher (`demo_teacher.yaml`) with `launch/pretrain.py` (reused when a finished
@@ -154,6 +155,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--real" in argv:
+        from launch.demo_real import main as real_demo
+        setup_logging()
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        return real_demo(argv)
     args = parse_args(argv)
     setup_logging()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
