@@ -100,7 +100,8 @@ def run_tool(args: list, log_file: Path, *, nproc: int = 0) -> None:
         tail = log_file.read_text().splitlines()[-15:]
         raise SystemExit(f"{args[0]} failed (exit {done.returncode}); last lines of {log_file}:\n"
                          + "\n".join(tail))
-    log.info("%s finished in %.0f s", Path(str(args[0])).name, time.perf_counter() - began)
+    name = Path(str(args[1 if args[0] == "-m" else 0])).name
+    log.info("%s finished in %.0f s", name, time.perf_counter() - began)
 
 
 def digest(*parts: object) -> str:
@@ -340,7 +341,7 @@ def report(rows: dict[str, dict], texts: dict[str, list[str]], seconds: dict[str
     lines = ["| model | params | non-embedding | validation loss (nats/token) | perplexity | "
              "bits per byte | gap closed | training tokens/s |", "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        closed = "" if name == "teacher" else f"{row['gap_closed']:.2f}"
+        closed = "" if name == "teacher" else f"{row['gap_closed'] + 0.0:.2f}"  # no "-0.00"
         speed = "" if name == "teacher" else f"{row['tokens_per_s']:.0f}"
         lines.append(f"| {name} | {row['params'] / 1e6:.2f} M | {row['non_embedding'] / 1e6:.2f} M | "
                      f"{row['loss']:.4f} | {math.exp(row['loss']):.2f} | {row['bpb']:.3f} | "

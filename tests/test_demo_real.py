@@ -92,7 +92,7 @@ def test_quick_real_demo_on_a_tiny_gguf_teacher(tmp_path):
         assert len(metrics) == demo_real.QUICK.steps
         assert all((m["kd_loss"] > 0) == distilled for m in metrics)
     store = json.loads((out / "store" / "metadata.json").read_text())
-    assert store["top_k"] == demo_real.QUICK.top_k
+    assert store["k"] == demo_real.QUICK.top_k
 
     texts = results["continuations"]
     assert list(texts) == list(rows) and all(len(t) == len(demo_real.PROMPTS) for t in texts.values())
@@ -103,10 +103,10 @@ def test_quick_real_demo_on_a_tiny_gguf_teacher(tmp_path):
     assert hf_config["num_hidden_layers"] == 1 and (out / "hf" / "model.safetensors").is_file()
 
     # a second run reuses the teacher, corpus, pruned model and store: nothing is imported,
-    # pruned or exported again, and the same students come out
+    # pruned or exported again, and the same students come out (all but their speed)
     again = run(command("launch/demo.py", "--real", "--quick", "--gguf", gguf, "--out", out,
                         "--cache", cache, nproc=0), timeout=QUICK_LIMIT_S)
     assert again.returncode == done.returncode, again.stderr[-3000:]
     for tool in ("convert_hf.py import", "preprocess_data.py", "prune.py", "export_teacher_logits.py"):
         assert f"running: tools/{tool}" in done.stderr and f"running: tools/{tool}" not in again.stderr
-    assert _table(again.stdout) == table
+    assert {k: v[:-1] for k, v in _table(again.stdout).items()} == {k: v[:-1] for k, v in table.items()}
