@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from engine.config import apply_overrides, load_yaml  # noqa: E402
 from engine.data import resolve_data_path  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
+from launch.demo_real import run_tool  # noqa: E402
 from tools.score import checkpoint_model_config, load_model  # noqa: E402
 
 log = get_logger("demo")
@@ -76,18 +76,7 @@ TERNARY = Students("demo_ternary.yaml", "ternary", "ternary student", ("distill.
 
 
 def torchrun(script: str, config: Path, overrides: list[str], nproc: int, log_file: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(ROOT / "launch" / script), "--config", str(config),
-           *overrides]
-    log.info("running: %s", " ".join(cmd[2:]))
-    began = time.perf_counter()
-    with log_file.open("w") as out:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log_file.read_text().splitlines()[-15:]
-        raise SystemExit(f"{script} failed (exit {done.returncode}); last lines of {log_file}:\n"
-                         + "\n".join(tail))
-    log.info("%s finished in %.0f s", script, time.perf_counter() - began)
+    run_tool([f"launch/{script}", "--config", config, *overrides], log_file, nproc=nproc)
 
 
 def config_digest(config: Path, overrides: list[str]) -> str:

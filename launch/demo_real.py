@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
          tokenizer, "--force", "--verify"], out / "hf-export.log"))
 
     from tools.plot_metrics import plot
-    plot([out / name for name in STUDENTS], ["lm_loss", "val_loss"], out / "loss_curves.png")
+    # validation loss only: the distilled runs log lm_loss at its weight (0.5)
+    plot([out / name for name in STUDENTS], ["val_loss"], out / "loss_curves.png")
     tokens = budget.steps * budget.global_batch * budget.seq_len
     table = report(rows, texts, seconds, tokens, model, teacher_model)
     table += f"\nBest student: {best}, exported to {hf} (`--verify` passed).\n"
