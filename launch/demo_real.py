@@ -315,6 +315,34 @@ def tokens_per_s(run_dir: Path) -> float:
     return sum(rates) / max(1, len(rates))
 
 
+def val_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, in-training validation loss) of a run, in step order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first step whose validation loss is at or below `target` (None: never)."""
+    return next((step for step, loss in curve if loss <= target), None)
+
+
+def catch_up(out: Path, tokens_per_step: int) -> list[str]:
+    """For each distilled student, the tokens it needed to reach its cross-entropy twin's final
+    in-training validation loss."""
+    lines = []
+    for name, (_, distilled) in STUDENTS.items():
+        if not distilled:
+            continue
+        twin = name.replace("distilled", "ce")
+        target = val_losses(out / twin)[-1][1]
+        step = steps_to_reach(val_losses(out / name), target)
+        reached = ("never" if step is None else
+                   f"at step {step}: {step * tokens_per_step} tokens")
+        lines.append(f"- {name} reached {twin}'s final in-training validation loss ({target:.4f}) "
+                     f"{reached}; {twin} needed {val_losses(out / twin)[-1][0] * tokens_per_step}.")
+    return lines
+
+
 def continuations(models: dict[str, Path], tokenizer: Path, budget: Budget,
                   out: Path) -> dict[str, list[str]]:
     """Greedy continuations of PROMPTS by each model (tools/generate.py)."""
@@ -438,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     plot([out / name for name in STUDENTS], ["val_loss"], out / "loss_curves.png")
     tokens = budget.steps * budget.global_batch * budget.seq_len
     table = report(rows, texts, seconds, tokens, model, teacher_model)
+    table += "\n## Tokens needed\n\n" + "\n".join(
+        catch_up(out, budget.global_batch * budget.seq_len)) + "\n"
     table += f"\nBest student: {best}, exported to {hf} (`--verify` passed).\n"
     (out / "report.md").write_text(table)
     (out / "results.json").write_text(json.dumps(

@@ -51,6 +51,22 @@ def test_corpus_mixes_pydoc_topics_and_stdlib_files():
     assert docs == demo_real.documents(demo_real.QUICK)  # a fixed order
 
 
+def test_tokens_needed_is_the_first_step_at_the_twins_final_loss(tmp_path):
+    for name, losses in (("pruned-distilled", [3.5, 3.1, 3.0]), ("pruned-ce", [3.6, 3.3, 3.1]),
+                         ("random-distilled", [7.5, 7.4, 7.3]), ("random-ce", [7.4, 7.2, 7.1])):
+        (tmp_path / name).mkdir()
+        rows = [{"step": 1, "loss": 9.0}] + [{"step": 4 * (i + 1), "val_loss": v}
+                                             for i, v in enumerate(losses)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo_real.steps_to_reach(demo_real.val_losses(tmp_path / "pruned-distilled"), 3.1) == 8
+    lines = demo_real.catch_up(tmp_path, tokens_per_step=100)
+    assert lines == [
+        "- pruned-distilled reached pruned-ce's final in-training validation loss (3.1000) at step 8: "
+        "800 tokens; pruned-ce needed 1200.",
+        "- random-distilled reached random-ce's final in-training validation loss (7.1000) never; "
+        "random-ce needed 1200."]
+
+
 def _table(stdout: str) -> dict[str, tuple]:
     return {m[0]: tuple(m[1:]) for m in ROW.findall(stdout)}
 
@@ -98,6 +114,7 @@ def test_quick_real_demo_on_a_tiny_gguf_teacher(tmp_path):
     assert list(texts) == list(rows) and all(len(t) == len(demo_real.PROMPTS) for t in texts.values())
     report = (out / "report.md").read_text()
     assert report.startswith("| model |") and "## Greedy continuations" in report
+    assert report.count("final in-training validation loss") == 2
     assert (out / "loss_curves.png").stat().st_size > 0
     hf_config = json.loads((out / "hf" / "config.json").read_text())
     assert hf_config["num_hidden_layers"] == 1 and (out / "hf" / "model.safetensors").is_file()
