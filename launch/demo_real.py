@@ -388,6 +388,23 @@ def report(rows: dict[str, dict], texts: dict[str, list[str]], seconds: dict[str
     return "\n".join(lines)
 
 
+def evaluate(models: dict[str, Path], data: str, budget: Budget, tokenizer: Path,
+             configs: dict[str, dict]) -> dict[str, dict]:
+    """{model: its table row}: every model scored on the same validation windows."""
+    ratio = bytes_per_token(data, budget, tokenizer)
+    rows = {}
+    for name, ckpt in models.items():
+        loss, params = score(ckpt, data, budget)
+        rows[name] = {"loss": loss, "params": params, "bpb": loss / math.log(2) / ratio,
+                      "non_embedding": non_embedding(configs["teacher" if name == "teacher"
+                                                             else "student"])}
+        if name != "teacher":
+            rows[name]["tokens_per_s"] = tokens_per_s(ckpt.parent)
+    for row in rows.values():
+        row["gap_closed"] = gap_closed(row["loss"], rows["random-ce"]["loss"], rows["teacher"]["loss"])
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", action="store_true", help="(launch/demo.py's switch to this demo)")
@@ -441,19 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds.update(student_runs(pruned, model, data, budget, out, store, teacher, args.nproc,
                                 args.overrides))
 
-    began = time.perf_counter()
-    ratio = bytes_per_token(data, budget, tokenizer)
     models = {"teacher": teacher, **{name: out / name / "checkpoints" for name in STUDENTS}}
-    rows = {}
-    for name, ckpt in models.items():
-        loss, params = score(ckpt, data, budget)
-        rows[name] = {"loss": loss, "params": params, "bpb": loss / math.log(2) / ratio,
-                      "non_embedding": non_embedding(teacher_model if name == "teacher" else model)}
-        if name != "teacher":
-            rows[name]["tokens_per_s"] = tokens_per_s(out / name)
-    for row in rows.values():
-        row["gap_closed"] = gap_closed(row["loss"], rows["random-ce"]["loss"], rows["teacher"]["loss"])
-    seconds["evaluate"] = time.perf_counter() - began
+    rows = timed(seconds, "evaluate", lambda: evaluate(
+        models, data, budget, tokenizer, {"teacher": teacher_model, "student": model}))
     texts = timed(seconds, "generate", lambda: continuations(models, tokenizer, budget, out))
     best = min(STUDENTS, key=lambda name: rows[name]["loss"])
     hf = out / "hf"
