@@ -610,7 +610,9 @@ def _step_comm(comm: Comm, job: Job) -> None:
     moe_terms = 2 if cfg.model.moe is not None else 0  # moe_aux_loss, moe_z_loss
     terms = (4 + len(objective.metric_names()) + moe_terms) * FP64
     if job.dp > 1:
-        comm[("dp", "all_reduce")] += (3 + cfg.model.mtp_heads) * INT64 + terms
+        # the token counts (distill/objective.py count_tokens: tokens, one per head, distilled,
+        # and the four cross-tokenizer chunk counts) and the step's terms
+        comm[("dp", "all_reduce")] += (7 + cfg.model.mtp_heads) * INT64 + terms
     if par.pp > 1:
         comm[("pp", "all_reduce")] += terms + FP64
     if par.tp > 1:
