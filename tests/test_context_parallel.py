@@ -31,14 +31,7 @@ from layers.model import TransformerLM
 from layers.sharding import gather_full
 from tests.helpers import assert_same_run
 from tests.hf_models import BLOCK_OPTIONS
-from tests.trainer_utils import (
-    base_config,
-    make_teacher,
-    read_metrics,
-    run_main,
-    teacher_config,
-    write_config,
-)
+from tests.trainer_utils import base_config, make_teacher, read_metrics, run_in, teacher_config, write_config
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 BATCH, SEQ, VOCAB = 2, 16, 80
@@ -159,14 +152,10 @@ def _cp_run_config(tmp: Path) -> Path:
     return write_config(tmp / "run.yaml", cfg)
 
 
-def _entry_run(path: Path, run_dir: Path, overrides: list[str]) -> int:
-    return run_main(str(path), [f"train.run_dir={run_dir}", *overrides])
-
-
 @pytest.mark.slow  # multi-rank end-to-end runs
 def test_context_parallel_training_equals_the_single_process_run(tmp_path):
     path = _cp_run_config(tmp_path)
-    assert _entry_run(path, tmp_path / "cp1", []) == 0
+    assert run_in(path, tmp_path / "cp1", []) == 0
     want = read_metrics(tmp_path / "cp1")
     assert want[0]["kd_loss"] > 0 and want[0]["act_loss"] > 0
     layouts = {"cp2": (2, ["parallel.cp=2"]),
@@ -175,7 +164,7 @@ def test_context_parallel_training_equals_the_single_process_run(tmp_path):
                "cp2_dp2_distributed_optimizer": (4, ["parallel.cp=2", "train.distributed_optimizer=true"]),
                "cp4": (4, ["parallel.cp=4"])}
     for name, (world, overrides) in layouts.items():
-        assert run_ranks(_entry_run, world, path, tmp_path / name, overrides, timeout_s=300) == \
+        assert run_ranks(run_in, world, path, tmp_path / name, overrides, timeout_s=300) == \
             [0] * world, name
         # (not val_loss: after the last update, where Adam's first steps turn the float32
         # rounding of near-zero gradients into +-lr moves; the step's own terms are compared)

@@ -33,14 +33,7 @@ from layers.model import TransformerLM
 from layers.moe import MoE
 from layers.sharding import gather_full
 from tests.helpers import assert_same_run
-from tests.trainer_utils import (
-    base_config,
-    make_teacher,
-    read_metrics,
-    run_main,
-    teacher_config,
-    write_config,
-)
+from tests.trainer_utils import base_config, make_teacher, read_metrics, run_in, teacher_config, write_config
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 MOE = MoEConfig(experts=8, top_k=2, expert_ffn_hidden=8, shared_experts=1, shared_expert_ffn_hidden=12,
@@ -200,17 +193,13 @@ def _moe_run_config(tmp: Path) -> Path:
     return write_config(tmp / "run.yaml", cfg)
 
 
-def _entry_run(path: Path, run_dir: Path, overrides: list[str]) -> int:
-    return run_main(str(path), [f"train.run_dir={run_dir}", *overrides])
-
-
 MOE_KEYS = ("loss", "lm_loss", "kd_loss", "grad_norm", "moe_aux_loss", "moe_z_loss")
 
 
 @pytest.mark.slow  # multi-rank end-to-end runs
 def test_moe_student_at_ep2_dp2_and_pp2_equals_the_single_process_run(tmp_path):
     path = _moe_run_config(tmp_path)
-    assert _entry_run(path, tmp_path / "ep1", []) == 0
+    assert run_in(path, tmp_path / "ep1", []) == 0
     want = read_metrics(tmp_path / "ep1")
     assert want[0]["moe_aux_loss"] > 0.5 and want[0]["kd_loss"] > 0
     layouts = {"ep2_dp2": ["parallel.ep=2"], "ep2_dp2_tp2_sp": ["parallel.ep=2", "parallel.tp=2",
@@ -218,12 +207,12 @@ def test_moe_student_at_ep2_dp2_and_pp2_equals_the_single_process_run(tmp_path):
                "ep2_pp2": ["parallel.ep=2", "parallel.pp=2"]}
     worlds = {"ep2_dp2": 2, "ep2_dp2_tp2_sp": 4, "ep2_pp2": 4}
     for name, overrides in layouts.items():
-        assert run_ranks(_entry_run, worlds[name], path, tmp_path / name, overrides,
+        assert run_ranks(run_in, worlds[name], path, tmp_path / name, overrides,
                          timeout_s=300) == [0] * worlds[name], name
         assert_same_run(read_metrics(tmp_path / name), want, keys=MOE_KEYS)
     # The EP=2 checkpoint (experts in one file per EP rank) loads at EP=1 and continues exactly.
-    assert _entry_run(path, tmp_path / "ep2_dp2", ["train.steps=4"]) == 0
-    assert _entry_run(path, tmp_path / "ep1", ["train.steps=4"]) == 0
+    assert run_in(path, tmp_path / "ep2_dp2", ["train.steps=4"]) == 0
+    assert run_in(path, tmp_path / "ep1", ["train.steps=4"]) == 0
     assert_same_run(read_metrics(tmp_path / "ep2_dp2")[-1:], read_metrics(tmp_path / "ep1")[-1:],
                     keys=MOE_KEYS)
 

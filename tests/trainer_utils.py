@@ -67,6 +67,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def run_in(config_path: Path, run_dir: Path, overrides: list[str]) -> int:
+    """`run_main` with `train.run_dir=run_dir` (module-level: `run_ranks` can spawn it)."""
+    return run_main(str(config_path), [f"train.run_dir={run_dir}", *overrides])
+
+
 def run_main(config_path: str, overrides: list[str], distill: bool = True) -> int:
     """Call the entry point in this process (inside `run_ranks`, the process group exists)."""
     from distill.run import main
