@@ -87,6 +87,30 @@ STUDENTS = {  # run name: (starts from the pruned teacher, distilled)
 LR = {True: 3e-4, False: 1e-3}  # peak lr by init: the pruned model is already trained
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """The distilled students' settings; `--variations` trains the pruned student with each of
+    VARIATIONS' changes to BASE, one at a time."""
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    top_k: int = 0  # the store's k (0: the budget's)
+    lm_weight: float = 0.5
+    kd_weight: float = 0.5
+
+
+BASE = Distillation()
+VARIATIONS = {  # run name: (what changes, the settings)
+    "pruned-distilled-t2": ("temperature 2 (store exported at T = 2; KD term times T^2)",
+                            Distillation(temperature=2.0)),
+    "pruned-distilled-reverse": ("reverse KL instead of forward KL", Distillation(kind="reverse_kl")),
+    "pruned-distilled-top16": ("the teacher's top-16 instead of top-64 (its own store)",
+                               Distillation(top_k=16)),
+    "pruned-distilled-kd-only": ("KD alone: 0 CE + 1 KD instead of 0.5 + 0.5",
+                                 Distillation(lm_weight=0.0, kd_weight=1.0)),
+}
+
+
 def run_tool(args: list, log_file: Path, *, nproc: int = 0) -> None:
     """`python tools/X.py ...`, or under torchrun with `nproc` > 0; its output goes to log_file."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -213,10 +237,10 @@ def prune_targets(model: dict, layers: int | None, ffn: int | None) -> dict:
 
 
 def run_config(model: dict, data: str, budget: Budget, run_dir: Path, *, init: Path | None,
-               store: Path | None, teacher: Path) -> dict:
+               store: Path | None, teacher: Path, kd: Distillation = BASE) -> dict:
     distill = ({"schedule": "offline", "offline_dir": str(store), "teacher": str(teacher),
-                "offline_top_k": budget.top_k, "lm_weight": 0.5,
-                "logit": {"kind": "forward_kl", "temperature": 1.0, "weight": 0.5}}
+                "offline_top_k": kd.top_k or budget.top_k, "lm_weight": kd.lm_weight,
+                "logit": {"kind": kd.kind, "temperature": kd.temperature, "weight": kd.kd_weight}}
                if store else {"lm_weight": 1.0})
     train = {"steps": budget.steps, "lr": LR[init is not None], "min_lr": LR[init is not None] / 10,
              "warmup_steps": max(1, budget.steps // 10), "seed": SEED, "run_dir": str(run_dir),
@@ -235,38 +259,72 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def store_name(budget: Budget, kd: Distillation) -> str:
+    """`store` for the demo's own settings, `store-k16-t2.0` and the like for a variation's."""
+    k = kd.top_k or budget.top_k
+    return "store" if (k, kd.temperature) == (budget.top_k, BASE.temperature) else \
+        f"store-k{k}-t{kd.temperature}"
+
+
 def export_store(teacher: Path, model: dict, data: str, budget: Budget, out: Path,
-                 nproc: int) -> Path:
-    """The teacher's top-k over the whole train split, once for every student."""
-    config = run_config(model, data, budget, out / "store-run", init=None,
-                        store=out / "store", teacher=teacher)
-    # the store depends on the teacher, the data and the window length, not on the students' training
-    key = digest(teacher, data, budget.seq_len, budget.top_k, (Path(data + ".idx")).stat().st_mtime_ns)
+                 nproc: int, kd: Distillation = BASE) -> Path:
+    """The teacher's top-k over the whole train split at kd's k and temperature, once for every
+    student that uses them."""
+    name, k = store_name(budget, kd), kd.top_k or budget.top_k
+    config = run_config(model, data, budget, out / f"{name}-run", init=None, store=out / name,
+                        teacher=teacher, kd=kd)
+    # the store depends on the teacher, the data, the window length, k and the temperature, not on
+    # the students' training
+    key = digest(teacher, data, budget.seq_len, k, kd.temperature,
+                 (Path(data + ".idx")).stat().st_mtime_ns)
 
     def build(directory: Path) -> None:
-        cfg = write_config(out / "configs" / "store.yaml", config)
-        shutil.rmtree(out / ".store.tmp", ignore_errors=True)
-        run_tool(["tools/export_teacher_logits.py", "--config", cfg, "--top-k", budget.top_k,
-                  "--out", directory, "--split", "train"], out / "export.log", nproc=nproc)
-    return cached(out / "store", key, build)
+        cfg = write_config(out / "configs" / f"{name}.yaml", config)
+        shutil.rmtree(out / f".{name}.tmp", ignore_errors=True)  # a cut export of other settings
+        run_tool(["tools/export_teacher_logits.py", "--config", cfg, "--top-k", k,
+                  "--out", directory, "--split", "train"], out / f"{name.replace('store', 'export')}.log",
+                 nproc=nproc)
+    return cached(out / name, key, build)
+
+
+def train_student(name: str, config: dict, out: Path, nproc: int, overrides: list[str],
+                  seconds: dict[str, float]) -> None:
+    """Train one student in out/name unless it holds a finished run of the same config and
+    overrides (a rerun, or one after an interruption, keeps every finished student)."""
+    run_dir = out / name
+    path = write_config(out / "configs" / f"{name}.yaml", config)
+    script = "launch/pretrain_distill.py" if "offline_dir" in config["distill"] else "launch/pretrain.py"
+
+    def build(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        began = time.perf_counter()
+        run_tool([script, "--config", path, *overrides], directory / "train.log", nproc=nproc)
+        seconds[name] = time.perf_counter() - began
+    cached(run_dir, digest(yaml.safe_dump(config, sort_keys=True), *overrides), build)
 
 
 def student_runs(pruned: Path, model: dict, data: str, budget: Budget, out: Path, store: Path,
                  teacher: Path, nproc: int, overrides: list[str]) -> dict[str, float]:
-    """Train the four students; {name: seconds}."""
-    seconds = {}
+    """Train the four students; {name: seconds} of those trained in this run."""
+    seconds: dict[str, float] = {}
     for name, (from_pruned, distilled) in STUDENTS.items():
-        run_dir = out / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        config = write_config(out / "configs" / f"{name}.yaml", run_config(
-            model, data, budget, run_dir, init=pruned if from_pruned else None,
-            store=store if distilled else None, teacher=teacher))
-        began = time.perf_counter()
-        script = "launch/pretrain_distill.py" if distilled else "launch/pretrain.py"
-        run_tool([script, "--config", config, *overrides], run_dir / "train.log", nproc=nproc)
-        seconds[name] = time.perf_counter() - began
+        train_student(name, run_config(model, data, budget, out / name,
+                                       init=pruned if from_pruned else None,
+                                       store=store if distilled else None, teacher=teacher),
+                      out, nproc, overrides, seconds)
     return seconds
+
+
+def variation_runs(pruned: Path, model: dict, data: str, budget: Budget, out: Path,
+                   teacher: Path, nproc: int, overrides: list[str],
+                   seconds: dict[str, float]) -> None:
+    """The pruned + distilled student once with each of VARIATIONS' settings (each reading a store
+    exported at its k and temperature)."""
+    for name, (_, kd) in VARIATIONS.items():
+        store = timed(seconds, f"export {store_name(budget, kd)}", lambda kd=kd: export_store(
+            teacher, model, data, budget, out, nproc, kd))
+        train_student(name, run_config(model, data, budget, out / name, init=pruned, store=store,
+                                       teacher=teacher, kd=kd), out, nproc, overrides, seconds)
 
 
 def data_config(data: str, budget: Budget):
@@ -417,6 +475,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="training steps of each student")
     parser.add_argument("--layers", type=int, help="the students' blocks (default: 2/3)")
     parser.add_argument("--ffn-hidden", type=int, help="the students' MLP width (default: 2/3)")
+    parser.add_argument("--variations", action="store_true",
+                        help="instead of the four students' demo: the pruned + distilled student "
+                             "with each of VARIATIONS' settings against the two pruned students "
+                             "(variations.md)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="applied to every student run")
     return parser.parse_args(argv)
@@ -429,15 +491,27 @@ def timed(seconds: dict[str, float], name: str, work):
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass
+class Setup:
+    """What every student run needs: the imported teacher, the corpus, the pruned model."""
+
+    budget: Budget
+    out: Path
+    teacher: Path
+    tokenizer: Path
+    data: str
+    teacher_model: dict
+    targets: dict
+    pruned: Path
+    model: dict
+
+
+def prepare(args: argparse.Namespace, seconds: dict[str, float]) -> Setup:
     budget = QUICK if args.quick else FULL
     if args.steps:
         budget = Budget(**{**budget.__dict__, "steps": args.steps})
     out, cache = args.out.resolve(), args.cache.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-
     gguf = args.gguf.resolve() if args.gguf else timed(seconds, "download", lambda: fetch_gguf(cache))
     teacher = timed(seconds, "import", lambda: import_teacher(gguf, cache))
     tokenizer = teacher / "step_00000000" / "tokenizer" / "tokenizer.json"
@@ -452,33 +526,43 @@ def main(argv: list[str] | None = None) -> int:
                  out / "prune.log")
     pruned = timed(seconds, "prune", lambda: cached(
         out / "pruned", digest(teacher, data, budget.seq_len, budget.calib_samples, targets), prune))
-    model = to_dict(checkpoint_model_config(pruned)[2])
-    store = timed(seconds, "export", lambda: export_store(teacher, model, data, budget, out,
+    return Setup(budget, out, teacher, tokenizer, data, teacher_model, targets, pruned,
+                 to_dict(checkpoint_model_config(pruned)[2]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seconds: dict[str, float] = {}
+    s = prepare(args, seconds)
+    budget, out, teacher, model = s.budget, s.out, s.teacher, s.model
+    store = timed(seconds, "export", lambda: export_store(teacher, model, s.data, budget, out,
                                                           args.nproc))
-    seconds.update(student_runs(pruned, model, data, budget, out, store, teacher, args.nproc,
+    if args.variations:
+        return variations(s, store, args, seconds)
+    seconds.update(student_runs(s.pruned, model, s.data, budget, out, store, teacher, args.nproc,
                                 args.overrides))
 
     models = {"teacher": teacher, **{name: out / name / "checkpoints" for name in STUDENTS}}
     rows = timed(seconds, "evaluate", lambda: evaluate(
-        models, data, budget, tokenizer, {"teacher": teacher_model, "student": model}))
-    texts = timed(seconds, "generate", lambda: continuations(models, tokenizer, budget, out))
+        models, s.data, budget, s.tokenizer, {"teacher": s.teacher_model, "student": model}))
+    texts = timed(seconds, "generate", lambda: continuations(models, s.tokenizer, budget, out))
     best = min(STUDENTS, key=lambda name: rows[name]["loss"])
     hf = out / "hf"
     timed(seconds, "hf export", lambda: run_tool(
         ["tools/convert_hf.py", "export", "--ckpt", models[best], "--out", hf, "--tokenizer",
-         tokenizer, "--force", "--verify"], out / "hf-export.log"))
+         s.tokenizer, "--force", "--verify"], out / "hf-export.log"))
 
     from tools.plot_metrics import plot
     # validation loss only: the distilled runs log lm_loss at its weight (0.5)
     plot([out / name for name in STUDENTS], ["val_loss"], out / "loss_curves.png")
     tokens = budget.steps * budget.global_batch * budget.seq_len
-    table = report(rows, texts, seconds, tokens, model, teacher_model)
+    table = report(rows, texts, seconds, tokens, model, s.teacher_model)
     table += "\n## Tokens needed\n\n" + "\n".join(
         catch_up(out, budget.global_batch * budget.seq_len)) + "\n"
     table += f"\nBest student: {best}, exported to {hf} (`--verify` passed).\n"
     (out / "report.md").write_text(table)
     (out / "results.json").write_text(json.dumps(
-        {"rows": rows, "best": best, "tokens": tokens, "seconds": seconds, "targets": targets,
+        {"rows": rows, "best": best, "tokens": tokens, "seconds": seconds, "targets": s.targets,
          "continuations": texts}, indent=2))
     print("\n" + table)
     print(f"loss curves: {out / 'loss_curves.png'}\nreport: {out / 'report.md'}")
@@ -486,3 +570,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the pruned + distilled student is NOT the best of four ({best} is)")
         return 1
     return 0
+
+
+def variations(s: Setup, store: Path, args: argparse.Namespace, seconds: dict[str, float]) -> int:
+    """`--variations`: the two pruned students and the pruned + distilled one with each of
+    VARIATIONS' settings, scored on the demo's validation windows; variations.md / .json."""
+    pruned_students = {name: spec for name, spec in STUDENTS.items() if spec[0]}
+    for name, (_, distilled) in pruned_students.items():
+        train_student(name, run_config(s.model, s.data, s.budget, s.out / name, init=s.pruned,
+                                       store=store if distilled else None, teacher=s.teacher),
+                      s.out, args.nproc, args.overrides, seconds)
+    variation_runs(s.pruned, s.model, s.data, s.budget, s.out, s.teacher, args.nproc,
+                   args.overrides, seconds)
+    names = [*pruned_students, *VARIATIONS]
+    models = {"teacher": s.teacher, **{name: s.out / name / "checkpoints" for name in names}}
+    ratio = bytes_per_token(s.data, s.budget, s.tokenizer)
+    losses = timed(seconds, "evaluate", lambda: {
+        name: score(ckpt, s.data, s.budget)[0] for name, ckpt in models.items()})
+    table = variations_report(losses, ratio, {name: tokens_per_s(s.out / name) for name in names},
+                              s.budget.top_k)
+    table += "\n\nWall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".\n"
+    (s.out / "variations.md").write_text(table)
+    (s.out / "variations.json").write_text(json.dumps(
+        {"losses": losses, "bytes_per_token": ratio, "seconds": seconds,
+         "settings": {name: VARIATIONS[name][1].__dict__ for name in VARIATIONS}}, indent=2))
+    print("\n" + table)
+    return 0
+
+
+def variations_report(losses: dict[str, float], bytes_per_token: float,
+                      speeds: dict[str, float], top_k: int) -> str:
+    """The table of `--variations`: each run's validation loss against the demo's pruned +
+    distilled student (same budget) and the pruned + CE one, and its share of the pruned + CE
+    student's gap to the teacher that it closes."""
+    base, ce, teacher = losses["pruned-distilled"], losses["pruned-ce"], losses["teacher"]
+    lines = ["| run | what changes | validation loss | vs pruned-distilled | vs pruned-ce | "
+             "bits per byte | pruned-ce gap closed | training tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    what = {"teacher": "", "pruned-ce": "no KD: 1 CE", "pruned-distilled":
+            f"the demo's: 0.5 CE + 0.5 forward KL, T = 1, top-{top_k}",
+            **{name: change for name, (change, _) in VARIATIONS.items()}}
+    for name, loss in losses.items():
+        speed = "" if name == "teacher" else f"{speeds[name]:.0f}"
+        lines.append(f"| {name} | {what[name]} | {loss:.4f} | {loss - base:+.4f} | {loss - ce:+.4f} | "
+                     f"{loss / math.log(2) / bytes_per_token:.3f} | "
+                     f"{gap_closed(loss, ce, teacher) + 0.0:.3f} | {speed} |")
+    return "\n".join(lines)

@@ -119,11 +119,36 @@ def test_quick_real_demo_on_a_tiny_gguf_teacher(tmp_path):
     hf_config = json.loads((out / "hf" / "config.json").read_text())
     assert hf_config["num_hidden_layers"] == 1 and (out / "hf" / "model.safetensors").is_file()
 
-    # a second run reuses the teacher, corpus, pruned model and store: nothing is imported,
-    # pruned or exported again, and the same students come out (all but their speed)
+    # a second run reuses the teacher, corpus, pruned model, store and finished students: nothing
+    # is imported, pruned, exported or trained again, and the same table comes out
     again = run(command("launch/demo.py", "--real", "--quick", "--gguf", gguf, "--out", out,
                         "--cache", cache, nproc=0), timeout=QUICK_LIMIT_S)
     assert again.returncode == done.returncode, again.stderr[-3000:]
-    for tool in ("convert_hf.py import", "preprocess_data.py", "prune.py", "export_teacher_logits.py"):
-        assert f"running: tools/{tool}" in done.stderr and f"running: tools/{tool}" not in again.stderr
-    assert {k: v[:-1] for k, v in _table(again.stdout).items()} == {k: v[:-1] for k, v in table.items()}
+    for tool in ("tools/convert_hf.py import", "tools/preprocess_data.py", "tools/prune.py",
+                 "tools/export_teacher_logits.py", "launch/pretrain_distill.py", "launch/pretrain.py"):
+        assert f"running: {tool}" in done.stderr and f"running: {tool}" not in again.stderr
+    assert _table(again.stdout) == table
+
+    # --variations: the two pruned students are reused; each variation trains from the pruned
+    # model on a store of its own k and temperature (the T = 2 one) or the demo's
+    varied = run(command("launch/demo.py", "--real", "--quick", "--variations", "--gguf", gguf,
+                         "--out", out, "--cache", cache, nproc=0), timeout=QUICK_LIMIT_S)
+    assert varied.returncode == 0, varied.stderr[-3000:]
+    assert varied.stderr.count("running: launch/pretrain_distill.py") == len(demo_real.VARIATIONS)
+    assert "running: launch/pretrain.py" not in varied.stderr
+    result = json.loads((out / "variations.json").read_text())
+    losses = result["losses"]
+    assert list(losses) == ["teacher", "pruned-distilled", "pruned-ce", *demo_real.VARIATIONS]
+    assert losses["pruned-distilled"] == rows["pruned-distilled"]["loss"]
+    assert losses["teacher"] == rows["teacher"]["loss"]
+    for name, (_, kd) in demo_real.VARIATIONS.items():
+        cfg = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert cfg["train"]["init"] == str(out / "pruned") and cfg["train"]["steps"] == demo_real.QUICK.steps
+        assert (cfg["distill"]["logit"]["kind"], cfg["distill"]["logit"]["temperature"],
+                cfg["distill"]["lm_weight"], cfg["distill"]["logit"]["weight"]) == \
+            (kd.kind, kd.temperature, kd.lm_weight, kd.kd_weight)
+        store = json.loads((out / demo_real.store_name(demo_real.QUICK, kd) / "metadata.json").read_text())
+        assert (store["k"], store["temperature"]) == (kd.top_k or demo_real.QUICK.top_k, kd.temperature)
+        assert math.isfinite(losses[name])
+    lines = (out / "variations.md").read_text().splitlines()
+    assert len([line for line in lines if line.startswith("| ")]) == 1 + len(losses)  # header, rows
