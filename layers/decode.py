@@ -202,8 +202,18 @@ def generate(model: TransformerLM, prompt_ids: torch.Tensor, *, max_new_tokens: 
                 ended = (next_ids == eos_id) & ~done
                 generated[ended] = step + 1
                 done |= ended
-                if bool(done.all()):
+                if _all_done(model, done):
                     break
             if step + 1 < max_new_tokens:
                 logits_shard = forward_step(model, next_ids[:, None], cache)
     return Generated(tokens=tokens, lengths=generated)
+
+
+def _all_done(model: TransformerLM, done: torch.Tensor) -> bool:
+    """Whether decoding may stop: every row here has ended and, when the model's mixture-of-experts
+    blocks exchange tokens over an expert-parallel group, every row of that group's other ranks
+    too (a rank that stopped alone would leave the others waiting in their next all_to_all)."""
+    finished = torch.tensor([int(bool(done.all()))], device=done.device)
+    if model.layout.ep > 1 and model.config.moe is not None:
+        C.all_reduce(finished, model.layout.ep_group, op="min")
+    return bool(finished.item())
