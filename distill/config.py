@@ -232,9 +232,12 @@ class DistillConfig:
 
     def _check_cross_tokenizer(self) -> None:
         key = "cross_tokenizer.loss"
-        check(self.schedule == "colocated", key,
-              f"needs schedule colocated (got {self.schedule}): teacher ranks and offline "
-              "stores do not stream chunk statistics yet")
+        check(self.schedule != "offline", key,
+              "needs schedule colocated or teacher_ranks (offline stores do not hold chunk "
+              "statistics yet)")
+        check(self.schedule != "teacher_ranks" or self.teacher_stream == "hidden",
+              "teacher_stream", "must be hidden with cross_tokenizer (teacher ranks stream the "
+              "teacher's chunk statistics, never its logits)")
         check(self.logit.on, key, "needs logit.weight > 0 (the weight of the chunk term)")
         check(not self.teachers, key, "takes one teacher (distill.teacher)")
         check(not self.fused_lm_head, key, "needs logits (fused_lm_head false)")

@@ -54,7 +54,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
-from distill.cross_tokenizer import CrossTokenizerTerm, aligned_buffers
+from distill.cross_tokenizer import STATS, CrossTokenizerTerm, aligned_buffers
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
@@ -227,7 +227,10 @@ class DistillObjective(nn.Module):
         # (cross_tokenizer: mapped_kl needs the teacher's head input, and logits come from it)
         head = "none" if not self.cfg.logit.on else \
             "hidden" if (self.fused and not mixes) or self.cfg.cross_tokenizer.on else "logits"
-        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
+        stats = STATS[self.cfg.cross_tokenizer.loss] if self.cfg.cross_tokenizer.on and \
+            self.cfg.schedule == "teacher_ranks" else ()
+        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))),
+                              chunk_stats=stats)
 
     @property
     def several(self) -> bool:

@@ -126,10 +126,14 @@ def check_cross_tokenizer(cfg: RunConfig) -> None:
         if used:
             raise ConfigError(key, f"does not combine with {name} yet")
     tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
-    if par.sp and tokens % par.tp:
-        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
-                          f"{tokens} teacher tokens per window do not split over parallel.tp="
-                          f"{par.tp} ranks (sequence parallelism)")
+    tps = {"parallel.tp": par.tp}
+    if cfg.distill.schedule == "teacher_ranks":
+        tps["parallel.teacher_tp"] = par.teacher_tp_degree
+    for name, tp in tps.items():
+        if par.sp and tokens % tp:
+            raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                              f"{tokens} teacher tokens per window do not split over {name}="
+                              f"{tp} ranks (sequence parallelism)")
     for _, prefix in resolve_data_path(cfg.data):
         try:
             PairedDocuments(IndexedTokens(prefix))

@@ -16,6 +16,8 @@ from engine.config import ConfigError
 from engine.spawn import run_ranks
 from tests.helpers import RUN_KEYS, assert_same_run
 from tests.test_paired_data import make_paired
+from tools import plan as P
+from tools.bench.plan import MEASURED_STEP, measure_rank
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
 
 STUDENT_VOCAB, TEACHER_VOCAB = 320, 512
@@ -88,9 +90,35 @@ def test_two_ranks_equal_one(setup, loss, layout):
                     optional=("val_loss", "val_bpb") if layout != "dp2" else ())
 
 
+TEACHER_RANKS = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=1"]  # rank 1
+
+
+@pytest.mark.parametrize("loss", ["likelihood-both", "mapped_kl-reverse", "uld",
+                                  "likelihood-mlps"])
+def test_teacher_ranks_equal_colocated(setup, loss):
+    """The teacher on its own rank streams its chunk statistics (and its buffers at the chunk
+    ends): the student's run is the colocated one's."""
+    tmp, cfg_path = setup
+    want = _single_process(tmp, cfg_path, loss)
+    run_dir = tmp / f"ranks_{loss}"
+    overrides = [*LOSSES[loss], *TEACHER_RANKS, f"train.run_dir={run_dir}"]
+    student, _ = run_ranks(measure_rank, 2, str(cfg_path), overrides, timeout_s=180)
+    got = read_metrics(run_dir)
+    assert [r["step"] for r in got] == [1, 2, 3] and all(r["kd_loss"] > 0 for r in got)
+    assert_same_run(got, want, keys=(*RUN_KEYS, "act_loss", "student_bpb", "teacher_bpb",
+                                     "kd_divergence"), optional=("val_loss", "val_bpb"))
+    # the stream's bytes are tools/plan.py's (the activation buffers aside, which it leaves out)
+    if "distill.activations=[all_mlps]" not in LOSSES[loss]:
+        predicted = P.student_comm(P.load_job(str(cfg_path), overrides, world=2), 0, P.Hardware())
+        assert student["comm"][MEASURED_STEP] == {f"{g}/{k}": b for (g, k), b in
+                                                  predicted.items()}
+
+
 BAD = [  # (overrides, the key named, part of the message)
     (["distill.schedule=offline", "distill.offline_dir=x"], "distill.cross_tokenizer.loss",
-     "needs schedule colocated"),
+     "needs schedule colocated or teacher_ranks"),
+    ([*TEACHER_RANKS, "distill.teacher_stream=logits"], "distill.teacher_stream",
+     "must be hidden with cross_tokenizer"),
     (["distill.logit.weight=0"], "distill.cross_tokenizer.loss", "needs logit.weight > 0"),
     (["distill.cross_tokenizer.loss=mapped_kl", "distill.logit.kind=jsd"], "distill.logit.kind",
      "must be forward_kl or reverse_kl with cross_tokenizer mapped_kl"),
