@@ -38,12 +38,7 @@ from distill.runconfig import (
 )
 from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
-from distill.teacher_sources import (
-    ChunkStatsTeacher,
-    ColocatedTeacher,
-    OtherTokenizerTeacher,
-    TeacherList,
-)
+from distill.teacher_sources import ChunkStatsTeacher, ColocatedTeacher, OtherTokenizerTeacher, TeacherList
 from distill.teacher_wire import (
     RemoteTeacher,
     TeacherStreamError,

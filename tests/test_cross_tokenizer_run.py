@@ -16,9 +16,9 @@ from engine.config import ConfigError
 from engine.spawn import run_ranks
 from tests.helpers import RUN_KEYS, assert_same_run
 from tests.test_paired_data import make_paired
+from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
 from tools import plan as P
 from tools.bench.plan import MEASURED_STEP, measure_rank
-from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
 
 STUDENT_VOCAB, TEACHER_VOCAB = 320, 512
 SOURCES = ("textwrap.py", "json/decoder.py", "json/encoder.py", "shlex.py", "glob.py",

@@ -50,13 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from distill._plan import make_plan  # noqa: E402
 from distill.config import aligned_teacher_config  # noqa: E402
 from distill.objective import DistillObjective  # noqa: E402
-from distill.runconfig import (  # noqa: E402
-    RunConfig,
-    check_model_data,
-    check_pipeline,
-    parse_run_config,
-    shared_vocab,
-)
+from distill.runconfig import RunConfig, check_model_data, check_pipeline, parse_run_config, shared_vocab  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
 from engine.data import check_batch_layout  # noqa: E402
