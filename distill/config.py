@@ -232,9 +232,9 @@ class DistillConfig:
 
     def _check_cross_tokenizer(self) -> None:
         key = "cross_tokenizer.loss"
-        check(self.schedule != "offline", key,
-              "needs schedule colocated or teacher_ranks (offline stores do not hold chunk "
-              "statistics yet)")
+        check(self.schedule != "offline" or self.cross_tokenizer.loss != "mapped_kl", key,
+              "mapped_kl needs schedule colocated or teacher_ranks (it forms the teacher's "
+              "logits from its output layer; offline stores hold likelihood and uld statistics)")
         check(self.schedule != "teacher_ranks" or self.teacher_stream == "hidden",
               "teacher_stream", "must be hidden with cross_tokenizer (teacher ranks stream the "
               "teacher's chunk statistics, never its logits)")

@@ -385,8 +385,9 @@ class CrossTokenizerTerm:
 
     @torch.no_grad()
     def teacher_stats(self, teacher: TeacherOutputs, *, temperature: float,
-                      ) -> dict[str, torch.Tensor]:
-        """What the loss needs of the teacher (STATS[loss]), every rank of `group` the same:
+                      names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """What the loss needs of the teacher (`names`, default STATS[loss]; an offline export
+        takes those of every loss but mapped_kl), every rank of `group` the same:
         "chunk_nll" [batch, seq] its negative log-likelihood of chunk k of the row at k, at T = 1
         (its bits per byte); likelihood: "chunk_ll" [batch, seq] its chunk log-likelihoods at T;
         at each student position of a single-token chunk (0 elsewhere), uld: "single_top"
@@ -396,24 +397,24 @@ class CrossTokenizerTerm:
         align = teacher.alignment
         t_logits = softcap(teacher.head_hidden @ teacher.output_weight.T, teacher.softcap) \
             if teacher.logits is None else teacher.logits  # [batch, seq_t, Vt/tp]
+        names = STATS[self.loss] if names is None else names
         num_chunks = align["chunk_bytes"].shape[1]
         teacher_nll = cross_entropy(t_logits, align["teacher_labels"],
                                     vocab_size=self.teacher_vocab, group=self.group)
         stats = {"chunk_nll": chunk_sums(teacher_nll.float(), align["teacher_chunks"],
                                          num_chunks)}
-        if self.loss == "likelihood":
+        if "chunk_ll" in names:
             lp = -teacher_nll if temperature == 1.0 else \
                 token_log_probs(t_logits, align["teacher_labels"], temperature=temperature,
                                 vocab_size=self.teacher_vocab, group=self.group)
             stats["chunk_ll"] = chunk_sums(lp.float(), align["teacher_chunks"], num_chunks)
-            return stats
         rows, positions, teacher_positions = _single_positions(align["single"])
-        if self.loss == "uld":
+        if "single_top" in names:
             top = teacher_top_probs(t_logits[rows, teacher_positions], top_k=self.uld_top_k,
                                     temperature=temperature, vocab=self.teacher_vocab,
                                     group=self.group)
             stats["single_top"] = _on_student_grid(top, align["single"], rows, positions)
-        else:
+        if "single_hidden" in names:
             hidden = teacher.head_hidden[rows, teacher_positions]  # [n, hidden_t]
             stats["single_hidden"] = _on_student_grid(hidden, align["single"], rows, positions)
         return stats

@@ -184,12 +184,13 @@ class DistillObjective(nn.Module):
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
         cross = cfg.cross_tokenizer
+        # (offline: no teacher model, its statistics come from the store)
         self.chunk_term = CrossTokenizerTerm(
             loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
             student_vocab=student_config.vocab_size,
-            teacher_vocab=next(iter(teachers.values())).vocab_size, group=layout.tp_group,
-            uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) if cross.on and teachers \
-            else None
+            teacher_vocab=next(iter(teachers.values())).vocab_size if teachers else 0,
+            group=layout.tp_group, uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) \
+            if cross.on and (teachers or cfg.schedule == "offline") else None
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from distill.config import aligned_teacher_config, teacher_key
+from distill.cross_tokenizer import STATS
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy, on_policy_at
@@ -252,7 +253,7 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                                total=per_step * remaining, stream=stream, head=head,
                                on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step),
                                preempted=preempted)
-        return OtherTokenizerTeacher(remote, remote=True) if cross.on else remote
+        return OtherTokenizerTeacher(remote, prepared=True) if cross.on else remote
     if schedule == "offline":
         temperature = cfg.distill.logit.temperature
         if cfg.distill.teachers:
@@ -260,6 +261,12 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                                                device=layout.device, name=e.name,
                                                key=f"distill.teachers[{i}].offline_dir")
                                 for i, e in enumerate(cfg.distill.teachers)])
+        cross = cfg.distill.cross_tokenizer
+        if cross.on:  # the teacher's chunk statistics of each sample
+            return OtherTokenizerTeacher(OfflineTeacher(
+                cfg.distill.offline_dir, data=data, temperature=temperature,
+                device=layout.device, chunk_stats=STATS[cross.loss], uld_top_k=cross.uld_top_k),
+                prepared=True)
         return OfflineTeacher(cfg.distill.offline_dir, data=data, temperature=temperature,
                               device=layout.device)
     if teacher_cfg is None:

@@ -107,17 +107,17 @@ class TeacherList:
 class OtherTokenizerTeacher:
     """A teacher with another tokenizer (`distill.cross_tokenizer`): runs `source` on the
     micro-batch's teacher window ("teacher_input_ids") and hands the alignment on with its
-    outputs. `remote`: the source is teacher ranks (`RemoteTeacher`), which run the teacher window
-    of their own copy of the data; it gets the student's micro-batch, whose token ids the
-    stream's checksum covers."""
+    outputs. `prepared`: the source's outputs were computed from the teacher window elsewhere
+    (teacher ranks, `RemoteTeacher`, or an offline store); it gets the student's micro-batch,
+    whose token ids the stream's or the store's checksum covers."""
 
     reaches_every_stage = False
 
-    def __init__(self, source: TeacherSource, *, remote: bool = False):
-        self.source, self.remote = source, remote
+    def __init__(self, source: TeacherSource, *, prepared: bool = False):
+        self.source, self.prepared = source, prepared
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
-        outputs = self.source(micro_batch if self.remote else
+        outputs = self.source(micro_batch if self.prepared else
                               {"input_ids": micro_batch["teacher_input_ids"]})
         for out in outputs.values():
             out.alignment = {key: micro_batch[key] for key in ALIGNMENT_KEYS}
@@ -134,22 +134,24 @@ class OtherTokenizerTeacher:
 
 
 class ChunkStatsTeacher:
-    """The teacher ranks' side of a teacher with another tokenizer: runs `teacher` on the
+    """The teacher ranks' (and the offline export's) side of a teacher with another tokenizer:
+    runs `teacher` on the
     micro-batch's teacher window and keeps only what the students' chunk term needs, its
     statistics of the micro-batch (`term.teacher_stats`, over this teacher replica's TP group)
     and the requested buffers at the chunk ends, replicated over [batch, seq, width] (which the
     wire cuts to each student's sequence shard)."""
 
     def __init__(self, teacher: ColocatedTeacher, term: CrossTokenizerTerm, *,
-                 temperature: float):
+                 temperature: float, names: tuple[str, ...] | None = None):
         self.teacher, self.term, self.temperature = teacher, term, temperature
-        self.request = teacher.request
+        self.request, self.names = teacher.request, names  # names: the statistics (None: the loss's)
 
     @torch.no_grad()
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
         outputs = OtherTokenizerTeacher(self.teacher)(micro_batch)
         for out in outputs.values():
-            out.chunk_stats = self.term.teacher_stats(out, temperature=self.temperature)
+            out.chunk_stats = self.term.teacher_stats(out, temperature=self.temperature,
+                                                      names=self.names)
             out.buffers = teacher_at_chunk_ends(out.buffers, out.alignment["teacher_chunk_ends"],
                                                 self.term.group)
         return outputs

@@ -5,6 +5,7 @@ inputs are one-line ConfigErrors."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sysconfig
 from pathlib import Path
@@ -17,6 +18,7 @@ from engine.spawn import run_ranks
 from tests.helpers import RUN_KEYS, assert_same_run
 from tests.test_paired_data import make_paired
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
+from tools import export_teacher_logits, offline_store
 from tools import plan as P
 from tools.bench.plan import MEASURED_STEP, measure_rank
 
@@ -114,9 +116,70 @@ def test_teacher_ranks_equal_colocated(setup, loss):
                                                   predicted.items()}
 
 
+@pytest.fixture(scope="module")
+def store(setup) -> Path:
+    """One export of the teacher's chunk statistics, for both likelihood and uld (top 16)."""
+    tmp, cfg_path = setup
+    out = tmp / "store"
+    assert export_teacher_logits.main(["--config", str(cfg_path), "--top-k", "16", "--out",
+                                       str(out), "--no-progress"]) == 0
+    assert offline_store.verify(str(out)) == 2805  # every train sample, each in range
+    return out
+
+
+OFFLINE = ["distill.schedule=offline"]
+
+
+@pytest.mark.parametrize("loss", ["likelihood-both", "uld"])
+def test_offline_equals_colocated(setup, store, loss):
+    """The store holds the teacher's chunk statistics keyed to the student's samples: a run
+    from it is the colocated one's (its validation has no teacher: val_bpb, not teacher_bpb)."""
+    tmp, cfg_path = setup
+    want = _single_process(tmp, cfg_path, loss)
+    run_dir = tmp / f"offline_{loss}"
+    assert _run(cfg_path, run_dir, [*LOSSES[loss], *OFFLINE, f"distill.offline_dir={store}"]) == 0
+    got = read_metrics(run_dir)
+    assert [r["step"] for r in got] == [1, 2, 3] and all(r["kd_loss"] > 0 for r in got)
+    assert_same_run(got, want, keys=(*RUN_KEYS, "student_bpb", "teacher_bpb", "kd_divergence"),
+                    optional=("val_loss", "val_bpb"))
+
+
+def test_mismatched_stores_are_one_line_config_errors(setup, store, tmp_path):
+    _, cfg_path = setup
+    at = [*OFFLINE, f"distill.offline_dir={store}"]
+    cases = [  # (overrides, part of the message)
+        (["distill.cross_tokenizer.teacher_seq_len=32"],
+         "exported for distill.cross_tokenizer.teacher_seq_len = 24 but this run has 32"),
+        (["distill.cross_tokenizer.loss=uld", "distill.cross_tokenizer.uld_top_k=17"],
+         "holds the teacher's top-16 probabilities but this run has "
+         "distill.cross_tokenizer.uld_top_k = 17"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_run_config(cfg_path, [*at, *overrides], world_size=1)
+        assert err.value.key == "distill.offline_dir" and "\n" not in str(err.value)
+        assert message in str(err.value), str(err.value)
+    # a store of chunk statistics of another version is refused
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    meta = json.loads((old / "metadata.json").read_text())
+    meta["cross_tokenizer"]["version"] = 0
+    (old / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="exported for the chunk statistics' version = 0 but "
+                                          "this run has 1"):
+        load_run_config(cfg_path, [*OFFLINE, f"distill.offline_dir={old}"], world_size=1)
+    # and a store without chunk statistics (a same-tokenizer export)
+    del meta["cross_tokenizer"]
+    (old / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="holds top-k logits of a teacher with the student's "
+                                          "tokenizer but this run has distill.cross_tokenizer"):
+        load_run_config(cfg_path, [*OFFLINE, f"distill.offline_dir={old}"], world_size=1)
+
+
 BAD = [  # (overrides, the key named, part of the message)
-    (["distill.schedule=offline", "distill.offline_dir=x"], "distill.cross_tokenizer.loss",
-     "needs schedule colocated or teacher_ranks"),
+    (["distill.schedule=offline", "distill.offline_dir=x", "distill.cross_tokenizer.loss=mapped_kl",
+      "distill.logit.kind=reverse_kl"], "distill.cross_tokenizer.loss",
+     "mapped_kl needs schedule colocated or teacher_ranks"),
     ([*TEACHER_RANKS, "distill.teacher_stream=logits"], "distill.teacher_stream",
      "must be hidden with cross_tokenizer"),
     (["distill.logit.weight=0"], "distill.cross_tokenizer.loss", "needs logit.weight > 0"),

@@ -392,6 +392,8 @@ def teacher_output_bytes(job: Job, last: bool) -> int:
     cfg = job.cfg
     tokens, item = cfg.data.micro_batch * cfg.data.seq_len, _teacher_item(job)
     schedule = cfg.distill.schedule
+    if schedule == "offline" and cfg.distill.cross_tokenizer.on:  # the chunk statistics
+        return cross_tokenizer_payload(job) if last else 0
     if schedule == "offline":  # fp32 values, int32 ids, one fp32 log-sum-exp per token
         return tokens * (offline_k(job) * (FP32 + INT32) + FP32) if last else 0
     if job.teacher is None or not last:
@@ -415,9 +417,10 @@ def stream_payload(job: Job) -> int:
 
 
 def cross_tokenizer_payload(job: Job) -> int:
-    """The teacher's chunk statistics of one micro-batch (distill/cross_tokenizer.py STATS), fp32
-    [micro_batch, seq] values each but for uld's [.., uld_top_k] top probabilities and
-    mapped_kl's [.., hidden_t] head input in the teacher's dtype."""
+    """The teacher's chunk statistics of one micro-batch (distill/cross_tokenizer.py STATS), as
+    teacher ranks stream them and an offline store's reader holds them: fp32 [micro_batch, seq]
+    values each but for uld's [.., uld_top_k] top probabilities and mapped_kl's [.., hidden_t]
+    head input in the teacher's dtype."""
     cfg = job.cfg
     cross, rows = cfg.distill.cross_tokenizer, cfg.data.micro_batch * cfg.data.seq_len
     width = {"likelihood": FP32, "uld": cross.uld_top_k * FP32,
