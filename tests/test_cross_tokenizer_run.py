@@ -6,11 +6,13 @@ inputs are one-line ConfigErrors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.runconfig import load_run_config
 from engine.config import ConfigError
@@ -18,7 +20,7 @@ from engine.spawn import run_ranks
 from tests.helpers import RUN_KEYS, assert_same_run
 from tests.test_paired_data import make_paired
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_main, write_config
-from tools import export_teacher_logits, offline_store
+from tools import export_teacher_logits, offline_store, score
 from tools import plan as P
 from tools.bench.plan import MEASURED_STEP, measure_rank
 
@@ -225,3 +227,71 @@ def test_paired_data_of_other_documents_stops_the_entry_point(setup, tmp_path, c
            and not line.startswith(("ValueError: I/O operation", "--- Logging error"))]
     assert code == 2 and len(err) == 1 and err[0].startswith("ConfigError: data.path: "), err
     assert "does not match" in err[0]
+
+
+BPB_SPLIT, BPB_BATCHES = "70,30", 48  # every validation window (fnmatch.py, this.py), EODs too
+
+
+def _direct_bits_per_byte(ckpt: Path, prefix: Path, tokenizer: Path) -> tuple[float, int]:
+    """Bits per byte from the definition: the model's float64 log-softmax over its whole
+    vocabulary at each label of the validation windows score.py draws, over the bytes of the
+    labels' text decoded by the tokenizer (the end-of-document token: one byte); and the
+    end-of-document labels scored."""
+    from tokenizers import Tokenizer
+
+    from engine.data import DataConfig, TokenBatches
+    from engine.data.corpus import EOD_TOKEN
+    from engine.parallel import ParallelLayout
+
+    step_dir, _, model_cfg = score.checkpoint_model_config(ckpt)
+    model = score.load_model(step_dir, model_cfg, ParallelLayout.single())
+    stream = TokenBatches(DataConfig(path=str(prefix), seq_len=16, micro_batch=4, global_batch=4,
+                                     split=BPB_SPLIT), seed=7, split="valid")
+    tok = Tokenizer.from_file(str(tokenizer))
+    eod = tok.token_to_id(EOD_TOKEN)
+    nats, nbytes, eods = 0.0, 0, 0
+    for mb in [mb for _ in range(BPB_BATCHES) for mb in stream.next_step()]:
+        with torch.no_grad():
+            logits = model(mb["input_ids"]).logits.double()[..., :model_cfg.vocab_size]
+        labels = mb["labels"]
+        scored = labels != -100
+        nats -= logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0][
+            scored].sum().item()
+        for row, keep in zip(labels.tolist(), scored.tolist()):
+            ids = [i for i, k in zip(row, keep) if k]
+            text = tok.decode([i for i in ids if i != eod])
+            assert "\ufffd" not in text  # (ASCII text: no window splits a character)
+            nbytes += len(text.encode("utf-8")) + ids.count(eod)
+            eods += ids.count(eod)
+    return nats / math.log(2) / nbytes, eods
+
+
+def test_score_bpb_equals_the_direct_computation(setup, tmp_path, capsys):
+    """`tools/score.py --bpb` on paired data (its offsets) and on the same tokens as plain data
+    (the tokenizer's bytes per id) against the definition."""
+    tmp, cfg_path = setup
+    _single_process(tmp, cfg_path, "likelihood-both")
+    ckpt = tmp / "tp1_likelihood-both" / "checkpoints"
+    prefix = Path(load_run_config(cfg_path, [], world_size=1).cfg.data.path)
+    tokenizer = prefix.parent.parent / "student.json"  # make_paired's
+    plain = tmp_path / "plain" / "corpus"
+    plain.parent.mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(f"{prefix}{ext}", f"{plain}{ext}")
+    flags = ["--ckpt", str(ckpt), "--seq-len", "16", "--batches", str(BPB_BATCHES),
+             "--batch-size", "4", "--split", BPB_SPLIT, "--seed", "7", "--bpb"]
+    want, eods = _direct_bits_per_byte(ckpt, prefix, tokenizer)
+    assert 0.5 < want < 16 and eods > 0
+    for data, extra in ((prefix, []), (plain, ["--tokenizer", str(tokenizer)])):
+        capsys.readouterr()
+        assert score.main([*flags, "--data", str(data), *extra]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert math.isclose(line["bits_per_byte"], want, rel_tol=1e-5), (data, line, want)
+    # plain data needs its tokenizer: beside it (default), or named
+    assert score.main([*flags, "--data", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError: --tokenizer: " in err and "needs the tokenizer that made it" in err
+    shutil.copy(tokenizer, plain.parent / "tokenizer.json")
+    assert score.main([*flags, "--data", str(plain)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert math.isclose(line["bits_per_byte"], want, rel_tol=1e-5)
