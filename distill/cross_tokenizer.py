@@ -37,6 +37,14 @@ distributed top-k (each shard's k largest, one all_gather, the k largest of thos
 Activation pairs compare both models at the chunks' ends (`aligned_buffers`): each model's
 activation at the input position of a chunk's last token, where both have read the same text.
 
+Every placement of the teacher meets the term through the same few statistics of a micro-batch
+(`STATS`, `CrossTokenizerTerm.teacher_stats`), on the student's grid: its chunk NLLs (bits per
+byte), and for likelihood its chunk log-likelihoods at T, for uld its top-k probabilities at the
+single-token chunks, for mapped_kl its head input there (the pairs' logits need its output
+weight). A colocated teacher's are taken on the student ranks; teacher ranks stream them
+(distill/teacher_wire.py); an offline store holds them per sample (distill/offline.py). So each
+placement computes the same loss.
+
 Bits per byte: a model's negative log-likelihood of the chunks' text, over the chunks' bytes, in
 bits; both models score the same bytes, so their values compare across tokenizers.
 """

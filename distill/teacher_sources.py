@@ -135,11 +135,10 @@ class OtherTokenizerTeacher:
 
 class ChunkStatsTeacher:
     """The teacher ranks' (and the offline export's) side of a teacher with another tokenizer:
-    runs `teacher` on the
-    micro-batch's teacher window and keeps only what the students' chunk term needs, its
-    statistics of the micro-batch (`term.teacher_stats`, over this teacher replica's TP group)
-    and the requested buffers at the chunk ends, replicated over [batch, seq, width] (which the
-    wire cuts to each student's sequence shard)."""
+    runs `teacher` on the micro-batch's teacher window and keeps only what the students' chunk
+    term needs, its statistics of the micro-batch (`term.teacher_stats` over `term.group`, this
+    teacher replica's TP group) and the requested buffers at the chunk ends, replicated over
+    [batch, seq, width] (which the wire cuts to each student's sequence shard)."""
 
     def __init__(self, teacher: ColocatedTeacher, term: CrossTokenizerTerm, *,
                  temperature: float, names: tuple[str, ...] | None = None):

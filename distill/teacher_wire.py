@@ -11,7 +11,11 @@ own: preemption reaches the job from any rank), the teacher's final hidden state
 receiving student rank. Never logits: each student rank holds its vocabulary
 shard of the teacher's output weight (`load_teacher_head`, read once from the teacher checkpoint
 at any saved TP) and forms the teacher's logits itself. (`distill.teacher_stream=logits` sends
-logit shards instead: the older protocol, kept as the benchmark's baseline.)
+logit shards instead: the older protocol, kept as the benchmark's baseline.) A teacher with another
+tokenizer (`distill.cross_tokenizer`) streams no head output but its statistics of the
+micro-batch that the chunk term needs (distill/cross_tokenizer.py STATS, computed on the teacher
+ranks by `ChunkStatsTeacher` from their own copy of the paired data), and its buffers already
+taken at the chunk ends.
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t + j * teacher_tp)
 for every k and j, so the teacher's DP degree must divide the students'.
@@ -88,8 +92,9 @@ class _Wire:
 
     def for_student(self, whole: list[torch.Tensor], *, seq_shards: int,
                     shard: int) -> list[torch.Tensor]:
-        """`whole` as student rank `shard` of `seq_shards` consumes it: the head output as is, each
-        buffer cut to that rank's sequence shard (`seq_shards` > 1 under the students' SP)."""
+        """`whole` as student rank `shard` of `seq_shards` consumes it: the head output (or the
+        chunk statistics) as is, each buffer cut to that rank's sequence shard (`seq_shards` > 1
+        under the students' SP)."""
         n_head = int(self.head is not None) + len(self.stats)
         cut = [b.chunk(seq_shards, dim=SEQ_DIM)[shard] for b in whole[n_head:]]
         return [t.contiguous() for t in whole[:n_head] + cut]
