@@ -239,7 +239,8 @@ class DistillConfig:
               "teacher_stream", "must be hidden with cross_tokenizer (teacher ranks stream the "
               "teacher's chunk statistics, never its logits)")
         check(self.logit.on, key, "needs logit.weight > 0 (the weight of the chunk term)")
-        check(not self.teachers, key, "takes one teacher (distill.teacher)")
+        check(not self.teachers, key, "takes one teacher (distill.teacher): paired data holds one "
+                                      "teacher tokenization per dataset")
         check(not self.fused_lm_head, key, "needs logits (fused_lm_head false)")
         check(not self.on_policy.on, key, "does not combine with on_policy yet")
         check(not self.logit.varying_temperature, "logit.temperature",

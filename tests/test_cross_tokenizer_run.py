@@ -214,6 +214,9 @@ BAD = [  # (overrides, the key named, part of the message)
     (["parallel.tp=2", "parallel.sp=true", "distill.cross_tokenizer.teacher_seq_len=25"],
      "distill.cross_tokenizer.teacher_seq_len", "do not split over parallel.tp=2"),
     (["data.path=default"], "data.path", "needs paired data"),
+    (["distill.teacher=null", "distill.teachers=[{checkpoint: t, name: a}, {checkpoint: t, name: b}]"],
+     "distill.cross_tokenizer.loss", "takes one teacher (distill.teacher): paired data holds one "
+                                     "teacher tokenization per dataset"),
     (["distill.cross_tokenizer.loss=none"], "distill.teacher", "needs the same tokenizer"),
 ]
 
