@@ -143,6 +143,8 @@ def store(setup) -> Path:
     assert export_teacher_logits.main(["--config", str(cfg_path), "--top-k", "16", "--out",
                                        str(out), "--no-progress"]) == 0
     assert offline_store.verify(str(out)) == 2805  # every train sample, each in range
+    assert "chunk statistics (version 1) of a teacher with another tokenizer, 24 teacher tokens " \
+        "per window, top-16 probabilities" in offline_store.info(str(out))[0]
     return out
 
 

@@ -47,8 +47,13 @@ def info(directory: str) -> list[str]:
     store = _store(directory)
     meta = store.meta
     bits = "float32" if meta["value_bits"] == 32 else f"{meta['value_bits']}-bit"
-    lines = [f"{directory}: top-{meta['k']} of vocabulary {meta['vocab_size']}, {bits} "
-             f"log-probabilities at temperature {meta['temperature']}, seq_len {meta['seq_len']}",
+    cross = meta.get("cross_tokenizer")
+    what = f"top-{meta['k']} of vocabulary {meta['vocab_size']}, {bits} log-probabilities" \
+        if cross is None else \
+        (f"chunk statistics (version {cross['version']}) of a teacher with another tokenizer, "
+         f"{cross['teacher_seq_len']} teacher tokens per window, top-{meta['k']} probabilities")
+    lines = [f"{directory}: {what} at temperature {meta['temperature']}, seq_len "
+             f"{meta['seq_len']}",
              f"  teacher {meta['teacher']['path']} (weights {meta['teacher']['digest'][:12]}), "
              f"data {meta['data_digest'][:12]}"]
     for split, records in store.records.items():
