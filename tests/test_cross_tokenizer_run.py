@@ -119,17 +119,21 @@ def test_teacher_ranks_equal_colocated(setup, loss):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["mapped_kl-reverse", "likelihood-mlps"])
-def test_teacher_ranks_serve_a_tp2_sp_student(setup, loss):
-    """One teacher rank (teacher_tp 1) streaming to a TP=2 + SP student: each student rank's
-    shard of the teacher's output layer (mapped_kl) and its sequence shard of the buffers taken
-    at the chunk ends; the run is the TP=1 colocated one's."""
+@pytest.mark.parametrize("loss, teacher_tp", [("mapped_kl-reverse", 1), ("likelihood-mlps", 1),
+                                              ("uld", 2)])
+def test_teacher_ranks_serve_a_tp2_sp_student(setup, loss, teacher_tp):
+    """Teacher ranks (at teacher_tp 1, or 2: their statistics vocab-parallel) streaming to a
+    TP=2 + SP student: each student rank's shard of the teacher's output layer (mapped_kl) and
+    its sequence shard of the buffers taken at the chunk ends; the run is the TP=1 colocated
+    one's."""
     tmp, cfg_path = setup
     want = _single_process(tmp, cfg_path, loss)
     run_dir = tmp / f"ranks_tp2_{loss}"
-    assert run_ranks(_run, 3, cfg_path, run_dir,
-                     [*LOSSES[loss], *TEACHER_RANKS, *LAYOUTS["tp2-sp"], "parallel.teacher_tp=1"],
-                     timeout_s=180) == [0, 0, 0]
+    ranks = [*TEACHER_RANKS[:1], f"parallel.teacher_ranks={teacher_tp}",
+             f"parallel.teacher_tp={teacher_tp}"]
+    assert run_ranks(_run, 2 + teacher_tp, cfg_path, run_dir,
+                     [*LOSSES[loss], *ranks, *LAYOUTS["tp2-sp"]],
+                     timeout_s=180) == [0] * (2 + teacher_tp)
     assert_same_run(read_metrics(run_dir), want,
                     keys=(*RUN_KEYS, "act_loss", "student_bpb", "teacher_bpb", "kd_divergence"),
                     optional=("val_loss", "val_bpb"))
