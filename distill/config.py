@@ -232,11 +232,15 @@ class DistillConfig:
 
     def _check_cross_tokenizer(self) -> None:
         key = "cross_tokenizer.loss"
-        check(self.schedule == "colocated", key,
-              f"needs schedule colocated (got {self.schedule}): teacher ranks and offline "
-              "stores do not stream chunk statistics yet")
+        check(self.schedule != "offline" or self.cross_tokenizer.loss != "mapped_kl", key,
+              "mapped_kl needs schedule colocated or teacher_ranks (it forms the teacher's "
+              "logits from its output layer; offline stores hold likelihood and uld statistics)")
+        check(self.schedule != "teacher_ranks" or self.teacher_stream == "hidden",
+              "teacher_stream", "must be hidden with cross_tokenizer (teacher ranks stream the "
+              "teacher's chunk statistics, never its logits)")
         check(self.logit.on, key, "needs logit.weight > 0 (the weight of the chunk term)")
-        check(not self.teachers, key, "takes one teacher (distill.teacher)")
+        check(not self.teachers, key, "takes one teacher (distill.teacher): paired data holds one "
+                                      "teacher tokenization per dataset")
         check(not self.fused_lm_head, key, "needs logits (fused_lm_head false)")
         check(not self.on_policy.on, key, "does not combine with on_policy yet")
         check(not self.logit.varying_temperature, "logit.temperature",

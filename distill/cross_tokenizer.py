@@ -37,6 +37,14 @@ distributed top-k (each shard's k largest, one all_gather, the k largest of thos
 Activation pairs compare both models at the chunks' ends (`aligned_buffers`): each model's
 activation at the input position of a chunk's last token, where both have read the same text.
 
+Every placement of the teacher meets the term through the same few statistics of a micro-batch
+(`STATS`, `CrossTokenizerTerm.teacher_stats`), on the student's grid: its chunk NLLs (bits per
+byte), and for likelihood its chunk log-likelihoods at T, for uld its top-k probabilities at the
+single-token chunks, for mapped_kl its head input there (the pairs' logits need its output
+weight). A colocated teacher's are taken on the student ranks; teacher ranks stream them
+(distill/teacher_wire.py); an offline store holds them per sample (distill/offline.py). So each
+placement computes the same loss.
+
 Bits per byte: a model's negative log-likelihood of the chunks' text, over the chunks' bytes, in
 bits; both models score the same bytes, so their values compare across tokenizers.
 """
@@ -107,9 +115,17 @@ def likelihood_loss(student_log_probs: torch.Tensor, teacher_log_probs: torch.Te
     `token_log_probs` of its own labels (student [batch, seq], teacher [batch, seq_t]) and the
     micro-batch's alignment ("chunks", "teacher_chunks", "chunk_bytes"; engine/data/dataset.py)."""
     num_chunks = alignment["chunk_bytes"].shape[1]
-    ll_s = chunk_sums(student_log_probs, alignment["chunks"], num_chunks)
     ll_t = chunk_sums(teacher_log_probs.detach(), alignment["teacher_chunks"], num_chunks)
-    div = chunk_divergence(ll_s, ll_t, divergence=divergence)
+    return student_likelihood_loss(student_log_probs, ll_t, alignment, divergence=divergence)
+
+
+def student_likelihood_loss(student_log_probs: torch.Tensor, teacher_chunk_ll: torch.Tensor,
+                            alignment: Mapping[str, torch.Tensor], *,
+                            divergence: str = "binary_kl") -> torch.Tensor:
+    """`likelihood_loss` from the teacher's chunk log-likelihoods [batch, seq] (chunk k of a row
+    at k: what teacher ranks and offline stores hand over)."""
+    ll_s = chunk_sums(student_log_probs, alignment["chunks"], alignment["chunk_bytes"].shape[1])
+    div = chunk_divergence(ll_s, teacher_chunk_ll, divergence=divergence)
     return torch.where(alignment["chunk_bytes"] > 0, div, torch.zeros_like(div))
 
 
@@ -257,6 +273,15 @@ def _probs(logits: torch.Tensor, vocab: int, temperature: float, group: Group) -
     return exp / total[:, None]
 
 
+def teacher_top_probs(teacher_logits: torch.Tensor, *, top_k: int, temperature: float,
+                      vocab: int, group: Group = None) -> torch.Tensor:
+    """[n, top_k] the teacher's top_k probabilities (softmax(logits / T)) sorted decreasing,
+    zero-padded, from its vocab-sharded [n, Vt/tp] logits: all of the teacher `uld` needs."""
+    with torch.no_grad():
+        top, _, _ = _top_k(_probs(teacher_logits, vocab, temperature, group), top_k, group)
+    return top
+
+
 def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: int,
         temperature: float = 1.0, student_vocab: int, teacher_vocab: int,
         group: Group = None) -> torch.Tensor:
@@ -264,11 +289,17 @@ def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: in
     probabilities of each model, sorted decreasing (zero-padded), from vocab-sharded [n, Vs/tp]
     and [n, Vt/tp] logits at matched positions. The value is the same on every rank; each rank's
     gradient reaches the student columns of its shard among the top k."""
+    teacher_top = teacher_top_probs(teacher_logits, top_k=top_k, temperature=temperature,
+                                    vocab=teacher_vocab, group=group)
+    return uld_to_top(student_logits, teacher_top, temperature=temperature,
+                      student_vocab=student_vocab, group=group)
+
+
+def uld_to_top(student_logits: torch.Tensor, teacher_top: torch.Tensor, *,
+               temperature: float = 1.0, student_vocab: int, group: Group = None) -> torch.Tensor:
+    """`uld` from the teacher's `teacher_top_probs` [n, k] (what teacher ranks stream)."""
     p_s = _probs(student_logits, student_vocab, temperature, group)
-    with torch.no_grad():
-        p_t = _probs(teacher_logits, teacher_vocab, temperature, group)
-        teacher_top, _, _ = _top_k(p_t, top_k, group)
-    student_top, mine, column = _top_k(p_s.detach(), top_k, group)
+    student_top, mine, column = _top_k(p_s.detach(), teacher_top.shape[-1], group)
     own = p_s.gather(1, column).masked_fill(~mine, 0.0)  # [n, k]: with grad where mine
     student_top = torch.where(mine, own, student_top)
     return (student_top - teacher_top).abs().sum(-1)
@@ -294,14 +325,23 @@ def aligned_buffers(student: Mapping[str, ActivationBuffer],
         out_s[name] = ActivationBuffer(
             scatter_to_sp(picked, group, seq_dim=buf.seq_dim) if buf.seq_sharded else picked,
             buf.seq_sharded, buf.seq_dim)
-    out_t = {}
+    return out_s, teacher_at_chunk_ends(teacher, teacher_ends, group)
+
+
+def teacher_at_chunk_ends(teacher: Mapping[str, ActivationBuffer | torch.Tensor],
+                          teacher_ends: torch.Tensor, group: Group = None,
+                          ) -> dict[str, ActivationBuffer | torch.Tensor]:
+    """The teacher's buffers over its window at the chunk ends `teacher_ends` [batch, seq],
+    replicated. A bare tensor was picked by the teacher ranks already (`ChunkStatsTeacher`) and
+    arrives in the student buffer's layout: it passes as is."""
+    out = {}
     for name, buf in teacher.items():
         if not isinstance(buf, ActivationBuffer):
-            raise ValueError(f"teacher buffer {name!r}: cross_tokenizer needs its layout "
-                             "(an ActivationBuffer)")
+            out[name] = buf
+            continue
         full = C.all_gather(buf.tensor, group, dim=buf.seq_dim) if buf.seq_sharded else buf.tensor
-        out_t[name] = ActivationBuffer(_at(full, teacher_ends, buf.seq_dim), False, buf.seq_dim)
-    return out_s, out_t
+        out[name] = ActivationBuffer(_at(full, teacher_ends, buf.seq_dim), False, buf.seq_dim)
+    return out
 
 
 def _at(x: torch.Tensor, positions: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -326,9 +366,18 @@ class ChunkSums:
     teacher_bits: torch.Tensor
 
 
+STATS = {  # what each loss needs of the teacher per micro-batch (`CrossTokenizerTerm.teacher_stats`)
+    "likelihood": ("chunk_nll", "chunk_ll"),
+    "mapped_kl": ("chunk_nll", "single_hidden"),
+    "uld": ("chunk_nll", "single_top"),
+}
+
+
 class CrossTokenizerTerm:
     """The chunk term of a run (`distill.cross_tokenizer`): from the student's logits shard, the
-    teacher's head input and output weight shard over its own window, and the alignment."""
+    teacher's statistics of the micro-batch (`teacher_stats`, which teacher ranks and offline
+    stores hand over ready; a colocated teacher's are taken here from its head input and output
+    weight shard over its own window), and the alignment."""
 
     def __init__(self, *, loss: str, divergence: str, kind: str, student_vocab: int,
                  teacher_vocab: int, group: Group = None, uld_top_k: int = 64,
@@ -342,48 +391,78 @@ class CrossTokenizerTerm:
         self._shard: SharedVocabShard | None = None
         self._pair_weight: torch.Tensor | None = None  # [K_r, hidden_t], gathered once
 
+    @torch.no_grad()
+    def teacher_stats(self, teacher: TeacherOutputs, *, temperature: float,
+                      names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """What the loss needs of the teacher (`names`, default STATS[loss]; an offline export
+        takes those of every loss but mapped_kl), every rank of `group` the same:
+        "chunk_nll" [batch, seq] its negative log-likelihood of chunk k of the row at k, at T = 1
+        (its bits per byte); likelihood: "chunk_ll" [batch, seq] its chunk log-likelihoods at T;
+        at each student position of a single-token chunk (0 elsewhere), uld: "single_top"
+        [batch, seq, uld_top_k] its top probabilities at T sorted decreasing, mapped_kl:
+        "single_hidden" [batch, seq, hidden_t] its head input (the student side forms the
+        logits of the pairs and the buckets from it)."""
+        align = teacher.alignment
+        t_logits = softcap(teacher.head_hidden @ teacher.output_weight.T, teacher.softcap) \
+            if teacher.logits is None else teacher.logits  # [batch, seq_t, Vt/tp]
+        names = STATS[self.loss] if names is None else names
+        num_chunks = align["chunk_bytes"].shape[1]
+        teacher_nll = cross_entropy(t_logits, align["teacher_labels"],
+                                    vocab_size=self.teacher_vocab, group=self.group)
+        stats = {"chunk_nll": chunk_sums(teacher_nll.float(), align["teacher_chunks"],
+                                         num_chunks)}
+        if "chunk_ll" in names:
+            lp = -teacher_nll if temperature == 1.0 else \
+                token_log_probs(t_logits, align["teacher_labels"], temperature=temperature,
+                                vocab_size=self.teacher_vocab, group=self.group)
+            stats["chunk_ll"] = chunk_sums(lp.float(), align["teacher_chunks"], num_chunks)
+        rows, positions, teacher_positions = _single_positions(align["single"])
+        if "single_top" in names:
+            top = teacher_top_probs(t_logits[rows, teacher_positions], top_k=self.uld_top_k,
+                                    temperature=temperature, vocab=self.teacher_vocab,
+                                    group=self.group)
+            stats["single_top"] = _on_student_grid(top, align["single"], rows, positions)
+        if "single_hidden" in names:
+            hidden = teacher.head_hidden[rows, teacher_positions]  # [n, hidden_t]
+            stats["single_hidden"] = _on_student_grid(hidden, align["single"], rows, positions)
+        return stats
+
     def __call__(self, student_logits: torch.Tensor, teacher: TeacherOutputs, *,
                  student_ce: torch.Tensor, temperature: float) -> ChunkSums:
         """`student_ce` [batch, seq]: the student's cross-entropy of its labels at T = 1."""
         align = teacher.alignment
-        t_logits = softcap(teacher.head_hidden @ teacher.output_weight.T, teacher.softcap) \
-            if teacher.logits is None else teacher.logits  # [batch, seq_t, Vt/tp]
-        with torch.no_grad():
-            teacher_nll = cross_entropy(t_logits, align["teacher_labels"],
-                                        vocab_size=self.teacher_vocab, group=self.group)
-        bits = [chunk_nll_bits(nll, align[key], align["chunk_bytes"]) for nll, key in
-                ((student_ce, "chunks"), (teacher_nll, "teacher_chunks"))]
-        if self.loss == "mapped_kl":
-            div = self._mapped(student_logits, t_logits, teacher, temperature)
-        elif self.loss == "uld":
-            rows, positions, teacher_positions = _single_positions(align["single"])
-            div = uld(student_logits[rows, positions], t_logits[rows, teacher_positions],
-                      top_k=self.uld_top_k, temperature=temperature,
-                      student_vocab=self.student_vocab, teacher_vocab=self.teacher_vocab,
-                      group=self.group)
+        stats = teacher.chunk_stats if teacher.chunk_stats is not None else \
+            self.teacher_stats(teacher, temperature=temperature)
+        real = align["chunk_bytes"] > 0
+        bits = [chunk_nll_bits(student_ce, align["chunks"], align["chunk_bytes"]),
+                (stats["chunk_nll"] * real).sum() / math.log(2)]
+        if self.loss == "likelihood":
+            student_lp = -student_ce if temperature == 1.0 else \
+                token_log_probs(student_logits, align["labels"], temperature=temperature,
+                                vocab_size=self.student_vocab, group=self.group)
+            div = student_likelihood_loss(student_lp, stats["chunk_ll"], align,
+                                          divergence=self.divergence)
         else:
-            div = self._likelihood(student_logits, t_logits, align, student_ce, teacher_nll,
+            rows, positions, _ = _single_positions(align["single"])
+            student_at = student_logits[rows, positions]  # [n, Vs/tp]
+            if self.loss == "uld":
+                div = uld_to_top(student_at, stats["single_top"][rows, positions],
+                                 temperature=temperature, student_vocab=self.student_vocab,
+                                 group=self.group)
+            else:
+                div = self._mapped(student_at, stats["single_hidden"][rows, positions], teacher,
                                    temperature)
         return ChunkSums(div.sum(), *bits)
 
-    def _likelihood(self, student_logits, t_logits, align, student_ce, teacher_nll, temperature):
-        student_lp, teacher_lp = -student_ce, -teacher_nll
-        if temperature != 1.0:
-            student_lp = token_log_probs(student_logits, align["labels"], temperature=temperature,
-                                         vocab_size=self.student_vocab, group=self.group)
-            with torch.no_grad():
-                teacher_lp = token_log_probs(t_logits, align["teacher_labels"],
-                                             temperature=temperature,
-                                             vocab_size=self.teacher_vocab, group=self.group)
-        return likelihood_loss(student_lp, teacher_lp, align, divergence=self.divergence)
-
-    def _mapped(self, student_logits, t_logits, teacher: TeacherOutputs, temperature):
-        rows, positions, teacher_positions = _single_positions(teacher.alignment["single"])
-        shard = self._shard_for(student_logits, t_logits, teacher)
-        hidden = teacher.head_hidden[rows, teacher_positions]  # [n, hidden_t]
-        return mapped_kl(student_logits[rows, positions], t_logits[rows, teacher_positions],
-                         teacher_pair_logits(hidden, self._pair_weight, teacher.softcap), shard,
-                         kind=self.kind, temperature=temperature,
+    def _mapped(self, student_at: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher: TeacherOutputs, temperature: float) -> torch.Tensor:
+        """mapped_kl at the n single-token chunks, from the student's logits [n, Vs/tp] and the
+        teacher's head input [n, hidden_t] there (with its output weight shard)."""
+        t_logits = softcap(teacher_hidden @ teacher.output_weight.T, teacher.softcap)
+        shard = self._shard_for(student_at, t_logits, teacher)
+        return mapped_kl(student_at, t_logits,
+                         teacher_pair_logits(teacher_hidden, self._pair_weight, teacher.softcap),
+                         shard, kind=self.kind, temperature=temperature,
                          student_vocab=self.student_vocab, teacher_vocab=self.teacher_vocab,
                          group=self.group)
 
@@ -405,3 +484,12 @@ def _single_positions(single: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     micro-batch's "single" [batch, seq] (the teacher's position of each, or NO_CHUNK)."""
     rows, positions = torch.nonzero(single != NO_CHUNK, as_tuple=True)
     return rows, positions, single[rows, positions]
+
+
+def _on_student_grid(values: torch.Tensor, single: torch.Tensor, rows: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, width]: `values` [n, width] of the single-token chunks at their student
+    positions, 0 elsewhere (a shape that does not depend on the text, for the wire)."""
+    out = values.new_zeros(*single.shape, values.shape[-1])
+    out[rows, positions] = values
+    return out

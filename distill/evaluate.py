@@ -61,12 +61,13 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
 
 @torch.no_grad()
 def validation(model: TransformerLM, data: DataConfig, *, micro_batches: int, seed: int,
-               split: str = "valid", fused: bool = False,
-               teacher_len: int | None = None) -> Validation:
+               split: str = "valid", fused: bool = False, teacher_len: int | None = None,
+               byte_lengths: torch.Tensor | None = None) -> Validation:
     """The loss over the first `micro_batches` micro-batches of each DP rank's `split` stream;
-    the same on every rank (one all-reduce over DP). With `teacher_len` (paired data,
-    engine/data/paired.py) also in bits per byte. The model runs in eval mode and is put back in
-    the mode it was in."""
+    the same on every rank (one all-reduce over DP). Also in bits per byte with `teacher_len`
+    (paired data, engine/data/paired.py: the labels' bytes from its offsets) or `byte_lengths`
+    ([vocab] int64, the bytes each token id stands for: plain data and its tokenizer). The model
+    runs in eval mode and is put back in the mode it was in."""
     layout = model.layout
     stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split,
                           vocab_size=model.config.vocab_size, teacher_len=teacher_len)
@@ -80,7 +81,10 @@ def validation(model: TransformerLM, data: DataConfig, *, micro_batches: int, se
 
     def add(mb: dict, out: ModelOutput) -> None:
         nll = output_loss(model, out, mb["labels"], fused=fused)
-        nbytes = mb["label_bytes"].sum() if "label_bytes" in mb else nll.new_zeros(())
+        labels = mb["labels"]
+        nbytes = mb["label_bytes"].sum() if "label_bytes" in mb else nll.new_zeros(()) \
+            if byte_lengths is None else \
+            byte_lengths.to(labels.device)[labels.clamp(min=0)][labels != IGNORE_INDEX].sum()
         totals.add_(torch.stack([nll.double().sum(),
                                  (mb["labels"] != IGNORE_INDEX).sum().double(),
                                  nbytes.double()]))
@@ -96,5 +100,6 @@ def validation(model: TransformerLM, data: DataConfig, *, micro_batches: int, se
     model.train(was_training)
     C.all_reduce(totals, layout.dp_group)
     C.all_reduce(totals, layout.pp_group)
-    bpb = (totals[0] / math.log(2) / totals[2]).item() if teacher_len is not None else None
+    bpb = (totals[0] / math.log(2) / totals[2]).item() \
+        if teacher_len is not None or byte_lengths is not None else None
     return Validation((totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item()), bpb)

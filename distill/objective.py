@@ -54,7 +54,7 @@ from torch import nn
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
-from distill.cross_tokenizer import CrossTokenizerTerm, aligned_buffers
+from distill.cross_tokenizer import STATS, CrossTokenizerTerm, aligned_buffers
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
 from distill.mixture import mixture_log_probs
@@ -184,12 +184,13 @@ class DistillObjective(nn.Module):
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
         cross = cfg.cross_tokenizer
+        # (offline: no teacher model, its statistics come from the store)
         self.chunk_term = CrossTokenizerTerm(
             loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
             student_vocab=student_config.vocab_size,
-            teacher_vocab=next(iter(teachers.values())).vocab_size, group=layout.tp_group,
-            uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) if cross.on and teachers \
-            else None
+            teacher_vocab=next(iter(teachers.values())).vocab_size if teachers else 0,
+            group=layout.tp_group, uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) \
+            if cross.on and (teachers or cfg.schedule == "offline") else None
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
@@ -227,7 +228,10 @@ class DistillObjective(nn.Module):
         # (cross_tokenizer: mapped_kl needs the teacher's head input, and logits come from it)
         head = "none" if not self.cfg.logit.on else \
             "hidden" if (self.fused and not mixes) or self.cfg.cross_tokenizer.on else "logits"
-        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))))
+        stats = STATS[self.cfg.cross_tokenizer.loss] if self.cfg.cross_tokenizer.on and \
+            self.cfg.schedule == "teacher_ranks" else ()
+        return TeacherRequest(head=head, buffers=tuple(sorted(self.teacher_buffer_names(name))),
+                              chunk_stats=stats)
 
     @property
     def several(self) -> bool:

@@ -13,7 +13,11 @@ writes
     DIR/{split}_{index:05d}.safetensors   samples [index * samples_per_shard, + count) of the
         split's sample map, encoded as distill/offline_codec.py says: top-k ids Rice-coded,
         log-probabilities at the export's temperature quantized (or float32), the leftover mass
-        1 - sum(top-k) in float32, and each sample's token checksum.
+        1 - sum(top-k) in float32, and each sample's token checksum. A store of a teacher with
+        another tokenizer (`distill.cross_tokenizer`; metadata "cross_tokenizer": the version of
+        its encoding, teacher_seq_len and the paired data's digest, `cross_store_key`) holds
+        instead the teacher's chunk statistics of each student sample (offline_codec.py
+        CHUNK_STATS) and the checksum of its student tokens.
 
 A run checks the metadata against its own settings at start-up (one ConfigError naming the field
 on a mismatch; every sample the run will draw must be in the store), then each rank looks its
@@ -39,13 +43,14 @@ import torch
 from safetensors import safe_open
 
 from distill.config import SINGLE_TEACHER
-from distill.offline_codec import FLOAT_VALUES, VALUE_BITS, Codec
+from distill.offline_codec import CHUNK_STATS_VERSION, FLOAT_VALUES, VALUE_BITS, Codec, decode_chunk_stats
 from distill.teacher import StageTeacher, TeacherOutputs, token_checksum
 from engine import collectives as C
 from engine.checkpoint import open_checkpoint
 from engine.checkpoint_files import CheckpointError, read_json, safe_child, sha256_of, verify_file
 from engine.config import ConfigError
 from engine.data import DataConfig, TokenBatches, resolve_data_path
+from engine.data.paired import PAIRED_SUFFIXES
 
 FORMAT = "megadistill-teacher-store"
 VERSION = 2
@@ -163,6 +168,44 @@ def store_key(data_cfg: DataConfig, *, temperature: float, vocab_size: int) -> d
             "data_digest": _digest(data_fingerprint(data_cfg))}
 
 
+def cross_store_key(data_cfg: DataConfig, *, teacher_tokens: int) -> dict[str, Any]:
+    """What the chunk statistics of a store of a teacher with another tokenizer (metadata
+    "cross_tokenizer") depend on besides `store_key`: their encoding's version, the teacher's
+    tokens per window (distill.cross_tokenizer.teacher_seq_len) and the paired data (the digest
+    of each paired dataset's .idx and its .bin size, engine/data/paired.py)."""
+    paired = [{"idx_sha256": sha256_of(Path(prefix + suffix + ".idx")),
+               "bin_bytes": Path(prefix + suffix + ".bin").stat().st_size}
+              for _, prefix in resolve_data_path(data_cfg) for suffix in PAIRED_SUFFIXES]
+    return {"version": CHUNK_STATS_VERSION, "teacher_seq_len": teacher_tokens,
+            "paired_digest": _digest(paired)}
+
+
+def check_cross_store(directory: str, meta: dict[str, Any], wanted: dict[str, Any] | None, *,
+                      top_k: int) -> None:
+    """A store's chunk statistics against the run's `cross_store_key` (None: a run whose
+    teacher shares its tokenizer) and uld's `top_k` (0: not uld): one-line ConfigErrors."""
+    saved = meta.get("cross_tokenizer")
+    if wanted is None or saved is None:
+        if wanted is not None or saved is not None:
+            what = ("chunk statistics of a teacher with another tokenizer", "none") \
+                if saved is not None else ("top-k logits of a teacher with the student's "
+                                           "tokenizer", "a cross-tokenizer loss")
+            raise ConfigError(KEY, f"{directory} holds {what[0]} but this run has "
+                                   f"distill.cross_tokenizer.loss = {what[1]}")
+        return
+    names = {"version": "the chunk statistics' version",
+             "teacher_seq_len": "distill.cross_tokenizer.teacher_seq_len",
+             "paired_digest": "the paired data (data.path's teacher files)"}
+    for name, what in names.items():
+        if saved.get(name) != wanted[name]:
+            raise ConfigError(KEY, f"{directory} was exported for {what} = "
+                                   f"{_shown(name, saved.get(name))} but this run has "
+                                   f"{_shown(name, wanted[name])}")
+    if top_k > meta["k"]:
+        raise ConfigError(KEY, f"{directory} holds the teacher's top-{meta['k']} probabilities "
+                               f"but this run has distill.cross_tokenizer.uld_top_k = {top_k}")
+
+
 def teacher_digest(path: str | Path, *, key: str = "distill.teacher") -> str:
     """A teacher checkpoint's identity: the digest of its weights (a copy has the same)."""
     return open_checkpoint(path, key=key).weights_digest
@@ -193,17 +236,21 @@ def _same(saved: Any, wanted: Any) -> bool:
 
 
 def _shown(name: str, value: Any) -> str:
-    return str(value)[:12] if name in ("data_digest", "tokenizer", "digest") else repr(value)
+    return str(value)[:12] if name in ("data_digest", "tokenizer", "digest", "paired_digest") \
+        else repr(value)
 
 
 def check_offline_dir(directory: str, *, wanted: dict[str, Any], needed: Callable[[], np.ndarray],
-                      teacher: str | None, k: int = 0) -> dict[str, Any]:
+                      teacher: str | None, k: int = 0, cross: dict[str, Any] | None = None,
+                      uld_top_k: int = 0) -> dict[str, Any]:
     """Start-up check (before any process group) that `directory` serves this run: the same
-    settings (`wanted`, the run's `store_key`), the run's `teacher` checkpoint if it names one, `k`
+    settings (`wanted`, the run's `store_key`; with another tokenizer `cross`, its
+    `cross_store_key`, and uld's `uld_top_k`), the run's `teacher` checkpoint if it names one, `k`
     if > 0, every train sample the run will draw (`needed()`, sample-map indices; only called when
     the store holds part of the map) in a shard present at its recorded size. Returns the
     metadata; raises one-line `ConfigError`s naming the field."""
     meta = read_metadata(directory)
+    check_cross_store(directory, meta, cross, top_k=uld_top_k)
     for name, config_key in _RUN_KEYS.items():
         if not _same(meta.get(name), wanted[name]):
             raise ConfigError(KEY, f"{directory} was exported for {config_key} = "
@@ -305,22 +352,26 @@ class TeacherStore:
 
     def sample(self, split: str, index: int) -> dict[str, np.ndarray]:
         """One sample: ids [seq, k] int64 (ascending), logp [seq, k] float32 (log-probabilities
-        at the store's temperature), leftover [seq] float32, checksum [] int64."""
+        at the store's temperature), leftover [seq] float32, checksum [] int64; of a store of
+        chunk statistics (metadata "cross_tokenizer"), those (offline_codec.CHUNK_STATS) and
+        the checksum."""
         shard, row = divmod(index, self.per_shard)
         if shard not in self.records.get(split, {}) or row >= self.records[split][shard]["count"]:
             raise OfflineTeacherError(f"sample {index} of the {split} split is not in the store "
                                       f"{self.directory}")
         handle = self._handle(split, shard)
+        checksum = np.int64(handle.get_slice("checksum")[row])
+        if "cross_tokenizer" in self.meta:
+            return {**decode_chunk_stats(handle.get_slice, row), "checksum": checksum}
         ids, logp = self.codec.decode(handle.get_slice, row)
         leftover = handle.get_slice("leftover")[row]
-        return {"ids": ids, "logp": logp, "leftover": leftover,
-                "checksum": np.int64(handle.get_slice("checksum")[row])}
+        return {"ids": ids, "logp": logp, "leftover": leftover, "checksum": checksum}
 
     def rows(self, split: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """`sample` of each of `ids`, stacked along dim 0, as tensors."""
+        """`sample` of each of `ids`, stacked along dim 0, as tensors (a store of chunk
+        statistics: the CHUNK_STATS of each, and its checksum)."""
         parts = [self.sample(split, int(i)) for i in ids]
-        return {name: torch.from_numpy(np.stack([p[name] for p in parts]))
-                for name in ("ids", "logp", "leftover", "checksum")}
+        return {name: torch.from_numpy(np.stack([p[name] for p in parts])) for name in parts[0]}
 
 
 class OfflineTeacher:
@@ -328,6 +379,10 @@ class OfflineTeacher:
     `teacher(micro_batch)` returns the stored top-k of that micro-batch's samples, as teacher
     `name`'s outputs (values = log-probabilities x T with a log-normalizer of 0, which the top-k
     divergence reads as the stored log-probabilities). Under PP the last stage reads them.
+
+    With another tokenizer (`chunk_stats`, the loss's STATS): the stored chunk statistics of the
+    samples instead, uld's top probabilities cut to `uld_top_k` (a top-k sorted decreasing
+    holds every smaller one); `OtherTokenizerTeacher(prepared=True)` adds the alignment.
 
     Which samples: `data` (this rank's TokenBatches) has just drawn the step being trained, whose
     sample-map indices are `data.step_sample_ids`, and the trainer asks for the step's
@@ -339,8 +394,10 @@ class OfflineTeacher:
     reaches_every_stage = False
 
     def __init__(self, directory: str | Path, *, data: TokenBatches, temperature: float,
-                 device: torch.device | str = "cpu", name: str = SINGLE_TEACHER, key: str = KEY):
+                 device: torch.device | str = "cpu", name: str = SINGLE_TEACHER, key: str = KEY,
+                 chunk_stats: tuple[str, ...] = (), uld_top_k: int = 0):
         self.name, self.temperature = name, temperature
+        self.chunk_stats, self.uld_top_k = chunk_stats, uld_top_k  # another tokenizer's
         self.store = TeacherStore(directory, key=key)
         self.data, self.device = data, torch.device(device)
         self._step_first = -1  # first global sample of the step being served
@@ -362,11 +419,16 @@ class OfflineTeacher:
         input_ids = micro_batch["input_ids"]  # [mb, seq]
         samples = self._samples(input_ids.shape[0])
         rows = self.store.rows("train", samples)
-        if rows["logp"].shape[1] != input_ids.shape[1] or \
-                not torch.equal(rows["checksum"], sample_checksums(input_ids)):
+        if rows["logp" if not self.chunk_stats else "chunk_nll"].shape[1] != input_ids.shape[1] \
+                or not torch.equal(rows["checksum"], sample_checksums(input_ids)):
             raise OfflineTeacherError(
                 f"stored rows of samples {samples.tolist()} hold other tokens than this "
                 "micro-batch: the store and the training data are misaligned")
+        if self.chunk_stats:  # the top of the stored top-k is uld's (sorted decreasing)
+            stats = {name: rows[name].to(self.device) for name in self.chunk_stats}
+            if "single_top" in stats:
+                stats["single_top"] = stats["single_top"][..., :self.uld_top_k]
+            return {self.name: TeacherOutputs(chunk_stats=stats)}
         logp = rows["logp"].to(self.device)  # [mb, seq, k]
         return {self.name: TeacherOutputs(topk_values=logp * self.temperature,
                                           topk_indices=rows["ids"].to(self.device),

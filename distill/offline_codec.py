@@ -263,3 +263,25 @@ def kd_bound(logp: np.ndarray, eta: np.ndarray, student_logq: np.ndarray) -> np.
 def _logsumexp(x: np.ndarray) -> np.ndarray:
     top = x.max(-1)
     return top + np.log(np.exp(x - top[..., None]).sum(-1))
+
+
+# ------------------------------------------------------------------- cross-tokenizer statistics
+
+# A store of a teacher with another tokenizer (`distill.cross_tokenizer`) holds, instead of top-k
+# rows, the teacher's statistics of each student sample that the chunk term needs
+# (distill/cross_tokenizer.py STATS), float32 as computed: "chunk_nll" and "chunk_ll" [samples,
+# seq] (chunk k of the sample at k), "single_top" [samples, seq, k] (its top-k probabilities at the
+# single-token chunks, 0 elsewhere). The version is the metadata's "cross_tokenizer.version";
+# a store of another version is refused.
+CHUNK_STATS_VERSION = 1
+CHUNK_STATS = ("chunk_nll", "chunk_ll", "single_top")
+
+
+def encode_chunk_stats(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One shard's arrays of the chunk statistics (every name of CHUNK_STATS, [samples, ...])."""
+    return {name: np.ascontiguousarray(stats[name], dtype=np.float32) for name in CHUNK_STATS}
+
+
+def decode_chunk_stats(get: Callable[[str], Any], row: int) -> dict[str, np.ndarray]:
+    """Sample `row`'s chunk statistics of a shard whose arrays `get(name)` gives."""
+    return {name: np.asarray(get(name)[row], dtype=np.float32) for name in CHUNK_STATS}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from distill.config import teacher_key
+from distill.config import aligned_teacher_config, teacher_key
+from distill.cross_tokenizer import STATS
 from distill.objective import DistillObjective
 from distill.offline import OfflineTeacher, OfflineTeacherError
 from distill.on_policy import OnPolicy, on_policy_at
@@ -38,7 +39,7 @@ from distill.runconfig import (
 )
 from distill.teacher import TeacherRequest, TeacherSource
 from distill.teacher_load import load_teacher, load_teacher_head
-from distill.teacher_sources import ColocatedTeacher, OtherTokenizerTeacher, TeacherList
+from distill.teacher_sources import ChunkStatsTeacher, ColocatedTeacher, OtherTokenizerTeacher, TeacherList
 from distill.teacher_wire import (
     RemoteTeacher,
     TeacherStreamError,
@@ -239,14 +240,20 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                                 StagePlan.of(cfg.model.layers, layout))
         stream = cfg.distill.teacher_stream
         head = None
-        if stream_request(objective.teacher_request(), stream).head == "hidden":
+        cross = cfg.distill.cross_tokenizer
+        if cross.on and cross.loss == "mapped_kl":  # the logits of the pairs at single chunks
+            head = load_teacher_head(ckpts.teachers[""].path, teacher_cfg,
+                                     aligned_teacher_config(cfg.model, teacher_cfg), layout,
+                                     bf16=cfg.distill.teacher_bf16)
+        elif not cross.on and stream_request(objective.teacher_request(), stream).head == "hidden":
             head = load_teacher_head(ckpts.teachers[""].path, teacher_cfg, cfg.model, layout,
                                      bf16=cfg.distill.teacher_bf16,
                                      here=stream_request(request, stream).head == "hidden")
-        return RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
-                             total=per_step * remaining, stream=stream, head=head,
-                             on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step),
-                             preempted=preempted)
+        remote = RemoteTeacher(layout, request, prefetch=cfg.distill.prefetch,
+                               total=per_step * remaining, stream=stream, head=head,
+                               on_policy=_on_policy_stream(cfg, per_step, ckpts.resume_step),
+                               preempted=preempted)
+        return OtherTokenizerTeacher(remote, prepared=True) if cross.on else remote
     if schedule == "offline":
         temperature = cfg.distill.logit.temperature
         if cfg.distill.teachers:
@@ -254,6 +261,12 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                                                device=layout.device, name=e.name,
                                                key=f"distill.teachers[{i}].offline_dir")
                                 for i, e in enumerate(cfg.distill.teachers)])
+        cross = cfg.distill.cross_tokenizer
+        if cross.on:  # the teacher's chunk statistics of each sample
+            return OtherTokenizerTeacher(OfflineTeacher(
+                cfg.distill.offline_dir, data=data, temperature=temperature,
+                device=layout.device, chunk_stats=STATS[cross.loss], uld_top_k=cross.uld_top_k),
+                prepared=True)
         return OfflineTeacher(cfg.distill.offline_dir, data=data, temperature=temperature,
                               device=layout.device)
     if teacher_cfg is None:
@@ -276,13 +289,19 @@ def _serve(cfg: RunConfig, teacher_cfg: ModelConfig, ckpts: RunCheckpoints, layo
            objective: DistillObjective, preempted: PreemptionFlag) -> int:
     teacher = _colocated(cfg, teacher_cfg, ckpts, layout,
                          stream_request(objective.teacher_request(), cfg.distill.teacher_stream))
+    cross = cfg.distill.cross_tokenizer
+    if cross.on:  # the teacher's chunk statistics instead of its head output
+        teacher = ChunkStatsTeacher(teacher, objective.chunk_term,
+                                    temperature=cfg.distill.logit.temperature)
 
     order = curriculum(cfg)
 
     def batches_for(student_dp_rank: int):
         data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=student_dp_rank,
                             dp=layout.students.dp, vocab_size=cfg.model.vocab_size,
-                            order=order)
+                            order=order,
+                            teacher_len=cross.teacher_tokens(cfg.data.seq_len) if cross.on
+                            else None)
         start = ckpts.resume_step  # the students resume here: skip what they have seen
         for _ in range(start):
             data.next_step()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers, teacher_key
-from distill.offline import check_offline_dir, store_key
+from distill.offline import check_offline_dir, cross_store_key, store_key
 from engine.checkpoint import ResolvedCheckpoint, checkpoints_after, is_intact, open_checkpoint
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from engine.data import (
@@ -126,10 +126,14 @@ def check_cross_tokenizer(cfg: RunConfig) -> None:
         if used:
             raise ConfigError(key, f"does not combine with {name} yet")
     tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
-    if par.sp and tokens % par.tp:
-        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
-                          f"{tokens} teacher tokens per window do not split over parallel.tp="
-                          f"{par.tp} ranks (sequence parallelism)")
+    tps = {"parallel.tp": par.tp}
+    if cfg.distill.schedule == "teacher_ranks":
+        tps["parallel.teacher_tp"] = par.teacher_tp_degree
+    for name, tp in tps.items():
+        if par.sp and tokens % tp:
+            raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                              f"{tokens} teacher tokens per window do not split over {name}="
+                              f"{tp} ranks (sequence parallelism)")
     for _, prefix in resolve_data_path(cfg.data):
         try:
             PairedDocuments(IndexedTokens(prefix))
@@ -424,9 +428,14 @@ def check_offline_dirs(cfg: RunConfig) -> None:
         return data.stream_sample_ids(cfg.train.steps * cfg.data.global_batch)
 
     k = cfg.distill.offline_top_k
+    cross = cfg.distill.cross_tokenizer
     if not cfg.distill.teachers:
         check_offline_dir(cfg.distill.offline_dir, wanted=wanted, needed=needed,
-                          teacher=cfg.distill.teacher, k=k)
+                          teacher=cfg.distill.teacher, k=k,
+                          cross=cross_store_key(cfg.data,
+                                                teacher_tokens=cross.teacher_tokens(cfg.data.seq_len))
+                          if cross.on else None,
+                          uld_top_k=cross.uld_top_k if cross.loss == "uld" else 0)
     for i, entry in enumerate(cfg.distill.teachers):
         try:
             check_offline_dir(entry.offline_dir, wanted=wanted, needed=needed,

@@ -57,10 +57,14 @@ class TeacherOutputs:
     # cross_tokenizer: the micro-batch's labels and chunk alignment (ALIGNMENT_KEYS; `logits` are
     # then over the teacher's own window and vocabulary)
     alignment: dict[str, torch.Tensor] | None = None
+    # cross_tokenizer from teacher ranks or an offline store: the teacher's statistics of the
+    # micro-batch that the chunk term needs (distill/cross_tokenizer.py STATS), by name
+    chunk_stats: dict[str, torch.Tensor] | None = None
 
     @property
     def has_logits(self) -> bool:
-        return any(x is not None for x in (self.logits, self.head_hidden, self.topk_values))
+        return any(x is not None for x in (self.logits, self.head_hidden, self.topk_values,
+                                           self.chunk_stats))
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class TeacherRequest:
 
     head: Literal["logits", "hidden", "none"]  # logits | head input + output weight (fused) | none
     buffers: tuple[str, ...] = ()  # teacher activation buffer names, sorted
+    # cross_tokenizer on teacher ranks: the chunk statistics they compute and stream instead of
+    # the head output (distill/cross_tokenizer.py STATS; the buffers go picked at the chunk ends)
+    chunk_stats: tuple[str, ...] = ()
 
 
 class StageTeacher(Protocol):

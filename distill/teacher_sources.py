@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from distill.config import SINGLE_TEACHER
+from distill.cross_tokenizer import CrossTokenizerTerm, teacher_at_chunk_ends
 from distill.teacher import ALIGNMENT_KEYS, StageTeacher, TeacherOutputs, TeacherRequest, TeacherSource
 from distill.teacher_load import freeze
 from engine.pipeline import TensorSpec
@@ -106,15 +107,18 @@ class TeacherList:
 class OtherTokenizerTeacher:
     """A teacher with another tokenizer (`distill.cross_tokenizer`): runs `source` on the
     micro-batch's teacher window ("teacher_input_ids") and hands the alignment on with its
-    outputs."""
+    outputs. `prepared`: the source's outputs were computed from the teacher window elsewhere
+    (teacher ranks, `RemoteTeacher`, or an offline store); it gets the student's micro-batch,
+    whose token ids the stream's or the store's checksum covers."""
 
     reaches_every_stage = False
 
-    def __init__(self, source: TeacherSource):
-        self.source = source
+    def __init__(self, source: TeacherSource, *, prepared: bool = False):
+        self.source, self.prepared = source, prepared
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
-        outputs = self.source({"input_ids": micro_batch["teacher_input_ids"]})
+        outputs = self.source(micro_batch if self.prepared else
+                              {"input_ids": micro_batch["teacher_input_ids"]})
         for out in outputs.values():
             out.alignment = {key: micro_batch[key] for key in ALIGNMENT_KEYS}
         return outputs
@@ -127,3 +131,26 @@ class OtherTokenizerTeacher:
 
     def close(self) -> None:
         self.source.close()
+
+
+class ChunkStatsTeacher:
+    """The teacher ranks' (and the offline export's) side of a teacher with another tokenizer:
+    runs `teacher` on the micro-batch's teacher window and keeps only what the students' chunk
+    term needs, its statistics of the micro-batch (`term.teacher_stats` over `term.group`, this
+    teacher replica's TP group) and the requested buffers at the chunk ends, replicated over
+    [batch, seq, width] (which the wire cuts to each student's sequence shard)."""
+
+    def __init__(self, teacher: ColocatedTeacher, term: CrossTokenizerTerm, *,
+                 temperature: float, names: tuple[str, ...] | None = None):
+        self.teacher, self.term, self.temperature = teacher, term, temperature
+        self.request, self.names = teacher.request, names  # names: the statistics (None: the loss's)
+
+    @torch.no_grad()
+    def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        outputs = OtherTokenizerTeacher(self.teacher)(micro_batch)
+        for out in outputs.values():
+            out.chunk_stats = self.term.teacher_stats(out, temperature=self.temperature,
+                                                      names=self.names)
+            out.buffers = teacher_at_chunk_ends(out.buffers, out.alignment["teacher_chunk_ends"],
+                                                self.term.group)
+        return outputs

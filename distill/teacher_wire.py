@@ -11,7 +11,11 @@ own: preemption reaches the job from any rank), the teacher's final hidden state
 receiving student rank. Never logits: each student rank holds its vocabulary
 shard of the teacher's output weight (`load_teacher_head`, read once from the teacher checkpoint
 at any saved TP) and forms the teacher's logits itself. (`distill.teacher_stream=logits` sends
-logit shards instead: the older protocol, kept as the benchmark's baseline.)
+logit shards instead: the older protocol, kept as the benchmark's baseline.) A teacher with another
+tokenizer (`distill.cross_tokenizer`) streams no head output but its statistics of the
+micro-batch that the chunk term needs (distill/cross_tokenizer.py STATS, computed on the teacher
+ranks by `ChunkStatsTeacher` from their own copy of the paired data), and its buffers already
+taken at the chunk ends.
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t + j * teacher_tp)
 for every k and j, so the teacher's DP degree must divide the students'.
@@ -20,6 +24,7 @@ for every k and j, so the teacher's DP degree must divide the students'.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -50,7 +55,7 @@ def stream_request(request: TeacherRequest, stream: Literal["hidden", "logits"])
     """What the teacher ranks compute for students that need `request`: with `hidden` streaming,
     the head input whenever the objective needs the teacher's logits (fused or not)."""
     if stream == "hidden" and request.head != "none":
-        return TeacherRequest(head="hidden", buffers=request.buffers)
+        return dataclasses.replace(request, head="hidden")
     return request
 
 
@@ -62,16 +67,21 @@ class _Wire:
 
     head: str | None  # TeacherOutputs field name
     buffers: tuple[str, ...]  # teacher buffer names
+    stats: tuple[str, ...] = ()  # cross_tokenizer: chunk statistics, sent before the buffers
 
     @classmethod
     def of(cls, request: TeacherRequest) -> _Wire:
+        if request.chunk_stats:  # the statistics replace the head output
+            return cls(head=None, buffers=request.buffers, stats=request.chunk_stats)
         head = {"logits": "logits", "hidden": "head_hidden", "none": None}[request.head]
         return cls(head=head, buffers=request.buffers)
 
     def whole(self, outputs: TeacherOutputs, layout: ParallelLayout) -> list[torch.Tensor]:
-        """The head output and each buffer whole over the sequence (a sequence-parallel teacher's
-        shards are gathered: every TP rank of the teacher calls this for each micro-batch)."""
+        """The head output (or the chunk statistics) and each buffer whole over the sequence (a
+        sequence-parallel teacher's shards are gathered: every TP rank of the teacher calls this
+        for each micro-batch)."""
         tensors = [] if self.head is None else [getattr(outputs, self.head).detach()]
+        tensors += [outputs.chunk_stats[name] for name in self.stats]
         for name in self.buffers:
             buffer = outputs.buffers[name]
             tensor = buffer.tensor.detach()
@@ -82,17 +92,20 @@ class _Wire:
 
     def for_student(self, whole: list[torch.Tensor], *, seq_shards: int,
                     shard: int) -> list[torch.Tensor]:
-        """`whole` as student rank `shard` of `seq_shards` consumes it: the head output as is, each
-        buffer cut to that rank's sequence shard (`seq_shards` > 1 under the students' SP)."""
-        n_head = int(self.head is not None)
+        """`whole` as student rank `shard` of `seq_shards` consumes it: the head output (or the
+        chunk statistics) as is, each buffer cut to that rank's sequence shard (`seq_shards` > 1
+        under the students' SP)."""
+        n_head = int(self.head is not None) + len(self.stats)
         cut = [b.chunk(seq_shards, dim=SEQ_DIM)[shard] for b in whole[n_head:]]
         return [t.contiguous() for t in whole[:n_head] + cut]
 
     def unflatten(self, tensors: list[torch.Tensor]) -> TeacherOutputs:
         out = TeacherOutputs()
         if self.head is not None:
-            setattr(out, self.head, tensors[0])
-        for name, tensor in zip(self.buffers, tensors[self.head is not None:]):
+            setattr(out, self.head, tensors.pop(0))
+        if self.stats:
+            out.chunk_stats = dict(zip(self.stats, tensors[:len(self.stats)]))
+        for name, tensor in zip(self.buffers, tensors[len(self.stats):]):
             out.buffers[name] = tensor  # in the student's layout already
         return out
 
@@ -184,8 +197,8 @@ def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> 
     """What one student pipeline rank (`plan`) needs of the teacher: the head outputs on the last
     stage, and the teacher buffers of the activation pairs whose student buffer it publishes."""
     mine = {p.teacher for p in pairs if plan.runs(plan.buffer_stage(p.student))}
-    return TeacherRequest(head=request.head if plan.has_head else "none",
-                          buffers=tuple(sorted(mine & set(request.buffers))))
+    return dataclasses.replace(request, head=request.head if plan.has_head else "none",
+                               buffers=tuple(sorted(mine & set(request.buffers))))
 
 
 def _served_links(layout: ParallelLayout, stages: int) -> dict[int, list[_StudentLink]]:
@@ -310,7 +323,7 @@ class RemoteTeacher:
                  on_policy: Callable[[int], bool] | None = None,
                  preempted: PreemptionFlag | None = None):
         wire_request = stream_request(request, stream)
-        if wire_request.head == "hidden" and head is None:
+        if wire_request.head == "hidden" and head is None and not wire_request.chunk_stats:
             raise ValueError("hidden streaming needs the teacher's output layer shard (head=)")
         self.layout, self.request, self.head = layout, request, head
         self.preempted = preempted
@@ -394,7 +407,10 @@ class RemoteTeacher:
 
     @torch.no_grad()
     def _with_head(self, out: TeacherOutputs) -> TeacherOutputs:
-        """The received hidden states as the objective asked for the teacher's head."""
+        """The received hidden states as the objective asked for the teacher's head (with chunk
+        statistics: the head's weight shard, for mapped_kl's logits at the single chunks)."""
+        if out.chunk_stats is not None and self.head is not None:
+            out.output_weight, out.softcap = self.head.weight_shard(), self.head.softcap
         if out.head_hidden is None:
             return out
         if self.request.head == "logits":

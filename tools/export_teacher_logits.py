@@ -45,19 +45,23 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from distill.config import check_compatibility
+from distill.cross_tokenizer import CrossTokenizerTerm
 from distill.offline import (
     FORMAT,
     METADATA,
     VERSION,
+    cross_store_key,
     sample_checksums,
     shard_name,
     store_key,
     teacher_topk,
     topk_logprobs,
 )
-from distill.offline_codec import FLOAT_VALUES, VALUE_BITS, Codec
+from distill.offline_codec import CHUNK_STATS, FLOAT_VALUES, VALUE_BITS, Codec, encode_chunk_stats
 from distill.runconfig import (
     RunConfig,
+    check_cross_tokenizer,
+    check_cross_tokenizer_teacher,
     check_data,
     parse_run_config,
     teacher_checkpoints,
@@ -65,7 +69,7 @@ from distill.runconfig import (
 )
 from distill.teacher import TeacherRequest
 from distill.teacher_load import load_teacher
-from distill.teacher_sources import ColocatedTeacher
+from distill.teacher_sources import ChunkStatsTeacher, ColocatedTeacher
 from engine import collectives as C
 from engine.checkpoint import CheckpointError, ResolvedCheckpoint, ranks_agree
 from engine.checkpoint_files import file_record, fsync_dir, read_json, write_json, write_tensors
@@ -170,7 +174,14 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
     check(not cfg.distill.logit.varying_temperature, "distill.logit.temperature",
           "must be a constant: the store holds log-probabilities at one temperature")
     check_compatibility(live.distill, cfg.model, teacher, cfg.parallel.tp)
-    _check_args(args, cfg.model.vocab_size)
+    cross = cfg.distill.cross_tokenizer
+    if cross.on:  # the store holds the teacher's chunk statistics of each student sample
+        check(cross.loss != "mapped_kl", "distill.cross_tokenizer.loss",
+              "mapped_kl cannot train offline (it forms the teacher's logits from its output "
+              "layer): export for likelihood or uld")
+        check_cross_tokenizer(live)
+        check_cross_tokenizer_teacher(live, teacher)
+    _check_args(args, cfg.model.vocab_size if not cross.on else teacher.vocab_size)
     out = Path(args.out).expanduser()
     ensure_new_output(out, force=None)
     check_data(cfg)  # a missing or bad dataset stops here; builds the bundled corpus once
@@ -191,14 +202,21 @@ def load_plan(args: argparse.Namespace, *, world_size: int) -> ExportPlan:
 
 
 def _split_map(cfg: RunConfig, split: str) -> TokenBatches:
-    """The split's samples (its sample map; the seed only orders a stream, unused here)."""
-    return TokenBatches(cfg.data, seed=0, split=split, vocab_size=cfg.model.vocab_size)
+    """The split's samples (its sample map; the seed only orders a stream, unused here), with
+    another tokenizer their teacher windows and alignment."""
+    cross = cfg.distill.cross_tokenizer
+    return TokenBatches(cfg.data, seed=0, split=split, vocab_size=cfg.model.vocab_size,
+                        teacher_len=cross.teacher_tokens(cfg.data.seq_len) if cross.on else None)
 
 
 def header(plan: ExportPlan) -> dict:
     cfg, codec = plan.cfg, plan.codec
     key = store_key(cfg.data, temperature=cfg.distill.logit.temperature,
                     vocab_size=cfg.model.vocab_size)
+    cross = cfg.distill.cross_tokenizer
+    if cross.on:
+        key["cross_tokenizer"] = cross_store_key(
+            cfg.data, teacher_tokens=cross.teacher_tokens(cfg.data.seq_len))
     return {"format": FORMAT, "version": VERSION, **key, "k": codec.k,
             "value_bits": codec.value_bits, "samples_per_shard": plan.shard_samples,
             "teacher": {"path": str(plan.checkpoint.path),
@@ -221,11 +239,39 @@ def _check_resumable(plan: ExportPlan) -> None:
                                f"({', '.join(differ)}): remove it, or resume with the same ones")
 
 
-def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher:
+def build_teacher(plan: ExportPlan, layout: ParallelLayout) -> ColocatedTeacher | ChunkStatsTeacher:
+    """The teacher at the export's layout; with another tokenizer, giving its chunk statistics
+    (those of every loss the store serves, uld's top-k at --top-k)."""
     cfg = plan.cfg
     model = load_teacher(plan.checkpoint.path, plan.teacher, cfg.model, layout, seed=cfg.train.seed,
                          bf16=cfg.distill.teacher_bf16)
-    return ColocatedTeacher(model, TeacherRequest(head="logits"))
+    cross = cfg.distill.cross_tokenizer
+    if not cross.on:
+        return ColocatedTeacher(model, TeacherRequest(head="logits"))
+    term = CrossTokenizerTerm(loss=cross.loss, divergence=cross.divergence,
+                              kind=cfg.distill.logit.kind, student_vocab=cfg.model.vocab_size,
+                              teacher_vocab=plan.teacher.vocab_size, group=layout.tp_group,
+                              uld_top_k=plan.codec.k)
+    return ChunkStatsTeacher(ColocatedTeacher(model, TeacherRequest(head="hidden")), term,
+                             temperature=cfg.distill.logit.temperature, names=CHUNK_STATS)
+
+
+def chunk_stat_rows(teacher: ChunkStatsTeacher, batch: dict[str, torch.Tensor], *,
+                    plan: ExportPlan, layout: ParallelLayout,
+                    stats: ExportStats) -> dict[str, np.ndarray]:
+    """The teacher's CHUNK_STATS of the samples of `batch` (`TokenBatches.map_batch`),
+    `data.micro_batch` samples per forward: each [count, seq, ...] float32."""
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in CHUNK_STATS}
+    count = batch["input_ids"].shape[0]
+    for first in range(0, count, plan.cfg.data.micro_batch):
+        started = time.perf_counter()
+        micro = {k: v[first:first + plan.cfg.data.micro_batch].to(layout.device)
+                 for k, v in batch.items()}
+        (out,) = teacher(micro).values()
+        for name in CHUNK_STATS:
+            rows[name].append(out.chunk_stats[name].float().cpu().numpy())
+        stats.forward_s += time.perf_counter() - started
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
 
 
 def teacher_rows(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: ExportPlan,
@@ -252,10 +298,12 @@ def teacher_rows(teacher: ColocatedTeacher, input_ids: torch.Tensor, *, plan: Ex
     return np.concatenate(ids), np.concatenate(logp), np.concatenate(leftover)
 
 
-def encode_and_write(path: Path, codec: Codec, rows: tuple[np.ndarray, ...],
+def encode_and_write(path: Path, codec: Codec, rows: tuple[np.ndarray, ...] | dict[str, np.ndarray],
                      input_ids: torch.Tensor) -> str | None:
-    """Encode one shard and write it (in the writer thread); the error as one line, or None."""
-    tensors = {name: torch.from_numpy(array) for name, array in codec.encode(*rows).items()}
+    """Encode one shard (top-k rows, or a dict of chunk statistics) and write it (in the writer
+    thread); the error as one line, or None."""
+    arrays = encode_chunk_stats(rows) if isinstance(rows, dict) else codec.encode(*rows)
+    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     tensors["checksum"] = sample_checksums(input_ids)
     return _write(path, tensors)
 
@@ -273,8 +321,8 @@ def _prepare(plan: ExportPlan) -> None:
         write_json(plan.tmp / SETTINGS, plan.header)
 
 
-def write_shards(plan: ExportPlan, split: str, teacher: ColocatedTeacher, layout: ParallelLayout,
-                 *, bar: tqdm, stats: ExportStats) -> None:
+def write_shards(plan: ExportPlan, split: str, teacher: ColocatedTeacher | ChunkStatsTeacher,
+                 layout: ParallelLayout, *, bar: tqdm, stats: ExportStats) -> None:
     """Round r: DP group g computes shard r * dp + g unless it is already written (a resumed
     export), and its TP rank 0 encodes and writes it in a writer thread while the teacher runs
     the next round; every rank learns of a failed write one round later, all in the same round."""
@@ -289,8 +337,13 @@ def write_shards(plan: ExportPlan, split: str, teacher: ColocatedTeacher, layout
         for start in range(0, len(shards), layout.dp):
             index, submitted = start + layout.dp_rank, None
             if index < len(shards) and index not in done:
-                input_ids = data.map_inputs(shards[index])
-                rows = teacher_rows(teacher, input_ids, plan=plan, layout=layout, stats=stats)
+                if plan.cfg.distill.cross_tokenizer.on:
+                    batch = data.map_batch(shards[index])
+                    input_ids = batch["input_ids"]
+                    rows = chunk_stat_rows(teacher, batch, plan=plan, layout=layout, stats=stats)
+                else:
+                    input_ids = data.map_inputs(shards[index])
+                    rows = teacher_rows(teacher, input_ids, plan=plan, layout=layout, stats=stats)
                 stats.tokens += input_ids.numel()
                 if layout.tp_rank == 0:
                     path = plan.tmp / shard_name(split, first_index + index)

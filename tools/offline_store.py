@@ -4,7 +4,8 @@
     python tools/offline_store.py verify DIR...           every shard's sha256, and every sample
                                                           decoded and checked (ids in range and
                                                           distinct, log-probs finite, leftover
-                                                          in [0, 1])
+                                                          in [0, 1]; a cross-tokenizer store's
+                                                          chunk statistics in range)
     python tools/offline_store.py merge DIR... --out OUT  one store of exports of disjoint sample
                                                           ranges of the same data and teacher
 
@@ -46,8 +47,13 @@ def info(directory: str) -> list[str]:
     store = _store(directory)
     meta = store.meta
     bits = "float32" if meta["value_bits"] == 32 else f"{meta['value_bits']}-bit"
-    lines = [f"{directory}: top-{meta['k']} of vocabulary {meta['vocab_size']}, {bits} "
-             f"log-probabilities at temperature {meta['temperature']}, seq_len {meta['seq_len']}",
+    cross = meta.get("cross_tokenizer")
+    what = f"top-{meta['k']} of vocabulary {meta['vocab_size']}, {bits} log-probabilities" \
+        if cross is None else \
+        (f"chunk statistics (version {cross['version']}) of a teacher with another tokenizer, "
+         f"{cross['teacher_seq_len']} teacher tokens per window, top-{meta['k']} probabilities")
+    lines = [f"{directory}: {what} at temperature {meta['temperature']}, seq_len "
+             f"{meta['seq_len']}",
              f"  teacher {meta['teacher']['path']} (weights {meta['teacher']['digest'][:12]}), "
              f"data {meta['data_digest'][:12]}"]
     for split, records in store.records.items():
@@ -81,6 +87,9 @@ def _check_sample(store: TeacherStore, split: str, i: int, file: str) -> None:
         sample = store.sample(split, i)
     except (ValueError, IndexError, OfflineTeacherError) as err:
         raise StoreError(f"{where} does not decode ({err})") from None
+    if "cross_tokenizer" in store.meta:
+        _check_chunk_stats(sample, where, seq=store.meta["seq_len"], k=store.codec.k)
+        return
     ids, logp, leftover = sample["ids"], sample["logp"], sample["leftover"]
     if ids.shape != (store.meta["seq_len"], store.codec.k) or ids.min() < 0 or \
             ids.max() >= store.codec.vocab_size or (np.diff(ids, axis=-1) <= 0).any():
@@ -89,6 +98,18 @@ def _check_sample(store: TeacherStore, split: str, i: int, file: str) -> None:
         raise StoreError(f"{where} holds log-probabilities that are not finite or above 0")
     if not ((leftover >= 0) & (leftover <= 1)).all():
         raise StoreError(f"{where} holds a leftover mass outside [0, 1]")
+
+
+def _check_chunk_stats(sample: dict[str, np.ndarray], where: str, *, seq: int, k: int) -> None:
+    """A sample of a store of a teacher with another tokenizer: chunk NLLs >= 0, chunk
+    log-likelihoods <= 0, top-k probabilities in [0, 1], all finite and of their shapes."""
+    nll, ll, top = sample["chunk_nll"], sample["chunk_ll"], sample["single_top"]
+    if nll.shape != (seq,) or ll.shape != (seq,) or top.shape != (seq, k):
+        raise StoreError(f"{where} holds chunk statistics of other shapes than [{seq}] and "
+                         f"[{seq}, {k}]")
+    if not all(np.isfinite(x).all() for x in (nll, ll, top)) or (nll < 0).any() or \
+            (ll > 0).any() or ((top < 0) | (top > 1)).any():
+        raise StoreError(f"{where} holds chunk statistics that are not finite or out of range")
 
 
 def merge(directories: list[str], out: Path) -> None:

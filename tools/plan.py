@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from distill._plan import make_plan  # noqa: E402
 from distill.config import aligned_teacher_config  # noqa: E402
 from distill.objective import DistillObjective  # noqa: E402
-from distill.runconfig import RunConfig, check_model_data, check_pipeline, parse_run_config  # noqa: E402
+from distill.runconfig import RunConfig, check_model_data, check_pipeline, parse_run_config, shared_vocab  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
 from engine.data import check_batch_layout  # noqa: E402
@@ -207,7 +207,8 @@ def teacher_model(job: Job, pp_rank: int) -> _Shapes | None:
 
 
 def _objective(job: Job, layout: ParallelLayout) -> DistillObjective:
-    return DistillObjective(job.cfg.distill, job.cfg.model, job.teacher, layout)
+    return DistillObjective(job.cfg.distill, job.cfg.model, job.teacher, layout,
+                            shared_vocab=shared_vocab(job.cfg))
 
 
 def nbytes(params) -> int:
@@ -391,6 +392,8 @@ def teacher_output_bytes(job: Job, last: bool) -> int:
     cfg = job.cfg
     tokens, item = cfg.data.micro_batch * cfg.data.seq_len, _teacher_item(job)
     schedule = cfg.distill.schedule
+    if schedule == "offline" and cfg.distill.cross_tokenizer.on:  # the chunk statistics
+        return cross_tokenizer_payload(job) if last else 0
     if schedule == "offline":  # fp32 values, int32 ids, one fp32 log-sum-exp per token
         return tokens * (offline_k(job) * (FP32 + INT32) + FP32) if last else 0
     if job.teacher is None or not last:
@@ -402,12 +405,27 @@ def teacher_output_bytes(job: Job, last: bool) -> int:
 
 def stream_payload(job: Job) -> int:
     """One micro-batch's tensors on the wire from a teacher rank to a student rank: the teacher's
-    final hidden states (this rank's sequence shard under SP) or its logit shard."""
+    final hidden states (this rank's sequence shard under SP) or its logit shard; with
+    cross_tokenizer its chunk statistics instead (`cross_tokenizer_payload`)."""
     cfg, item = job.cfg, _teacher_item(job)
+    if cfg.distill.cross_tokenizer.on:
+        return cross_tokenizer_payload(job)
     if cfg.distill.teacher_stream == "logits":
         return logits_bytes(job, itemsize=item)
     hidden = cfg.data.micro_batch * cfg.data.seq_len * job.teacher.hidden * item
     return hidden // job.par.tp if job.par.sp else hidden
+
+
+def cross_tokenizer_payload(job: Job) -> int:
+    """The teacher's chunk statistics of one micro-batch (distill/cross_tokenizer.py STATS), as
+    teacher ranks stream them and an offline store's reader holds them: fp32 [micro_batch, seq]
+    values each but for uld's [.., uld_top_k] top probabilities and mapped_kl's [.., hidden_t]
+    head input in the teacher's dtype."""
+    cfg = job.cfg
+    cross, rows = cfg.distill.cross_tokenizer, cfg.data.micro_batch * cfg.data.seq_len
+    width = {"likelihood": FP32, "uld": cross.uld_top_k * FP32,
+             "mapped_kl": job.teacher.hidden * _teacher_item(job)}[cross.loss]
+    return rows * (FP32 + width)
 
 
 def student_memory(job: Job, pp_rank: int, hw: Hardware) -> RankMemory:

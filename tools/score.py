@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node N tools/score.py --ckpt CKPT_DIR --tokens TOKENS.npy --out LOGPROBS.npy
     torchrun --nproc_per_node N tools/score.py --ckpt CKPT_DIR --data PREFIX [--seq-len L] [--batches N]
+                                                [--bpb [--tokenizer TOKENIZER.json]]
 
 `--tokens` holds integer ids `[batch, seq]`; `--out` gets float32 `log p(token[t+1] | token[..t])`
 `[batch, seq-1]`, the way to check a converted checkpoint against another framework. `--data`
@@ -9,6 +10,14 @@
 next-token loss and the perplexity over `--batches` batches of its validation split, drawn exactly
 as training draws them (engine.data.TokenBatches), so teacher, student and baseline scored with the
 same flags see the same tokens whatever their TP degree.
+
+`--bpb` adds `bits_per_byte`: the same loss in bits over the bytes of the labels scored, the unit
+that compares models with different tokenizers. A label's bytes are those of the UTF-8 text its
+token stands for, the end-of-document token counting one byte (as paired data counts them):
+from the data's own byte offsets when it is paired data (`PREFIX.offsets`, written by
+tools/preprocess_data.py --teacher-tokenizer; the number `val_bpb` logs), else from the
+tokenizer's vocabulary (`--tokenizer`, default the `tokenizer.json` beside the dataset, as the
+bundled corpus keeps it; a byte-level BPE). Both give the same bytes for the same tokens.
 
 The model runs at TP = `--tp` (default: every rank over `--pp`), in `--pp` pipeline stages
 (default 1; the sequences go through the pipeline's forwards) and data parallel over the remaining
@@ -34,15 +43,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from distill import cross_entropy
-from distill.evaluate import validation_loss
+from distill.evaluate import validation
 from distill.pipeline_step import StudentStage, run_pipeline
 from distill.weights import load_weights
 from engine import collectives as C
 from engine.checkpoint import open_checkpoint
 from engine.config import ConfigError
-from engine.data import DataConfig
+from engine.data import DataConfig, DataError, resolve_data_path
+from engine.data.encode import find_eod_id
+from engine.data.paired import PAIRED_SUFFIXES, token_bytes
 from engine.entry import ensure_new_output, run_tool
 from engine.log import get_logger, setup_logging
 from engine.parallel import STUDENT, LaunchEnv, LayoutError, ParallelConfig, ParallelLayout, validate_layout
@@ -172,6 +184,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="98,2", help="with --data: train,valid document split")
     parser.add_argument("--seed", type=int, default=1234, help="with --data: the data order's seed "
                                                                "(train.seed of the runs compared)")
+    parser.add_argument("--bpb", action="store_true", help="with --data: also bits per byte")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="with --bpb on data without byte offsets: its tokenizer.json "
+                             "(default: the one beside the dataset)")
     return parser.parse_args(argv)
 
 
@@ -190,6 +206,35 @@ def _check_args(args: argparse.Namespace, cfg: ModelConfig, world: int) -> None:
     elif args.batch_size % (dp := tool_parallel(args).rank_order(STUDENT, world).dp):
         raise ConfigError("--batch-size", f"{args.batch_size} does not split over {dp} "
                                           "data-parallel ranks")
+    if args.bpb and args.data is None:
+        raise ConfigError("--bpb", "needs --data")
+
+
+def byte_source(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+    """`validation`'s keyword for bits per byte (`--bpb`): paired data's offsets
+    ({"teacher_len"}), or the bytes of each token id of the tokenizer ({"byte_lengths"})."""
+    prefixes = [prefix for _, prefix in resolve_data_path(_data_config(args, 1))]
+    if all(Path(p + s + ".idx").is_file() for p in prefixes for s in PAIRED_SUFFIXES):
+        return {"teacher_len": 2 * args.seq_len}  # (the teacher's window: unused for the bytes)
+    path = args.tokenizer or Path(prefixes[0]).parent / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError("--tokenizer", f"{path} not found: --bpb on data without byte offsets "
+                                         "needs the tokenizer that made it")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+        try:
+            eod = find_eod_id(tokenizer)
+        except DataError:
+            eod = None  # no end-of-document token: none in the data either
+        table = token_bytes(tokenizer, eod_id=eod)
+    except Exception as err:  # a DataError, or the tokenizers library's own (a bad file)
+        raise ConfigError("--tokenizer", f"{path}: {err}") from None
+    if len(table) > cfg.vocab_size:
+        raise ConfigError("--tokenizer", f"{path} has {len(table)} tokens, the model "
+                                         f"{cfg.vocab_size}")
+    lengths = torch.zeros(cfg.vocab_size, dtype=torch.int64)
+    lengths[:len(table)] = torch.tensor([len(b) for b in table], dtype=torch.int64)
+    return {"byte_lengths": lengths}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -241,7 +286,7 @@ def _data_config(args: argparse.Namespace, dp: int) -> DataConfig:
 
 
 def run(args: argparse.Namespace, step_dir: Path, cfg: ModelConfig, layout: ParallelLayout, *,
-        ids: torch.Tensor | None) -> None:
+        ids: torch.Tensor | None, bytes_from: dict | None = None) -> None:
     """Score `ids` (or `--data`) on every rank; rank 0 writes `--out` or prints the perplexity line."""
     model = load_model(step_dir, cfg, layout)
     if ids is not None:
@@ -250,12 +295,16 @@ def run(args: argparse.Namespace, step_dir: Path, cfg: ModelConfig, layout: Para
             save_npy(args.out, log_probs.numpy())
             log.info("wrote log-probs %s to %s", list(log_probs.shape), args.out)
         return
-    loss, tokens = validation_loss(model, _data_config(args, layout.dp),
-                                   micro_batches=args.batches, seed=args.seed)
+    scores = validation(model, _data_config(args, layout.dp), micro_batches=args.batches,
+                        seed=args.seed, **(bytes_from or {}))
     if layout.is_rank0:
+        loss = scores.loss
         perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
-        print(json.dumps({"ckpt": str(step_dir), "data": args.data, "tokens": tokens,
-                          "loss": loss, "perplexity": perplexity}), flush=True)
+        line = {"ckpt": str(step_dir), "data": args.data, "tokens": scores.labels,
+                "loss": loss, "perplexity": perplexity}
+        if args.bpb:
+            line["bits_per_byte"] = scores.bits_per_byte
+        print(json.dumps(line), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         step_dir, _, cfg = checkpoint_model_config(args.ckpt)
         _check_args(args, cfg, launch.world_size)
         ids = read_tokens(args.tokens, cfg) if args.tokens is not None else None
-        return degrees, lambda layout: run(args, step_dir, cfg, layout, ids=ids)
+        bytes_from = byte_source(args, cfg) if args.bpb else None  # (before any process group)
+        return degrees, lambda layout: run(args, step_dir, cfg, layout, ids=ids,
+                                           bytes_from=bytes_from)
 
     return run_tool(prepare)
 

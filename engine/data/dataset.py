@@ -299,10 +299,22 @@ class TokenBatches:
     def map_inputs(self, ids: range) -> torch.Tensor:
         """[len(ids), seq] int64: the input ids of the sample-map windows `ids`."""
         rows = []
+        for d, w in self._map_windows(ids):
+            rows.append(self.sources[d].window(w)[0][:-1])
+        return torch.from_numpy(np.stack(rows))
+
+    def map_batch(self, ids: range) -> dict[str, torch.Tensor]:
+        """The micro-batch of the sample-map windows `ids` (with a teacher_len, their teacher
+        windows and alignment, as `next_step` gives them)."""
+        return self._windows_batch(self._map_windows(ids))
+
+    def _map_windows(self, ids: range) -> list[tuple[int, int]]:
+        """(dataset, its window) of each sample-map index of `ids`."""
+        out = []
         for i in ids:
             d = int(np.searchsorted(self.map_offsets, i, side="right")) - 1
-            rows.append(self.sources[d].window(i - int(self.map_offsets[d]))[0][:-1])
-        return torch.from_numpy(np.stack(rows))
+            out.append((d, i - int(self.map_offsets[d])))
+        return out
 
     @property
     def map_samples(self) -> int:
@@ -310,7 +322,9 @@ class TokenBatches:
         return int(self.map_offsets[-1])
 
     def _micro_batch(self, drawn: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        map_windows = [(d, self.sources[d].window_of(k)) for d, k in drawn]
+        return self._windows_batch([(d, self.sources[d].window_of(k)) for d, k in drawn])
+
+    def _windows_batch(self, map_windows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         windows = [self.sources[d].window(w) for d, w in map_windows]
         tokens = np.stack([w for w, _ in windows])  # [mb, seq + 1]
         starts = np.stack([s for _, s in windows])  # [mb, seq + 1]: tokens that begin a document
