@@ -198,16 +198,16 @@ def check_sequence_layout(cfg: RunConfig) -> None:
             raise ConfigError("data.seq_len", f"{data.seq_len} does not split into 2 x parallel.cp="
                                               f"{par.cp} chunks (of a length that splits over "
                                               f"parallel.tp={par.tp} under SP)")
-        later = {"parallel.pp": par.pp > 1, "parallel.teacher_ranks": par.teacher_ranks > 0,
+        later = {"parallel.teacher_ranks": par.teacher_ranks > 0,
                  "distill.schedule": distill.schedule == "offline", "model.moe": cfg.model.moe is not None,
                  "model.mtp_heads": cfg.model.mtp_heads > 0, "distill.on_policy": distill.on_policy.on}
         for key, used in later.items():
             if used:
                 raise ConfigError(key, f"does not combine with parallel.cp={par.cp} yet (context "
-                                       "parallelism runs colocated teachers, TP/SP, DP and the "
+                                       "parallelism runs colocated teachers, TP/SP, PP, DP and the "
                                        "distributed optimizer)")
     if data.attention_within_documents:
-        later = {"parallel.pp": par.pp > 1, "parallel.teacher_ranks": par.teacher_ranks > 0,
+        later = {"parallel.teacher_ranks": par.teacher_ranks > 0,
                  "distill.schedule": distill.schedule == "offline", "distill.on_policy": distill.on_policy.on}
         for key, used in later.items():
             if used:

@@ -9,8 +9,9 @@
 - Documents at CP=1: with positions restarting per document, a packed row computes for each
   document exactly what that document computes alone.
 - Through the entry point, 3 steps of logit + activation distillation from a colocated teacher on
-  packed documents: CP=2, CP=2 x TP=2 + SP, CP=2 x DP=2 (DDP and the distributed optimizer) and
-  CP=4 equal the CP=1 single-process run.
+  packed documents: CP=2, CP=2 x TP=2 + SP, CP=2 x DP=2 (DDP and the distributed optimizer),
+  CP=4, CP=2 x PP=2 and PP=2 (packed documents through the pipeline stages) equal the CP=1
+  single-process run.
 """
 
 from __future__ import annotations
@@ -152,21 +153,36 @@ def _cp_run_config(tmp: Path) -> Path:
     return write_config(tmp / "run.yaml", cfg)
 
 
-@pytest.mark.slow  # multi-rank end-to-end runs
-def test_context_parallel_training_equals_the_single_process_run(tmp_path):
-    path = _cp_run_config(tmp_path)
-    assert run_in(path, tmp_path / "cp1", []) == 0
-    want = read_metrics(tmp_path / "cp1")
+def _assert_runs_equal_cp1(tmp: Path, layouts: dict[str, tuple[int, list[str]]]) -> None:
+    """Each (world, overrides) run of `_cp_run_config` has the CP=1 single-process run's step terms
+    (`assert_same_run`'s float32 tolerance)."""
+    path = _cp_run_config(tmp)
+    assert run_in(path, tmp / "cp1", []) == 0
+    want = read_metrics(tmp / "cp1")
     assert want[0]["kd_loss"] > 0 and want[0]["act_loss"] > 0
-    layouts = {"cp2": (2, ["parallel.cp=2"]),
-               "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
-               "cp2_dp2": (4, ["parallel.cp=2"]),
-               "cp2_dp2_distributed_optimizer": (4, ["parallel.cp=2", "train.distributed_optimizer=true"]),
-               "cp4": (4, ["parallel.cp=4"])}
     for name, (world, overrides) in layouts.items():
-        assert run_ranks(run_in, world, path, tmp_path / name, overrides, timeout_s=300) == \
+        assert run_ranks(run_in, world, path, tmp / name, overrides, timeout_s=300) == \
             [0] * world, name
         # (not val_loss: after the last update, where Adam's first steps turn the float32
         # rounding of near-zero gradients into +-lr moves; the step's own terms are compared)
-        assert_same_run(read_metrics(tmp_path / name), want,
+        assert_same_run(read_metrics(tmp / name), want,
                         keys=("loss", "lm_loss", "kd_loss", "act_loss", "grad_norm"))
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_context_parallel_training_equals_the_single_process_run(tmp_path):
+    _assert_runs_equal_cp1(tmp_path, {
+        "cp2": (2, ["parallel.cp=2"]),
+        "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
+        "cp2_dp2": (4, ["parallel.cp=2"]),
+        "cp2_dp2_distributed_optimizer": (4, ["parallel.cp=2", "train.distributed_optimizer=true"]),
+        "cp4": (4, ["parallel.cp=4"])})
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_context_parallel_pipelines_equal_the_single_process_run(tmp_path):
+    """Each stage runs its CP rank's chunks (the residual stream between stages is the CP-local
+    sequence; the colocated teacher runs in the same stages); packed documents under PP alone."""
+    _assert_runs_equal_cp1(tmp_path, {
+        "pp2": (2, ["parallel.pp=2"]),
+        "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"])})
