@@ -4,8 +4,9 @@
   chunks r and 2cp-1-r of every sequence: its logits equal the single-process model's at those
   positions, and every gradient (summed over the CP group, as the trainer sums over DP x CP)
   equals the single-process gradient (1e-12). Rows cover grouped-query attention with a causal
-  mask, sliding windows shorter and longer than a chunk, documents whose boundaries fall inside and
-  across chunks, and every block option of the newer families (local/global layers, soft-caps).
+  mask (the mask-free chunk-by-chunk path, which the rows check they took), sliding windows
+  shorter and longer than a chunk, documents whose boundaries fall inside and across chunks, and
+  every block option of the newer families (local/global layers, soft-caps).
 - Documents at CP=1: with positions restarting per document, a packed row computes for each
   document exactly what that document computes alone.
 - Through the entry point, 3 steps of logit + activation distillation from a colocated teacher on
@@ -27,6 +28,7 @@ from engine.mappings import gather_from_tp
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
+from layers import context
 from layers.context import cp_positions
 from layers.model import TransformerLM
 from layers.sharding import gather_full
@@ -75,23 +77,35 @@ def _reference(name: str, documents: bool) -> dict:
 
 def _cp_rank(rows):
     results = []
+    chunked_calls = []  # which rows took the mask-free path (layers/context.py attend_chunks)
+    counted = context.causal_chunk_attention
+
+    def counting(*args, **kwargs):
+        chunked_calls.append(1)
+        return counted(*args, **kwargs)
+
+    context.causal_chunk_attention = counting
     for name, tp, sp, cp, documents in rows:
         layout = make_layout(ParallelConfig(tp=tp, sp=sp, cp=cp))
         model = TransformerLM(CONFIGS[name], layout, seed=4).double()
         positions = cp_positions(SEQ, cp, layout.cp_rank)
+        chunked_calls.clear()
         result = _run(model, positions, documents, layout.tp_group)
+        result["chunked"] = bool(chunked_calls)
         grads = {}
         for pname, param in model.named_parameters():  # the trainer's sum over DP x CP
             grad = C.all_reduce(param.grad.clone(), layout.cp_group)
             grads[pname] = gather_full(param, layout=layout, vocab_size=VOCAB, tensor=grad)
-        results.append({"logits": result["logits"], "grads": grads, "positions": positions})
+        results.append({"logits": result["logits"], "grads": grads, "positions": positions,
+                        "chunked": result["chunked"]})
     return results
 
 
 ROWS = {
     4: [("causal_gqa", 1, False, 4, False), ("window_inside_chunk", 1, False, 2, False),
         ("window_across_chunks", 2, True, 2, True), ("causal_gqa", 2, False, 2, True),
-        ("families", 2, True, 2, True), ("families", 1, False, 4, False)],
+        ("families", 2, True, 2, True), ("families", 1, False, 4, False),
+        ("causal_gqa", 2, True, 2, False)],
 }
 
 
@@ -102,6 +116,8 @@ def test_context_parallel_model_equals_the_single_process_model(world):
         ref = _reference(name, documents)
         for rank, results in enumerate(per_rank):
             got, row = results[i], f"{ROWS[world][i]} rank {rank}"
+            # whole causal sequences attend chunk by chunk without a mask; the rest use the mask
+            assert got["chunked"] == (name == "causal_gqa" and not documents), row
             torch.testing.assert_close(got["logits"], ref["logits"][:, got["positions"]], **TOL,
                                        msg=lambda m: f"{row} logits: {m}")
             for pname, grad in got["grads"].items():
