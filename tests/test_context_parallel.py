@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,44 @@ def test_context_parallel_pipelines_equal_the_single_process_run(tmp_path):
     _assert_runs_equal_cp1(tmp_path, {
         "pp2": (2, ["parallel.pp=2"]),
         "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"])})
+
+
+# ------------------------------------------------------------------------------- long sequences
+
+def test_context_parallel_benchmark_counts_the_analytic_attention_bytes():
+    """tools/bench/context_parallel.py at a tiny size: its counted attention bytes per layer are
+    the analytic all-gather (forward) and reduce-scatter (backward) payloads, with nothing else
+    on the CP group, and each rank keeps fewer activations than the whole sequence does."""
+    from tools.bench import context_parallel as bench
+
+    args = bench.parse_args(["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2",
+                             "--ffn", "48", "--vocab", "64", "--steps", "1"])
+    whole = bench.run_row(args, seq=64, cp=1)
+    for cp in (2, 4):
+        got, want = bench.run_row(args, seq=64, cp=cp), bench.analytic_bytes(args, seq=64, cp=cp)
+        assert (got["all_gather"], got["reduce_scatter"], got["other_cp"]) == \
+            (want["all_gather"], want["reduce_scatter"], 0), cp
+        assert got["activations"] < whole["activations"], cp
+    assert (whole["all_gather"], whole["reduce_scatter"]) == (0, 0)
+
+
+def _long_run_config(tmp: Path) -> Path:
+    """Plain LM training on one 16,384-token sequence per step (no validation split)."""
+    cfg = base_config(tmp, cache=tmp / "cache")
+    cfg["model"].update(hidden=64, ffn_hidden=128, max_seq_len=16384)
+    cfg["data"].update(seq_len=16384, micro_batch=1, global_batch=1, split="100,0",
+                       corpus_max_bytes=400000)
+    return write_config(tmp / "run.yaml", cfg)
+
+
+@pytest.mark.slow  # a 16k-token sequence, CP=1 and CP=4 through the entry point
+def test_a_16k_token_sequence_trains_at_cp4(tmp_path):
+    path = _long_run_config(tmp_path)
+    # both in fresh processes, so that their peak resident sets compare
+    assert run_ranks(run_in, 1, path, tmp_path / "cp1", [], timeout_s=900) == [0]
+    assert run_ranks(run_in, 4, path, tmp_path / "cp4", ["parallel.cp=4"], timeout_s=900) == [0] * 4
+    want, got = read_metrics(tmp_path / "cp1"), read_metrics(tmp_path / "cp4")
+    assert all(math.isfinite(r["loss"]) for r in got) and got[-1]["loss"] < got[0]["loss"]
+    assert_same_run(got, want, keys=("loss", "lm_loss", "grad_norm"))
+    # memory sanity: no CP=4 rank peaks as high as the whole sequence's single process
+    assert max(r["peak_mem_bytes_max"] for r in got) < min(r["peak_mem_bytes"] for r in want)
