@@ -225,11 +225,14 @@ def test_context_parallel_benchmark_counts_the_analytic_attention_bytes():
 
 
 def _long_run_config(tmp: Path) -> Path:
-    """Plain LM training on one 16,384-token sequence per step (no validation split)."""
+    """Logit distillation from a colocated teacher on one 16,384-token sequence per step (no
+    validation split)."""
     cfg = base_config(tmp, cache=tmp / "cache")
     cfg["model"].update(hidden=64, ffn_hidden=128, max_seq_len=16384)
     cfg["data"].update(seq_len=16384, micro_batch=1, global_batch=1, split="100,0",
                        corpus_max_bytes=400000)
+    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher_config(cfg))),
+                      "lm_weight": 0.5, "logit": {"weight": 1.0}}
     return write_config(tmp / "run.yaml", cfg)
 
 
@@ -241,6 +244,6 @@ def test_a_16k_token_sequence_trains_at_cp4(tmp_path):
     assert run_ranks(run_in, 4, path, tmp_path / "cp4", ["parallel.cp=4"], timeout_s=900) == [0] * 4
     want, got = read_metrics(tmp_path / "cp1"), read_metrics(tmp_path / "cp4")
     assert all(math.isfinite(r["loss"]) for r in got) and got[-1]["loss"] < got[0]["loss"]
-    assert_same_run(got, want, keys=("loss", "lm_loss", "grad_norm"))
+    assert_same_run(got, want, keys=("loss", "lm_loss", "kd_loss", "grad_norm"))
     # memory sanity: no CP=4 rank peaks as high as the whole sequence's single process
     assert max(r["peak_mem_bytes_max"] for r in got) < min(r["peak_mem_bytes"] for r in want)
