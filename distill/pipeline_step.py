@@ -93,7 +93,8 @@ class StudentStage:
                 loss = self.activations(micro_batch, virtual, record.buffers, teacher_out) \
                     if self.activations is not None else None
                 return StageOutput([hidden, *teacher_hidden], loss)
-            out = student.finish(hidden, rope, record, compute_logits=self.compute_logits)
+            out = student.finish(hidden, rope, record, compute_logits=self.compute_logits,
+                                 tokens=tokens)
         return StageOutput([], self.last(micro_batch, out, teacher_out))
 
     def _teacher(self, chunk: int, ids: torch.Tensor, inputs: list[torch.Tensor], *, last: bool,

@@ -55,7 +55,8 @@ class ColocatedTeacher:
         hidden = model.run_chunk(chunk, hidden, rope, record, tokens)
         if not last:
             return hidden, TeacherOutputs(buffers=record.buffers)
-        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
+        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits",
+                           tokens=tokens)
         return None, self._outputs(out)
 
     def _outputs(self, out) -> TeacherOutputs:

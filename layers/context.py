@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine import collectives as C
+from engine.data import shift_labels
 from engine.mappings import gather_from_sp
 
 if TYPE_CHECKING:
     from layers.model import TransformerLM
 
 KEY_DIM = 2  # keys and values are [batch, kv_heads/tp, seq, head_dim]
+MTP_LABELS = "mtp_labels"  # a micro-batch entry [batch, seq, heads]: MTP head j's targets at j - 1
 
 
 def cp_positions(seq: int, cp: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
@@ -64,7 +66,8 @@ class TokenLayout:
         gathered over the CP group); otherwise the whole sequence is here."""
         self.cp = model.layout.cp if cp_chunks else 1
         self.group = model.layout.cp_group
-        self.windows = {b.name: b.attention.sliding_window for b in model.decoder.values()}
+        blocks = [*model.decoder.values(), *model.mtp.values()]
+        self.windows = {b.name: b.attention.sliding_window for b in blocks}
         self.q_pos = positions
         self.k_pos = C.all_gather(positions, self.group, dim=-1) if self.cp > 1 else positions
         self.cp_rank = C.group_rank(self.group) if self.cp > 1 else 0
@@ -206,15 +209,22 @@ def causal_chunk_attention(q: torch.Tensor, k_past: torch.Tensor, v_past: torch.
                                        k_own.contiguous(), v_own.contiguous(), scale)
 
 
-SEQUENCE_KEYS = ("input_ids", "labels", "kd_mask", "documents", "positions")  # [batch, seq] entries
+# [batch, seq, ...] entries of a micro-batch
+SEQUENCE_KEYS = ("input_ids", "labels", "kd_mask", "documents", "positions", MTP_LABELS)
 
 
-def split_for_cp(micro_batch: dict[str, torch.Tensor], cp: int, cp_rank: int) -> dict[str, torch.Tensor]:
+def split_for_cp(micro_batch: dict[str, torch.Tensor], cp: int, cp_rank: int, *,
+                 mtp_heads: int = 0) -> dict[str, torch.Tensor]:
     """This CP rank's share of a micro-batch: every per-token entry at its chunks' positions, and
-    `positions` (the global ones, or the per-document ones cut the same way)."""
+    `positions` (the global ones, or the per-document ones cut the same way). With `mtp_heads`,
+    the targets of MTP heads 1..k are shifted on the whole sequence first (`MTP_LABELS`): the
+    k-ahead labels of a chunk's last tokens lie in another chunk."""
     seq = micro_batch["input_ids"].shape[1]
     chunks = cp_positions(seq, cp, cp_rank, micro_batch["input_ids"].device)
     out = dict(micro_batch)
+    if mtp_heads and "labels" in micro_batch:
+        micro_batch = {**micro_batch, MTP_LABELS: torch.stack(
+            [shift_labels(micro_batch["labels"], j) for j in range(1, mtp_heads + 1)], dim=-1)}
     for key in SEQUENCE_KEYS:
         if key in micro_batch:
             out[key] = micro_batch[key][:, chunks]

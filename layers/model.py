@@ -228,12 +228,12 @@ class TransformerLM(nn.Module):
     def finish(self, hidden: torch.Tensor, rope, record, *, compute_logits: bool = True,
                mtp: bool = True, tokens: TokenLayout | None = None) -> ModelOutput:
         """Last stage: the trunk's last residual stream -> final norm, MTP heads (unless `mtp` is
-        False), logits shards."""
+        False; their attention sees the keys `tokens` says, as the trunk's does), logits shards."""
         final_hidden = self.final_norm(hidden)
         record("final_hidden", final_hidden)
         head_hidden = self.lm_head.head_input(final_hidden)  # [batch, seq, hidden]
         heads = self.mtp.values() if mtp else ()
-        mtp_hidden = [self.lm_head.head_input(self.final_norm(block(hidden, rope, record)))
+        mtp_hidden = [self.lm_head.head_input(self.final_norm(block(hidden, rope, record, tokens)))
                       for block in heads]
         return ModelOutput(
             logits=self.lm_head(head_hidden) if compute_logits else None,

@@ -11,8 +11,10 @@
   document exactly what that document computes alone.
 - Through the entry point, 3 steps of logit + activation distillation from a colocated teacher on
   packed documents: CP=2, CP=2 x TP=2 + SP, CP=2 x DP=2 (DDP and the distributed optimizer),
-  CP=4, CP=2 x PP=2 and PP=2 (packed documents through the pipeline stages) equal the CP=1
-  single-process run.
+  CP=4, CP=2 x PP=2 and PP=2 (packed documents through the pipeline stages), and with two MTP heads
+  CP=2, CP=4 and CP=2 x PP=2, equal the CP=1 single-process run.
+- tools/bench/context_parallel.py counts the analytic attention bytes; a 16,384-token sequence
+  trains at CP=4 as at CP=1 (slow).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
 from layers.config import ModelConfig
 from layers import context
-from layers.context import cp_positions
+from layers.context import cp_positions, split_for_cp
 from layers.model import TransformerLM
 from layers.sharding import gather_full
 from tests.helpers import assert_same_run
@@ -170,15 +172,17 @@ def _cp_run_config(tmp: Path) -> Path:
     return write_config(tmp / "run.yaml", cfg)
 
 
-def _assert_runs_equal_cp1(tmp: Path, layouts: dict[str, tuple[int, list[str]]]) -> None:
+def _assert_runs_equal_cp1(tmp: Path, layouts: dict[str, tuple[int, list[str]]],
+                           common: list[str] | None = None) -> None:
     """Each (world, overrides) run of `_cp_run_config` has the CP=1 single-process run's step terms
-    (`assert_same_run`'s float32 tolerance)."""
-    path = _cp_run_config(tmp)
-    assert run_in(path, tmp / "cp1", []) == 0
+    (`assert_same_run`'s float32 tolerance); `common`: overrides of every run, the reference's
+    included."""
+    path, common = _cp_run_config(tmp), common or []
+    assert run_in(path, tmp / "cp1", common) == 0
     want = read_metrics(tmp / "cp1")
     assert want[0]["kd_loss"] > 0 and want[0]["act_loss"] > 0
     for name, (world, overrides) in layouts.items():
-        assert run_ranks(run_in, world, path, tmp / name, overrides, timeout_s=300) == \
+        assert run_ranks(run_in, world, path, tmp / name, [*common, *overrides], timeout_s=300) == \
             [0] * world, name
         # (not val_loss: after the last update, where Adam's first steps turn the float32
         # rounding of near-zero gradients into +-lr moves; the step's own terms are compared)
@@ -203,6 +207,28 @@ def test_context_parallel_pipelines_equal_the_single_process_run(tmp_path):
     _assert_runs_equal_cp1(tmp_path, {
         "pp2": (2, ["parallel.pp=2"]),
         "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"])})
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_context_parallel_mtp_heads_equal_the_single_process_run(tmp_path):
+    """Two MTP heads: the 1- and 2-ahead targets of a chunk's last tokens lie in another chunk
+    (shifted on the whole sequence before the split); the heads' attention sees the whole
+    sequence's keys within each document, as the trunk's does."""
+    _assert_runs_equal_cp1(tmp_path, {"cp2": (2, ["parallel.cp=2"]), "cp4": (4, ["parallel.cp=4"]),
+                                      "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"])},
+                           common=["model.mtp_heads=2"])
+
+
+def test_split_for_cp_shifts_the_mtp_targets_on_the_whole_sequence():
+    labels = torch.arange(16).reshape(1, 16)
+    mb = {"input_ids": labels.clone(), "labels": labels}
+    for rank in range(2):
+        got = split_for_cp(mb, 2, rank, mtp_heads=2)
+        positions = cp_positions(16, 2, rank)
+        for j in (1, 2):  # head j's target at global position p is labels[p + j], or ignored
+            want = torch.where(positions + j < 16, positions + j, -100)
+            assert got["mtp_labels"][0, :, j - 1].tolist() == want.tolist(), (rank, j)
+        assert got["labels"][0].tolist() == positions.tolist()
 
 
 # ------------------------------------------------------------------------------- long sequences
