@@ -252,10 +252,11 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
         if cfg.distill.teachers:
             return TeacherList([OfflineTeacher(e.offline_dir, data=data, temperature=temperature,
                                                device=layout.device, name=e.name,
-                                               key=f"distill.teachers[{i}].offline_dir")
+                                               key=f"distill.teachers[{i}].offline_dir",
+                                               layout=layout)
                                 for i, e in enumerate(cfg.distill.teachers)])
         return OfflineTeacher(cfg.distill.offline_dir, data=data, temperature=temperature,
-                              device=layout.device)
+                              device=layout.device, layout=layout)
     if teacher_cfg is None:
         return None
     source = _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
