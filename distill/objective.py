@@ -67,8 +67,8 @@ from engine.data.paired import NO_CHUNK
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.buffers import ActivationBuffer
-from layers.context import MTP_LABELS
 from layers.config import ModelConfig
+from layers.context import MTP_LABELS
 from layers.model import ModelOutput
 
 log = get_logger(__name__)

@@ -30,8 +30,8 @@ from engine import collectives as C
 from engine.mappings import gather_from_tp
 from engine.parallel import ParallelConfig, ParallelLayout, make_layout
 from engine.spawn import run_ranks
-from layers.config import ModelConfig
 from layers import context
+from layers.config import ModelConfig
 from layers.context import cp_positions, split_for_cp
 from layers.model import TransformerLM
 from layers.sharding import gather_full
