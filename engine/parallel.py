@@ -221,10 +221,11 @@ class ParallelLayout:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def global_rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0, role: str | None = None) -> int:
+    def global_rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0, cp: int = 0,
+                    role: str | None = None) -> int:
         """Global rank of the process of `role` (None: this process's) with these coordinates."""
         return (self.teachers if (role or self.role) == TEACHER else self.students).rank(
-            tp=tp, pp=pp, dp=dp)
+            tp=tp, pp=pp, dp=dp, cp=cp)
 
     def virtual_stage(self, chunk: int) -> int:
         """The virtual stage this rank's model `chunk` runs."""

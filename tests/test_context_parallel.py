@@ -219,6 +219,18 @@ def test_context_parallel_mtp_heads_equal_the_single_process_run(tmp_path):
                            common=["model.mtp_heads=2"])
 
 
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_teacher_ranks_feed_context_parallel_students(tmp_path):
+    """A teacher rank (teacher_cp=1: whole sequences) sends each CP student rank its chunks of the
+    teacher's final hidden states and activation buffers (then its SP shard of the buffers)."""
+    ranks = ["parallel.teacher_ranks=1", "distill.schedule=teacher_ranks"]
+    _assert_runs_equal_cp1(tmp_path, {
+        "cp2_teacher_rank": (3, ["parallel.cp=2", *ranks]),
+        "cp2_tp2_sp_teacher_rank": (5, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true",
+                                        "parallel.teacher_tp=1", *ranks])},
+        common=["data.attention_within_documents=false", "data.positions_per_document=false"])
+
+
 def test_split_for_cp_shifts_the_mtp_targets_on_the_whole_sequence():
     labels = torch.arange(16).reshape(1, 16)
     mb = {"input_ids": labels.clone(), "labels": labels}
