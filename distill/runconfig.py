@@ -280,6 +280,15 @@ def check_teacher_ranks(cfg: RunConfig) -> None:
         raise ConfigError("parallel.teacher_tp", f"data.seq_len={cfg.data.seq_len} does not split "
                                                  f"over {teacher_tp} teacher ranks (sequence "
                                                  "parallelism)")
+    if par.teacher_cp > 1:
+        chunk = cfg.data.seq_len // (2 * par.teacher_cp)
+        if cfg.data.seq_len % (2 * par.teacher_cp) or (par.sp and (2 * chunk) % teacher_tp):
+            raise ConfigError("parallel.teacher_cp", f"data.seq_len={cfg.data.seq_len} does not "
+                                                     f"split into 2 x {par.teacher_cp} chunks (of a "
+                                                     f"length that splits over {teacher_tp} teacher "
+                                                     "TP ranks under SP)")
+        if cfg.distill.on_policy.on:
+            raise ConfigError("parallel.teacher_cp", "does not combine with distill.on_policy yet")
     if cfg.distill.teacher_stream == "logits" and teacher_tp != par.tp:
         raise ConfigError("distill.teacher_stream", "logits streams logit shards, which needs "
                                                     f"parallel.teacher_tp={teacher_tp} equal to "

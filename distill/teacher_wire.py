@@ -14,10 +14,12 @@ at any saved TP) and forms the teacher's logits itself. (`distill.teacher_stream
 logit shards instead: the older protocol, kept as the benchmark's baseline.)
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t + j * teacher_tp)
-for every k and j, and every CP rank c of theirs, so the teacher's DP degree must divide the
-students'. The teacher runs whole sequences; a context-parallel student rank gets its chunks
-(`layers.context.cp_positions`) of the head output and buffers, and the checksum of its chunks'
-token ids.
+for every k and j, and every CP rank c of theirs with c % teacher_cp equal to its own CP rank,
+so the teacher's DP degree must divide the students'. A context-parallel teacher
+(`parallel.teacher_cp`) runs its CP rank's chunks of each sequence and all-gathers its outputs
+over its CP group (whole sequences, as a teacher without CP has them); a context-parallel student
+rank gets its chunks (`layers.context.cp_positions`) of the head output and buffers, and the
+checksum of its chunks' token ids, whatever the two CP degrees.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from engine.data import to_device
 from engine.log import get_logger
 from engine.parallel import STUDENT, TEACHER, ParallelLayout
 from engine.signals import PreemptionFlag
-from layers.context import cp_positions
+from layers.context import cp_positions, global_order, split_for_cp
 from layers.stages import StagePlan
 from layers.tensor_parallel import SEQ_DIM, VocabParallelLMHead
 
@@ -74,7 +76,8 @@ class _Wire:
 
     def whole(self, outputs: TeacherOutputs, layout: ParallelLayout) -> list[torch.Tensor]:
         """The head output and each buffer whole over the sequence (a sequence-parallel teacher's
-        shards are gathered: every TP rank of the teacher calls this for each micro-batch)."""
+        shards are gathered, and a context-parallel teacher's chunks: every TP and CP rank of the
+        teacher calls this for each micro-batch)."""
         tensors = [] if self.head is None else [getattr(outputs, self.head).detach()]
         for name in self.buffers:
             buffer = outputs.buffers[name]
@@ -82,6 +85,9 @@ class _Wire:
             if buffer.seq_sharded:
                 tensor = C.all_gather(tensor, layout.tp_group, dim=buffer.seq_dim)
             tensors.append(tensor)
+        if layout.cp > 1:
+            tensors = [global_order(C.all_gather(t, layout.cp_group, dim=SEQ_DIM), layout.cp,
+                                    dim=SEQ_DIM) for t in tensors]
         return tensors
 
     def for_student(self, whole: list[torch.Tensor], *, seq_shards: int, shard: int,
@@ -199,10 +205,11 @@ def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> 
 def _served_links(layout: ParallelLayout, stages: int) -> dict[int, list[_StudentLink]]:
     """Teacher side: the links of this teacher rank, by student DP rank. Teacher replica d serves
     student replicas d, d + teacher_dp, ...; within one, teacher TP rank t serves the student TP
-    ranks t, t + teacher_tp, ... of each of the replica's `stages` pipeline stages and CP ranks."""
+    ranks t, t + teacher_tp, ... of each of the replica's `stages` pipeline stages, and of their CP
+    ranks c, c + teacher_cp, ... from its own CP rank c."""
     return {d: [_StudentLink(layout.global_rank(role=STUDENT, tp=s, pp=p, dp=d, cp=c),
                              layout.device, shard=s, stage=p, cp_rank=c)
-                for p in range(stages) for c in range(layout.students.cp)
+                for p in range(stages) for c in range(layout.cp_rank, layout.students.cp, layout.cp)
                 for s in range(layout.tp_rank, layout.students.tp, layout.tp)]
             for d in range(layout.dp_rank, layout.students.dp, layout.dp)}
 
@@ -210,13 +217,16 @@ def _served_links(layout: ParallelLayout, stages: int) -> dict[int, list[_Studen
 def peer_teacher_rank(layout: ParallelLayout) -> int:
     """Student side: the teacher rank that streams to this student rank."""
     return layout.global_rank(role=TEACHER, tp=layout.tp_rank % layout.teacher_tp,
-                              dp=layout.dp_rank % layout.teachers.dp)
+                              dp=layout.dp_rank % layout.teachers.dp,
+                              cp=layout.cp_rank % layout.teachers.cp)
 
 
 def _agree(ok: bool, layout: ParallelLayout) -> bool:
-    """Whether every TP rank of this teacher replica says go (they run each forward together)."""
+    """Whether every TP and CP rank of this teacher replica says go (they run each forward
+    together): the minimum over TP, then over CP."""
     flag = torch.tensor([int(ok)], dtype=torch.int64, device=layout.device)
-    return bool(C.all_reduce(flag, layout.tp_group, op="min").item())
+    C.all_reduce(flag, layout.tp_group, op="min")
+    return bool(C.all_reduce(flag, layout.cp_group, op="min").item())
 
 
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
@@ -263,7 +273,8 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                     del streams[d]
                     continue
             served[d] += 1
-            (out,) = teacher(batch).values()  # teacher ranks serve one teacher
+            mine = batch if layout.cp == 1 else split_for_cp(batch, layout.cp, layout.cp_rank)
+            (out,) = teacher(mine).values()  # teacher ranks serve one teacher
             whole = [wire.whole(out, layout) for wire in wires]
             for link in links[d]:
                 chunks = _cp_chunks(batch, layout.students.cp, link.cp_rank)

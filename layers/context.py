@@ -152,14 +152,14 @@ class _LayerView:
         return (gather_from_sp(k, group, seq_dim=KEY_DIM), gather_from_sp(v, group, seq_dim=KEY_DIM))
 
 
-def global_order(x: torch.Tensor, cp: int) -> torch.Tensor:
-    """Keys or values gathered over CP (`[..., seq, head_dim]`, rank j's chunks j and 2cp-1-j at
-    the j-th place) -> the same in sequence order."""
-    per_rank = x.shape[KEY_DIM] // cp
+def global_order(x: torch.Tensor, cp: int, *, dim: int = KEY_DIM) -> torch.Tensor:
+    """A tensor gathered over CP along the sequence `dim` (rank j's chunks j and 2cp-1-j at the
+    j-th place; keys and values by default) -> the same in sequence order."""
+    per_rank = x.shape[dim] // cp
     chunk = per_rank // 2
-    pieces = [x.narrow(KEY_DIM, g * per_rank, chunk) if g < cp else
-              x.narrow(KEY_DIM, (2 * cp - 1 - g) * per_rank + chunk, chunk) for g in range(2 * cp)]
-    return torch.cat(pieces, dim=KEY_DIM)
+    pieces = [x.narrow(dim, g * per_rank, chunk) if g < cp else
+              x.narrow(dim, (2 * cp - 1 - g) * per_rank + chunk, chunk) for g in range(2 * cp)]
+    return torch.cat(pieces, dim=dim)
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

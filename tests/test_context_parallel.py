@@ -222,12 +222,16 @@ def test_context_parallel_mtp_heads_equal_the_single_process_run(tmp_path):
 @pytest.mark.slow  # multi-rank end-to-end runs
 def test_teacher_ranks_feed_context_parallel_students(tmp_path):
     """A teacher rank (teacher_cp=1: whole sequences) sends each CP student rank its chunks of the
-    teacher's final hidden states and activation buffers (then its SP shard of the buffers)."""
+    teacher's final hidden states and activation buffers (then its SP shard of the buffers); two
+    teacher ranks at teacher_cp=2 gather their chunks and feed a CP=1 and a CP=2 student."""
     ranks = ["parallel.teacher_ranks=1", "distill.schedule=teacher_ranks"]
+    teacher_cp2 = ["parallel.teacher_ranks=2", "parallel.teacher_cp=2", "distill.schedule=teacher_ranks"]
     _assert_runs_equal_cp1(tmp_path, {
         "cp2_teacher_rank": (3, ["parallel.cp=2", *ranks]),
         "cp2_tp2_sp_teacher_rank": (5, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true",
-                                        "parallel.teacher_tp=1", *ranks])},
+                                        "parallel.teacher_tp=1", *ranks]),
+        "cp1_teacher_cp2": (3, teacher_cp2),
+        "cp2_teacher_cp2": (4, ["parallel.cp=2", *teacher_cp2])},
         common=["data.attention_within_documents=false", "data.positions_per_document=false"])
 
 
