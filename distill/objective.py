@@ -68,6 +68,7 @@ from engine.log import get_logger
 from engine.parallel import ParallelLayout
 from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig
+from layers.context import MTP_LABELS
 from layers.model import ModelOutput
 
 log = get_logger(__name__)
@@ -89,11 +90,21 @@ class TokenCounts:
     chunk_ends: int = 0  # cross_tokenizer: chunks whose ends both windows hold (activation pairs)
 
 
+def head_targets(labels: torch.Tensor, mtp_labels: torch.Tensor | None, head: int) -> torch.Tensor:
+    """Head `head`'s targets [batch, seq] (0: next token, j: MTP head j): `mtp_labels`
+    [batch, seq, heads] where the micro-batch carries them (a CP rank's chunks: shifted on the
+    whole sequence before the split, layers/context.py `split_for_cp`), else `labels` shifted."""
+    if head == 0 or mtp_labels is None:
+        return shift_labels(labels, head)
+    return mtp_labels[..., head - 1]
+
+
 def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
     tokens = micro_batch["input_ids"].numel()
     labels, kd_mask = micro_batch.get("labels"), micro_batch.get("kd_mask")
+    mtp_labels = micro_batch.get(MTP_LABELS)
     heads = [0] * (1 + mtp_heads) if labels is None else \
-        [int((shift_labels(labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
+        [int((head_targets(labels, mtp_labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
     distill = int(kd_mask.sum()) if kd_mask is not None else \
         tokens if labels is None else heads[0]
     chunk_bytes = micro_batch.get("chunk_bytes")
@@ -265,15 +276,17 @@ class DistillObjective(nn.Module):
                 labels: torch.Tensor | None, *, tokens_norm: TokenCounts,
                 output_weight: torch.Tensor | None = None,
                 kd_mask: torch.Tensor | None = None,
-                pairs: Sequence[ResolvedPair] | None = None) -> ObjectiveOutput:
+                pairs: Sequence[ResolvedPair] | None = None,
+                mtp_labels: torch.Tensor | None = None) -> ObjectiveOutput:
         """`pairs`: the activation pairs whose buffers this forward has (all when None; a
-        pipeline stage's own, see `activation_share`)."""
+        pipeline stage's own, see `activation_share`); `mtp_labels`: the micro-batch's MTP
+        targets when it carries them (`head_targets`)."""
         metrics: dict[str, torch.Tensor] = {}
         mask = distill_mask(labels, kd_mask)
         teacher = self._by_name(teacher) or None
         fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
-                                   mask, fused)
+                                   mask, fused, mtp_labels)
         if self.chunk_term is not None and teacher and self.pairs:  # at the chunks' ends
             student_buffers, teacher, mask, act_counts = self._at_chunk_ends(student, teacher,
                                                                              tokens_norm)
@@ -297,7 +310,8 @@ class DistillObjective(nn.Module):
     def _logit_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs] | None,
                      labels: torch.Tensor | None, counts: TokenCounts,
                      output_weight: torch.Tensor | None, metrics: dict[str, torch.Tensor],
-                     mask: torch.Tensor | None, fused: list[torch.Tensor]):
+                     mask: torch.Tensor | None, fused: list[torch.Tensor],
+                     mtp_labels: torch.Tensor | None = None):
         want_lm = labels is not None and self.cfg.lm_on
         want_kd = teacher is not None and self.cfg.logit.on
         if not (want_lm or want_kd):
@@ -315,7 +329,8 @@ class DistillObjective(nn.Module):
             return self._chunk_terms(student, teacher, labels, counts, metrics)
         if not want_kd:
             ce, _, _ = self._next_token(student, None, labels, output_weight, counts, mask, fused)
-            return self._lm_term(student, ce, labels, counts, output_weight, fused), None
+            return self._lm_term(student, ce, labels, counts, output_weight, fused,
+                                 mtp_labels), None
         lm, shares = None, []
         targets = self._logit_targets(teacher)
         for i, (name, weight, target) in enumerate(targets):
@@ -323,7 +338,7 @@ class DistillObjective(nn.Module):
             ce, div, diag = self._next_token(student, target, labels if i == 0 else None,
                                              output_weight, counts, mask, fused, weight)
             if i == 0 and labels is not None:
-                lm = self._lm_term(student, ce, labels, counts, output_weight, fused)
+                lm = self._lm_term(student, ce, labels, counts, output_weight, fused, mtp_labels)
             share = weight * _masked_share(div, mask, counts.distill)
             shares.append(share)
             suffix = f"/{name}" if len(targets) > 1 else ""
@@ -392,12 +407,12 @@ class DistillObjective(nn.Module):
 
     def _lm_term(self, student: ModelOutput, ce: torch.Tensor, labels: torch.Tensor,
                  counts: TokenCounts, output_weight: torch.Tensor | None,
-                 fused: list[torch.Tensor]) -> torch.Tensor:
+                 fused: list[torch.Tensor], mtp_labels: torch.Tensor | None = None) -> torch.Tensor:
         heads = [_share(ce, counts.heads[0])]
         for j, weight in enumerate(self.mtp_weights, start=1):
             scale = self.values.lm_weight * weight / max(counts.heads[j], 1)
-            ce_j = self._mtp_cross_entropy(student, j, shift_labels(labels, j), output_weight,
-                                           scale, fused)
+            ce_j = self._mtp_cross_entropy(student, j, head_targets(labels, mtp_labels, j),
+                                           output_weight, scale, fused)
             heads.append(weight * _share(ce_j, counts.heads[j]))
         return self.values.lm_weight * torch.stack(heads).sum()
 

@@ -51,6 +51,8 @@ from engine.checkpoint_files import CheckpointError, read_json, safe_child, sha2
 from engine.config import ConfigError
 from engine.data import DataConfig, TokenBatches, resolve_data_path
 from engine.data.paired import PAIRED_SUFFIXES
+from engine.parallel import ParallelLayout
+from layers.context import CP_CHUNKS, cp_positions
 
 FORMAT = "megadistill-teacher-store"
 VERSION = 2
@@ -133,6 +135,15 @@ def topk_logprobs(values: torch.Tensor, lse: torch.Tensor, *, temperature: float
 def sample_checksums(input_ids: torch.Tensor) -> torch.Tensor:
     """[batch] int64: `token_checksum` of each sample's [seq] token ids."""
     return torch.cat([token_checksum(row) for row in input_ids.cpu()])
+
+
+def chunk_checksums(input_ids: torch.Tensor, positions: torch.Tensor, group) -> torch.Tensor:
+    """`sample_checksums` of whole samples from each CP rank's tokens `[batch, seq/cp]` at global
+    `positions` `[seq/cp]`: the checksum is a position-weighted sum, so each rank adds its tokens'
+    terms and the CP group sums them (one small all-reduce)."""
+    weights = (positions.cpu().to(torch.int64) + 1) % 1_000_003  # token_checksum's weights
+    partial = ((input_ids.cpu().to(torch.int64) + 1) * weights).sum(dim=1)
+    return C.all_reduce(partial, group) % 2_147_483_647
 
 
 # ------------------------------------------------------------------------------ what it is for
@@ -395,9 +406,12 @@ class OfflineTeacher:
 
     def __init__(self, directory: str | Path, *, data: TokenBatches, temperature: float,
                  device: torch.device | str = "cpu", name: str = SINGLE_TEACHER, key: str = KEY,
-                 chunk_stats: tuple[str, ...] = (), uld_top_k: int = 0):
+                 chunk_stats: tuple[str, ...] = (), uld_top_k: int = 0,
+                 layout: ParallelLayout | None = None):
+        """`layout`: under context parallelism each rank reads its chunks of the stored rows."""
         self.name, self.temperature = name, temperature
         self.chunk_stats, self.uld_top_k = chunk_stats, uld_top_k  # another tokenizer's
+        self.layout = layout or ParallelLayout.single(device)
         self.store = TeacherStore(directory, key=key)
         self.data, self.device = data, torch.device(device)
         self._step_first = -1  # first global sample of the step being served
@@ -416,11 +430,20 @@ class OfflineTeacher:
         return data.step_sample_ids[first:first + batch]
 
     def __call__(self, micro_batch: dict[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
-        input_ids = micro_batch["input_ids"]  # [mb, seq]
+        input_ids = micro_batch["input_ids"]  # [mb, seq], or [mb, seq/cp]: this rank's chunks
         samples = self._samples(input_ids.shape[0])
         rows = self.store.rows("train", samples)
+        checksums = sample_checksums
+        if micro_batch.get(CP_CHUNKS, False):  # (another tokenizer's stores never run under CP)
+            layout = self.layout
+            chunks = cp_positions(rows["logp"].shape[1], layout.cp, layout.cp_rank)
+            rows = {**{name: rows[name][:, chunks] for name in ("ids", "logp", "leftover")},
+                    "checksum": rows["checksum"]}
+
+            def checksums(ids: torch.Tensor) -> torch.Tensor:
+                return chunk_checksums(ids, chunks, layout.cp_group)
         if rows["logp" if not self.chunk_stats else "chunk_nll"].shape[1] != input_ids.shape[1] \
-                or not torch.equal(rows["checksum"], sample_checksums(input_ids)):
+                or not torch.equal(rows["checksum"], checksums(input_ids)):
             raise OfflineTeacherError(
                 f"stored rows of samples {samples.tolist()} hold other tokens than this "
                 "micro-batch: the store and the training data are misaligned")

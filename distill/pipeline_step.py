@@ -39,6 +39,7 @@ from engine.optim import reduce_expert_gradients
 from engine.parallel import ParallelLayout
 from engine.param_tags import param_tags, tag
 from engine.pipeline import PipelineExecutor, StageOutput, TensorSpec, forward_only, interleaved_one_f_one_b
+from layers.context import sequence_kwargs
 from layers.model import ModelOutput, TransformerLM
 
 # (micro-batch, the last stage's output, the teachers' outputs there by name or None) -> loss
@@ -76,33 +77,37 @@ class StudentStage:
         return specs + [teacher.residual_spec(rows) for teacher in self.teachers.values()]
 
     def forward(self, chunk: int, micro_batch: int, inputs: list[torch.Tensor]) -> StageOutput:
-        student, ids = self.student, self.micro_batches[micro_batch]["input_ids"]
+        student, mb = self.student, self.micro_batches[micro_batch]
+        ids, sequence = mb["input_ids"], sequence_kwargs(mb)
         virtual = self._virtual(chunk)
         last = virtual == self.last_virtual
-        teacher_hidden, teacher_out = self._teacher(chunk, ids, inputs[1:], last=last)
+        teacher_hidden, teacher_out = self._teacher(chunk, ids, inputs[1:], last=last,
+                                                    sequence=sequence)
         with self.autocast():
             record = student.recorder(self.buffers)
-            hidden = student.embed(ids, record) if virtual == 0 else inputs[0]
-            rope = student.rope(ids, self.dtype)
-            hidden = student.run_chunk(chunk, hidden, rope, record)
+            positions, tokens = student.token_layout(ids, **sequence)
+            hidden = student.embed(ids, record, positions) if virtual == 0 else inputs[0]
+            rope = student.rope(ids, self.dtype, positions)
+            hidden = student.run_chunk(chunk, hidden, rope, record, tokens)
             if not last:
                 loss = self.activations(micro_batch, virtual, record.buffers, teacher_out) \
                     if self.activations is not None else None
                 return StageOutput([hidden, *teacher_hidden], loss)
-            out = student.finish(hidden, rope, record, compute_logits=self.compute_logits)
+            out = student.finish(hidden, rope, record, compute_logits=self.compute_logits,
+                                 tokens=tokens)
         return StageOutput([], self.last(micro_batch, out, teacher_out))
 
     def _teacher(self, chunk: int, ids: torch.Tensor, inputs: list[torch.Tensor], *, last: bool,
-                 ) -> tuple[list[torch.Tensor], dict[str, TeacherOutputs] | None]:
+                 sequence: dict) -> tuple[list[torch.Tensor], dict[str, TeacherOutputs] | None]:
         """The teachers' chunk: ([their residual streams for the next stage], their outputs
         here by name); `inputs`: their residual streams from the previous stage ([] on the
-        first)."""
+        first); `sequence`: the micro-batch's positions, documents and CP chunks."""
         if not self.teachers:
             return [], None
         streams, outputs = [], {}
         for i, (name, teacher) in enumerate(self.teachers.items()):
             hidden, outputs[name] = teacher.run_chunk(chunk, ids, inputs[i] if inputs else None,
-                                                      last=last)
+                                                      last=last, sequence=sequence)
             streams += [] if hidden is None else [hidden]
         return streams, outputs
 
@@ -139,8 +144,8 @@ def sync_pipeline_grads(module: nn.Module, student: TransformerLM, objective: nn
             param.grad = torch.zeros_like(param)
         C.all_reduce(param.grad, layout.pp_group)
     grads = [p.grad for p in module.parameters() if p.grad is not None and not param_tags(p).expert]
-    if sum_dp and layout.dp > 1 and grads:
-        flat = C.all_reduce(_flatten_dense_tensors(grads), layout.dp_group)
+    if sum_dp and layout.dp * layout.cp > 1 and grads:  # CP ranks: the same parameters, other tokens
+        flat = C.all_reduce(_flatten_dense_tensors(grads), layout.dp_cp_group)
         for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
     if sum_dp:

@@ -259,7 +259,8 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
         if cfg.distill.teachers:
             return TeacherList([OfflineTeacher(e.offline_dir, data=data, temperature=temperature,
                                                device=layout.device, name=e.name,
-                                               key=f"distill.teachers[{i}].offline_dir")
+                                               key=f"distill.teachers[{i}].offline_dir",
+                                               layout=layout)
                                 for i, e in enumerate(cfg.distill.teachers)])
         cross = cfg.distill.cross_tokenizer
         if cross.on:  # the teacher's chunk statistics of each sample
@@ -268,7 +269,7 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
                 device=layout.device, chunk_stats=STATS[cross.loss], uld_top_k=cross.uld_top_k),
                 prepared=True)
         return OfflineTeacher(cfg.distill.offline_dir, data=data, temperature=temperature,
-                              device=layout.device)
+                              device=layout.device, layout=layout)
     if teacher_cfg is None:
         return None
     source = _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)

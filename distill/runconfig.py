@@ -202,16 +202,15 @@ def check_sequence_layout(cfg: RunConfig) -> None:
             raise ConfigError("data.seq_len", f"{data.seq_len} does not split into 2 x parallel.cp="
                                               f"{par.cp} chunks (of a length that splits over "
                                               f"parallel.tp={par.tp} under SP)")
-        later = {"parallel.pp": par.pp > 1, "parallel.teacher_ranks": par.teacher_ranks > 0,
-                 "distill.schedule": distill.schedule == "offline", "model.moe": cfg.model.moe is not None,
-                 "model.mtp_heads": cfg.model.mtp_heads > 0, "distill.on_policy": distill.on_policy.on}
+        later = {"model.moe": cfg.model.moe is not None, "distill.on_policy": distill.on_policy.on}
         for key, used in later.items():
             if used:
                 raise ConfigError(key, f"does not combine with parallel.cp={par.cp} yet (context "
-                                       "parallelism runs colocated teachers, TP/SP, DP and the "
-                                       "distributed optimizer)")
+                                       "parallelism runs colocated and offline teachers, teacher "
+                                       "ranks, TP/SP, PP, DP, the distributed optimizer and MTP "
+                                       "heads)")
     if data.attention_within_documents:
-        later = {"parallel.pp": par.pp > 1, "parallel.teacher_ranks": par.teacher_ranks > 0,
+        later = {"parallel.teacher_ranks": par.teacher_ranks > 0,
                  "distill.schedule": distill.schedule == "offline", "distill.on_policy": distill.on_policy.on}
         for key, used in later.items():
             if used:
@@ -285,6 +284,15 @@ def check_teacher_ranks(cfg: RunConfig) -> None:
         raise ConfigError("parallel.teacher_tp", f"data.seq_len={cfg.data.seq_len} does not split "
                                                  f"over {teacher_tp} teacher ranks (sequence "
                                                  "parallelism)")
+    if par.teacher_cp > 1:
+        chunk = cfg.data.seq_len // (2 * par.teacher_cp)
+        if cfg.data.seq_len % (2 * par.teacher_cp) or (par.sp and (2 * chunk) % teacher_tp):
+            raise ConfigError("parallel.teacher_cp", f"data.seq_len={cfg.data.seq_len} does not "
+                                                     f"split into 2 x {par.teacher_cp} chunks (of a "
+                                                     f"length that splits over {teacher_tp} teacher "
+                                                     "TP ranks under SP)")
+        if cfg.distill.on_policy.on:
+            raise ConfigError("parallel.teacher_cp", "does not combine with distill.on_policy yet")
     if cfg.distill.teacher_stream == "logits" and teacher_tp != par.tp:
         raise ConfigError("distill.teacher_stream", "logits streams logit shards, which needs "
                                                     f"parallel.teacher_tp={teacher_tp} equal to "

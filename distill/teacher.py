@@ -88,10 +88,12 @@ class StageTeacher(Protocol):
         ...
 
     def run_chunk(self, chunk: int, input_ids: torch.Tensor, hidden: torch.Tensor | None, *,
-                  last: bool) -> tuple[torch.Tensor | None, TeacherOutputs]:
+                  last: bool, sequence: dict | None = None,
+                  ) -> tuple[torch.Tensor | None, TeacherOutputs]:
         """This rank's `chunk` of the teacher on `hidden` from the previous stage (None on the
         first): (its residual stream for the next stage, or None on the `last` stage; the
-        outputs published here, the head's included on the last)."""
+        outputs published here, the head's included on the last). `sequence`: the micro-batch's
+        positions, documents and CP chunks (layers/context.py `sequence_kwargs`)."""
         ...
 
 

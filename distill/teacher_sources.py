@@ -46,15 +46,18 @@ class ColocatedTeacher:
 
     @torch.no_grad()
     def run_chunk(self, chunk: int, input_ids: torch.Tensor, hidden: torch.Tensor | None, *,
-                  last: bool) -> tuple[torch.Tensor | None, TeacherOutputs]:
+                  last: bool, sequence: dict | None = None,
+                  ) -> tuple[torch.Tensor | None, TeacherOutputs]:
         model, request = self.model, self.request
         record = model.recorder(request.buffers)
-        hidden = model.embed(input_ids, record) if hidden is None else hidden
-        rope = model.rope(input_ids, _dtype(model))
-        hidden = model.run_chunk(chunk, hidden, rope, record)
+        positions, tokens = model.token_layout(input_ids, **(sequence or {}))
+        hidden = model.embed(input_ids, record, positions) if hidden is None else hidden
+        rope = model.rope(input_ids, _dtype(model), positions)
+        hidden = model.run_chunk(chunk, hidden, rope, record, tokens)
         if not last:
             return hidden, TeacherOutputs(buffers=record.buffers)
-        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits")
+        out = model.finish(hidden, rope, record, compute_logits=request.head == "logits",
+                           tokens=tokens)
         return None, self._outputs(out)
 
     def _outputs(self, out) -> TeacherOutputs:

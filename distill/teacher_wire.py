@@ -18,7 +18,12 @@ ranks by `ChunkStatsTeacher` from their own copy of the paired data), and its bu
 taken at the chunk ends.
 
 Teacher rank (dp d, tp t) serves the student ranks (dp d + k * teacher_dp, tp t + j * teacher_tp)
-for every k and j, so the teacher's DP degree must divide the students'.
+for every k and j, and every CP rank c of theirs with c % teacher_cp equal to its own CP rank,
+so the teacher's DP degree must divide the students'. A context-parallel teacher
+(`parallel.teacher_cp`) runs its CP rank's chunks of each sequence and all-gathers its outputs
+over its CP group (whole sequences, as a teacher without CP has them); a context-parallel student
+rank gets its chunks (`layers.context.cp_positions`) of the head output and buffers, and the
+checksum of its chunks' token ids, whatever the two CP degrees.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from engine.data import to_device
 from engine.log import get_logger
 from engine.parallel import STUDENT, TEACHER, ParallelLayout
 from engine.signals import PreemptionFlag
+from layers.context import cp_positions, global_order, split_for_cp
 from layers.stages import StagePlan
 from layers.tensor_parallel import SEQ_DIM, VocabParallelLMHead
 
@@ -78,8 +84,8 @@ class _Wire:
 
     def whole(self, outputs: TeacherOutputs, layout: ParallelLayout) -> list[torch.Tensor]:
         """The head output (or the chunk statistics) and each buffer whole over the sequence (a
-        sequence-parallel teacher's shards are gathered: every TP rank of the teacher calls this
-        for each micro-batch)."""
+        sequence-parallel teacher's shards are gathered, and a context-parallel teacher's chunks:
+        every TP and CP rank of the teacher calls this for each micro-batch)."""
         tensors = [] if self.head is None else [getattr(outputs, self.head).detach()]
         tensors += [outputs.chunk_stats[name] for name in self.stats]
         for name in self.buffers:
@@ -88,13 +94,19 @@ class _Wire:
             if buffer.seq_sharded:
                 tensor = C.all_gather(tensor, layout.tp_group, dim=buffer.seq_dim)
             tensors.append(tensor)
+        if layout.cp > 1:
+            tensors = [global_order(C.all_gather(t, layout.cp_group, dim=SEQ_DIM), layout.cp,
+                                    dim=SEQ_DIM) for t in tensors]
         return tensors
 
-    def for_student(self, whole: list[torch.Tensor], *, seq_shards: int,
-                    shard: int) -> list[torch.Tensor]:
+    def for_student(self, whole: list[torch.Tensor], *, seq_shards: int, shard: int,
+                    chunks: torch.Tensor | None = None) -> list[torch.Tensor]:
         """`whole` as student rank `shard` of `seq_shards` consumes it: the head output (or the
         chunk statistics) as is, each buffer cut to that rank's sequence shard (`seq_shards` > 1
-        under the students' SP)."""
+        under the students' SP); with `chunks` (a CP student's positions) both taken at those
+        positions first (no chunk statistics then: another tokenizer does not combine with CP)."""
+        if chunks is not None:
+            whole = [t.index_select(SEQ_DIM, chunks.to(t.device)) for t in whole]
         n_head = int(self.head is not None) + len(self.stats)
         cut = [b.chunk(seq_shards, dim=SEQ_DIM)[shard] for b in whole[n_head:]]
         return [t.contiguous() for t in whole[:n_head] + cut]
@@ -137,9 +149,10 @@ class _StudentLink:
     micro-batch j only after the acknowledgement of j - prefetch, so it runs at most `prefetch`
     ahead, and it learns at once when the students stop early (preemption)."""
 
-    def __init__(self, peer: int, device: torch.device, *, shard: int, stage: int = 0):
+    def __init__(self, peer: int, device: torch.device, *, shard: int, stage: int = 0,
+                 cp_rank: int = 0):
         self.peer, self.device, self.shard = peer, device, shard  # shard: the student's TP rank
-        self.stage = stage  # the student's pipeline rank
+        self.stage, self.cp_rank = stage, cp_rank  # the student's pipeline and CP ranks
         self.sent = self.acked = 0
         self.pending: collections.deque = collections.deque()  # (works, tensors) per micro-batch
         self.stopped = False
@@ -204,23 +217,28 @@ def stage_request(request: TeacherRequest, pairs: Sequence, plan: StagePlan) -> 
 def _served_links(layout: ParallelLayout, stages: int) -> dict[int, list[_StudentLink]]:
     """Teacher side: the links of this teacher rank, by student DP rank. Teacher replica d serves
     student replicas d, d + teacher_dp, ...; within one, teacher TP rank t serves the student TP
-    ranks t, t + teacher_tp, ... of each of the replica's `stages` pipeline stages."""
-    return {d: [_StudentLink(layout.global_rank(role=STUDENT, tp=s, pp=p, dp=d),
-                             layout.device, shard=s, stage=p)
-                for p in range(stages) for s in range(layout.tp_rank, layout.students.tp, layout.tp)]
+    ranks t, t + teacher_tp, ... of each of the replica's `stages` pipeline stages, and of their CP
+    ranks c, c + teacher_cp, ... from its own CP rank c."""
+    return {d: [_StudentLink(layout.global_rank(role=STUDENT, tp=s, pp=p, dp=d, cp=c),
+                             layout.device, shard=s, stage=p, cp_rank=c)
+                for p in range(stages) for c in range(layout.cp_rank, layout.students.cp, layout.cp)
+                for s in range(layout.tp_rank, layout.students.tp, layout.tp)]
             for d in range(layout.dp_rank, layout.students.dp, layout.dp)}
 
 
 def peer_teacher_rank(layout: ParallelLayout) -> int:
     """Student side: the teacher rank that streams to this student rank."""
     return layout.global_rank(role=TEACHER, tp=layout.tp_rank % layout.teacher_tp,
-                              dp=layout.dp_rank % layout.teachers.dp)
+                              dp=layout.dp_rank % layout.teachers.dp,
+                              cp=layout.cp_rank % layout.teachers.cp)
 
 
 def _agree(ok: bool, layout: ParallelLayout) -> bool:
-    """Whether every TP rank of this teacher replica says go (they run each forward together)."""
+    """Whether every TP and CP rank of this teacher replica says go (they run each forward
+    together): the minimum over TP, then over CP."""
     flag = torch.tensor([int(ok)], dtype=torch.int64, device=layout.device)
-    return bool(C.all_reduce(flag, layout.tp_group, op="min").item())
+    C.all_reduce(flag, layout.tp_group, op="min")
+    return bool(C.all_reduce(flag, layout.cp_group, op="min").item())
 
 
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
@@ -267,15 +285,17 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
                     del streams[d]
                     continue
             served[d] += 1
-            (out,) = teacher(batch).values()  # teacher ranks serve one teacher
+            mine = batch if layout.cp == 1 else split_for_cp(batch, layout.cp, layout.cp_rank)
+            (out,) = teacher(mine).values()  # teacher ranks serve one teacher
             whole = [wire.whole(out, layout) for wire in wires]
-            tag = _tag(batch, preempted).to(layout.device)
             for link in links[d]:
+                chunks = _cp_chunks(batch, layout.students.cp, link.cp_rank)
                 per_batch = wires[link.stage].for_student(whole[link.stage], seq_shards=seq_shards,
-                                                          shard=link.shard)
+                                                          shard=link.shard, chunks=chunks)
                 if not link.announced:
                     link.announce(per_batch)
-                link.send([tag, *per_batch])
+                ids = batch["input_ids"] if chunks is None else batch["input_ids"][:, chunks]
+                link.send([_tag(ids, preempted).to(layout.device), *per_batch])
     every = [link for served in links.values() for link in served]
     for link in every:
         link.close()
@@ -284,11 +304,16 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
     return sum(link.sent for link in every) // len(wires), early
 
 
-def _tag(batch: dict, preempted: PreemptionFlag | None) -> torch.Tensor:
-    """A micro-batch's tag, int64 [2]: its token ids' checksum, and the signal this teacher rank
-    received (0 if none)."""
+def _cp_chunks(batch: dict, cp: int, cp_rank: int) -> torch.Tensor | None:
+    """The positions CP rank `cp_rank` of `cp` holds of the batch's sequences (None without CP)."""
+    return None if cp == 1 else cp_positions(batch["input_ids"].shape[1], cp, cp_rank)
+
+
+def _tag(input_ids: torch.Tensor, preempted: PreemptionFlag | None) -> torch.Tensor:
+    """A micro-batch's tag, int64 [2]: the checksum of the token ids the student holds, and the
+    signal this teacher rank received (0 if none)."""
     signum = 0 if preempted is None or preempted.received is None else int(preempted.received)
-    return torch.cat([token_checksum(batch["input_ids"]), torch.tensor([signum])])
+    return torch.cat([token_checksum(input_ids), torch.tensor([signum])])
 
 
 def _with_samples(batch: dict, links: list[_StudentLink], layout: ParallelLayout) -> dict | None:

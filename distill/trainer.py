@@ -51,7 +51,7 @@ from engine.parallel import ParallelLayout
 from engine.param_tags import param_tags
 from engine.signals import PreemptionFlag
 from engine.train_config import TrainConfig, resume_failure, resume_path
-from layers.context import sequence_kwargs, split_for_cp
+from layers.context import MTP_LABELS, sequence_kwargs, split_for_cp
 
 log = get_logger(__name__)
 
@@ -71,14 +71,16 @@ class StudentWithObjective(nn.Module):
         super().__init__()
         self.student, self.objective = student, objective
 
-    def forward(self, input_ids, labels, teacher, counts, kd_mask=None, sequence=None):
-        """`sequence`: the micro-batch's positions / documents / CP chunks (`sequence_kwargs`)."""
+    def forward(self, input_ids, labels, teacher, counts, kd_mask=None, sequence=None,
+                mtp_labels=None):
+        """`sequence`: the micro-batch's positions / documents / CP chunks (`sequence_kwargs`);
+        `mtp_labels`: its MTP targets when it carries them (CP chunks)."""
         fused = self.objective.fused
         out = self.student(input_ids, buffers=self.objective.student_buffer_names(),
                            compute_logits=not fused, **(sequence or {}))
         return self.objective(out, teacher, labels, tokens_norm=counts,
                               output_weight=self.student.output_weight if fused else None,
-                              kd_mask=kd_mask)
+                              kd_mask=kd_mask, mtp_labels=mtp_labels)
 
 
 @dataclass
@@ -149,7 +151,8 @@ class DistillTrainer:
         values = self.objective.values = self.schedules.at(step)
         micro_batches = [to_device(mb, self.layout.device) for mb in self.data.next_step()]
         if self.layout.cp > 1:  # this rank's chunks of every sequence
-            micro_batches = [split_for_cp(mb, self.layout.cp, self.layout.cp_rank) for mb in micro_batches]
+            micro_batches = [split_for_cp(mb, self.layout.cp, self.layout.cp_rank,
+                                          mtp_heads=self.mtp_heads) for mb in micro_batches]
         if self.on_policy is not None:
             micro_batches = self.on_policy(micro_batches, step)
         counts = count_tokens(micro_batches, self.layout, mtp_heads=self.mtp_heads)
@@ -174,7 +177,7 @@ class DistillTrainer:
                 with self._autocast():
                     out = (self.ddp or self.module)(mb["input_ids"], mb.get("labels"),
                                                     teacher_out, counts, mb.get("kd_mask"),
-                                                    sequence_kwargs(mb))
+                                                    sequence_kwargs(mb), mb.get(MTP_LABELS))
                 (out.loss * self.dp_scale).backward()
             _accumulate(totals, out)
             del teacher_out, out
@@ -206,7 +209,8 @@ class DistillTrainer:
             teacher_out = fetch(i, teacher_out)
             result = objective(out, teacher_out, mb.get("labels"), tokens_norm=counts,
                                output_weight=self.student.output_weight if fused else None,
-                               kd_mask=mb.get("kd_mask"), pairs=pairs[plan.virtual_stages - 1])
+                               kd_mask=mb.get("kd_mask"), pairs=pairs[plan.virtual_stages - 1],
+                               mtp_labels=mb.get(MTP_LABELS))
             _accumulate(totals, result)
             return result.loss
 

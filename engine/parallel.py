@@ -11,7 +11,9 @@ Each pipeline also has an embedding group, its first and last stage (same TP ran
 tied embedding's two copies in sync. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the
 world run only the teacher, at their own TP degree `teacher_tp` (default: the students'), with no
 pipeline, their own TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first
-ranks are the students. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the
+ranks are the students. With `teacher_cp` > 1 the teacher ranks split each sequence over their
+own CP groups (next to their TP ranks, as the students'). The teacher's DP degree
+(`teacher_ranks / (teacher_tp x teacher_cp)`) must divide the
 students' (one teacher replica serves several student replicas).
 
 Expert parallelism (`ep`, Megatron's placement) lives inside data parallelism: the DP ranks of one
@@ -96,6 +98,7 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
+    teacher_cp: int = 1  # context-parallel degree of the teacher ranks (any student CP degree)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
     # auto: NCCL with CUDA, else gloo, no group for one process; nccl/gloo: always a group
     backend: str = "auto"
@@ -117,6 +120,9 @@ class ParallelConfig:
               f"must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         check(self.teacher_tp is None or self.teacher_tp >= 1, "parallel.teacher_tp",
               f"must be >= 1 (got {self.teacher_tp})")
+        check(self.teacher_cp >= 1, "parallel.teacher_cp", f"must be >= 1 (got {self.teacher_cp})")
+        check(self.teacher_cp == 1 or self.teacher_ranks > 0, "parallel.teacher_cp",
+              "only applies with parallel.teacher_ranks > 0")
         check(self.teacher_tp is None or self.teacher_ranks > 0, "parallel.teacher_tp",
               "only applies with parallel.teacher_ranks > 0")
 
@@ -130,7 +136,8 @@ class ParallelConfig:
         students = world_size - self.teacher_ranks
         if role == STUDENT:
             return RankOrder(size=students, tp=self.tp, pp=self.pp, cp=self.cp)
-        return RankOrder(size=self.teacher_ranks, tp=self.teacher_tp_degree, offset=students)
+        return RankOrder(size=self.teacher_ranks, tp=self.teacher_tp_degree, cp=self.teacher_cp,
+                         offset=students)
 
 
 class LayoutError(ConfigError):
@@ -221,10 +228,11 @@ class ParallelLayout:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def global_rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0, role: str | None = None) -> int:
+    def global_rank(self, *, tp: int = 0, pp: int = 0, dp: int = 0, cp: int = 0,
+                    role: str | None = None) -> int:
         """Global rank of the process of `role` (None: this process's) with these coordinates."""
         return (self.teachers if (role or self.role) == TEACHER else self.students).rank(
-            tp=tp, pp=pp, dp=dp)
+            tp=tp, pp=pp, dp=dp, cp=cp)
 
     def virtual_stage(self, chunk: int) -> int:
         """The virtual stage this rank's model `chunk` runs."""
@@ -267,6 +275,10 @@ def _validate_teacher_layout(parallel: ParallelConfig, world_size: int) -> None:
     if teacher_ranks % teacher_tp:
         raise LayoutError(key, f"{key}={teacher_tp} does not divide "
                                f"parallel.teacher_ranks={teacher_ranks}")
+    if teacher_ranks % (teacher_tp * parallel.teacher_cp):
+        raise LayoutError("parallel.teacher_cp", f"{key}={teacher_tp} x parallel.teacher_cp="
+                                                 f"{parallel.teacher_cp} does not divide "
+                                                 f"parallel.teacher_ranks={teacher_ranks}")
     student_dp = parallel.rank_order(STUDENT, world_size).dp
     teacher_dp = parallel.rank_order(TEACHER, world_size).dp
     if student_dp % teacher_dp:

@@ -105,6 +105,9 @@ class Attention(nn.Module):
             causal = mask is None
         else:
             k, v = cache.extend(k, v)  # [batch, kv_heads/tp, cached + seq, head_dim]
+            if cache.chunked and self.softcap is None and not (self.training and self.dropout):
+                out = cache.attend_chunks(q, k, v, scale=self.scale)  # CP: no mask
+                return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
             mask, causal = cache.mask, cache.causal
         return self._attend(q, k, v, mask, causal=causal)
 

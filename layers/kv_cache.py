@@ -92,6 +92,7 @@ class LayerCache:
     """One block's view of a `KVCache` during a forward."""
 
     decoding = True
+    chunked = False  # (layers/context.py: CP chunks attend without a mask)
 
     def __init__(self, cache: KVCache, name: str):
         self.cache, self.name = cache, name

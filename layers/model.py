@@ -167,15 +167,26 @@ class TransformerLM(nn.Module):
             raise RuntimeError("forward() needs the whole model; a pipeline stage runs embed, "
                                "run_chunk and finish")
         record = self.recorder(buffers)
-        tokens = None
-        if positions is not None or documents is not None:
-            if positions is None:
-                positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            tokens = TokenLayout(self, positions=positions, documents=documents, cp_chunks=cp_chunks)
+        positions, tokens = self.token_layout(input_ids, positions=positions, documents=documents,
+                                              cp_chunks=cp_chunks)
         hidden = self.embed(input_ids, record, positions)
         rope = self.rope(input_ids, hidden.dtype, positions)
         hidden = self.run_chunk(0, hidden, rope, record, tokens)
         return self.finish(hidden, rope, record, compute_logits=compute_logits, tokens=tokens)
+
+    def token_layout(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                     documents: torch.Tensor | None = None, cp_chunks: bool = False,
+                     ) -> tuple[torch.Tensor | None, TokenLayout | None]:
+        """(positions, the `TokenLayout` its blocks attend by) of one forward's tokens (`forward`'s
+        arguments); (None, None) for one whole causal sequence at positions 0..seq-1. A pipeline
+        stage builds it per micro-batch and hands the positions to `embed` and `rope`, the layout
+        to `run_chunk`."""
+        if positions is None and documents is None:
+            return None, None
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return positions, TokenLayout(self, positions=positions, documents=documents,
+                                      cp_chunks=cp_chunks)
 
     def recorder(self, buffers: Collection[str]) -> BufferRecorder:
         """Keeps the asked-for buffers of one forward (of the parts this stage runs)."""
@@ -208,7 +219,7 @@ class TransformerLM(nn.Module):
         return hidden
 
     def run_chunk(self, chunk: int, hidden: torch.Tensor, rope, record,
-                  cache: KVCache | None = None) -> torch.Tensor:
+                  cache: KVCache | TokenLayout | None = None) -> torch.Tensor:
         """The residual stream through this rank's blocks of `chunk` (all blocks without PP)."""
         for i in self.plan.chunk_layers(chunk):
             hidden = self.decoder[str(i)](hidden, rope, record, cache)
@@ -217,12 +228,12 @@ class TransformerLM(nn.Module):
     def finish(self, hidden: torch.Tensor, rope, record, *, compute_logits: bool = True,
                mtp: bool = True, tokens: TokenLayout | None = None) -> ModelOutput:
         """Last stage: the trunk's last residual stream -> final norm, MTP heads (unless `mtp` is
-        False), logits shards."""
+        False; their attention sees the keys `tokens` says, as the trunk's does), logits shards."""
         final_hidden = self.final_norm(hidden)
         record("final_hidden", final_hidden)
         head_hidden = self.lm_head.head_input(final_hidden)  # [batch, seq, hidden]
         heads = self.mtp.values() if mtp else ()
-        mtp_hidden = [self.lm_head.head_input(self.final_norm(block(hidden, rope, record)))
+        mtp_hidden = [self.lm_head.head_input(self.final_norm(block(hidden, rope, record, tokens)))
                       for block in heads]
         return ModelOutput(
             logits=self.lm_head(head_hidden) if compute_logits else None,

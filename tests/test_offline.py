@@ -157,6 +157,11 @@ STUDENTS = [  # (id, the student's data settings, ranks, the layout's overrides)
                  marks=pytest.mark.slow),  # a multi-rank end-to-end run
     pytest.param(["train.seed=1", "data.global_batch=8"], 2, ["parallel.pp=2"], id="seed1-gb8-pp2",
                  marks=pytest.mark.slow),
+    # each CP rank reads its chunks of the stored rows, checked by a checksum summed over CP
+    pytest.param(["train.seed=1", "data.global_batch=8"], 2, ["parallel.cp=2"], id="seed1-gb8-cp2",
+                 marks=pytest.mark.slow),
+    pytest.param(["train.seed=2", "data.global_batch=16"], 4, ["parallel.cp=2", "parallel.pp=2"],
+                 id="seed2-gb16-cp2-pp2", marks=pytest.mark.slow),
 ]
 
 

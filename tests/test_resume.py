@@ -1,5 +1,5 @@
-"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on; PP=2; on-policy
-samples scored by a teacher rank).
+"""Exact resume through the real entry point under torchrun (TP=2, SP, dropout on; PP=2; CP=2;
+on-policy samples scored by a teacher rank).
 
 An uninterrupted run is compared bit for bit with (a) a run SIGKILLed mid-training and resumed
 with `train.resume=auto`, and (b) a run whose ranks get SIGTERM (as SLURM preemption sends), which
@@ -117,6 +117,21 @@ def test_sigterm_at_pp2_checkpoints_and_resumes_exactly(tmp_path):
     cfg["distill"] = {"teacher": str(make_teacher(tmp_path / "teacher", teacher)),
                       "activations": [{"student": "decoder.1.output", "teacher": "decoder.0.output"},
                                       {"student": "decoder.3.output", "teacher": "decoder.2.output"}]}
+    _check_preemption(cfg, tmp_path)
+
+
+def test_sigterm_at_cp2_checkpoints_and_resumes_exactly(tmp_path):
+    """Context-parallel (CP=2, dropout on, packed documents attending within themselves, a
+    colocated teacher with logit and activation distillation): SIGTERM mid-run, checkpoint,
+    resume equal bit for bit."""
+    cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    cfg["model"]["dropout"] = 0.1
+    cfg["parallel"]["cp"] = 2
+    cfg["data"].update(attention_within_documents=True, positions_per_document=True)
+    cfg["train"].update(steps=STEPS, save_interval=2, keep=2)
+    cfg["distill"] = {"teacher": str(make_teacher(tmp_path / "teacher", teacher_config(cfg))),
+                      "activations": [{"student": "decoder.1.output", "teacher": "decoder.2.output"}],
+                      "projection": "shared"}
     _check_preemption(cfg, tmp_path)
 
 

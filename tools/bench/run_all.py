@@ -27,6 +27,7 @@ FULL = {
     "offline_store.py": [],
     "plan.py": [],
     "moe.py": [],
+    "context_parallel.py": [],
 }
 QUICK = {
     "model.py": ["--layers", "2", "--hidden", "128", "--steps", "2", "--warmup", "1"],
@@ -44,6 +45,7 @@ QUICK = {
     "offline_store.py": ["--teacher-steps", "5", "--out", "runs/bench_offline_store_quick"],
     "plan.py": ["--out", "runs/bench_plan_quick"],
     "moe.py": ["--hidden", "64", "--expert-ffn", "128", "--tokens", "256", "--steps", "1"],
+    "context_parallel.py": ["--seq", "1024", "--cp", "1", "2"],
 }
 
 
