@@ -191,7 +191,8 @@ class DistillConfig:
     # shards, the older protocol kept as the benchmark's baseline; needs teacher_tp == tp)
     teacher_stream: Literal["hidden", "logits"] = "hidden"
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
-    # several teachers [{checkpoint, weight, name}] (offline: + offline_dir); not with `teacher`
+    # several teachers [{checkpoint, weight, name}] (offline: + offline_dir; cross_tokenizer: +
+    # tokenizer); not with `teacher`
     teachers: tuple[TeacherEntryConfig, ...] = ()
     # several teachers: sum of weighted divergences | divergence to the weighted mixture
     teacher_mode: Literal["sum", "mixture"] = "sum"
