@@ -92,8 +92,8 @@ class TokenCounts:
     chunk_bytes: int = 0  # cross_tokenizer: their bytes (the bits-per-byte denominator)
     single_chunks: int = 0  # cross_tokenizer: chunks of one token in both (mapped_kl's)
     chunk_ends: int = 0  # cross_tokenizer: chunks whose ends both windows hold (activation pairs)
-    # several teacher tokenizations: each named one's counts (its chunk fields), by name; the
-    # fields above are then those of the unnamed one, 0 without it
+    # several teacher tokenizations: each named one's counts (its chunk fields), by name (the
+    # fields above are the unnamed tokenization's, 0 without it)
     by_tokenizer: dict[str, TokenCounts] = field(default_factory=dict)
 
     def of_tokenizer(self, tokenizer: str) -> TokenCounts:
@@ -109,7 +109,9 @@ def micro_batch_tokenizers(micro_batch: Mapping[str, torch.Tensor]) -> list[str]
 
 
 def _chunk_counts(micro_batch: Mapping[str, torch.Tensor], tokenizer: str) -> list[int]:
-    chunk_bytes = micro_batch[alignment_key("chunk_bytes", tokenizer)]
+    chunk_bytes = micro_batch.get(alignment_key("chunk_bytes", tokenizer))
+    if chunk_bytes is None:  # (no unnamed tokenization: its slot stays, zeros)
+        return [0, 0, 0, 0]
     return [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum()),
             int((micro_batch[alignment_key("single", tokenizer)] != NO_CHUNK).sum()),
             int((micro_batch[alignment_key("chunk_ends", tokenizer)] != NO_CHUNK).sum())]
@@ -133,8 +135,10 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
     the alignment of each teacher tokenization); one all-reduce over the DP (x CP) group.
     `mtp_heads` is the student's `config.mtp_heads`."""
     micro_batches = list(micro_batches)
-    # (every rank's micro-batches carry the same keys: they follow from the config)
-    tokenizers = micro_batch_tokenizers(micro_batches[0]) if micro_batches else []
+    # (every rank's micro-batches carry the same keys: they follow from the config) The unnamed
+    # tokenization's four counts are always there, zeros without it; each named one adds four.
+    named = [t for t in micro_batch_tokenizers(micro_batches[0]) if t] if micro_batches else []
+    tokenizers = ["", *named]
     per_batch = [_micro_batch_counts(mb, mtp_heads, tokenizers) for mb in micro_batches]
     width = 3 + mtp_heads + 4 * len(tokenizers)
     totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, width).sum(dim=0)
@@ -147,8 +151,7 @@ def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: Pa
         ("chunks", "chunk_bytes", "single_chunks", "chunk_ends"),
         values[3 + mtp_heads + 4 * i:7 + mtp_heads + 4 * i])))
         for i, name in enumerate(tokenizers)}
-    named = {name: counts for name, counts in chunks.items() if name}
-    return dataclasses.replace(chunks.get("", base), by_tokenizer=named)
+    return dataclasses.replace(chunks[""], by_tokenizer={name: chunks[name] for name in named})
 
 
 @dataclass

@@ -153,21 +153,42 @@ TEACHER_KEYS = tuple(f"{key}/{name}" for name in TEACHERS
                      for key in ("kd_loss", "student_bpb", "teacher_bpb"))
 
 
+def _single_process(tmp: Path, cfg_path: Path, loss: str) -> list[dict]:
+    """Three steps of the two-teacher run of `loss` in one process (run once per module)."""
+    run_dir = tmp / f"tp1_{loss}"
+    if not (run_dir / "metrics.jsonl").exists():
+        assert run_in(cfg_path, run_dir, [*LOSSES[loss], _teachers(tmp, "a", "b")]) == 0
+    want = read_metrics(run_dir)
+    assert [r["step"] for r in want] == [1, 2, 3]
+    assert all(r[key] > 0 for r in want for key in TEACHER_KEYS)
+    return want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_tp2_sp_equals_tp1(setup, loss):
     """Three steps of the two-teacher run through the entry point: TP=2 + SP (each teacher's
     chunk term vocab-parallel over its own vocabulary) equals one process."""
     tmp, cfg_path, _ = setup
-    overrides = [*LOSSES[loss], _teachers(tmp, "a", "b")]
-    assert run_in(cfg_path, tmp / f"tp1_{loss}", overrides) == 0
+    want = _single_process(tmp, cfg_path, loss)
     assert run_ranks(run_in, 2, cfg_path, tmp / f"tp2_{loss}",
-                     [*overrides, "parallel.tp=2", "parallel.sp=true"], timeout_s=180) == [0, 0]
-    want, got = read_metrics(tmp / f"tp1_{loss}"), read_metrics(tmp / f"tp2_{loss}")
-    assert [r["step"] for r in want] == [1, 2, 3]
-    assert all(r[key] > 0 for r in want for key in TEACHER_KEYS)
-    assert_same_run(got, want, keys=(*RUN_KEYS, "kd_divergence", *TEACHER_KEYS),
+                     [*LOSSES[loss], _teachers(tmp, "a", "b"), "parallel.tp=2", "parallel.sp=true"],
+                     timeout_s=180) == [0, 0]
+    assert_same_run(read_metrics(tmp / f"tp2_{loss}"), want,
+                    keys=(*RUN_KEYS, "kd_divergence", *TEACHER_KEYS),
                     optional=("val_loss", "val_bpb"))
+
+
+def test_dp2_equals_one_process(setup):
+    """DP=2: each teacher's chunk counts cross the step's one DP all-reduce (its means are over
+    the global batch's chunks of its own tokenization), so the run equals one process."""
+    tmp, cfg_path, _ = setup
+    want = _single_process(tmp, cfg_path, "likelihood")
+    assert run_ranks(run_in, 2, cfg_path, tmp / "dp2_likelihood", [_teachers(tmp, "a", "b")],
+                     timeout_s=180) == [0, 0]
+    # (validation scores eval_batches micro-batches per DP rank: other data at DP=2)
+    assert_same_run(read_metrics(tmp / "dp2_likelihood"), want,
+                    keys=(*RUN_KEYS, "kd_divergence", *TEACHER_KEYS))
 
 
 BAD = [  # (overrides beyond the two teachers, the key named, part of the message)
