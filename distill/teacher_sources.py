@@ -120,13 +120,13 @@ class OtherTokenizerTeacher:
         self.source, self.prepared, self.tokenizer = source, prepared, tokenizer
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
-        def field(key: str) -> torch.Tensor:  # (the student's labels: the same for every teacher)
+        def mine(key: str) -> torch.Tensor:  # (the student's labels: the same for every teacher)
             return micro_batch[key if key == "labels" else alignment_key(key, self.tokenizer)]
 
         outputs = self.source(micro_batch if self.prepared else
-                              {"input_ids": field("teacher_input_ids")})
+                              {"input_ids": mine("teacher_input_ids")})
         for out in outputs.values():
-            out.alignment = {key: field(key) for key in ALIGNMENT_KEYS}
+            out.alignment = {key: mine(key) for key in ALIGNMENT_KEYS}
         return outputs
 
     def stage_parts(self) -> dict[str, StageTeacher]:
