@@ -88,10 +88,15 @@ class TeacherEntryConfig:
     weight: float = 1.0  # sum: weight of its divergence; mixture: its share (weights normalized)
     name: str = ""  # names its metrics (kd_loss/<name>) and its activation pairs
     offline_dir: str | None = None  # schedule offline: this teacher's export
+    # cross_tokenizer: the paired tokenization this teacher reads, PREFIX.teacher-NAME
+    # (tools/preprocess_data.py --teacher-tokenizer NAME=T.json); "" = the student's tokenizer
+    tokenizer: str = ""
 
     def __post_init__(self) -> None:
         check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or "")), "name",
               f"is required: letters, digits, '_', '.', '-' (got {self.name!r})")
+        check(not self.tokenizer or bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.tokenizer)),
+              "tokenizer", f"must be letters, digits, '_', '.', '-' (got {self.tokenizer!r})")
         check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
 
 
@@ -186,7 +191,8 @@ class DistillConfig:
     # shards, the older protocol kept as the benchmark's baseline; needs teacher_tp == tp)
     teacher_stream: Literal["hidden", "logits"] = "hidden"
     teacher: str | None = None  # teacher checkpoint directory (colocated / teacher_ranks)
-    # several teachers [{checkpoint, weight, name}] (offline: + offline_dir); not with `teacher`
+    # several teachers [{checkpoint, weight, name}] (offline: + offline_dir; cross_tokenizer: +
+    # tokenizer); not with `teacher`
     teachers: tuple[TeacherEntryConfig, ...] = ()
     # several teachers: sum of weighted divergences | divergence to the weighted mixture
     teacher_mode: Literal["sum", "mixture"] = "sum"
@@ -239,8 +245,8 @@ class DistillConfig:
               "teacher_stream", "must be hidden with cross_tokenizer (teacher ranks stream the "
               "teacher's chunk statistics, never its logits)")
         check(self.logit.on, key, "needs logit.weight > 0 (the weight of the chunk term)")
-        check(not self.teachers, key, "takes one teacher (distill.teacher): paired data holds one "
-                                      "teacher tokenization per dataset")
+        if self.teachers:
+            self._check_cross_teachers()
         check(not self.fused_lm_head, key, "needs logits (fused_lm_head false)")
         check(not self.on_policy.on, key, "does not combine with on_policy yet")
         check(not self.logit.varying_temperature, "logit.temperature",
@@ -249,6 +255,20 @@ class DistillConfig:
               self.logit.kind in ("forward_kl", "reverse_kl"), "logit.kind",
               f"must be forward_kl or reverse_kl with cross_tokenizer mapped_kl "
               f"(got {self.logit.kind})")
+
+    def _check_cross_teachers(self) -> None:
+        """Several teachers with their own tokenizers: each names its paired tokenization."""
+        for i, entry in enumerate(self.teachers):
+            check(bool(entry.tokenizer), f"teachers[{i}].tokenizer",
+                  "is required with cross_tokenizer: the paired tokenization this teacher reads "
+                  "(tools/preprocess_data.py --teacher-tokenizer NAME=T.json; a teacher with the "
+                  "student's tokenizer beside them is not supported yet)")
+        check(self.teacher_mode == "sum", "teacher_mode",
+              "mixture has no meaning across vocabularies: use sum with cross_tokenizer")
+        check(self.schedule == "colocated", "schedule", "several teachers with cross_tokenizer "
+                                                        "run colocated (offline: not yet)")
+        check(not self.activations, "activations", "with distill.teachers and cross_tokenizer: "
+                                                   "not yet (activation pairs need distill.teacher)")
 
     def _check_teachers(self) -> None:
         check(self.teacher is None, "teachers", "give distill.teacher or distill.teachers, not both")
@@ -266,6 +286,10 @@ class DistillConfig:
                       "is required with schedule offline (each teacher's export)")
             else:
                 check(bool(entry.checkpoint), f"teachers[{i}].checkpoint", "is required")
+        for i, entry in enumerate(self.teachers):
+            check(not entry.tokenizer or self.cross_tokenizer.on, f"teachers[{i}].tokenizer",
+                  f"{entry.tokenizer!r} needs distill.cross_tokenizer.loss (a teacher with "
+                  "another tokenizer); leave it empty for the student's tokenizer")
         check(self.schedule != "offline" or self.teacher_mode == "sum", "teacher_mode",
               "mixture needs every teacher's full distribution: not with top-k exports "
               "(schedule offline)")
@@ -283,6 +307,15 @@ class DistillConfig:
             return self.teachers
         return (TeacherEntryConfig(checkpoint=self.teacher, name=SINGLE_TEACHER),) \
             if self.teacher else ()
+
+    @property
+    def paired_tokenizers(self) -> tuple[str, ...]:
+        """The paired teacher tokenizations the run reads (engine/data/paired.py): ("",) the
+        unnamed one of distill.teacher, each of distill.teachers' `tokenizer`, () without
+        cross_tokenizer."""
+        if not self.cross_tokenizer.on:
+            return ()
+        return tuple(dict.fromkeys(e.tokenizer for e in self.teachers)) or ("",)
 
     @property
     def several_teachers(self) -> bool:

@@ -62,15 +62,18 @@ def validation_loss(model: TransformerLM, data: DataConfig, *, micro_batches: in
 @torch.no_grad()
 def validation(model: TransformerLM, data: DataConfig, *, micro_batches: int, seed: int,
                split: str = "valid", fused: bool = False, teacher_len: int | None = None,
+               teacher_tokenizers: tuple[str, ...] = ("",),
                byte_lengths: torch.Tensor | None = None) -> Validation:
     """The loss over the first `micro_batches` micro-batches of each DP rank's `split` stream;
     the same on every rank (one all-reduce over DP). Also in bits per byte with `teacher_len`
-    (paired data, engine/data/paired.py: the labels' bytes from its offsets) or `byte_lengths`
+    (paired data, engine/data/paired.py: the labels' bytes from its offsets; `teacher_tokenizers`
+    its teacher tokenizations, TokenBatches') or `byte_lengths`
     ([vocab] int64, the bytes each token id stands for: plain data and its tokenizer). The model
     runs in eval mode and is put back in the mode it was in."""
     layout = model.layout
     stream = TokenBatches(data, seed=seed, dp_rank=layout.dp_rank, dp=layout.dp, split=split,
-                          vocab_size=model.config.vocab_size, teacher_len=teacher_len)
+                          vocab_size=model.config.vocab_size, teacher_len=teacher_len,
+                          teacher_tokenizers=teacher_tokenizers[:1])
     batches: list[dict] = []
     while len(batches) < micro_batches:
         batches += stream.next_step()

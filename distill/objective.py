@@ -36,6 +36,10 @@ A teacher with another tokenizer (`distill.cross_tokenizer`, distill/cross_token
 logit term is the chunk term, a mean over the step's aligned chunks (`likelihood`) or over its
 chunks of one token in both tokenizations (`mapped_kl`, `uld`); activation pairs compare both
 models at the chunks' ends, a mean over those; `student_bpb` and `teacher_bpb` are logged.
+Several such teachers (`distill.teachers`, each with its own paired tokenization `tokenizer`):
+sum_k w_k x teacher k's chunk term, each a mean over its own alignment's chunks (counted per
+tokenization, `TokenCounts.by_tokenizer`), logged as `kd_loss/<name>` with each one's
+`student_bpb/<name>` and `teacher_bpb/<name>`.
 
 Any term may be absent at run time: no labels (pure KD) drops the LM term, no teacher outputs (pure
 LM) drop the distillation terms. MTP heads are only trained on labels: the logit term reads the
@@ -53,7 +57,7 @@ from torch import nn
 
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
-from distill.config import DistillConfig, ResolvedPair, check_compatibility, named_teachers
+from distill.config import SINGLE_TEACHER, DistillConfig, ResolvedPair, check_compatibility, named_teachers
 from distill.cross_tokenizer import STATS, CrossTokenizerTerm, aligned_buffers
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
@@ -63,6 +67,7 @@ from distill.schedules import Schedules, StepValues, ever_positive
 from distill.teacher import TeacherOutputs, TeacherRequest
 from engine import collectives as C
 from engine.data import IGNORE_INDEX, shift_labels
+from engine.data.dataset import alignment_key
 from engine.data.paired import NO_CHUNK
 from engine.log import get_logger
 from engine.parallel import ParallelLayout
@@ -88,6 +93,13 @@ class TokenCounts:
     chunk_bytes: int = 0  # cross_tokenizer: their bytes (the bits-per-byte denominator)
     single_chunks: int = 0  # cross_tokenizer: chunks of one token in both (mapped_kl's)
     chunk_ends: int = 0  # cross_tokenizer: chunks whose ends both windows hold (activation pairs)
+    # several teacher tokenizations: each named one's counts (its chunk fields), by name (the
+    # fields above are the unnamed tokenization's, 0 without it)
+    by_tokenizer: dict[str, TokenCounts] = field(default_factory=dict)
+
+    def of_tokenizer(self, tokenizer: str) -> TokenCounts:
+        """The counts with the chunk fields of teacher tokenization `tokenizer` ("": these)."""
+        return self.by_tokenizer[tokenizer] if tokenizer else self
 
 
 def head_targets(labels: torch.Tensor, mtp_labels: torch.Tensor | None, head: int) -> torch.Tensor:
@@ -99,7 +111,24 @@ def head_targets(labels: torch.Tensor, mtp_labels: torch.Tensor | None, head: in
     return mtp_labels[..., head - 1]
 
 
-def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int) -> list[int]:
+def micro_batch_tokenizers(micro_batch: Mapping[str, torch.Tensor]) -> list[str]:
+    """The teacher tokenizations whose alignment the micro-batch carries ("": the unnamed one),
+    from its keys (engine/data/dataset.py `alignment_key`), sorted."""
+    return sorted(key.partition("/")[2] for key in micro_batch
+                  if key.partition("/")[0] == "chunk_bytes")
+
+
+def _chunk_counts(micro_batch: Mapping[str, torch.Tensor], tokenizer: str) -> list[int]:
+    chunk_bytes = micro_batch.get(alignment_key("chunk_bytes", tokenizer))
+    if chunk_bytes is None:  # (no unnamed tokenization: its slot stays, zeros)
+        return [0, 0, 0, 0]
+    return [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum()),
+            int((micro_batch[alignment_key("single", tokenizer)] != NO_CHUNK).sum()),
+            int((micro_batch[alignment_key("chunk_ends", tokenizer)] != NO_CHUNK).sum())]
+
+
+def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int,
+                        tokenizers: list[str]) -> list[int]:
     tokens = micro_batch["input_ids"].numel()
     labels, kd_mask = micro_batch.get("labels"), micro_batch.get("kd_mask")
     mtp_labels = micro_batch.get(MTP_LABELS)
@@ -107,26 +136,33 @@ def _micro_batch_counts(micro_batch: Mapping[str, torch.Tensor], mtp_heads: int)
         [int((head_targets(labels, mtp_labels, j) != IGNORE_INDEX).sum()) for j in range(1 + mtp_heads)]
     distill = int(kd_mask.sum()) if kd_mask is not None else \
         tokens if labels is None else heads[0]
-    chunk_bytes = micro_batch.get("chunk_bytes")
-    chunks = [0, 0, 0, 0] if chunk_bytes is None else \
-        [int((chunk_bytes > 0).sum()), int(chunk_bytes.sum()),
-         int((micro_batch["single"] != NO_CHUNK).sum()),
-         int((micro_batch["chunk_ends"] != NO_CHUNK).sum())]
+    chunks = [n for name in tokenizers for n in _chunk_counts(micro_batch, name)]
     return [tokens, *heads, distill, *chunks]
 
 
 def count_tokens(micro_batches: Iterable[Mapping[str, torch.Tensor]], layout: ParallelLayout, *,
                  mtp_heads: int = 0) -> TokenCounts:
-    """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?});
-    one all-reduce over the DP (x CP) group. `mtp_heads` is the student's `config.mtp_heads`."""
-    per_batch = [_micro_batch_counts(mb, mtp_heads) for mb in micro_batches]
-    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, 7 + mtp_heads).sum(dim=0)
+    """Global counts for one step from this rank's micro-batches ({"input_ids", "labels"?}, and
+    the alignment of each teacher tokenization); one all-reduce over the DP (x CP) group.
+    `mtp_heads` is the student's `config.mtp_heads`."""
+    micro_batches = list(micro_batches)
+    # (every rank's micro-batches carry the same keys: they follow from the config) The unnamed
+    # tokenization's four counts are always there, zeros without it; each named one adds four.
+    named = [t for t in micro_batch_tokenizers(micro_batches[0]) if t] if micro_batches else []
+    tokenizers = ["", *named]
+    per_batch = [_micro_batch_counts(mb, mtp_heads, tokenizers) for mb in micro_batches]
+    width = 3 + mtp_heads + 4 * len(tokenizers)
+    totals = torch.tensor(per_batch, dtype=torch.int64).reshape(-1, width).sum(dim=0)
     # over DP x CP: context-parallel ranks hold other tokens of the same sequences
     totals = C.all_reduce(totals.to(layout.device), layout.dp_cp_group)  # NCCL needs device memory
     values = totals.tolist()
-    return TokenCounts(tokens=values[0], heads=tuple(values[1:-5]), distill=values[-5],
-                       chunks=values[-4], chunk_bytes=values[-3], single_chunks=values[-2],
-                       chunk_ends=values[-1])
+    base = TokenCounts(tokens=values[0], heads=tuple(values[1:2 + mtp_heads]),
+                       distill=values[2 + mtp_heads])
+    chunks = {name: dataclasses.replace(base, **dict(zip(
+        ("chunks", "chunk_bytes", "single_chunks", "chunk_ends"),
+        values[3 + mtp_heads + 4 * i:7 + mtp_heads + 4 * i])))
+        for i, name in enumerate(tokenizers)}
+    return dataclasses.replace(chunks[""], by_tokenizer={name: chunks[name] for name in named})
 
 
 @dataclass
@@ -180,7 +216,7 @@ class DistillObjective(nn.Module):
     def __init__(self, cfg: DistillConfig, student_config: ModelConfig,
                  teacher_config: ModelConfig | Mapping[str, ModelConfig] | None,
                  layout: ParallelLayout, *, seed: int = 0,
-                 shared_vocab: torch.Tensor | None = None):
+                 shared_vocab: torch.Tensor | Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.pairs = check_compatibility(cfg, student_config, teacher_config,
@@ -194,14 +230,9 @@ class DistillObjective(nn.Module):
         self.teacher_weights = {name: w if several or cfg.teacher_mode == "sum" else 1.0
                                 for name, w in weights.items()}
         self.vocab_size = student_config.vocab_size
-        cross = cfg.cross_tokenizer
-        # (offline: no teacher model, its statistics come from the store)
-        self.chunk_term = CrossTokenizerTerm(
-            loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
-            student_vocab=student_config.vocab_size,
-            teacher_vocab=next(iter(teachers.values())).vocab_size if teachers else 0,
-            group=layout.tp_group, uld_top_k=cross.uld_top_k, shared_vocab=shared_vocab) \
-            if cross.on and (teachers or cfg.schedule == "offline") else None
+        # cross_tokenizer: each teacher's paired tokenization ("": the unnamed one) and chunk term
+        self.teacher_tokenizers = {e.name: e.tokenizer for e in cfg.teacher_entries}
+        self.chunk_terms = self._chunk_terms_of(cfg, student_config, teachers, shared_vocab)
         self.softcap = student_config.final_logit_softcap  # the fused head caps as the model
         self.mtp_weights = cfg.mtp_weights or (1.0,) * student_config.mtp_heads
         self.values: StepValues = Schedules(cfg).at(0)  # the trainer sets each step's values
@@ -218,6 +249,29 @@ class DistillObjective(nn.Module):
                 self.projection = next(iter(by_source.values()))
             else:
                 self.projections = nn.ModuleDict(by_source)
+
+    def _chunk_terms_of(self, cfg: DistillConfig, student_config: ModelConfig,
+                        teachers: dict[str, ModelConfig],
+                        shared_vocab: torch.Tensor | Mapping[str, torch.Tensor] | None,
+                        ) -> dict[str, CrossTokenizerTerm]:
+        """Each teacher's chunk term by name ({} without cross_tokenizer); offline, with no
+        teacher model (its statistics come from the store), one under SINGLE_TEACHER."""
+        cross = cfg.cross_tokenizer
+        if not cross.on:
+            return {}
+        vocabs = {name: t.vocab_size for name, t in teachers.items()} or \
+            ({SINGLE_TEACHER: 0} if cfg.schedule == "offline" else {})
+        return {name: CrossTokenizerTerm(
+            loss=cross.loss, divergence=cross.divergence, kind=cfg.logit.kind,
+            student_vocab=student_config.vocab_size, teacher_vocab=vocab,
+            group=self.layout.tp_group, uld_top_k=cross.uld_top_k,
+            shared_vocab=shared_vocab.get(name) if isinstance(shared_vocab, Mapping)
+            else shared_vocab) for name, vocab in vocabs.items()}
+
+    @property
+    def chunk_term(self) -> CrossTokenizerTerm | None:
+        """The one teacher's chunk term (None without cross_tokenizer)."""
+        return next(iter(self.chunk_terms.values()), None)
 
     @property
     def fused(self) -> bool:
@@ -257,8 +311,9 @@ class DistillObjective(nn.Module):
         per_teacher = len(entries) > 1 and self.cfg.teacher_mode == "sum"
         suffixes = [f"/{name}" for name in entries] if per_teacher else [""]
         names = ["kd_divergence", *([f"kd_loss{s}" for s in suffixes] if per_teacher else [])]
-        if self.cfg.cross_tokenizer.on:
-            return (*names, "student_bpb", "teacher_bpb")
+        if self.cfg.cross_tokenizer.on:  # (each teacher's chunks cover other bytes)
+            return (*names, *(f"{key}{s}" for s in suffixes
+                              for key in ("student_bpb", "teacher_bpb")))
         if self.cfg.diagnostics and self.cfg.schedule != "offline":
             names += ["student_entropy", *(f"{key}{s}" for s in suffixes
                                            for key in DIAGNOSTICS if key != "student_entropy")]
@@ -287,7 +342,7 @@ class DistillObjective(nn.Module):
         fused: list[torch.Tensor] = []  # weighted losses of the fused head's calls, with graph
         lm, kd = self._logit_terms(student, teacher, labels, tokens_norm, output_weight, metrics,
                                    mask, fused, mtp_labels)
-        if self.chunk_term is not None and teacher and self.pairs:  # at the chunks' ends
+        if self.chunk_terms and teacher and self.pairs:  # at the chunks' ends
             student_buffers, teacher, mask, act_counts = self._at_chunk_ends(student, teacher,
                                                                              tokens_norm)
         else:
@@ -368,24 +423,34 @@ class DistillObjective(nn.Module):
     def _chunk_terms(self, student: ModelOutput, teacher: dict[str, TeacherOutputs],
                      labels: torch.Tensor | None, counts: TokenCounts,
                      metrics: dict[str, torch.Tensor]):
-        """(LM term, chunk term) against a teacher with another tokenizer
-        (distill/cross_tokenizer.py), and both models' bits per byte of the chunks' text into
-        `metrics`."""
-        (out,) = teacher.values()
-        if out.alignment is None:
+        """(LM term, chunk term) against teachers with other tokenizers
+        (distill/cross_tokenizer.py): sum_k weight_k x teacher k's chunk term, each over its own
+        alignment and counts, and both models' bits per byte of each teacher's chunks' text into
+        `metrics` (several teachers: each teacher's `kd_loss/<name>`, `student_bpb/<name>`,
+        `teacher_bpb/<name>`)."""
+        if any(out.alignment is None for out in teacher.values()):
             raise ValueError("distill.cross_tokenizer: the teacher outputs carry no alignment "
                              "(run the teacher through OtherTokenizerTeacher)")
-        ce = cross_entropy(student.logits, out.alignment["labels"], **self._loss_kwargs())
+        first = next(iter(teacher.values()))
+        ce = cross_entropy(student.logits, first.alignment["labels"], **self._loss_kwargs())
         lm = None if labels is None else self._lm_term(student, ce, labels, counts, None, [])
-        sums = self.chunk_term(student.logits, out, student_ce=ce,
-                               temperature=self.values.temperature)
-        items = counts.chunks if self.cfg.cross_tokenizer.loss == "likelihood" \
-            else counts.single_chunks
-        share = sums.divergence / max(items, 1)
-        metrics["kd_divergence"] = share.detach()
-        metrics["student_bpb"] = sums.student_bits / max(counts.chunk_bytes, 1)
-        metrics["teacher_bpb"] = sums.teacher_bits / max(counts.chunk_bytes, 1)
-        return lm, self.values.kd_scale * share
+        shares = []
+        for name, out in teacher.items():
+            term = self.chunk_terms.get(name) or self.chunk_term  # (offline: the one term)
+            mine = counts.of_tokenizer(self.teacher_tokenizers.get(name, ""))
+            sums = term(student.logits, out, student_ce=ce, temperature=self.values.temperature)
+            items = mine.chunks if self.cfg.cross_tokenizer.loss == "likelihood" \
+                else mine.single_chunks
+            share = self.teacher_weights.get(name, 1.0) * sums.divergence / max(items, 1)
+            shares.append(share)
+            suffix = f"/{name}" if len(teacher) > 1 else ""
+            if suffix:
+                metrics[f"kd_loss{suffix}"] = (self.values.kd_scale * share).detach()
+            metrics[f"student_bpb{suffix}"] = sums.student_bits / max(mine.chunk_bytes, 1)
+            metrics[f"teacher_bpb{suffix}"] = sums.teacher_bits / max(mine.chunk_bytes, 1)
+        divergence_sum = torch.stack(shares).sum()
+        metrics["kd_divergence"] = divergence_sum.detach()
+        return lm, self.values.kd_scale * divergence_sum
 
     def _logit_targets(self, teacher: dict[str, TeacherOutputs],
                        ) -> list[tuple[str, float, TeacherOutputs]]:

@@ -178,7 +178,8 @@ def _run(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheckpoints,
     cross = cfg.distill.cross_tokenizer
     data = TokenBatches(cfg.data, seed=cfg.train.seed, dp_rank=layout.dp_rank, dp=layout.dp,
                         vocab_size=cfg.model.vocab_size, order=curriculum(cfg),
-                        teacher_len=cross.teacher_tokens(cfg.data.seq_len) if cross.on else None)
+                        teacher_len=cross.teacher_tokens(cfg.data.seq_len) if cross.on else None,
+                        teacher_tokenizers=cfg.distill.paired_tokenizers)
     trainer = DistillTrainer(cfg=cfg.train, layout=layout, student=student, objective=objective,
                              data=data, data_cfg=cfg.data,
                              teacher=_teacher_source(cfg, teacher_cfg, ckpts, layout, objective,
@@ -273,7 +274,13 @@ def _teacher_source(cfg: RunConfig, teacher_cfg: TeacherConfigs, ckpts: RunCheck
     if teacher_cfg is None:
         return None
     source = _colocated(cfg, teacher_cfg, ckpts, layout, objective.teacher_request(), objective)
-    return OtherTokenizerTeacher(source) if cfg.distill.cross_tokenizer.on else source
+    if not cfg.distill.cross_tokenizer.on:
+        return source
+    if isinstance(source, TeacherList):  # each teacher on its own paired tokenization
+        tokenizers = {e.name: e.tokenizer for e in cfg.distill.teachers}
+        return TeacherList([OtherTokenizerTeacher(s, tokenizer=tokenizers[s.name])
+                            for s in source.sources])
+    return OtherTokenizerTeacher(source)
 
 
 def _on_policy_stream(cfg: RunConfig, per_step: int, resume_step: int,

@@ -134,47 +134,67 @@ def check_cross_tokenizer(cfg: RunConfig) -> None:
             raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
                               f"{tokens} teacher tokens per window do not split over {name}="
                               f"{tp} ranks (sequence parallelism)")
-    for _, prefix in resolve_data_path(cfg.data):
-        try:
-            PairedDocuments(IndexedTokens(prefix))
-        except DataError as err:
-            raise ConfigError("data.path", str(err)) from None
+    for tokenizer in cfg.distill.paired_tokenizers:
+        for _, prefix in resolve_data_path(cfg.data):
+            try:
+                PairedDocuments(IndexedTokens(prefix), tokenizer)
+            except DataError as err:
+                raise ConfigError(_tokenizer_key(cfg, tokenizer), str(err)) from None
     shared_vocab(cfg)
 
 
-def shared_vocab(cfg: RunConfig) -> torch.Tensor | None:
-    """mapped_kl: the [K, 2] shared vocabulary of the paired data (every dataset's the same);
-    None for the other losses."""
+def _tokenizer_key(cfg: RunConfig, tokenizer: str) -> str:
+    """The config key that names paired tokenization `tokenizer` (data.path for the unnamed)."""
+    names = [e.tokenizer for e in cfg.distill.teachers]
+    return f"distill.teachers[{names.index(tokenizer)}].tokenizer" if tokenizer else "data.path"
+
+
+def shared_vocab(cfg: RunConfig) -> torch.Tensor | dict[str, torch.Tensor] | None:
+    """mapped_kl: the [K, 2] shared vocabulary of the paired data (every dataset's the same),
+    with distill.teachers each teacher's by name; None for the other losses."""
     if cfg.distill.cross_tokenizer.loss != "mapped_kl":
         return None
+    if cfg.distill.teachers:
+        return {e.name: _shared_vocab(cfg, e.tokenizer) for e in cfg.distill.teachers}
+    return _shared_vocab(cfg, "")
+
+
+def _shared_vocab(cfg: RunConfig, tokenizer: str) -> torch.Tensor:
     found = []
     for _, prefix in resolve_data_path(cfg.data):
         try:
-            found.append(read_shared_vocab(prefix))
+            found.append(read_shared_vocab(prefix, tokenizer))
         except DataError as err:
-            raise ConfigError("data.path", str(err)) from None
+            raise ConfigError(_tokenizer_key(cfg, tokenizer), str(err)) from None
         if not np.array_equal(found[0], found[-1]):
             raise ConfigError("data.path", f"{prefix} was paired with other tokenizers than "
                                            f"{resolve_data_path(cfg.data)[0][1]}")
     return torch.from_numpy(found[0])
 
 
-def check_cross_tokenizer_teacher(cfg: RunConfig, teacher: ModelConfig) -> None:
-    """The teacher must take a whole teacher window, and know every id of the paired data."""
+def check_cross_tokenizer_teacher(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig],
+                                  ) -> None:
+    """Each teacher must take a whole teacher window, and know every id of its paired data."""
     tokens = cfg.distill.cross_tokenizer.teacher_tokens(cfg.data.seq_len)
-    if tokens > teacher.max_seq_len:
-        raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
-                          f"{tokens} teacher tokens per window exceed the teacher's max_seq_len "
-                          f"{teacher.max_seq_len}")
-    for _, prefix in resolve_data_path(cfg.data):
-        try:
-            check_token_ids(PairedDocuments(IndexedTokens(prefix)).teacher, teacher.vocab_size)
-        except DataError as err:
-            raise ConfigError("distill.teacher", f"{err} (the teacher's)") from None
+    teachers = {e.name: (teacher[e.name], e.tokenizer, teacher_key(cfg.distill, e.name))
+                for e in cfg.distill.teachers} if cfg.distill.teachers else \
+        {"": (teacher, "", "distill.teacher")}
     pairs = shared_vocab(cfg)
-    if pairs is not None:
-        _check_unshared(cfg.distill.logit.kind, len(pairs), cfg.model.vocab_size,
-                        teacher.vocab_size)
+    for name, (model, tokenizer, key) in teachers.items():
+        if tokens > model.max_seq_len:
+            raise ConfigError("distill.cross_tokenizer.teacher_seq_len",
+                              f"{tokens} teacher tokens per window exceed the teacher's "
+                              f"max_seq_len {model.max_seq_len}")
+        for _, prefix in resolve_data_path(cfg.data):
+            try:
+                check_token_ids(PairedDocuments(IndexedTokens(prefix), tokenizer).teacher,
+                                model.vocab_size)
+            except DataError as err:
+                raise ConfigError(key, f"{err} (the teacher's)") from None
+        if pairs is not None:
+            shared = pairs[name] if isinstance(pairs, dict) else pairs
+            _check_unshared(cfg.distill.logit.kind, len(shared), cfg.model.vocab_size,
+                            model.vocab_size)
 
 
 def _check_unshared(kind: str, shared: int, student_vocab: int, teacher_vocab: int) -> None:
@@ -418,7 +438,7 @@ def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) 
     teacher = teacher_model_config(cfg, teachers)
     pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
-    if cfg.distill.cross_tokenizer.on and isinstance(teacher, ModelConfig):
+    if cfg.distill.cross_tokenizer.on and teacher is not None:
         check_cross_tokenizer_teacher(cfg, teacher)
     curriculum(cfg)
     if cfg.distill.schedule == "offline":

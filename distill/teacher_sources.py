@@ -13,6 +13,7 @@ from distill.config import SINGLE_TEACHER
 from distill.cross_tokenizer import CrossTokenizerTerm, teacher_at_chunk_ends
 from distill.teacher import ALIGNMENT_KEYS, StageTeacher, TeacherOutputs, TeacherRequest, TeacherSource
 from distill.teacher_load import freeze
+from engine.data.dataset import alignment_key
 from engine.pipeline import TensorSpec
 from layers.context import sequence_kwargs
 
@@ -116,14 +117,19 @@ class OtherTokenizerTeacher:
 
     reaches_every_stage = False
 
-    def __init__(self, source: TeacherSource, *, prepared: bool = False):
-        self.source, self.prepared = source, prepared
+    def __init__(self, source: TeacherSource, *, prepared: bool = False, tokenizer: str = ""):
+        # tokenizer: the teacher's paired tokenization ("": the unnamed one), whose alignment
+        # the micro-batch carries under `alignment_key`s
+        self.source, self.prepared, self.tokenizer = source, prepared, tokenizer
 
     def __call__(self, micro_batch: Mapping[str, torch.Tensor]) -> dict[str, TeacherOutputs]:
+        def mine(key: str) -> torch.Tensor:  # (the student's labels: the same for every teacher)
+            return micro_batch[key if key == "labels" else alignment_key(key, self.tokenizer)]
+
         outputs = self.source(micro_batch if self.prepared else
-                              {"input_ids": micro_batch["teacher_input_ids"]})
+                              {"input_ids": mine("teacher_input_ids")})
         for out in outputs.values():
-            out.alignment = {key: micro_batch[key] for key in ALIGNMENT_KEYS}
+            out.alignment = {key: mine(key) for key in ALIGNMENT_KEYS}
         return outputs
 
     def stage_parts(self) -> dict[str, StageTeacher]:

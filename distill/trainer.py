@@ -278,7 +278,8 @@ class DistillTrainer:
         micro-batches, and on paired data "val_bpb": the same in bits per byte}."""
         scores = validation(self.student, self.data_cfg, micro_batches=self.cfg.eval_batches,
                             seed=self.cfg.seed, fused=self.objective.fused,
-                            teacher_len=self.data.teacher_len)
+                            teacher_len=self.data.teacher_len,
+                            teacher_tokenizers=self.data.teacher_tokenizers)
         bpb = {} if scores.bits_per_byte is None else {"val_bpb": scores.bits_per_byte}
         return {"val_loss": scores.loss, **bpb}
 

@@ -221,8 +221,7 @@ BAD = [  # (overrides, the key named, part of the message)
      "distill.cross_tokenizer.teacher_seq_len", "do not split over parallel.tp=2"),
     (["data.path=default"], "data.path", "needs paired data"),
     (["distill.teacher=null", "distill.teachers=[{checkpoint: t, name: a}, {checkpoint: t, name: b}]"],
-     "distill.cross_tokenizer.loss", "takes one teacher (distill.teacher): paired data holds one "
-                                     "teacher tokenization per dataset"),
+     "distill.teachers[0].tokenizer", "is required with cross_tokenizer: the paired tokenization"),
     (["distill.cross_tokenizer.loss=none"], "distill.teacher", "needs the same tokenizer"),
 ]
 

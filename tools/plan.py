@@ -629,8 +629,10 @@ def _step_comm(comm: Comm, job: Job) -> None:
     terms = (4 + len(objective.metric_names()) + moe_terms) * FP64
     if job.dp > 1:
         # the token counts (distill/objective.py count_tokens: tokens, one per head, distilled,
-        # and the four cross-tokenizer chunk counts) and the step's terms
-        comm[("dp", "all_reduce")] += (7 + cfg.model.mtp_heads) * INT64 + terms
+        # and four cross-tokenizer chunk counts, four more per named teacher tokenization) and
+        # the step's terms
+        named = sum(1 for t in cfg.distill.paired_tokenizers if t)
+        comm[("dp", "all_reduce")] += (7 + cfg.model.mtp_heads + 4 * named) * INT64 + terms
     if par.pp > 1:
         comm[("pp", "all_reduce")] += terms + FP64
     if par.tp > 1:

@@ -17,12 +17,16 @@ also writes the paired data beside PREFIX (engine/data/paired.py): PREFIX.teache
 ids, same documents in the same order), PREFIX.offsets and PREFIX.teacher_offsets (where each
 token ends in bytes) and PREFIX.shared_vocab.npy (the tokens both vocabularies share), after
 checking that both tokenizations spell every document's bytes alike. Both tokenizers must be
-byte-level BPEs.
+byte-level BPEs. Several teachers with their own tokenizers: `--teacher-tokenizer NAME=T.json`,
+repeated, writes each one's PREFIX.teacher-NAME, PREFIX.teacher-NAME.offsets and
+PREFIX.teacher-NAME.shared_vocab.npy beside the one PREFIX.offsets (a run names the tokenization
+of each teacher as `distill.teachers[i].tokenizer: NAME`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,11 +46,9 @@ from engine.data import (  # noqa: E402
 )
 from engine.data.paired import (  # noqa: E402
     OFFSETS_SUFFIX,
-    PAIRED_SUFFIXES,
-    SHARED_VOCAB_SUFFIX,
-    TEACHER_OFFSETS_SUFFIX,
-    TEACHER_SUFFIX,
+    TOKENIZER_NAME,
     check_same_text,
+    teacher_prefixes,
     token_bytes,
     write_offsets,
     write_shared_vocab,
@@ -69,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSONL field holding the text (default 'text'); makes inputs JSONL")
     parser.add_argument("--text-docs", choices=("file", "line"), default="file",
                         help="for plain text: one document per file or per non-blank line")
-    parser.add_argument("--teacher-tokenizer", default=None, metavar="TOKENIZER.json",
-                        help="also write the teacher's ids and both byte offsets (paired data)")
+    parser.add_argument("--teacher-tokenizer", action="append", default=[],
+                        metavar="[NAME=]TOKENIZER.json",
+                        help="also write the teacher's ids and both byte offsets (paired data); "
+                             "repeat as NAME=T.json for several teachers' tokenizers")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--eod-token", default=None,
                         help=f"end-of-document token (default: the first found of "
@@ -89,11 +93,29 @@ def input_records(args: argparse.Namespace) -> Iterator[Record]:
                                 json_key=(args.json_key or "text") if jsonl else None)
 
 
+def teacher_tokenizers(values: list[str]) -> dict[str, str]:
+    """{name ("": unnamed): tokenizer path} of the --teacher-tokenizer values."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, path = value.split("=", 1) if "=" in value and not Path(value).exists() \
+            else ("", value)
+        if name and not re.fullmatch(TOKENIZER_NAME, name):
+            raise DataError(f"--teacher-tokenizer {value}: the name must be letters, digits, "
+                            f"'_', '.', '-' (got {name!r})")
+        if name in out:
+            what = f"the name {name!r}" if name else "a tokenizer without a name"
+            raise DataError(f"--teacher-tokenizer: {what} is given twice")
+        out[name] = path
+    return out
+
+
 def run(args: argparse.Namespace) -> tuple[int, int]:
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1 (got {args.workers})")
-    prefixes = [args.output_prefix] + ([] if args.teacher_tokenizer is None else [
-        args.output_prefix + suffix for suffix in PAIRED_SUFFIXES])
+    teachers = teacher_tokenizers(args.teacher_tokenizer)
+    prefix = args.output_prefix
+    prefixes = [prefix] + ([prefix + OFFSETS_SUFFIX] if teachers else []) + [
+        p for name in teachers for p in teacher_prefixes(prefix, name).datasets]
     existing = [p for prefix in prefixes for p in (f"{prefix}.bin", f"{prefix}.idx")
                 if Path(p).exists()]
     if existing and not args.force:
@@ -105,33 +127,39 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
                                 tokenizer_path=args.tokenizer, eod_id=eod_id,
                                 workers=args.workers, total_bytes=total_bytes,
                                 progress=not args.no_progress)
-    if args.teacher_tokenizer is not None:
+    if teachers:
         try:
-            write_paired(args, eod_id is not None, total_bytes)
+            write_paired(args, teachers, eod_id is not None, total_bytes)
         except BaseException:
             for prefix in prefixes:
                 for ext in (".bin", ".idx"):
                     Path(prefix + ext).unlink(missing_ok=True)
-            Path(args.output_prefix + SHARED_VOCAB_SUFFIX).unlink(missing_ok=True)
+            for name in teachers:
+                Path(teacher_prefixes(args.output_prefix, name).shared_vocab).unlink(
+                    missing_ok=True)
             raise
     return written
 
 
-def write_paired(args: argparse.Namespace, append_eod: bool, total_bytes: int) -> None:
-    """The teacher's ids and both byte offsets beside the student's dataset (checked alike)."""
-    student_tok, teacher_tok = (load_tokenizer(p) for p in (args.tokenizer, args.teacher_tokenizer))
-    eods = [find_eod_id(t, args.eod_token) if append_eod else None
-            for t in (student_tok, teacher_tok)]
+def write_paired(args: argparse.Namespace, teachers: dict[str, str], append_eod: bool,
+                 total_bytes: int) -> None:
+    """Each teacher's ids and byte offsets, and the student's, beside the student's dataset
+    (checked alike)."""
     prefix = args.output_prefix
-    encode_to_indexed(prefix + TEACHER_SUFFIX, input_records(args),
-                      tokenizer_path=args.teacher_tokenizer, eod_id=eods[1],
-                      workers=args.workers, total_bytes=total_bytes,
-                      progress=not args.no_progress)
-    tables = [token_bytes(t, eod_id=e) for t, e in zip((student_tok, teacher_tok), eods)]
-    check_same_text(IndexedTokens(prefix), IndexedTokens(prefix + TEACHER_SUFFIX), *tables)
-    write_offsets(prefix + OFFSETS_SUFFIX, prefix, tables[0])
-    write_offsets(prefix + TEACHER_OFFSETS_SUFFIX, prefix + TEACHER_SUFFIX, tables[1])
-    write_shared_vocab(prefix, *tables, eods=tuple(eods))
+    student_tok = load_tokenizer(args.tokenizer)
+    student_eod = find_eod_id(student_tok, args.eod_token) if append_eod else None
+    student_table = token_bytes(student_tok, eod_id=student_eod)
+    for name, path in teachers.items():
+        teacher_tok, out = load_tokenizer(path), teacher_prefixes(prefix, name)
+        eod = find_eod_id(teacher_tok, args.eod_token) if append_eod else None
+        encode_to_indexed(out.ids, input_records(args), tokenizer_path=path, eod_id=eod,
+                          workers=args.workers, total_bytes=total_bytes,
+                          progress=not args.no_progress)
+        table = token_bytes(teacher_tok, eod_id=eod)
+        check_same_text(IndexedTokens(prefix), IndexedTokens(out.ids), student_table, table)
+        write_offsets(out.offsets, out.ids, table)
+        write_shared_vocab(out.shared_vocab, student_table, table, eods=(student_eod, eod))
+    write_offsets(prefix + OFFSETS_SUFFIX, prefix, student_table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,12 @@ def document_layout(starts: torch.Tensor, *, restart_positions: bool) -> dict[st
     return out
 
 
+def alignment_key(key: str, tokenizer: str) -> str:
+    """The micro-batch key of alignment field `key` for teacher tokenization `tokenizer` ("": the
+    unnamed one, whose keys are the bare field names)."""
+    return f"{key}/{tokenizer}" if tokenizer else key
+
+
 def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
     """Targets `shift` positions further on, [batch, seq]: position t gets labels[:, t + shift] and
     the last `shift` positions get IGNORE_INDEX. The one label shift of the project: next-token
@@ -233,7 +239,8 @@ class TokenBatches:
 
     def __init__(self, cfg: DataConfig, *, seed: int, dp_rank: int = 0, dp: int = 1,
                  split: str = "train", vocab_size: int | None = None,
-                 order: np.ndarray | None = None, teacher_len: int | None = None):
+                 order: np.ndarray | None = None, teacher_len: int | None = None,
+                 teacher_tokenizers: tuple[str, ...] = ("",)):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
         if not 0 <= dp_rank < dp:
@@ -251,10 +258,12 @@ class TokenBatches:
                                               seed=(seed, index, SPLITS.index(split)), split=split,
                                               vocab_size=vocab_size))
         self.blend = Blend([weight for weight, _ in pairs])
-        # A teacher with another tokenizer: its tokens per window (engine/data/paired.py)
-        self.teacher_len = teacher_len
-        self.paired = [] if teacher_len is None else \
-            [PairedDocuments(source.dataset) for source in self.sources]
+        # Teachers with other tokenizers: their tokens per window, and the paired tokenizations
+        # (engine/data/paired.py; "" the unnamed one, else the name of PREFIX.teacher-NAME)
+        self.teacher_len, self.teacher_tokenizers = teacher_len, tuple(teacher_tokenizers)
+        self.paired = {} if teacher_len is None else \
+            {name: [PairedDocuments(source.dataset, name) for source in self.sources]
+             for name in self.teacher_tokenizers}
         # A curriculum (engine/data/curriculum.py): global sample i < len(order) is the stream's
         # sample order[i]; `early` holds the stream's first len(order) draws to pick them from.
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
@@ -335,11 +344,12 @@ class TokenBatches:
         if self.cfg.attention_within_documents:
             batch.update(document_layout(torch.from_numpy(starts[:, :-1].copy()),
                                          restart_positions=self.cfg.positions_per_document))
-        if self.paired:
-            batch.update(self._teacher_windows(map_windows, batch["labels"]))
+        for name, paired in self.paired.items():  # (the labels' bytes: the same for each)
+            for key, value in self._teacher_windows(paired, map_windows, batch["labels"]).items():
+                batch[key if key == "label_bytes" else alignment_key(key, name)] = value
         return batch
 
-    def _teacher_windows(self, map_windows: list[tuple[int, int]],
+    def _teacher_windows(self, paired: list[PairedDocuments], map_windows: list[tuple[int, int]],
                          labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The teacher's side of a micro-batch (engine/data/paired.py): "teacher_input_ids" and
         "teacher_labels" [mb, teacher_len] (padding: 0 and IGNORE_INDEX), the chunk of each
@@ -348,7 +358,8 @@ class TokenBatches:
         "single" [mb, seq] for a student position whose chunk is one token in both, the teacher's
         position of it (NO_CHUNK: none), "label_bytes" [mb, seq] the bytes of each label (0 where
         skipped), and `chunk_ends`' "chunk_ends" / "teacher_chunk_ends" [mb, seq]. A chunk
-        holding a student label the loss skips (mask_across_documents) is no chunk."""
+        holding a student label the loss skips (mask_across_documents) is no chunk. A named
+        teacher tokenization's keys are `alignment_key(key, name)` (but "label_bytes")."""
         rows, length = len(map_windows), self.teacher_len
         out = {"teacher_input_ids": torch.zeros(rows, length, dtype=torch.long),
                "teacher_labels": torch.full((rows, length), IGNORE_INDEX, dtype=torch.long),
@@ -357,7 +368,7 @@ class TokenBatches:
                "chunk_bytes": torch.zeros_like(labels),
                "single": torch.full_like(labels, NO_CHUNK), "label_bytes": torch.zeros_like(labels)}
         for r, (d, w) in enumerate(map_windows):
-            a = self.paired[d].window(self.sources[d].pieces(w), length)
+            a = paired[d].window(self.sources[d].pieces(w), length)
             n = len(a.teacher_ids) - 1
             out["teacher_input_ids"][r, :n] = torch.from_numpy(a.teacher_ids[:-1])
             out["teacher_labels"][r, :n] = torch.from_numpy(a.teacher_ids[1:])

@@ -10,6 +10,13 @@ indexed datasets with the same documents in the same order:
     PREFIX.shared_vocab.npy [K, 2] int64: (student id, teacher id) of the tokens that stand for
                             the same bytes in both vocabularies (`mapped_kl`'s shared vocabulary)
 
+Several teachers with their own tokenizers (`--teacher-tokenizer NAME=T.json`, repeatable) each
+get their own files beside the same student dataset and its PREFIX.offsets (`teacher_prefixes`):
+
+    PREFIX.teacher-NAME                   the teacher's token ids
+    PREFIX.teacher-NAME.offsets           where each of its tokens ends in bytes
+    PREFIX.teacher-NAME.shared_vocab.npy  the shared vocabulary of the student's and its tokenizer
+
 Bytes are those of the document's UTF-8 text; the end-of-document token counts as one byte of its
 own, so both tokenizations of a document end at the same byte.
 
@@ -36,6 +43,30 @@ TEACHER_SUFFIX, OFFSETS_SUFFIX, TEACHER_OFFSETS_SUFFIX = ".teacher", ".offsets",
 PAIRED_SUFFIXES = (TEACHER_SUFFIX, OFFSETS_SUFFIX, TEACHER_OFFSETS_SUFFIX)
 SHARED_VOCAB_SUFFIX = ".shared_vocab.npy"  # [K, 2] int64 (student id, teacher id), same bytes
 NO_CHUNK = -1  # chunk id of a token in no (complete, valid) chunk
+TOKENIZER_NAME = r"[A-Za-z0-9_.-]+"  # a named teacher tokenization (`--teacher-tokenizer NAME=`)
+
+
+@dataclass(frozen=True)
+class TeacherPrefixes:
+    """Where one teacher tokenization of dataset PREFIX lives (module docstring)."""
+
+    ids: str  # indexed dataset of the teacher's token ids
+    offsets: str  # indexed dataset of where each teacher token ends in bytes
+    shared_vocab: str  # .npy file of the shared vocabulary
+
+    @property
+    def datasets(self) -> tuple[str, str]:
+        return self.ids, self.offsets
+
+
+def teacher_prefixes(prefix: str, name: str = "") -> TeacherPrefixes:
+    """The files of teacher tokenization `name` of dataset `prefix` ("": the one unnamed teacher
+    tokenization, `--teacher-tokenizer T.json`)."""
+    if not name:
+        return TeacherPrefixes(prefix + TEACHER_SUFFIX, prefix + TEACHER_OFFSETS_SUFFIX,
+                               prefix + SHARED_VOCAB_SUFFIX)
+    base = f"{prefix}{TEACHER_SUFFIX}-{name}"
+    return TeacherPrefixes(base, base + OFFSETS_SUFFIX, base + SHARED_VOCAB_SUFFIX)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -112,17 +143,19 @@ def shared_vocab(student_table: list[bytes], teacher_table: list[bytes],
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def write_shared_vocab(prefix: str, student_table: list[bytes], teacher_table: list[bytes],
+def write_shared_vocab(path: str, student_table: list[bytes], teacher_table: list[bytes],
                        eods: tuple[int | None, int | None]) -> None:
-    """PREFIX.shared_vocab.npy: `shared_vocab` of the two tokenizers (written atomically)."""
-    scratch = f"{prefix}{SHARED_VOCAB_SUFFIX}.tmp.npy"
+    """`path` (a `TeacherPrefixes.shared_vocab`): `shared_vocab` of the two tokenizers (written
+    atomically)."""
+    scratch = f"{path}.tmp.npy"
     np.save(scratch, shared_vocab(student_table, teacher_table, eods))
-    os.replace(scratch, prefix + SHARED_VOCAB_SUFFIX)
+    os.replace(scratch, path)
 
 
-def read_shared_vocab(prefix: str) -> np.ndarray:
-    """[K, 2] the shared vocabulary written beside dataset `prefix` (a DataError when absent)."""
-    path = Path(prefix + SHARED_VOCAB_SUFFIX)
+def read_shared_vocab(prefix: str, tokenizer: str = "") -> np.ndarray:
+    """[K, 2] the shared vocabulary of teacher tokenization `tokenizer` written beside dataset
+    `prefix` (a DataError when absent)."""
+    path = Path(teacher_prefixes(prefix, tokenizer).shared_vocab)
     if not path.is_file():
         raise DataError(f"{path} not found: preprocess the paired data again "
                         "(tools/preprocess_data.py --teacher-tokenizer)")
@@ -175,19 +208,23 @@ def single_token_chunks(student_chunks: np.ndarray, teacher_chunks: np.ndarray) 
 
 
 class PairedDocuments:
-    """The paired datasets of a student dataset, checked to match it: the same documents, the
-    same bytes in each (a DataError naming the file otherwise)."""
+    """The paired datasets of a student dataset for teacher tokenization `tokenizer` ("": the
+    unnamed one), checked to match it: the same documents, the same bytes in each (a DataError
+    naming the file otherwise)."""
 
-    def __init__(self, student: IndexedTokens):
+    def __init__(self, student: IndexedTokens, tokenizer: str = ""):
         prefix = student.prefix
-        missing = [prefix + s for s in PAIRED_SUFFIXES if not Path(prefix + s + ".idx").exists()]
+        teacher = teacher_prefixes(prefix, tokenizer)
+        wanted = (prefix + OFFSETS_SUFFIX, *teacher.datasets)
+        missing = [p for p in wanted if not Path(p + ".idx").exists()]
         if missing:
+            flag = f"{tokenizer}=T.json" if tokenizer else "T.json"
             raise DataError(f"{missing[0]}.bin/.idx not found: distill.cross_tokenizer needs "
-                            "paired data (tools/preprocess_data.py --teacher-tokenizer)")
+                            f"paired data (tools/preprocess_data.py --teacher-tokenizer {flag})")
         self.student = student
-        self.teacher = IndexedTokens(prefix + TEACHER_SUFFIX)
+        self.teacher = IndexedTokens(teacher.ids)
         self.student_ends = IndexedTokens(prefix + OFFSETS_SUFFIX)
-        self.teacher_ends = IndexedTokens(prefix + TEACHER_OFFSETS_SUFFIX)
+        self.teacher_ends = IndexedTokens(teacher.offsets)
         self._check()
 
     def _check(self) -> None:
