@@ -215,13 +215,10 @@ def check_sequence_layout(cfg: RunConfig) -> None:
 
 
 def check_experts(cfg: RunConfig) -> None:
-    """Expert parallelism needs experts, and what it cannot do yet."""
+    """Expert parallelism needs experts."""
     if cfg.parallel.ep > 1 and cfg.model.moe is None:
         raise ConfigError("parallel.ep", f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts "
                                          "student (model.moe)")
-    if cfg.parallel.ep > 1 and cfg.train.distributed_optimizer:
-        raise ConfigError("train.distributed_optimizer", "is not supported with parallel.ep > 1 yet "
-                                                          "(its buckets span the whole DP group)")
 
 
 def check_pipeline(cfg: RunConfig, dp: int) -> None:

@@ -217,6 +217,26 @@ def test_moe_student_at_ep2_dp2_and_pp2_equals_the_single_process_run(tmp_path):
                     keys=MOE_KEYS)
 
 
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_distributed_optimizer_at_ep2_dp4_equals_the_single_process_run(tmp_path):
+    """Expert buckets sliced over the expert-DP group (2 of the 4 DP ranks), dense ones over DP;
+    its EP=2 checkpoint resumes at EP=2 (sharded) and at EP=1 (replicated) to the same step."""
+    path = _moe_run_config(tmp_path)
+    common = ["data.micro_batch=1"]  # 4 DP ranks of one sample each
+    assert run_in(path, tmp_path / "ep1", common) == 0
+    sharded = [*common, "parallel.ep=2", "train.distributed_optimizer=true"]
+    assert run_ranks(run_in, 4, path, tmp_path / "ep2", sharded, timeout_s=300) == [0] * 4
+    assert_same_run(read_metrics(tmp_path / "ep2"), read_metrics(tmp_path / "ep1"), keys=MOE_KEYS)
+    ckpt = tmp_path / "ep2" / "checkpoints" / "step_00000003"
+    assert run_in(path, tmp_path / "ep1", [*common, "train.steps=4"]) == 0
+    want = read_metrics(tmp_path / "ep1")[-1:]
+    assert run_in(path, tmp_path / "at_ep1", [*common, "train.steps=4", f"train.resume={ckpt}"]) == 0
+    assert_same_run(read_metrics(tmp_path / "at_ep1")[-1:], want, keys=MOE_KEYS)
+    assert run_ranks(run_in, 4, path, tmp_path / "ep2", [*sharded, "train.steps=4"],
+                     timeout_s=300) == [0] * 4
+    assert_same_run(read_metrics(tmp_path / "ep2")[-1:], want, keys=MOE_KEYS)
+
+
 def test_moe_benchmark_runs_and_counts_the_all_to_all(capsys):
     from tools.bench import moe as bench
 

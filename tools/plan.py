@@ -247,22 +247,25 @@ class RankMemory:
         return {**dataclasses.asdict(self), "peak": self.peak}
 
 
-def dp_buckets(params: list[torch.nn.Parameter], dp: int) -> list[tuple[list, int]]:
-    """The distributed optimizer's buckets (engine/dist_optim.py): per (decay group, dtype) the
-    parameters in optimizer order and S, the elements per DP rank (the bucket padded to S x DP)."""
-    buckets: dict[tuple[bool, torch.dtype], list] = {}
+def dp_buckets(params: list[torch.nn.Parameter], dp: int,
+               ep: int = 1) -> list[tuple[list, int, int]]:
+    """The distributed optimizer's buckets (engine/dist_optim.py): per (decay group, dtype, and
+    under EP routed expert or not) the parameters in optimizer order, S, the elements per rank, and
+    the ranks it is sliced over (DP; dp / ep for the experts' under EP; padded to S x ranks)."""
+    buckets: dict[tuple[bool, torch.dtype, bool], list] = {}
     for p in params:
-        buckets.setdefault((p.ndim >= 2, p.dtype), []).append(p)
-    return [(members, -(-sum(p.numel() for p in members) // dp)) for members in buckets.values()]
+        buckets.setdefault((p.ndim >= 2, p.dtype, ep > 1 and param_tags(p).expert), []).append(p)
+    return [(members, -(-sum(p.numel() for p in members) // ranks), ranks)
+            for (_, _, expert), members in buckets.items() for ranks in [dp // ep if expert else dp]]
 
 
-def optimizer_bytes(params: list[torch.nn.Parameter], *, dp: int, sharded: bool) -> int:
+def optimizer_bytes(params: list[torch.nn.Parameter], *, dp: int, sharded: bool, ep: int = 1) -> int:
     """AdamW's two moments and one fp32 step counter per stepped tensor; sharded: the moments of
     each bucket's 1/DP slice, one step counter per parameter overlapping DP rank 0's slice."""
     if not sharded:
         return sum(2 * p.numel() * p.element_size() + FP32 for p in params)
     total = 0
-    for members, shard in dp_buckets(params, dp):
+    for members, shard, _ in dp_buckets(params, dp, ep):
         total += 2 * shard * members[0].element_size()
         start = 0
         for p in members:  # DP rank 0 owns elements [0, shard)
@@ -427,12 +430,12 @@ def student_memory(job: Job, pp_rank: int, hw: Hardware) -> RankMemory:
     weights = nbytes(model.parameters()) + nbytes(
         _objective(job, rank_layout(job, pp_rank=pp_rank)).parameters())
     if sharded:  # the parameters live in the padded buckets
-        weights += sum(shard * job.dp * m[0].element_size() for m, shard in
-                       dp_buckets(params, job.dp)) - nbytes(params)
+        weights += sum(shard * ranks * m[0].element_size() for m, shard, ranks in
+                       dp_buckets(params, job.dp, par.ep)) - nbytes(params)
     return RankMemory(
         rank=f"student stage {pp_rank}", params=weights,
         grads=nbytes(params), grad_buckets=nbytes(params) if ddp else 0,
-        optimizer=optimizer_bytes(params, dp=job.dp, sharded=sharded),
+        optimizer=optimizer_bytes(params, dp=job.dp, sharded=sharded, ep=par.ep),
         teacher_weights=teacher_weights, teacher_outputs=teacher_output_bytes(job, last),
         activations=flight * activation_bytes(job, model, hw),
         loss=loss_bytes(job, hw) if last else 0, in_flight=flight)
@@ -596,10 +599,14 @@ def _dp_comm(comm: Comm, job: Job, params: list[torch.nn.Parameter]) -> None:
         if experts and dp // job.par.ep > 1:
             comm[("expert_dp", "all_reduce")] += nbytes(experts)
         return
-    for members, shard in dp_buckets(params, dp):
-        comm[("dp", "reduce_scatter")] += shard * dp * members[0].element_size()
-        comm[("dp", "all_gather")] += shard * members[0].element_size()
-    comm[("dp", "all_reduce")] += len(params) * INT32 + 2 * FP64
+    ep = job.par.ep
+    for members, shard, ranks in dp_buckets(params, dp, ep):
+        if ranks > 1:  # the experts' buckets under EP: over the expert-DP group
+            group = "dp" if ranks == dp else "expert_dp"
+            comm[(group, "reduce_scatter")] += shard * ranks * members[0].element_size()
+            comm[(group, "all_gather")] += shard * members[0].element_size()
+    # the has-gradient vote (under EP each EP rank's copy of the expert entries) and norm squares
+    comm[("dp", "all_reduce")] += len(params) * ep * INT32 + 2 * FP64
 
 
 def _step_comm(comm: Comm, job: Job) -> None:
@@ -678,7 +685,8 @@ def _expert_comm(comm: Comm, job: Job, model: TransformerLM, *, tokens: int, lin
     per_pass = tokens // job.par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
     counts = moe.experts * INT64  # the rows per expert, exchanged before the dispatch
     comm[("ep", "all_to_all")] += job.micro_batches * layers * (4 * per_pass + counts)
-    comm[("ep", "all_reduce")] += 8  # the gradient norm's float64 sum of the experts' squares
+    if not job.cfg.train.distributed_optimizer:  # (whose norm sums the experts' slices over DP)
+        comm[("ep", "all_reduce")] += 8  # the gradient norm's float64 sum of the experts' squares
 
 
 def teacher_rank_comm(job: Job) -> Comm:
