@@ -221,6 +221,21 @@ def check_experts(cfg: RunConfig) -> None:
                                          "student (model.moe)")
 
 
+def check_teacher_experts(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig] | None) -> None:
+    """`parallel.teacher_ep` splits the experts of an MoE teacher on teacher ranks."""
+    ep = cfg.parallel.teacher_ep
+    if ep == 1 or teacher is None:
+        return
+    for model in (teacher.values() if isinstance(teacher, dict) else [teacher]):
+        if model.moe is None:
+            raise ConfigError("parallel.teacher_ep", f"parallel.teacher_ep={ep} needs a "
+                                                     "mixture-of-experts teacher (its checkpoint's "
+                                                     "model.moe)")
+        if model.moe.experts % ep:
+            raise ConfigError("parallel.teacher_ep", f"the teacher's {model.moe.experts} experts do "
+                                                     f"not split over parallel.teacher_ep={ep}")
+
+
 def check_pipeline(cfg: RunConfig, dp: int) -> None:
     """Stages of whole, equal numbers of decoder blocks, and what pipelining cannot do yet."""
     par, layers = cfg.parallel, cfg.model.layers
@@ -401,6 +416,7 @@ def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) 
     init, resume = check_checkpoints(cfg)
     teachers = teacher_checkpoints(cfg)
     teacher = teacher_model_config(cfg, teachers)
+    check_teacher_experts(cfg, teacher)
     pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
     if cfg.distill.cross_tokenizer.on and isinstance(teacher, ModelConfig):

@@ -11,7 +11,8 @@ Each pipeline also has an embedding group, its first and last stage (same TP ran
 tied embedding's two copies in sync. With `teacher_ranks > 0` the last `teacher_ranks` ranks of the
 world run only the teacher, at their own TP degree `teacher_tp` (default: the students'), with no
 pipeline, their own TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first
-ranks are the students. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the
+ranks are the students. An MoE teacher there splits its experts over `teacher_ep` of its DP ranks,
+placed as the students' `ep` is below. The teacher's DP degree (`teacher_ranks / teacher_tp`) must divide the
 students' (one teacher replica serves several student replicas).
 
 Expert parallelism (`ep`, Megatron's placement) lives inside data parallelism: the DP ranks of one
@@ -96,6 +97,7 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
+    teacher_ep: int = 1  # expert parallelism of an MoE teacher on teacher ranks (inside its DP)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
     # auto: NCCL with CUDA, else gloo, no group for one process; nccl/gloo: always a group
     backend: str = "auto"
@@ -118,6 +120,9 @@ class ParallelConfig:
         check(self.teacher_tp is None or self.teacher_tp >= 1, "parallel.teacher_tp",
               f"must be >= 1 (got {self.teacher_tp})")
         check(self.teacher_tp is None or self.teacher_ranks > 0, "parallel.teacher_tp",
+              "only applies with parallel.teacher_ranks > 0")
+        check(self.teacher_ep >= 1, "parallel.teacher_ep", f"must be >= 1 (got {self.teacher_ep})")
+        check(self.teacher_ep == 1 or self.teacher_ranks > 0, "parallel.teacher_ep",
               "only applies with parallel.teacher_ranks > 0")
 
     @property
@@ -274,6 +279,11 @@ def _validate_teacher_layout(parallel: ParallelConfig, world_size: int) -> None:
                           f"the teacher's data-parallel degree {teacher_dp} (parallel.teacher_ranks"
                           f"={teacher_ranks} / {key}={teacher_tp}) does not divide the students' "
                           f"{student_dp}: each teacher replica must serve whole student replicas")
+    if teacher_dp % parallel.teacher_ep:
+        raise LayoutError("parallel.teacher_ep",
+                          f"parallel.teacher_ep={parallel.teacher_ep} does not divide the teacher's "
+                          f"data-parallel degree {teacher_dp} (parallel.teacher_ranks={teacher_ranks}"
+                          f" / {key}={teacher_tp}; its experts are split over its DP ranks)")
 
 
 def _new_groups(ranks_lists: list[list[int]], my_rank: int,
@@ -368,7 +378,7 @@ def make_layout(parallel: ParallelConfig, *,
     world, rank = dist.get_world_size(), dist.get_rank()
     orders = {role: parallel.rank_order(role, world) for role in (STUDENT, TEACHER)}
     timeout = datetime.timedelta(seconds=parallel.timeout_s)
-    eps = {STUDENT: parallel.ep, TEACHER: 1}
+    eps = {STUDENT: parallel.ep, TEACHER: parallel.teacher_ep}
     groups = {role: _RoleGroups.create(order, rank, timeout, eps[role])
               for role, order in orders.items() if order.size}
     role = STUDENT if rank < orders[TEACHER].offset else TEACHER

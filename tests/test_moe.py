@@ -9,7 +9,9 @@
   micro-batches one after the other (1e-12, float64).
 - Through the entry point, 3 steps: an MoE student distilled from a dense teacher at EP=2 x DP=2,
   EP=2 x TP=2 + SP and EP=2 x PP=2 equals the single-process run (the run tolerances), and the
-  EP=2 checkpoint resumes at EP=1 to the same next step.
+  EP=2 checkpoint resumes at EP=1 to the same next step; with the distributed optimizer at EP=2 x
+  DP=4 the same, its checkpoint resuming at EP=2 and EP=1; an MoE teacher on teacher ranks at
+  teacher_ep=2 feeding a dense TP=2 + SP student equals the colocated single-process run.
 - Bad layouts and configs are one-line ConfigErrors.
 """
 
@@ -32,7 +34,8 @@ from layers.config import ModelConfig, MoEConfig
 from layers.model import TransformerLM
 from layers.moe import MoE
 from layers.sharding import gather_full
-from tests.helpers import assert_same_run
+from distill.runconfig import load_run_config
+from tests.helpers import RUN_KEYS, assert_same_run
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_in, teacher_config, write_config
 
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -235,6 +238,73 @@ def test_distributed_optimizer_at_ep2_dp4_equals_the_single_process_run(tmp_path
     assert run_ranks(run_in, 4, path, tmp_path / "ep2", [*sharded, "train.steps=4"],
                      timeout_s=300) == [0] * 4
     assert_same_run(read_metrics(tmp_path / "ep2")[-1:], want, keys=MOE_KEYS)
+
+
+TEACHER_MOE = {"experts": 4, "top_k": 2, "expert_ffn_hidden": 48, "shared_experts": 1}
+
+
+def _moe_teacher_config(tmp: Path) -> Path:
+    """A dense student distilled from an MoE teacher (3 blocks of 4 experts, top 2, a shared
+    expert) with logits and an activation pair."""
+    cfg = base_config(tmp, cache=tmp / "cache")
+    teacher = teacher_config(cfg)
+    teacher["model"]["moe"] = TEACHER_MOE
+    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher)), "lm_weight": 0.5,
+                      "logit": {"weight": 1.0, "temperature": 2.0},
+                      "activations": [{"student": "decoder.1.mlp_output",
+                                       "teacher": "decoder.2.mlp_output"}],
+                      "projection": "per_pair"}
+    return write_config(tmp / "run.yaml", cfg)
+
+
+TEACHER_RANKS_EP2 = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=2",
+                     "parallel.teacher_tp=1", "parallel.teacher_ep=2"]
+
+
+@pytest.mark.slow  # a 6-rank end-to-end run
+def test_moe_teacher_on_teacher_ranks_at_ep2_equals_the_colocated_run(tmp_path):
+    """The MoE teacher on 2 teacher ranks at teacher_ep=2 (its experts split over its 2 DP ranks,
+    tokens exchanged between them) streams final hidden states and an MLP buffer to a dense
+    TP=2 + SP student at DP=2: the same run as the teacher colocated in one process."""
+    path = _moe_teacher_config(tmp_path)
+    assert run_in(path, tmp_path / "colocated", []) == 0
+    overrides = ["parallel.tp=2", "parallel.sp=true", *TEACHER_RANKS_EP2]
+    assert run_ranks(run_in, 6, path, tmp_path / "remote", overrides, timeout_s=300) == [0] * 6
+    want = read_metrics(tmp_path / "colocated")
+    assert want[0]["kd_loss"] > 0 and want[0]["act_loss"] > 0
+    assert_same_run(read_metrics(tmp_path / "remote"), want, keys=(*RUN_KEYS, "act_loss"))
+
+
+def _teacher_ep_coords() -> tuple:
+    layout = make_layout(ParallelConfig(tp=2, sp=True, teacher_ranks=2, teacher_tp=1, teacher_ep=2))
+    return layout.role, layout.ep, layout.ep_rank, layout.dp_rank, C.group_size(layout.ep_group)
+
+
+@pytest.mark.slow  # 6 spawned ranks
+def test_teacher_ep_groups_are_inside_the_teacher_dp():
+    coords = run_ranks(_teacher_ep_coords, 6, timeout_s=120)
+    assert coords[:4] == [("student", 1, 0, d, 1) for d in (0, 0, 1, 1)]  # TP=2 x DP=2, no EP
+    assert coords[4:] == [("teacher", 2, 0, 0, 2), ("teacher", 2, 1, 1, 2)]
+
+
+def test_teacher_ep_layout_errors_are_one_line(tmp_path):
+    with pytest.raises(LayoutError, match="parallel.teacher_ep=2 does not divide the teacher's "
+                                          "data-parallel degree 1"):
+        validate_layout(ParallelConfig(teacher_ranks=2, teacher_tp=2, teacher_ep=2), 4)
+    with pytest.raises(ConfigError, match="parallel.teacher_ep: only applies with "
+                                          "parallel.teacher_ranks > 0"):
+        ParallelConfig(teacher_ep=2)
+    path = _moe_teacher_config(tmp_path)
+    layout = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=3", "parallel.teacher_tp=1",
+              "parallel.teacher_ep=3", "data.global_batch=6"]
+    with pytest.raises(ConfigError, match="parallel.teacher_ep: the teacher's 4 experts do not "
+                                          "split over parallel.teacher_ep=3") as err:
+        load_run_config(path, layout, world_size=6)
+    assert "\n" not in str(err.value)
+    dense = _moe_run_config(tmp_path / "dense_teacher")  # an MoE student, a dense teacher
+    with pytest.raises(ConfigError, match="parallel.teacher_ep: parallel.teacher_ep=2 needs a "
+                                          "mixture-of-experts teacher"):
+        load_run_config(dense, [*TEACHER_RANKS_EP2[:3], "parallel.teacher_ep=2"], world_size=4)
 
 
 def test_moe_benchmark_runs_and_counts_the_all_to_all(capsys):

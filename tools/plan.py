@@ -172,18 +172,20 @@ class _Shapes(TransformerLM):
 
 
 def rank_layout(job: Job, *, pp_rank: int, tp: int | None = None, sp: bool | None = None,
-                pp: int | None = None, chunks: int | None = None) -> ParallelLayout:
+                pp: int | None = None, chunks: int | None = None,
+                ep: int | None = None) -> ParallelLayout:
     """A student rank's layout (TP rank 0, DP rank 0: every rank of a stage has equal shapes) on
-    the meta device, without process groups (`tp`, `sp`, `pp`, `chunks`: another layout's)."""
+    the meta device, without process groups (`tp`, `sp`, `pp`, `chunks`, `ep`: another layout's)."""
     par = job.par
     tp = par.tp if tp is None else tp
     pp = par.pp if pp is None else pp
+    ep = par.ep if ep is None else ep
     # shapes do not depend on DP beyond the experts' split: DP = EP keeps the cache small
-    return ParallelLayout(world_size=tp * pp * par.ep, rank=0, tp=tp, dp=par.ep,
+    return ParallelLayout(world_size=tp * pp * ep, rank=0, tp=tp, dp=ep,
                           sp=par.sp if sp is None else sp, tp_rank=0, dp_rank=0,
                           pp=pp, pp_rank=pp_rank,
                           virtual_stages=par.virtual_stages if chunks is None else chunks,
-                          ep=par.ep, device=META)
+                          ep=ep, device=META)
 
 
 @functools.lru_cache(maxsize=256)
@@ -202,7 +204,7 @@ def teacher_model(job: Job, pp_rank: int) -> _Shapes | None:
     aligned = aligned_teacher_config(job.cfg.model, job.teacher)
     if job.cfg.distill.schedule == "teacher_ranks":
         return _model(aligned, rank_layout(job, pp_rank=0, tp=job.par.teacher_tp_degree,
-                                           sp=False, pp=1, chunks=1))
+                                           sp=False, pp=1, chunks=1, ep=job.par.teacher_ep))
     return _model(aligned, rank_layout(job, pp_rank=pp_rank))
 
 
@@ -699,6 +701,13 @@ def teacher_rank_comm(job: Job) -> Comm:
     for _ in range(job.micro_batches * replicas):
         _tp_forward(comm, model, tokens=tokens, hidden=job.teacher.hidden,
                     tp=job.par.teacher_tp_degree, sp=False, res=item, lin=item)
+    moe = job.teacher.moe
+    if moe is not None and job.par.teacher_ep > 1:  # dispatch and combine, forward only
+        layers = sum(job.teacher.is_moe_layer(int(i)) for i in model.decoder)
+        tokens_here = tokens // job.par.teacher_tp_degree  # each TP rank routes its 1/tp share
+        per_pass = tokens_here * moe.top_k * job.teacher.hidden * item
+        comm[("ep", "all_to_all")] += job.micro_batches * replicas * layers * (
+            2 * per_pass + moe.experts * INT64)
     stream = Comm()
     _teacher_stream(stream, job, True)
     served = job.students // job.par.teacher_ranks  # student ranks per teacher rank
