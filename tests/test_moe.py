@@ -23,18 +23,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from distill.activation import activation_pair_means
+from distill.config import ResolvedPair
+from distill.runconfig import load_run_config
 from engine import collectives as C
 from engine.config import ConfigError
 from engine.mappings import gather_from_tp
 from engine.parallel import LayoutError, ParallelConfig, ParallelLayout, make_layout, validate_layout
 from engine.param_tags import param_tags
 from engine.spawn import run_ranks
+from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig, MoEConfig
 from layers.model import TransformerLM
 from layers.moe import MoE
 from layers.sharding import gather_full
-from distill.runconfig import load_run_config
 from tests.helpers import RUN_KEYS, assert_same_run
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_in, teacher_config, write_config
 
@@ -305,6 +309,77 @@ def test_teacher_ep_layout_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="parallel.teacher_ep: parallel.teacher_ep=2 needs a "
                                           "mixture-of-experts teacher"):
         load_run_config(dense, [*TEACHER_RANKS_EP2[:3], "parallel.teacher_ep=2"], world_size=4)
+
+
+# ----------------------------------------------------------------- the router activation pair
+
+ROUTER_PAIR = ResolvedPair("decoder.0.router_logits", "decoder.1.router_logits", "router", 1.0)
+
+
+def test_router_pair_is_the_kl_of_the_router_distributions():
+    """KL(p_t || p_s) per token from the definition in float64, over the counted tokens; its
+    gradient with respect to the student's router logits is (p_s - p_t) / tokens."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = 3 * torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    tokens = int(mask.sum())
+    value = activation_pair_means([ROUTER_PAIR], {ROUTER_PAIR.student: ActivationBuffer(student, False)},
+                                  {ROUTER_PAIR.teacher: ActivationBuffer(teacher, False)},
+                                  token_mask=mask, num_tokens=tokens)
+    p_t = teacher.exp() / teacher.exp().sum(-1, keepdim=True)
+    p_s = student.detach().exp() / student.detach().exp().sum(-1, keepdim=True)
+    kl = (p_t * (p_t / p_s).log()).sum(-1)  # [batch, seq]
+    torch.testing.assert_close(value, (kl[mask].sum() / tokens).reshape(1), **TOL)
+    value.sum().backward()
+    torch.testing.assert_close(student.grad, torch.where(mask[..., None], p_s - p_t, 0) / tokens,
+                               **TOL)
+
+
+def _router_pair_config(tmp: Path) -> Path:
+    """An MoE student (4 experts) distilled from an MoE teacher (4 experts): logits and the
+    router distributions of student block 1 against teacher block 2."""
+    path = _moe_run_config(tmp)
+    cfg = yaml.safe_load(path.read_text())
+    teacher = teacher_config(base_config(tmp, cache=tmp / "cache"))
+    teacher["model"]["moe"] = TEACHER_MOE
+    cfg["distill"].update(teacher=str(make_teacher(tmp / "moe_teacher", teacher)), activations=[
+        {"student": "decoder.1.router_logits", "teacher": "decoder.2.router_logits",
+         "loss": "router", "weight": 2.0}])
+    return write_config(path, cfg)
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_router_pair_at_ep2_and_tp2_equals_the_single_process_run(tmp_path):
+    path = _router_pair_config(tmp_path)
+    assert run_in(path, tmp_path / "single", []) == 0
+    want = read_metrics(tmp_path / "single")
+    assert want[0]["act_loss"] > 0.01
+    layouts = {"ep2_dp2": (2, ["parallel.ep=2"]),
+               "ep2_dp2_tp2_sp": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true"])}
+    for name, (world, overrides) in layouts.items():
+        assert run_ranks(run_in, world, path, tmp_path / name, overrides,
+                         timeout_s=300) == [0] * world, name
+        assert_same_run(read_metrics(tmp_path / name), want, keys=(*MOE_KEYS, "act_loss"))
+
+
+def test_router_pair_errors_are_one_line(tmp_path):
+    path = _router_pair_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"distill.activations\[0\].loss: router needs the same "
+                                          r"expert count \(student 8, teacher 4\)"):
+        load_run_config(path, ["model.moe.experts=8"], world_size=1)
+    wrong = "distill.activations=[{student: decoder.1.mlp_output, teacher: decoder.2.router_logits, " \
+            "loss: router}]"
+    with pytest.raises(ConfigError, match=r"distill.activations\[0\].loss: router compares router "
+                                          "distributions: the student buffer must be a "
+                                          r"decoder.\{i\}.router_logits"):
+        load_run_config(path, [wrong], world_size=1)
+    dense = "distill.activations=[{student: decoder.1.router_logits, " \
+            "teacher: decoder.2.router_logits, loss: router}]"
+    with pytest.raises(ConfigError, match=r"distill.activations\[0\].student: student buffer "
+                                          r"'decoder.1.router_logits': block 1 of the student is "
+                                          "not a mixture of experts"):
+        load_run_config(path, [dense, "model.moe=null"], world_size=1)
 
 
 def test_moe_benchmark_runs_and_counts_the_all_to_all(capsys):
