@@ -94,7 +94,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         validate_layout(par, world_size)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
-    check_model_layout(cfg.model, par.tp, par.ep)
+    check_model_layout(cfg.model, par.tp, par.ep, par.etp)
     check_experts(cfg)
     check_sequence_layout(cfg)
     if par.sp and cfg.data.seq_len % par.tp:
@@ -215,10 +215,15 @@ def check_sequence_layout(cfg: RunConfig) -> None:
 
 
 def check_experts(cfg: RunConfig) -> None:
-    """Expert parallelism needs experts."""
-    if cfg.parallel.ep > 1 and cfg.model.moe is None:
-        raise ConfigError("parallel.ep", f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts "
-                                         "student (model.moe)")
+    """Expert (tensor) parallelism needs experts; split experts need the tokens split over TP."""
+    par = cfg.parallel
+    for key, degree in (("parallel.ep", par.ep), ("parallel.etp", par.etp)):
+        if degree > 1 and cfg.model.moe is None:
+            raise ConfigError(key, f"{key}={degree} needs a mixture-of-experts student (model.moe)")
+    if par.etp > 1 and not par.sp and cfg.data.seq_len % par.tp:
+        # each TP rank's expert shard sees every TP rank's tokens once: the tokens must split
+        raise ConfigError("parallel.etp", f"parallel.etp={par.etp} needs parallel.sp or data.seq_len"
+                                          f"={cfg.data.seq_len} divisible by parallel.tp={par.tp}")
 
 
 def check_teacher_experts(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig] | None) -> None:

@@ -95,6 +95,7 @@ class ParallelConfig:
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
     cp: int = 1  # context parallelism: each sequence split over this many ranks (next to TP)
     ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
+    etp: int = 1  # expert tensor parallelism: 1 (whole experts) or tp (each expert split over TP)
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
     teacher_ep: int = 1  # expert parallelism of an MoE teacher on teacher ranks (inside its DP)
@@ -105,6 +106,8 @@ class ParallelConfig:
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
         check(self.ep >= 1, "parallel.ep", f"must be >= 1 (got {self.ep})")
+        check(self.etp in (1, self.tp), "parallel.etp",
+              f"must be 1 or parallel.tp={self.tp} (got {self.etp})")
         check(self.cp >= 1, "parallel.cp", f"must be >= 1 (got {self.cp})")
         check(self.pp >= 1, "parallel.pp", f"must be >= 1 (got {self.pp})")
         check(self.virtual_stages >= 1, "parallel.virtual_stages",
@@ -162,6 +165,7 @@ class ParallelLayout:
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
     ep: int = 1  # expert-parallel degree (a divisor of dp)
     ep_rank: int = 0  # this rank's place in its EP group (dp_rank % ep)
+    etp: int = 1  # expert tensor parallelism: 1, or tp (each routed expert split over TP)
     cp: int = 1  # context-parallel degree: each sequence split over cp ranks
     cp_rank: int = 0
     students: RankOrder | None = None  # the students' numbering (None: the whole world, tp, pp)
@@ -391,6 +395,7 @@ def make_layout(parallel: ParallelConfig, *,
         pp_ranks=tuple(_find(mine.lists.pp, rank)), students=orders[STUDENT],
         teachers=orders[TEACHER], tp_group=mine.tp, dp_group=mine.dp, role_group=mine.role,
         pp_group=mine.pp, embedding_group=mine.embedding, ep=eps[role], ep_rank=dp_rank % eps[role],
+        etp=parallel.etp if role == STUDENT else 1,
         ep_group=mine.ep, expert_dp_group=mine.expert_dp, cp=order.cp, cp_rank=order.cp_coord(rank),
         cp_group=mine.cp, dp_cp_group=mine.dp_cp, device=torch.device(device or "cpu"))
 

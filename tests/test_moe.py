@@ -138,8 +138,8 @@ def _reference_run(dp: int) -> dict:
     return {"steps": results, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
-def _run_layout(tp: int, sp: bool, ep: int) -> dict:
-    layout = make_layout(ParallelConfig(tp=tp, sp=sp, ep=ep))
+def _run_layout(tp: int, sp: bool, ep: int, etp: int = 1) -> dict:
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp, ep=ep, etp=etp))
     model = _model(layout)
     ids, weights = _batches(layout.dp)[layout.dp_rank]
     result = _step(model, ids, weights, layout.tp_group)
@@ -150,16 +150,20 @@ def _run_layout(tp: int, sp: bool, ep: int) -> dict:
         grads[name] = gather_full(param, layout=layout, vocab_size=64, tensor=grad)
     result["grads"] = grads
     result["dp_rank"] = layout.dp_rank
+    result["ffn_here"] = {p.shape[0] for n, p in model.named_parameters() if n.endswith("up_proj.weight")
+                          and ".experts." in n}
     return result
 
 
-@pytest.mark.parametrize("tp,sp,ep", [(1, False, 2), (1, False, 4), (2, False, 2), (2, True, 2)])
-def test_expert_parallel_layouts_equal_the_single_process_run(tp, sp, ep):
+@pytest.mark.parametrize("tp,sp,ep,etp", [(1, False, 2, 1), (1, False, 4, 1), (2, False, 2, 1),
+                                         (2, True, 2, 1), (2, True, 2, 2), (2, False, 1, 2)])
+def test_expert_parallel_layouts_equal_the_single_process_run(tp, sp, ep, etp):
     world = 4
-    per_rank = run_ranks(_run_layout, world, tp, sp, ep, timeout_s=300)
+    per_rank = run_ranks(_run_layout, world, tp, sp, ep, etp, timeout_s=300)
     ref = _reference_run(world // tp)
     experts: dict[str, torch.Tensor] = {}
     for rank, result in enumerate(per_rank):
+        assert result["ffn_here"] == {MOE.expert_ffn_hidden // etp}  # each expert split over etp
         want = ref["steps"][result["dp_rank"]]
         torch.testing.assert_close(result["logits"], want["logits"], **TOL)
         for name, tensor in want["routers"].items():
@@ -242,6 +246,43 @@ def test_distributed_optimizer_at_ep2_dp4_equals_the_single_process_run(tmp_path
     assert run_ranks(run_in, 4, path, tmp_path / "ep2", [*sharded, "train.steps=4"],
                      timeout_s=300) == [0] * 4
     assert_same_run(read_metrics(tmp_path / "ep2")[-1:], want, keys=MOE_KEYS)
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_experts_split_over_tp_equal_the_single_process_run(tmp_path):
+    """parallel.etp=2: each expert's inner width split over TP=2 (+SP) at EP=2 x DP=2; its
+    checkpoint (expert slices per TP rank, experts per EP rank) resumes at one process, and the
+    single process's resumes at etp=2, to the same next step."""
+    path = _moe_run_config(tmp_path)
+    assert run_in(path, tmp_path / "single", []) == 0
+    overrides = ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]
+    assert run_ranks(run_in, 4, path, tmp_path / "etp2", overrides, timeout_s=300) == [0] * 4
+    assert_same_run(read_metrics(tmp_path / "etp2"), read_metrics(tmp_path / "single"), keys=MOE_KEYS)
+    ckpt = tmp_path / "etp2" / "checkpoints" / "step_00000003"
+    single = tmp_path / "single" / "checkpoints" / "step_00000003"
+    assert run_in(path, tmp_path / "resumed", ["train.steps=4", f"train.resume={ckpt}"]) == 0
+    assert run_ranks(run_in, 4, path, tmp_path / "resumed_etp2", [*overrides, "train.steps=4",
+                                                                   f"train.resume={single}"],
+                     timeout_s=300) == [0] * 4
+    assert run_in(path, tmp_path / "single", ["train.steps=4"]) == 0
+    for resumed in ("resumed", "resumed_etp2"):  # the experts joined, and cut again
+        assert_same_run(read_metrics(tmp_path / resumed)[-1:],
+                        read_metrics(tmp_path / "single")[-1:], keys=MOE_KEYS)
+
+
+def test_etp_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.etp: must be 1 or parallel.tp=2 \(got 3\)"):
+        ParallelConfig(tp=2, etp=3)
+    with pytest.raises(ConfigError, match="model.moe.expert_ffn_hidden: 8 does not split over "
+                                          "parallel.etp=3"):
+        TransformerLM(CONFIG, dataclasses.replace(ParallelLayout.single(), etp=3))
+    path = _moe_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="parallel.etp: parallel.etp=2 needs parallel.sp or "
+                                          "data.seq_len=15 divisible by parallel.tp=2"):
+        load_run_config(path, ["parallel.tp=2", "parallel.etp=2", "data.seq_len=15"], world_size=2)
+    with pytest.raises(ConfigError, match="parallel.etp: parallel.etp=2 needs a mixture-of-experts "
+                                          "student"):
+        load_run_config(path, ["parallel.tp=2", "parallel.etp=2", "model.moe=null"], world_size=2)
 
 
 TEACHER_MOE = {"experts": 4, "top_k": 2, "expert_ffn_hidden": 48, "shared_experts": 1}

@@ -149,7 +149,7 @@ def check_job(job: Job) -> None:
     pipeline cut, sequence length (a `ConfigError` naming the key)."""
     cfg = job.cfg
     validate_layout(cfg.parallel, job.world)
-    check_model_layout(cfg.model, cfg.parallel.tp, cfg.parallel.ep)
+    check_model_layout(cfg.model, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp)
     if job.teacher is not None:
         check_model_layout(job.teacher, cfg.parallel.teacher_tp_degree)
     if cfg.parallel.sp and cfg.data.seq_len % cfg.parallel.tp:
@@ -179,13 +179,14 @@ def rank_layout(job: Job, *, pp_rank: int, tp: int | None = None, sp: bool | Non
     par = job.par
     tp = par.tp if tp is None else tp
     pp = par.pp if pp is None else pp
+    etp = par.etp if ep is None else 1  # (the teacher ranks': whole experts)
     ep = par.ep if ep is None else ep
     # shapes do not depend on DP beyond the experts' split: DP = EP keeps the cache small
     return ParallelLayout(world_size=tp * pp * ep, rank=0, tp=tp, dp=ep,
                           sp=par.sp if sp is None else sp, tp_rank=0, dp_rank=0,
                           pp=pp, pp_rank=pp_rank,
                           virtual_stages=par.virtual_stages if chunks is None else chunks,
-                          ep=ep, device=META)
+                          ep=ep, etp=etp if tp == par.tp else 1, device=META)
 
 
 @functools.lru_cache(maxsize=256)
@@ -679,13 +680,20 @@ def student_comm(job: Job, pp_rank: int, hw: Hardware) -> Comm:
 def _expert_comm(comm: Comm, job: Job, model: TransformerLM, *, tokens: int, lin: int) -> None:
     """MoE blocks under EP: the per-expert row counts, then dispatch and combine all_to_all forward
     and backward, assuming every token's top-k copies stay as many as they are (the real split
-    follows the routing: measured within 1% at EP 2, 4 experts top-2)."""
-    moe = job.cfg.model.moe
-    if moe is None or job.par.ep == 1:
+    follows the routing: measured within 1% at EP 2, 4 experts top-2). With experts split over TP
+    (`etp`): the counts all-gathered over TP, every rank's rows to every TP rank and the partial
+    outputs back, forward and backward."""
+    moe, par = job.cfg.model.moe, job.par
+    if moe is None or (par.ep == 1 and par.etp == 1):
         return
     layers = sum(job.cfg.model.is_moe_layer(int(i)) for i in model.decoder)
-    per_pass = tokens // job.par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
+    per_pass = tokens // par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
     counts = moe.experts * INT64  # the rows per expert, exchanged before the dispatch
+    if par.etp > 1:
+        comm[("tp", "all_to_all")] += job.micro_batches * layers * 4 * par.etp * per_pass
+        comm[("tp", "all_gather")] += job.micro_batches * layers * counts
+    if par.ep == 1:
+        return
     comm[("ep", "all_to_all")] += job.micro_batches * layers * (4 * per_pass + counts)
     if not job.cfg.train.distributed_optimizer:  # (whose norm sums the experts' slices over DP)
         comm[("ep", "all_reduce")] += 8  # the gradient norm's float64 sum of the experts' squares
