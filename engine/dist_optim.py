@@ -75,7 +75,7 @@ class _Bucket:
     def __init__(self, params: list[tuple[int, nn.Parameter]], *, dp: int, dp_rank: int,
                  group, expert: bool = False, first_dp: int = 0):
         self.params = params  # (optimizer index, parameter)
-        self.group, self.dp, self.expert, self.first_dp = group, dp, expert, first_dp
+        self.group, self.expert, self.first_dp = group, expert, first_dp
         total = sum(p.numel() for _, p in params)
         self.shard = -(-total // dp)  # S: elements per DP rank
         first = params[0][1]
@@ -204,8 +204,8 @@ class ShardedAdamW:
 
     def grad_squares(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares over TP-split parameters, over TP-replicated ones) of this rank's
-        slices, summed over DP (not yet over TP). Routed experts are whole on every TP rank: with
-        the replicated ones (their slices over DP cover every expert of the layer once)."""
+        slices, summed over DP (not yet over TP). Routed experts count by their TP split like any
+        parameter (whole: replicated; `etp`: split); their slices over DP cover each expert once."""
         sq = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         for bucket in self._all_buckets():
             for seg in bucket.segments:
