@@ -7,6 +7,8 @@ SP) or replicated on every TP rank. Per token (fp32 math):
     mse     mean over the width of (S - T)^2       (its token mean is the mean over elements)
     l2      ||S - T||_2                            (the form L + lambda * mean_i ||T_i - S_i||)
     cosine  1 - cos(S, T)
+    router  KL(softmax(T) || softmax(S))           (router logits [.., experts]: the routing
+                                                    distributions; never projected)
 
 Each pair's value is the sum over valid tokens divided by the *global* number of valid tokens
 (`num_tokens`: all micro-batches and DP ranks of the step). On sequence-sharded buffers each rank
@@ -47,7 +49,10 @@ def token_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch
         return torch.linalg.vector_norm(student - teacher, dim=-1)
     if kind == "cosine":
         return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
-    raise ValueError(f"unknown activation loss {kind!r} (use mse, l2 or cosine)")
+    if kind == "router":
+        log_t, log_s = F.log_softmax(teacher, dim=-1), F.log_softmax(student, dim=-1)
+        return (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+    raise ValueError(f"unknown activation loss {kind!r} (use mse, l2, cosine or router)")
 
 
 def _local_mask(mask: torch.Tensor | None, buf: ActivationBuffer,
@@ -113,17 +118,21 @@ def activation_pair_means(pairs: Sequence[ResolvedPair], student: Mapping[str, A
 
     `token_mask` [batch, seq] (full sequence, batch first) marks the tokens that count, None = all;
     `num_tokens` is their global count; `group` is the TP group. A teacher entry may be a bare
-    tensor, taken to be in the student buffer's layout. `pair_indices`: each pair's index among
-    the run's pairs (the projection's per-pair weights) when `pairs` is some of them.
+    tensor, taken to be in the student buffer's layout. `pair_indices`: each projected pair's
+    index among the run's projected pairs (the projection's per-pair weights; `router` pairs are
+    not projected and not counted) when `pairs` is some of them.
     """
     if not pairs:
         return torch.zeros(0)
     bufs = [student[p.student] for p in pairs]
     hidden = [at_least_fp32(b.tensor) for b in bufs]
-    if projection is not None:
-        for pair, buf in zip(pairs, bufs):
-            _check_projection_layout(buf, projection, pair.student)
-        hidden = projection(hidden, pair_indices)
+    projected = [i for i, p in enumerate(pairs) if p.loss != "router"]
+    if projection is not None and projected:
+        for i in projected:
+            _check_projection_layout(bufs[i], projection, pairs[i].student)
+        outs = projection([hidden[i] for i in projected], pair_indices)
+        for i, out in zip(projected, outs):
+            hidden[i] = out
     sums = []
     for pair, buf, h in zip(pairs, bufs, hidden):
         target = _teacher_like(teacher[pair.teacher], buf, group, pair.teacher)

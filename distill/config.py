@@ -38,7 +38,14 @@ from distill.schedules import (
     scheduled_ends,
 )
 from engine.config import ConfigError, check
-from layers.buffers import BLOCK_BUFFERS, block_buffer, block_name, buffer_names, parse_block_buffer
+from layers.buffers import (
+    BLOCK_BUFFERS,
+    ROUTER_LOGITS,
+    block_buffer,
+    block_name,
+    buffer_names,
+    parse_block_buffer,
+)
 from layers.config import ModelConfig, check_model_layout
 
 SHORTCUTS = {"all_mixers": "mixer_output", "all_mlps": "mlp_output", "all_outputs": "output"}
@@ -101,6 +108,8 @@ class TeacherEntryConfig:
 
 
 SINGLE_TEACHER = "teacher"  # the name of the teacher given as `distill.teacher`
+PAIR_LOSSES = ("mse", "l2", "cosine", "router")
+ROUTER = "router"  # the pair loss between router distributions (no projection: widths are experts)
 
 
 @dataclass(frozen=True)
@@ -109,15 +118,17 @@ class ActivationPairConfig:
 
     student: str = ""  # student buffer name, or a shortcut: all_mixers | all_mlps | all_outputs
     teacher: str | None = None  # teacher buffer name; leave out with a shortcut
-    loss: Literal["mse", "l2", "cosine"] = "mse"  # per element | L2 per token | 1 - cos per token
+    # per element | L2 per token | 1 - cos per token | router: KL(teacher || student) of the router
+    # distributions, softmax over experts (two decoder.{i}.router_logits, same expert count)
+    loss: Literal["mse", "l2", "cosine", "router"] = "mse"
     weight: float = 1.0  # weight of this pair (of each pair of a shortcut)
     # with distill.teachers: the name of the teacher whose buffer this is (one teacher: optional)
     teacher_name: str | None = None
 
     def __post_init__(self) -> None:
         check(bool(self.student), "student", "is required (a buffer name or a shortcut)")
-        check(self.loss in ("mse", "l2", "cosine"), "loss",
-              f"must be one of 'mse', 'l2', 'cosine' (got {self.loss!r})")
+        check(self.loss in PAIR_LOSSES, "loss",
+              f"must be one of {', '.join(map(repr, PAIR_LOSSES))} (got {self.loss!r})")
         check(self.weight >= 0, "weight", f"must be >= 0 (got {self.weight})")
         if self.student in SHORTCUTS:
             check(self.teacher in (None, self.student), "teacher",
@@ -370,7 +381,7 @@ class ResolvedPair:
 
     student: str  # student buffer name
     teacher: str  # teacher buffer name
-    loss: str  # mse | l2 | cosine
+    loss: str  # mse | l2 | cosine | router
     weight: float  # weight of this pair inside the activation mean
     source: str = SINGLE_TEACHER  # the name of the teacher the buffer belongs to
 
@@ -381,8 +392,13 @@ def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
 
 
 def _check_buffer(name: str, model: ModelConfig, key: str, side: str) -> None:
-    if name in buffer_names(model.layers, model.mtp_heads):
+    moe_layers = [i for i in range(model.layers) if model.is_moe_layer(i)]
+    if name in buffer_names(model.layers, model.mtp_heads, moe_layers):
         return
+    parsed = parse_block_buffer(name)
+    if parsed and parsed[2] == ROUTER_LOGITS:
+        raise ConfigError(key, f"{side} buffer {name!r}: block {parsed[1]} of the {side} is not a "
+                               "mixture of experts (model.moe, model.moe_layers)")
     parsed = parse_block_buffer(name)
     if parsed and parsed[2] in BLOCK_BUFFERS:
         trunk, index, _ = parsed
@@ -425,8 +441,23 @@ def resolve_pairs(cfg: DistillConfig, student: ModelConfig,
             continue
         _check_buffer(entry.student, student, f"{key}.student", "student")
         _check_buffer(entry.teacher, teacher, f"{key}.teacher", "teacher")
+        if entry.loss == ROUTER:
+            _check_router_pair(entry, student, teacher, key)
         pairs.append(ResolvedPair(entry.student, entry.teacher, entry.loss, entry.weight, source))
     return pairs
+
+
+def _check_router_pair(entry: ActivationPairConfig, student: ModelConfig, teacher: ModelConfig,
+                       key: str) -> None:
+    """A `router` pair compares two router distributions over the same experts."""
+    for name, side in ((entry.student, "student"), (entry.teacher, "teacher")):
+        parsed = parse_block_buffer(name)
+        check(parsed is not None and parsed[2] == ROUTER_LOGITS, f"{key}.loss",
+              f"router compares router distributions: the {side} buffer must be a "
+              f"decoder.{{i}}.router_logits (got {name!r})")
+    check(student.moe.experts == teacher.moe.experts, f"{key}.loss",
+          f"router needs the same expert count (student {student.moe.experts}, teacher "
+          f"{teacher.moe.experts})")
 
 
 def aligned_teacher_config(student: ModelConfig, teacher: ModelConfig) -> ModelConfig:
@@ -480,6 +511,8 @@ def check_compatibility(cfg: DistillConfig, student: ModelConfig,
         _check_teacher_model(teacher_key(cfg, name), model, student, tp, cfg)
     pairs = resolve_pairs(cfg, student, teachers)
     for pair in pairs:
+        if pair.loss == ROUTER:
+            continue  # [.., experts] on both sides
         width = teachers[pair.source].hidden
         check(cfg.projection != "none" or student.hidden == width,
               "distill.projection", f"the student is {student.hidden} wide and the teacher "

@@ -57,7 +57,14 @@ from torch import nn
 
 from distill._plan import KDDiagnostics
 from distill.activation import activation_pair_means
-from distill.config import SINGLE_TEACHER, DistillConfig, ResolvedPair, check_compatibility, named_teachers
+from distill.config import (
+    ROUTER,
+    SINGLE_TEACHER,
+    DistillConfig,
+    ResolvedPair,
+    check_compatibility,
+    named_teachers,
+)
 from distill.cross_tokenizer import STATS, CrossTokenizerTerm, aligned_buffers
 from distill.divergence import cross_entropy, divergence, lm_and_divergence, topk_divergence
 from distill.fused import FusedHeadLoss, fused_head_loss
@@ -239,12 +246,13 @@ class DistillObjective(nn.Module):
         # which path the fused head last ran ("grad_in_forward" in training; see fused_head_loss)
         self.fused_path: str | None = None
         self.projection = self.projections = None
-        if self.pairs and cfg.projection != "none":
+        projected = self._projected(self.pairs)
+        if projected and cfg.projection != "none":
             by_source = {name: ActivationProjection(
-                pairs=sum(p.source == name for p in self.pairs),
+                pairs=sum(p.source == name for p in projected),
                 shared=cfg.projection == "shared", student_width=student_config.hidden,
                 teacher_width=teachers[name].hidden, layout=layout, seed=seed)
-                for name in teachers if any(p.source == name for p in self.pairs)}
+                for name in teachers if any(p.source == name for p in projected)}
             if len(teachers) == 1:  # its parameter names stay those of one-teacher checkpoints
                 self.projection = next(iter(by_source.values()))
             else:
@@ -272,6 +280,11 @@ class DistillObjective(nn.Module):
     def chunk_term(self) -> CrossTokenizerTerm | None:
         """The one teacher's chunk term (None without cross_tokenizer)."""
         return next(iter(self.chunk_terms.values()), None)
+
+    @staticmethod
+    def _projected(pairs: Sequence[ResolvedPair]) -> list[ResolvedPair]:
+        """The pairs the projection maps (a `router` pair compares [.., experts] on both sides)."""
+        return [p for p in pairs if p.loss != ROUTER]
 
     @property
     def fused(self) -> bool:
@@ -575,18 +588,22 @@ class DistillObjective(nn.Module):
         teacher = self._by_name(teacher)
         sums = []
         for name in dict.fromkeys(p.source for p in pairs):  # teachers in pair order
-            everyone = [p for p in self.pairs if p.source == name]  # the projection's pairs
+            everyone = [p for p in self._projected(self.pairs) if p.source == name]  # projected
             mine = [p for p in pairs if p.source == name]
             buffers = teacher[name].buffers
             missing = sorted({p.teacher for p in mine} - set(buffers))
             if missing:
                 raise ValueError(f"teacher outputs lack activation buffer {missing[0]!r}: ask the "
                                  "teacher forward for objective.teacher_buffer_names()")
-            projection = self.projection if self.projections is None else self.projections[name]
+            # (none for a teacher with router pairs only)
+            projections = {name: self.projection} if self.projections is None else \
+                dict(self.projections.items())
+            projection = projections.get(name)
             means = activation_pair_means(
                 mine, student_buffers, buffers, token_mask=mask, num_tokens=counts.distill,
                 projection=projection, group=self.layout.tp_group,
-                pair_indices=[next(i for i, q in enumerate(everyone) if q is p) for p in mine])
+                pair_indices=[next(i for i, q in enumerate(everyone) if q is p)
+                              for p in self._projected(mine)])
             weights = torch.tensor([p.weight for p in mine], dtype=means.dtype,
                                    device=means.device)
             sums.append((means * weights).sum())

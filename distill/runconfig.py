@@ -94,7 +94,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         validate_layout(par, world_size)
     except LayoutError as err:
         raise ConfigError(err.key, f"{err.message} (world size {world_size})") from None
-    check_model_layout(cfg.model, par.tp, par.ep)
+    check_model_layout(cfg.model, par.tp, par.ep, par.etp)
     check_experts(cfg)
     check_sequence_layout(cfg)
     if par.sp and cfg.data.seq_len % par.tp:
@@ -238,13 +238,30 @@ def check_sequence_layout(cfg: RunConfig) -> None:
 
 
 def check_experts(cfg: RunConfig) -> None:
-    """Expert parallelism needs experts, and what it cannot do yet."""
-    if cfg.parallel.ep > 1 and cfg.model.moe is None:
-        raise ConfigError("parallel.ep", f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts "
-                                         "student (model.moe)")
-    if cfg.parallel.ep > 1 and cfg.train.distributed_optimizer:
-        raise ConfigError("train.distributed_optimizer", "is not supported with parallel.ep > 1 yet "
-                                                          "(its buckets span the whole DP group)")
+    """Expert (tensor) parallelism needs experts; split experts need the tokens split over TP."""
+    par = cfg.parallel
+    for key, degree in (("parallel.ep", par.ep), ("parallel.etp", par.etp)):
+        if degree > 1 and cfg.model.moe is None:
+            raise ConfigError(key, f"{key}={degree} needs a mixture-of-experts student (model.moe)")
+    if par.etp > 1 and not par.sp and cfg.data.seq_len % par.tp:
+        # each TP rank's expert shard sees every TP rank's tokens once: the tokens must split
+        raise ConfigError("parallel.etp", f"parallel.etp={par.etp} needs parallel.sp or data.seq_len"
+                                          f"={cfg.data.seq_len} divisible by parallel.tp={par.tp}")
+
+
+def check_teacher_experts(cfg: RunConfig, teacher: ModelConfig | dict[str, ModelConfig] | None) -> None:
+    """`parallel.teacher_ep` splits the experts of an MoE teacher on teacher ranks."""
+    ep = cfg.parallel.teacher_ep
+    if ep == 1 or teacher is None:
+        return
+    for model in (teacher.values() if isinstance(teacher, dict) else [teacher]):
+        if model.moe is None:
+            raise ConfigError("parallel.teacher_ep", f"parallel.teacher_ep={ep} needs a "
+                                                     "mixture-of-experts teacher (its checkpoint's "
+                                                     "model.moe)")
+        if model.moe.experts % ep:
+            raise ConfigError("parallel.teacher_ep", f"the teacher's {model.moe.experts} experts do "
+                                                     f"not split over parallel.teacher_ep={ep}")
 
 
 def check_pipeline(cfg: RunConfig, dp: int) -> None:
@@ -436,6 +453,7 @@ def load_run_config(path: str | Path, overrides: list[str], *, world_size: int) 
     init, resume = check_checkpoints(cfg)
     teachers = teacher_checkpoints(cfg)
     teacher = teacher_model_config(cfg, teachers)
+    check_teacher_experts(cfg, teacher)
     pairs = check_compatibility(cfg.distill, cfg.model, teacher, cfg.parallel.teacher_tp_degree)
     check_pipeline_pairs(cfg, teacher, pairs)
     if cfg.distill.cross_tokenizer.on and teacher is not None:

@@ -234,11 +234,13 @@ def peer_teacher_rank(layout: ParallelLayout) -> int:
 
 
 def _agree(ok: bool, layout: ParallelLayout) -> bool:
-    """Whether every TP and CP rank of this teacher replica says go (they run each forward
-    together): the minimum over TP, then over CP."""
+    """Whether every TP and CP rank of this teacher replica, and under `teacher_ep` every rank of
+    its EP group, says go (they run each forward together: the CP ranks gather keys and values in
+    it, the EP ranks exchange tokens): the minimum over TP, then CP, then EP."""
     flag = torch.tensor([int(ok)], dtype=torch.int64, device=layout.device)
     C.all_reduce(flag, layout.tp_group, op="min")
-    return bool(C.all_reduce(flag, layout.cp_group, op="min").item())
+    C.all_reduce(flag, layout.cp_group, op="min")
+    return bool(C.all_reduce(flag, layout.ep_group, op="min").item())
 
 
 def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
@@ -258,6 +260,9 @@ def serve_teacher(teacher: ColocatedTeacher, layout: ParallelLayout, *,
     micro-batch (counted from the stream's start) is one the students continue themselves; its
     token ids then come from the replica's first rank (TP rank 0 of stage 0, received by this
     replica's TP rank 0 and broadcast over its TP group), so the teacher cannot run ahead of it.
+    Under `teacher_ep` the replicas of one EP group take each decision together, so their
+    forwards (which exchange tokens) stay paired: they serve equally many streams of equally many
+    micro-batches.
     A signal this rank received (`preempted`) is sent with each micro-batch's tag from then on;
     the students stop at their next step boundary. The loop ends when every stream is done or its
     students stopped. Returns the number of micro-batches sent (per stage) and whether the

@@ -106,8 +106,11 @@ def _logical_shape(name: str, shape: tuple[int, ...], split_dim: int | None, voc
 
 def check_fits(name: str, spec: TensorSpec, target: Target, *, saved_tp: int, tp: int,
                vocab: int | None) -> None:
-    """Raise naming `name` unless the saved tensor can fill `target` (same full shape and split)."""
-    if spec.split_dim != target.split_dim or spec.vocab_parallel != target.vocab_parallel:
+    """Raise naming `name` unless the saved tensor can fill `target` (same full shape and split,
+    or split in one layout and whole in the other: a routed expert with and without `etp`)."""
+    resplit = None in (spec.split_dim, target.split_dim) and not spec.vocab_parallel
+    if (spec.split_dim != target.split_dim and not resplit) \
+            or spec.vocab_parallel != target.vocab_parallel:
         raise CheckpointError(
             f"parameter {name!r} is split along dim {spec.split_dim} in the checkpoint but along "
             f"dim {target.split_dim} in the model")
@@ -152,6 +155,8 @@ class ShardReader:
 
     def read(self, name: str, spec: TensorSpec, target: Target) -> torch.Tensor:
         """This rank's shard of `name`, shaped like `target` (call `check_fits` first)."""
+        if spec.split_dim != target.split_dim:
+            return self._resplit(name, spec, target)
         same_split = self.saved_tp == self.tp and spec.shape == target.shape
         if spec.split_dim is None or same_split:
             return self._saved_shard(self.tp_rank if same_split else 0, name, spec)
@@ -172,6 +177,17 @@ class ShardReader:
             pad_shape[dim] = pad
             pieces.append(torch.zeros(pad_shape, dtype=_DTYPES[spec.dtype]))
         return torch.cat(pieces, dim)
+
+
+    def _resplit(self, name: str, spec: TensorSpec, target: Target) -> torch.Tensor:
+        """A tensor split over TP in one layout and whole in the other: this rank's slice of
+        the saved whole tensor, or the saved slices joined."""
+        if spec.split_dim is None:
+            dim = target.split_dim
+            size = target.shape[dim]
+            return self._saved_shard(0, name, spec).narrow(dim, self.tp_rank * size, size).clone()
+        return torch.cat([self._saved_shard(r, name, spec) for r in range(self.saved_tp)],
+                         spec.split_dim)
 
 
 # ----------------------------------------------------------------------------- model
@@ -347,8 +363,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
         if not here(flat):
             continue
         index, key = _owner(flat, index_of)
-        replicated = Target(spec.shape, None, False)
-        target = Target.of(params[index]) if spec.split_dim is not None else replicated
+        live = Target.of(params[index])
+        # moments shaped like the parameter follow its split (saved whole: that of the parameter)
+        like_param = spec.split_dim is not None or spec.shape == _logical_shape(
+            flat, live.shape, live.split_dim, live.vocab_parallel, reader.tp, None)
+        target = live if like_param else Target(spec.shape, None, False)
         check_fits(flat, spec, target, saved_tp=reader.saved_tp, tp=reader.tp, vocab=reader.vocab)
         state.setdefault(index, {})[key] = reader.read(flat, spec, target)
     for flat, value in meta["scalars"].items():

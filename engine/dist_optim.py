@@ -29,6 +29,16 @@ moments over DP (a collective: every DP rank calls it) and returns what `torch.o
 model's parameters would return (a save gathers them to DP rank 0 only, `to_dp_rank=0`, so the
 other ranks never hold the full state); `load_state_dict()` takes that form and keeps this rank's slice.
 A checkpoint therefore loads at any DP degree, with the option on or off.
+
+Expert parallelism. With `ep > 1` the routed experts' weights (tagged `expert`) go into buckets of
+their own, sliced over the expert-DP group (the `dp / ep` ranks holding the same experts) instead
+of the DP group: their gradients are reduce-scattered, their slices updated and all-gathered there.
+The ranks of an EP group hold other experts in buckets of equal layout. Every expert element then
+lies in exactly one rank's slice of the whole DP group, so one sum of squares over DP covers dense
+slices and experts alike. The has-gradient vote and the step counts use one vector over DP in which
+each EP rank fills its own copy of the expert entries. A save gathers the experts' moments to the
+expert-DP group's first rank, DP rank `ep_rank`: the writer of that EP rank's checkpoint file (the
+dense moments, in DP rank 0's file, are not repeated in the others').
 """
 
 from __future__ import annotations
@@ -58,10 +68,14 @@ class _Segment:
 
 
 class _Bucket:
-    """One flat buffer of same-group, same-dtype parameters and this rank's slice of it."""
+    """One flat buffer of same-group, same-dtype parameters and this rank's slice of it, sliced
+    over `group` (`dp` ranks, this one at `dp_rank`; DP rank `first_dp` of this (TP, PP) position
+    is the group's first rank)."""
 
-    def __init__(self, params: list[tuple[int, nn.Parameter]], *, dp: int, dp_rank: int):
+    def __init__(self, params: list[tuple[int, nn.Parameter]], *, dp: int, dp_rank: int,
+                 group, expert: bool = False, first_dp: int = 0):
         self.params = params  # (optimizer index, parameter)
+        self.group, self.expert, self.first_dp = group, expert, first_dp
         total = sum(p.numel() for _, p in params)
         self.shard = -(-total // dp)  # S: elements per DP rank
         first = params[0][1]
@@ -111,18 +125,19 @@ class ShardedAdamW:
         # The ranks with the same parameters: DP, and under context parallelism DP x CP (their
         # tokens differ, their gradients are summed the same way).
         self.group = layout.dp_cp_group
-        self.shards, self.shard_rank = layout.dp * layout.cp, layout.dp_rank * layout.cp + layout.cp_rank
         self.params = [p for g in groups for p in g["params"]]
+        # under EP the routed experts' own buckets (the module docstring); without, every bucket is dense
+        self.expert = [layout.ep > 1 and param_tags(p).expert for p in self.params]
         self.buckets: list[list[_Bucket]] = []  # per group
         index = 0
         for group in groups:
             indexed = list(enumerate(group["params"], start=index))
             index += len(indexed)
-            by_dtype: dict[torch.dtype, list] = {}
+            by_kind: dict[tuple[bool, torch.dtype], list] = {}
             for i, p in indexed:
-                by_dtype.setdefault(p.dtype, []).append((i, p))
-            self.buckets.append([_Bucket(members, dp=self.shards, dp_rank=self.shard_rank)
-                                 for members in by_dtype.values()])
+                by_kind.setdefault((self.expert[i], p.dtype), []).append((i, p))
+            self.buckets.append([self._bucket(members, expert=expert)
+                                 for (expert, _), members in by_kind.items()])
         self._broadcast_buckets()
         inner_groups = [{"params": [s.tensor for b in buckets for s in b.segments],
                          "weight_decay": g["weight_decay"]}
@@ -140,30 +155,57 @@ class ShardedAdamW:
                              for g, inner in zip(groups, self.inner.param_groups)]
         self._active = torch.zeros(len(self.params), dtype=torch.bool)
 
+    def _bucket(self, members: list[tuple[int, nn.Parameter]], *, expert: bool) -> _Bucket:
+        layout = self.layout
+        if expert:  # sliced over the expert-DP group: DP ranks ep_rank, ep_rank + ep, ...
+            return _Bucket(members, dp=layout.dp // layout.ep, dp_rank=layout.dp_rank // layout.ep,
+                           group=layout.expert_dp_group, expert=True, first_dp=layout.ep_rank)
+        return _Bucket(members, dp=layout.dp * layout.cp, group=self.group,
+                       dp_rank=layout.dp_rank * layout.cp + layout.cp_rank)
+
     def _all_buckets(self) -> list[_Bucket]:
         return [b for buckets in self.buckets for b in buckets]
 
-    def _broadcast_buckets(self) -> None:
-        """Start from DP rank 0's parameters, as DDP does."""
+    def _group_rank(self, bucket: _Bucket, position: int) -> int:
+        """The global rank at `position` of `bucket`'s group (same TP and PP coordinates)."""
         layout = self.layout
-        src = layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=0)
+        dp = bucket.first_dp + position * layout.ep if bucket.expert else position
+        return layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=dp)
+
+    def _broadcast_buckets(self) -> None:
+        """Start from DP rank 0's parameters (each expert's from its expert-DP group's first
+        rank), as DDP does."""
         for bucket in self._all_buckets():
-            C.broadcast(bucket.buffer, self.group, src=src)
+            C.broadcast(bucket.buffer, bucket.group, src=self._group_rank(bucket, 0))
+
+    def _over_dp(self, values: torch.Tensor, op: str) -> torch.Tensor:
+        """Reduce per-parameter `values` over DP, each expert entry only over the ranks holding
+        that expert: one vector in which every EP rank fills its own copy of the expert entries."""
+        layout, n = self.layout, len(self.params)
+        if layout.ep == 1:
+            return C.all_reduce(values, self.group, op=op)
+        expert = torch.tensor(self.expert, device=values.device)
+        wide = values.new_zeros(layout.ep, n)
+        wide[0] = torch.where(expert, 0, values)
+        wide[layout.ep_rank] += torch.where(expert, values, 0)
+        wide = C.all_reduce(wide.reshape(-1), self.group, op=op).view(layout.ep, n)
+        return torch.where(expert, wide[layout.ep_rank], wide[0])
 
     # ------------------------------------------------------------------------------ the step
     def reduce_gradients(self) -> None:
         """Sum the gradients over DP into each bucket's slice; free the full-size gradients."""
         has_grad = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32,
                                 device=self.layout.device)
-        self._active = C.all_reduce(has_grad, self.group, op="max").bool().cpu()
+        self._active = self._over_dp(has_grad, "max").bool().cpu()
         for bucket in self._all_buckets():
-            bucket.grad = C.reduce_scatter(bucket.flat_grad(), self.group)
+            bucket.grad = C.reduce_scatter(bucket.flat_grad(), bucket.group)
             for _, p in bucket.params:
                 p.grad = None
 
     def grad_squares(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares over TP-split parameters, over TP-replicated ones) of this rank's
-        slices, summed over DP (not yet over TP)."""
+        slices, summed over DP (not yet over TP). Routed experts count by their TP split like any
+        parameter (whole: replicated; `etp`: split); their slices over DP cover each expert once."""
         sq = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         for bucket in self._all_buckets():
             for seg in bucket.segments:
@@ -192,7 +234,7 @@ class ShardedAdamW:
 
     def _gather(self) -> None:
         for bucket in self._all_buckets():
-            full = C.all_gather(bucket.slice, self.group)
+            full = C.all_gather(bucket.slice, bucket.group)
             if full is not bucket.slice:
                 bucket.buffer.copy_(full)
 
@@ -216,16 +258,18 @@ class ShardedAdamW:
         for bucket in self._all_buckets():
             for seg in bucket.segments:
                 steps[seg.index] = float(self.inner.state[seg.tensor]["step"])
-        return C.all_reduce(steps, self.group, op="max").tolist()
+        return self._over_dp(steps, "max").tolist()
 
     def state_dict(self, *, to_dp_rank: int | None = None) -> dict:
         """torch AdamW's state dict over the model's parameters (collective over DP). With
         `to_dp_rank`, only that DP rank gets the moments (the others get none, and allocate no
-        full-size buffer): what a checkpoint save, written by DP rank 0, needs."""
+        full-size buffer): what a checkpoint save, written by DP rank 0, needs. Under EP the
+        experts' moments go to the rank at that place of the expert-DP group instead (with 0: DP
+        rank `ep_rank`, the writer of this EP rank's file)."""
         steps = self._steps()
         state: dict[int, dict] = {}
         for bucket in self._all_buckets():
-            moments = {key: self._gathered(getattr(bucket, key), to_dp_rank)
+            moments = {key: self._gathered(bucket, getattr(bucket, key), to_dp_rank)
                        for key in ("exp_avg", "exp_avg_sq")}
             if moments["exp_avg"] is None:  # not the receiving rank
                 continue
@@ -240,13 +284,13 @@ class ShardedAdamW:
             index += len(group["params"])
         return {"state": state, "param_groups": groups}
 
-    def _gathered(self, flat: torch.Tensor, to_dp_rank: int | None) -> torch.Tensor | None:
-        """A bucket's flat moment over every DP rank's slice (on `to_dp_rank` only, if given)."""
+    def _gathered(self, bucket: _Bucket, flat: torch.Tensor,
+                  to_dp_rank: int | None) -> torch.Tensor | None:
+        """A bucket's flat moment over every slice of its group (on the rank at `to_dp_rank` of
+        that group only, if given)."""
         if to_dp_rank is None:
-            return C.all_gather(flat, self.group)
-        layout = self.layout
-        dst = layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=to_dp_rank)
-        return C.gather(flat, self.group, dst=dst)
+            return C.all_gather(flat, bucket.group)
+        return C.gather(flat, bucket.group, dst=self._group_rank(bucket, to_dp_rank))
 
     def load_state_dict(self, saved: dict) -> None:
         """Keep this rank's slice of a per-parameter AdamW state dict (any DP degree saved it)."""

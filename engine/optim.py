@@ -92,7 +92,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> t
         if p.grad is None or tags.pp_duplicate:
             continue
         sq = p.grad.detach().double().pow(2).sum()
-        if tags.expert:  # each EP rank holds other experts (whole, the same on its TP ranks)
+        if tags.expert:  # each EP rank holds other experts (whole, or split over TP with etp)
             expert_sq += sq
         elif tags.tp_split_dim is None:
             replicated_sq += sq
@@ -100,6 +100,8 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelLayout) -> t
             split_sq += sq
     if layout.ep > 1:
         C.all_reduce(expert_sq, layout.ep_group)
+    if layout.etp > 1:  # the experts' TP slices: summed over TP with the other split parameters
+        return _combine(split_sq + expert_sq, replicated_sq, layout)
     return _combine(split_sq, replicated_sq + expert_sq, layout)
 
 

@@ -12,7 +12,8 @@ tied embedding's two copies in sync. With `teacher_ranks > 0` the last `teacher_
 world run only the teacher, at their own TP degree `teacher_tp` (default: the students'), with no
 pipeline, their own TP/DP groups and sequence parallelism when `sp` and `teacher_tp > 1`; the first
 ranks are the students. With `teacher_cp` > 1 the teacher ranks split each sequence over their
-own CP groups (next to their TP ranks, as the students'). The teacher's DP degree
+own CP groups (next to their TP ranks, as the students'). An MoE teacher there splits its experts
+over `teacher_ep` of its DP ranks, placed as the students' `ep` is below. The teacher's DP degree
 (`teacher_ranks / (teacher_tp x teacher_cp)`) must divide the
 students' (one teacher replica serves several student replicas).
 
@@ -96,9 +97,11 @@ class ParallelConfig:
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
     cp: int = 1  # context parallelism: each sequence split over this many ranks (next to TP)
     ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
+    etp: int = 1  # expert tensor parallelism: 1 (whole experts) or tp (each expert split over TP)
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
     teacher_cp: int = 1  # context-parallel degree of the teacher ranks (any student CP degree)
+    teacher_ep: int = 1  # expert parallelism of an MoE teacher on teacher ranks (inside its DP)
     timeout_s: float = 600.0  # collective timeout: a dead peer ends the run after this long
     # auto: NCCL with CUDA, else gloo, no group for one process; nccl/gloo: always a group
     backend: str = "auto"
@@ -106,6 +109,8 @@ class ParallelConfig:
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", f"must be >= 1 (got {self.tp})")
         check(self.ep >= 1, "parallel.ep", f"must be >= 1 (got {self.ep})")
+        check(self.etp in (1, self.tp), "parallel.etp",
+              f"must be 1 or parallel.tp={self.tp} (got {self.etp})")
         check(self.cp >= 1, "parallel.cp", f"must be >= 1 (got {self.cp})")
         check(self.pp >= 1, "parallel.pp", f"must be >= 1 (got {self.pp})")
         check(self.virtual_stages >= 1, "parallel.virtual_stages",
@@ -124,6 +129,9 @@ class ParallelConfig:
         check(self.teacher_cp == 1 or self.teacher_ranks > 0, "parallel.teacher_cp",
               "only applies with parallel.teacher_ranks > 0")
         check(self.teacher_tp is None or self.teacher_ranks > 0, "parallel.teacher_tp",
+              "only applies with parallel.teacher_ranks > 0")
+        check(self.teacher_ep >= 1, "parallel.teacher_ep", f"must be >= 1 (got {self.teacher_ep})")
+        check(self.teacher_ep == 1 or self.teacher_ranks > 0, "parallel.teacher_ep",
               "only applies with parallel.teacher_ranks > 0")
 
     @property
@@ -164,6 +172,7 @@ class ParallelLayout:
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
     ep: int = 1  # expert-parallel degree (a divisor of dp)
     ep_rank: int = 0  # this rank's place in its EP group (dp_rank % ep)
+    etp: int = 1  # expert tensor parallelism: 1, or tp (each routed expert split over TP)
     cp: int = 1  # context-parallel degree: each sequence split over cp ranks
     cp_rank: int = 0
     students: RankOrder | None = None  # the students' numbering (None: the whole world, tp, pp)
@@ -286,6 +295,11 @@ def _validate_teacher_layout(parallel: ParallelConfig, world_size: int) -> None:
                           f"the teacher's data-parallel degree {teacher_dp} (parallel.teacher_ranks"
                           f"={teacher_ranks} / {key}={teacher_tp}) does not divide the students' "
                           f"{student_dp}: each teacher replica must serve whole student replicas")
+    if teacher_dp % parallel.teacher_ep:
+        raise LayoutError("parallel.teacher_ep",
+                          f"parallel.teacher_ep={parallel.teacher_ep} does not divide the teacher's "
+                          f"data-parallel degree {teacher_dp} (parallel.teacher_ranks={teacher_ranks}"
+                          f" / {key}={teacher_tp}; its experts are split over its DP ranks)")
 
 
 def _new_groups(ranks_lists: list[list[int]], my_rank: int,
@@ -380,7 +394,7 @@ def make_layout(parallel: ParallelConfig, *,
     world, rank = dist.get_world_size(), dist.get_rank()
     orders = {role: parallel.rank_order(role, world) for role in (STUDENT, TEACHER)}
     timeout = datetime.timedelta(seconds=parallel.timeout_s)
-    eps = {STUDENT: parallel.ep, TEACHER: 1}
+    eps = {STUDENT: parallel.ep, TEACHER: parallel.teacher_ep}
     groups = {role: _RoleGroups.create(order, rank, timeout, eps[role])
               for role, order in orders.items() if order.size}
     role = STUDENT if rank < orders[TEACHER].offset else TEACHER
@@ -393,6 +407,7 @@ def make_layout(parallel: ParallelConfig, *,
         pp_ranks=tuple(_find(mine.lists.pp, rank)), students=orders[STUDENT],
         teachers=orders[TEACHER], tp_group=mine.tp, dp_group=mine.dp, role_group=mine.role,
         pp_group=mine.pp, embedding_group=mine.embedding, ep=eps[role], ep_rank=dp_rank % eps[role],
+        etp=parallel.etp if role == STUDENT else 1,
         ep_group=mine.ep, expert_dp_group=mine.expert_dp, cp=order.cp, cp_rank=order.cp_coord(rank),
         cp_group=mine.cp, dp_cp_group=mine.dp_cp, device=torch.device(device or "cpu"))
 

@@ -292,12 +292,16 @@ def shape_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
                   if getattr(saved, derived.get(key, key)) != getattr(wanted, derived.get(key, key))]
 
 
-def check_model_layout(config: ModelConfig, tp: int, ep: int = 1) -> None:
+def check_model_layout(config: ModelConfig, tp: int, ep: int = 1, etp: int = 1) -> None:
     """Raise a `ConfigError` naming the key when `config` cannot be split over `tp` ranks (and its
-    experts over `ep`)."""
+    experts over `ep`, each expert over `etp`)."""
     if config.moe is not None and config.moe.experts % ep:
         raise ConfigError("model.moe.experts", f"{config.moe.experts} experts do not split over "
                                                f"parallel.ep={ep} ranks")
+    if config.moe is not None and config.moe.expert_ffn_hidden % etp:
+        raise ConfigError("model.moe.expert_ffn_hidden",
+                          f"{config.moe.expert_ffn_hidden} does not split over parallel.etp={etp} "
+                          "ranks")
     if config.moe is not None and config.moe.shared_ffn_hidden % tp:
         raise ConfigError("model.moe.shared_expert_ffn_hidden",
                           f"the shared experts' width {config.moe.shared_ffn_hidden} does not split "

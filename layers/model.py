@@ -84,7 +84,7 @@ class TransformerLM(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelLayout, *, seed: int = 0,
                  recompute: Recompute = "none"):
         super().__init__()
-        check_model_layout(config, layout.tp, layout.ep)
+        check_model_layout(config, layout.tp, layout.ep, layout.etp)
         self.config, self.layout, self.seed = config, layout, seed
         self.plan = plan = StagePlan.of(config.layers, layout)
         self.rng = DropoutRNG(seed, layout)

@@ -21,6 +21,13 @@ every expert has a gradient), sent back with the reverse `all_to_all` and combin
 routing weights. Expert weights are tagged `expert`: their gradients are summed over the
 expert-DP group (engine/optim.py), not the whole DP group.
 
+Expert tensor parallelism. With `parallel.etp` = tp each routed expert's inner width is split over
+the TP group (gate/up by rows, down by columns, tagged `tp_split_dim` so checkpoints and
+conversion see whole experts). The tokens stay split over TP as above; after the EP exchange every
+TP rank's rows reach every TP rank of the group (`all_to_all`), each rank runs its slices on all
+of them, and each gets the partial outputs of its own rows back and sums them. The split experts
+thus see each token once: their gradients are whole without `copy_to_tp`.
+
 Auxiliary losses (per block and micro-batch, on the statistics of all its tokens: summed over TP
 when the tokens are split): the load-balancing loss E * sum_e f_e * P_e (f_e: the share of tokens
 that chose expert e, counted over the top-k choices as Mixtral and Qwen-MoE count them; P_e: the
@@ -69,25 +76,33 @@ def attach_loss(x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tens
 
 
 class _Weight(nn.Module):
-    """One weight `[out, in]`, under Hugging Face's name `{name}.weight`; replicated over TP."""
+    """One weight `[out, in]` (this rank's slice along `tp_split_dim`; None: replicated over TP),
+    under Hugging Face's name `{name}.weight`."""
 
     def __init__(self, out_features: int, in_features: int, *, init: float, layout: ParallelLayout,
-                 expert: bool = False):
+                 expert: bool = False, tp_split_dim: int | None = None):
         super().__init__()
-        self.weight = new_param(out_features, in_features, tp_split_dim=None, init=init,
+        self.weight = new_param(out_features, in_features, tp_split_dim=tp_split_dim, init=init,
                                 device=layout.device)
         tag(self.weight, expert=expert)
 
 
 class Expert(nn.Module):
-    """A gated MLP (SwiGLU-style, the model's activation) applied to the rows routed to it."""
+    """A gated MLP (SwiGLU-style, the model's activation) applied to the rows routed to it; with
+    `etp > 1` this rank's slice of its inner width (gate/up by rows, down by columns), whose
+    output is a partial sum over the TP ranks."""
 
     def __init__(self, config: ModelConfig, layout: ParallelLayout):
         super().__init__()
-        ffn, out_std = config.moe.expert_ffn_hidden, config.init_std / math.sqrt(2 * config.layers)
-        self.gate_proj = _Weight(ffn, config.hidden, init=config.init_std, layout=layout, expert=True)
-        self.up_proj = _Weight(ffn, config.hidden, init=config.init_std, layout=layout, expert=True)
-        self.down_proj = _Weight(config.hidden, ffn, init=out_std, layout=layout, expert=True)
+        out_std = config.init_std / math.sqrt(2 * config.layers)
+        ffn = config.moe.expert_ffn_hidden // layout.etp  # [ffn/etp] here
+        inner, outer = (0, 1) if layout.etp > 1 else (None, None)
+        self.gate_proj = _Weight(ffn, config.hidden, init=config.init_std, layout=layout, expert=True,
+                                 tp_split_dim=inner)
+        self.up_proj = _Weight(ffn, config.hidden, init=config.init_std, layout=layout, expert=True,
+                               tp_split_dim=inner)
+        self.down_proj = _Weight(config.hidden, ffn, init=out_std, layout=layout, expert=True,
+                                 tp_split_dim=outer)
         self.act = ACTIVATION_FNS[config.mlp_activation]
 
     def forward(self, rows: torch.Tensor, weight) -> torch.Tensor:
@@ -133,12 +148,14 @@ class MoE(nn.Module):
 
         def weight(w: torch.Tensor) -> torch.Tensor:  # partial gradients when the tokens are split
             return copy_to_tp(w, layout.tp_group) if split else w
+        # (split experts see every TP rank's tokens: their gradients are whole)
 
         batch, seq, hidden = x_local.shape
         tokens = x_local.reshape(batch * seq, hidden)
         logits = F.linear(tokens, weight(self.router.weight))  # [tokens, experts]
         scores, chosen = self._route(logits)
-        out = self._dispatch(tokens, scores, chosen, weight).view(batch, seq, hidden)
+        out = self._dispatch(tokens, scores, chosen, weight if layout.etp == 1 else (lambda w: w))
+        out = out.view(batch, seq, hidden)
         losses = self._aux_losses(logits, chosen, split)
         out = attach_loss(out, losses, self.loss_scale)
         logits = logits.view(batch, seq, -1)
@@ -183,22 +200,47 @@ class MoE(nn.Module):
             received = C.all_to_all_single(per_rank, layout.ep_group)  # [ep, experts_here] by source
             send, recv = per_rank.sum(1).tolist(), received.sum(1).tolist()
             rows = all_to_all(rows, layout.ep_group, send_splits=send, recv_splits=recv)
-            # received rows are by source rank, then expert: regroup them by expert
-            segment = torch.arange(received.numel(), device=rows.device)
-            segment = segment.repeat_interleave(received.reshape(-1))
-            by_expert = torch.argsort(segment % self.experts_here * layout.ep + segment // self.experts_here,
-                                      stable=True)
-            rows, local_counts = rows[by_expert], received.sum(0)
-        else:
-            local_counts = counts
-        outputs = torch.cat([expert(part, weight) for expert, part in
-                             zip(self.experts.values(), rows.split(local_counts.tolist()))])
-        if layout.ep > 1:
-            outputs = torch.empty_like(outputs).index_copy(0, by_expert, outputs) \
-                if outputs.shape[0] else outputs
+            outputs = self._local_experts(rows, received, weight)
             outputs = all_to_all(outputs, layout.ep_group, send_splits=recv, recv_splits=send)
+        else:
+            outputs = self._local_experts(rows, counts.view(1, -1), weight)
         weighted = outputs * scores.reshape(-1)[order, None]
         return torch.zeros_like(tokens).index_add(0, source, weighted)
+
+    def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor, weight) -> torch.Tensor:
+        """This rank's experts on `rows` `[n, hidden]`, which come as blocks by source rank, each
+        sorted by expert (`counts` `[sources, experts_here]`): the outputs, in the same order."""
+        if self.layout.etp > 1:
+            return self._split_experts(rows, counts, weight)
+        return self._by_expert(rows, counts, weight)
+
+    def _by_expert(self, rows: torch.Tensor, counts: torch.Tensor, weight) -> torch.Tensor:
+        """`_local_experts` of whole experts: the rows regrouped by expert, one matrix product per
+        weight and expert, the outputs put back in the rows' order."""
+        sources = counts.shape[0]
+        if sources > 1:  # regroup the rows by expert
+            segment = torch.arange(counts.numel(), device=rows.device).repeat_interleave(counts.reshape(-1))
+            by_expert = torch.argsort(segment % self.experts_here * sources + segment // self.experts_here,
+                                      stable=True)
+            rows = rows[by_expert]
+        outputs = torch.cat([expert(part, weight) for expert, part in
+                             zip(self.experts.values(), rows.split(counts.sum(0).tolist()))])
+        if sources > 1 and outputs.shape[0]:
+            outputs = torch.empty_like(outputs).index_copy(0, by_expert, outputs)
+        return outputs
+
+    def _split_experts(self, rows: torch.Tensor, counts: torch.Tensor, weight) -> torch.Tensor:
+        """`_by_expert` with each expert split over TP (`etp`): every TP rank's rows go to every TP
+        rank (`all_to_all`), each computes its slice's partial outputs of all of them, and each
+        rank gets its own rows' partials back and sums them."""
+        layout = self.layout
+        group, tp, mine = layout.tp_group, layout.tp, rows.shape[0]
+        every = C.all_gather(counts.reshape(1, -1), group).view(tp * counts.shape[0], -1)
+        per_rank = every.view(tp, -1).sum(1).tolist()  # rows of each TP rank
+        gathered = all_to_all(rows.repeat(tp, 1), group, send_splits=[mine] * tp, recv_splits=per_rank)
+        partial = self._by_expert(gathered, every, weight)  # [sum(per_rank), hidden] partial sums
+        back = all_to_all(partial, group, send_splits=per_rank, recv_splits=[mine] * tp)
+        return back.view(tp, mine, rows.shape[1]).sum(0)
 
     def _aux_losses(self, logits: torch.Tensor, chosen: torch.Tensor, split: bool) -> torch.Tensor:
         """The weighted load-balancing and z-losses over this micro-batch's tokens (a scalar)."""

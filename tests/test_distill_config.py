@@ -80,7 +80,7 @@ def test_needs_teacher():
     ({"activations": [{"student": "all_mlps", "teacher": "all_mixers"}]},
      "distill.activations[0].teacher: must be left out with the shortcut 'all_mlps'"),
     ({"activations": [{"student": "x", "teacher": "y", "loss": "huber"}]},
-     "distill.activations[0].loss: must be one of 'mse', 'l2', 'cosine' (got 'huber')"),
+     "distill.activations[0].loss: must be one of 'mse', 'l2', 'cosine', 'router' (got 'huber')"),
     ({"activations": [{"teacher": "y"}]}, "distill.activations[0].student: is required"),
     ({"lm_weight": 0, "logit": {"weight": 0}}, "distill.lm_weight: every loss term is off"),
     ({"schedule": "offline"}, "distill.offline_dir: is required with schedule offline"),

@@ -9,7 +9,9 @@
   micro-batches one after the other (1e-12, float64).
 - Through the entry point, 3 steps: an MoE student distilled from a dense teacher at EP=2 x DP=2,
   EP=2 x TP=2 + SP and EP=2 x PP=2 equals the single-process run (the run tolerances), and the
-  EP=2 checkpoint resumes at EP=1 to the same next step.
+  EP=2 checkpoint resumes at EP=1 to the same next step; with the distributed optimizer at EP=2 x
+  DP=4 the same, its checkpoint resuming at EP=2 and EP=1; an MoE teacher on teacher ranks at
+  teacher_ep=2 feeding a dense TP=2 + SP student equals the colocated single-process run.
 - Bad layouts and configs are one-line ConfigErrors.
 """
 
@@ -21,18 +23,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from distill.activation import activation_pair_means
+from distill.config import ResolvedPair
+from distill.runconfig import load_run_config
 from engine import collectives as C
 from engine.config import ConfigError
 from engine.mappings import gather_from_tp
 from engine.parallel import LayoutError, ParallelConfig, ParallelLayout, make_layout, validate_layout
 from engine.param_tags import param_tags
 from engine.spawn import run_ranks
+from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig, MoEConfig
 from layers.model import TransformerLM
 from layers.moe import MoE
 from layers.sharding import gather_full
-from tests.helpers import assert_same_run
+from tests.helpers import RUN_KEYS, assert_same_run
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_in, teacher_config, write_config
 
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -131,8 +138,8 @@ def _reference_run(dp: int) -> dict:
     return {"steps": results, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
-def _run_layout(tp: int, sp: bool, ep: int) -> dict:
-    layout = make_layout(ParallelConfig(tp=tp, sp=sp, ep=ep))
+def _run_layout(tp: int, sp: bool, ep: int, etp: int = 1) -> dict:
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp, ep=ep, etp=etp))
     model = _model(layout)
     ids, weights = _batches(layout.dp)[layout.dp_rank]
     result = _step(model, ids, weights, layout.tp_group)
@@ -143,16 +150,20 @@ def _run_layout(tp: int, sp: bool, ep: int) -> dict:
         grads[name] = gather_full(param, layout=layout, vocab_size=64, tensor=grad)
     result["grads"] = grads
     result["dp_rank"] = layout.dp_rank
+    result["ffn_here"] = {p.shape[0] for n, p in model.named_parameters() if n.endswith("up_proj.weight")
+                          and ".experts." in n}
     return result
 
 
-@pytest.mark.parametrize("tp,sp,ep", [(1, False, 2), (1, False, 4), (2, False, 2), (2, True, 2)])
-def test_expert_parallel_layouts_equal_the_single_process_run(tp, sp, ep):
+@pytest.mark.parametrize("tp,sp,ep,etp", [(1, False, 2, 1), (1, False, 4, 1), (2, False, 2, 1),
+                                         (2, True, 2, 1), (2, True, 2, 2), (2, False, 1, 2)])
+def test_expert_parallel_layouts_equal_the_single_process_run(tp, sp, ep, etp):
     world = 4
-    per_rank = run_ranks(_run_layout, world, tp, sp, ep, timeout_s=300)
+    per_rank = run_ranks(_run_layout, world, tp, sp, ep, etp, timeout_s=300)
     ref = _reference_run(world // tp)
     experts: dict[str, torch.Tensor] = {}
     for rank, result in enumerate(per_rank):
+        assert result["ffn_here"] == {MOE.expert_ffn_hidden // etp}  # each expert split over etp
         want = ref["steps"][result["dp_rank"]]
         torch.testing.assert_close(result["logits"], want["logits"], **TOL)
         for name, tensor in want["routers"].items():
@@ -215,6 +226,201 @@ def test_moe_student_at_ep2_dp2_and_pp2_equals_the_single_process_run(tmp_path):
     assert run_in(path, tmp_path / "ep1", ["train.steps=4"]) == 0
     assert_same_run(read_metrics(tmp_path / "ep2_dp2")[-1:], read_metrics(tmp_path / "ep1")[-1:],
                     keys=MOE_KEYS)
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_distributed_optimizer_at_ep2_dp4_equals_the_single_process_run(tmp_path):
+    """Expert buckets sliced over the expert-DP group (2 of the 4 DP ranks), dense ones over DP;
+    its EP=2 checkpoint resumes at EP=2 (sharded) and at EP=1 (replicated) to the same step."""
+    path = _moe_run_config(tmp_path)
+    common = ["data.micro_batch=1"]  # 4 DP ranks of one sample each
+    assert run_in(path, tmp_path / "ep1", common) == 0
+    sharded = [*common, "parallel.ep=2", "train.distributed_optimizer=true"]
+    assert run_ranks(run_in, 4, path, tmp_path / "ep2", sharded, timeout_s=300) == [0] * 4
+    assert_same_run(read_metrics(tmp_path / "ep2"), read_metrics(tmp_path / "ep1"), keys=MOE_KEYS)
+    ckpt = tmp_path / "ep2" / "checkpoints" / "step_00000003"
+    assert run_in(path, tmp_path / "ep1", [*common, "train.steps=4"]) == 0
+    want = read_metrics(tmp_path / "ep1")[-1:]
+    assert run_in(path, tmp_path / "at_ep1", [*common, "train.steps=4", f"train.resume={ckpt}"]) == 0
+    assert_same_run(read_metrics(tmp_path / "at_ep1")[-1:], want, keys=MOE_KEYS)
+    assert run_ranks(run_in, 4, path, tmp_path / "ep2", [*sharded, "train.steps=4"],
+                     timeout_s=300) == [0] * 4
+    assert_same_run(read_metrics(tmp_path / "ep2")[-1:], want, keys=MOE_KEYS)
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_experts_split_over_tp_equal_the_single_process_run(tmp_path):
+    """parallel.etp=2: each expert's inner width split over TP=2 (+SP) at EP=2 x DP=2; its
+    checkpoint (expert slices per TP rank, experts per EP rank) resumes at one process, and the
+    single process's resumes at etp=2, to the same next step."""
+    path = _moe_run_config(tmp_path)
+    assert run_in(path, tmp_path / "single", []) == 0
+    overrides = ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]
+    assert run_ranks(run_in, 4, path, tmp_path / "etp2", overrides, timeout_s=300) == [0] * 4
+    assert_same_run(read_metrics(tmp_path / "etp2"), read_metrics(tmp_path / "single"), keys=MOE_KEYS)
+    ckpt = tmp_path / "etp2" / "checkpoints" / "step_00000003"
+    single = tmp_path / "single" / "checkpoints" / "step_00000003"
+    assert run_in(path, tmp_path / "resumed", ["train.steps=4", f"train.resume={ckpt}"]) == 0
+    assert run_ranks(run_in, 4, path, tmp_path / "resumed_etp2", [*overrides, "train.steps=4",
+                                                                   f"train.resume={single}"],
+                     timeout_s=300) == [0] * 4
+    assert run_in(path, tmp_path / "single", ["train.steps=4"]) == 0
+    for resumed in ("resumed", "resumed_etp2"):  # the experts joined, and cut again
+        assert_same_run(read_metrics(tmp_path / resumed)[-1:],
+                        read_metrics(tmp_path / "single")[-1:], keys=MOE_KEYS)
+
+
+def test_etp_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.etp: must be 1 or parallel.tp=2 \(got 3\)"):
+        ParallelConfig(tp=2, etp=3)
+    with pytest.raises(ConfigError, match="model.moe.expert_ffn_hidden: 8 does not split over "
+                                          "parallel.etp=3"):
+        TransformerLM(CONFIG, dataclasses.replace(ParallelLayout.single(), etp=3))
+    path = _moe_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="parallel.etp: parallel.etp=2 needs parallel.sp or "
+                                          "data.seq_len=15 divisible by parallel.tp=2"):
+        load_run_config(path, ["parallel.tp=2", "parallel.etp=2", "data.seq_len=15"], world_size=2)
+    with pytest.raises(ConfigError, match="parallel.etp: parallel.etp=2 needs a mixture-of-experts "
+                                          "student"):
+        load_run_config(path, ["parallel.tp=2", "parallel.etp=2", "model.moe=null"], world_size=2)
+
+
+TEACHER_MOE = {"experts": 4, "top_k": 2, "expert_ffn_hidden": 48, "shared_experts": 1}
+
+
+def _moe_teacher_config(tmp: Path) -> Path:
+    """A dense student distilled from an MoE teacher (3 blocks of 4 experts, top 2, a shared
+    expert) with logits and an activation pair."""
+    cfg = base_config(tmp, cache=tmp / "cache")
+    teacher = teacher_config(cfg)
+    teacher["model"]["moe"] = TEACHER_MOE
+    cfg["distill"] = {"teacher": str(make_teacher(tmp / "teacher", teacher)), "lm_weight": 0.5,
+                      "logit": {"weight": 1.0, "temperature": 2.0},
+                      "activations": [{"student": "decoder.1.mlp_output",
+                                       "teacher": "decoder.2.mlp_output"}],
+                      "projection": "per_pair"}
+    return write_config(tmp / "run.yaml", cfg)
+
+
+TEACHER_RANKS_EP2 = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=2",
+                     "parallel.teacher_tp=1", "parallel.teacher_ep=2"]
+
+
+@pytest.mark.slow  # a 6-rank end-to-end run
+def test_moe_teacher_on_teacher_ranks_at_ep2_equals_the_colocated_run(tmp_path):
+    """The MoE teacher on 2 teacher ranks at teacher_ep=2 (its experts split over its 2 DP ranks,
+    tokens exchanged between them) streams final hidden states and an MLP buffer to a dense
+    TP=2 + SP student at DP=2: the same run as the teacher colocated in one process."""
+    path = _moe_teacher_config(tmp_path)
+    assert run_in(path, tmp_path / "colocated", []) == 0
+    overrides = ["parallel.tp=2", "parallel.sp=true", *TEACHER_RANKS_EP2]
+    assert run_ranks(run_in, 6, path, tmp_path / "remote", overrides, timeout_s=300) == [0] * 6
+    want = read_metrics(tmp_path / "colocated")
+    assert want[0]["kd_loss"] > 0 and want[0]["act_loss"] > 0
+    assert_same_run(read_metrics(tmp_path / "remote"), want, keys=(*RUN_KEYS, "act_loss"))
+
+
+def _teacher_ep_coords() -> tuple:
+    layout = make_layout(ParallelConfig(tp=2, sp=True, teacher_ranks=2, teacher_tp=1, teacher_ep=2))
+    return layout.role, layout.ep, layout.ep_rank, layout.dp_rank, C.group_size(layout.ep_group)
+
+
+@pytest.mark.slow  # 6 spawned ranks
+def test_teacher_ep_groups_are_inside_the_teacher_dp():
+    coords = run_ranks(_teacher_ep_coords, 6, timeout_s=120)
+    assert coords[:4] == [("student", 1, 0, d, 1) for d in (0, 0, 1, 1)]  # TP=2 x DP=2, no EP
+    assert coords[4:] == [("teacher", 2, 0, 0, 2), ("teacher", 2, 1, 1, 2)]
+
+
+def test_teacher_ep_layout_errors_are_one_line(tmp_path):
+    with pytest.raises(LayoutError, match="parallel.teacher_ep=2 does not divide the teacher's "
+                                          "data-parallel degree 1"):
+        validate_layout(ParallelConfig(teacher_ranks=2, teacher_tp=2, teacher_ep=2), 4)
+    with pytest.raises(ConfigError, match="parallel.teacher_ep: only applies with "
+                                          "parallel.teacher_ranks > 0"):
+        ParallelConfig(teacher_ep=2)
+    path = _moe_teacher_config(tmp_path)
+    layout = ["distill.schedule=teacher_ranks", "parallel.teacher_ranks=3", "parallel.teacher_tp=1",
+              "parallel.teacher_ep=3", "data.global_batch=6"]
+    with pytest.raises(ConfigError, match="parallel.teacher_ep: the teacher's 4 experts do not "
+                                          "split over parallel.teacher_ep=3") as err:
+        load_run_config(path, layout, world_size=6)
+    assert "\n" not in str(err.value)
+    dense = _moe_run_config(tmp_path / "dense_teacher")  # an MoE student, a dense teacher
+    with pytest.raises(ConfigError, match="parallel.teacher_ep: parallel.teacher_ep=2 needs a "
+                                          "mixture-of-experts teacher"):
+        load_run_config(dense, [*TEACHER_RANKS_EP2[:3], "parallel.teacher_ep=2"], world_size=4)
+
+
+# ----------------------------------------------------------------- the router activation pair
+
+ROUTER_PAIR = ResolvedPair("decoder.0.router_logits", "decoder.1.router_logits", "router", 1.0)
+
+
+def test_router_pair_is_the_kl_of_the_router_distributions():
+    """KL(p_t || p_s) per token from the definition in float64, over the counted tokens; its
+    gradient with respect to the student's router logits is (p_s - p_t) / tokens."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = 3 * torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    tokens = int(mask.sum())
+    value = activation_pair_means([ROUTER_PAIR], {ROUTER_PAIR.student: ActivationBuffer(student, False)},
+                                  {ROUTER_PAIR.teacher: ActivationBuffer(teacher, False)},
+                                  token_mask=mask, num_tokens=tokens)
+    p_t = teacher.exp() / teacher.exp().sum(-1, keepdim=True)
+    p_s = student.detach().exp() / student.detach().exp().sum(-1, keepdim=True)
+    kl = (p_t * (p_t / p_s).log()).sum(-1)  # [batch, seq]
+    torch.testing.assert_close(value, (kl[mask].sum() / tokens).reshape(1), **TOL)
+    value.sum().backward()
+    torch.testing.assert_close(student.grad, torch.where(mask[..., None], p_s - p_t, 0) / tokens,
+                               **TOL)
+
+
+def _router_pair_config(tmp: Path) -> Path:
+    """An MoE student (4 experts) distilled from an MoE teacher (4 experts): logits and the
+    router distributions of student block 1 against teacher block 2."""
+    path = _moe_run_config(tmp)
+    cfg = yaml.safe_load(path.read_text())
+    teacher = teacher_config(base_config(tmp, cache=tmp / "cache"))
+    teacher["model"]["moe"] = TEACHER_MOE
+    cfg["distill"].update(teacher=str(make_teacher(tmp / "moe_teacher", teacher)), activations=[
+        {"student": "decoder.1.router_logits", "teacher": "decoder.2.router_logits",
+         "loss": "router", "weight": 2.0}])
+    return write_config(path, cfg)
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
+def test_router_pair_at_ep2_and_tp2_equals_the_single_process_run(tmp_path):
+    path = _router_pair_config(tmp_path)
+    assert run_in(path, tmp_path / "single", []) == 0
+    want = read_metrics(tmp_path / "single")
+    assert want[0]["act_loss"] > 0.01
+    layouts = {"ep2_dp2": (2, ["parallel.ep=2"]),
+               "ep2_dp2_tp2_sp": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true"])}
+    for name, (world, overrides) in layouts.items():
+        assert run_ranks(run_in, world, path, tmp_path / name, overrides,
+                         timeout_s=300) == [0] * world, name
+        assert_same_run(read_metrics(tmp_path / name), want, keys=(*MOE_KEYS, "act_loss"))
+
+
+def test_router_pair_errors_are_one_line(tmp_path):
+    path = _router_pair_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"distill.activations\[0\].loss: router needs the same "
+                                          r"expert count \(student 8, teacher 4\)"):
+        load_run_config(path, ["model.moe.experts=8"], world_size=1)
+    wrong = "distill.activations=[{student: decoder.1.mlp_output, teacher: decoder.2.router_logits, " \
+            "loss: router}]"
+    with pytest.raises(ConfigError, match=r"distill.activations\[0\].loss: router compares router "
+                                          "distributions: the student buffer must be a "
+                                          r"decoder.\{i\}.router_logits"):
+        load_run_config(path, [wrong], world_size=1)
+    dense = "distill.activations=[{student: decoder.1.router_logits, " \
+            "teacher: decoder.2.router_logits, loss: router}]"
+    with pytest.raises(ConfigError, match=r"distill.activations\[0\].student: student buffer "
+                                          r"'decoder.1.router_logits': block 1 of the student is "
+                                          "not a mixture of experts"):
+        load_run_config(path, [dense, "model.moe=null"], world_size=1)
 
 
 def test_moe_benchmark_runs_and_counts_the_all_to_all(capsys):

@@ -1,5 +1,6 @@
 """Exact resume through the real entry point under torchrun (TP=2, SP, dropout on; PP=2; CP=2;
-on-policy samples scored by a teacher rank).
+on-policy samples scored by a teacher rank; an MoE student at EP=2, DDP or the distributed
+optimizer).
 
 An uninterrupted run is compared bit for bit with (a) a run SIGKILLed mid-training and resumed
 with `train.resume=auto`, and (b) a run whose ranks get SIGTERM (as SLURM preemption sends), which
@@ -145,6 +146,23 @@ def test_sigterm_with_on_policy_samples_on_a_teacher_rank(tmp_path):
     cfg["distill"] = {"teacher": str(make_teacher(tmp_path / "teacher", teacher_config(cfg))),
                       "schedule": "teacher_ranks", "logit": {"kind": "reverse_kl"},
                       "on_policy": {"fraction": 0.5, "max_new_tokens": 6}}
+    _check_preemption(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("optimizer", ["ddp", "distributed"])
+def test_sigterm_at_ep2_checkpoints_and_resumes_exactly(tmp_path, optimizer):
+    """An MoE student (4 experts split over EP=2 = DP=2, a shared expert, both auxiliary losses,
+    dropout on) distilled from a colocated teacher, with DDP or the distributed optimizer: SIGTERM
+    mid-run, one checkpoint file per EP rank, resume equal bit for bit."""
+    cfg = base_config(tmp_path, cache=tmp_path / "cache")
+    teacher = make_teacher(tmp_path / "teacher", teacher_config(cfg))  # dense
+    cfg["model"].update(dropout=0.1, moe={"experts": 4, "top_k": 2, "expert_ffn_hidden": 32,
+                                          "shared_experts": 1, "aux_loss_coef": 0.05,
+                                          "z_loss_coef": 0.001})
+    cfg["parallel"]["ep"] = 2
+    cfg["train"].update(steps=STEPS, save_interval=2, keep=2,
+                        distributed_optimizer=optimizer == "distributed")
+    cfg["distill"] = {"teacher": str(teacher), "lm_weight": 0.5, "logit": {"weight": 1.0}}
     _check_preemption(cfg, tmp_path)
 
 

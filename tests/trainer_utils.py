@@ -52,12 +52,14 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def make_teacher(root: Path, cfg: dict) -> Path:
-    """Save a randomly initialized teacher checkpoint (one process, TP=1)."""
+    """Save a randomly initialized teacher checkpoint (one process, TP=1; `model.moe` a dict for
+    an MoE teacher)."""
     from distill.weights import save_weights
+    from engine.config import from_dict
     from layers.config import ModelConfig
     from layers.model import TransformerLM
 
-    model_cfg = ModelConfig(**cfg["model"])
+    model_cfg = from_dict(ModelConfig, cfg["model"], prefix="model")
     model = TransformerLM(model_cfg, ParallelLayout.single(), seed=11)
     return save_weights(root, model, ParallelLayout.single(), config=cfg)
 

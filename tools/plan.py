@@ -149,7 +149,7 @@ def check_job(job: Job) -> None:
     pipeline cut, sequence length (a `ConfigError` naming the key)."""
     cfg = job.cfg
     validate_layout(cfg.parallel, job.world)
-    check_model_layout(cfg.model, cfg.parallel.tp, cfg.parallel.ep)
+    check_model_layout(cfg.model, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp)
     if job.teacher is not None:
         check_model_layout(job.teacher, cfg.parallel.teacher_tp_degree)
     if cfg.parallel.sp and cfg.data.seq_len % cfg.parallel.tp:
@@ -172,18 +172,21 @@ class _Shapes(TransformerLM):
 
 
 def rank_layout(job: Job, *, pp_rank: int, tp: int | None = None, sp: bool | None = None,
-                pp: int | None = None, chunks: int | None = None) -> ParallelLayout:
+                pp: int | None = None, chunks: int | None = None,
+                ep: int | None = None) -> ParallelLayout:
     """A student rank's layout (TP rank 0, DP rank 0: every rank of a stage has equal shapes) on
-    the meta device, without process groups (`tp`, `sp`, `pp`, `chunks`: another layout's)."""
+    the meta device, without process groups (`tp`, `sp`, `pp`, `chunks`, `ep`: another layout's)."""
     par = job.par
     tp = par.tp if tp is None else tp
     pp = par.pp if pp is None else pp
+    etp = par.etp if ep is None else 1  # (the teacher ranks': whole experts)
+    ep = par.ep if ep is None else ep
     # shapes do not depend on DP beyond the experts' split: DP = EP keeps the cache small
-    return ParallelLayout(world_size=tp * pp * par.ep, rank=0, tp=tp, dp=par.ep,
+    return ParallelLayout(world_size=tp * pp * ep, rank=0, tp=tp, dp=ep,
                           sp=par.sp if sp is None else sp, tp_rank=0, dp_rank=0,
                           pp=pp, pp_rank=pp_rank,
                           virtual_stages=par.virtual_stages if chunks is None else chunks,
-                          ep=par.ep, device=META)
+                          ep=ep, etp=etp if tp == par.tp else 1, device=META)
 
 
 @functools.lru_cache(maxsize=256)
@@ -202,7 +205,7 @@ def teacher_model(job: Job, pp_rank: int) -> _Shapes | None:
     aligned = aligned_teacher_config(job.cfg.model, job.teacher)
     if job.cfg.distill.schedule == "teacher_ranks":
         return _model(aligned, rank_layout(job, pp_rank=0, tp=job.par.teacher_tp_degree,
-                                           sp=False, pp=1, chunks=1))
+                                           sp=False, pp=1, chunks=1, ep=job.par.teacher_ep))
     return _model(aligned, rank_layout(job, pp_rank=pp_rank))
 
 
@@ -248,22 +251,25 @@ class RankMemory:
         return {**dataclasses.asdict(self), "peak": self.peak}
 
 
-def dp_buckets(params: list[torch.nn.Parameter], dp: int) -> list[tuple[list, int]]:
-    """The distributed optimizer's buckets (engine/dist_optim.py): per (decay group, dtype) the
-    parameters in optimizer order and S, the elements per DP rank (the bucket padded to S x DP)."""
-    buckets: dict[tuple[bool, torch.dtype], list] = {}
+def dp_buckets(params: list[torch.nn.Parameter], dp: int,
+               ep: int = 1) -> list[tuple[list, int, int]]:
+    """The distributed optimizer's buckets (engine/dist_optim.py): per (decay group, dtype, and
+    under EP routed expert or not) the parameters in optimizer order, S, the elements per rank, and
+    the ranks it is sliced over (DP; dp / ep for the experts' under EP; padded to S x ranks)."""
+    buckets: dict[tuple[bool, torch.dtype, bool], list] = {}
     for p in params:
-        buckets.setdefault((p.ndim >= 2, p.dtype), []).append(p)
-    return [(members, -(-sum(p.numel() for p in members) // dp)) for members in buckets.values()]
+        buckets.setdefault((p.ndim >= 2, p.dtype, ep > 1 and param_tags(p).expert), []).append(p)
+    return [(members, -(-sum(p.numel() for p in members) // ranks), ranks)
+            for (_, _, expert), members in buckets.items() for ranks in [dp // ep if expert else dp]]
 
 
-def optimizer_bytes(params: list[torch.nn.Parameter], *, dp: int, sharded: bool) -> int:
+def optimizer_bytes(params: list[torch.nn.Parameter], *, dp: int, sharded: bool, ep: int = 1) -> int:
     """AdamW's two moments and one fp32 step counter per stepped tensor; sharded: the moments of
     each bucket's 1/DP slice, one step counter per parameter overlapping DP rank 0's slice."""
     if not sharded:
         return sum(2 * p.numel() * p.element_size() + FP32 for p in params)
     total = 0
-    for members, shard in dp_buckets(params, dp):
+    for members, shard, _ in dp_buckets(params, dp, ep):
         total += 2 * shard * members[0].element_size()
         start = 0
         for p in members:  # DP rank 0 owns elements [0, shard)
@@ -445,12 +451,12 @@ def student_memory(job: Job, pp_rank: int, hw: Hardware) -> RankMemory:
     weights = nbytes(model.parameters()) + nbytes(
         _objective(job, rank_layout(job, pp_rank=pp_rank)).parameters())
     if sharded:  # the parameters live in the padded buckets
-        weights += sum(shard * job.dp * m[0].element_size() for m, shard in
-                       dp_buckets(params, job.dp)) - nbytes(params)
+        weights += sum(shard * ranks * m[0].element_size() for m, shard, ranks in
+                       dp_buckets(params, job.dp, par.ep)) - nbytes(params)
     return RankMemory(
         rank=f"student stage {pp_rank}", params=weights,
         grads=nbytes(params), grad_buckets=nbytes(params) if ddp else 0,
-        optimizer=optimizer_bytes(params, dp=job.dp, sharded=sharded),
+        optimizer=optimizer_bytes(params, dp=job.dp, sharded=sharded, ep=par.ep),
         teacher_weights=teacher_weights, teacher_outputs=teacher_output_bytes(job, last),
         activations=flight * activation_bytes(job, model, hw),
         loss=loss_bytes(job, hw) if last else 0, in_flight=flight)
@@ -614,10 +620,14 @@ def _dp_comm(comm: Comm, job: Job, params: list[torch.nn.Parameter]) -> None:
         if experts and dp // job.par.ep > 1:
             comm[("expert_dp", "all_reduce")] += nbytes(experts)
         return
-    for members, shard in dp_buckets(params, dp):
-        comm[("dp", "reduce_scatter")] += shard * dp * members[0].element_size()
-        comm[("dp", "all_gather")] += shard * members[0].element_size()
-    comm[("dp", "all_reduce")] += len(params) * INT32 + 2 * FP64
+    ep = job.par.ep
+    for members, shard, ranks in dp_buckets(params, dp, ep):
+        if ranks > 1:  # the experts' buckets under EP: over the expert-DP group
+            group = "dp" if ranks == dp else "expert_dp"
+            comm[(group, "reduce_scatter")] += shard * ranks * members[0].element_size()
+            comm[(group, "all_gather")] += shard * members[0].element_size()
+    # the has-gradient vote (under EP each EP rank's copy of the expert entries) and norm squares
+    comm[("dp", "all_reduce")] += len(params) * ep * INT32 + 2 * FP64
 
 
 def _step_comm(comm: Comm, job: Job) -> None:
@@ -690,15 +700,23 @@ def student_comm(job: Job, pp_rank: int, hw: Hardware) -> Comm:
 def _expert_comm(comm: Comm, job: Job, model: TransformerLM, *, tokens: int, lin: int) -> None:
     """MoE blocks under EP: the per-expert row counts, then dispatch and combine all_to_all forward
     and backward, assuming every token's top-k copies stay as many as they are (the real split
-    follows the routing: measured within 1% at EP 2, 4 experts top-2)."""
-    moe = job.cfg.model.moe
-    if moe is None or job.par.ep == 1:
+    follows the routing: measured within 1% at EP 2, 4 experts top-2). With experts split over TP
+    (`etp`): the counts all-gathered over TP, every rank's rows to every TP rank and the partial
+    outputs back, forward and backward."""
+    moe, par = job.cfg.model.moe, job.par
+    if moe is None or (par.ep == 1 and par.etp == 1):
         return
     layers = sum(job.cfg.model.is_moe_layer(int(i)) for i in model.decoder)
-    per_pass = tokens // job.par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
+    per_pass = tokens // par.tp * moe.top_k * job.cfg.model.hidden * lin  # 1/tp routed here
     counts = moe.experts * INT64  # the rows per expert, exchanged before the dispatch
+    if par.etp > 1:
+        comm[("tp", "all_to_all")] += job.micro_batches * layers * 4 * par.etp * per_pass
+        comm[("tp", "all_gather")] += job.micro_batches * layers * counts
+    if par.ep == 1:
+        return
     comm[("ep", "all_to_all")] += job.micro_batches * layers * (4 * per_pass + counts)
-    comm[("ep", "all_reduce")] += 8  # the gradient norm's float64 sum of the experts' squares
+    if not job.cfg.train.distributed_optimizer:  # (whose norm sums the experts' slices over DP)
+        comm[("ep", "all_reduce")] += 8  # the gradient norm's float64 sum of the experts' squares
 
 
 def teacher_rank_comm(job: Job) -> Comm:
@@ -711,6 +729,13 @@ def teacher_rank_comm(job: Job) -> Comm:
     for _ in range(job.micro_batches * replicas):
         _tp_forward(comm, model, tokens=tokens, hidden=job.teacher.hidden,
                     tp=job.par.teacher_tp_degree, sp=False, res=item, lin=item)
+    moe = job.teacher.moe
+    if moe is not None and job.par.teacher_ep > 1:  # dispatch and combine, forward only
+        layers = sum(job.teacher.is_moe_layer(int(i)) for i in model.decoder)
+        tokens_here = tokens // job.par.teacher_tp_degree  # each TP rank routes its 1/tp share
+        per_pass = tokens_here * moe.top_k * job.teacher.hidden * item
+        comm[("ep", "all_to_all")] += job.micro_batches * replicas * layers * (
+            2 * per_pass + moe.experts * INT64)
     stream = Comm()
     _teacher_stream(stream, job, True)
     served = job.students // job.par.teacher_ranks  # student ranks per teacher rank
