@@ -222,13 +222,11 @@ def check_sequence_layout(cfg: RunConfig) -> None:
             raise ConfigError("data.seq_len", f"{data.seq_len} does not split into 2 x parallel.cp="
                                               f"{par.cp} chunks (of a length that splits over "
                                               f"parallel.tp={par.tp} under SP)")
-        later = {"model.moe": cfg.model.moe is not None, "distill.on_policy": distill.on_policy.on}
-        for key, used in later.items():
-            if used:
-                raise ConfigError(key, f"does not combine with parallel.cp={par.cp} yet (context "
-                                       "parallelism runs colocated and offline teachers, teacher "
-                                       "ranks, TP/SP, PP, DP, the distributed optimizer and MTP "
-                                       "heads)")
+        if distill.on_policy.on:
+            raise ConfigError("distill.on_policy", f"does not combine with parallel.cp={par.cp} yet "
+                                                   "(context parallelism runs colocated and offline "
+                                                   "teachers, teacher ranks, TP/SP, PP, DP, EP, the "
+                                                   "distributed optimizer and MTP heads)")
     if data.attention_within_documents:
         later = {"parallel.teacher_ranks": par.teacher_ranks > 0,
                  "distill.schedule": distill.schedule == "offline", "distill.on_policy": distill.on_policy.on}

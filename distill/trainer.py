@@ -239,12 +239,13 @@ class DistillTrainer:
 
     def _moe_losses(self) -> dict[str, float]:
         """This rank's share of the MoE blocks' auxiliary losses, means over blocks, micro-batches
-        and DP ranks once summed over DP and the pipeline (empty for a dense student)."""
+        and DP ranks once summed over DP x CP and the pipeline (empty for a dense student). The CP
+        ranks of a sequence hold the same values (summed over CP in the block)."""
         blocks = sum(self.student.config.is_moe_layer(i) for i in range(self.student.config.layers))
         if not blocks:
             return {}
         sums = self.student.pop_moe_losses()
-        return {name: sums.get(name, 0.0) / (blocks * self.layout.dp)
+        return {name: sums.get(name, 0.0) / (blocks * self.layout.dp * self.layout.cp)
                 for name in ("moe_aux_loss", "moe_z_loss")}
 
     def _autocast(self):

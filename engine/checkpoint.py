@@ -308,11 +308,11 @@ def _write_rank_files(tmp: Path, *, layout: ParallelLayout, model: nn.Module,
         # Every DP rank takes part: a distributed optimizer gathers its DP-sharded states to DP
         # rank 0, the writer (the others never hold them whole).
         saved = optimizer.state_dict(to_dp_rank=0) if isinstance(optimizer, ShardedAdamW) else None
-        if layout.dp_rank < layout.ep and layout.cp_rank == 0:
-            optim = optimizer_state(optimizer, model, saved=saved)
-    # The first `ep` DP ranks hold every expert between them (EP rank = DP rank there); the CP
-    # ranks of one DP rank hold the same parameters, the first writes them.
-    writer = layout.dp_rank < layout.ep and layout.cp_rank == 0
+    # The first `ep` DP x CP ranks (DP-major) hold every expert between them (EP rank = their place
+    # there); without EP the CP ranks of one DP rank hold the same parameters, the first writes them.
+    writer = layout.dp_cp_index < layout.ep
+    if optimizer is not None and writer:
+        optim = optimizer_state(optimizer, model, saved=saved)
     part = (layout.tp_rank, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)
     if writer:
         flat = model_state(model)

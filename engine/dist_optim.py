@@ -31,13 +31,13 @@ other ranks never hold the full state); `load_state_dict()` takes that form and 
 A checkpoint therefore loads at any DP degree, with the option on or off.
 
 Expert parallelism. With `ep > 1` the routed experts' weights (tagged `expert`) go into buckets of
-their own, sliced over the expert-DP group (the `dp / ep` ranks holding the same experts) instead
-of the DP group: their gradients are reduce-scattered, their slices updated and all-gathered there.
+their own, sliced over the expert-DP group (the `dp x cp / ep` ranks holding the same experts) instead
+of the DP x CP group: their gradients are reduce-scattered, their slices updated and all-gathered there.
 The ranks of an EP group hold other experts in buckets of equal layout. Every expert element then
 lies in exactly one rank's slice of the whole DP group, so one sum of squares over DP covers dense
 slices and experts alike. The has-gradient vote and the step counts use one vector over DP in which
 each EP rank fills its own copy of the expert entries. A save gathers the experts' moments to the
-expert-DP group's first rank, DP rank `ep_rank`: the writer of that EP rank's checkpoint file (the
+expert-DP group's first rank, DP x CP place `ep_rank`: the writer of that EP rank's checkpoint file (the
 dense moments, in DP rank 0's file, are not repeated in the others').
 """
 
@@ -69,8 +69,8 @@ class _Segment:
 
 class _Bucket:
     """One flat buffer of same-group, same-dtype parameters and this rank's slice of it, sliced
-    over `group` (`dp` ranks, this one at `dp_rank`; DP rank `first_dp` of this (TP, PP) position
-    is the group's first rank)."""
+    over `group` (`dp` ranks, this one at `dp_rank`; DP x CP place `first_dp` of this (TP, PP)
+    position is the group's first rank)."""
 
     def __init__(self, params: list[tuple[int, nn.Parameter]], *, dp: int, dp_rank: int,
                  group, expert: bool = False, first_dp: int = 0):
@@ -157,20 +157,22 @@ class ShardedAdamW:
 
     def _bucket(self, members: list[tuple[int, nn.Parameter]], *, expert: bool) -> _Bucket:
         layout = self.layout
-        if expert:  # sliced over the expert-DP group: DP ranks ep_rank, ep_rank + ep, ...
-            return _Bucket(members, dp=layout.dp // layout.ep, dp_rank=layout.dp_rank // layout.ep,
+        dp_cp = layout.dp * layout.cp
+        if expert:  # sliced over the expert-DP group: DP x CP ranks ep_rank, ep_rank + ep, ...
+            return _Bucket(members, dp=dp_cp // layout.ep, dp_rank=layout.dp_cp_index // layout.ep,
                            group=layout.expert_dp_group, expert=True, first_dp=layout.ep_rank)
-        return _Bucket(members, dp=layout.dp * layout.cp, group=self.group,
-                       dp_rank=layout.dp_rank * layout.cp + layout.cp_rank)
+        return _Bucket(members, dp=dp_cp, group=self.group, dp_rank=layout.dp_cp_index)
 
     def _all_buckets(self) -> list[_Bucket]:
         return [b for buckets in self.buckets for b in buckets]
 
     def _group_rank(self, bucket: _Bucket, position: int) -> int:
-        """The global rank at `position` of `bucket`'s group (same TP and PP coordinates)."""
+        """The global rank at `position` of `bucket`'s group (same TP and PP coordinates; the
+        groups run over DP x CP, DP-major)."""
         layout = self.layout
-        dp = bucket.first_dp + position * layout.ep if bucket.expert else position
-        return layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=dp)
+        index = bucket.first_dp + position * layout.ep if bucket.expert else position
+        return layout.global_rank(tp=layout.tp_rank, pp=layout.pp_rank, dp=index // layout.cp,
+                                  cp=index % layout.cp)
 
     def _broadcast_buckets(self) -> None:
         """Start from DP rank 0's parameters (each expert's from its expert-DP group's first

@@ -17,11 +17,12 @@ over `teacher_ep` of its DP ranks, placed as the students' `ep` is below. The te
 (`teacher_ranks / (teacher_tp x teacher_cp)`) must divide the
 students' (one teacher replica serves several student replicas).
 
-Expert parallelism (`ep`, Megatron's placement) lives inside data parallelism: the DP ranks of one
-(TP, PP) position are cut into blocks of `ep` consecutive DP ranks; the ranks of a block form an
-EP group (they hold different experts and exchange tokens), and the ranks at the same place of
-every block form the expert-DP group (`dp / ep` ranks holding the same experts, which sum those
-experts' gradients). Dense parameters keep the whole DP group.
+Expert parallelism (`ep`, Megatron's placement) lives inside data x context parallelism: the DP x CP
+ranks of one (TP, PP) position (DP-major, their `dp_cp_index`) are cut into blocks of `ep`
+consecutive ranks; the ranks of a block form an EP group (they hold different experts and exchange
+tokens), and the ranks at the same place of every block form the expert-DP group (`dp x cp / ep`
+ranks holding the same experts, which sum those experts' gradients). Dense parameters keep the
+whole DP x CP group. Without CP these are blocks of DP ranks.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     sp: bool = False  # sequence parallelism over the TP group (needs tp > 1)
     cp: int = 1  # context parallelism: each sequence split over this many ranks (next to TP)
-    ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP ranks
+    ep: int = 1  # expert parallelism: each MoE block's experts split over this many DP x CP ranks
     etp: int = 1  # expert tensor parallelism: 1 (whole experts) or tp (each expert split over TP)
     teacher_ranks: int = 0  # ranks that run only the teacher (schedule teacher_ranks)
     teacher_tp: int | None = None  # TP degree of the teacher ranks (default: parallel.tp)
@@ -170,8 +171,8 @@ class ParallelLayout:
     pp_rank: int = 0
     virtual_stages: int = 1  # model chunks per pipeline rank
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, stage 0 first
-    ep: int = 1  # expert-parallel degree (a divisor of dp)
-    ep_rank: int = 0  # this rank's place in its EP group (dp_rank % ep)
+    ep: int = 1  # expert-parallel degree (a divisor of dp x cp)
+    ep_rank: int = 0  # this rank's place in its EP group (dp_cp_index % ep)
     etp: int = 1  # expert tensor parallelism: 1, or tp (each routed expert split over TP)
     cp: int = 1  # context-parallel degree: each sequence split over cp ranks
     cp_rank: int = 0
@@ -185,7 +186,7 @@ class ParallelLayout:
     cp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     # the ranks with the same parameters and other tokens: DP x CP (gradients, token counts)
     dp_cp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
-    # the DP ranks holding the same experts as this one (dp / ep of them)
+    # the DP x CP ranks holding the same experts as this one (dp x cp / ep of them)
     expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
     # the first and last stage of this pipeline (None without PP, and on the middle stages)
     embedding_group: dist.ProcessGroup | None = field(default=None, repr=False, compare=False)
@@ -198,16 +199,21 @@ class ParallelLayout:
         if self.teachers is None:
             object.__setattr__(self, "teachers",
                                RankOrder(size=0, tp=self.tp, offset=self.world_size))
-        if self.ep == 1:  # every DP rank holds every expert
-            object.__setattr__(self, "expert_dp_group", self.dp_group)
         if self.cp == 1:
             object.__setattr__(self, "dp_cp_group", self.dp_group)
+        if self.ep == 1:  # every DP x CP rank holds every expert
+            object.__setattr__(self, "expert_dp_group", self.dp_cp_group)
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> ParallelLayout:
         """The layout of one process with no communication at all."""
         return cls(world_size=1, rank=0, tp=1, dp=1, sp=False, tp_rank=0, dp_rank=0,
                    device=torch.device(device))
+
+    @property
+    def dp_cp_index(self) -> int:
+        """This rank's place in its DP x CP group (DP-major): what EP groups are cut from."""
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -271,9 +277,11 @@ def validate_layout(parallel: ParallelConfig, world_size: int) -> None:
         raise LayoutError("parallel.cp", f"parallel.tp={tp} x parallel.cp={parallel.cp} x parallel.pp="
                                          f"{pp} does not divide the {students} student ranks")
     dp = students // (tp * pp * parallel.cp)
-    if dp % parallel.ep:
+    if dp * parallel.cp % parallel.ep:
+        cp = f" x parallel.cp={parallel.cp}" if parallel.cp > 1 else ""
         raise LayoutError("parallel.ep", f"parallel.ep={parallel.ep} does not divide the "
-                                         f"data-parallel degree {dp} (experts are split over DP ranks)")
+                                         f"data-parallel degree {dp}{cp} (experts are split over "
+                                         "DP x CP ranks)")
     if teacher_ranks:
         _validate_teacher_layout(parallel, world_size)
 
@@ -323,7 +331,7 @@ class RankLists:
     pp: list[list[int]]
     dp: list[list[int]]
     embedding: list[list[int]]  # first and last stage of each pipeline ([] without PP)
-    ep: list[list[int]]  # blocks of `ep` consecutive DP ranks
+    ep: list[list[int]]  # blocks of `ep` consecutive DP x CP ranks
     expert_dp: list[list[int]]  # the same place in every block
     cp: list[list[int]]  # the ranks that share one sequence
     dp_cp: list[list[int]]  # the same parameters, other tokens
@@ -337,13 +345,14 @@ class RankLists:
 
         pipelines = [[rank(t, p, d, c) for p in pps] for d in dps for c in cps for t in tps]
         dp_lists = [[rank(t, p, d, c) for d in dps] for p in pps for c in cps for t in tps]
+        dp_cp_lists = [[rank(t, p, d, c) for d in dps for c in cps] for p in pps for t in tps]
         return cls(tp=[[rank(t, p, d, c) for t in tps] for d in dps for p in pps for c in cps],
                    pp=pipelines, dp=dp_lists,
                    embedding=[[ranks[0], ranks[-1]] for ranks in pipelines] if order.pp > 1 else [],
-                   ep=[ranks[b:b + ep] for ranks in dp_lists for b in range(0, len(ranks), ep)],
-                   expert_dp=[ranks[e::ep] for ranks in dp_lists for e in range(ep)],
+                   ep=[ranks[b:b + ep] for ranks in dp_cp_lists for b in range(0, len(ranks), ep)],
+                   expert_dp=[ranks[e::ep] for ranks in dp_cp_lists for e in range(ep)],
                    cp=[[rank(t, p, d, c) for c in cps] for d in dps for p in pps for t in tps],
-                   dp_cp=[[rank(t, p, d, c) for d in dps for c in cps] for p in pps for t in tps])
+                   dp_cp=dp_cp_lists)
 
 
 def _find(lists: list[list[int]], rank: int) -> list[int]:
@@ -406,7 +415,8 @@ def make_layout(parallel: ParallelConfig, *,
         virtual_stages=parallel.virtual_stages if role == STUDENT else 1,
         pp_ranks=tuple(_find(mine.lists.pp, rank)), students=orders[STUDENT],
         teachers=orders[TEACHER], tp_group=mine.tp, dp_group=mine.dp, role_group=mine.role,
-        pp_group=mine.pp, embedding_group=mine.embedding, ep=eps[role], ep_rank=dp_rank % eps[role],
+        pp_group=mine.pp, embedding_group=mine.embedding, ep=eps[role],
+        ep_rank=(dp_rank * order.cp + order.cp_coord(rank)) % eps[role],
         etp=parallel.etp if role == STUDENT else 1,
         ep_group=mine.ep, expert_dp_group=mine.expert_dp, cp=order.cp, cp_rank=order.cp_coord(rank),
         cp_group=mine.cp, dp_cp_group=mine.dp_cp, device=torch.device(device or "cpu"))

@@ -1,4 +1,4 @@
-"""The mixture-of-experts MLP: dropless top-k routing, expert parallelism over DP ranks.
+"""The mixture-of-experts MLP: dropless top-k routing, expert parallelism over DP x CP ranks.
 
 Routing. A replicated router `[experts, hidden]` scores each token (softmax, or sigmoid for
 DeepSeek-style routers), keeps its `top_k` experts and their scores (renormalized to sum to one
@@ -11,15 +11,15 @@ is computed twice; where the sequence does not split (a decoded column at TP > 1
 computes all tokens, identically. Whenever the ranks of a TP group see different tokens, the router
 and expert weights go through `copy_to_tp`, whose backward sums their partial gradients.
 
-Expert parallelism. With `parallel.ep > 1` the experts of each block are split over the EP group
-(rank r holds experts r*E/ep .. (r+1)*E/ep - 1, named by their global index, so checkpoints and
-Hugging Face conversion see the same names at any EP). The token copies are sorted by expert,
-sent to the rank holding their expert with one `all_to_all` (the per-expert counts go first, with
-another), regrouped by expert, run through each local expert as one matrix product per weight (a
+Expert parallelism. With `parallel.ep > 1` the experts of each block are split over the EP group,
+formed inside the DP x CP ranks (rank r holds experts r*E/ep .. (r+1)*E/ep - 1, named by their
+global index, so checkpoints and Hugging Face conversion see the same names at any EP). The
+token copies are sorted by expert, sent to the rank holding their expert with one `all_to_all`
+(the per-expert counts go first, with another), regrouped by expert, run through each local expert as one matrix product per weight (a
 loop over this rank's experts, never over tokens; an expert with no token runs on zero rows, so
 every expert has a gradient), sent back with the reverse `all_to_all` and combined with their
 routing weights. Expert weights are tagged `expert`: their gradients are summed over the
-expert-DP group (engine/optim.py), not the whole DP group.
+expert-DP group (engine/optim.py), not the whole DP x CP group.
 
 Expert tensor parallelism. With `parallel.etp` = tp each routed expert's inner width is split over
 the TP group (gate/up by rows, down by columns, tagged `tp_split_dim` so checkpoints and
@@ -29,7 +29,7 @@ of them, and each gets the partial outputs of its own rows back and sums them. T
 thus see each token once: their gradients are whole without `copy_to_tp`.
 
 Auxiliary losses (per block and micro-batch, on the statistics of all its tokens: summed over TP
-when the tokens are split): the load-balancing loss E * sum_e f_e * P_e (f_e: the share of tokens
+when the tokens are split, and over CP, whose ranks hold other chunks of the same sequences): the load-balancing loss E * sum_e f_e * P_e (f_e: the share of tokens
 that chose expert e, counted over the top-k choices as Mixtral and Qwen-MoE count them; P_e: the
 mean router probability) and the z-loss mean(logsumexp(logits)^2). Their weighted sum does not add
 to the returned activations: `attach_loss` gives it a gradient in the backward (as if it were added
@@ -244,16 +244,20 @@ class MoE(nn.Module):
 
     def _aux_losses(self, logits: torch.Tensor, chosen: torch.Tensor, split: bool) -> torch.Tensor:
         """The weighted load-balancing and z-losses over this micro-batch's tokens (a scalar)."""
-        moe, group = self.moe, self.layout.tp_group
+        moe = self.moe
         dtype = torch.promote_types(logits.dtype, torch.float32)
         probs = torch.softmax(logits, dim=-1, dtype=dtype)
         counts = torch.bincount(chosen.reshape(-1), minlength=moe.experts).to(dtype)
         stats = torch.cat([counts, logits.new_full((1,), logits.shape[0], dtype=dtype)])
         prob_sums = probs.sum(0)
         z_sum = torch.logsumexp(logits.to(dtype), dim=-1).pow(2).sum()
-        if split:  # the micro-batch's tokens are spread over the TP group
-            stats = C.all_reduce(stats, group)
-            prob_sums, z_sum = reduce_from_tp(prob_sums, group), reduce_from_tp(z_sum, group)
+        # The micro-batch's tokens are spread over the TP group (when split) and the CP group; each
+        # rank then holds the same losses, whose gradients reach its own tokens only (backward:
+        # identity), and the routers' partial gradients are summed over TP and CP as its tokens' are.
+        for spread, group in ((split, self.layout.tp_group), (self.layout.cp > 1, self.layout.cp_group)):
+            if spread:
+                stats = C.all_reduce(stats, group)
+                prob_sums, z_sum = reduce_from_tp(prob_sums, group), reduce_from_tp(z_sum, group)
         counts, tokens = stats[:-1], stats[-1]
         balance = moe.experts * (counts / tokens * prob_sums / tokens).sum()
         z_loss = z_sum / tokens

@@ -36,6 +36,7 @@ from engine.param_tags import param_tags
 from engine.spawn import run_ranks
 from layers.buffers import ActivationBuffer
 from layers.config import ModelConfig, MoEConfig
+from layers.context import cp_positions
 from layers.model import TransformerLM
 from layers.moe import MoE
 from layers.sharding import gather_full
@@ -121,15 +122,22 @@ def _batches(dp: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randn(BATCH, SEQ, 64, generator=g, dtype=torch.float64)) for _ in range(dp)]
 
 
-def _step(model: TransformerLM, ids: torch.Tensor, weights: torch.Tensor, group) -> dict:
+def _step(model: TransformerLM, ids: torch.Tensor, weights: torch.Tensor, group,
+          positions: torch.Tensor | None = None) -> dict:
+    """One forward and backward; with `positions`, this CP rank's chunks of the sequences. Also
+    each block's unweighted auxiliary losses."""
     names = [f"decoder.{i}.router_logits" for i in range(CONFIG.layers)]
-    out = model(ids, buffers=names)
+    if positions is not None:
+        ids, weights = ids[:, positions], weights[:, positions]
+    out = model(ids, buffers=names, positions=positions, cp_chunks=positions is not None)
     logits = gather_from_tp(out.logits, group)[..., :64]
     (logits * weights).sum().backward()
     routers = {n: b.tensor.detach() for n, b in out.buffers.items()}
     if model.layout.sp:
         routers = {n: C.all_gather(t, group, dim=1) for n, t in routers.items()}
-    return {"logits": logits.detach(), "routers": routers}
+    losses = {f"{i}.{k}": v.item() for i, block in model.decoder.items()
+              for k, v in block.mlp.last_losses.items()}
+    return {"logits": logits.detach(), "routers": routers, "losses": losses}
 
 
 def _reference_run(dp: int) -> dict:
@@ -180,9 +188,61 @@ def test_expert_parallel_layouts_equal_the_single_process_run(tp, sp, ep, etp):
                for e in range(NEVER_CHOSEN))
 
 
+def _run_cp_layout(tp: int, sp: bool, cp: int, ep: int, etp: int) -> dict:
+    layout = make_layout(ParallelConfig(tp=tp, sp=sp, cp=cp, ep=ep, etp=etp))
+    model = _model(layout)
+    ids, weights = _batches(layout.dp)[layout.dp_rank]
+    positions = cp_positions(SEQ, cp, layout.cp_rank)
+    result = _step(model, ids, weights, layout.tp_group, positions)
+    grads = {}
+    for name, param in model.named_parameters():  # the trainer's reductions, then whole tensors
+        group = layout.expert_dp_group if param_tags(param).expert else layout.dp_cp_group
+        grads[name] = gather_full(param, layout=layout, vocab_size=64,
+                                  tensor=C.all_reduce(param.grad.clone(), group))
+    experts = sorted(int(n.split(".")[4]) for n, _ in model.named_parameters()
+                     if n.startswith("decoder.0.mlp.experts.") and n.endswith("up_proj.weight"))
+    return {**result, "grads": grads, "dp_rank": layout.dp_rank, "positions": positions,
+            "ep_rank": layout.ep_rank, "experts": experts}
+
+
+CP_ROWS = [  # (tp, sp, cp, ep, etp) on 4 ranks
+    (1, False, 2, 2, 1),  # DP=2: each EP group is the two CP ranks of a sequence
+    (1, False, 2, 4, 1),  # EP over DP x CP
+    (1, False, 4, 4, 1),  # EP over the CP ranks of one sequence
+    (2, True, 2, 2, 1), (2, False, 2, 1, 1), (2, True, 2, 2, 2)]
+
+
+@pytest.mark.parametrize("tp,sp,cp,ep,etp", CP_ROWS)
+def test_context_parallel_expert_layouts_equal_the_single_process_run(tp, sp, cp, ep, etp):
+    """Each DP rank's micro-batch split over CP (chunks r and 2cp-1-r), EP groups cut from the DP x
+    CP ranks: logits, router logits, the auxiliary losses (statistics summed over CP: the CP=1
+    values) and, after the reductions (dense over DP x CP, experts over the expert-DP group), every
+    gradient equal the single-process model on the whole micro-batches (1e-12, float64)."""
+    world = 4
+    per_rank = run_ranks(_run_cp_layout, world, tp, sp, cp, ep, etp, timeout_s=300)
+    ref = _reference_run(world // (tp * cp))
+    for rank, result in enumerate(per_rank):
+        first = result["ep_rank"] * (MOE.experts // ep)
+        assert result["experts"] == list(range(first, first + MOE.experts // ep))
+        want, cols = ref["steps"][result["dp_rank"]], result["positions"]
+        torch.testing.assert_close(result["logits"], want["logits"][:, cols], **TOL)
+        for name, tensor in want["routers"].items():
+            torch.testing.assert_close(result["routers"][name], tensor[:, cols], **TOL, msg=name)
+        assert result["losses"].keys() == want["losses"].keys()
+        for name, value in want["losses"].items():
+            assert result["losses"][name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+        for name, grad in result["grads"].items():
+            torch.testing.assert_close(grad, ref["grads"][name], **TOL,
+                                       msg=lambda m: f"rank {rank} grad of {name}: {m}")
+
+
 def test_bad_layouts_and_configs_are_one_line_errors():
     with pytest.raises(LayoutError, match="parallel.ep=3 does not divide the data-parallel degree 4"):
         validate_layout(ParallelConfig(ep=3), 4)
+    with pytest.raises(LayoutError, match="parallel.ep=8 does not divide the data-parallel degree 2 "
+                                          r"x parallel.cp=2 \(experts are split over DP x CP ranks\)"):
+        validate_layout(ParallelConfig(cp=2, ep=8), 4)
+    validate_layout(ParallelConfig(cp=2, ep=4), 4)  # EP=4 inside DP=2 x CP=2
     with pytest.raises(ConfigError, match="model.moe.experts: 8 experts do not split over parallel.ep=3"):
         TransformerLM(CONFIG, dataclasses.replace(ParallelLayout.single(), ep=3))
     with pytest.raises(ConfigError, match="model.moe.top_k: must be <= model.moe.experts=4"):
