@@ -309,6 +309,30 @@ def test_distributed_optimizer_at_ep2_dp4_equals_the_single_process_run(tmp_path
 
 
 @pytest.mark.slow  # multi-rank end-to-end runs
+def test_moe_student_under_context_parallelism_equals_the_single_process_run(tmp_path):
+    """EP groups inside DP x CP: CP=2 x EP=2 (the EP group is the CP pair of a sequence), CP=2 x
+    DP=2 x EP=2 with DDP and EP=4 with the distributed optimizer (over DP and CP) equal the CP=1
+    single-process run, auxiliary losses included; the CP=2 x EP=2 checkpoint resumes at one
+    process to the same next step."""
+    path = _moe_run_config(tmp_path)
+    assert run_in(path, tmp_path / "single", []) == 0
+    want = read_metrics(tmp_path / "single")
+    layouts = {"cp2_ep2": (2, ["parallel.cp=2", "parallel.ep=2"]),
+               "cp2_dp2_ep2": (4, ["parallel.cp=2", "parallel.ep=2"]),
+               "cp2_dp2_ep4_distributed_optimizer": (4, ["parallel.cp=2", "parallel.ep=4",
+                                                         "train.distributed_optimizer=true"])}
+    for name, (world, overrides) in layouts.items():
+        assert run_ranks(run_in, world, path, tmp_path / name, overrides, timeout_s=300) == \
+            [0] * world, name
+        assert_same_run(read_metrics(tmp_path / name), want, keys=MOE_KEYS)
+    ckpt = tmp_path / "cp2_ep2" / "checkpoints" / "step_00000003"
+    assert run_in(path, tmp_path / "single", ["train.steps=4"]) == 0
+    assert run_in(path, tmp_path / "resumed", ["train.steps=4", f"train.resume={ckpt}"]) == 0
+    assert_same_run(read_metrics(tmp_path / "resumed")[-1:], read_metrics(tmp_path / "single")[-1:],
+                    keys=MOE_KEYS)
+
+
+@pytest.mark.slow  # multi-rank end-to-end runs
 def test_experts_split_over_tp_equal_the_single_process_run(tmp_path):
     """parallel.etp=2: each expert's inner width split over TP=2 (+SP) at EP=2 x DP=2; its
     checkpoint (expert slices per TP rank, experts per EP rank) resumes at one process, and the
