@@ -332,6 +332,23 @@ def test_moe_student_under_context_parallelism_equals_the_single_process_run(tmp
                     keys=MOE_KEYS)
 
 
+@pytest.mark.slow  # a multi-rank end-to-end run
+def test_on_policy_moe_student_at_ep2_equals_the_single_process_run(tmp_path):
+    """Every micro-batch's tail written by the MoE student (layers/decode.py through the EP=2
+    blocks, the two DP ranks decoding their own rows and stopping together) and scored by the
+    colocated teacher. A nucleus of one token makes the samples the argmax: which micro-batches are
+    on-policy (fraction 1) and what they hold do not depend on the DP rank's seed, so EP=2 x DP=2
+    equals the single process, which runs both micro-batches."""
+    path = _moe_run_config(tmp_path)
+    on_policy = ["distill.on_policy={fraction: 1.0, max_new_tokens: 6, top_p: 1.0e-6}"]
+    assert run_in(path, tmp_path / "ep1", on_policy) == 0
+    want = read_metrics(tmp_path / "ep1")
+    assert all(r["kd_loss"] > 0 for r in want)
+    assert run_ranks(run_in, 2, path, tmp_path / "ep2", [*on_policy, "parallel.ep=2"],
+                     timeout_s=300) == [0, 0]
+    assert_same_run(read_metrics(tmp_path / "ep2"), want, keys=MOE_KEYS)
+
+
 @pytest.mark.slow  # multi-rank end-to-end runs
 def test_experts_split_over_tp_equal_the_single_process_run(tmp_path):
     """parallel.etp=2: each expert's inner width split over TP=2 (+SP) at EP=2 x DP=2; its
