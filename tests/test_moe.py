@@ -12,6 +12,10 @@
   EP=2 checkpoint resumes at EP=1 to the same next step; with the distributed optimizer at EP=2 x
   DP=4 the same, its checkpoint resuming at EP=2 and EP=1; an MoE teacher on teacher ranks at
   teacher_ep=2 feeding a dense TP=2 + SP student equals the colocated single-process run.
+- Under context parallelism (EP groups cut from the DP x CP ranks): the model at CP=2/4 x EP 1/2/4
+  (x TP=2, +SP, etp) equals the single-process model (logits, router logits, auxiliary losses,
+  every gradient, 1e-12), and an MoE student at CP=2 x EP=2/4 the single-process run.
+- On-policy: an MoE student decoding its own samples at EP=2 x DP=2 equals the single process.
 - Bad layouts and configs are one-line ConfigErrors.
 """
 
