@@ -13,13 +13,13 @@ and expert weights go through `copy_to_tp`, whose backward sums their partial gr
 
 Expert parallelism. With `parallel.ep > 1` the experts of each block are split over the EP group,
 formed inside the DP x CP ranks (rank r holds experts r*E/ep .. (r+1)*E/ep - 1, named by their
-global index, so checkpoints and Hugging Face conversion see the same names at any EP). The
-token copies are sorted by expert, sent to the rank holding their expert with one `all_to_all`
-(the per-expert counts go first, with another), regrouped by expert, run through each local expert as one matrix product per weight (a
-loop over this rank's experts, never over tokens; an expert with no token runs on zero rows, so
-every expert has a gradient), sent back with the reverse `all_to_all` and combined with their
-routing weights. Expert weights are tagged `expert`: their gradients are summed over the
-expert-DP group (engine/optim.py), not the whole DP x CP group.
+global index, so checkpoints and Hugging Face conversion see the same names at any EP). The token
+copies are sorted by expert, sent to the rank holding their expert with one `all_to_all` (the
+per-expert counts go first, with another), regrouped by expert, run through each local expert as one
+matrix product per weight (a loop over this rank's experts, never over tokens; an expert with no
+token runs on zero rows, so every expert has a gradient), sent back with the reverse `all_to_all`
+and combined with their routing weights. Expert weights are tagged `expert`: their gradients are
+summed over the expert-DP group (engine/optim.py), not the whole DP x CP group.
 
 Expert tensor parallelism. With `parallel.etp` = tp each routed expert's inner width is split over
 the TP group (gate/up by rows, down by columns, tagged `tp_split_dim` so checkpoints and
@@ -29,14 +29,15 @@ of them, and each gets the partial outputs of its own rows back and sums them. T
 thus see each token once: their gradients are whole without `copy_to_tp`.
 
 Auxiliary losses (per block and micro-batch, on the statistics of all its tokens: summed over TP
-when the tokens are split, and over CP, whose ranks hold other chunks of the same sequences): the load-balancing loss E * sum_e f_e * P_e (f_e: the share of tokens
-that chose expert e, counted over the top-k choices as Mixtral and Qwen-MoE count them; P_e: the
-mean router probability) and the z-loss mean(logsumexp(logits)^2). Their weighted sum does not add
-to the returned activations: `attach_loss` gives it a gradient in the backward (as if it were added
-to the objective with weight `MoE.loss_scale`, which the trainer sets so that the step's auxiliary
-loss is the mean over all its micro-batches). This works unchanged under pipeline parallelism and
-recomputation. The unweighted values of the last forward are in `MoE.last_losses`; their sums over
-forwards, for logging, come from `pop_losses`.
+when the tokens are split, and over CP, whose ranks hold other chunks of the same sequences): the
+load-balancing loss E * sum_e f_e * P_e (f_e: the share of tokens that chose expert e, counted over
+the top-k choices as Mixtral and Qwen-MoE count them; P_e: the mean router probability) and the
+z-loss mean(logsumexp(logits)^2). Their weighted sum does not add to the returned activations:
+`attach_loss` gives it a gradient in the backward (as if it were added to the objective with weight
+`MoE.loss_scale`, which the trainer sets so that the step's auxiliary loss is the mean over all its
+micro-batches). This works unchanged under pipeline parallelism and recomputation. The unweighted
+values of the last forward are in `MoE.last_losses`; their sums over forwards, for logging, come
+from `pop_losses`.
 """
 
 from __future__ import annotations
