@@ -317,7 +317,7 @@ def test_moe_student_under_context_parallelism_equals_the_single_process_run(tmp
     """EP groups inside DP x CP: CP=2 x EP=2 (the EP group is the CP pair of a sequence), CP=2 x
     DP=2 x EP=2 with DDP and EP=4 with the distributed optimizer (over DP and CP) equal the CP=1
     single-process run, auxiliary losses included; the CP=2 x EP=2 checkpoint resumes at one
-    process to the same next step."""
+    process, and the distributed optimizer's at its own layout, to the same next step."""
     path = _moe_run_config(tmp_path)
     assert run_in(path, tmp_path / "single", []) == 0
     want = read_metrics(tmp_path / "single")
@@ -332,8 +332,15 @@ def test_moe_student_under_context_parallelism_equals_the_single_process_run(tmp
     ckpt = tmp_path / "cp2_ep2" / "checkpoints" / "step_00000003"
     assert run_in(path, tmp_path / "single", ["train.steps=4"]) == 0
     assert run_in(path, tmp_path / "resumed", ["train.steps=4", f"train.resume={ckpt}"]) == 0
-    assert_same_run(read_metrics(tmp_path / "resumed")[-1:], read_metrics(tmp_path / "single")[-1:],
-                    keys=MOE_KEYS)
+    want = read_metrics(tmp_path / "single")[-1:]
+    assert_same_run(read_metrics(tmp_path / "resumed")[-1:], want, keys=MOE_KEYS)
+    name = "cp2_dp2_ep4_distributed_optimizer"
+    world, overrides = layouts[name]
+    assert run_ranks(run_in, world, path, tmp_path / name, [*overrides, "train.steps=4"],
+                     timeout_s=300) == [0] * world
+    got = read_metrics(tmp_path / name)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # resumed after step 3, not run again
+    assert_same_run(got[-1:], want, keys=MOE_KEYS)
 
 
 @pytest.mark.slow  # a multi-rank end-to-end run
