@@ -17,9 +17,9 @@ import pytest
 from distill.runconfig import load_run_config
 from engine.config import ConfigError
 from engine.data import IndexedTokens
-from engine.data.corpus import train_byte_level_bpe
 from engine.spawn import run_ranks
 from tests.helpers import FP32_ATOL, FP32_RTOL, RUN_KEYS, assert_same_run
+from tests.test_paired_data import tokenizers_and_documents
 from tests.trainer_utils import base_config, make_teacher, read_metrics, run_in, write_config
 from tools import preprocess_data
 
@@ -45,14 +45,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("xtok_teachers")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in SOURCES]
-    tokenizers = {}
-    for name, size in (("student", STUDENT_VOCAB), *((n, t[0]) for n, t in TEACHERS.items())):
-        tokenizers[name] = tmp / f"{name}.json"
-        train_byte_level_bpe(texts * 4, vocab_size=size).save(str(tokenizers[name]))
-    inputs = []
-    for i, text in enumerate(texts):
-        inputs.append(tmp / f"doc{i}.txt")
-        inputs[-1].write_text(text, encoding="utf-8")
+    tokenizers, inputs = tokenizers_and_documents(
+        tmp, texts, {"student": STUDENT_VOCAB, **{n: t[0] for n, t in TEACHERS.items()}})
     prefix = tmp / "data" / "corpus"
     assert preprocess_data.main([
         "--input", *map(str, inputs), "--tokenizer", str(tokenizers["student"]),

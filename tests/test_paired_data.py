@@ -23,16 +23,23 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "Ünïcode — text, with “quot
 STUDENT_VOCAB, TEACHER_VOCAB = 300, 420
 
 
-def make_paired(root, texts=TEXTS, *, student_vocab=STUDENT_VOCAB, teacher_vocab=TEACHER_VOCAB):
-    """(prefix, student tokenizer path, teacher tokenizer path) of paired data over `texts`."""
+def tokenizers_and_documents(root, texts, sizes: dict[str, int]) -> tuple[dict, list]:
+    """({name: path of a byte-level BPE of that size trained on `texts`}, [one .txt per text])."""
     paths = {}
-    for name, size in (("student", student_vocab), ("teacher", teacher_vocab)):
+    for name, size in sizes.items():
         paths[name] = root / f"{name}.json"
         train_byte_level_bpe(texts * 4, vocab_size=size).save(str(paths[name]))
     inputs = []
     for i, text in enumerate(texts):
         inputs.append(root / f"doc{i}.txt")
         inputs[-1].write_text(text, encoding="utf-8")
+    return paths, inputs
+
+
+def make_paired(root, texts=TEXTS, *, student_vocab=STUDENT_VOCAB, teacher_vocab=TEACHER_VOCAB):
+    """(prefix, student tokenizer path, teacher tokenizer path) of paired data over `texts`."""
+    paths, inputs = tokenizers_and_documents(root, texts, {"student": student_vocab,
+                                                           "teacher": teacher_vocab})
     prefix = root / "data" / "corpus"
     code = preprocess_data.main(["--input", *map(str, inputs), "--tokenizer", str(paths["student"]),
                                  "--teacher-tokenizer", str(paths["teacher"]), "--output-prefix",
